@@ -1,0 +1,30 @@
+package vhostuser
+
+import "github.com/thinblk/thinblk/virtio"
+
+// Device is the virtio device behind a vhost-user back-end. The server
+// calls it from one goroutine (the connection's), never concurrently.
+type Device interface {
+	// Features are the virtio device feature bits offered (including
+	// VERSION_1, EVENT_IDX, INDIRECT_DESC); the server adds
+	// PROTOCOL_FEATURES itself.
+	Features() uint64
+	// NumQueues is the number of queues offered (GET_QUEUE_NUM).
+	NumQueues() int
+	// MaxQueueSize is the largest ring accepted (SET_VRING_NUM).
+	MaxQueueSize() int
+	// ReadConfig copies the config space at offset into p.
+	ReadConfig(p []byte, offset uint32)
+	// WriteConfig writes p to config space at offset (SET_CONFIG).
+	WriteConfig(p []byte, offset uint32) error
+	// StartQueue starts serving a ring. The server has validated the
+	// setup (sizes, addresses inside guest memory).
+	StartQueue(q virtio.QueueSetup) error
+	// StopQueue stops serving ring idx after the requests in flight have
+	// completed and returns the available index to resume from.
+	StopQueue(idx int) (lastAvail uint16, err error)
+	// SetConfigChangeNotifier hands the device a function that tells the
+	// front-end its config space changed (e.g. capacity grew). nil
+	// disables it.
+	SetConfigChangeNotifier(notify func() error)
+}

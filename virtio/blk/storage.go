@@ -1,0 +1,44 @@
+// Package blk implements a virtio-blk device: request parsing and
+// validation, status codes, config space, and dispatch to a Storage.
+package blk
+
+// Storage is what a virtio-blk device reads and writes. The device checks
+// every request before it reaches Storage: offsets and lengths are multiples
+// of 512 bytes and lie inside Size(). Implementations must be safe for
+// concurrent use: requests from several queues and many in flight per queue
+// arrive at once.
+type Storage interface {
+	// Size is the capacity in bytes, a multiple of 512. It may grow while
+	// serving (the device then announces a config change).
+	Size() uint64
+	// ReadAt fills bufs, in order, from consecutive bytes starting at off.
+	ReadAt(bufs [][]byte, off int64) error
+	// WriteAt writes bufs, in order, to consecutive bytes starting at off.
+	WriteAt(bufs [][]byte, off int64) error
+	// Flush makes every write completed before it durable.
+	Flush() error
+	// Discard tells the storage that [off, off+length) is no longer needed.
+	// Afterwards the range reads as zeros.
+	Discard(off, length int64) error
+	// WriteZeroes makes [off, off+length) read as zeros. With unmap the
+	// storage may release the space; without it the space stays (or
+	// becomes) allocated, so later writes there cannot fail for lack of
+	// space.
+	WriteZeroes(off, length int64, unmap bool) error
+}
+
+// Geometry describes storage limits that the device publishes in its config
+// space. Storage may implement GeometryReporter; otherwise defaults apply.
+type Geometry struct {
+	LogicalBlockSize  uint32 // bytes, power of two >= 512 (default 512)
+	PhysicalBlockSize uint32 // bytes (default LogicalBlockSize)
+	OptimalIOSize     uint32 // bytes, 0 if unknown
+	// DiscardGranularity is the unit (bytes) in which discard releases
+	// space, e.g. a thin pool's block size.
+	DiscardGranularity uint32
+}
+
+// GeometryReporter is implemented by storage that knows its geometry.
+type GeometryReporter interface {
+	Geometry() Geometry
+}

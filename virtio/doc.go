@@ -1,0 +1,56 @@
+// Package virtio implements the device side of split virtqueues over guest
+// memory shared by a front-end (vhost-user) and the transport-independent
+// parts of a virtio device: the queue runner that waits for kicks, drains the
+// available ring and signals the guest.
+//
+// It knows rings, descriptors and eventfds, but nothing about sockets or the
+// vhost-user protocol; package vhostuser translates the front-end's addresses
+// into host memory and hands a QueueSetup to a device.
+//
+// Everything read from guest memory is hostile input: every address and
+// length is checked against the memory map, chains are capped at the queue
+// size, and loops are detected.
+package virtio
+
+import "os"
+
+// Memory gives access to guest memory by guest-physical address. Guest
+// memory is mapped outside the Go heap, so the returned slices must never be
+// retained after the memory map changes (vhost-user stops every queue before
+// it changes the map).
+type Memory interface {
+	// Range returns the host bytes for guest-physical [addr, addr+size). It
+	// fails when the range is not wholly inside one mapped region, or wraps.
+	Range(addr, size uint64) ([]byte, error)
+}
+
+// QueueSetup is everything a device needs to serve one split virtqueue.
+type QueueSetup struct {
+	Index int    // queue index
+	Size  uint16 // number of descriptors, a power of two
+	// Desc, Avail and Used are the ring areas in host memory, already
+	// translated and bounds-checked by the transport to cover the sizes
+	// that Size implies (including the event-index fields).
+	Desc, Avail, Used []byte
+	// LastAvail is where to resume consuming the available ring
+	// (SET_VRING_BASE); the used index is read from the used ring.
+	LastAvail uint16
+	// Features are the negotiated virtio feature bits (EVENT_IDX,
+	// INDIRECT_DESC, ...).
+	Features uint64
+	Mem      Memory
+	// Kick becomes readable (eventfd) when the driver has made buffers
+	// available. Call is written (eventfd) to interrupt the driver. Either
+	// may be nil: a nil Kick means the queue is polled, a nil Call means
+	// notifications are dropped. The device owns neither: the transport
+	// closes them after StopQueue returns.
+	Kick, Call *os.File
+}
+
+// Feature bits common to all virtio devices.
+const (
+	FeatureIndirectDesc = 28
+	FeatureEventIdx     = 29
+	FeatureVersion1     = 32
+	// FeatureRingReset etc. are not offered.
+)
