@@ -1,0 +1,8 @@
+package frontend
+
+import (
+	"errors"
+	"net"
+)
+
+func asOpError(err error, op **net.OpError) bool { return errors.As(err, op) }
