@@ -1,0 +1,346 @@
+package virtio
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// RunnerConfig configures a Runner.
+type RunnerConfig struct {
+	Setup QueueSetup
+	// Handle receives every chain popped from the ring, on the runner's
+	// goroutine. The chain (including its buffers) belongs to the handler
+	// until it calls Complete (or CompleteDeferred) for c.Head; Handle may
+	// return before that and finish the request elsewhere. Malformed chains
+	// (c.Err != nil) are handed over too: they must be completed, with an
+	// error status where the device has one.
+	Handle func(c *Chain)
+	// MaxIndirect is the largest indirect table accepted (default and
+	// minimum: the queue size). See Queue.SetMaxIndirect.
+	MaxIndirect int
+	Logger      *slog.Logger
+}
+
+// PollInterval is how often a queue without a kick eventfd looks at its
+// ring, in milliseconds.
+const PollInterval = 1
+
+// Runner serves one virtqueue: it waits for the driver's kicks, drains the
+// available ring into the handler, and puts completed chains on the used
+// ring, interrupting the driver only as often as it asks to be.
+type Runner struct {
+	q      *Queue
+	handle func(*Chain)
+	log    *slog.Logger
+	kick   *os.File // kept alive while its descriptor is in use
+	call   *os.File
+	callFd int
+
+	// Consumer side (runner goroutine only).
+	scratch Chain
+	pollFds []unix.PollFd
+	readBuf [8]byte
+
+	// Completion side, guarded by mu.
+	mu       sync.Mutex
+	chains   []Chain // indexed by head
+	busy     []bool  // head popped and not completed
+	inflight int
+	idle     chan struct{} // closed when inflight drops to 0 while stopping
+
+	stopping atomic.Bool
+	started  bool
+	done     chan struct{}
+	stopOnce sync.Once
+	wakeMu   sync.Mutex
+	wakeFd   int // eventfd that interrupts the wait; -1 once closed
+}
+
+// one is the eventfd increment written to signal the driver.
+var one = [8]byte{1}
+
+// NewRunner prepares a runner for cfg.Setup; Start starts it.
+func NewRunner(cfg RunnerConfig) (*Runner, error) {
+	if cfg.Handle == nil {
+		return nil, errors.New("virtio runner: no handler")
+	}
+	q, err := NewQueue(cfg.Setup)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.MaxIndirect > 0 {
+		q.SetMaxIndirect(cfg.MaxIndirect)
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return nil, fmt.Errorf("queue %d: wake eventfd: %w", cfg.Setup.Index, err)
+	}
+	r := &Runner{
+		q:      q,
+		handle: cfg.Handle,
+		log:    log.With("queue", cfg.Setup.Index),
+		kick:   cfg.Setup.Kick,
+		call:   cfg.Setup.Call,
+		callFd: -1,
+		chains: make([]Chain, q.size),
+		busy:   make([]bool, q.size),
+		done:   make(chan struct{}),
+		wakeFd: wake,
+	}
+	// A few segments per slot up front; a slot grows (once) if the driver
+	// sends longer chains.
+	const segsPerSlot = 4
+	backing := make([][]byte, segsPerSlot*(int(q.size)+1))
+	for i := range r.chains {
+		r.chains[i].segs = backing[i*segsPerSlot : i*segsPerSlot : (i+1)*segsPerSlot]
+	}
+	r.scratch.segs = backing[int(q.size)*segsPerSlot : int(q.size)*segsPerSlot : (int(q.size)+1)*segsPerSlot]
+	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
+	if r.kick != nil {
+		// Fd puts the file in blocking mode; we only read after poll.
+		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(r.kick.Fd()), Events: unix.POLLIN})
+	}
+	if r.call != nil {
+		r.callFd = int(r.call.Fd())
+	}
+	return r, nil
+}
+
+// Queue returns the ring the runner serves. Its consumer side belongs to
+// the runner goroutine while it runs.
+func (r *Runner) Queue() *Queue { return r.q }
+
+// Start starts serving the ring on a new goroutine.
+func (r *Runner) Start() {
+	r.started = true
+	go r.run()
+}
+
+func (r *Runner) run() {
+	defer close(r.done)
+	q := r.q
+	for !r.stopping.Load() {
+		q.DisableNotify()
+		for {
+			if !r.drain() {
+				r.Notify()
+				return
+			}
+			q.EnableNotify()
+			// The driver may have added chains before it saw
+			// notifications re-enabled: look again before sleeping.
+			if r.stopping.Load() || !q.HasAvail() {
+				break
+			}
+			q.DisableNotify()
+		}
+		r.Notify()
+		if r.stopping.Load() {
+			return
+		}
+		r.wait()
+	}
+}
+
+// drain pops every available chain and hands it to the handler. It returns
+// false when the runner must stop consuming (stop requested, ring broken).
+func (r *Runner) drain() bool {
+	for !r.stopping.Load() {
+		ok, err := r.q.Pop(&r.scratch)
+		if err != nil {
+			r.log.Error("virtqueue broken, no longer served", "err", err)
+			return false
+		}
+		if !ok {
+			return true
+		}
+		head := r.scratch.Head
+		r.mu.Lock()
+		if r.busy[head] {
+			r.mu.Unlock()
+			r.log.Error("virtqueue broken, no longer served", "err", r.q.fail(fmt.Errorf("head %d made available while in flight", head)))
+			return false
+		}
+		r.busy[head] = true
+		r.inflight++
+		// Swap rather than copy so that both keep their own segment
+		// storage.
+		r.chains[head], r.scratch = r.scratch, r.chains[head]
+		c := &r.chains[head]
+		r.mu.Unlock()
+		if c.Err != nil {
+			r.log.Debug("malformed descriptor chain", "head", head, "err", c.Err)
+		}
+		r.handle(c)
+	}
+	return false
+}
+
+// wait sleeps until the driver kicks, Kick or Stop is called, or (without
+// a kick eventfd) the poll interval passes.
+func (r *Runner) wait() {
+	timeout := -1
+	if len(r.pollFds) == 1 {
+		timeout = PollInterval
+	}
+	for {
+		_, err := unix.Poll(r.pollFds, timeout)
+		if err == nil {
+			break
+		}
+		if err != unix.EINTR {
+			r.log.Error("poll kick eventfd", "err", err)
+			r.pollFds = r.pollFds[:1]
+			return
+		}
+	}
+	for i := range r.pollFds {
+		ev := r.pollFds[i].Revents
+		if ev&unix.POLLIN != 0 {
+			// Reset the eventfd counter; EAGAIN just means another
+			// reader got there (cannot happen) or a spurious wakeup.
+			_, _ = unix.Read(int(r.pollFds[i].Fd), r.readBuf[:])
+		}
+		if i > 0 && ev&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			r.log.Error("kick eventfd failed, polling the ring instead", "revents", ev)
+			r.pollFds = r.pollFds[:1]
+			break
+		}
+	}
+	runtime.KeepAlive(r.kick)
+}
+
+// Kick wakes the runner to look at the ring (for transports that forward
+// kicks as messages rather than through an eventfd).
+func (r *Runner) Kick() {
+	r.wakeMu.Lock()
+	defer r.wakeMu.Unlock()
+	if r.wakeFd >= 0 {
+		_, _ = unix.Write(r.wakeFd, one[:])
+	}
+}
+
+// Complete puts head on the used ring with written bytes and interrupts
+// the driver if it asked for that. It may be called from any goroutine.
+func (r *Runner) Complete(head uint16, written uint32) {
+	if r.complete(head, written, true) {
+		r.signal()
+	}
+}
+
+// CompleteDeferred is Complete without the interrupt: the caller promises
+// that Notify (or another Complete) follows, so that a burst of
+// completions costs one interrupt.
+func (r *Runner) CompleteDeferred(head uint16, written uint32) {
+	r.complete(head, written, false)
+}
+
+func (r *Runner) complete(head uint16, written uint32, check bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if int(head) >= len(r.busy) || !r.busy[head] {
+		// A device bug, not a driver's: never corrupt the ring for it.
+		r.log.Error("completion of a head not in flight", "head", head)
+		return false
+	}
+	r.q.Push(head, written)
+	r.busy[head] = false
+	r.inflight--
+	if r.inflight == 0 && r.idle != nil {
+		close(r.idle)
+		r.idle = nil
+	}
+	return check && r.q.NeedsNotify()
+}
+
+// Notify interrupts the driver if chains completed since the last
+// interrupt call for it (honouring EVENT_IDX and NO_INTERRUPT).
+func (r *Runner) Notify() {
+	r.mu.Lock()
+	need := r.q.NeedsNotify()
+	r.mu.Unlock()
+	if need {
+		r.signal()
+	}
+}
+
+func (r *Runner) signal() {
+	if r.callFd < 0 {
+		return
+	}
+	if _, err := unix.Write(r.callFd, one[:]); err != nil && err != unix.EAGAIN {
+		r.log.Warn("signal call eventfd", "err", err)
+	}
+	runtime.KeepAlive(r.call)
+}
+
+// InFlight is the number of chains popped and not yet completed.
+func (r *Runner) InFlight() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.inflight
+}
+
+// Err returns why the ring stopped being served (wrapping ErrNeedsReset),
+// or nil.
+func (r *Runner) Err() error {
+	select {
+	case <-r.done:
+		return r.q.Broken()
+	default:
+		return nil
+	}
+}
+
+// Stop stops taking chains, waits until every chain in flight has been
+// completed, and returns the available index to resume from. If ctx ends
+// first it returns ctx's error; Stop may then be called again.
+func (r *Runner) Stop(ctx context.Context) (uint16, error) {
+	r.stopOnce.Do(func() {
+		r.stopping.Store(true)
+		r.Kick()
+	})
+	if r.started {
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("stop queue: %w", ctx.Err())
+		}
+	}
+	r.mu.Lock()
+	var idle chan struct{}
+	if r.inflight > 0 {
+		if r.idle == nil {
+			r.idle = make(chan struct{})
+		}
+		idle = r.idle
+	}
+	r.mu.Unlock()
+	if idle != nil {
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return 0, fmt.Errorf("stop queue: %d requests still in flight: %w", r.InFlight(), ctx.Err())
+		}
+	}
+	r.Notify()
+	r.wakeMu.Lock()
+	if r.wakeFd >= 0 {
+		unix.Close(r.wakeFd)
+		r.wakeFd = -1
+	}
+	r.wakeMu.Unlock()
+	return r.q.LastAvail(), nil
+}
