@@ -1,0 +1,323 @@
+package guesttests
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Environment:
+//
+//	THINBLK_SKIP_VM=1          skip the VM tests (explicit opt-out; otherwise missing QEMU fails)
+//	THINBLK_BACKEND=qsd        serve the disks with qemu-storage-daemon instead of thinblk
+//	THINBLK_ACCEL=tcg|kvm      skip the KVM probe
+//	THINBLK_GUEST_KEEP=1       keep the test's work directory (logs, images) for inspection
+
+const (
+	diskSize   = 1 << 30  // main read-write disk
+	roDiskSize = 64 << 20 // read-only disk
+)
+
+type env struct {
+	root    string
+	images  Images
+	kind    BackendKind
+	thinblk string
+}
+
+func setup(t *testing.T) *env {
+	t.Helper()
+	if os.Getenv("THINBLK_SKIP_VM") == "1" {
+		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
+	}
+	for _, tool := range []string{"qemu-system-x86_64", "qemu-img"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s not found (install qemu-system-x86 qemu-utils, or set THINBLK_SKIP_VM=1 to opt out): %v", tool, err)
+		}
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	im, err := EnsureImages(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{root: root, images: im, kind: BackendKind(os.Getenv("THINBLK_BACKEND"))}
+	if e.kind == "" {
+		e.kind = DefaultBackend
+	}
+	switch e.kind {
+	case Thinblk:
+		bin, err := BuildThinblk(ctx, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.thinblk = bin
+	case QSD:
+		if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
+			t.Fatalf("qemu-storage-daemon not found: %v", err)
+		}
+	default:
+		t.Fatalf("THINBLK_BACKEND=%q: want %q or %q", e.kind, Thinblk, QSD)
+	}
+	return e
+}
+
+// workDir is a short directory for sockets (unix socket paths are limited to 108 bytes, and
+// t.TempDir can be long).
+func workDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "thinblk-guest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if os.Getenv("THINBLK_GUEST_KEEP") == "1" || t.Failed() {
+			t.Logf("work directory kept: %s", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	})
+	return dir
+}
+
+func (e *env) startBackend(t *testing.T, dir, name string, size int64, readOnly bool, queues int) (*Backend, string) {
+	t.Helper()
+	img := filepath.Join(dir, name+".img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	b, err := StartBackend(context.Background(), BackendOptions{
+		Kind: e.kind, Image: img, Socket: filepath.Join(dir, name+".sock"), ReadOnly: readOnly,
+		Queues: queues, LogPath: filepath.Join(dir, name+"-backend.log"), ThinblkBin: e.thinblk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := b.Stop(10 * time.Second); err != nil && b.Opts.Kind == Thinblk {
+			t.Errorf("stop %s back-end: %v\n%s", name, err, b.LogTail(20))
+		}
+	})
+	return b, img
+}
+
+// guest wraps a VM with test helpers.
+type guest struct {
+	*VM
+	t *testing.T
+}
+
+// sh runs a script that must succeed; it returns stdout.
+func (g guest) sh(t *testing.T, timeout time.Duration, script string) string {
+	t.Helper()
+	res, err := g.Run(context.Background(), timeout, script)
+	if err != nil {
+		t.Fatalf("guest: %v\nscript: %s\n%s", err, script, g.Diagnostics())
+	}
+	if res.TimedOut || res.ExitCode != 0 {
+		t.Fatalf("guest script failed (exit %d, timed out %v):\n%s\nstdout:\n%s\nstderr:\n%s\n%s",
+			res.ExitCode, res.TimedOut, script, tail(string(res.Stdout), 40), tail(string(res.Stderr), 40), tail(g.Diagnostics(), 10))
+	}
+	return string(res.Stdout)
+}
+
+// shFails runs a script that must exit non-zero; it returns stderr.
+func (g guest) shFails(t *testing.T, timeout time.Duration, script string) string {
+	t.Helper()
+	res, err := g.Run(context.Background(), timeout, script)
+	if err != nil {
+		t.Fatalf("guest: %v\nscript: %s\n%s", err, script, g.Diagnostics())
+	}
+	if res.TimedOut || res.ExitCode == 0 {
+		t.Fatalf("guest script should have failed (exit %d, timed out %v):\n%s\nstdout:\n%s", res.ExitCode, res.TimedOut, script, res.Stdout)
+	}
+	return string(res.Stderr)
+}
+
+func sha256Hex(b []byte) string {
+	s := sha256.Sum256(b)
+	return hex.EncodeToString(s[:])
+}
+
+func fileSHA256(t *testing.T, path string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256Hex(data)
+}
+
+// TestGuestDisks boots one 2-vCPU guest with a 2-queue read-write disk and a read-only disk
+// and runs the issue's checks in order on it (sharing the VM keeps TCG time down). Later
+// subtests rely on earlier ones only for the partition table.
+func TestGuestDisks(t *testing.T) {
+	e := setup(t)
+	dir := workDir(t)
+	rw, rwImg := e.startBackend(t, dir, "rw", diskSize, false, 2)
+	ro, roImg := e.startBackend(t, dir, "ro", roDiskSize, true, 1)
+
+	// Known content on the read-only disk, so the guest can check what it reads.
+	roData := bytes.Repeat([]byte("thinblk read-only disk\n"), roDiskSize/23+1)[:roDiskSize]
+	if err := os.WriteFile(roImg, roData, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	roSum := sha256Hex(roData)
+
+	vm, err := StartVM(context.Background(), VMOptions{
+		Dir: filepath.Join(dir, "vm"), Images: e.images, CPUs: 2,
+		Disks: []DiskSpec{{Socket: rw.Opts.Socket, Queues: 2}, {Socket: ro.Opts.Socket, Queues: 1}},
+		Logf:  t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	g := guest{VM: vm, t: t}
+	ctx := context.Background()
+	dev, err := vm.DiskDevice(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roDev, err := vm.DiskDevice(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("back-end %s; guest disks: rw %s, ro %s", e.kind, dev, roDev)
+
+	t.Run("capacity", func(t *testing.T) {
+		for _, d := range []struct {
+			dev  string
+			size int64
+		}{{dev, diskSize}, {roDev, roDiskSize}} {
+			got := strings.TrimSpace(g.sh(t, 20*time.Second, "blockdev --getsize64 "+d.dev))
+			if got != strconv.FormatInt(d.size, 10) {
+				t.Errorf("%s: guest sees %s bytes, want %d", d.dev, got, d.size)
+			}
+		}
+		name := strings.TrimPrefix(dev, "/dev/")
+		if q := strings.TrimSpace(g.sh(t, 20*time.Second, "ls /sys/block/"+name+"/mq | wc -l")); q != "2" {
+			t.Errorf("%s has %s hardware queues in the guest, want 2", dev, q)
+		}
+	})
+
+	t.Run("read-only", func(t *testing.T) {
+		if ro := strings.TrimSpace(g.sh(t, 20*time.Second, "cat /sys/block/"+strings.TrimPrefix(roDev, "/dev/")+"/ro")); ro != "1" {
+			t.Errorf("guest does not see %s as read-only (ro=%s)", roDev, ro)
+		}
+		got := strings.Fields(g.sh(t, time.Minute, "dd if="+roDev+" bs=1M iflag=direct 2>/dev/null | sha256sum"))
+		if len(got) == 0 || got[0] != roSum {
+			t.Errorf("read-only disk content: guest sha256 %v, want %s", got, roSum)
+		}
+		for _, cmd := range []string{
+			"dd if=/dev/zero of=" + roDev + " bs=4k count=1 oflag=direct conv=notrunc",
+			"blkdiscard " + roDev,
+			"blkdiscard -z -l 1M " + roDev,
+		} {
+			stderr := g.shFails(t, time.Minute, cmd)
+			if !strings.Contains(stderr, "Read-only") && !strings.Contains(stderr, "Permission denied") &&
+				!strings.Contains(stderr, "Operation not permitted") {
+				t.Errorf("%s: failed, but not for being read-only: %s", cmd, stderr)
+			}
+		}
+		if sum := fileSHA256(t, roImg); sum != roSum {
+			t.Errorf("read-only image changed on the host: sha256 %s, want %s", sum, roSum)
+		}
+	})
+
+	t.Run("fio-verify", func(t *testing.T) {
+		// Two jobs pinned to the two vCPUs, so blk-mq sends them down different queues;
+		// disjoint regions, random offsets, mixed block sizes, direct I/O, verified reads.
+		out := g.sh(t, 6*time.Minute, `fio --name=verify --filename=`+dev+` --direct=1 --ioengine=libaio \
+			--rw=randwrite --bssplit=4k/40:16k/30:64k/20:256k/10 --iodepth=16 --numjobs=2 \
+			--size=48M --offset_increment=256M --verify=crc32c --verify_fatal=1 --do_verify=1 \
+			--cpus_allowed=0-1 --cpus_allowed_policy=split --randrepeat=0 --group_reporting \
+			--output-format=terse --terse-version=3`)
+		// Terse v3: field 5 is the error code, 6 the KiB read (the verify pass), 47 the KiB
+		// written.
+		f := strings.Split(strings.TrimSpace(out), ";")
+		if len(f) < 47 || f[2] != "verify" {
+			t.Fatalf("unexpected fio output: %s", out)
+		}
+		readKiB, _ := strconv.Atoi(f[5])
+		writeKiB, _ := strconv.Atoi(f[46])
+		if f[4] != "0" || writeKiB < 2*48*1024 || readKiB < writeKiB {
+			t.Errorf("fio: error %s, wrote %d KiB, verified %d KiB; want no error and all 96 MiB written and read back", f[4], writeKiB, readKiB)
+		}
+		t.Logf("fio: wrote %d KiB, verified %d KiB", writeKiB, readKiB)
+	})
+
+	t.Run("discard-and-zeroout", func(t *testing.T) {
+		// 8 MiB of random data at 16 MiB, discard 4 MiB of it, zero-out the other 4 MiB
+		// (blkdiscard -z = BLKZEROOUT: WRITE_ZEROES), then read back zeros.
+		const mib = 1 << 20
+		zeros4 := sha256Hex(make([]byte, 4*mib))
+		g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=16 count=8 oflag=direct 2>/dev/null")
+		if s := strings.Fields(g.sh(t, time.Minute, "dd if="+dev+" bs=1M skip=16 count=4 iflag=direct 2>/dev/null | sha256sum"))[0]; s == zeros4 {
+			t.Fatal("random data reads back as zeros before discard")
+		}
+		g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -o %d -l %d %s", 16*mib, 4*mib, dev))
+		g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -z -o %d -l %d %s", 20*mib, 4*mib, dev))
+		for _, skip := range []int{16, 20} {
+			s := strings.Fields(g.sh(t, time.Minute, fmt.Sprintf("dd if=%s bs=1M skip=%d count=4 iflag=direct 2>/dev/null | sha256sum", dev, skip)))[0]
+			if s != zeros4 {
+				t.Errorf("MiB %d..%d after discard/zero-out: sha256 %s, want zeros", skip, skip+4, s)
+			}
+		}
+		// The host file must agree with the guest.
+		data, err := os.ReadFile(rwImg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(data[16*mib:24*mib], make([]byte, 8*mib)) {
+			t.Error("host image not zero in the discarded/zeroed range")
+		}
+	})
+
+	t.Run("partition", func(t *testing.T) {
+		g.sh(t, time.Minute, `printf 'label: gpt\n,512M\n,\n' | sfdisk --wipe always `+dev+` && blockdev --rereadpt `+dev+` 2>/dev/null; sleep 1; ls `+dev+`1 `+dev+`2`)
+	})
+
+	fsCheck := func(t *testing.T, part, mkfs, fsck string) {
+		g.sh(t, 3*time.Minute, mkfs+" "+part)
+		g.sh(t, 3*time.Minute, `set -e
+			mkdir -p /mnt/t && mount `+part+` /mnt/t
+			dd if=/dev/urandom of=/mnt/t/big bs=1M count=24 2>/dev/null
+			mkdir /mnt/t/d && for i in $(seq 1 50); do echo "file $i" > /mnt/t/d/f$i; done
+			cd /mnt/t && sha256sum big d/* > /tmp/sums && cd /
+			umount /mnt/t`)
+		g.sh(t, 3*time.Minute, fsck+" "+part)
+		g.sh(t, 3*time.Minute, `set -e
+			mount `+part+` /mnt/t
+			cd /mnt/t && sha256sum -c /tmp/sums >/dev/null && cd /
+			umount /mnt/t`)
+	}
+	t.Run("xfs", func(t *testing.T) {
+		fsCheck(t, dev+"1", "mkfs.xfs -f -q", "xfs_repair -n")
+	})
+	t.Run("ext4", func(t *testing.T) {
+		fsCheck(t, dev+"2", "mkfs.ext4 -F -q", "e2fsck -fn")
+	})
+
+	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
