@@ -1,11 +1,13 @@
 package vhostuser
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -156,5 +158,9 @@ func (c *Conn) Reply(h Header, payload []byte) error {
 
 // isClosed reports whether err means the peer went away.
 func isClosed(err error) bool {
-	return err == io.EOF || err == io.ErrUnexpectedEOF || err == syscall.ECONNRESET || err == net.ErrClosed
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, net.ErrClosed)
 }
+
+// SetDeadline bounds the next reads and writes (zero: no deadline).
+func (c *Conn) SetDeadline(t time.Time) error { return c.uc.SetDeadline(t) }

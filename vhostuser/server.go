@@ -1,0 +1,289 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ServerOptions configure a Server.
+type ServerOptions struct {
+	// SocketPath is the unix socket the front-end (QEMU) connects to.
+	SocketPath string
+	// SocketMode is the socket file's permission bits; 0 means 0600.
+	SocketMode os.FileMode
+	// Logger receives one line per event that matters; nil discards.
+	Logger *slog.Logger
+	// Name identifies the device in log lines.
+	Name string
+}
+
+// Server serves one Device to one vhost-user front-end at a time over a
+// unix socket. A second, concurrent connection is refused; after a
+// front-end disconnects the next one is accepted.
+type Server struct {
+	opts ServerOptions
+	dev  Device
+	log  *slog.Logger
+	ln   *net.UnixListener
+	sock os.FileInfo // the socket file we created, to remove only ours
+
+	mu      sync.Mutex
+	active  *net.UnixConn // the front-end connection being served
+	closed  bool
+	serving bool
+	done    chan struct{} // closed by Close
+
+	conns     sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Listen creates the socket. A socket file left behind by a dead process
+// is removed; a socket something still listens on is not.
+func Listen(opts ServerOptions, dev Device) (*Server, error) {
+	if opts.SocketPath == "" {
+		return nil, errors.New("vhost-user: no socket path")
+	}
+	if dev == nil {
+		return nil, errors.New("vhost-user: no device")
+	}
+	if opts.SocketMode == 0 {
+		opts.SocketMode = 0o600
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("socket", opts.SocketPath)
+	if opts.Name != "" {
+		log = log.With("device", opts.Name)
+	}
+	if err := removeStaleSocket(opts.SocketPath); err != nil {
+		return nil, err
+	}
+	ln, err := listenUnix(opts.SocketPath, opts.SocketMode.Perm())
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(opts.SocketPath)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("vhost-user: stat socket: %w", err)
+	}
+	log.Info("listening", "mode", fmt.Sprintf("%#o", opts.SocketMode.Perm()))
+	return &Server{opts: opts, dev: dev, log: log, ln: ln, sock: fi, done: make(chan struct{})}, nil
+}
+
+// removeStaleSocket removes path if it is a socket nobody listens on.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vhost-user: stat %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("vhost-user: %s exists and is not a socket", path)
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("vhost-user: socket %s is in use: another process listens on it", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("vhost-user: probe existing socket %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("vhost-user: remove stale socket: %w", err)
+	}
+	return nil
+}
+
+// listenUnix listens on path with the given mode. The socket is bound
+// under a temporary name, given its mode, then linked into place, so no
+// one can connect while it still has the umask's permissions. Linking
+// fails if path appeared meanwhile, rather than replacing it.
+func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
+	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".vhu%d.tmp", os.Getpid()))
+	bindPath := tmp
+	if len(tmp) >= len(unix.RawSockaddrUnix{}.Path) {
+		bindPath = path // the temporary name would not fit: chmod in place
+	}
+	os.Remove(tmp) // a leftover of this process id; sockets only
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bindPath, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("vhost-user: listen on %s: %w", bindPath, err)
+	}
+	ln.SetUnlinkOnClose(false) // removal is done by Close, checking it is ours
+	fail := func(err error) (*net.UnixListener, error) {
+		ln.Close()
+		os.Remove(bindPath)
+		return nil, err
+	}
+	if err := os.Chmod(bindPath, mode); err != nil {
+		return fail(fmt.Errorf("vhost-user: chmod socket: %w", err))
+	}
+	if bindPath != path {
+		if err := os.Link(tmp, path); err != nil {
+			return fail(fmt.Errorf("vhost-user: put socket in place: %w", err))
+		}
+		os.Remove(tmp)
+	}
+	return ln, nil
+}
+
+// Serve accepts front-end connections until ctx is done or Close is
+// called, then returns nil after the connection has been torn down.
+func (s *Server) Serve(ctx context.Context) error {
+	s.mu.Lock()
+	if s.serving || s.closed {
+		s.mu.Unlock()
+		return errors.New("vhost-user: server already serving or closed")
+	}
+	s.serving = true
+	s.mu.Unlock()
+
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+
+	for {
+		uc, err := s.ln.AcceptUnix()
+		if err != nil {
+			select {
+			case <-s.done:
+				s.Close() // waits for a Close in progress to finish
+				return nil
+			default:
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				s.log.Warn("accept failed, retrying", "err", err)
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			s.Close()
+			return fmt.Errorf("vhost-user: accept on %s: %w", s.opts.SocketPath, err)
+		}
+		s.mu.Lock()
+		switch {
+		case s.closed:
+			s.mu.Unlock()
+			uc.Close()
+			s.Close()
+			return nil
+		case s.active != nil:
+			s.mu.Unlock()
+			s.log.Warn("refused a second front-end connection: one is already being served", peerAttrs(uc)...)
+			uc.Close()
+			continue
+		}
+		s.active = uc
+		s.conns.Add(1)
+		s.mu.Unlock()
+		go s.serveConn(uc)
+	}
+}
+
+// peerAttrs describes the process at the other end of uc for log lines.
+func peerAttrs(uc *net.UnixConn) []any {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var cred *unix.Ucred
+	rc.Control(func(fd uintptr) {
+		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	})
+	if cred == nil {
+		return nil
+	}
+	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
+}
+
+// serveConn runs the protocol on one connection, then releases everything
+// the connection held so that the next front-end starts from scratch.
+func (s *Server) serveConn(uc *net.UnixConn) {
+	defer s.conns.Done()
+	log := s.log.With(peerAttrs(uc)...)
+	log.Info("front-end connected")
+	conn := NewConn(uc)
+	sess := newSession(log, s.dev, conn)
+	defer func() {
+		if p := recover(); p != nil {
+			// A bug must not take down every other disk of the process.
+			log.Error("panic while serving front-end; connection closed", "panic", p, "stack", string(debug.Stack()))
+		}
+		sess.close()
+		// Free the slot before the peer sees the close, so that a
+		// front-end reconnecting at once is not refused.
+		s.mu.Lock()
+		s.active = nil
+		s.mu.Unlock()
+		conn.Close()
+	}()
+	for {
+		m, err := conn.Read()
+		if err != nil {
+			switch {
+			case isClosed(err):
+				log.Info("front-end disconnected")
+			default:
+				log.Warn("protocol error; closing connection", "err", err)
+			}
+			return
+		}
+		if err := sess.dispatch(&m); err != nil {
+			if isClosed(err) || errors.Is(err, syscall.EPIPE) {
+				log.Info("front-end disconnected", "err", err)
+			} else {
+				log.Warn("protocol error; closing connection", "request", m.Header.Request.String(), "err", err)
+			}
+			return
+		}
+	}
+}
+
+// Close stops accepting, disconnects the front-end (stopping its rings and
+// unmapping its memory) and removes the socket file.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		close(s.done)
+		active := s.active
+		s.mu.Unlock()
+		if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			s.closeErr = fmt.Errorf("vhost-user: close listener: %w", err)
+		}
+		if active != nil {
+			active.Close()
+		}
+		s.conns.Wait()
+		// Remove the socket only if it is still the one we created.
+		if fi, err := os.Stat(s.opts.SocketPath); err == nil && os.SameFile(fi, s.sock) {
+			if err := os.Remove(s.opts.SocketPath); err != nil && s.closeErr == nil {
+				s.closeErr = fmt.Errorf("vhost-user: remove socket: %w", err)
+			}
+		}
+		s.log.Info("closed")
+	})
+	return s.closeErr
+}
+
+// Addr returns the socket path.
+func (s *Server) Addr() string { return s.opts.SocketPath }
+
+var _ io.Closer = (*Server)(nil)
