@@ -75,7 +75,12 @@ type Driver struct {
 
 	Kick, Call *os.File // eventfds, when made by WithEventfds
 	callFd     int
+	kickFd     int
+	pollFds    []unix.PollFd
+	readBuf    [8]byte
 }
+
+var one = [8]byte{1}
 
 // NewDriver lays out a queue of size entries at the start of mem (after a
 // guard page) and keeps the rest for buffers.
@@ -124,7 +129,8 @@ func (d *Driver) WithEventfds() error {
 		return fmt.Errorf("call eventfd: %w", err)
 	}
 	d.Kick, d.Call = os.NewFile(uintptr(k), "kick"), os.NewFile(uintptr(c), "call")
-	d.callFd = c
+	d.callFd, d.kickFd = c, k
+	d.pollFds = []unix.PollFd{{Fd: int32(c), Events: unix.POLLIN}}
 	return nil
 }
 
@@ -281,7 +287,7 @@ func (d *Driver) NeedKick(old uint16) bool {
 
 // KickNow signals the kick eventfd.
 func (d *Driver) KickNow() error {
-	_, err := d.Kick.Write([]byte{1, 0, 0, 0, 0, 0, 0, 0})
+	_, err := unix.Write(d.kickFd, one[:])
 	return err
 }
 
@@ -322,17 +328,15 @@ func (d *Driver) freeChain(head uint16, n int) {
 func (d *Driver) WaitCall(timeoutMs int) (bool, error) {
 	// Poll, then read: the device may have switched the eventfd to
 	// blocking mode (os.File.Fd does that).
-	fds := []unix.PollFd{{Fd: int32(d.callFd), Events: unix.POLLIN}}
 	for {
-		n, err := unix.Poll(fds, timeoutMs)
+		n, err := unix.Poll(d.pollFds, timeoutMs)
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil || n == 0 {
 			return false, err
 		}
-		var b [8]byte
-		_, err = unix.Read(d.callFd, b[:])
+		_, err = unix.Read(d.callFd, d.readBuf[:])
 		return err == nil, err
 	}
 }

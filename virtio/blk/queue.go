@@ -1,0 +1,103 @@
+package blk
+
+import (
+	"context"
+	"sync"
+
+	"github.com/thinblk/thinblk/virtio"
+)
+
+// queue serves one virtqueue: the runner pops chains and hands them to a
+// pool of workers through a channel that can hold every possible in-flight
+// chain, so the runner never blocks on it.
+type queue struct {
+	dev    *Device
+	index  int
+	runner *virtio.Runner
+	work   chan *virtio.Chain
+	reqs   []request // per head: scratch that survives between requests
+	wg     sync.WaitGroup
+
+	// Guarded by Device.mu.
+	stopped   bool
+	lastAvail uint16
+}
+
+// request is the per-slot scratch of one request; reused, so serving a
+// request allocates nothing once the slot has seen its longest chain.
+type request struct {
+	bufs [][]byte
+}
+
+func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
+	q := &queue{
+		dev:   d,
+		index: s.Index,
+		work:  make(chan *virtio.Chain, s.Size),
+		reqs:  make([]request, s.Size),
+	}
+	const bufsPerSlot = 4
+	backing := make([][]byte, bufsPerSlot*int(s.Size))
+	for i := range q.reqs {
+		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
+	}
+	r, err := virtio.NewRunner(virtio.RunnerConfig{
+		Setup:       s,
+		Handle:      q.dispatch,
+		MaxIndirect: d.opts.QueueSize,
+		Logger:      d.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	q.runner = r
+	return q, nil
+}
+
+func (q *queue) start() {
+	for range q.dev.opts.Workers {
+		q.wg.Add(1)
+		go q.worker()
+	}
+	q.runner.Start()
+}
+
+func (q *queue) dispatch(c *virtio.Chain) {
+	q.dev.inflight.Add(1)
+	q.work <- c
+}
+
+func (q *queue) worker() {
+	defer q.wg.Done()
+	for c := range q.work {
+		written := q.dev.serve(c, &q.reqs[c.Head])
+		// Another request waiting means another worker will complete
+		// after this one: leave the interrupt to whoever empties the
+		// queue.
+		if len(q.work) > 0 {
+			q.runner.CompleteDeferred(c.Head, written)
+		} else {
+			q.runner.Complete(c.Head, written)
+		}
+		q.dev.inflight.Add(-1)
+	}
+}
+
+// stop stops the runner, waits for requests in flight and the workers.
+// Called with Device.mu held.
+func (q *queue) stop(ctx context.Context) (uint16, error) {
+	if q.stopped {
+		return q.lastAvail, nil
+	}
+	last, err := q.runner.Stop(ctx)
+	if err != nil {
+		return 0, err
+	}
+	close(q.work)
+	q.wg.Wait()
+	if err := q.runner.Err(); err != nil {
+		q.dev.log.Error("queue stopped after the driver broke it", "queue", q.index, "err", err)
+	}
+	q.stopped, q.lastAvail = true, last
+	return last, nil
+}

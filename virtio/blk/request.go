@@ -1,0 +1,245 @@
+package blk
+
+import (
+	"github.com/thinblk/thinblk/virtio"
+)
+
+// typeBarrier is the legacy barrier bit of the request type, ignored as
+// QEMU does.
+const typeBarrier = 1 << 31
+
+// serve executes one request and returns the number of bytes written to
+// the chain's writable buffers (the used element's length).
+//
+// The layout is free (VIRTIO_F_ANY_LAYOUT): the header is the first 16
+// readable bytes, the status the last writable byte; for reads the data is
+// every writable byte before the status, for writes every readable byte
+// after the header.
+func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
+	status := statusByte(c)
+	if c.Err != nil {
+		d.logRequestError("malformed descriptor chain", "head", c.Head, "err", c.Err)
+		if status == nil {
+			return 0
+		}
+		// Best effort: the last writable byte is where a well-formed
+		// request keeps its status.
+		*status = StatusIOErr
+		return 1
+	}
+	if status == nil {
+		d.logRequestError("request without a writable status byte", "head", c.Head)
+		return 0
+	}
+	if c.ReadLen < RequestHeaderSize {
+		d.logRequestError("request header too short", "head", c.Head, "bytes", c.ReadLen)
+		*status = StatusIOErr
+		return 1
+	}
+	var hdr [RequestHeaderSize]byte
+	gather(hdr[:], c.Readable, 0)
+	typ := le.Uint32(hdr[0:]) &^ typeBarrier
+	sector := le.Uint64(hdr[8:])
+
+	st, n := d.execute(c, r, typ, sector)
+	*status = st
+	clear(r.bufs)
+	r.bufs = r.bufs[:0]
+	return uint32(n) + 1
+}
+
+// execute runs a parsed request and returns its status and the number of
+// data bytes written to the driver's buffers.
+func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64) (byte, uint64) {
+	switch typ {
+	case TypeIn:
+		length := c.WriteLen - 1
+		if !d.rangeOK(sector, length) {
+			return StatusIOErr, 0
+		}
+		if length == 0 {
+			return StatusOK, 0
+		}
+		r.bufs = writableData(r.bufs, c)
+		if err := d.storage.ReadAt(r.bufs, int64(sector*SectorSize)); err != nil {
+			d.logRequestError("read failed", "sector", sector, "bytes", length, "err", err)
+			return StatusIOErr, 0
+		}
+		return StatusOK, length
+
+	case TypeOut:
+		length := c.ReadLen - RequestHeaderSize
+		if d.opts.ReadOnly || !d.rangeOK(sector, length) {
+			return StatusIOErr, 0
+		}
+		if length == 0 {
+			return StatusOK, 0
+		}
+		r.bufs = readableData(r.bufs, c)
+		if err := d.storage.WriteAt(r.bufs, int64(sector*SectorSize)); err != nil {
+			d.logRequestError("write failed", "sector", sector, "bytes", length, "err", err)
+			return StatusIOErr, 0
+		}
+		return d.writeThrough(), 0
+
+	case TypeFlush:
+		if err := d.storage.Flush(); err != nil {
+			d.logRequestError("flush failed", "err", err)
+			return StatusIOErr, 0
+		}
+		return StatusOK, 0
+
+	case TypeGetID:
+		n := min(c.WriteLen-1, IDBytes)
+		var id [IDBytes]byte
+		copy(id[:], d.opts.Serial)
+		r.bufs = writableData(r.bufs, c)
+		scatter(r.bufs, id[:n])
+		return StatusOK, n
+
+	case TypeDiscard, TypeWriteZeroes:
+		if d.opts.ReadOnly {
+			return StatusIOErr, 0
+		}
+		return d.discardWriteZeroes(c, typ), 0
+
+	default:
+		return StatusUnsupp, 0
+	}
+}
+
+// discardWriteZeroes checks and runs a DISCARD or WRITE_ZEROES request,
+// in QEMU's order of checks (block/export/virtio-blk-handler.c).
+func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
+	length := c.ReadLen - RequestHeaderSize
+	if length > DiscardSegmentSize { // more segments than max_*_seg (1)
+		return StatusUnsupp
+	}
+	if length < DiscardSegmentSize {
+		return StatusIOErr
+	}
+	var seg [DiscardSegmentSize]byte
+	gather(seg[:], c.Readable, RequestHeaderSize)
+	sector := le.Uint64(seg[0:])
+	sectors := le.Uint32(seg[8:])
+	flags := le.Uint32(seg[12:])
+	limit := d.opts.MaxDiscardSectors
+	if typ == TypeWriteZeroes {
+		limit = d.opts.MaxWriteZeroesSectors
+	}
+	if sectors > limit || !d.rangeOK(sector, uint64(sectors)*SectorSize) {
+		return StatusIOErr
+	}
+	if flags&^DiscardFlagUnmap != 0 {
+		return StatusUnsupp
+	}
+	if sectors == 0 {
+		return StatusOK
+	}
+	off, n := int64(sector*SectorSize), int64(sectors)*SectorSize
+	if typ == TypeDiscard {
+		if flags&DiscardFlagUnmap != 0 { // the spec reserves unmap for write zeroes
+			return StatusUnsupp
+		}
+		if err := d.storage.Discard(off, n); err != nil {
+			d.logRequestError("discard failed", "sector", sector, "sectors", sectors, "err", err)
+			return StatusIOErr
+		}
+		return StatusOK
+	}
+	unmap := flags&DiscardFlagUnmap != 0
+	if err := d.storage.WriteZeroes(off, n, unmap); err != nil {
+		d.logRequestError("write zeroes failed", "sector", sector, "sectors", sectors, "unmap", unmap, "err", err)
+		return StatusIOErr
+	}
+	return d.writeThrough()
+}
+
+// writeThrough flushes after a write when the driver disabled the write
+// cache.
+func (d *Device) writeThrough() byte {
+	if d.writeback.Load() {
+		return StatusOK
+	}
+	if err := d.storage.Flush(); err != nil {
+		d.logRequestError("write-through flush failed", "err", err)
+		return StatusIOErr
+	}
+	return StatusOK
+}
+
+// rangeOK checks a transfer of length bytes at sector: whole sectors,
+// within the request limit, aligned to the logical block, inside the
+// capacity.
+func (d *Device) rangeOK(sector, length uint64) bool {
+	if length%SectorSize != 0 || length > maxRequestBytes {
+		return false
+	}
+	if sector%d.sectorsPerBlock != 0 {
+		return false
+	}
+	total := d.storage.Size() / SectorSize
+	return sector <= total && length/SectorSize <= total-sector
+}
+
+// statusByte returns the last writable byte of the chain, or nil.
+func statusByte(c *virtio.Chain) *byte {
+	if len(c.Writable) == 0 {
+		return nil
+	}
+	last := c.Writable[len(c.Writable)-1]
+	return &last[len(last)-1]
+}
+
+// writableData appends the writable buffers minus the status byte to dst.
+func writableData(dst [][]byte, c *virtio.Chain) [][]byte {
+	w := c.Writable
+	dst = append(dst, w...)
+	last := dst[len(dst)-1]
+	if len(last) == 1 {
+		return dst[:len(dst)-1]
+	}
+	dst[len(dst)-1] = last[:len(last)-1]
+	return dst
+}
+
+// readableData appends the readable buffers after the header to dst.
+func readableData(dst [][]byte, c *virtio.Chain) [][]byte {
+	skip := RequestHeaderSize
+	for _, b := range c.Readable {
+		if skip >= len(b) {
+			skip -= len(b)
+			continue
+		}
+		dst = append(dst, b[skip:])
+		skip = 0
+	}
+	return dst
+}
+
+// gather copies len(dst) bytes from segs, starting at byte off, into dst.
+// The caller has checked that segs hold enough bytes.
+func gather(dst []byte, segs [][]byte, off int) {
+	for _, b := range segs {
+		if len(dst) == 0 {
+			return
+		}
+		if off >= len(b) {
+			off -= len(b)
+			continue
+		}
+		n := copy(dst, b[off:])
+		dst, off = dst[n:], 0
+	}
+}
+
+// scatter copies src into consecutive bytes of bufs.
+func scatter(bufs [][]byte, src []byte) {
+	for _, b := range bufs {
+		if len(src) == 0 {
+			return
+		}
+		n := copy(b, src)
+		src = src[n:]
+	}
+}
