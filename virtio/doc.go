@@ -30,7 +30,9 @@ type QueueSetup struct {
 	Size  uint16 // number of descriptors, a power of two
 	// Desc, Avail and Used are the ring areas in host memory, already
 	// translated and bounds-checked by the transport to cover the sizes
-	// that Size implies (including the event-index fields).
+	// that Size implies (the event-index fields included only when
+	// EVENT_IDX is negotiated). They must be aligned as the spec requires
+	// (16, 2 and 4 bytes).
 	Desc, Avail, Used []byte
 	// LastAvail is where to resume consuming the available ring
 	// (SET_VRING_BASE); the used index is read from the used ring.

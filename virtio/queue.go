@@ -110,7 +110,14 @@ func NewQueue(s QueueSetup) (*Queue, error) {
 	if s.Mem == nil {
 		return nil, fmt.Errorf("queue %d: no guest memory", s.Index)
 	}
-	if uint64(len(s.Desc)) < DescTableSize(n) || uint64(len(s.Avail)) < AvailRingSize(n) || uint64(len(s.Used)) < UsedRingSize(n) {
+	eventIdx := s.Features&(1<<FeatureEventIdx) != 0
+	descSize, availSize, usedSize := DescTableSize(n), AvailRingSize(n), UsedRingSize(n)
+	if !eventIdx {
+		// used_event and avail_event exist only with EVENT_IDX.
+		availSize -= 2
+		usedSize -= 2
+	}
+	if uint64(len(s.Desc)) < descSize || uint64(len(s.Avail)) < availSize || uint64(len(s.Used)) < usedSize {
 		return nil, fmt.Errorf("queue %d: ring areas too small for %d entries", s.Index, n)
 	}
 	// The spec's alignments (16, 2, 4); the atomics rely on the last two.
@@ -121,11 +128,11 @@ func NewQueue(s QueueSetup) (*Queue, error) {
 		size:        n,
 		mask:        n - 1,
 		maxIndirect: uint32(n),
-		desc:        s.Desc[:DescTableSize(n):DescTableSize(n)],
-		avail:       s.Avail[:AvailRingSize(n):AvailRingSize(n)],
-		used:        s.Used[:UsedRingSize(n):UsedRingSize(n)],
+		desc:        s.Desc[:descSize:descSize],
+		avail:       s.Avail[:availSize:availSize],
+		used:        s.Used[:usedSize:usedSize],
 		mem:         s.Mem,
-		eventIdx:    s.Features&(1<<FeatureEventIdx) != 0,
+		eventIdx:    eventIdx,
 		indirect:    s.Features&(1<<FeatureIndirectDesc) != 0,
 		lastAvail:   s.LastAvail,
 		availShadow: s.LastAvail,

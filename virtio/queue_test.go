@@ -509,3 +509,29 @@ func TestLoadStore16(t *testing.T) {
 		}
 	}
 }
+
+// Without EVENT_IDX the ring areas lack the event fields; the transport may
+// pass them 2 bytes shorter.
+func TestRingsWithoutEventFields(t *testing.T) {
+	mem := virtiotest.NewMemory(memBase, memSize)
+	d := virtiotest.NewDriver(mem, 8, 1<<virtio.FeatureVersion1)
+	s := d.Setup(0)
+	s.Avail = s.Avail[:len(s.Avail)-2]
+	s.Used = s.Used[:len(s.Used)-2]
+	q, err := virtio.NewQueue(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.AddChain(d.AllocBuf(16, false, nil))
+	var c virtio.Chain
+	pop(t, q, &c)
+	q.EnableNotify()
+	q.Push(c.Head, 0)
+	if !q.NeedsNotify() {
+		t.Fatal("no notify")
+	}
+	s.Features |= 1 << virtio.FeatureEventIdx
+	if _, err := virtio.NewQueue(s); err == nil {
+		t.Fatal("short rings accepted with EVENT_IDX")
+	}
+}
