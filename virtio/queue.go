@@ -294,24 +294,22 @@ func (q *Queue) Push(head uint16, written uint32) {
 // started). It honours used_event with EVENT_IDX and the NO_INTERRUPT flag
 // without it.
 func (q *Queue) NeedsNotify() bool {
-	if q.eventIdx {
-		old, valid := q.signalledUsed, q.signalledValid
-		q.signalledUsed, q.signalledValid = q.usedIdx, true
-		if !valid {
-			return true
-		}
-		if old == q.usedIdx {
-			return false
-		}
-		// Push's atomic store precedes this load (store-load order).
-		event := Load16(q.avail[ringStart+2*int(q.size):])
-		return NeedEvent(event, q.usedIdx, old)
-	}
-	if q.signalledUsed == q.usedIdx && q.signalledValid {
-		return false
+	old, valid := q.signalledUsed, q.signalledValid
+	if old == q.usedIdx {
+		return false // nothing new
 	}
 	q.signalledUsed, q.signalledValid = q.usedIdx, true
-	return Load16(q.avail[ringFlags:])&AvailFlagNoInterrupt == 0
+	if !q.eventIdx {
+		return Load16(q.avail[ringFlags:])&AvailFlagNoInterrupt == 0
+	}
+	if !valid {
+		// No interrupt since the queue started: used_event may predate
+		// us, so do not trust it to suppress this one.
+		return true
+	}
+	// Push's atomic store precedes this load (store-load order).
+	event := Load16(q.avail[ringStart+2*int(q.size):])
+	return NeedEvent(event, q.usedIdx, old)
 }
 
 // NeedEvent is the virtio event-index test: whether moving an index from

@@ -346,3 +346,13 @@ func (d *Driver) CallPending() bool {
 	ok, _ := d.WaitCall(0)
 	return ok
 }
+
+// CallCount returns how many times the device signalled the call eventfd
+// since the last read, and clears it.
+func (d *Driver) CallCount() uint64 {
+	ok, _ := d.WaitCall(0)
+	if !ok {
+		return 0
+	}
+	return le.Uint64(d.readBuf[:])
+}
