@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/mdlayher/vsock"
 
 	"github.com/thinblk/thinblk/guesttests/agentproto"
 )
@@ -34,6 +37,9 @@ type VMOptions struct {
 	BootTimeout time.Duration
 	// Logf, when set, gets progress lines.
 	Logf func(format string, args ...any)
+	// AgentTransport is "vsock", "serial" or "" (vsock when the host has vhost-vsock, else
+	// serial; $THINBLK_AGENT_TRANSPORT overrides).
+	AgentTransport string
 }
 
 // DiskSpec is one vhost-user-blk disk.
@@ -49,6 +55,8 @@ type VM struct {
 	ConsolePath string
 	QEMULogPath string
 	Agent       *agentproto.Client
+	// Transport is how the agent is reached: "vsock" or "serial".
+	Transport string
 
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -71,11 +79,48 @@ func StartVM(ctx context.Context, o VMOptions) (*VM, error) {
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
+	if o.AgentTransport == "" {
+		o.AgentTransport = os.Getenv("THINBLK_AGENT_TRANSPORT")
+	}
+	if o.AgentTransport == "" {
+		o.AgentTransport = "serial"
+		if HostHasVhostVsock() {
+			o.AgentTransport = "vsock"
+		}
+	}
+	if o.AgentTransport != "vsock" && o.AgentTransport != "serial" {
+		return nil, fmt.Errorf("start vm: agent transport %q: want vsock or serial", o.AgentTransport)
+	}
 	accel := o.Accel
 	if accel == "" {
 		accel = DetectAccel(ctx, o)
 	}
 	return startVM(ctx, o, accel)
+}
+
+// HostHasVhostVsock reports whether QEMU can give guests a vsock device here: the
+// vhost-vsock device must open, not merely exist.
+func HostHasVhostVsock() bool {
+	f, err := os.OpenFile("/dev/vhost-vsock", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
+
+// nextGuestCID hands out vsock context IDs, unique on the host while their VMs run: the
+// process ID keeps parallel test processes apart, the counter VMs within one.
+var nextGuestCID = struct {
+	sync.Mutex
+	n uint32
+}{}
+
+func guestCID() uint32 {
+	nextGuestCID.Lock()
+	defer nextGuestCID.Unlock()
+	nextGuestCID.n++
+	return 3 + uint32(os.Getpid()%(1<<20))<<8 + nextGuestCID.n%256
 }
 
 func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
@@ -104,6 +149,11 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 		"-device", "virtio-serial-pci,id=vser",
 		"-chardev", "socket,id=agent,server=on,wait=off,path=" + agentSock,
 		"-device", "virtserialport,bus=vser.0,chardev=agent,name=" + agentproto.SerialPortName,
+	}
+	var cid uint32
+	if o.AgentTransport == "vsock" {
+		cid = guestCID()
+		argv = append(argv, "-device", fmt.Sprintf("vhost-vsock-pci,guest-cid=%d", cid))
 	}
 	if accel == "tcg" {
 		// TCG's default CPU model lacks SSE4.2; with max the guest's crc32c-intel (used by
@@ -143,8 +193,21 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 	defer cancel()
 	bootCtx, stop := vm.bindContext(bootCtx)
 	defer stop()
+	if accel == "kvm" {
+		// Broken nested KVM stops the guest with an internal error but leaves QEMU running:
+		// notice it in the log instead of waiting out the boot timeout.
+		var kvmFailed context.CancelCauseFunc
+		bootCtx, kvmFailed = context.WithCancelCause(bootCtx)
+		go watchLog(bootCtx, vm.QEMULogPath, "KVM internal error", kvmFailed)
+	}
 	start := time.Now()
-	conn, err := dialUnix(bootCtx, agentSock)
+	vm.Transport = o.AgentTransport
+	var conn net.Conn
+	if o.AgentTransport == "vsock" {
+		conn, err = dialVsock(bootCtx, cid, agentproto.VsockPort)
+	} else {
+		conn, err = dialUnix(bootCtx, agentSock)
+	}
 	if err == nil {
 		vm.Agent = agentproto.NewClient(conn)
 		err = vm.Agent.Ping(bootCtx)
@@ -153,7 +216,7 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 		vm.Kill()
 		return nil, fmt.Errorf("boot vm (%s): agent did not answer: %w\n%s", accel, err, vm.Diagnostics())
 	}
-	o.Logf("vm: agent answered %.1fs after start (%s)", time.Since(start).Seconds(), accel)
+	o.Logf("vm: agent answered over %s %.1fs after start (%s)", vm.Transport, time.Since(start).Seconds(), accel)
 	return vm, nil
 }
 
@@ -295,4 +358,36 @@ func firstLine(s string) string {
 		return s[:i]
 	}
 	return s
+}
+
+// dialVsock connects to the agent in guest cid, retrying while the guest boots.
+func dialVsock(ctx context.Context, cid, port uint32) (net.Conn, error) {
+	for {
+		c, err := vsock.DialContext(ctx, cid, port, nil)
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("dial vsock %d:%d: %w (last error: %v)", cid, port, ctx.Err(), err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// watchLog cancels ctx with an error once the file contains needle.
+func watchLog(ctx context.Context, path, needle string, cancel context.CancelCauseFunc) {
+	t := time.NewTicker(300 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if data, err := os.ReadFile(path); err == nil && strings.Contains(string(data), needle) {
+			cancel(errors.New("qemu log says " + needle))
+			return
+		}
+	}
 }
