@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -106,29 +105,27 @@ func newImage(t testing.TB, size int64) string {
 }
 
 // dial connects with a bounded context and closes the disk at cleanup.
+// It retries for a while: the socket file can exist a moment before
+// listen(2), and a back-end may still be tearing down the previous
+// front-end (thinblk refuses a second concurrent connection).
 func dial(t testing.TB, sock string, opts Options) *Disk {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var d *Disk
-	var err error
-	// The socket file can exist a moment before listen(2) is called.
-	for i := 0; ; i++ {
-		d, err = Dial(ctx, sock, opts)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d, err := Dial(ctx, sock, opts)
+		cancel()
 		if err == nil {
-			break
+			t.Cleanup(func() {
+				if err := d.Close(); err != nil {
+					t.Errorf("close: %v", err)
+				}
+			})
+			return d
 		}
-		var op *net.OpError
-		if i < 100 && asOpError(err, &op) && op.Op == "dial" {
-			time.Sleep(20 * time.Millisecond)
-			continue
+		if time.Now().After(deadline) {
+			t.Fatalf("dial %s: %v", sock, err)
 		}
-		t.Fatalf("dial %s: %v", sock, err)
+		time.Sleep(20 * time.Millisecond)
 	}
-	t.Cleanup(func() {
-		if err := d.Close(); err != nil {
-			t.Errorf("close: %v", err)
-		}
-	})
-	return d
 }

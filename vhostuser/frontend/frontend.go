@@ -75,7 +75,7 @@ type Disk struct {
 
 // Dial connects to the back-end at socketPath and sets up the device. The
 // context bounds the connection set-up.
-func Dial(ctx context.Context, socketPath string, opts Options) (d *Disk, err error) {
+func Dial(ctx context.Context, socketPath string, opts Options) (*Disk, error) {
 	if opts.NumQueues == 0 {
 		opts.NumQueues = 1
 	}
@@ -93,10 +93,11 @@ func Dial(ctx context.Context, socketPath string, opts Options) (d *Disk, err er
 	if err != nil {
 		return nil, fmt.Errorf("connect to vhost-user back-end: %w", err)
 	}
-	d = &Disk{opts: opts, uc: c.(*net.UnixConn)}
+	d := &Disk{opts: opts, uc: c.(*net.UnixConn)}
 	d.conn = vhostuser.NewConn(d.uc)
+	ok := false
 	defer func() {
-		if err != nil {
+		if !ok {
 			d.teardown()
 		}
 	}()
@@ -113,6 +114,7 @@ func Dial(ctx context.Context, socketPath string, opts Options) (d *Disk, err er
 		return nil, fmt.Errorf("vhost-user queue set-up with %s: %w", socketPath, err)
 	}
 	d.uc.SetDeadline(time.Time{})
+	ok = true
 	return d, nil
 }
 

@@ -1,0 +1,57 @@
+package frontend
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/thinblk/thinblk/rawdisk"
+	"github.com/thinblk/thinblk/vhostuser"
+	"github.com/thinblk/thinblk/virtio/blk"
+)
+
+func init() {
+	thinblkBackends = append(thinblkBackends, backend{name: "thinblk", start: startThinblk})
+}
+
+// startThinblk serves img in-process: rawdisk storage, blk device,
+// vhost-user server, as `thinblk serve --raw` does.
+func startThinblk(t testing.TB, img string, queues int) string {
+	disk, err := rawdisk.Open(img, rawdisk.Options{})
+	if err != nil {
+		t.Fatalf("open %s: %v", img, err)
+	}
+	var logOut io.Writer = io.Discard
+	if os.Getenv("THINBLK_TEST_LOG") == "1" {
+		logOut = os.Stderr
+	}
+	logger := slog.New(slog.NewTextHandler(logOut, nil))
+	dev, err := blk.New(disk, blk.Options{NumQueues: queues, Serial: "thinblk-test", Logger: logger})
+	if err != nil {
+		disk.Close()
+		t.Fatalf("blk.New: %v", err)
+	}
+	sock := filepath.Join(t.TempDir(), "thinblk.sock")
+	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: logger, Name: "test"}, dev)
+	if err != nil {
+		dev.Close()
+		disk.Close()
+		t.Fatalf("vhostuser.Listen: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		srv.Close()
+		dev.Close()
+		disk.Close()
+	})
+	return sock
+}
