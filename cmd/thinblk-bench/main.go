@@ -1,0 +1,279 @@
+// Command thinblk-bench compares, on one machine and one file, thinblk's
+// vhost-user-blk back-end (`thinblk serve --raw`), qemu-storage-daemon's
+// vhost-user-blk export, and fio on the host file itself. Both back-ends
+// are driven host-side through the project's front-end driver, with the
+// same requests, queue depths and queue counts.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/thinblk/thinblk/bench"
+)
+
+type config struct {
+	thinblk, qsd, fio string
+	dir               string
+	size              int64
+	duration          time.Duration
+	cases             []bench.Case
+	targets           map[string]bool
+	cache             string
+	qsdAIO            string
+	jsonOut           bool
+}
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "thinblk-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("thinblk-bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var c config
+	var size, cases, targets string
+	fs.StringVar(&c.thinblk, "thinblk", "_build/bin/thinblk", "thinblk binary `PATH`")
+	fs.StringVar(&c.qsd, "qsd", "qemu-storage-daemon", "qemu-storage-daemon binary")
+	fs.StringVar(&c.fio, "fio", "fio", "fio binary")
+	fs.StringVar(&c.dir, "dir", "_build/bench", "work `DIR` for the image and sockets")
+	fs.StringVar(&size, "size", "1G", "image size (K, M, G suffixes)")
+	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each case")
+	fs.StringVar(&cases, "cases", "all", "comma-separated case names or substrings (e.g. randread-4k-qd32-q1,write-1m); 'list' prints them")
+	fs.StringVar(&targets, "targets", "thinblk,qsd,fio", "targets to run: thinblk, qsd, fio")
+	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
+	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
+	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var err error
+	if c.size, err = parseSize(size); err != nil {
+		return err
+	}
+	if cases == "list" {
+		for _, bc := range bench.DefaultCases() {
+			fmt.Fprintln(stdout, bc.Name())
+		}
+		return nil
+	}
+	if c.cases, err = selectCases(cases); err != nil {
+		return err
+	}
+	c.targets = map[string]bool{}
+	for _, t := range strings.Split(targets, ",") {
+		switch t {
+		case "thinblk", "qsd", "fio":
+			c.targets[t] = true
+		default:
+			return fmt.Errorf("--targets: unknown target %q", t)
+		}
+	}
+	if c.cache != "direct" && c.cache != "buffered" {
+		return fmt.Errorf("--cache %q: want direct or buffered", c.cache)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	results, err := measure(ctx, c, stderr)
+	if c.jsonOut {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if jerr := enc.Encode(map[string]any{
+			"cache": c.cache, "qsd_aio": c.qsdAIO, "duration_s": c.duration.Seconds(),
+			"size_bytes": c.size, "results": results,
+		}); jerr != nil {
+			return jerr
+		}
+	} else {
+		printTable(stdout, c, results)
+	}
+	return err
+}
+
+func parseSize(s string) (int64, error) {
+	mult := int64(1)
+	switch {
+	case strings.HasSuffix(s, "K"):
+		mult, s = 1<<10, strings.TrimSuffix(s, "K")
+	case strings.HasSuffix(s, "M"):
+		mult, s = 1<<20, strings.TrimSuffix(s, "M")
+	case strings.HasSuffix(s, "G"):
+		mult, s = 1<<30, strings.TrimSuffix(s, "G")
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 || n*mult%(1<<20) != 0 {
+		return 0, fmt.Errorf("--size %q: want a positive multiple of 1M", s)
+	}
+	return n * mult, nil
+}
+
+func selectCases(spec string) ([]bench.Case, error) {
+	all := bench.DefaultCases()
+	if spec == "all" || spec == "" {
+		return all, nil
+	}
+	var out []bench.Case
+	for _, want := range strings.Split(spec, ",") {
+		found := false
+		for _, bc := range all {
+			if strings.Contains(bc.Name(), want) {
+				out = append(out, bc)
+				found = true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("--cases: no case matches %q (try --cases list)", want)
+		}
+	}
+	return out, nil
+}
+
+func maxQueues(cs []bench.Case) int {
+	n := 1
+	for _, c := range cs {
+		n = max(n, c.Queues)
+	}
+	return n
+}
+
+// measure runs every selected case on every target. A target that fails
+// to start is reported and skipped; the others still run.
+func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, error) {
+	if err := os.MkdirAll(c.dir, 0o755); err != nil {
+		return nil, err
+	}
+	img := filepath.Join(c.dir, "bench.raw")
+	fmt.Fprintf(log, "preparing %s (%d MiB)\n", img, c.size>>20)
+	if err := bench.PrepareFile(img, c.size); err != nil {
+		return nil, err
+	}
+	direct := c.cache == "direct"
+	queues := maxQueues(c.cases)
+	var results []bench.Result
+	var errs []error
+	for _, target := range []string{"thinblk", "qsd", "fio"} {
+		if !c.targets[target] {
+			continue
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		if target == "fio" {
+			for _, bc := range c.cases {
+				r, err := bench.RunFio(ctx, img, bc, bench.FioOptions{Bin: c.fio, Direct: direct, Duration: c.duration})
+				results = append(results, record(log, "fio", bc, r, err))
+			}
+			continue
+		}
+		sock := filepath.Join(c.dir, target+".sock")
+		var srv *bench.Server
+		var err error
+		if target == "thinblk" {
+			srv, err = bench.StartThinblk(c.thinblk, img, sock, queues, direct)
+		} else {
+			bin, lerr := exec.LookPath(c.qsd)
+			if lerr != nil {
+				err = lerr
+			} else {
+				srv, err = bench.StartQSD(bin, img, sock, queues, bench.QSDOptions{Direct: direct, AIO: c.qsdAIO})
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", target, err))
+			fmt.Fprintf(log, "%s: not started: %v\n", target, err)
+			continue
+		}
+		for _, bc := range c.cases {
+			if ctx.Err() != nil {
+				break
+			}
+			r, err := runDriverRetry(ctx, sock, bc, c.duration)
+			results = append(results, record(log, target, bc, r, err))
+		}
+		srv.Stop()
+	}
+	return results, errors.Join(errs...)
+}
+
+// runDriverRetry dials again briefly if the back-end is still tearing
+// down the previous case's connection.
+func runDriverRetry(ctx context.Context, sock string, bc bench.Case, d time.Duration) (bench.Result, error) {
+	var err error
+	for i := 0; i < 50; i++ {
+		dctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
+		var r bench.Result
+		r, err = bench.RunDriver(dctx, sock, bc, bench.DriverOptions{Duration: d, Seed: uint64(i)})
+		cancel()
+		if err == nil || !strings.Contains(err.Error(), "negotiation") {
+			return r, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return bench.Result{}, err
+}
+
+func record(log io.Writer, target string, bc bench.Case, r bench.Result, err error) bench.Result {
+	r.Target, r.Case = target, bc.Name()
+	if err != nil {
+		r.Err = err.Error()
+		fmt.Fprintf(log, "%-8s %-22s error: %v\n", target, bc.Name(), err)
+	} else {
+		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us\n",
+			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us)
+	}
+	return r
+}
+
+func printTable(w io.Writer, c config, results []bench.Result) {
+	by := map[string]map[string]bench.Result{}
+	for _, r := range results {
+		if by[r.Case] == nil {
+			by[r.Case] = map[string]bench.Result{}
+		}
+		by[r.Case][r.Target] = r
+	}
+	fmt.Fprintf(w, "\ncache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
+		c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
+	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99)\n\n")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "case\tthinblk IOPS\tmean\tp99\tqsd IOPS\tmean\tp99\tfio IOPS\tmean\tp99\tthinblk/qsd\tthinblk/fio\t")
+	cell := func(r bench.Result, ok bool) string {
+		switch {
+		case !ok:
+			return "-\t-\t-"
+		case r.Err != "":
+			return "error\t-\t-"
+		}
+		return fmt.Sprintf("%.0f\t%.1f\t%.1f", r.IOPS, r.MeanUs, r.P99Us)
+	}
+	ratio := func(a, b bench.Result, aok, bok bool) string {
+		if !aok || !bok || a.Err != "" || b.Err != "" || b.IOPS == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", a.IOPS/b.IOPS)
+	}
+	for _, bc := range c.cases {
+		rs := by[bc.Name()]
+		t, tok := rs["thinblk"]
+		q, qok := rs["qsd"]
+		f, fok := rs["fio"]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", bc.Name(), cell(t, tok), cell(q, qok), cell(f, fok), ratio(t, q, tok, qok), ratio(t, f, tok, fok))
+	}
+	tw.Flush()
+}
