@@ -1,0 +1,152 @@
+package pebblemeta
+
+import (
+	"bytes"
+	"errors"
+	"math"
+	"testing"
+)
+
+func TestEntryRoundTrip(t *testing.T) {
+	for _, e := range []Entry{
+		{Flags: FlagMapped, PBlock: 0},
+		{Flags: FlagMapped, PBlock: math.MaxUint64},
+		{Flags: FlagMapped | FlagProvisioned, PBlock: 12345},
+		{Flags: FlagProvisioned},
+	} {
+		got, err := DecodeEntry(AppendEntry(nil, e))
+		if err != nil || got != e {
+			t.Errorf("round trip %+v: got %+v, %v", e, got, err)
+		}
+	}
+	if !(Entry{Flags: FlagProvisioned}).Reserved() || (Entry{Flags: FlagProvisioned | FlagMapped}).Reserved() {
+		t.Error("Reserved() wrong")
+	}
+}
+
+func TestEntryRejectsGarbage(t *testing.T) {
+	for _, v := range [][]byte{nil, {0}, {4}, {0x80 | FlagMapped, 1}, {FlagMapped}, {FlagMapped, 0x80}, {FlagProvisioned, 0}, {FlagMapped, 1, 2}} {
+		if _, err := DecodeEntry(v); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("DecodeEntry(%x) = %v, want ErrCorrupt", v, err)
+		}
+	}
+}
+
+func TestMapKeyOrder(t *testing.T) {
+	a := AppendMapKey(nil, 1, 255)
+	b := AppendMapKey(nil, 1, 256)
+	c := AppendMapKey(nil, 2, 0)
+	if !(bytes.Compare(a, b) < 0 && bytes.Compare(b, c) < 0) {
+		t.Fatal("map keys do not sort by (layer, block)")
+	}
+	l, vb, err := ParseMapKey(b)
+	if err != nil || l != 1 || vb != 256 {
+		t.Fatalf("ParseMapKey = %d %d %v", l, vb, err)
+	}
+	lo, hi := mapLayerBounds(math.MaxUint64)
+	if bytes.Compare(lo, hi) >= 0 || bytes.Compare(AppendMapKey(nil, math.MaxUint64, math.MaxUint64), hi) >= 0 {
+		t.Fatal("bounds of the last layer are wrong")
+	}
+}
+
+func TestRecordsRoundTrip(t *testing.T) {
+	p := PoolRecord{BlockSize: 65536, SizeBlocks: 1 << 40, NoSpace: 1, NoSpaceTimeout: 60e9, LowWaterPPM: 100000, NextLayer: 7, Allocated: 5, Reserved: 3}
+	gp, err := DecodePoolRecord(AppendPoolRecord(nil, p))
+	if err != nil || gp != p {
+		t.Fatalf("pool record: %+v %v", gp, err)
+	}
+	v := VolumeRecord{Layer: 3, Size: 1 << 36, Mapped: 10, Provisioned: 4, Reserved: 2}
+	gv, err := DecodeVolumeRecord(AppendVolumeRecord(nil, v))
+	if err != nil || gv != v {
+		t.Fatalf("volume record: %+v %v", gv, err)
+	}
+	enc := AppendVolumeRecord(nil, v)
+	if _, err := DecodeVolumeRecord(append(enc, 0)); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("trailing byte accepted")
+	}
+	enc[0] = 2
+	if _, err := DecodeVolumeRecord(enc); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("unknown record version accepted")
+	}
+	if _, err := DecodePoolRecord(AppendPoolRecord(nil, p)[:5]); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("truncated pool record accepted")
+	}
+}
+
+func TestVolumeNames(t *testing.T) {
+	for _, ok := range []string{"a", "vm-1_disk.0", "x@y:z+1"} {
+		if err := ValidVolumeName(ok); err != nil {
+			t.Errorf("%q rejected: %v", ok, err)
+		}
+		got, err := ParseVolumeKey(VolumeKey(ok))
+		if err != nil || got != ok {
+			t.Errorf("volume key %q: %q %v", ok, got, err)
+		}
+	}
+	long := string(bytes.Repeat([]byte("a"), MaxVolumeNameLen+1))
+	for _, bad := range []string{"", "a/b", "/", ".", "..", "a b", "ü", long, "a\x00"} {
+		if err := ValidVolumeName(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func FuzzEntry(f *testing.F) {
+	f.Add([]byte{FlagMapped, 5})
+	f.Add([]byte{FlagProvisioned})
+	f.Add([]byte{FlagMapped | FlagProvisioned, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01})
+	f.Add([]byte{0xff})
+	f.Add([]byte{FlagMapped, 0xdb, 0x00}) // overlong varint
+	f.Fuzz(func(t *testing.T, v []byte) {
+		e, err := DecodeEntry(v)
+		if err != nil {
+			return
+		}
+		// Accepted input must be canonical: re-encoding gives the same bytes
+		// (so two encodings never mean one entry).
+		if got := AppendEntry(nil, e); !bytes.Equal(got, v) {
+			t.Fatalf("entry %x decoded to %+v, re-encodes to %x", v, e, got)
+		}
+	})
+}
+
+func FuzzRecords(f *testing.F) {
+	f.Add(AppendPoolRecord(nil, PoolRecord{BlockSize: 4096, SizeBlocks: 100}))
+	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 1, Size: 512}))
+	f.Add([]byte{1, 0x80})
+	f.Add([]byte{1, 0x81, 0x00, 1, 1, 1}) // overlong varint
+	f.Fuzz(func(t *testing.T, v []byte) {
+		if p, err := DecodePoolRecord(v); err == nil {
+			p2, err := DecodePoolRecord(AppendPoolRecord(nil, p))
+			if err != nil || p2 != p {
+				t.Fatalf("pool record %+v does not round-trip: %+v %v", p, p2, err)
+			}
+		}
+		if r, err := DecodeVolumeRecord(v); err == nil {
+			r2, err := DecodeVolumeRecord(AppendVolumeRecord(nil, r))
+			if err != nil || r2 != r {
+				t.Fatalf("volume record %+v does not round-trip: %+v %v", r, r2, err)
+			}
+		}
+	})
+}
+
+func FuzzKeys(f *testing.F) {
+	f.Add(AppendMapKey(nil, 1, 2))
+	f.Add(VolumeKey("vol"))
+	f.Add(AppendBitmapKey(nil, 9))
+	f.Add([]byte("v/x"))
+	f.Fuzz(func(t *testing.T, k []byte) {
+		if l, vb, err := ParseMapKey(k); err == nil && !bytes.Equal(AppendMapKey(nil, l, vb), k) {
+			t.Fatalf("map key %x not canonical", k)
+		}
+		if name, err := ParseVolumeKey(k); err == nil {
+			if !bytes.Equal(VolumeKey(name), k) || ValidVolumeName(name) != nil {
+				t.Fatalf("volume key %x gave bad name %q", k, name)
+			}
+		}
+		if idx, err := ParseBitmapKey(k); err == nil && !bytes.Equal(AppendBitmapKey(nil, idx), k) {
+			t.Fatalf("bitmap key %x not canonical", k)
+		}
+	})
+}
