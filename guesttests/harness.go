@@ -38,6 +38,14 @@ func RepoRoot() (string, error) {
 	}
 }
 
+// BuildDir is where build outputs go: $THINBLK_BUILD (set by the Makefile) or root/_build.
+func BuildDir(root string) string {
+	if d := os.Getenv("THINBLK_BUILD"); d != "" {
+		return d
+	}
+	return filepath.Join(root, "_build")
+}
+
 // Images are the guest kernel and initramfs built by images/build.sh.
 type Images struct {
 	Kernel, Initrd string
@@ -49,14 +57,14 @@ var imagesOnce struct {
 }
 
 // EnsureImages runs images/build.sh (cached: a no-op when its inputs did not change) and
-// returns the paths of the kernel and initramfs under root/_build/images.
+// returns the paths of the kernel and initramfs under BuildDir(root)/images.
 func EnsureImages(ctx context.Context, root string) (Images, error) {
 	imagesOnce.Lock()
 	defer imagesOnce.Unlock()
 	if im, ok := imagesOnce.done[root]; ok {
 		return im, nil
 	}
-	out := filepath.Join(root, "_build", "images")
+	out := filepath.Join(BuildDir(root), "images")
 	cmd := exec.CommandContext(ctx, "bash", filepath.Join(root, "images", "build.sh"), out)
 	cmd.Dir = root
 	var logBuf bytes.Buffer
@@ -72,9 +80,9 @@ func EnsureImages(ctx context.Context, root string) (Images, error) {
 	return im, nil
 }
 
-// BuildThinblk builds ./cmd/thinblk into root/_build/bin/thinblk and returns its path.
+// BuildThinblk builds ./cmd/thinblk into BuildDir(root)/bin/thinblk and returns its path.
 func BuildThinblk(ctx context.Context, root string) (string, error) {
-	bin := filepath.Join(root, "_build", "bin", "thinblk")
+	bin := filepath.Join(BuildDir(root), "bin", "thinblk")
 	cmd := exec.CommandContext(ctx, goTool(), "build", "-o", bin, "./cmd/thinblk")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
