@@ -1,0 +1,121 @@
+// Command thinblk is the thinblk back-end and its management tool.
+//
+//	thinblk serve --raw FILE --socket PATH [--read-only] [--queues N]
+//	thinblk version
+//
+// Run `thinblk help` or `thinblk COMMAND --help` for the flags.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+// command is one subcommand. run gets the arguments after the command's
+// name and returns the process exit status.
+type command struct {
+	name    string
+	summary string
+	run     func(args []string, stdout, stderr io.Writer) int
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "export disks to QEMU over vhost-user-blk", runServe},
+		{"version", "print the version", runVersion},
+	}
+}
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "help" || args[0] == "-h" || args[0] == "--help" {
+		usage(stdout)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(args[1:], stdout, stderr)
+		}
+	}
+	fmt.Fprintf(stderr, "thinblk: unknown command %q (see 'thinblk help')\n", args[0])
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: thinblk COMMAND [ARGS]\n\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun 'thinblk COMMAND --help' for a command's flags.")
+}
+
+func runVersion(args []string, stdout, stderr io.Writer) int {
+	fmt.Fprintln(stdout, "thinblk", version)
+	return 0
+}
+
+// parseArgs parses flags that may come before, between or after positional
+// arguments (`thinblk serve DIR --socket-dir X`), which the flag package
+// alone does not allow. It returns the positional arguments. On --help it
+// returns flag.ErrHelp after printing usage.
+func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for len(args) > 0 {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			break
+		}
+		if rest[0] == "--" {
+			positional = append(positional, rest[1:]...)
+			break
+		}
+		positional = append(positional, rest[0])
+		args = rest[1:]
+	}
+	return positional, nil
+}
+
+// newFlagSet makes a FlagSet that reports errors instead of exiting.
+func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: thinblk %s\n\nflags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// exitFor maps a parse error to an exit status: 0 for --help, 2 otherwise.
+func exitFor(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 2
+}
+
+// fail prints an error the way every subcommand does.
+func fail(stderr io.Writer, cmd string, err error) int {
+	msg := err.Error()
+	if !strings.HasPrefix(msg, cmd) {
+		msg = cmd + ": " + msg
+	}
+	fmt.Fprintln(stderr, "thinblk "+msg)
+	return 1
+}

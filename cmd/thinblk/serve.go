@@ -1,0 +1,168 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/thinblk/thinblk/rawdisk"
+	"github.com/thinblk/thinblk/vhostuser"
+	"github.com/thinblk/thinblk/virtio/blk"
+)
+
+const serveSynopsis = "serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]"
+
+type serveFlags struct {
+	raw        string
+	socket     string
+	socketMode string
+	readOnly   bool
+	direct     bool
+	queues     int
+	queueSize  int
+	serial     string
+	logLevel   string
+}
+
+func runServe(args []string, stdout, stderr io.Writer) int {
+	var f serveFlags
+	fs := newFlagSet("serve", serveSynopsis, stderr)
+	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
+	fs.StringVar(&f.socket, "socket", "", "unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
+	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
+	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
+	fs.IntVar(&f.queues, "queues", 1, "number of virtqueues offered (1-64)")
+	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
+	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return exitFor(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[0])
+		fs.Usage()
+		return 2
+	}
+	if err := f.validate(); err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return 2
+	}
+	logger, err := newLogger(stderr, f.logLevel)
+	if err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := serveRaw(ctx, f, logger); err != nil {
+		return fail(stderr, "serve", err)
+	}
+	return 0
+}
+
+func (f *serveFlags) validate() error {
+	if f.raw == "" {
+		return errors.New("--raw FILE is required")
+	}
+	if f.socket == "" {
+		return errors.New("--socket PATH is required")
+	}
+	if f.queues < 1 || f.queues > 64 {
+		return fmt.Errorf("--queues %d: must be 1 to 64", f.queues)
+	}
+	if f.queueSize < 2 || f.queueSize > 1024 || f.queueSize&(f.queueSize-1) != 0 {
+		return fmt.Errorf("--queue-size %d: must be a power of two from 2 to 1024", f.queueSize)
+	}
+	if len(f.serial) > blk.IDBytes {
+		return fmt.Errorf("--serial %q: longer than %d bytes", f.serial, blk.IDBytes)
+	}
+	if _, err := parseMode(f.socketMode); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseMode(s string) (os.FileMode, error) {
+	m, err := strconv.ParseUint(s, 8, 32)
+	if err != nil || m > 0o777 {
+		return 0, fmt.Errorf("--socket-mode %q: want octal permissions such as 0600", s)
+	}
+	return os.FileMode(m), nil
+}
+
+func newLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: l})), nil
+}
+
+// serveRaw exports one raw image until ctx is cancelled, then stops taking
+// requests, lets those in flight finish, flushes and removes the socket.
+func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
+	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct})
+	if err != nil {
+		return err
+	}
+	defer disk.Close()
+	serial := f.serial
+	if serial == "" {
+		serial = baseSerial(f.raw)
+	}
+	dev, err := blk.New(disk, blk.Options{
+		ReadOnly:  f.readOnly,
+		NumQueues: f.queues,
+		QueueSize: f.queueSize,
+		Serial:    serial,
+		Logger:    logger,
+	})
+	if err != nil {
+		return err
+	}
+	mode, _ := parseMode(f.socketMode)
+	srv, err := vhostuser.Listen(vhostuser.ServerOptions{
+		SocketPath: f.socket,
+		SocketMode: mode,
+		Logger:     logger,
+		Name:       serial,
+	}, dev)
+	if err != nil {
+		return err
+	}
+	logger.Info("serving", "image", f.raw, "socket", f.socket, "bytes", disk.Size(),
+		"read_only", f.readOnly, "queues", f.queues)
+	serveErr := srv.Serve(ctx)
+	// Serve returns when ctx is cancelled (signal) or on a fatal error.
+	// Either way: stop the rings (in-flight requests finish), flush.
+	closeErr := srv.Close()
+	drainErr := dev.Close() // waits for in-flight requests, then flushes
+	logger.Info("stopped", "socket", f.socket)
+	if serveErr != nil && !errors.Is(serveErr, context.Canceled) {
+		return serveErr
+	}
+	return errors.Join(closeErr, drainErr)
+}
+
+// baseSerial derives a serial number from the image's file name.
+func baseSerial(path string) string {
+	base := path
+	for i := len(path) - 1; i >= 0; i-- {
+		if path[i] == '/' {
+			base = path[i+1:]
+			break
+		}
+	}
+	if len(base) > blk.IDBytes {
+		base = base[:blk.IDBytes]
+	}
+	return base
+}
