@@ -1,0 +1,82 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"1G": 1 << 30, "256M": 256 << 20, "2048K": 2 << 20, "1048576": 1 << 20} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "-1G", "1T", "100K", "abc"} {
+		if _, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q): no error", in)
+		}
+	}
+}
+
+func TestSelectCases(t *testing.T) {
+	cs, err := selectCases("randread-4k-qd32-q1,write-1m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, c := range cs {
+		names = append(names, c.Name())
+	}
+	if strings.Join(names, " ") != "randread-4k-qd32-q1 write-1m-qd8-q1" {
+		t.Fatalf("selected %v", names)
+	}
+	if _, err := selectCases("nonsense"); err == nil {
+		t.Fatalf("no error for an unknown case")
+	}
+}
+
+// TestRunAllTargets builds thinblk and runs one short case on every target
+// end to end, with JSON output.
+func TestRunAllTargets(t *testing.T) {
+	if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
+		t.Fatalf("qemu-storage-daemon not installed: %v", err)
+	}
+	if _, err := exec.LookPath("fio"); err != nil {
+		t.Fatalf("fio not installed: %v", err)
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "thinblk")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
+		t.Fatalf("build thinblk: %v\n%s", err, out)
+	}
+	var stdout, stderr bytes.Buffer
+	err := run([]string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
+		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--json"}, &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("run: %v\n%s", err, stderr.String())
+	}
+	var doc struct {
+		Results []struct {
+			Target, Case string
+			IOPS         float64
+			Error        string
+		}
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
+		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
+	}
+	got := map[string]bool{}
+	for _, r := range doc.Results {
+		if r.Error != "" || r.IOPS <= 0 || r.Case != "randread-4k-qd32-q1" {
+			t.Errorf("result %+v", r)
+		}
+		got[r.Target] = true
+	}
+	if !got["thinblk"] || !got["qsd"] || !got["fio"] {
+		t.Fatalf("targets measured: %v\n%s", got, stderr.String())
+	}
+}
