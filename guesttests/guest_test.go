@@ -318,7 +318,52 @@ func TestGuestDisks(t *testing.T) {
 		fsCheck(t, dev+"2", "mkfs.ext4 -F -q", "e2fsck -fn")
 	})
 
+	t.Run("command-timeout", func(t *testing.T) {
+		start := time.Now()
+		res, err := vm.Run(ctx, 2*time.Second, "sleep 120")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !res.TimedOut {
+			t.Errorf("sleep 120 with a 2s limit: %+v, want timed out", res)
+		}
+		if d := time.Since(start); d > 30*time.Second {
+			t.Errorf("timed-out command came back after %v", d)
+		}
+	})
+
 	if err := vm.Shutdown(ctx, time.Minute); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGuestHang: when the guest stops answering (here: its agent is frozen), Run fails after
+// its time limit plus the grace period instead of blocking, and the VM can be killed.
+func TestGuestHang(t *testing.T) {
+	e := setup(t)
+	dir := workDir(t)
+	vm, err := StartVM(context.Background(), VMOptions{
+		Dir: filepath.Join(dir, "vm"), Images: e.images, RunGrace: 3 * time.Second, Logf: t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	start := time.Now()
+	_, err = vm.Run(context.Background(), 2*time.Second, "kill -STOP $(pidof thinblk-agent)")
+	if err == nil {
+		t.Fatal("Run returned a result from a frozen agent")
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("hung guest detected after %v, want about 5s", d)
+	}
+	if diag := vm.Diagnostics(); !strings.Contains(diag, "console tail") || !strings.Contains(diag, "thinblk-init") {
+		t.Errorf("diagnostics lack the console tail:\n%s", diag)
+	}
+	vm.Kill()
+	select {
+	case <-vm.Exited():
+	default:
+		t.Error("QEMU still running after Kill")
 	}
 }

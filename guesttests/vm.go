@@ -37,6 +37,9 @@ type VMOptions struct {
 	BootTimeout time.Duration
 	// Logf, when set, gets progress lines.
 	Logf func(format string, args ...any)
+	// RunGrace is how long past a command's own time limit Run waits for the agent before it
+	// declares the guest hung (0: 30s).
+	RunGrace time.Duration
 	// AgentTransport is "vsock", "serial" or "" (vsock when the host has vhost-vsock, else
 	// serial; $THINBLK_AGENT_TRANSPORT overrides).
 	AgentTransport string
@@ -240,7 +243,11 @@ func (vm *VM) Exited() <-chan struct{} { return vm.exited }
 // command in the guest, and if the agent itself stops answering, the call fails once timeout
 // plus a grace period has passed.
 func (vm *VM) Run(ctx context.Context, timeout time.Duration, script string) (*agentproto.ExecResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout+30*time.Second)
+	grace := vm.Opts.RunGrace
+	if grace == 0 {
+		grace = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout+grace)
 	defer cancel()
 	ctx, stop := vm.bindContext(ctx)
 	defer stop()
