@@ -35,6 +35,8 @@ type fakeDevice struct {
 	progress uint16 // added to LastAvail on stop, as if requests were served
 	startErr error
 	events   []string
+
+	configReads int
 }
 
 func newFakeDevice() *fakeDevice {
@@ -58,6 +60,7 @@ func (d *fakeDevice) MaxQueueSize() int { return d.maxSize }
 func (d *fakeDevice) ReadConfig(p []byte, offset uint32) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.configReads++
 	copy(p, d.config[offset:])
 }
 

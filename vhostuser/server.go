@@ -245,6 +245,10 @@ func (s *Server) serveConn(uc *net.UnixConn) {
 			}
 			return
 		}
+		if log.Enabled(context.Background(), slog.LevelDebug) {
+			log.Debug("request", "request", m.Header.Request.String(), "flags", m.Header.Flags,
+				"size", len(m.Payload), "fds", len(m.Files))
+		}
 		if err := sess.dispatch(&m); err != nil {
 			if isClosed(err) || errors.Is(err, syscall.EPIPE) {
 				log.Info("front-end disconnected", "err", err)
