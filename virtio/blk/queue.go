@@ -3,6 +3,7 @@ package blk
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 
 	"github.com/thinblk/thinblk/virtio"
 )
@@ -17,6 +18,9 @@ type queue struct {
 	work   chan *virtio.Chain
 	reqs   []request // per head: scratch that survives between requests
 	wg     sync.WaitGroup
+	// notifyPending: completions were put on the used ring without an
+	// interrupt check.
+	notifyPending atomic.Bool
 
 	// Guarded by Device.mu.
 	stopped   bool
@@ -70,12 +74,18 @@ func (q *queue) dispatch(c *virtio.Chain) {
 func (q *queue) worker() {
 	defer q.wg.Done()
 	for c := range q.work {
+		// Completions deferred by workers that saw more work coming are
+		// announced now, before this request (which may be slow) runs:
+		// batching must not delay them behind it.
+		if q.notifyPending.Load() && q.notifyPending.Swap(false) {
+			q.runner.Notify()
+		}
 		written := q.dev.serve(c, &q.reqs[c.Head])
-		// Another request waiting means another worker will complete
-		// after this one: leave the interrupt to whoever empties the
-		// queue.
+		// Another request waiting means a worker will pick it up right
+		// away and interrupt the driver then, for this completion too.
 		if len(q.work) > 0 {
 			q.runner.CompleteDeferred(c.Head, written)
+			q.notifyPending.Store(true)
 		} else {
 			q.runner.Complete(c.Head, written)
 		}
