@@ -3,10 +3,15 @@ package vhostuser
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"reflect"
+	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -182,4 +187,51 @@ func runSession(t *testing.T, in []byte) *fakeDevice {
 		}
 		return dev
 	}
+}
+
+// FuzzWire writes raw bytes (with descriptors attached to the first
+// write) to a live server. Whatever it makes of them, it must not panic,
+// must close or keep serving the connection, and must serve the next
+// front-end.
+func FuzzWire(f *testing.F) {
+	hdr := func(req Request, flags uint32, payload []byte) []byte {
+		b := make([]byte, HeaderSize)
+		Header{Request: req, Flags: flags, Size: uint32(len(payload))}.encode(b)
+		return append(b, payload...)
+	}
+	f.Add(hdr(ReqGetFeatures, FlagVersion, nil), byte(0))
+	f.Add(append(hdr(ReqSetProtocolFeatures, FlagVersion, EncodeU64(OfferedProtocolFeatures)),
+		hdr(ReqSetMemTable, FlagVersion|FlagNeedReply, EncodeMemTable([]MemoryRegion{{Size: fuzzRAM, UserAddr: 0x10000}}))...), byte(1))
+	f.Add(hdr(ReqSetVringKick, FlagVersion, EncodeU64(1)), byte(3))
+	f.Add(hdr(ReqGetConfig, FlagVersion, ConfigSpace{Data: make([]byte, 60)}.Encode())[:20], byte(0))
+	dev := newFakeDevice()
+	ts := startServer(f, dev)
+	ram := newGuestRAM(f, fuzzRAM)
+	f.Fuzz(func(t *testing.T, data []byte, nfds byte) {
+		uc, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: ts.path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer uc.Close()
+		uc.SetDeadline(time.Now().Add(10 * time.Second))
+		var oob []byte
+		if n := int(nfds % (MaxFds + 3)); n > 0 && len(data) > 0 {
+			fds := make([]int, n)
+			for i := range fds {
+				fds[i] = int(ram.file.Fd())
+			}
+			oob = unix.UnixRights(fds...)
+		}
+		if len(data) > 0 {
+			if _, _, err := uc.WriteMsgUnix(data, oob, nil); err != nil && !errors.Is(err, syscall.EPIPE) && !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatal(err)
+			}
+		}
+		// Half-close, then read replies until the server closes: by then
+		// it has torn the connection down and is ready for the next one.
+		uc.CloseWrite()
+		if _, err := io.Copy(io.Discard, uc); err != nil && !isClosed(err) {
+			t.Fatalf("server neither answered nor closed: %v", err)
+		}
+	})
 }

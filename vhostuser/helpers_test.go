@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -197,7 +198,7 @@ type testServer struct {
 	done chan error
 }
 
-func startServer(t *testing.T, dev *fakeDevice) *testServer {
+func startServer(t testing.TB, dev *fakeDevice) *testServer {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "vhu")
 	if err != nil {
@@ -223,6 +224,9 @@ func startServer(t *testing.T, dev *fakeDevice) *testServer {
 			}
 		case <-time.After(10 * time.Second):
 			t.Errorf("Serve did not return after Close")
+		}
+		if strings.Contains(ts.log.String(), "panic while serving") {
+			t.Errorf("the server recovered from a panic")
 		}
 		if t.Failed() {
 			t.Logf("server log:\n%s", ts.log.String())
