@@ -17,7 +17,12 @@ import (
 // after itself through t.Cleanup.
 type backend struct {
 	name  string
-	start func(t testing.TB, img string, queues int) string
+	start func(t testing.TB, img string, o serveOpts) string
+}
+
+type serveOpts struct {
+	queues   int
+	readOnly bool
 }
 
 // backends are the back-ends every end-to-end test runs against.
@@ -44,15 +49,19 @@ func qsdPath(t testing.TB) string {
 	return p
 }
 
-func startQSD(t testing.TB, img string, queues int) string {
+func startQSD(t testing.TB, img string, o serveOpts) string {
 	bin := qsdPath(t)
 	sock := filepath.Join(t.TempDir(), "qsd.sock")
 	// discard=unmap on both nodes so that DISCARD and WRITE_ZEROES+unmap
 	// reach the file as punched holes, as thinblk's raw storage does.
+	writable, ro := "on", "off"
+	if o.readOnly {
+		writable, ro = "off", "on"
+	}
 	cmd := exec.Command(bin,
-		"--blockdev", "driver=file,node-name=f0,discard=unmap,filename="+img,
-		"--blockdev", "driver=raw,node-name=d0,discard=unmap,file=f0",
-		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,addr.type=unix,addr.path=%s,node-name=d0,writable=on,num-queues=%d", sock, queues))
+		"--blockdev", "driver=file,node-name=f0,discard=unmap,read-only="+ro+",filename="+img,
+		"--blockdev", "driver=raw,node-name=d0,discard=unmap,read-only="+ro+",file=f0",
+		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,addr.type=unix,addr.path=%s,node-name=d0,writable=%s,num-queues=%d", sock, writable, o.queues))
 	var stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -15,7 +15,7 @@ func BenchmarkRead4K(b *testing.B) {
 		for _, qd := range []int{1, 32} {
 			b.Run(be.name+"/qd"+itoa(qd), func(b *testing.B) {
 				img := newImage(b, imgSize)
-				d := dial(b, be.start(b, img, 1), Options{QueueSize: 256})
+				d := dial(b, be.start(b, img, serveOpts{queues: 1}), Options{QueueSize: 256})
 				q := d.Queue(0)
 				reqs := make([]*Req, qd)
 				for i := range reqs {

@@ -19,8 +19,8 @@ func init() {
 
 // startThinblk serves img in-process: rawdisk storage, blk device,
 // vhost-user server, as `thinblk serve --raw` does.
-func startThinblk(t testing.TB, img string, queues int) string {
-	disk, err := rawdisk.Open(img, rawdisk.Options{})
+func startThinblk(t testing.TB, img string, o serveOpts) string {
+	disk, err := rawdisk.Open(img, rawdisk.Options{ReadOnly: o.readOnly})
 	if err != nil {
 		t.Fatalf("open %s: %v", img, err)
 	}
@@ -29,7 +29,7 @@ func startThinblk(t testing.TB, img string, queues int) string {
 		logOut = os.Stderr
 	}
 	logger := slog.New(slog.NewTextHandler(logOut, nil))
-	dev, err := blk.New(disk, blk.Options{NumQueues: queues, Serial: "thinblk-test", Logger: logger})
+	dev, err := blk.New(disk, blk.Options{NumQueues: o.queues, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
 	if err != nil {
 		disk.Close()
 		t.Fatalf("blk.New: %v", err)
