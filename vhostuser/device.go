@@ -25,6 +25,11 @@ type Device interface {
 	StopQueue(idx int) (lastAvail uint16, err error)
 	// SetConfigChangeNotifier hands the device a function that tells the
 	// front-end its config space changed (e.g. capacity grew). nil
-	// disables it.
+	// disables it (the front-end disconnected). The function may be
+	// called from any goroutine except from inside a Device method the
+	// server is running: QEMU answers by reading the config space over
+	// the main connection, which waits for that method to return (the
+	// call would then fail after a 5 s timeout). It returns an error when
+	// the front-end did not acknowledge the change.
 	SetConfigChangeNotifier(notify func() error)
 }
