@@ -7,6 +7,11 @@ package blk
 // of 512 bytes and lie inside Size(). Implementations must be safe for
 // concurrent use: requests from several queues and many in flight per queue
 // arrive at once.
+//
+// The buffers passed to ReadAt and WriteAt are guest memory (mapped outside
+// the Go heap, shared with the guest, which may change it concurrently);
+// they must not be retained after the call returns. An error makes the
+// request fail with VIRTIO_BLK_S_IOERR.
 type Storage interface {
 	// Size is the capacity in bytes, a multiple of 512. It may grow while
 	// serving (the device then announces a config change).
