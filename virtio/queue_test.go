@@ -535,3 +535,40 @@ func TestRingsWithoutEventFields(t *testing.T) {
 		t.Fatal("short rings accepted with EVENT_IDX")
 	}
 }
+
+// The race the runner guards against: the driver adds a chain while the
+// device still has notifications off, so it does not kick; the device must
+// find the chain by looking again after EnableNotify.
+func TestChainAddedWhileNotificationsOff(t *testing.T) {
+	for name, feat := range map[string]uint64{"event idx": allFeat, "flags": 1 << virtio.FeatureVersion1} {
+		t.Run(name, func(t *testing.T) {
+			d, q := newQueue(t, 8, feat)
+			buf := d.AllocBuf(16, false, nil)
+			var c virtio.Chain
+			q.EnableNotify()
+			old := d.AvailIdx()
+			d.AddChain(buf)
+			if !d.NeedKick(old) {
+				t.Fatal("first chain after enable must kick")
+			}
+			q.DisableNotify()
+			pop(t, q, &c)
+			q.Push(c.Head, 0)
+			d.PopUsed()
+			if ok, _ := q.Pop(&c); ok {
+				t.Fatal("ring should be empty")
+			}
+			// Device about to sleep; the driver adds a chain first.
+			old = d.AvailIdx()
+			d.AddChain(buf)
+			if d.NeedKick(old) {
+				t.Fatal("driver kicked although notifications were off")
+			}
+			q.EnableNotify()
+			if !q.HasAvail() {
+				t.Fatal("chain added before EnableNotify not seen by the re-check")
+			}
+			pop(t, q, &c)
+		})
+	}
+}

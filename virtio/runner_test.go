@@ -236,3 +236,53 @@ func TestRunnerHeadReusedInFlight(t *testing.T) {
 	}
 	h.r.Complete(head, 0)
 }
+
+// A driver that honours the device's kick suppression (NO_NOTIFY or
+// avail_event) only kicks when asked to. If the runner did not look at the
+// ring again after re-enabling notifications, some chains would never be
+// served.
+func TestRunnerKickSuppressionStress(t *testing.T) {
+	for name, feat := range map[string]uint64{"event idx": allFeat, "flags": 1 << virtio.FeatureVersion1} {
+		t.Run(name, func(t *testing.T) {
+			h := newRunner(t, 16, feat, true, func(r *virtio.Runner, c *virtio.Chain) {
+				go r.Complete(c.Head, 0) // complete elsewhere, in any order
+			})
+			buf := h.d.AllocBuf(16, false, nil)
+			const total = 3000
+			submitted, completed, kicks := 0, 0, 0
+			inRing := 0
+			deadline := time.Now().Add(20 * time.Second)
+			for completed < total {
+				if time.Now().After(deadline) {
+					t.Fatalf("stalled: %d submitted, %d completed, %d kicks", submitted, completed, kicks)
+				}
+				old := h.d.AvailIdx()
+				burst := 1 + submitted%5
+				for k := 0; k < burst && inRing < 16 && submitted < total; k++ {
+					h.d.AddChain(buf)
+					submitted++
+					inRing++
+				}
+				if h.d.AvailIdx() != old && h.d.NeedKick(old) {
+					h.d.KickNow()
+					kicks++
+				}
+				for {
+					if _, ok := h.d.PopUsed(); !ok {
+						break
+					}
+					completed++
+					inRing--
+				}
+				if inRing == 16 || submitted == total {
+					h.d.SetUsedEvent(h.d.UsedIdx())
+					if h.d.UsedIdx() == h.d.AvailIdx() {
+						continue
+					}
+					h.d.WaitCall(2)
+				}
+			}
+			t.Logf("%d chains, %d kicks", total, kicks)
+		})
+	}
+}

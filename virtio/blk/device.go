@@ -18,7 +18,7 @@ var le = binary.LittleEndian
 // Defaults and limits.
 const (
 	DefaultQueueSize = 256
-	DefaultWorkers   = 16
+	DefaultWorkers   = 32
 	// DefaultMaxDiscardSectors is QEMU's limit for discard and write
 	// zeroes requests (16 MiB).
 	DefaultMaxDiscardSectors = 32768
@@ -44,7 +44,8 @@ type Options struct {
 	Serial    string // GET_ID answer, at most IDBytes bytes
 	Logger    *slog.Logger
 	// Workers is the number of requests served concurrently per queue
-	// (default 16, at most QueueSize).
+	// (default 32, at most QueueSize): the Storage calls are synchronous,
+	// so this is the queue depth the storage sees.
 	Workers int
 	// MaxDiscardSectors and MaxWriteZeroesSectors limit one discard or
 	// write-zeroes segment (default DefaultMaxDiscardSectors).
