@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -112,17 +113,20 @@ func removeStaleSocket(path string) error {
 	return nil
 }
 
+// tmpSocketSeq keeps temporary socket names of concurrent Listens apart.
+var tmpSocketSeq atomic.Uint64
+
 // listenUnix listens on path with the given mode. The socket is bound
 // under a temporary name, given its mode, then linked into place, so no
 // one can connect while it still has the umask's permissions. Linking
 // fails if path appeared meanwhile, rather than replacing it.
 func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
-	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".vhu%d.tmp", os.Getpid()))
+	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".vhu%d.%d.tmp", os.Getpid(), tmpSocketSeq.Add(1)))
 	bindPath := tmp
 	if len(tmp) >= len(unix.RawSockaddrUnix{}.Path) {
 		bindPath = path // the temporary name would not fit: chmod in place
 	}
-	os.Remove(tmp) // a leftover of this process id; sockets only
+	os.Remove(tmp) // a leftover of an earlier process with this id
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bindPath, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("vhost-user: listen on %s: %w", bindPath, err)

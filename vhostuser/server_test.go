@@ -3,6 +3,7 @@ package vhostuser
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -750,5 +751,27 @@ func TestServeStopsWithContext(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("socket left: %v", err)
+	}
+}
+
+func TestConcurrentListenInOneDirectory(t *testing.T) {
+	dir := t.TempDir()
+	const n = 8
+	errs := make(chan error, n)
+	srvs := make(chan *Server, n)
+	for i := 0; i < n; i++ {
+		go func(i int) {
+			srv, err := Listen(ServerOptions{SocketPath: filepath.Join(dir, fmt.Sprintf("v%d.sock", i))}, newFakeDevice())
+			errs <- err
+			srvs <- srv
+		}(i)
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+		if srv := <-srvs; srv != nil {
+			defer srv.Close()
+		}
 	}
 }
