@@ -70,7 +70,10 @@ type Result struct {
 	MeanUs float64 `json:"lat_mean_us"`
 	P50Us  float64 `json:"lat_p50_us"`
 	P99Us  float64 `json:"lat_p99_us"`
-	Err    string  `json:"error,omitempty"`
+	// ServerCPUUs is the back-end's CPU time per request (user+system,
+	// all threads), where known.
+	ServerCPUUs float64 `json:"server_cpu_us_per_op,omitempty"`
+	Err         string  `json:"error,omitempty"`
 }
 
 // DriverOptions tune RunDriver.

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -35,6 +36,32 @@ func (s *Server) Stop() {
 		s.cmd.Process.Kill()
 	}
 	<-s.exited
+}
+
+// CPUTime is the CPU time (user+system, all threads) the back-end process
+// has used so far, from /proc at clock-tick resolution.
+func (s *Server) CPUTime() (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the parenthesised command name; utime and stime are
+	// fields 14 and 15 of the whole line.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("parse /proc/%d/stat", s.cmd.Process.Pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("parse /proc/%d/stat: %d fields", s.cmd.Process.Pid, len(f))
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("parse /proc/%d/stat times", s.cmd.Process.Pid)
+	}
+	// USER_HZ is 100 on Linux/amd64.
+	return time.Duration(ut+st) * 10 * time.Millisecond, nil
 }
 
 // Output is what the back-end printed.

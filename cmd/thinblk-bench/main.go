@@ -203,7 +203,11 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, erro
 			if ctx.Err() != nil {
 				break
 			}
+			cpu0, cerr0 := srv.CPUTime()
 			r, err := runDriverRetry(ctx, sock, bc, c.duration)
+			if cpu1, cerr1 := srv.CPUTime(); err == nil && cerr0 == nil && cerr1 == nil && r.Ops > 0 {
+				r.ServerCPUUs = float64((cpu1 - cpu0).Microseconds()) / float64(r.Ops)
+			}
 			results = append(results, record(log, target, bc, r, err))
 		}
 		srv.Stop()
@@ -234,8 +238,8 @@ func record(log io.Writer, target string, bc bench.Case, r bench.Result, err err
 		r.Err = err.Error()
 		fmt.Fprintf(log, "%-8s %-22s error: %v\n", target, bc.Name(), err)
 	} else {
-		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us\n",
-			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us)
+		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us  server CPU %5.1f us/op\n",
+			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, r.ServerCPUUs)
 	}
 	return r
 }
@@ -250,17 +254,27 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	}
 	fmt.Fprintf(w, "\ncache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
 		c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
-	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99)\n\n")
+	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "case\tthinblk IOPS\tmean\tp99\tqsd IOPS\tmean\tp99\tfio IOPS\tmean\tp99\tthinblk/qsd\tthinblk/fio\t")
-	cell := func(r bench.Result, ok bool) string {
+	fmt.Fprintln(tw, "case\tthinblk IOPS\tmean\tp99\tcpu/op\tqsd IOPS\tmean\tp99\tcpu/op\tfio IOPS\tmean\tp99\tthinblk/qsd\tthinblk/fio\t")
+	cell := func(r bench.Result, ok, cpu bool) string {
+		s := ""
 		switch {
 		case !ok:
-			return "-\t-\t-"
+			s = "-\t-\t-"
 		case r.Err != "":
-			return "error\t-\t-"
+			s = "error\t-\t-"
+		default:
+			s = fmt.Sprintf("%.0f\t%.1f\t%.1f", r.IOPS, r.MeanUs, r.P99Us)
 		}
-		return fmt.Sprintf("%.0f\t%.1f\t%.1f", r.IOPS, r.MeanUs, r.P99Us)
+		if cpu {
+			if ok && r.ServerCPUUs > 0 {
+				s += fmt.Sprintf("\t%.1f", r.ServerCPUUs)
+			} else {
+				s += "\t-"
+			}
+		}
+		return s
 	}
 	ratio := func(a, b bench.Result, aok, bok bool) string {
 		if !aok || !bok || a.Err != "" || b.Err != "" || b.IOPS == 0 {
@@ -273,7 +287,7 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 		t, tok := rs["thinblk"]
 		q, qok := rs["qsd"]
 		f, fok := rs["fio"]
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", bc.Name(), cell(t, tok), cell(q, qok), cell(f, fok), ratio(t, q, tok, qok), ratio(t, f, tok, fok))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", bc.Name(), cell(t, tok, true), cell(q, qok, true), cell(f, fok, false), ratio(t, q, tok, qok), ratio(t, f, tok, fok))
 	}
 	tw.Flush()
 }
