@@ -119,32 +119,40 @@ var tmpSocketSeq atomic.Uint64
 // listenUnix listens on path with the given mode. The socket is bound
 // under a temporary name, given its mode, then linked into place, so no
 // one can connect while it still has the umask's permissions. Linking
-// fails if path appeared meanwhile, rather than replacing it.
+// fails if path appeared meanwhile, rather than replacing it. Where that
+// cannot work (name too long, no hard links) the socket is bound in place
+// and then given its mode.
 func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
 	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".vhu%d.%d.tmp", os.Getpid(), tmpSocketSeq.Add(1)))
-	bindPath := tmp
-	if len(tmp) >= len(unix.RawSockaddrUnix{}.Path) {
-		bindPath = path // the temporary name would not fit: chmod in place
+	if len(tmp) < len(unix.RawSockaddrUnix{}.Path) {
+		os.Remove(tmp) // a leftover of an earlier process with this id
+		ln, err := bindChmod(tmp, mode)
+		if err != nil {
+			return nil, err
+		}
+		err = os.Link(tmp, path)
+		os.Remove(tmp)
+		if err == nil {
+			return ln, nil
+		}
+		ln.Close()
+		if errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("vhost-user: put socket in place: %w", err)
+		}
 	}
-	os.Remove(tmp) // a leftover of an earlier process with this id
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bindPath, Net: "unix"})
+	return bindChmod(path, mode)
+}
+
+func bindChmod(path string, mode os.FileMode) (*net.UnixListener, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
-		return nil, fmt.Errorf("vhost-user: listen on %s: %w", bindPath, err)
+		return nil, fmt.Errorf("vhost-user: listen on %s: %w", path, err)
 	}
 	ln.SetUnlinkOnClose(false) // removal is done by Close, checking it is ours
-	fail := func(err error) (*net.UnixListener, error) {
+	if err := os.Chmod(path, mode); err != nil {
 		ln.Close()
-		os.Remove(bindPath)
-		return nil, err
-	}
-	if err := os.Chmod(bindPath, mode); err != nil {
-		return fail(fmt.Errorf("vhost-user: chmod socket: %w", err))
-	}
-	if bindPath != path {
-		if err := os.Link(tmp, path); err != nil {
-			return fail(fmt.Errorf("vhost-user: put socket in place: %w", err))
-		}
-		os.Remove(tmp)
+		os.Remove(path)
+		return nil, fmt.Errorf("vhost-user: chmod socket: %w", err)
 	}
 	return ln, nil
 }

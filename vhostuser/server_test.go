@@ -775,3 +775,27 @@ func TestConcurrentListenInOneDirectory(t *testing.T) {
 		}
 	}
 }
+
+// A socket path that fits sockaddr_un but leaves no room for the
+// temporary name is bound in place, with the same mode.
+func TestListenLongPath(t *testing.T) {
+	dir := t.TempDir()
+	name := strings.Repeat("x", 100-len(dir)-1) + ".s"
+	path := filepath.Join(dir, name)
+	if len(path) >= 108 {
+		t.Fatalf("temporary directory %s too long for this test", dir)
+	}
+	srv, err := Listen(ServerOptions{SocketPath: path, SocketMode: 0o640}, newFakeDevice())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o640 || fi.Mode()&os.ModeSocket == 0 {
+		t.Fatalf("socket %v, %v", fi, err)
+	}
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left after Close: %v", err)
+	}
+}
