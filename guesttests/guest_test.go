@@ -18,7 +18,8 @@ import (
 // Environment:
 //
 //	THINBLK_SKIP_VM=1          skip the VM tests (explicit opt-out; otherwise missing QEMU fails)
-//	THINBLK_BACKEND=qsd        serve the disks with qemu-storage-daemon instead of thinblk
+//	THINBLK_BACKEND=qsd        serve the disks with qemu-storage-daemon instead of thinblk;
+//	                           "thinblk,qsd" runs the disk checks against both
 //	THINBLK_ACCEL=tcg|kvm      skip the KVM probe
 //	THINBLK_GUEST_KEEP=1       keep the test's work directory (logs, images) for inspection
 
@@ -30,7 +31,7 @@ const (
 type env struct {
 	root    string
 	images  Images
-	kind    BackendKind
+	kinds   []BackendKind
 	thinblk string
 }
 
@@ -54,23 +55,28 @@ func setup(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{root: root, images: im, kind: BackendKind(os.Getenv("THINBLK_BACKEND"))}
-	if e.kind == "" {
-		e.kind = DefaultBackend
+	e := &env{root: root, images: im}
+	spec := os.Getenv("THINBLK_BACKEND")
+	if spec == "" {
+		spec = string(DefaultBackend)
 	}
-	switch e.kind {
-	case Thinblk:
-		bin, err := BuildThinblk(ctx, root)
-		if err != nil {
-			t.Fatal(err)
+	for _, k := range strings.Split(spec, ",") {
+		kind := BackendKind(strings.TrimSpace(k))
+		switch kind {
+		case Thinblk:
+			bin, err := BuildThinblk(ctx, root)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.thinblk = bin
+		case QSD:
+			if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
+				t.Fatalf("qemu-storage-daemon not found: %v", err)
+			}
+		default:
+			t.Fatalf("THINBLK_BACKEND=%q: want %q, %q or both, comma-separated", spec, Thinblk, QSD)
 		}
-		e.thinblk = bin
-	case QSD:
-		if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
-			t.Fatalf("qemu-storage-daemon not found: %v", err)
-		}
-	default:
-		t.Fatalf("THINBLK_BACKEND=%q: want %q or %q", e.kind, Thinblk, QSD)
+		e.kinds = append(e.kinds, kind)
 	}
 	return e
 }
@@ -93,7 +99,7 @@ func workDir(t *testing.T) string {
 	return dir
 }
 
-func (e *env) startBackend(t *testing.T, dir, name string, size int64, readOnly bool, queues int) (*Backend, string) {
+func (e *env) startBackend(t *testing.T, kind BackendKind, dir, name string, size int64, readOnly bool, queues int) (*Backend, string) {
 	t.Helper()
 	img := filepath.Join(dir, name+".img")
 	f, err := os.Create(img)
@@ -105,7 +111,7 @@ func (e *env) startBackend(t *testing.T, dir, name string, size int64, readOnly 
 	}
 	f.Close()
 	b, err := StartBackend(context.Background(), BackendOptions{
-		Kind: e.kind, Image: img, Socket: filepath.Join(dir, name+".sock"), ReadOnly: readOnly,
+		Kind: kind, Image: img, Socket: filepath.Join(dir, name+".sock"), ReadOnly: readOnly,
 		Queues: queues, LogPath: filepath.Join(dir, name+"-backend.log"), ThinblkBin: e.thinblk,
 	})
 	if err != nil {
@@ -171,9 +177,15 @@ func fileSHA256(t *testing.T, path string) string {
 // subtests rely on earlier ones only for the partition table.
 func TestGuestDisks(t *testing.T) {
 	e := setup(t)
+	for _, kind := range e.kinds {
+		t.Run(string(kind), func(t *testing.T) { testGuestDisks(t, e, kind) })
+	}
+}
+
+func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 	dir := workDir(t)
-	rw, rwImg := e.startBackend(t, dir, "rw", diskSize, false, 2)
-	ro, roImg := e.startBackend(t, dir, "ro", roDiskSize, true, 1)
+	rw, rwImg := e.startBackend(t, kind, dir, "rw", diskSize, false, 2)
+	ro, roImg := e.startBackend(t, kind, dir, "ro", roDiskSize, true, 1)
 
 	// Known content on the read-only disk, so the guest can check what it reads.
 	roData := bytes.Repeat([]byte("thinblk read-only disk\n"), roDiskSize/23+1)[:roDiskSize]
@@ -201,7 +213,7 @@ func TestGuestDisks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("back-end %s; guest disks: rw %s, ro %s", e.kind, dev, roDev)
+	t.Logf("back-end %s; guest disks: rw %s, ro %s", kind, dev, roDev)
 
 	t.Run("capacity", func(t *testing.T) {
 		for _, d := range []struct {

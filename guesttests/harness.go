@@ -109,4 +109,4 @@ func tail(s string, n int) string {
 
 // DefaultBackend is what the guest tests serve their disks with unless THINBLK_BACKEND says
 // otherwise.
-const DefaultBackend = QSD
+const DefaultBackend = Thinblk
