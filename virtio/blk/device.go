@@ -240,7 +240,8 @@ func (d *Device) NotifyResize() error {
 }
 
 // InFlight is the number of requests taken from the rings and not yet
-// completed, over all queues.
+// completed, over all queues. It errs on the high side: a completion shows
+// on the used ring a moment before it leaves the count.
 func (d *Device) InFlight() int { return int(d.inflight.Load()) }
 
 // StartQueue implements vhostuser.Device.

@@ -54,7 +54,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 	switch typ {
 	case TypeIn:
 		length := c.WriteLen - 1
-		if !d.rangeOK(sector, length) {
+		if length > maxRequestBytes || !d.rangeOK(sector, length) {
 			return StatusIOErr, 0
 		}
 		if length == 0 {
@@ -69,7 +69,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 
 	case TypeOut:
 		length := c.ReadLen - RequestHeaderSize
-		if d.opts.ReadOnly || !d.rangeOK(sector, length) {
+		if d.opts.ReadOnly || length > maxRequestBytes || !d.rangeOK(sector, length) {
 			return StatusIOErr, 0
 		}
 		if length == 0 {
@@ -168,11 +168,10 @@ func (d *Device) writeThrough() byte {
 	return StatusOK
 }
 
-// rangeOK checks a transfer of length bytes at sector: whole sectors,
-// within the request limit, aligned to the logical block, inside the
-// capacity.
+// rangeOK checks length bytes at sector: whole sectors, aligned to the
+// logical block, inside the capacity.
 func (d *Device) rangeOK(sector, length uint64) bool {
-	if length%SectorSize != 0 || length > maxRequestBytes {
+	if length%SectorSize != 0 {
 		return false
 	}
 	if sector%d.sectorsPerBlock != 0 {
