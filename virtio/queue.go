@@ -210,6 +210,20 @@ func (q *Queue) Pop(c *Chain) (bool, error) {
 	return true, nil
 }
 
+// ReadChain reads the chain at head into c without taking anything from
+// the available ring: for resubmitting requests that were in flight when a
+// previous back-end stopped (the vhost-user INFLIGHT_SHMFD log names their
+// heads). A malformed chain is reported in c.Err, as by Pop.
+func (q *Queue) ReadChain(head uint16, c *Chain) error {
+	if head >= q.size {
+		return fmt.Errorf("head %d out of range %d", head, q.size)
+	}
+	c.reset(head)
+	c.Err = q.walk(c, head)
+	c.finish()
+	return nil
+}
+
 // walk follows the chain starting at head, collecting its buffers.
 func (q *Queue) walk(c *Chain, head uint16) error {
 	table := q.desc

@@ -572,3 +572,18 @@ func TestChainAddedWhileNotificationsOff(t *testing.T) {
 		})
 	}
 }
+
+func TestReadChain(t *testing.T) {
+	d, q := newQueue(t, 8, allFeat)
+	head := d.WriteChain(d.AllocBuf(16, false, nil), d.AllocBuf(1, true, nil)) // never made available
+	var c virtio.Chain
+	if err := q.ReadChain(head, &c); err != nil || c.Err != nil || c.ReadLen != 16 || c.WriteLen != 1 {
+		t.Fatalf("ReadChain: %v %+v", err, c)
+	}
+	if q.LastAvail() != 0 {
+		t.Fatal("ReadChain consumed the available ring")
+	}
+	if err := q.ReadChain(8, &c); err == nil {
+		t.Fatal("head out of range accepted")
+	}
+}
