@@ -799,3 +799,101 @@ func TestListenLongPath(t *testing.T) {
 		t.Fatalf("socket left after Close: %v", err)
 	}
 }
+
+// openFds counts this process's open descriptors.
+func openFds(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// mappings counts this process's memory mappings of memfd "guest-ram".
+func guestMappings(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), "memfd:guest-ram")
+}
+
+// After a front-end goes away, every descriptor it sent is closed and
+// every region it shared is unmapped.
+func TestDisconnectReleasesEverything(t *testing.T) {
+	dev := newFakeDevice()
+	ts := startServer(t, dev)
+	fds0, maps0 := openFds(t), guestMappings(t)
+	func() {
+		c := dial(t, ts.path)
+		defer c.conn.Close()
+		c.negotiate(dev, true)
+		ram := newGuestRAM(t, ramSize)
+		c.mustSend(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: ramSize, UserAddr: userBase}}), ram.file)
+		ram2 := newGuestRAM(t, ramSize)
+		c.mustSend(ReqAddMemReg, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 1 << 32, Size: ramSize, UserAddr: userBase + 8*ramSize}), ram2.file)
+		sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		theirs := os.NewFile(uintptr(sp[1]), "backend")
+		c.mustSend(ReqSetBackendReqFd, nil, theirs)
+		theirs.Close()
+		defer unix.Close(sp[0])
+		for i := 0; i < 2; i++ {
+			c.setupRing(t, i, 128)
+			c.mustSend(ReqSetVringErr, EncodeU64(uint64(i)), eventFd(t))
+			c.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+		}
+		if dev.numRunning() != 2 {
+			t.Fatal("rings not running")
+		}
+		// The server holds: 2 kick, 2 call, 2 err fds and the back-end channel.
+		if got := openFds(t) - fds0; got < 7 {
+			t.Fatalf("only %d more descriptors open while serving", got)
+		}
+		if got := guestMappings(t) - maps0; got < 4 {
+			t.Fatalf("only %d more guest mappings while serving", got)
+		}
+	}()
+	// The test's own memfds, eventfds and mappings are released by its
+	// cleanups at the end; count only what the server held.
+	// The server serves the next front-end only after releasing the last.
+	next := waitServed(t, ts.path)
+	defer next.Close()
+	// Left: the test's 2 mappings and 6 eventfds + 2 memfds, and both
+	// ends of the new connection.
+	if got, want := guestMappings(t)-maps0, 2; got != want {
+		t.Errorf("%d more guest mappings after disconnect, want %d (the test's own)", got, want)
+	}
+	if got, want := openFds(t)-fds0, 6+2+2; got != want {
+		t.Errorf("%d more descriptors after disconnect, want %d (the test's own)", got, want)
+	}
+}
+
+// waitServed connects until the server serves the connection (it refuses
+// new ones while it still tears down the previous one).
+func waitServed(t *testing.T, path string) *Conn {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		uc, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		uc.SetDeadline(time.Now().Add(5 * time.Second))
+		c := NewConn(uc)
+		if err := c.Write(Header{Request: ReqGetQueueNum}, nil); err == nil {
+			if m, err := c.Read(); err == nil && m.Header.IsReply() {
+				return c
+			}
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("server never served a new connection")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
