@@ -3,6 +3,15 @@
 // framing with file descriptors, feature negotiation, the guest memory
 // table, and vring set-up. It knows messages, memory and ring addresses, but
 // nothing about blocks: the device behind it implements Device.
+//
+// A back-end serves one Device on one socket:
+//
+//	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: log}, dev)
+//	...
+//	err = srv.Serve(ctx) // until ctx is done or srv.Close is called
+//
+// One front-end is served at a time; when it disconnects, its rings are
+// stopped, its memory unmapped and the next front-end is accepted.
 package vhostuser
 
 import (
