@@ -84,7 +84,7 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 
 func (s *session) replyAck() bool { return s.protocol&(1<<ProtoReplyAck) != 0 }
 
-// errFatal marks errors after which the connection must be closed.
+// fatalError marks errors after which the connection must be closed.
 type fatalError struct{ err error }
 
 func (e fatalError) Error() string { return e.err.Error() }
