@@ -114,6 +114,8 @@ type QSDOptions struct {
 }
 
 // StartQSD runs qemu-storage-daemon exporting file over vhost-user-blk.
+// Image locking is off so that thinblk can serve the same file at the
+// same time (the benchmark runs both, one at a time).
 func StartQSD(bin, file, sock string, queues int, o QSDOptions) (*Server, error) {
 	direct := "off"
 	if o.Direct {
@@ -124,7 +126,7 @@ func StartQSD(bin, file, sock string, queues int, o QSDOptions) (*Server, error)
 		aio = "io_uring"
 	}
 	argv := []string{bin,
-		"--blockdev", fmt.Sprintf("driver=file,node-name=f0,filename=%s,cache.direct=%s,aio=%s", file, direct, aio),
+		"--blockdev", fmt.Sprintf("driver=file,node-name=f0,filename=%s,cache.direct=%s,aio=%s,locking=off", file, direct, aio),
 		"--blockdev", "driver=raw,node-name=d0,file=f0",
 		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,addr.type=unix,addr.path=%s,node-name=d0,writable=on,num-queues=%d", sock, queues),
 	}

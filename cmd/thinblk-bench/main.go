@@ -6,6 +6,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -35,6 +37,7 @@ type config struct {
 	cache             string
 	qsdAIO            string
 	jsonOut           bool
+	repeat            int
 }
 
 func main() {
@@ -60,6 +63,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
 	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
+	fs.IntVar(&c.repeat, "repeat", 1, "run each case this many times per target and keep the median (by IOPS)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -85,6 +89,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("--targets: unknown target %q", t)
 		}
 	}
+	if c.repeat < 1 {
+		return fmt.Errorf("--repeat %d: want at least 1", c.repeat)
+	}
 	if c.cache != "direct" && c.cache != "buffered" {
 		return fmt.Errorf("--cache %q: want direct or buffered", c.cache)
 	}
@@ -96,7 +103,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		enc.SetIndent("", "  ")
 		if jerr := enc.Encode(map[string]any{
 			"cache": c.cache, "qsd_aio": c.qsdAIO, "duration_s": c.duration.Seconds(),
-			"size_bytes": c.size, "results": results,
+			"size_bytes": c.size, "repeat": c.repeat, "results": results,
 		}); jerr != nil {
 			return jerr
 		}
@@ -165,20 +172,13 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, erro
 	}
 	direct := c.cache == "direct"
 	queues := maxQueues(c.cases)
-	var results []bench.Result
 	var errs []error
-	for _, target := range []string{"thinblk", "qsd", "fio"} {
+	// Both back-ends run for the whole benchmark (an idle one sleeps), so
+	// that each case runs on every target back to back: on a shared
+	// machine the load then drifts less between the columns of a row.
+	servers := map[string]*bench.Server{}
+	for _, target := range []string{"thinblk", "qsd"} {
 		if !c.targets[target] {
-			continue
-		}
-		if ctx.Err() != nil {
-			break
-		}
-		if target == "fio" {
-			for _, bc := range c.cases {
-				r, err := bench.RunFio(ctx, img, bc, bench.FioOptions{Bin: c.fio, Direct: direct, Duration: c.duration})
-				results = append(results, record(log, "fio", bc, r, err))
-			}
 			continue
 		}
 		sock := filepath.Join(c.dir, target+".sock")
@@ -199,20 +199,57 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, erro
 			fmt.Fprintf(log, "%s: not started: %v\n", target, err)
 			continue
 		}
-		for _, bc := range c.cases {
-			if ctx.Err() != nil {
-				break
+		defer srv.Stop()
+		servers[target] = srv
+	}
+	var results []bench.Result
+	for _, bc := range c.cases {
+		// Repetitions alternate between targets too.
+		runs := map[string][]bench.Result{}
+		failed := map[string]error{}
+		for rep := 0; rep < c.repeat; rep++ {
+			for _, target := range []string{"thinblk", "qsd", "fio"} {
+				if ctx.Err() != nil {
+					return results, errors.Join(append(errs, ctx.Err())...)
+				}
+				srv := servers[target]
+				if target == "fio" && !c.targets["fio"] || target != "fio" && srv == nil || failed[target] != nil {
+					continue
+				}
+				var r bench.Result
+				var err error
+				if target == "fio" {
+					r, err = bench.RunFio(ctx, img, bc, bench.FioOptions{Bin: c.fio, Direct: direct, Duration: c.duration})
+				} else {
+					cpu0, cerr0 := srv.CPUTime()
+					r, err = runDriverRetry(ctx, srv.Socket, bc, c.duration)
+					if cpu1, cerr1 := srv.CPUTime(); err == nil && cerr0 == nil && cerr1 == nil && r.Ops > 0 {
+						r.ServerCPUUs = float64((cpu1 - cpu0).Microseconds()) / float64(r.Ops)
+					}
+				}
+				if err != nil {
+					failed[target] = err
+					continue
+				}
+				runs[target] = append(runs[target], r)
 			}
-			cpu0, cerr0 := srv.CPUTime()
-			r, err := runDriverRetry(ctx, sock, bc, c.duration)
-			if cpu1, cerr1 := srv.CPUTime(); err == nil && cerr0 == nil && cerr1 == nil && r.Ops > 0 {
-				r.ServerCPUUs = float64((cpu1 - cpu0).Microseconds()) / float64(r.Ops)
-			}
-			results = append(results, record(log, target, bc, r, err))
 		}
-		srv.Stop()
+		for _, target := range []string{"thinblk", "qsd", "fio"} {
+			if len(runs[target]) > 0 || failed[target] != nil {
+				results = append(results, record(log, target, bc, median(runs[target]), failed[target]))
+			}
+		}
 	}
 	return results, errors.Join(errs...)
+}
+
+// median is the run with the median IOPS.
+func median(runs []bench.Result) bench.Result {
+	if len(runs) == 0 {
+		return bench.Result{}
+	}
+	slices.SortFunc(runs, func(a, b bench.Result) int { return cmp.Compare(a.IOPS, b.IOPS) })
+	return runs[len(runs)/2]
 }
 
 // runDriverRetry dials again briefly if the back-end is still tearing
@@ -238,8 +275,12 @@ func record(log io.Writer, target string, bc bench.Case, r bench.Result, err err
 		r.Err = err.Error()
 		fmt.Fprintf(log, "%-8s %-22s error: %v\n", target, bc.Name(), err)
 	} else {
-		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us  server CPU %5.1f us/op\n",
-			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, r.ServerCPUUs)
+		cpu := ""
+		if r.ServerCPUUs > 0 {
+			cpu = fmt.Sprintf("  server CPU %5.1f us/op", r.ServerCPUUs)
+		}
+		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us%s\n",
+			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, cpu)
 	}
 	return r
 }
@@ -252,8 +293,8 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 		}
 		by[r.Case][r.Target] = r
 	}
-	fmt.Fprintf(w, "\ncache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
-		c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
+	fmt.Fprintf(w, "\nmedian of %d run(s) per cell; cache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
+		c.repeat, c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
 	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds\n\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "case\tthinblk IOPS\tmean\tp99\tcpu/op\tqsd IOPS\tmean\tp99\tcpu/op\tfio IOPS\tmean\tp99\tthinblk/qsd\tthinblk/fio\t")
