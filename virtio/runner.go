@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -55,6 +56,7 @@ type Runner struct {
 	busy     []bool  // head popped and not completed
 	inflight int
 	idle     chan struct{} // closed when inflight drops to 0 while stopping
+	faulted  bool          // guest memory faulted: rings no longer touched
 
 	stopping atomic.Bool
 	started  bool
@@ -130,6 +132,19 @@ func (r *Runner) Start() {
 
 func (r *Runner) run() {
 	defer close(r.done)
+	// Guest memory is a shared mapping that a hostile front-end could
+	// truncate under us; touching it then faults. Make that a panic we
+	// turn into a broken queue instead of a crashed process.
+	debug.SetPanicOnFault(true)
+	defer func() {
+		if err := RecoverFault(recover()); err != nil {
+			r.mu.Lock()
+			r.faulted = true
+			r.mu.Unlock()
+			r.q.fail(err)
+			r.log.Error("virtqueue broken, no longer served", "err", r.q.broken)
+		}
+	}()
 	q := r.q
 	for !r.stopping.Load() {
 		q.DisableNotify()
@@ -233,7 +248,10 @@ func (r *Runner) Kick() {
 }
 
 // Complete puts head on the used ring with written bytes and interrupts
-// the driver if it asked for that. It may be called from any goroutine.
+// the driver if it asked for that. It may be called from any goroutine;
+// like everything that touches guest memory, it faults if the front-end
+// took the memory away, so callers run with debug.SetPanicOnFault and
+// RecoverFault, and call Abandon for the request when that happens.
 func (r *Runner) Complete(head uint16, written uint32) {
 	if r.complete(head, written, true) {
 		r.signal()
@@ -255,25 +273,80 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		r.log.Error("completion of a head not in flight", "head", head)
 		return false
 	}
-	r.q.Push(head, written)
+	if !r.faulted { // after a fault the ring may be gone
+		r.q.Push(head, written)
+	}
 	r.busy[head] = false
 	r.inflight--
 	if r.inflight == 0 && r.idle != nil {
 		close(r.idle)
 		r.idle = nil
 	}
-	return check && r.q.NeedsNotify()
+	return check && !r.faulted && r.q.NeedsNotify()
+}
+
+// Abandon gives up on head without touching the rings, after guest memory
+// became inaccessible while serving it (see RecoverFault). The queue stops
+// being served; Stop no longer waits for head.
+func (r *Runner) Abandon(head uint16, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.log.Error("request abandoned", "head", head, "err", err)
+	r.faulted = true
+	if int(head) >= len(r.busy) || !r.busy[head] {
+		return
+	}
+	r.busy[head] = false
+	r.inflight--
+	if r.inflight == 0 && r.idle != nil {
+		close(r.idle)
+		r.idle = nil
+	}
+}
+
+// RecoverFault turns the value of recover() into an error if it is a
+// memory fault (from debug.SetPanicOnFault) and re-panics anything else:
+// only faults on guest memory are expected, other panics are bugs.
+func RecoverFault(p any) error {
+	if p == nil {
+		return nil
+	}
+	if re, ok := p.(runtime.Error); ok {
+		// Low addresses are nil dereferences: bugs, not guest memory.
+		if a, ok := re.(interface{ Addr() uintptr }); ok && a.Addr() >= 1<<16 {
+			return fmt.Errorf("guest memory fault: %w", re)
+		}
+	}
+	panic(p)
 }
 
 // Notify interrupts the driver if chains completed since the last
 // interrupt call for it (honouring EVENT_IDX and NO_INTERRUPT).
 func (r *Runner) Notify() {
-	r.mu.Lock()
-	need := r.q.NeedsNotify()
-	r.mu.Unlock()
-	if need {
+	if r.needsNotify() {
 		r.signal()
 	}
+}
+
+func (r *Runner) needsNotify() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock() // also when reading used_event faults
+	return !r.faulted && r.q.NeedsNotify()
+}
+
+// notifySafely is Notify for goroutines that do not expect guest memory
+// faults (the transport's, in Stop).
+func (r *Runner) notifySafely() {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if err := RecoverFault(recover()); err != nil {
+			r.mu.Lock()
+			r.faulted = true
+			r.mu.Unlock()
+			r.log.Error("final notification failed", "err", err)
+		}
+	}()
+	r.Notify()
 }
 
 func (r *Runner) signal() {
@@ -335,7 +408,7 @@ func (r *Runner) Stop(ctx context.Context) (uint16, error) {
 			return 0, fmt.Errorf("stop queue: %d requests still in flight: %w", r.InFlight(), ctx.Err())
 		}
 	}
-	r.Notify()
+	r.notifySafely()
 	r.wakeMu.Lock()
 	if r.wakeFd >= 0 {
 		unix.Close(r.wakeFd)

@@ -2,6 +2,7 @@ package blk
 
 import (
 	"context"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -73,23 +74,35 @@ func (q *queue) dispatch(c *virtio.Chain) {
 
 func (q *queue) worker() {
 	defer q.wg.Done()
+	// Guest memory faults (a front-end truncating its memory file) become
+	// panics that handle recovers, not a crashed process.
+	debug.SetPanicOnFault(true)
 	for c := range q.work {
-		// Completions deferred by workers that saw more work coming are
-		// announced now, before this request (which may be slow) runs:
-		// batching must not delay them behind it.
-		if q.notifyPending.Load() && q.notifyPending.Swap(false) {
-			q.runner.Notify()
+		q.handle(c)
+	}
+}
+
+func (q *queue) handle(c *virtio.Chain) {
+	defer q.dev.inflight.Add(-1)
+	defer func() {
+		if err := virtio.RecoverFault(recover()); err != nil {
+			q.runner.Abandon(c.Head, err)
 		}
-		written := q.dev.serve(c, &q.reqs[c.Head])
-		// Another request waiting means a worker will pick it up right
-		// away and interrupt the driver then, for this completion too.
-		if len(q.work) > 0 {
-			q.runner.CompleteDeferred(c.Head, written)
-			q.notifyPending.Store(true)
-		} else {
-			q.runner.Complete(c.Head, written)
-		}
-		q.dev.inflight.Add(-1)
+	}()
+	// Completions deferred by workers that saw more work coming are
+	// announced now, before this request (which may be slow) runs:
+	// batching must not delay them behind it.
+	if q.notifyPending.Load() && q.notifyPending.Swap(false) {
+		q.runner.Notify()
+	}
+	written := q.dev.serve(c, &q.reqs[c.Head])
+	// Another request waiting means a worker will pick it up right away
+	// and interrupt the driver then, for this completion too.
+	if len(q.work) > 0 {
+		q.runner.CompleteDeferred(c.Head, written)
+		q.notifyPending.Store(true)
+	} else {
+		q.runner.Complete(c.Head, written)
 	}
 }
 

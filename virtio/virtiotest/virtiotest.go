@@ -356,3 +356,24 @@ func (d *Driver) CallCount() uint64 {
 	}
 	return le.Uint64(d.readBuf[:])
 }
+
+// NewMemfdMemory returns guest memory in a shared memfd mapping, as QEMU
+// provides it, and the memfd (which a test may truncate to make the memory
+// fault). unmap releases the mapping.
+func NewMemfdMemory(base uint64, size int) (mem *Memory, fd *os.File, unmap func(), err error) {
+	n, err := unix.MemfdCreate("virtiotest-guest", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("memfd: %w", err)
+	}
+	f := os.NewFile(uintptr(n), "guest-memory")
+	if err := f.Truncate(int64(size)); err != nil {
+		f.Close()
+		return nil, nil, nil, fmt.Errorf("size memfd: %w", err)
+	}
+	b, err := unix.Mmap(n, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		f.Close()
+		return nil, nil, nil, fmt.Errorf("mmap memfd: %w", err)
+	}
+	return &Memory{Base: base, Buf: b}, f, func() { unix.Munmap(b); f.Close() }, nil
+}
