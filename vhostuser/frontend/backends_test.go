@@ -1,6 +1,8 @@
 package frontend
 
 import (
+	"encoding/json"
+	"net"
 	"bytes"
 	"context"
 	"fmt"
@@ -23,6 +25,9 @@ type backend struct {
 type serveOpts struct {
 	queues   int
 	readOnly bool
+	// resize, if not nil, is set by the back-end's start function to a
+	// function that grows the disk to newSize bytes while serving.
+	resize *func(newSize int64) error
 }
 
 // backends are the back-ends every end-to-end test runs against.
@@ -58,10 +63,16 @@ func startQSD(t testing.TB, img string, o serveOpts) string {
 	if o.readOnly {
 		writable, ro = "off", "on"
 	}
-	cmd := exec.Command(bin,
+	var monitor []string
+	qmpSock := filepath.Join(filepath.Dir(sock), "qmp.sock")
+	if o.resize != nil {
+		monitor = []string{"--chardev", "socket,id=m0,path=" + qmpSock + ",server=on,wait=off", "--monitor", "chardev=m0"}
+		*o.resize = func(newSize int64) error { return qmpBlockResize(qmpSock, "d0", newSize) }
+	}
+	cmd := exec.Command(bin, append(monitor,
 		"--blockdev", "driver=file,node-name=f0,discard=unmap,read-only="+ro+",filename="+img,
 		"--blockdev", "driver=raw,node-name=d0,discard=unmap,read-only="+ro+",file=f0",
-		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,addr.type=unix,addr.path=%s,node-name=d0,writable=%s,num-queues=%d", sock, writable, o.queues))
+		"--export", fmt.Sprintf("type=vhost-user-blk,id=e0,addr.type=unix,addr.path=%s,node-name=d0,writable=%s,num-queues=%d", sock, writable, o.queues))...)
 	var stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stderr, &stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -137,4 +148,43 @@ func dial(t testing.TB, sock string, opts Options) *Disk {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// qmpBlockResize resizes a node of qemu-storage-daemon through its QMP
+// monitor.
+func qmpBlockResize(sock, node string, size int64) error {
+	c, err := net.DialTimeout("unix", sock, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	dec := json.NewDecoder(c)
+	var greeting map[string]any
+	if err := dec.Decode(&greeting); err != nil {
+		return fmt.Errorf("QMP greeting: %w", err)
+	}
+	exec := func(cmd string, args map[string]any) error {
+		b, _ := json.Marshal(map[string]any{"execute": cmd, "arguments": args})
+		if _, err := c.Write(b); err != nil {
+			return err
+		}
+		for {
+			var resp map[string]any
+			if err := dec.Decode(&resp); err != nil {
+				return fmt.Errorf("QMP %s: %w", cmd, err)
+			}
+			if _, ok := resp["event"]; ok {
+				continue
+			}
+			if e, ok := resp["error"]; ok {
+				return fmt.Errorf("QMP %s: %v", cmd, e)
+			}
+			return nil
+		}
+	}
+	if err := exec("qmp_capabilities", map[string]any{}); err != nil {
+		return err
+	}
+	return exec("block_resize", map[string]any{"node-name": node, "size": size})
 }

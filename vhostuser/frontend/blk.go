@@ -190,7 +190,7 @@ func EncodeSegments(segs ...DiscardSegment) []byte {
 // Discard discards length bytes at off (multiples of 512), split into
 // requests that respect the device's max_discard_sectors.
 func (d *Disk) Discard(off, length int64) error {
-	return d.ranged(blk.TypeDiscard, off, length, 0, d.config.MaxDiscardSectors)
+	return d.ranged(blk.TypeDiscard, off, length, 0, d.Config().MaxDiscardSectors)
 }
 
 // WriteZeroes zeroes length bytes at off; unmap allows the device to
@@ -200,7 +200,7 @@ func (d *Disk) WriteZeroes(off, length int64, unmap bool) error {
 	if unmap {
 		flags = blk.DiscardFlagUnmap
 	}
-	return d.ranged(blk.TypeWriteZeroes, off, length, flags, d.config.MaxWriteZeroesSectors)
+	return d.ranged(blk.TypeWriteZeroes, off, length, flags, d.Config().MaxWriteZeroesSectors)
 }
 
 func (d *Disk) ranged(typ uint32, off, length int64, flags, maxSectors uint32) error {

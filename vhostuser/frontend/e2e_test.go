@@ -769,3 +769,45 @@ func TestRandomOpsAgainstModel(t *testing.T) {
 		}
 	})
 }
+
+// TestResize grows the disk while it is served: the back-end announces a
+// config change on the back-end request channel, the new capacity is in
+// the config space, and the new sectors can be written and read.
+func TestResize(t *testing.T) {
+	for _, b := range backends() {
+		t.Run(b.name, func(t *testing.T) {
+			img := newImage(t, imgSize)
+			var resize func(int64) error
+			sock := b.start(t, img, serveOpts{queues: 1, resize: &resize})
+			d := dial(t, sock, Options{ConfigChanges: true})
+			select {
+			case <-d.ConfigChanged():
+				t.Fatalf("config change announced before any resize")
+			default:
+			}
+			const newSize = 2 * imgSize
+			if err := resize(newSize); err != nil {
+				t.Fatalf("resize: %v", err)
+			}
+			select {
+			case <-d.ConfigChanged():
+			case <-time.After(5 * time.Second):
+				c, err := d.RefreshConfig()
+				fi, _ := os.Stat(img)
+				t.Fatalf("no config change announced within 5 s (config now says %d sectors, %v; file is %d bytes)", c.Capacity, err, fi.Size())
+			}
+			c, err := d.RefreshConfig()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.Capacity != newSize/512 || d.Capacity() != newSize {
+				t.Fatalf("capacity after resize: %d sectors, want %d", c.Capacity, newSize/512)
+			}
+			want := bytes.Repeat([]byte{0x3c}, 4096)
+			mustWrite(t, d, want, newSize-4096)
+			if got := mustRead(t, d, 4096, newSize-4096); !bytes.Equal(got, want) {
+				t.Fatalf("data at the new end differs")
+			}
+		})
+	}
+}

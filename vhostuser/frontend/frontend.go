@@ -16,7 +16,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
+
+	"golang.org/x/sys/unix"
 	"time"
 
 	"github.com/thinblk/thinblk/vhostuser"
@@ -40,6 +43,10 @@ type Options struct {
 	// Indirect makes the synchronous calls send indirect descriptors (if
 	// negotiated); requests built by hand choose with Req.Indirect.
 	Indirect bool
+	// ConfigChanges opens the back-end request channel (BACKEND_REQ,
+	// SET_BACKEND_REQ_FD) so that the back-end can announce config
+	// changes such as a new capacity; see Disk.ConfigChanged.
+	ConfigChanges bool
 }
 
 // driverFeatures are the virtio feature bits this driver understands.
@@ -71,6 +78,13 @@ type Disk struct {
 
 	rr     atomic.Uint32
 	closed bool
+
+	// ctrl serializes control-channel exchanges (RefreshConfig may run
+	// while a config-change notification is handled).
+	ctrl          sync.Mutex
+	backendConn   *vhostuser.Conn
+	backendDone   chan struct{}
+	configChanged chan struct{}
 }
 
 // Dial connects to the back-end at socketPath and sets up the device. The
@@ -131,7 +145,11 @@ func (d *Disk) negotiate() error {
 		if d.offeredProto, err = d.getU64(vhostuser.ReqGetProtocolFeatures); err != nil {
 			return err
 		}
-		want := d.offeredProto & driverProtocolFeatures &^ d.opts.DisableProtocolFeatures
+		mine := uint64(driverProtocolFeatures)
+		if d.opts.ConfigChanges {
+			mine |= 1 << vhostuser.ProtoBackendReq
+		}
+		want := d.offeredProto & mine &^ d.opts.DisableProtocolFeatures
 		// REPLY_ACK takes effect for the messages after this one.
 		if err = d.send(vhostuser.ReqSetProtocolFeatures, vhostuser.EncodeU64(want)); err != nil {
 			return err
@@ -154,6 +172,14 @@ func (d *Disk) negotiate() error {
 	}
 	if err = d.send(vhostuser.ReqSetOwner, nil); err != nil {
 		return err
+	}
+	if d.opts.ConfigChanges {
+		if d.protoFeatures&(1<<vhostuser.ProtoBackendReq) == 0 {
+			return fmt.Errorf("config-change notifications asked for, but the back-end does not offer BACKEND_REQ (protocol features %#x)", d.offeredProto)
+		}
+		if err = d.openBackendChannel(); err != nil {
+			return err
+		}
 	}
 	if err = d.send(vhostuser.ReqSetFeatures, vhostuser.EncodeU64(d.features)); err != nil {
 		return err
@@ -182,8 +208,10 @@ func (d *Disk) readConfig() error {
 	if len(cs.Data) < blk.ConfigSize {
 		return fmt.Errorf("GET_CONFIG reply: %d bytes of config, want %d", len(cs.Data), blk.ConfigSize)
 	}
+	d.ctrl.Lock()
 	d.rawConfig = append([]byte(nil), cs.Data...)
 	d.config = decodeConfig(d.rawConfig)
+	d.ctrl.Unlock()
 	return nil
 }
 
@@ -241,12 +269,72 @@ func (d *Disk) setupQueues() error {
 	return nil
 }
 
+// openBackendChannel hands the back-end one end of a socket pair for its
+// requests and serves them on the other end.
+func (d *Disk) openBackendChannel() error {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("backend request channel: socketpair: %w", err)
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "backend-req")
+	ours := os.NewFile(uintptr(fds[0]), "backend-req")
+	c, err := net.FileConn(ours) // dups the descriptor
+	ours.Close()
+	if err != nil {
+		theirs.Close()
+		return fmt.Errorf("backend request channel: %w", err)
+	}
+	d.backendConn = vhostuser.NewConn(c.(*net.UnixConn))
+	d.backendDone = make(chan struct{})
+	d.configChanged = make(chan struct{}, 1)
+	err = d.send(vhostuser.ReqSetBackendReqFd, nil, theirs)
+	theirs.Close()
+	go d.serveBackendRequests()
+	return err
+}
+
+// serveBackendRequests answers the back-end's requests until the channel
+// closes. A config change is announced on configChanged (coalesced).
+func (d *Disk) serveBackendRequests() {
+	defer close(d.backendDone)
+	for {
+		m, err := d.backendConn.Read()
+		if err != nil {
+			return
+		}
+		m.CloseFiles()
+		result := uint64(0)
+		switch vhostuser.BackendRequest(m.Header.Request) {
+		case vhostuser.BackendConfigChange:
+			select {
+			case d.configChanged <- struct{}{}:
+			default:
+			}
+		default:
+			result = 1 // not supported
+		}
+		if m.Header.NeedReply() {
+			h := vhostuser.Header{Request: m.Header.Request, Flags: vhostuser.FlagReply}
+			if err := d.backendConn.Write(h, vhostuser.EncodeU64(result)); err != nil {
+				return
+			}
+		}
+	}
+}
+
+// ConfigChanged delivers a value after the back-end announced a config
+// change (Options.ConfigChanges); call RefreshConfig to read the new
+// config. It is nil without Options.ConfigChanges.
+func (d *Disk) ConfigChanged() <-chan struct{} { return d.configChanged }
+
 // deadline bounds one control exchange.
 func (d *Disk) deadline() { d.uc.SetDeadline(time.Now().Add(d.opts.Timeout)) }
 
 // send sends a message that has no reply of its own; with REPLY_ACK it
 // asks for, and checks, the acknowledgement.
 func (d *Disk) send(req vhostuser.Request, payload []byte, files ...*os.File) error {
+	d.ctrl.Lock()
+	defer d.ctrl.Unlock()
 	d.deadline()
 	ack := d.protoFeatures&(1<<vhostuser.ProtoReplyAck) != 0
 	var flags uint32
@@ -275,6 +363,8 @@ func (d *Disk) send(req vhostuser.Request, payload []byte, files ...*os.File) er
 
 // call sends a request that has a reply and returns the reply.
 func (d *Disk) call(req vhostuser.Request, payload []byte) (vhostuser.Message, error) {
+	d.ctrl.Lock()
+	defer d.ctrl.Unlock()
 	d.deadline()
 	if err := d.conn.Write(vhostuser.Header{Request: req}, payload); err != nil {
 		return vhostuser.Message{}, err
@@ -330,22 +420,34 @@ func (d *Disk) MaxQueues() int { return d.maxQueues }
 // Has reports whether virtio feature bit was negotiated.
 func (d *Disk) Has(bit int) bool { return d.features&(1<<bit) != 0 }
 
-// Config is the virtio-blk config space read at Dial time.
-func (d *Disk) Config() Config { return d.config }
+// Config is the virtio-blk config space read at Dial time (or by the
+// last RefreshConfig).
+func (d *Disk) Config() Config {
+	d.ctrl.Lock()
+	defer d.ctrl.Unlock()
+	return d.config
+}
 
-// RawConfig is the config space bytes read at Dial time.
-func (d *Disk) RawConfig() []byte { return append([]byte(nil), d.rawConfig...) }
+// RawConfig is the config space bytes behind Config.
+func (d *Disk) RawConfig() []byte {
+	d.ctrl.Lock()
+	defer d.ctrl.Unlock()
+	return append([]byte(nil), d.rawConfig...)
+}
 
-// RefreshConfig reads the config space again (e.g. after a resize).
+// RefreshConfig reads the config space again (e.g. after a resize) and
+// returns it; Config and Capacity report it from then on.
 func (d *Disk) RefreshConfig() (Config, error) {
 	if err := d.readConfig(); err != nil {
 		return Config{}, err
 	}
+	d.ctrl.Lock()
+	defer d.ctrl.Unlock()
 	return d.config, nil
 }
 
 // Capacity is the disk size in bytes.
-func (d *Disk) Capacity() uint64 { return d.config.Capacity * blk.SectorSize }
+func (d *Disk) Capacity() uint64 { return d.Config().Capacity * blk.SectorSize }
 
 // Close stops every ring (GET_VRING_BASE), then closes the connection and
 // frees guest memory. Requests still in flight are abandoned.
@@ -383,6 +485,10 @@ func (d *Disk) StopQueue(i int) (uint16, error) {
 
 func (d *Disk) teardown() {
 	d.uc.Close()
+	if d.backendConn != nil {
+		d.backendConn.Close()
+		<-d.backendDone
+	}
 	for _, q := range d.queues {
 		if q.kick != nil {
 			q.kick.Close()

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/thinblk/thinblk/rawdisk"
@@ -29,7 +30,14 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 		logOut = os.Stderr
 	}
 	logger := slog.New(slog.NewTextHandler(logOut, nil))
-	dev, err := blk.New(disk, blk.Options{NumQueues: o.queues, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
+	var storage blk.Storage = disk
+	var grow *growable
+	if o.resize != nil {
+		grow = &growable{Disk: disk}
+		grow.size.Store(disk.Size())
+		storage = grow
+	}
+	dev, err := blk.New(storage, blk.Options{NumQueues: o.queues, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
 	if err != nil {
 		disk.Close()
 		t.Fatalf("blk.New: %v", err)
@@ -40,6 +48,15 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 		dev.Close()
 		disk.Close()
 		t.Fatalf("vhostuser.Listen: %v", err)
+	}
+	if o.resize != nil {
+		*o.resize = func(newSize int64) error {
+			if err := os.Truncate(img, newSize); err != nil {
+				return err
+			}
+			grow.size.Store(uint64(newSize))
+			return dev.NotifyResize()
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
@@ -55,3 +72,12 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 	})
 	return sock
 }
+
+// growable is raw storage whose size the test changes, as a thin volume's
+// would on `volume resize`.
+type growable struct {
+	*rawdisk.Disk
+	size atomic.Uint64
+}
+
+func (g *growable) Size() uint64 { return g.size.Load() }
