@@ -111,13 +111,40 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	r.scratch.segs = backing[int(q.size)*segsPerSlot : int(q.size)*segsPerSlot : (int(q.size)+1)*segsPerSlot]
 	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
 	if r.kick != nil {
-		// Fd puts the file in blocking mode; we only read after poll.
-		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(r.kick.Fd()), Events: unix.POLLIN})
+		fd, err := rawFd(r.kick)
+		if err != nil {
+			unix.Close(wake)
+			return nil, fmt.Errorf("queue %d: kick eventfd: %w", cfg.Setup.Index, err)
+		}
+		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
 	}
 	if r.call != nil {
-		r.callFd = int(r.call.Fd())
+		fd, err := rawFd(r.call)
+		if err != nil {
+			unix.Close(wake)
+			return nil, fmt.Errorf("queue %d: call eventfd: %w", cfg.Setup.Index, err)
+		}
+		r.callFd = fd
 	}
 	return r, nil
+}
+
+// rawFd returns f's descriptor without os.File.Fd's possible side effect
+// of switching it to blocking mode (it does so for files Go itself made
+// non-blocking). The eventfds' file descriptions are shared with the
+// front-end: QEMU clears its notifiers with reads that must not block, and
+// would hang if the mode changed under it. We only read after poll and
+// never rely on either mode.
+func rawFd(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
 }
 
 // Queue returns the ring the runner serves. Its consumer side belongs to

@@ -286,3 +286,18 @@ func TestRunnerKickSuppressionStress(t *testing.T) {
 		})
 	}
 }
+
+// The eventfds are shared with the front-end (QEMU reads its notifiers
+// with non-blocking reads): the runner must leave their mode alone.
+func TestRunnerKeepsEventfdsNonblocking(t *testing.T) {
+	h := newRunner(t, 8, allFeat, true, func(r *virtio.Runner, c *virtio.Chain) { r.Complete(c.Head, 0) })
+	h.d.AddChain(h.d.AllocBuf(16, false, nil))
+	h.d.KickNow()
+	h.waitUsed(t, 1)
+	if _, err := h.r.Stop(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if nb, err := h.d.EventfdsNonblocking(); err != nil || !nb {
+		t.Fatalf("eventfds switched to blocking mode (%v)", err)
+	}
+}

@@ -119,11 +119,12 @@ func (d *Driver) Setup(index int) virtio.QueueSetup {
 
 // WithEventfds creates kick and call eventfds (closed by Close).
 func (d *Driver) WithEventfds() error {
-	k, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	// Non-blocking, as QEMU's event notifiers are.
+	k, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		return fmt.Errorf("kick eventfd: %w", err)
 	}
-	c, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	c, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
 		unix.Close(k)
 		return fmt.Errorf("call eventfd: %w", err)
@@ -326,8 +327,6 @@ func (d *Driver) freeChain(head uint16, n int) {
 // WaitCall waits up to timeoutMs for the device to signal the call
 // eventfd and clears it.
 func (d *Driver) WaitCall(timeoutMs int) (bool, error) {
-	// Poll, then read: the device may have switched the eventfd to
-	// blocking mode (os.File.Fd does that).
 	for {
 		n, err := unix.Poll(d.pollFds, timeoutMs)
 		if err == unix.EINTR {
@@ -337,6 +336,9 @@ func (d *Driver) WaitCall(timeoutMs int) (bool, error) {
 			return false, err
 		}
 		_, err = unix.Read(d.callFd, d.readBuf[:])
+		if err == unix.EAGAIN {
+			return false, nil
+		}
 		return err == nil, err
 	}
 }
@@ -376,4 +378,17 @@ func NewMemfdMemory(base uint64, size int) (mem *Memory, fd *os.File, unmap func
 		return nil, nil, nil, fmt.Errorf("mmap memfd: %w", err)
 	}
 	return &Memory{Base: base, Buf: b}, f, func() { unix.Munmap(b); f.Close() }, nil
+}
+
+// EventfdsNonblocking reports whether the kick and call eventfds are still
+// in non-blocking mode (a device must not change the mode of descriptors
+// it shares with the front-end).
+func (d *Driver) EventfdsNonblocking() (bool, error) {
+	for _, fd := range []int{d.kickFd, d.callFd} {
+		fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err != nil || fl&unix.O_NONBLOCK == 0 {
+			return false, err
+		}
+	}
+	return true, nil
 }
