@@ -1,11 +1,11 @@
 package frontend
 
 import (
-	"encoding/json"
-	"net"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"

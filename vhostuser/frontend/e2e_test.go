@@ -551,6 +551,8 @@ func TestManyInFlight(t *testing.T) {
 var knownBugs = map[string]string{
 	"qsd/read into device-readable buffer": "qemu-storage-daemon 7.2 completes an IN whose data " +
 		"descriptor is device-readable with OK and used length 1, transferring nothing",
+	"qsd/resize": "qemu-storage-daemon 7.2's vhost-user-blk export neither updates its config " +
+		"space nor sends CONFIG_CHANGE_MSG after block_resize (the file grows, capacity stays)",
 	"thinblk/read into device-readable buffer": "thinblk's virtio/blk does the same as QSD; it " +
 		"should fail the request (IOERR) since the data cannot be delivered",
 }
@@ -794,7 +796,12 @@ func TestResize(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				c, err := d.RefreshConfig()
 				fi, _ := os.Stat(img)
-				t.Fatalf("no config change announced within 5 s (config now says %d sectors, %v; file is %d bytes)", c.Capacity, err, fi.Size())
+				msg := fmt.Sprintf("no config change announced within 5 s (config now says %d sectors, %v; file is %d bytes)", c.Capacity, err, fi.Size())
+				if bug := knownBugs[b.name+"/resize"]; bug != "" && os.Getenv("THINBLK_STRICT") != "1" {
+					t.Logf("KNOWN BUG (THINBLK_STRICT=1 fails on it): %s: %s", msg, bug)
+					return
+				}
+				t.Fatal(msg)
 			}
 			c, err := d.RefreshConfig()
 			if err != nil {
