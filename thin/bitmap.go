@@ -1,0 +1,155 @@
+package thin
+
+import (
+	"encoding/binary"
+	"math/bits"
+)
+
+// chunkBlocks is how many blocks one persisted bitmap chunk covers (512
+// bytes): small enough that a commit after scattered allocations rewrites
+// little, large enough that a big pool has few keys.
+const (
+	chunkWords  = 64
+	chunkBlocks = chunkWords * 64
+	chunkBytes  = chunkWords * 8
+)
+
+// bitmap is a set of block numbers below size, with a population count
+// and per-chunk counts so that a search for a clear bit skips full chunks.
+type bitmap struct {
+	words      []uint64
+	chunkCount []uint32 // set bits per chunk
+	size       uint64   // number of valid bits
+	count      uint64   // set bits
+}
+
+func newBitmap(size uint64) *bitmap {
+	b := &bitmap{}
+	b.grow(size)
+	return b
+}
+
+func (b *bitmap) grow(size uint64) {
+	if size < b.size {
+		return
+	}
+	nw := (size + 63) / 64
+	nw = (nw + chunkWords - 1) / chunkWords * chunkWords
+	if uint64(len(b.words)) < nw {
+		w := make([]uint64, nw)
+		copy(w, b.words)
+		b.words = w
+		c := make([]uint32, nw/chunkWords)
+		copy(c, b.chunkCount)
+		b.chunkCount = c
+	}
+	b.size = size
+}
+
+func (b *bitmap) test(i uint64) bool { return b.words[i/64]&(1<<(i%64)) != 0 }
+
+func (b *bitmap) set(i uint64) {
+	w, m := i/64, uint64(1)<<(i%64)
+	if b.words[w]&m == 0 {
+		b.words[w] |= m
+		b.count++
+		b.chunkCount[w/chunkWords]++
+	}
+}
+
+func (b *bitmap) clear(i uint64) {
+	w, m := i/64, uint64(1)<<(i%64)
+	if b.words[w]&m != 0 {
+		b.words[w] &^= m
+		b.count--
+		b.chunkCount[w/chunkWords]--
+	}
+}
+
+// findClear returns a clear bit at or after from (wrapping around), or
+// false when every bit is set.
+func (b *bitmap) findClear(from uint64) (uint64, bool) {
+	if b.count >= b.size {
+		return 0, false
+	}
+	if from >= b.size {
+		from = 0
+	}
+	nchunks := (b.size + chunkBlocks - 1) / chunkBlocks
+	start := from / chunkBlocks
+	for n := uint64(0); n <= nchunks; n++ {
+		c := (start + n) % nchunks
+		if uint64(b.chunkCount[c]) == chunkBlocks {
+			continue
+		}
+		lo := c * chunkBlocks
+		if n == 0 {
+			lo = from
+		}
+		hi := min((c+1)*chunkBlocks, b.size)
+		for i := lo; i < hi; {
+			w := b.words[i/64] | (uint64(1)<<(i%64) - 1) // ignore bits below i
+			if w != ^uint64(0) {
+				j := i/64*64 + uint64(bits.TrailingZeros64(^w))
+				if j < hi {
+					return j, true
+				}
+				break
+			}
+			i = (i/64 + 1) * 64
+		}
+	}
+	return 0, false
+}
+
+// andNot clears every bit set in o.
+func (b *bitmap) andNot(o *bitmap) {
+	for w, x := range o.words {
+		if x == 0 || w >= len(b.words) {
+			continue
+		}
+		cleared := b.words[w] & x
+		if cleared != 0 {
+			n := uint32(bits.OnesCount64(cleared))
+			b.words[w] &^= x
+			b.count -= uint64(n)
+			b.chunkCount[w/chunkWords] -= n
+		}
+	}
+}
+
+// appendChunk appends chunk idx in its persisted form (little-endian
+// words) with the bits of exclude cleared.
+func (b *bitmap) appendChunk(dst []byte, idx uint64, exclude *bitmap) []byte {
+	for w := idx * chunkWords; w < (idx+1)*chunkWords; w++ {
+		x := b.words[w]
+		if exclude != nil && w < uint64(len(exclude.words)) {
+			x &^= exclude.words[w]
+		}
+		dst = binary.LittleEndian.AppendUint64(dst, x)
+	}
+	return dst
+}
+
+// loadChunk sets bits from a persisted chunk; it reports false when the
+// chunk has the wrong length or bits beyond size.
+func (b *bitmap) loadChunk(idx uint64, data []byte) bool {
+	if len(data) != chunkBytes || idx >= uint64(len(b.chunkCount)) {
+		return false
+	}
+	ok := true
+	for k := uint64(0); k < chunkWords; k++ {
+		x := binary.LittleEndian.Uint64(data[k*8:])
+		for x != 0 {
+			bit := uint64(bits.TrailingZeros64(x))
+			x &= x - 1
+			i := (idx*chunkWords+k)*64 + bit
+			if i >= b.size {
+				ok = false
+				continue
+			}
+			b.set(i)
+		}
+	}
+	return ok
+}

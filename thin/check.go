@@ -1,0 +1,187 @@
+package thin
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// maxProblems bounds how many problems Check lists.
+const maxProblems = 100
+
+// CheckError lists the problems Check found.
+type CheckError struct {
+	Problems []string
+	More     int // problems found beyond the listed ones
+}
+
+func (e *CheckError) Error() string {
+	s := fmt.Sprintf("pool check found %d problem(s)", len(e.Problems)+e.More)
+	for _, p := range e.Problems {
+		s += "\n  " + p
+	}
+	if e.More > 0 {
+		s += fmt.Sprintf("\n  ... and %d more", e.More)
+	}
+	return s
+}
+
+// Check commits pending changes, then verifies every invariant of the
+// committed metadata against itself and the data file, like thin_check:
+// records decode, every map entry belongs to a volume and lies inside it,
+// every physical block is inside the pool and owned at most once, the
+// allocation bitmap is exactly the set of owned blocks, and every counter
+// matches the map. progress (may be nil) is called now and then with map
+// entries checked so far and the total the counters promise. It returns
+// nil when clean, a *CheckError listing problems, or another error when it
+// could not run.
+func (p *Pool) Check(progress func(done, total uint64)) error {
+	if err := p.commit(); err != nil {
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
+	// No commit may run while we read the store.
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	ce := &CheckError{}
+	bad := func(format string, args ...any) {
+		if len(ce.Problems) < maxProblems {
+			ce.Problems = append(ce.Problems, fmt.Sprintf(format, args...))
+		} else {
+			ce.More++
+		}
+	}
+	rec, err := p.store.Pool()
+	if err != nil {
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
+	bs := uint64(rec.BlockSize)
+	if bs < 4096 || bs&(bs-1) != 0 {
+		bad("pool block size %d is not a power of two >= 4096", bs)
+		return ce
+	}
+	if size, err := p.data.Size(); err != nil {
+		return fmt.Errorf("check pool %s: data file: %w", p.dir, err)
+	} else if uint64(size) < rec.SizeBlocks*bs {
+		bad("data file is %d bytes, smaller than the pool (%d)", size, rec.SizeBlocks*bs)
+	}
+	if rec.Allocated+rec.Reserved > rec.SizeBlocks {
+		bad("pool allocated %d + reserved %d blocks exceed its size %d", rec.Allocated, rec.Reserved, rec.SizeBlocks)
+	}
+	vols, err := p.store.Volumes()
+	if err != nil {
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
+	type counts struct{ mapped, provisioned, reserved uint64 }
+	byLayer := map[uint64]*pebblemeta.VolumeRecord{}
+	got := map[uint64]*counts{}
+	var total uint64
+	for i := range vols {
+		v := &vols[i]
+		if v.Layer == 0 || v.Layer >= rec.NextLayer {
+			bad("volume %s: layer %d outside [1, %d)", v.Name, v.Layer, rec.NextLayer)
+		}
+		if o := byLayer[v.Layer]; o != nil {
+			bad("volumes %s and %s share layer %d", o.Name, v.Name, v.Layer)
+		}
+		if v.Size == 0 || v.Size%512 != 0 {
+			bad("volume %s: size %d is not a positive multiple of 512", v.Name, v.Size)
+		}
+		if v.Reserved > v.Provisioned {
+			bad("volume %s: reserved %d > provisioned %d", v.Name, v.Reserved, v.Provisioned)
+		}
+		byLayer[v.Layer] = v
+		got[v.Layer] = &counts{}
+		total += v.Mapped + v.Reserved
+	}
+	owned := newBitmap(rec.SizeBlocks)
+	var done, mapped, reserved uint64
+	err = p.store.AllMap(func(layer, vb uint64, e pebblemeta.Entry) error {
+		done++
+		if progress != nil && done%65536 == 0 {
+			progress(done, total)
+		}
+		v := byLayer[layer]
+		if v == nil {
+			bad("map entry %d/%d belongs to no volume", layer, vb)
+			return nil
+		}
+		if vb >= (v.Size+bs-1)/bs {
+			bad("volume %s: map entry for block %d beyond its size", v.Name, vb)
+		}
+		c := got[layer]
+		if e.Provisioned() {
+			c.provisioned++
+		}
+		if e.Reserved() {
+			c.reserved++
+			reserved++
+		}
+		if e.Mapped() {
+			c.mapped++
+			mapped++
+			switch {
+			case e.PBlock >= rec.SizeBlocks:
+				bad("volume %s: block %d maps to physical block %d beyond the pool (%d blocks)", v.Name, vb, e.PBlock, rec.SizeBlocks)
+			case owned.test(e.PBlock):
+				bad("volume %s: block %d maps to physical block %d, which another entry owns too", v.Name, vb, e.PBlock)
+			default:
+				owned.set(e.PBlock)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		if errors.Is(err, pebblemeta.ErrCorrupt) {
+			bad("%v", err)
+			return ce
+		}
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
+	if progress != nil {
+		progress(done, total)
+	}
+	for _, v := range vols {
+		c := got[v.Layer]
+		if c.mapped != v.Mapped || c.provisioned != v.Provisioned || c.reserved != v.Reserved {
+			bad("volume %s: counters say mapped/provisioned/reserved %d/%d/%d, the map has %d/%d/%d",
+				v.Name, v.Mapped, v.Provisioned, v.Reserved, c.mapped, c.provisioned, c.reserved)
+		}
+	}
+	if mapped != rec.Allocated {
+		bad("pool counter says %d blocks allocated, the map owns %d", rec.Allocated, mapped)
+	}
+	if reserved != rec.Reserved {
+		bad("pool counter says %d blocks reserved, the map reserves %d", rec.Reserved, reserved)
+	}
+	stored := newBitmap(rec.SizeBlocks)
+	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
+		if !stored.loadChunk(idx, bits) {
+			bad("allocation bitmap chunk %d is malformed or marks blocks beyond the pool", idx)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
+	var leaked, unmarked uint64
+	for w := range owned.words {
+		x, y := owned.words[w], stored.words[w]
+		for d := x &^ y; d != 0; d &= d - 1 {
+			unmarked++
+		}
+		for d := y &^ x; d != 0; d &= d - 1 {
+			leaked++
+		}
+	}
+	if unmarked > 0 {
+		bad("%d owned blocks are free in the allocation bitmap (could be handed out twice)", unmarked)
+	}
+	if leaked > 0 {
+		bad("%d blocks are allocated in the bitmap but owned by no map entry (leaked)", leaked)
+	}
+	if len(ce.Problems) > 0 {
+		return ce
+	}
+	return nil
+}

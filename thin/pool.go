@@ -1,0 +1,1123 @@
+package thin
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// File names inside a pool directory.
+const (
+	dataName = "thinblk.data"
+	metaName = "thinblk.meta"
+	lockName = "thinblk.lock"
+)
+
+// Errors callers can test for with errors.Is.
+var (
+	ErrNoSpace       = errors.New("no space left in the thin pool")
+	ErrNotPool       = errors.New("not a thinblk pool")
+	ErrPoolExists    = errors.New("a thinblk pool already exists there")
+	ErrLocked        = errors.New("pool is in use by another opener")
+	ErrDataSize      = errors.New("data file size does not match the pool")
+	ErrNewerFormat   = pebblemeta.ErrNewerFormat
+	ErrVolumeExists  = errors.New("volume already exists")
+	ErrNoVolume      = errors.New("no such volume")
+	ErrVolumeDeleted = errors.New("volume was deleted")
+	ErrInvalid       = errors.New("invalid argument")
+	ErrClosed        = errors.New("pool is closed")
+)
+
+// NoSpacePolicy says what a write that needs a new block does when the pool
+// has no unreserved space.
+type NoSpacePolicy uint8
+
+const (
+	// NoSpaceError fails the request at once.
+	NoSpaceError NoSpacePolicy = 0
+	// NoSpaceQueue waits until space appears or NoSpaceTimeout passes.
+	NoSpaceQueue NoSpacePolicy = 1
+)
+
+func (n NoSpacePolicy) String() string {
+	switch n {
+	case NoSpaceError:
+		return "error"
+	case NoSpaceQueue:
+		return "queue"
+	}
+	return fmt.Sprintf("NoSpacePolicy(%d)", uint8(n))
+}
+
+// ParseNoSpacePolicy parses "error" or "queue".
+func ParseNoSpacePolicy(s string) (NoSpacePolicy, error) {
+	switch s {
+	case "error":
+		return NoSpaceError, nil
+	case "queue":
+		return NoSpaceQueue, nil
+	}
+	return 0, fmt.Errorf("%w: no-space policy %q (want error or queue)", ErrInvalid, s)
+}
+
+// CreateOptions configure a new pool.
+type CreateOptions struct {
+	Size           uint64        // pool size in bytes, a multiple of BlockSize
+	BlockSize      uint32        // allocation unit; power of two, 4 KiB..16 MiB; default 64 KiB
+	NoSpace        NoSpacePolicy // default NoSpaceError
+	NoSpaceTimeout time.Duration // for NoSpaceQueue; default 60s
+	LowWater       float64       // warn when free space falls below this fraction of the pool; 0 = off
+}
+
+// OpenOptions configure an opened pool.
+type OpenOptions struct {
+	Logger *slog.Logger // default: slog.Default()
+	// CacheSize bounds the metadata cache (Pebble's block cache) in bytes;
+	// default 32 MiB. The map is read through it, so memory does not grow
+	// with the number of mapped blocks.
+	CacheSize int64
+	// FlushInterval is how often pending metadata is committed in the
+	// background (so discarded space becomes reusable without a guest
+	// FLUSH); default 2s, negative disables.
+	FlushInterval time.Duration
+	// MaxPending is how many map changes may wait for a commit before one
+	// is started regardless; default 65536. Bounds memory.
+	MaxPending int
+
+	env *env // tests: crashable file systems
+}
+
+// env is where a pool's files live: the real file system, or in tests a
+// crashable one.
+type env struct {
+	fs       vfs.FS
+	openData func(path string, create bool) (dataFile, error)
+}
+
+var osEnv = &env{fs: vfs.Default, openData: openOSDataFile}
+
+// Create makes a new, empty pool in dir (created if missing; it must not
+// already hold a pool).
+func Create(dir string, o CreateOptions) error {
+	return create(dir, o, osEnv)
+}
+
+func create(dir string, o CreateOptions, e *env) error {
+	if o.BlockSize == 0 {
+		o.BlockSize = 64 << 10
+	}
+	if o.NoSpaceTimeout == 0 {
+		o.NoSpaceTimeout = 60 * time.Second
+	}
+	switch {
+	case o.BlockSize < 4096 || o.BlockSize > 16<<20 || o.BlockSize&(o.BlockSize-1) != 0:
+		return fmt.Errorf("create pool %s: %w: block size %d is not a power of two between 4 KiB and 16 MiB", dir, ErrInvalid, o.BlockSize)
+	case o.Size == 0 || o.Size%uint64(o.BlockSize) != 0:
+		return fmt.Errorf("create pool %s: %w: size %d is not a positive multiple of the block size %d", dir, ErrInvalid, o.Size, o.BlockSize)
+	case o.Size > math.MaxInt64/2:
+		return fmt.Errorf("create pool %s: %w: size %d too large", dir, ErrInvalid, o.Size)
+	case o.NoSpace > NoSpaceQueue:
+		return fmt.Errorf("create pool %s: %w: no-space policy %d", dir, ErrInvalid, o.NoSpace)
+	case o.NoSpaceTimeout < 0:
+		return fmt.Errorf("create pool %s: %w: negative no-space timeout", dir, ErrInvalid)
+	case !(o.LowWater >= 0 && o.LowWater <= 1):
+		return fmt.Errorf("create pool %s: %w: low water %v is not a fraction between 0 and 1", dir, ErrInvalid, o.LowWater)
+	}
+	fs := e.fs
+	for _, n := range []string{dataName, metaName} {
+		if _, err := fs.Stat(fs.PathJoin(dir, n)); err == nil {
+			return fmt.Errorf("create pool %s: %w", dir, ErrPoolExists)
+		}
+	}
+	if err := fs.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create pool %s: %w", dir, err)
+	}
+	lock, err := fs.Lock(fs.PathJoin(dir, lockName))
+	if err != nil {
+		return fmt.Errorf("create pool %s: %w (%v)", dir, ErrLocked, err)
+	}
+	defer lock.Close()
+	dataPath := fs.PathJoin(dir, dataName)
+	df, err := e.openData(dataPath, true)
+	if err != nil {
+		return fmt.Errorf("create pool %s: data file: %w", dir, err)
+	}
+	fail := func(err error) error {
+		df.Close()
+		fs.Remove(dataPath)
+		fs.RemoveAll(fs.PathJoin(dir, metaName))
+		return fmt.Errorf("create pool %s: %w", dir, err)
+	}
+	if err := df.Truncate(int64(o.Size)); err != nil {
+		return fail(err)
+	}
+	if err := df.Sync(); err != nil {
+		return fail(err)
+	}
+	rec := pebblemeta.PoolRecord{
+		BlockSize:      o.BlockSize,
+		SizeBlocks:     o.Size / uint64(o.BlockSize),
+		NoSpace:        uint8(o.NoSpace),
+		NoSpaceTimeout: uint64(o.NoSpaceTimeout),
+		LowWaterPPM:    uint32(math.Round(o.LowWater * 1e6)),
+		NextLayer:      1,
+	}
+	st, err := pebblemeta.Create(fs.PathJoin(dir, metaName), rec, pebblemeta.Options{FS: fs})
+	if err != nil {
+		return fail(err)
+	}
+	if err := st.Close(); err != nil {
+		return fail(err)
+	}
+	if err := df.Close(); err != nil {
+		return fail(err)
+	}
+	if d, err := fs.OpenDir(dir); err == nil {
+		d.Sync() // make the new names durable
+		d.Close()
+	}
+	return nil
+}
+
+type mapKey struct{ layer, vb uint64 }
+
+// fill marks a block whose first write is in flight: it has a physical
+// block but its map entry is published only once the data is written, and
+// every other request touching it waits.
+type fill struct {
+	done        chan struct{}
+	pblock      uint64
+	prev        pebblemeta.Entry
+	fromReserve bool
+}
+
+type volState struct {
+	rec     pebblemeta.VolumeRecord
+	deleted bool
+	handle  *Volume
+}
+
+// Pool is an open thin pool. It is safe for concurrent use.
+type Pool struct {
+	dir       string
+	log       *slog.Logger
+	store     *pebblemeta.Store
+	data      dataFile
+	lock      io.Closer
+	blockSize int64
+	shift     uint
+	opts      OpenOptions
+
+	// flushMu serialises commits and management operations.
+	flushMu sync.Mutex
+	// ioGate is held shared by every data I/O and exclusively while freed
+	// blocks become reusable, so that no read or write still aimed at a
+	// freed block can land after another volume got it.
+	ioGate sync.RWMutex
+
+	opSeq      atomic.Uint64 // completed I/O operations
+	durableSeq uint64        // opSeq covered by the last commit (flushMu)
+	dataDirty  atomic.Bool   // data written since the last fdatasync
+
+	mu          sync.Mutex
+	rec         pebblemeta.PoolRecord // config and counters, as they will be committed
+	alloc       *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
+	pend        *bitmap               // freed since the last cut
+	pendOld     *bitmap               // freed in the cut being committed
+	inflight    *bitmap               // allocated, data being written, not yet in the map
+	inflightRes uint64                // in-flight blocks that consume a reservation
+	cursor      uint64                // next-fit allocation cursor
+	vols        map[string]*volState
+	dirtyVols   map[*volState]struct{}
+	deadLayers  []uint64
+	deadVols    []string
+	dirty       map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
+	committing  map[mapKey]pebblemeta.Entry // the cut being committed
+	dirtyChunks map[uint64]struct{}
+	metaDirty   bool
+	filling     map[mapKey]*fill
+	spaceCh     chan struct{} // closed (and replaced) whenever space is freed
+	belowLow    bool
+	failed      error
+	closed      bool
+	watchers    map[int]func(Event)
+	nextWatch   int
+	lastNoSpace time.Time
+
+	kick    chan struct{}
+	closing chan struct{}
+	bgDone  chan struct{}
+}
+
+// Open opens the pool in dir exclusively.
+func Open(dir string, o OpenOptions) (*Pool, error) {
+	return open(dir, o, osEnv)
+}
+
+func open(dir string, o OpenOptions, e *env) (*Pool, error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.FlushInterval == 0 {
+		o.FlushInterval = 2 * time.Second
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 65536
+	}
+	fs := e.fs
+	if fi, err := fs.Stat(dir); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("open pool %s: %w (no such directory)", dir, ErrNotPool)
+	}
+	for _, n := range []string{metaName, dataName} {
+		if _, err := fs.Stat(fs.PathJoin(dir, n)); err != nil {
+			return nil, fmt.Errorf("open pool %s: %w (no %s)", dir, ErrNotPool, n)
+		}
+	}
+	lock, err := fs.Lock(fs.PathJoin(dir, lockName))
+	if err != nil {
+		return nil, fmt.Errorf("open pool %s: %w (%v)", dir, ErrLocked, err)
+	}
+	p := &Pool{dir: dir, log: o.Logger, lock: lock, opts: o}
+	fail := func(err error) (*Pool, error) {
+		if p.store != nil {
+			p.store.Close()
+		}
+		if p.data != nil {
+			p.data.Close()
+		}
+		lock.Close()
+		return nil, fmt.Errorf("open pool %s: %w", dir, err)
+	}
+	p.store, err = pebblemeta.Open(fs.PathJoin(dir, metaName), pebblemeta.Options{FS: fs, CacheSize: o.CacheSize, Logger: o.Logger})
+	if err != nil {
+		if errors.Is(err, pebblemeta.ErrNoStore) {
+			err = fmt.Errorf("%w: %v", ErrNotPool, err)
+		}
+		return fail(err)
+	}
+	p.rec, err = p.store.Pool()
+	if err != nil {
+		return fail(err)
+	}
+	bs := p.rec.BlockSize
+	if bs < 4096 || bs&(bs-1) != 0 || p.rec.SizeBlocks == 0 || p.rec.SizeBlocks > math.MaxInt64/uint64(bs) {
+		return fail(fmt.Errorf("%w: pool record has block size %d, %d blocks", pebblemeta.ErrCorrupt, bs, p.rec.SizeBlocks))
+	}
+	p.blockSize = int64(bs)
+	for 1<<p.shift != p.blockSize {
+		p.shift++
+	}
+	p.data, err = e.openData(fs.PathJoin(dir, dataName), false)
+	if err != nil {
+		return fail(fmt.Errorf("data file: %w", err))
+	}
+	size, err := p.data.Size()
+	if err != nil {
+		return fail(fmt.Errorf("data file: %w", err))
+	}
+	want := int64(p.rec.SizeBlocks) * p.blockSize
+	switch {
+	case size < want:
+		return fail(fmt.Errorf("%w: %s is %d bytes, the pool needs %d", ErrDataSize, dataName, size, want))
+	case size > want:
+		// A grow that extended the file but crashed before committing.
+		p.log.Warn("data file larger than the pool; the extra space is unused until the pool grows",
+			"pool", dir, "file_bytes", size, "pool_bytes", want)
+	}
+	p.alloc = newBitmap(p.rec.SizeBlocks)
+	p.pend = newBitmap(p.rec.SizeBlocks)
+	p.inflight = newBitmap(p.rec.SizeBlocks)
+	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
+		if !p.alloc.loadChunk(idx, bits) {
+			return fmt.Errorf("%w: allocation bitmap chunk %d", pebblemeta.ErrCorrupt, idx)
+		}
+		return nil
+	})
+	if err != nil {
+		return fail(err)
+	}
+	if p.alloc.count != p.rec.Allocated {
+		p.log.Warn("allocation bitmap disagrees with the pool's counter; run check", "pool", dir,
+			"bitmap_blocks", p.alloc.count, "counter_blocks", p.rec.Allocated)
+	}
+	recs, err := p.store.Volumes()
+	if err != nil {
+		return fail(err)
+	}
+	p.vols = make(map[string]*volState, len(recs))
+	for _, r := range recs {
+		p.vols[r.Name] = &volState{rec: r}
+	}
+	p.dirtyVols = map[*volState]struct{}{}
+	p.dirty = map[mapKey]pebblemeta.Entry{}
+	p.dirtyChunks = map[uint64]struct{}{}
+	p.filling = map[mapKey]*fill{}
+	p.spaceCh = make(chan struct{})
+	p.watchers = map[int]func(Event){}
+	p.kick = make(chan struct{}, 1)
+	p.closing = make(chan struct{})
+	p.bgDone = make(chan struct{})
+	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	go p.background()
+	return p, nil
+}
+
+// background commits pending metadata periodically and when kicked (too
+// many pending changes, or space waiting to be released).
+func (p *Pool) background() {
+	defer close(p.bgDone)
+	var tick <-chan time.Time
+	if p.opts.FlushInterval > 0 {
+		t := time.NewTicker(p.opts.FlushInterval)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		select {
+		case <-p.closing:
+			return
+		case <-tick:
+		case <-p.kick:
+		}
+		if err := p.commit(); err != nil && !errors.Is(err, ErrClosed) {
+			p.log.Error("background metadata commit failed", "pool", p.dir, "err", err)
+		}
+	}
+}
+
+func (p *Pool) kickCommit() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Close commits pending changes and closes the pool. Volumes of a closed
+// pool fail every request.
+func (p *Pool) Close() error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return ErrClosed
+	}
+	p.mu.Unlock()
+	close(p.closing)
+	<-p.bgDone
+	err := p.commit()
+	p.flushMu.Lock()
+	p.mu.Lock()
+	p.closed = true
+	close(p.spaceCh) // wake queued writers; they see closed
+	p.spaceCh = make(chan struct{})
+	p.mu.Unlock()
+	p.flushMu.Unlock()
+	// Wait for requests in flight.
+	p.ioGate.Lock()
+	defer p.ioGate.Unlock()
+	if e := p.store.Close(); err == nil {
+		err = e
+	}
+	if e := p.data.Close(); err == nil {
+		err = e
+	}
+	if e := p.lock.Close(); err == nil {
+		err = e
+	}
+	return err
+}
+
+// usableLocked reports why the pool cannot serve requests, or nil.
+func (p *Pool) usableLocked() error {
+	if p.closed {
+		return ErrClosed
+	}
+	return p.failed
+}
+
+// freeLocked is the number of blocks neither allocated (or on their way
+// to being free) nor reserved.
+func (p *Pool) freeLocked() uint64 {
+	used := p.alloc.count + p.rec.Reserved - p.inflightRes
+	if used >= p.rec.SizeBlocks {
+		return 0
+	}
+	return p.rec.SizeBlocks - used
+}
+
+func (p *Pool) lowWaterBlocks() uint64 {
+	return uint64(float64(p.rec.SizeBlocks) * float64(p.rec.LowWaterPPM) / 1e6)
+}
+
+// noteSpaceLocked logs low-water crossings (once per crossing).
+func (p *Pool) noteSpaceLocked() {
+	if p.rec.LowWaterPPM == 0 {
+		return
+	}
+	below := p.freeLocked() < p.lowWaterBlocks()
+	if below != p.belowLow {
+		p.belowLow = below
+		if below {
+			p.log.Warn("thin pool free space fell below the low-water mark", "pool", p.dir,
+				"free_bytes", p.freeLocked()*uint64(p.blockSize), "low_water_bytes", p.lowWaterBlocks()*uint64(p.blockSize))
+		} else {
+			p.log.Info("thin pool free space is above the low-water mark again", "pool", p.dir,
+				"free_bytes", p.freeLocked()*uint64(p.blockSize))
+		}
+	}
+}
+
+func (p *Pool) spaceFreedLocked() {
+	close(p.spaceCh)
+	p.spaceCh = make(chan struct{})
+	p.noteSpaceLocked()
+}
+
+// allocLocked takes a clear block of the bitmap.
+func (p *Pool) allocLocked() (uint64, bool) {
+	b, ok := p.alloc.findClear(p.cursor)
+	if !ok {
+		return 0, false
+	}
+	p.alloc.set(b)
+	p.cursor = b + 1
+	p.dirtyChunks[b/chunkBlocks] = struct{}{}
+	return b, true
+}
+
+// freeLocked releases a block whose map entry was removed: it becomes
+// reusable only after the removal is durable.
+func (p *Pool) releaseLocked(b uint64) {
+	p.pend.set(b)
+	p.dirtyChunks[b/chunkBlocks] = struct{}{}
+}
+
+// lookupLocked returns the current entry of k: pending changes first,
+// then the committed map.
+func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
+	if e, ok := p.dirty[k]; ok {
+		return e, nil
+	}
+	if e, ok := p.committing[k]; ok {
+		return e, nil
+	}
+	e, _, err := p.store.MapEntry(k.layer, k.vb)
+	return e, err
+}
+
+// rangeLocked calls fn for every existing entry of layer in [first, last],
+// in no particular order.
+func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebblemeta.Entry)) error {
+	if last-first < 64 {
+		for vb := first; ; vb++ {
+			e, err := p.lookupLocked(mapKey{layer, vb})
+			if err != nil {
+				return err
+			}
+			if e.Flags != 0 {
+				fn(vb, e)
+			}
+			if vb == last {
+				return nil
+			}
+		}
+	}
+	found := map[uint64]pebblemeta.Entry{}
+	err := p.store.LayerMap(layer, first, func(vb uint64, e pebblemeta.Entry) error {
+		if vb > last {
+			return pebblemeta.ErrStop
+		}
+		found[vb] = e
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, m := range []map[mapKey]pebblemeta.Entry{p.committing, p.dirty} {
+		for k, e := range m {
+			if k.layer == layer && k.vb >= first && k.vb <= last {
+				found[k.vb] = e
+			}
+		}
+	}
+	for vb, e := range found {
+		if e.Flags != 0 {
+			fn(vb, e)
+		}
+	}
+	return nil
+}
+
+// setLocked records a map change and adjusts every counter it affects.
+func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry) {
+	p.dirty[mapKey{v.rec.Layer, vb}] = e
+	d := func(had, has bool, vc, pc *uint64) {
+		switch {
+		case had && !has:
+			*vc--
+			if pc != nil {
+				*pc--
+			}
+		case !had && has:
+			*vc++
+			if pc != nil {
+				*pc++
+			}
+		}
+	}
+	d(old.Mapped(), e.Mapped(), &v.rec.Mapped, &p.rec.Allocated)
+	d(old.Provisioned(), e.Provisioned(), &v.rec.Provisioned, nil)
+	d(old.Reserved(), e.Reserved(), &v.rec.Reserved, &p.rec.Reserved)
+	p.dirtyVols[v] = struct{}{}
+}
+
+// Flush makes every operation completed before it durable (data first,
+// then the metadata pointing at it).
+func (p *Pool) Flush() error {
+	want := p.opSeq.Load()
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	if p.durableSeq >= want && want > 0 {
+		return nil // a commit that started after our writes completed covered them
+	}
+	return p.commitLocked()
+}
+
+func (p *Pool) commit() error {
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	return p.commitLocked()
+}
+
+// commitLocked cuts the pending changes, makes the data durable, commits
+// the metadata durably, and only then lets freed blocks be reused.
+func (p *Pool) commitLocked() error {
+	p.mu.Lock()
+	if err := p.usableLocked(); err != nil {
+		p.mu.Unlock()
+		return err
+	}
+	seq := p.opSeq.Load()
+	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 && !p.dataDirty.Load() {
+		p.durableSeq = seq
+		p.mu.Unlock()
+		return nil
+	}
+	b := p.store.NewBatch()
+	for k, e := range p.dirty {
+		b.SetEntry(k.layer, k.vb, e)
+	}
+	for _, l := range p.deadLayers {
+		b.DeleteLayer(l)
+	}
+	for _, n := range p.deadVols {
+		b.DeleteVolume(n)
+	}
+	for v := range p.dirtyVols {
+		if !v.deleted {
+			b.SetVolume(v.rec)
+		}
+	}
+	// Chunks leave out blocks freed in this cut (their owners' entries are
+	// deleted in this batch) and blocks still being filled (their entries
+	// are not in it).
+	exclude := p.pend
+	if p.inflight.count > 0 {
+		exclude = newBitmap(p.rec.SizeBlocks)
+		exclude.unionOf(p.pend, p.inflight)
+	}
+	var buf []byte
+	for idx := range p.dirtyChunks {
+		buf = p.alloc.appendChunk(buf[:0], idx, exclude)
+		b.SetBitmapChunk(idx, buf)
+	}
+	b.SetPool(p.rec)
+	p.committing = p.dirty
+	p.dirty = make(map[mapKey]pebblemeta.Entry, len(p.committing))
+	p.pendOld = p.pend
+	p.pend = newBitmap(p.rec.SizeBlocks)
+	p.dirtyVols = map[*volState]struct{}{}
+	p.deadLayers, p.deadVols = nil, nil
+	p.dirtyChunks = map[uint64]struct{}{}
+	p.metaDirty = false
+	p.mu.Unlock()
+
+	p.dataDirty.Store(false)
+	err := p.data.Sync()
+	if err == nil {
+		err = b.Commit(true)
+	} else {
+		b.Discard()
+	}
+	if err != nil {
+		// The on-disk state is still the previous commit, but memory has
+		// moved on; refuse further work rather than diverge.
+		p.mu.Lock()
+		p.failed = fmt.Errorf("pool %s failed: %w", p.dir, err)
+		p.mu.Unlock()
+		p.log.Error("thin pool metadata commit failed; the pool refuses further I/O", "pool", p.dir, "err", err)
+		return p.failed
+	}
+	p.mu.Lock()
+	p.committing = nil
+	released := p.pendOld
+	p.pendOld = nil
+	p.mu.Unlock()
+	if released.count > 0 {
+		p.ioGate.Lock() // no request still aims at a freed block
+		p.mu.Lock()
+		p.alloc.andNot(released)
+		p.spaceFreedLocked()
+		p.mu.Unlock()
+		p.ioGate.Unlock()
+	}
+	p.durableSeq = seq
+	return nil
+}
+
+// unionOf sets b's words to x | y (counts are not maintained: b is only
+// used as an exclusion mask).
+func (b *bitmap) unionOf(x, y *bitmap) {
+	for i := range b.words {
+		var w uint64
+		if i < len(x.words) {
+			w |= x.words[i]
+		}
+		if i < len(y.words) {
+			w |= y.words[i]
+		}
+		b.words[i] = w
+	}
+}
+
+// waitForSpace is called when a request found no space. It returns nil
+// when the request should retry, ErrNoSpace when it should fail.
+func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
+	p.mu.Lock()
+	if err := p.usableLocked(); err != nil {
+		p.mu.Unlock()
+		return err
+	}
+	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
+	policy := NoSpacePolicy(p.rec.NoSpace)
+	timeout := time.Duration(p.rec.NoSpaceTimeout)
+	ch := p.spaceCh
+	logIt := time.Since(p.lastNoSpace) > time.Second
+	if logIt {
+		p.lastNoSpace = time.Now()
+	}
+	p.mu.Unlock()
+	if releasing {
+		// Space is only waiting for its release to become durable.
+		return p.commit()
+	}
+	if policy == NoSpaceError {
+		if logIt {
+			p.log.Warn("thin pool out of space: request failed", "pool", p.dir, "volume", volume, "op", what)
+		}
+		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrNoSpace)
+	}
+	if deadline.IsZero() {
+		*deadline = time.Now().Add(timeout)
+		if logIt {
+			p.log.Warn("thin pool out of space: request queued", "pool", p.dir, "volume", volume, "op", what, "timeout", timeout)
+		}
+	}
+	t := time.NewTimer(time.Until(*deadline))
+	defer t.Stop()
+	select {
+	case <-ch:
+		return nil
+	case <-t.C:
+		p.log.Warn("thin pool out of space: queued request timed out", "pool", p.dir, "volume", volume, "op", what)
+		return fmt.Errorf("%s on volume %s: %w (waited %v)", what, volume, ErrNoSpace, timeout)
+	}
+}
+
+// EventType says what changed.
+type EventType int
+
+const (
+	VolumeCreated EventType = iota + 1
+	VolumeDeleted
+	VolumeResized
+	PoolGrown
+)
+
+func (t EventType) String() string {
+	switch t {
+	case VolumeCreated:
+		return "volume-created"
+	case VolumeDeleted:
+		return "volume-deleted"
+	case VolumeResized:
+		return "volume-resized"
+	case PoolGrown:
+		return "pool-grown"
+	}
+	return fmt.Sprintf("EventType(%d)", int(t))
+}
+
+// Event tells a watcher about a committed change.
+type Event struct {
+	Type   EventType
+	Volume string // empty for PoolGrown
+	Size   uint64 // new size in bytes (volume or pool)
+}
+
+// Watch registers fn to be called after each committed volume or pool
+// change, from the goroutine that made it, in order. It returns a function
+// that unregisters fn. fn must not call back into management methods.
+func (p *Pool) Watch(fn func(Event)) (stop func()) {
+	p.mu.Lock()
+	id := p.nextWatch
+	p.nextWatch++
+	p.watchers[id] = fn
+	p.mu.Unlock()
+	return func() {
+		p.mu.Lock()
+		delete(p.watchers, id)
+		p.mu.Unlock()
+	}
+}
+
+func (p *Pool) notify(ev Event) {
+	p.mu.Lock()
+	ids := make([]int, 0, len(p.watchers))
+	for id := range p.watchers {
+		ids = append(ids, id)
+	}
+	sort.Ints(ids)
+	fns := make([]func(Event), 0, len(ids))
+	for _, id := range ids {
+		fns = append(fns, p.watchers[id])
+	}
+	p.mu.Unlock()
+	for _, fn := range fns {
+		fn(ev)
+	}
+}
+
+// BlockSize is the pool's allocation unit in bytes.
+func (p *Pool) BlockSize() uint32 { return uint32(p.blockSize) }
+
+// Dir is the pool directory.
+func (p *Pool) Dir() string { return p.dir }
+
+// Grow enlarges the pool to size bytes (a multiple of the block size),
+// online: queued writers waiting for space proceed.
+func (p *Pool) Grow(size uint64) error {
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	p.mu.Lock()
+	cur := p.rec.SizeBlocks
+	err := p.usableLocked()
+	p.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if size%uint64(p.blockSize) != 0 || size/uint64(p.blockSize) < cur || size > math.MaxInt64/2 {
+		return fmt.Errorf("grow pool %s to %d: %w: size must be a multiple of %d and at least %d",
+			p.dir, size, ErrInvalid, p.blockSize, cur*uint64(p.blockSize))
+	}
+	n := size / uint64(p.blockSize)
+	if n == cur {
+		return nil
+	}
+	// The file grows first and durably: a crash before the commit leaves a
+	// longer file, which Open accepts.
+	if err := p.data.Truncate(int64(size)); err != nil {
+		return fmt.Errorf("grow pool %s: %w", p.dir, err)
+	}
+	if err := p.data.Sync(); err != nil {
+		return fmt.Errorf("grow pool %s: %w", p.dir, err)
+	}
+	p.mu.Lock()
+	p.rec.SizeBlocks = n
+	p.alloc.grow(n)
+	p.pend.grow(n)
+	p.inflight.grow(n)
+	p.metaDirty = true
+	p.mu.Unlock()
+	if err := p.commitLocked(); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.spaceFreedLocked()
+	p.mu.Unlock()
+	p.log.Info("thin pool grown", "pool", p.dir, "size_bytes", size)
+	p.notify(Event{Type: PoolGrown, Size: size})
+	return nil
+}
+
+// CreateVolume adds a thin volume of size bytes (a multiple of 512; it may
+// exceed the pool). It takes no space until written.
+func (p *Pool) CreateVolume(name string, size uint64) error {
+	if err := pebblemeta.ValidVolumeName(name); err != nil {
+		return fmt.Errorf("create volume: %w: %v", ErrInvalid, err)
+	}
+	if size == 0 || size%512 != 0 || size > math.MaxInt64/2 {
+		return fmt.Errorf("create volume %s: %w: size %d is not a positive multiple of 512", name, ErrInvalid, size)
+	}
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	p.mu.Lock()
+	if err := p.usableLocked(); err != nil {
+		p.mu.Unlock()
+		return err
+	}
+	if _, ok := p.vols[name]; ok {
+		p.mu.Unlock()
+		return fmt.Errorf("create volume %s: %w", name, ErrVolumeExists)
+	}
+	v := &volState{rec: pebblemeta.VolumeRecord{Name: name, Layer: p.rec.NextLayer, Size: size}}
+	p.rec.NextLayer++
+	p.vols[name] = v
+	p.dirtyVols[v] = struct{}{}
+	p.metaDirty = true
+	p.mu.Unlock()
+	if err := p.commitLocked(); err != nil {
+		return err
+	}
+	p.notify(Event{Type: VolumeCreated, Volume: name, Size: size})
+	return nil
+}
+
+// ResizeVolume grows a volume to size bytes online (shrinking is refused).
+func (p *Pool) ResizeVolume(name string, size uint64) error {
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	p.mu.Lock()
+	if err := p.usableLocked(); err != nil {
+		p.mu.Unlock()
+		return err
+	}
+	v, ok := p.vols[name]
+	if !ok {
+		p.mu.Unlock()
+		return fmt.Errorf("resize volume %s: %w", name, ErrNoVolume)
+	}
+	if size%512 != 0 || size < v.rec.Size || size > math.MaxInt64/2 {
+		cur := v.rec.Size
+		p.mu.Unlock()
+		return fmt.Errorf("resize volume %s to %d: %w: must be a multiple of 512 and at least %d (volumes only grow)", name, size, ErrInvalid, cur)
+	}
+	if size == v.rec.Size {
+		p.mu.Unlock()
+		return nil
+	}
+	v.rec.Size = size
+	if v.handle != nil {
+		v.handle.size.Store(size)
+	}
+	p.dirtyVols[v] = struct{}{}
+	p.mu.Unlock()
+	if err := p.commitLocked(); err != nil {
+		return err
+	}
+	p.notify(Event{Type: VolumeResized, Volume: name, Size: size})
+	return nil
+}
+
+// DeleteVolume removes a volume and returns its blocks to the pool. Open
+// handles of it fail every later request with ErrVolumeDeleted. It walks
+// the volume's map (the only operation that does).
+func (p *Pool) DeleteVolume(name string) error {
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	// Wait for requests in flight, so that no fill of this volume is
+	// pending and no new one starts.
+	p.ioGate.Lock()
+	p.mu.Lock()
+	err := p.deleteVolumeLocked(name)
+	p.mu.Unlock()
+	p.ioGate.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := p.commitLocked(); err != nil {
+		return err
+	}
+	p.notify(Event{Type: VolumeDeleted, Volume: name})
+	return nil
+}
+
+func (p *Pool) deleteVolumeLocked(name string) error {
+	if err := p.usableLocked(); err != nil {
+		return err
+	}
+	v, ok := p.vols[name]
+	if !ok {
+		return fmt.Errorf("delete volume %s: %w", name, ErrNoVolume)
+	}
+	layer := v.rec.Layer
+	// committing is nil (flushMu held), so the store plus dirty is the map.
+	var ferr error
+	release := func(e pebblemeta.Entry) {
+		if e.Mapped() {
+			if e.PBlock >= p.rec.SizeBlocks || !p.alloc.test(e.PBlock) {
+				ferr = fmt.Errorf("delete volume %s: %w: entry points at block %d which is not allocated", name, pebblemeta.ErrCorrupt, e.PBlock)
+				return
+			}
+			p.releaseLocked(e.PBlock)
+			p.rec.Allocated--
+		}
+		if e.Reserved() {
+			p.rec.Reserved--
+		}
+	}
+	err := p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
+		if _, ok := p.dirty[mapKey{layer, vb}]; !ok {
+			release(e)
+		}
+		return ferr
+	})
+	if err != nil {
+		return fmt.Errorf("delete volume %s: %w", name, err)
+	}
+	for k, e := range p.dirty {
+		if k.layer == layer {
+			release(e)
+			delete(p.dirty, k)
+		}
+	}
+	if ferr != nil {
+		return ferr
+	}
+	v.deleted = true
+	delete(p.vols, name)
+	delete(p.dirtyVols, v)
+	p.deadLayers = append(p.deadLayers, layer)
+	p.deadVols = append(p.deadVols, name)
+	p.metaDirty = true
+	return nil
+}
+
+// Volumes lists the volume names in order.
+func (p *Pool) Volumes() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	names := make([]string, 0, len(p.vols))
+	for n := range p.vols {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// Volume returns the handle of a volume (the same one on every call).
+func (p *Pool) Volume(name string) (*Volume, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.usableLocked(); err != nil {
+		return nil, err
+	}
+	v, ok := p.vols[name]
+	if !ok {
+		return nil, fmt.Errorf("volume %s: %w", name, ErrNoVolume)
+	}
+	if v.handle == nil {
+		v.handle = &Volume{p: p, st: v, name: name}
+		v.handle.size.Store(v.rec.Size)
+	}
+	return v.handle, nil
+}
+
+// PoolStatus is the pool part of Status. Byte counts always satisfy
+// allocated + reserved + free = size.
+type PoolStatus struct {
+	Dir            string `json:"dir"`
+	SizeBytes      uint64 `json:"size_bytes"`
+	AllocatedBytes uint64 `json:"allocated_bytes"`
+	ReservedBytes  uint64 `json:"reserved_bytes"`
+	FreeBytes      uint64 `json:"free_bytes"`
+	// ReleasingBytes are discarded blocks, counted in allocated, that
+	// become free at the next metadata commit.
+	ReleasingBytes   uint64  `json:"releasing_bytes"`
+	BlockSize        uint32  `json:"block_size"`
+	NoSpace          string  `json:"no_space"`
+	NoSpaceTimeoutS  float64 `json:"no_space_timeout_seconds"`
+	LowWaterBytes    uint64  `json:"low_water_bytes"`
+	BelowLowWater    bool    `json:"below_low_water"`
+	MetadataBytes    uint64  `json:"metadata_bytes"`
+	VolumeCount      int     `json:"volume_count"`
+	PendingMapWrites int     `json:"pending_map_changes"`
+}
+
+// VolumeStatus is one volume in Status.
+type VolumeStatus struct {
+	Name             string `json:"name"`
+	SizeBytes        uint64 `json:"size_bytes"`
+	MappedBytes      uint64 `json:"mapped_bytes"`
+	ProvisionedBytes uint64 `json:"provisioned_bytes"`
+	ReservedBytes    uint64 `json:"reserved_bytes"`
+}
+
+// Status is a consistent picture of the pool's space.
+type Status struct {
+	Pool    PoolStatus     `json:"pool"`
+	Volumes []VolumeStatus `json:"volumes"`
+}
+
+// Status reports space use (O(volumes), no map walk).
+func (p *Pool) Status() Status {
+	disk := p.store.DiskUsage()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	bs := uint64(p.blockSize)
+	free := p.freeLocked()
+	reserved := p.rec.Reserved - p.inflightRes
+	releasing := p.pend.count
+	if p.pendOld != nil {
+		releasing += p.pendOld.count
+	}
+	s := Status{Pool: PoolStatus{
+		Dir:              p.dir,
+		SizeBytes:        p.rec.SizeBlocks * bs,
+		AllocatedBytes:   (p.rec.SizeBlocks - free - reserved) * bs,
+		ReservedBytes:    reserved * bs,
+		FreeBytes:        free * bs,
+		ReleasingBytes:   releasing * bs,
+		BlockSize:        uint32(bs),
+		NoSpace:          NoSpacePolicy(p.rec.NoSpace).String(),
+		NoSpaceTimeoutS:  time.Duration(p.rec.NoSpaceTimeout).Seconds(),
+		LowWaterBytes:    p.lowWaterBlocks() * bs,
+		BelowLowWater:    p.rec.LowWaterPPM != 0 && free < p.lowWaterBlocks(),
+		MetadataBytes:    disk,
+		VolumeCount:      len(p.vols),
+		PendingMapWrites: len(p.dirty),
+	}}
+	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
+	for name, v := range p.vols {
+		s.Volumes = append(s.Volumes, VolumeStatus{
+			Name:             name,
+			SizeBytes:        v.rec.Size,
+			MappedBytes:      v.rec.Mapped * bs,
+			ProvisionedBytes: v.rec.Provisioned * bs,
+			ReservedBytes:    v.rec.Reserved * bs,
+		})
+	}
+	sort.Slice(s.Volumes, func(i, j int) bool { return s.Volumes[i].Name < s.Volumes[j].Name })
+	return s
+}
+
+// IsPool reports whether dir looks like a pool directory (for tools that
+// must not create one by accident).
+func IsPool(dir string) bool {
+	for _, n := range []string{dataName, metaName} {
+		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,510 @@
+package thin
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// Volume is a thin volume of a pool. It implements blk.Storage and is
+// safe for concurrent use.
+type Volume struct {
+	p    *Pool
+	st   *volState
+	name string
+	size atomic.Uint64
+}
+
+// Name is the volume's name.
+func (v *Volume) Name() string { return v.name }
+
+// Size is the virtual size in bytes; it grows when the volume is resized.
+func (v *Volume) Size() uint64 { return v.size.Load() }
+
+// BlockSize is the pool's allocation unit, the granularity in which
+// discard releases space.
+func (v *Volume) BlockSize() uint32 { return uint32(v.p.blockSize) }
+
+func (v *Volume) checkRange(op string, off int64, n int) error {
+	if off < 0 || n < 0 || off%512 != 0 || n%512 != 0 || uint64(off)+uint64(n) > v.Size() {
+		return fmt.Errorf("%s on volume %s at %d+%d: %w: out of range or not sector aligned (size %d)",
+			op, v.name, off, n, ErrInvalid, v.Size())
+	}
+	return nil
+}
+
+// startLocked checks that requests may run.
+func (v *Volume) startLocked() error {
+	if err := v.p.usableLocked(); err != nil {
+		return err
+	}
+	if v.st.deleted {
+		return fmt.Errorf("volume %s: %w", v.name, ErrVolumeDeleted)
+	}
+	return nil
+}
+
+// sg walks a scatter-gather list front to back.
+type sg struct {
+	bufs [][]byte
+	i, o int
+}
+
+var errShortBuffers = errors.New("buffers shorter than the request")
+
+// next hands the following length bytes to fn, piece by piece; rel is the
+// offset of the piece inside those length bytes.
+func (s *sg) next(length int64, fn func(b []byte, rel int64) error) error {
+	var rel int64
+	for length > 0 {
+		for s.i < len(s.bufs) && s.o == len(s.bufs[s.i]) {
+			s.i++
+			s.o = 0
+		}
+		if s.i == len(s.bufs) {
+			return errShortBuffers
+		}
+		b := s.bufs[s.i][s.o:]
+		if int64(len(b)) > length {
+			b = b[:length]
+		}
+		if err := fn(b, rel); err != nil {
+			return err
+		}
+		s.o += len(b)
+		rel += int64(len(b))
+		length -= int64(len(b))
+	}
+	return nil
+}
+
+func totalLen(bufs [][]byte) int {
+	n := 0
+	for _, b := range bufs {
+		n += len(b)
+	}
+	return n
+}
+
+func readFull(d dataFile, b []byte, off int64) error {
+	n, err := d.ReadAt(b, off)
+	if n == len(b) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// ReadAt fills bufs from the volume at off. Unmapped blocks read as zeros.
+func (v *Volume) ReadAt(bufs [][]byte, off int64) error {
+	n := totalLen(bufs)
+	if err := v.checkRange("read", off, n); err != nil {
+		return err
+	}
+	p := v.p
+	bs := p.blockSize
+	var small [16]int64
+	for {
+		p.ioGate.RLock()
+		p.mu.Lock()
+		if err := v.startLocked(); err != nil {
+			p.mu.Unlock()
+			p.ioGate.RUnlock()
+			return err
+		}
+		layer := v.st.rec.Layer
+		pbs := small[:0]
+		var wait chan struct{}
+		var lerr error
+		for pos := off; pos < off+int64(n); pos = (pos>>p.shift + 1) << p.shift {
+			k := mapKey{layer, uint64(pos >> p.shift)}
+			if f := p.filling[k]; f != nil {
+				wait = f.done
+				break
+			}
+			e, err := p.lookupLocked(k)
+			if err != nil {
+				lerr = err
+				break
+			}
+			pb := int64(-1)
+			if e.Mapped() {
+				pb = int64(e.PBlock)
+			}
+			pbs = append(pbs, pb)
+		}
+		p.mu.Unlock()
+		if wait != nil {
+			p.ioGate.RUnlock()
+			<-wait
+			continue
+		}
+		if lerr != nil {
+			p.ioGate.RUnlock()
+			return fmt.Errorf("read volume %s: %w", v.name, lerr)
+		}
+		s := sg{bufs: bufs}
+		var err error
+		for i, pos := 0, off; pos < off+int64(n) && err == nil; i++ {
+			inBlk := pos & (bs - 1)
+			l := min(bs-inBlk, off+int64(n)-pos)
+			if pb := pbs[i]; pb < 0 {
+				err = s.next(l, func(b []byte, _ int64) error { clear(b); return nil })
+			} else {
+				base := pb<<p.shift + inBlk
+				err = s.next(l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
+			}
+			pos += l
+		}
+		p.ioGate.RUnlock()
+		if err != nil {
+			return fmt.Errorf("read volume %s at %d: %w", v.name, off, err)
+		}
+		return nil
+	}
+}
+
+type writePlan struct {
+	vb     uint64
+	pblock int64
+	f      *fill // non-nil: a new block, filled by this write
+}
+
+var blockBufs sync.Pool
+
+func (p *Pool) getBlockBuf() []byte {
+	if b, ok := blockBufs.Get().(*[]byte); ok && int64(len(*b)) == p.blockSize {
+		return *b
+	}
+	return make([]byte, p.blockSize)
+}
+
+func putBlockBuf(b []byte) { blockBufs.Put(&b) }
+
+// WriteAt writes bufs to the volume at off. The first write to a block
+// allocates it (the rest of a partially written new block reads as zeros);
+// a block reserved by provisioning takes its reservation and never fails
+// for lack of space. Allocation is all or nothing per request.
+func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
+	n := totalLen(bufs)
+	if err := v.checkRange("write", off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	p := v.p
+	var deadline time.Time
+	for {
+		p.ioGate.RLock()
+		plans, wait, err := v.planWrite(off, int64(n))
+		if wait != nil {
+			p.ioGate.RUnlock()
+			<-wait
+			continue
+		}
+		if errors.Is(err, ErrNoSpace) {
+			p.ioGate.RUnlock()
+			if err := p.waitForSpace(&deadline, "write", v.name); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			p.ioGate.RUnlock()
+			return err
+		}
+		err = v.doWrite(plans, bufs, off, int64(n))
+		p.ioGate.RUnlock()
+		if err != nil {
+			return fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
+		}
+		p.opSeq.Add(1)
+		return nil
+	}
+}
+
+func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
+	p := v.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := v.startLocked(); err != nil {
+		return nil, nil, err
+	}
+	layer := v.st.rec.Layer
+	first, last := uint64(off>>p.shift), uint64((off+n-1)>>p.shift)
+	plans := make([]writePlan, 0, last-first+1)
+	var need, fromRes uint64
+	for vb := first; vb <= last; vb++ {
+		k := mapKey{layer, vb}
+		if f := p.filling[k]; f != nil {
+			return nil, f.done, nil
+		}
+		e, err := p.lookupLocked(k)
+		if err != nil {
+			return nil, nil, fmt.Errorf("write volume %s: %w", v.name, err)
+		}
+		if e.Mapped() {
+			plans = append(plans, writePlan{vb: vb, pblock: int64(e.PBlock)})
+			continue
+		}
+		if e.Reserved() {
+			fromRes++
+		} else {
+			need++
+		}
+		plans = append(plans, writePlan{vb: vb, pblock: -1, f: &fill{prev: e, fromReserve: e.Reserved()}})
+	}
+	if need > p.freeLocked() {
+		return nil, nil, ErrNoSpace
+	}
+	for i := range plans {
+		f := plans[i].f
+		if f == nil {
+			continue
+		}
+		pb, ok := p.allocLocked()
+		if !ok { // cannot happen while the counters are right
+			panic(fmt.Sprintf("thin: allocation bitmap full with %d free blocks", p.freeLocked()))
+		}
+		p.inflight.set(pb)
+		if f.fromReserve {
+			p.inflightRes++
+		}
+		f.pblock = pb
+		f.done = make(chan struct{})
+		plans[i].pblock = int64(pb)
+		p.filling[mapKey{layer, plans[i].vb}] = f
+	}
+	if need > 0 {
+		p.noteSpaceLocked()
+	}
+	return plans, nil, nil
+}
+
+func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
+	p := v.p
+	bs := p.blockSize
+	p.dataDirty.Store(true)
+	s := sg{bufs: bufs}
+	var err error
+	pos := off
+	for _, pl := range plans {
+		inBlk := pos & (bs - 1)
+		l := min(bs-inBlk, off+n-pos)
+		base := pl.pblock << p.shift
+		if err == nil {
+			if pl.f != nil && l != bs {
+				// A new block is written whole, so that bytes a previous
+				// owner left behind never show.
+				buf := p.getBlockBuf()
+				clear(buf)
+				err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+				if err == nil {
+					_, err = p.data.WriteAt(buf, base)
+				}
+				putBlockBuf(buf)
+			} else {
+				err = s.next(l, func(b []byte, rel int64) error {
+					_, err := p.data.WriteAt(b, base+inBlk+rel)
+					return err
+				})
+			}
+		}
+		pos += l
+	}
+	// Publish the new blocks (or give them back on failure).
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	layer := v.st.rec.Layer
+	for _, pl := range plans {
+		f := pl.f
+		if f == nil {
+			continue
+		}
+		delete(p.filling, mapKey{layer, pl.vb})
+		p.inflight.clear(f.pblock)
+		if f.fromReserve {
+			p.inflightRes--
+		}
+		if err != nil {
+			p.alloc.clear(f.pblock)
+		} else {
+			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.prev.Flags&pebblemeta.FlagProvisioned, PBlock: f.pblock}
+			p.setLocked(v.st, pl.vb, f.prev, e)
+		}
+		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
+		close(f.done)
+	}
+	if len(p.dirty) >= p.opts.MaxPending {
+		p.kickCommit()
+	}
+	return err
+}
+
+// Flush makes every request completed before it durable.
+func (v *Volume) Flush() error {
+	if err := v.p.Flush(); err != nil {
+		return fmt.Errorf("flush volume %s: %w", v.name, err)
+	}
+	return nil
+}
+
+// Discard releases the whole blocks of [off, off+length) and zeroes the
+// rest; afterwards the range reads as zeros.
+func (v *Volume) Discard(off, length int64) error {
+	return v.zeroes("discard", off, length, true)
+}
+
+// WriteZeroes makes [off, off+length) read as zeros. With unmap it is
+// Discard. Without unmap it provisions: every block of the range is
+// allocated or reserved and marked provisioned, so later writes there never
+// fail for lack of space; when the pool cannot cover the whole range it
+// fails and changes nothing.
+func (v *Volume) WriteZeroes(off, length int64, unmap bool) error {
+	op := "write-zeroes"
+	if unmap {
+		op = "write-zeroes-unmap"
+	}
+	return v.zeroes(op, off, length, unmap)
+}
+
+type zeroOp struct{ off, n int64 }
+
+func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
+	if length < 0 || length > 1<<62 {
+		return fmt.Errorf("%s on volume %s: %w: length %d", op, v.name, ErrInvalid, length)
+	}
+	if err := v.checkRange(op, off, 0); err != nil || uint64(off)+uint64(length) > v.Size() || length%512 != 0 {
+		return fmt.Errorf("%s on volume %s at %d+%d: %w: out of range or not sector aligned", op, v.name, off, length, ErrInvalid)
+	}
+	if length == 0 {
+		return nil
+	}
+	p := v.p
+	var deadline time.Time
+	for {
+		p.ioGate.RLock()
+		zeros, wait, err := v.planZeroes(off, length, unmap)
+		if wait != nil {
+			p.ioGate.RUnlock()
+			<-wait
+			continue
+		}
+		if errors.Is(err, ErrNoSpace) {
+			p.ioGate.RUnlock()
+			if err := p.waitForSpace(&deadline, op, v.name); err != nil {
+				return err
+			}
+			continue
+		}
+		if err == nil && len(zeros) > 0 {
+			p.dataDirty.Store(true)
+			for _, z := range zeros {
+				if err = p.data.ZeroRange(z.off, z.n); err != nil {
+					break
+				}
+			}
+		}
+		p.ioGate.RUnlock()
+		if err != nil {
+			return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+		}
+		p.opSeq.Add(1)
+		return nil
+	}
+}
+
+// planZeroes changes the map for a discard or write-zeroes and returns the
+// byte ranges of mapped blocks that must be zeroed in place.
+func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struct{}, error) {
+	p := v.p
+	bs := p.blockSize
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := v.startLocked(); err != nil {
+		return nil, nil, err
+	}
+	layer := v.st.rec.Layer
+	end := off + length
+	first, last := uint64(off>>p.shift), uint64((end-1)>>p.shift)
+	for k, f := range p.filling {
+		if k.layer == layer && k.vb >= first && k.vb <= last {
+			return nil, f.done, nil
+		}
+	}
+	volSize := int64(v.Size())
+	// covered returns the part of block vb inside the range, and whether
+	// that is the whole block (up to the volume's end).
+	covered := func(vb uint64) (a, b int64, whole bool) {
+		start := int64(vb) << p.shift
+		a, b = max(start, off), min(start+bs, end)
+		return a, b, a == start && (b == start+bs || b == volSize)
+	}
+	var zeros []zeroOp
+	zeroIn := func(e pebblemeta.Entry, vb uint64) {
+		a, b, _ := covered(vb)
+		zeros = append(zeros, zeroOp{int64(e.PBlock)<<p.shift + a - int64(vb)<<p.shift, b - a})
+	}
+	existing := map[uint64]pebblemeta.Entry{}
+	if err := p.rangeLocked(layer, first, last, func(vb uint64, e pebblemeta.Entry) { existing[vb] = e }); err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", v.name, err)
+	}
+	if unmap {
+		released := false
+		for vb, e := range existing {
+			if _, _, whole := covered(vb); !whole {
+				if e.Mapped() {
+					zeroIn(e, vb)
+				}
+				continue
+			}
+			p.setLocked(v.st, vb, e, pebblemeta.Entry{})
+			if e.Mapped() {
+				p.releaseLocked(e.PBlock)
+				released = true
+			}
+			if e.Reserved() {
+				released = true
+			}
+		}
+		if released {
+			// Reservations given back are free at once; queued writers
+			// wake, and commit to make the released blocks reusable.
+			p.spaceFreedLocked()
+		}
+	} else {
+		need := (last - first + 1) - uint64(len(existing))
+		if need > p.freeLocked() {
+			return nil, nil, ErrNoSpace
+		}
+		for vb := first; vb <= last; vb++ {
+			e, ok := existing[vb]
+			switch {
+			case !ok:
+				p.setLocked(v.st, vb, e, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned})
+			case e.Mapped():
+				zeroIn(e, vb)
+				if !e.Provisioned() {
+					ne := e
+					ne.Flags |= pebblemeta.FlagProvisioned
+					p.setLocked(v.st, vb, e, ne)
+				}
+			}
+		}
+		if need > 0 {
+			p.noteSpaceLocked()
+		}
+	}
+	if len(p.dirty) >= p.opts.MaxPending {
+		p.kickCommit()
+	}
+	return zeros, nil, nil
+}
