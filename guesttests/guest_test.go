@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Environment:
@@ -259,6 +261,25 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 	t.Run("fio-verify", func(t *testing.T) {
 		// Two jobs pinned to the two vCPUs, so blk-mq sends them down different queues;
 		// disjoint regions, random offsets, mixed block sizes, direct I/O, verified reads.
+		// Each virtqueue has its own MSI-X vector: both queues' interrupt counts must grow.
+		name := strings.TrimPrefix(dev, "/dev/")
+		queued := func() []int {
+			out := g.sh(t, 20*time.Second, `v=$(basename $(readlink /sys/block/`+name+`/device))
+				for q in 0 1; do grep " $v-req.$q\$" /proc/interrupts | awk '{s=0; for (i=2; i<=NF; i++) if ($i ~ /^[0-9]+$/) s+=$i; print s}'; done`)
+			var n []int
+			for _, f := range strings.Fields(out) {
+				v, err := strconv.Atoi(f)
+				if err != nil {
+					t.Fatalf("per-queue interrupt counts: %q", out)
+				}
+				n = append(n, v)
+			}
+			if len(n) != 2 {
+				t.Fatalf("per-queue interrupt counts: %q", out)
+			}
+			return n
+		}
+		before := queued()
 		out := g.sh(t, 6*time.Minute, `fio --name=verify --filename=`+dev+` --direct=1 --ioengine=libaio \
 			--rw=randwrite --bssplit=4k/40:16k/30:64k/20:256k/10 --iodepth=16 --numjobs=2 \
 			--size=48M --offset_increment=256M --verify=crc32c --verify_fatal=1 --do_verify=1 \
@@ -275,7 +296,13 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		if f[4] != "0" || writeKiB < 2*48*1024 || readKiB < writeKiB {
 			t.Errorf("fio: error %s, wrote %d KiB, verified %d KiB; want no error and all 96 MiB written and read back", f[4], writeKiB, readKiB)
 		}
-		t.Logf("fio: wrote %d KiB, verified %d KiB", writeKiB, readKiB)
+		after := queued()
+		t.Logf("fio: wrote %d KiB, verified %d KiB; interrupts per queue: %d, %d", writeKiB, readKiB, after[0]-before[0], after[1]-before[1])
+		for q := range after {
+			if after[q]-before[q] < 10 {
+				t.Errorf("virtqueue %d raised only %d interrupts during fio: not both queues in use", q, after[q]-before[q])
+			}
+		}
 	})
 
 	t.Run("discard-and-zeroout", func(t *testing.T) {
@@ -302,6 +329,19 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		}
 		if !bytes.Equal(data[16*mib:24*mib], make([]byte, 8*mib)) {
 			t.Error("host image not zero in the discarded/zeroed range")
+		}
+		// Discard must give the space back: the range is a hole in the host file.
+		f, err := os.Open(rwImg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		next, err := unix.Seek(int(f.Fd()), 16*mib, unix.SEEK_DATA)
+		if err != nil && err != unix.ENXIO {
+			t.Fatal(err)
+		}
+		if err == nil && next < 20*mib {
+			t.Errorf("discarded range still allocated in the host file: data at %d, want a hole up to %d", next, 20*mib)
 		}
 	})
 
