@@ -26,6 +26,10 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"serve", "export disks to QEMU over vhost-user-blk", runServe},
+		{"pool", "create or grow a thin pool", runPool},
+		{"volume", "create, delete, resize or list volumes", runVolume},
+		{"status", "show a pool's space and its volumes", runStatus},
+		{"check", "verify a pool's metadata against its data file", runCheck},
 		{"version", "print the version", runVersion},
 	}
 }

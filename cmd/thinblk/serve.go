@@ -16,9 +16,12 @@ import (
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-const serveSynopsis = "serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]"
+const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
+       thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]`
 
 type serveFlags struct {
+	pool       string
+	socketDir  string
 	raw        string
 	socket     string
 	socketMode string
@@ -34,7 +37,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	var f serveFlags
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
-	fs.StringVar(&f.socket, "socket", "", "unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
@@ -46,8 +50,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return exitFor(err)
 	}
-	if len(pos) != 0 {
-		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[0])
+	switch {
+	case len(pos) == 1 && f.raw == "":
+		f.pool = pos[0]
+	case len(pos) > 0:
+		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
 		fs.Usage()
 		return 2
 	}
@@ -62,18 +69,28 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serveRaw(ctx, f, logger); err != nil {
+	serve := serveRaw
+	if f.pool != "" {
+		serve = servePool
+	}
+	if err := serve(ctx, f, logger); err != nil {
 		return fail(stderr, "serve", err)
 	}
 	return 0
 }
 
 func (f *serveFlags) validate() error {
-	if f.raw == "" {
-		return errors.New("--raw FILE is required")
-	}
-	if f.socket == "" {
-		return errors.New("--socket PATH is required")
+	switch {
+	case f.pool == "" && f.raw == "":
+		return errors.New("give a pool directory, or --raw FILE")
+	case f.pool != "" && f.socket != "":
+		return errors.New("--socket is for --raw; a pool's sockets go in --socket-dir")
+	case f.raw != "" && f.socket == "":
+		return errors.New("--socket PATH is required with --raw")
+	case f.raw != "" && f.socketDir != "":
+		return errors.New("--socket-dir is for a pool; use --socket with --raw")
+	case f.pool != "" && (f.readOnly || f.serial != ""):
+		return errors.New("--read-only and --serial are for --raw (a pool's volumes are read-write, their serial is the volume name)")
 	}
 	if f.queues < 1 || f.queues > 64 {
 		return fmt.Errorf("--queues %d: must be 1 to 64", f.queues)

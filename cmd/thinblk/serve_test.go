@@ -121,8 +121,12 @@ func TestServeFlagErrors(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"serve"}, "--raw FILE is required"},
+		{[]string{"serve"}, "give a pool directory, or --raw FILE"},
 		{[]string{"serve", "--raw", "x.img"}, "--socket PATH is required"},
+		{[]string{"serve", "pooldir", "--socket", "s"}, "--socket is for --raw"},
+		{[]string{"serve", "--raw", "x", "--socket", "s", "--socket-dir", "d"}, "--socket-dir is for a pool"},
+		{[]string{"serve", "pooldir", "--read-only"}, "are for --raw"},
+		{[]string{"serve", "pooldir", "other"}, "unexpected argument"},
 		{[]string{"serve", "--raw", "x", "--socket", "s", "--queues", "0"}, "must be 1 to 64"},
 		{[]string{"serve", "--raw", "x", "--socket", "s", "--queue-size", "100"}, "power of two"},
 		{[]string{"serve", "--raw", "x", "--socket", "s", "--socket-mode", "999"}, "octal"},

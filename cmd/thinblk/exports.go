@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/thinblk/thinblk/thin"
+	"github.com/thinblk/thinblk/vhostuser"
+	"github.com/thinblk/thinblk/virtio/blk"
+)
+
+// exportOptions are the per-disk settings shared by every export of a pool.
+type exportOptions struct {
+	socketDir  string
+	socketMode os.FileMode
+	queues     int
+	queueSize  int
+}
+
+// exports serves every volume of a pool on its own socket and follows the
+// pool's changes: a created volume gets a socket, a deleted one loses it, a
+// resized one tells its guest.
+type exports struct {
+	pool *thin.Pool
+	opts exportOptions
+	log  *slog.Logger
+	ctx  context.Context
+
+	mu     sync.Mutex
+	byName map[string]*export
+	closed bool
+	events chan thin.Event
+	done   chan struct{}
+	stopW  func()
+}
+
+type export struct {
+	dev    *blk.Device
+	srv    *vhostuser.Server
+	served chan struct{} // closed when Serve returns
+}
+
+// volumeStorage adds the pool's block size as the discard granularity, so
+// guests discard in units that really free space.
+type volumeStorage struct{ *thin.Volume }
+
+func (v volumeStorage) Geometry() blk.Geometry {
+	return blk.Geometry{
+		LogicalBlockSize:   blk.SectorSize,
+		PhysicalBlockSize:  4096,
+		OptimalIOSize:      v.BlockSize(),
+		DiscardGranularity: v.BlockSize(),
+	}
+}
+
+func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log *slog.Logger) (*exports, error) {
+	e := &exports{
+		pool: pool, opts: opts, log: log, ctx: ctx,
+		byName: map[string]*export{},
+		events: make(chan thin.Event, 64),
+		done:   make(chan struct{}),
+	}
+	// Watch before listing, so no volume created in between is missed;
+	// start is idempotent.
+	e.stopW = pool.Watch(func(ev thin.Event) {
+		select {
+		case e.events <- ev:
+		case <-e.done:
+		}
+	})
+	go e.follow()
+	for _, name := range pool.Volumes() {
+		if err := e.start(name); err != nil {
+			e.close()
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// follow applies pool changes in order.
+func (e *exports) follow() {
+	for {
+		select {
+		case <-e.done:
+			return
+		case ev := <-e.events:
+			switch ev.Type {
+			case thin.VolumeCreated:
+				if err := e.start(ev.Volume); err != nil {
+					e.log.Error("cannot export new volume", "volume", ev.Volume, "err", err)
+				}
+			case thin.VolumeDeleted:
+				e.stop(ev.Volume)
+			case thin.VolumeResized:
+				e.mu.Lock()
+				x := e.byName[ev.Volume]
+				e.mu.Unlock()
+				if x != nil {
+					if err := x.dev.NotifyResize(); err != nil {
+						e.log.Warn("could not tell the front-end about the new size", "volume", ev.Volume, "err", err)
+					} else {
+						e.log.Info("volume resized; front-end notified", "volume", ev.Volume, "bytes", ev.Size)
+					}
+				}
+			}
+		}
+	}
+}
+
+func (e *exports) socketPath(name string) string {
+	return filepath.Join(e.opts.socketDir, name+".sock")
+}
+
+func (e *exports) start(name string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed || e.byName[name] != nil {
+		return nil
+	}
+	vol, err := e.pool.Volume(name)
+	if err != nil {
+		return err
+	}
+	log := e.log.With("volume", name)
+	dev, err := blk.New(volumeStorage{vol}, blk.Options{
+		NumQueues: e.opts.queues,
+		QueueSize: e.opts.queueSize,
+		Serial:    baseSerial(name),
+		Logger:    log,
+	})
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	srv, err := vhostuser.Listen(vhostuser.ServerOptions{
+		SocketPath: e.socketPath(name),
+		SocketMode: e.opts.socketMode,
+		Logger:     log,
+		Name:       name,
+	}, dev)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", name, err)
+	}
+	x := &export{dev: dev, srv: srv, served: make(chan struct{})}
+	e.byName[name] = x
+	go func() {
+		defer close(x.served)
+		if err := srv.Serve(e.ctx); err != nil {
+			log.Error("export stopped", "err", err)
+		}
+	}()
+	log.Info("exporting volume", "socket", e.socketPath(name), "bytes", vol.Size())
+	return nil
+}
+
+// stop closes one export: the socket goes, in-flight requests finish.
+func (e *exports) stop(name string) error {
+	e.mu.Lock()
+	x := e.byName[name]
+	delete(e.byName, name)
+	e.mu.Unlock()
+	if x == nil {
+		return nil
+	}
+	err := x.srv.Close()
+	<-x.served
+	if derr := x.dev.Close(); err == nil {
+		err = derr
+	}
+	e.log.Info("export closed", "volume", name)
+	return err
+}
+
+// close stops following the pool and closes every export.
+func (e *exports) close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	names := make([]string, 0, len(e.byName))
+	for n := range e.byName {
+		names = append(names, n)
+	}
+	e.mu.Unlock()
+	e.stopW()
+	close(e.done)
+	var firstErr error
+	for _, n := range names {
+		if err := e.stop(n); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	return firstErr
+}
+
+// inFlight sums requests in flight over the named volumes (all if none).
+func (e *exports) inFlight(names ...string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	if len(names) == 0 {
+		for _, x := range e.byName {
+			n += x.dev.InFlight()
+		}
+		return n
+	}
+	for _, name := range names {
+		if x := e.byName[name]; x != nil {
+			n += x.dev.InFlight()
+		}
+	}
+	return n
+}

@@ -1,0 +1,309 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"text/tabwriter"
+	"time"
+
+	"github.com/thinblk/thinblk/thin"
+)
+
+// poolOps is what the management commands do to a pool: directly, or
+// through the control socket of a `thinblk serve` that holds the pool.
+type poolOps interface {
+	Grow(size uint64) error
+	CreateVolume(name string, size uint64) error
+	DeleteVolume(name string) error
+	ResizeVolume(name string, size uint64) error
+	Status() (thin.Status, error)
+	Close() error
+}
+
+// directOps opens the pool in this process.
+type directOps struct{ p *thin.Pool }
+
+func (d directOps) Grow(size uint64) error                   { return d.p.Grow(size) }
+func (d directOps) CreateVolume(n string, size uint64) error { return d.p.CreateVolume(n, size) }
+func (d directOps) DeleteVolume(n string) error              { return d.p.DeleteVolume(n) }
+func (d directOps) ResizeVolume(n string, size uint64) error { return d.p.ResizeVolume(n, size) }
+func (d directOps) Status() (thin.Status, error)             { return d.p.Status(), nil }
+func (d directOps) Close() error                             { return d.p.Close() }
+
+// quietLogger discards the pool's informational logs in one-shot commands
+// but keeps warnings.
+func quietLogger(stderr io.Writer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+// openPoolOps reaches the pool in dir: through a running serve's control
+// socket when there is one, otherwise by opening it here.
+func openPoolOps(dir string, stderr io.Writer) (poolOps, error) {
+	if ops, err := dialControl(dir); err == nil {
+		return ops, nil
+	} else if !errors.Is(err, errNoControl) {
+		return nil, err
+	}
+	p, err := thin.Open(dir, thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
+	if err != nil {
+		if errors.Is(err, thin.ErrLocked) {
+			return nil, fmt.Errorf("%w; no running 'thinblk serve' answers on its control socket", err)
+		}
+		return nil, err
+	}
+	return directOps{p}, nil
+}
+
+func runPool(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: thinblk pool create|grow DIR ... (see 'thinblk pool create --help')")
+		return 2
+	}
+	switch args[0] {
+	case "create":
+		return runPoolCreate(args[1:], stdout, stderr)
+	case "grow":
+		return runPoolGrow(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "thinblk pool: unknown subcommand %q (want create or grow)\n", args[0])
+	return 2
+}
+
+func runPoolCreate(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue] [--no-space-timeout 60s] [--low-water 10%]", stderr)
+	size := fs.String("size", "", "pool size (data space), e.g. 20G; a multiple of the block size")
+	blockSize := fs.String("block-size", "64K", "allocation unit: a power of two from 4K to 16M")
+	noSpace := fs.String("no-space", "error", "when a write finds no free space: error (fail at once) or queue (wait for space)")
+	noSpaceTimeout := fs.Duration("no-space-timeout", 60*time.Second, "how long a queued write waits for space before it fails")
+	lowWater := fs.String("low-water", "10%", "log and flag the pool when free space falls below this share of it")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return exitFor(err)
+	}
+	if len(pos) != 1 || *size == "" {
+		fs.Usage()
+		return 2
+	}
+	var o thin.CreateOptions
+	if o.Size, err = parseSize(*size); err != nil {
+		return usageError(stderr, "pool create", err)
+	}
+	bs, err := parseSize(*blockSize)
+	if err != nil || bs > 1<<30 {
+		return usageError(stderr, "pool create", fmt.Errorf("--block-size %q: want a power of two from 4K to 16M", *blockSize))
+	}
+	o.BlockSize = uint32(bs)
+	if o.NoSpace, err = thin.ParseNoSpacePolicy(*noSpace); err != nil {
+		return usageError(stderr, "pool create", err)
+	}
+	if *noSpaceTimeout <= 0 {
+		return usageError(stderr, "pool create", fmt.Errorf("--no-space-timeout %v: must be positive", *noSpaceTimeout))
+	}
+	o.NoSpaceTimeout = *noSpaceTimeout
+	if o.LowWater, err = parsePercent(*lowWater); err != nil {
+		return usageError(stderr, "pool create", fmt.Errorf("--low-water %w", err))
+	}
+	if err := thin.Create(pos[0], o); err != nil {
+		return fail(stderr, "pool create", err)
+	}
+	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], humanBytes(o.Size), humanBytes(uint64(o.BlockSize)))
+	return 0
+}
+
+func runPoolGrow(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("pool grow", "pool grow DIR --size SIZE", stderr)
+	size := fs.String("size", "", "new pool size, e.g. 40G (online while serve runs)")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return exitFor(err)
+	}
+	if len(pos) != 1 || *size == "" {
+		fs.Usage()
+		return 2
+	}
+	n, err := parseSize(*size)
+	if err != nil {
+		return usageError(stderr, "pool grow", err)
+	}
+	return withPool(pos[0], stderr, "pool grow", func(ops poolOps) error {
+		if err := ops.Grow(n); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "pool %s is now %s\n", pos[0], humanBytes(n))
+		return nil
+	})
+}
+
+// withPool runs fn on the pool in dir and closes it.
+func withPool(dir string, stderr io.Writer, cmd string, fn func(poolOps) error) int {
+	ops, err := openPoolOps(dir, stderr)
+	if err != nil {
+		return fail(stderr, cmd, err)
+	}
+	err = fn(ops)
+	if cerr := ops.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fail(stderr, cmd, err)
+	}
+	return 0
+}
+
+func usageError(stderr io.Writer, cmd string, err error) int {
+	fmt.Fprintf(stderr, "thinblk %s: %v\n", cmd, err)
+	return 2
+}
+
+func runVolume(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: thinblk volume create|delete|resize|list DIR ...")
+		return 2
+	}
+	sub, args := args[0], args[1:]
+	switch sub {
+	case "create", "resize":
+		fs := newFlagSet("volume "+sub, "volume "+sub+" DIR NAME --size SIZE", stderr)
+		size := fs.String("size", "", "virtual size of the volume, e.g. 100G (may exceed the pool)")
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		if len(pos) != 2 || *size == "" {
+			fs.Usage()
+			return 2
+		}
+		n, err := parseSize(*size)
+		if err != nil {
+			return usageError(stderr, "volume "+sub, err)
+		}
+		return withPool(pos[0], stderr, "volume "+sub, func(ops poolOps) error {
+			if sub == "create" {
+				err = ops.CreateVolume(pos[1], n)
+			} else {
+				err = ops.ResizeVolume(pos[1], n)
+			}
+			if err == nil {
+				fmt.Fprintf(stdout, "volume %s: %s\n", pos[1], humanBytes(n))
+			}
+			return err
+		})
+	case "delete":
+		fs := newFlagSet("volume delete", "volume delete DIR NAME", stderr)
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		if len(pos) != 2 {
+			fs.Usage()
+			return 2
+		}
+		return withPool(pos[0], stderr, "volume delete", func(ops poolOps) error {
+			return ops.DeleteVolume(pos[1])
+		})
+	case "list":
+		fs := newFlagSet("volume list", "volume list DIR", stderr)
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		if len(pos) != 1 {
+			fs.Usage()
+			return 2
+		}
+		return withPool(pos[0], stderr, "volume list", func(ops poolOps) error {
+			st, err := ops.Status()
+			if err != nil {
+				return err
+			}
+			for _, v := range st.Volumes {
+				fmt.Fprintf(stdout, "%s\t%d\n", v.Name, v.SizeBytes)
+			}
+			return nil
+		})
+	}
+	fmt.Fprintf(stderr, "thinblk volume: unknown subcommand %q (want create, delete, resize or list)\n", sub)
+	return 2
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("status", "status DIR [--json]", stderr)
+	asJSON := fs.Bool("json", false, "print JSON (numbers in bytes)")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return exitFor(err)
+	}
+	if len(pos) != 1 {
+		fs.Usage()
+		return 2
+	}
+	return withPool(pos[0], stderr, "status", func(ops poolOps) error {
+		st, err := ops.Status()
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			return enc.Encode(st)
+		}
+		printStatus(stdout, st)
+		return nil
+	})
+}
+
+func printStatus(w io.Writer, st thin.Status) {
+	p := st.Pool
+	fmt.Fprintf(w, "pool %s: size %s, allocated %s, reserved %s, free %s (block size %s, no-space %s)\n",
+		p.Dir, humanBytes(p.SizeBytes), humanBytes(p.AllocatedBytes), humanBytes(p.ReservedBytes),
+		humanBytes(p.FreeBytes), humanBytes(uint64(p.BlockSize)), p.NoSpace)
+	if p.BelowLowWater {
+		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", humanBytes(p.LowWaterBytes))
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "VOLUME\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t")
+	for _, v := range st.Volumes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", v.Name, humanBytes(v.SizeBytes), humanBytes(v.MappedBytes),
+			humanBytes(v.ProvisionedBytes), humanBytes(v.ReservedBytes))
+	}
+	tw.Flush()
+}
+
+func runCheck(args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("check", "check DIR [--quiet]", stderr)
+	quiet := fs.Bool("quiet", false, "no progress output")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return exitFor(err)
+	}
+	if len(pos) != 1 {
+		fs.Usage()
+		return 2
+	}
+	p, err := thin.Open(pos[0], thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
+	if err != nil {
+		if errors.Is(err, thin.ErrLocked) {
+			err = fmt.Errorf("%w: stop 'thinblk serve' before checking", err)
+		}
+		return fail(stderr, "check", err)
+	}
+	defer p.Close()
+	last := time.Now()
+	progress := func(done, total uint64) {
+		if *quiet || time.Since(last) < time.Second {
+			return
+		}
+		last = time.Now()
+		fmt.Fprintf(stderr, "check: %d of %d (%.0f%%)\n", done, total, 100*float64(done)/float64(max(total, 1)))
+	}
+	if err := p.Check(progress); err != nil {
+		fmt.Fprintf(stdout, "pool %s: NOT clean\n%v\n", pos[0], err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "pool %s: clean\n", pos[0])
+	return 0
+}
+

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/thinblk/thinblk/thin"
+	"github.com/thinblk/thinblk/vhostuser/frontend"
+)
+
+// thinblk runs the CLI in-process and returns stdout, stderr and the code.
+func thinblk(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := run(args, &stdout, &stderr)
+	return stdout.String(), stderr.String(), code
+}
+
+func mustThinblk(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, code := thinblk(t, args...)
+	if code != 0 {
+		t.Fatalf("thinblk %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+func statusJSON(t *testing.T, dir string) thin.Status {
+	t.Helper()
+	var st thin.Status
+	if err := json.Unmarshal([]byte(mustThinblk(t, "status", dir, "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestPoolLifecycleOffline(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "64M", "--block-size", "64K", "--low-water", "5%")
+	if _, errOut, code := thinblk(t, "pool", "create", dir, "--size", "64M"); code == 0 {
+		t.Fatal("creating a pool over an existing one succeeded")
+	} else if !strings.Contains(errOut, "already exists") {
+		t.Errorf("unclear error for an existing pool: %q", errOut)
+	}
+	mustThinblk(t, "volume", "create", dir, "vm1", "--size", "1G")
+	mustThinblk(t, "volume", "create", dir, "vm2", "--size", "2G")
+	if _, errOut, code := thinblk(t, "volume", "create", dir, "a/b", "--size", "1G"); code == 0 || errOut == "" {
+		t.Fatal("a volume name with / was accepted")
+	}
+	mustThinblk(t, "volume", "resize", dir, "vm1", "--size", "3G")
+	mustThinblk(t, "volume", "delete", dir, "vm2")
+	if out := mustThinblk(t, "volume", "list", dir); out != "vm1\t3221225472\n" {
+		t.Errorf("volume list = %q", out)
+	}
+	mustThinblk(t, "pool", "grow", dir, "--size", "128M")
+	st := statusJSON(t, dir)
+	if st.Pool.SizeBytes != 128<<20 || st.Pool.FreeBytes+st.Pool.AllocatedBytes+st.Pool.ReservedBytes != st.Pool.SizeBytes {
+		t.Errorf("pool status after grow: %+v", st.Pool)
+	}
+	if len(st.Volumes) != 1 || st.Volumes[0].Name != "vm1" || st.Volumes[0].SizeBytes != 3<<30 {
+		t.Errorf("volumes: %+v", st.Volumes)
+	}
+	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		t.Errorf("check: %q", out)
+	}
+	if out := mustThinblk(t, "status", dir); !strings.Contains(out, "vm1") || !strings.Contains(out, "128.0 MiB") {
+		t.Errorf("status table: %q", out)
+	}
+}
+
+func TestPoolBadInput(t *testing.T) {
+	notPool := t.TempDir()
+	for _, args := range [][]string{
+		{"status", notPool},
+		{"check", notPool},
+		{"volume", "create", notPool, "v", "--size", "1G"},
+		{"serve", notPool},
+	} {
+		_, errOut, code := thinblk(t, args...)
+		if code == 0 || !strings.Contains(errOut, "not a thinblk pool") {
+			t.Errorf("%v on a plain directory: exit %d, %q", args, code, errOut)
+		}
+	}
+	for _, args := range [][]string{
+		{"pool", "create", filepath.Join(notPool, "p"), "--size", "10Q"},
+		{"pool", "create", filepath.Join(notPool, "p"), "--size", "64M", "--no-space", "maybe"},
+		{"pool", "create", filepath.Join(notPool, "p"), "--size", "64M", "--low-water", "150%"},
+		{"pool", "create", filepath.Join(notPool, "p")},
+	} {
+		if _, _, code := thinblk(t, args...); code != 2 {
+			t.Errorf("%v: exit %d, want 2", args, code)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(notPool, "p")); !os.IsNotExist(err) {
+		t.Error("a rejected pool create left a directory behind")
+	}
+}
+
+func TestServePoolDataPath(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "32M")
+	mustThinblk(t, "volume", "create", dir, "disk0", "--size", "1G")
+	cmd, logs := startServe(t, bin, dir, "--queues", "2")
+	_ = cmd
+	sock := filepath.Join(dir, "disk0.sock")
+	waitForSocket(t, sock)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	disk, err := frontend.Dial(ctx, sock, frontend.Options{NumQueues: 2})
+	if err != nil {
+		t.Fatalf("dial: %v\n%s", err, logs)
+	}
+	if disk.Capacity() != 1<<30 {
+		t.Errorf("capacity %d, want 1 GiB", disk.Capacity())
+	}
+	if id, _ := disk.GetID(); id != "disk0" {
+		t.Errorf("serial %q, want disk0", id)
+	}
+	data := bytes.Repeat([]byte{0xA5}, 128<<10)
+	if _, err := disk.WriteAt(data, 512<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := disk.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(data))
+	if _, err := disk.ReadAt(got, 512<<20); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back: %v, equal=%v", err, bytes.Equal(got, data))
+	}
+	disk.Close()
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve exit: %v\n%s", err, logs)
+	}
+	// After a clean stop the pool is consistent and holds the data.
+	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		t.Errorf("check: %q", out)
+	}
+	st := statusJSON(t, dir)
+	if st.Volumes[0].MappedBytes != 128<<10 {
+		t.Errorf("mapped %d bytes, want %d", st.Volumes[0].MappedBytes, 128<<10)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Error("volume socket left behind")
+	}
+}

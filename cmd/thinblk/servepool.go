@@ -1,0 +1,38 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+
+	"github.com/thinblk/thinblk/thin"
+)
+
+// servePool exports every volume of the pool until ctx is cancelled, then
+// closes the exports (in-flight requests finish), commits the pool's
+// metadata and releases it.
+func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
+	pool, err := thin.Open(f.pool, thin.OpenOptions{Logger: logger})
+	if err != nil {
+		return err
+	}
+	sockDir := f.socketDir
+	if sockDir == "" {
+		sockDir = f.pool
+	}
+	mode, _ := parseMode(f.socketMode)
+	ex, err := startExports(ctx, pool, exportOptions{
+		socketDir: sockDir, socketMode: mode, queues: f.queues, queueSize: f.queueSize,
+	}, logger)
+	if err != nil {
+		pool.Close()
+		return err
+	}
+	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "volumes", len(pool.Volumes()))
+	<-ctx.Done()
+	logger.Info("shutting down")
+	exErr := ex.close()
+	flushErr := pool.Flush()
+	closeErr := pool.Close()
+	return errors.Join(exErr, flushErr, closeErr)
+}

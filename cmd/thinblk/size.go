@@ -1,0 +1,81 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"strconv"
+	"strings"
+)
+
+// parseSize parses a byte count with an optional binary suffix: 512, 64K,
+// 20G, 1.5T (K=1024). "KiB"/"KB"/"k" spellings are accepted.
+func parseSize(s string) (uint64, error) {
+	t := strings.TrimSpace(s)
+	u := strings.ToUpper(t)
+	u = strings.TrimSuffix(strings.TrimSuffix(u, "IB"), "B")
+	mult := uint64(1)
+	if n := len(u); n > 0 {
+		switch u[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		case 'P':
+			mult = 1 << 50
+		}
+		if mult != 1 {
+			u = u[:n-1]
+		}
+	}
+	if u == "" {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T or P suffix", s)
+	}
+	if n, err := strconv.ParseUint(u, 10, 64); err == nil {
+		if n > math.MaxUint64/mult {
+			return 0, fmt.Errorf("size %q is too large", s)
+		}
+		return n * mult, nil
+	}
+	f, err := strconv.ParseFloat(u, 64)
+	if err != nil || f < 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T or P suffix", s)
+	}
+	v := f * float64(mult)
+	if v >= math.MaxUint64/2 {
+		return 0, fmt.Errorf("size %q is too large", s)
+	}
+	return uint64(v), nil
+}
+
+// parsePercent parses "10%" or "0.1" into a fraction in [0, 1).
+func parsePercent(s string) (float64, error) {
+	t := strings.TrimSpace(s)
+	div := 1.0
+	if strings.HasSuffix(t, "%") {
+		t = strings.TrimSuffix(t, "%")
+		div = 100
+	}
+	f, err := strconv.ParseFloat(t, 64)
+	if err != nil || math.IsNaN(f) || f < 0 || f/div >= 1 {
+		return 0, fmt.Errorf("%q: want a percentage from 0%% to below 100%%", s)
+	}
+	return f / div, nil
+}
+
+// humanBytes formats n with a binary unit, for tables.
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
