@@ -306,4 +306,3 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "pool %s: clean\n", pos[0])
 	return 0
 }
-
