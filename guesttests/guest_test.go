@@ -419,3 +419,68 @@ func TestGuestHang(t *testing.T) {
 		t.Error("QEMU still running after Kill")
 	}
 }
+
+// TestGuestBackendRestart: the back-end is stopped (SIGTERM) and started again under a running
+// guest; QEMU reconnects and the guest reads what it wrote before and goes on writing.
+func TestGuestBackendRestart(t *testing.T) {
+	e := setup(t)
+	for _, kind := range e.kinds {
+		t.Run(string(kind), func(t *testing.T) { testBackendRestart(t, e, kind) })
+	}
+}
+
+func testBackendRestart(t *testing.T, e *env, kind BackendKind) {
+	dir := workDir(t)
+	b, img := e.startBackend(t, kind, dir, "disk", 256<<20, false, 1)
+	vm, err := StartVM(context.Background(), VMOptions{
+		Dir: filepath.Join(dir, "vm"), Images: e.images,
+		Disks: []DiskSpec{{Socket: b.Opts.Socket, Queues: 1, Reconnect: true}},
+		Logf:  t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	g := guest{VM: vm, t: t}
+	ctx := context.Background()
+	dev, err := vm.DiskDevice(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := func(skipMiB int) string {
+		return strings.Fields(g.sh(t, 2*time.Minute, fmt.Sprintf("dd if=%s bs=1M skip=%d count=8 iflag=direct 2>/dev/null | sha256sum", dev, skipMiB)))[0]
+	}
+	g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M count=8 oflag=direct conv=fsync 2>/dev/null")
+	before := sum(0)
+
+	if err := b.Stop(15 * time.Second); err != nil {
+		t.Fatalf("stop back-end: %v\n%s", err, b.LogTail(20))
+	}
+	b2, err := StartBackend(ctx, BackendOptions{
+		Kind: kind, Image: img, Socket: b.Opts.Socket, Queues: 1,
+		LogPath: filepath.Join(dir, "disk-backend-2.log"), ThinblkBin: e.thinblk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b2.Stop(10 * time.Second) })
+
+	if after := sum(0); after != before {
+		t.Errorf("data read after the restart differs: sha256 %s, want %s", after, before)
+	}
+	g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=8 count=8 oflag=direct conv=fsync 2>/dev/null")
+	written := sum(8)
+	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := sha256Hex(data[8<<20 : 16<<20]); got != written {
+		t.Errorf("host image after the restart: sha256 %s, guest wrote %s", got, written)
+	}
+	if !b2.Alive() {
+		t.Errorf("restarted back-end died:\n%s", b2.LogTail(20))
+	}
+}

@@ -49,6 +49,8 @@ type VMOptions struct {
 type DiskSpec struct {
 	Socket string
 	Queues int // 0: 1
+	// Reconnect makes QEMU reconnect to the back-end (once a second) after it goes away.
+	Reconnect bool
 }
 
 // VM is a running guest with a connected agent.
@@ -170,8 +172,12 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 		if q == 0 {
 			q = 1
 		}
+		reconnect := ""
+		if d.Reconnect {
+			reconnect = ",reconnect=1"
+		}
 		argv = append(argv,
-			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s", i, d.Socket),
+			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s%s", i, d.Socket, reconnect),
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))
 	}
 	logf, err := os.Create(vm.QEMULogPath)

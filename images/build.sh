@@ -27,6 +27,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cache=$out/cache
 mkdir -p "$cache"
+# One build at a time per output directory (parallel test processes may all ask for images).
+exec 9>"$out/.lock"
+flock 9
 
 log() { echo "images: $*" >&2; }
 
