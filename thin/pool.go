@@ -183,9 +183,24 @@ func create(dir string, o CreateOptions, e *env) error {
 	if err := df.Close(); err != nil {
 		return fail(err)
 	}
-	if d, err := fs.OpenDir(dir); err == nil {
-		d.Sync() // make the new names durable
-		d.Close()
+	// Make the new names durable: the pool's files, and the pool directory
+	// itself in its parent.
+	for _, d := range []string{dir, fs.PathDir(dir)} {
+		if err := syncDir(fs, d); err != nil {
+			return fail(err)
+		}
+	}
+	return nil
+}
+
+func syncDir(fs vfs.FS, dir string) error {
+	d, err := fs.OpenDir(dir)
+	if err != nil {
+		return fmt.Errorf("open directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return nil
 }
