@@ -311,7 +311,7 @@ func (q *Queue) waitCall(deadline time.Time) error {
 	}
 	_, err := q.call.Read(q.callBuf[:])
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return fmt.Errorf("queue %d: %d descriptors in flight: %w", q.index, int(q.ring.size)-q.ring.numFree(), ErrTimeout)
+		return fmt.Errorf("queue %d: %d descriptors in flight (%s): %w", q.index, int(q.ring.size)-q.ring.numFree(), q.ring.state(), ErrTimeout)
 	}
 	if err != nil {
 		return fmt.Errorf("queue %d: read call eventfd: %w", q.index, err)

@@ -174,3 +174,12 @@ func (r *ring) armInterrupt() bool {
 	}
 	return r.pending()
 }
+
+// state describes the ring indexes, for diagnosing stalls.
+func (r *ring) state() string {
+	availEvent := uint16(atomic.LoadUint32(u32At(r.used.Bytes, 4+8*int(r.size))))
+	usedEvent := uint16(atomic.LoadUint32(u32At(r.avail.Bytes, 4+2*int(r.size))))
+	usedFlags := uint16(atomic.LoadUint32(u32At(r.used.Bytes, 0)))
+	return fmt.Sprintf("avail idx %d, used idx %d, reaped up to %d, used_event %d, avail_event %d, used flags %#x",
+		r.availIdx, r.usedIdx(), r.lastUsed, usedEvent, availEvent, usedFlags)
+}
