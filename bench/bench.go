@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/thinblk/thinblk/vhostuser/frontend"
@@ -73,6 +74,9 @@ type Result struct {
 	// ServerCPUUs is the back-end's CPU time per request (user+system,
 	// all threads), where known.
 	ServerCPUUs float64 `json:"server_cpu_us_per_op,omitempty"`
+	// DriverCPUUs is this process's CPU time per request: the front-end
+	// driver's cost (and the back-end's too when it runs in-process).
+	DriverCPUUs float64 `json:"driver_cpu_us_per_op,omitempty"`
 	Err         string  `json:"error,omitempty"`
 }
 
@@ -120,6 +124,7 @@ func RunDriver(ctx context.Context, sock string, c Case, opts DriverOptions) (Re
 	}
 	res := make([]qres, c.Queues)
 	var wg sync.WaitGroup
+	cpu0 := processCPU()
 	start := time.Now()
 	stopAt := start.Add(opts.Duration)
 	for qi := 0; qi < c.Queues; qi++ {
@@ -139,7 +144,20 @@ func RunDriver(ctx context.Context, sock string, c Case, opts DriverOptions) (Re
 		}
 		all = append(all, r.lat...)
 	}
-	return summarize(c, all, elapsed), nil
+	r := summarize(c, all, elapsed)
+	if r.Ops > 0 {
+		r.DriverCPUUs = float64((processCPU() - cpu0).Microseconds()) / float64(r.Ops)
+	}
+	return r, nil
+}
+
+// processCPU is this process's user+system CPU time so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func summarize(c Case, lat []int64, elapsed time.Duration) Result {

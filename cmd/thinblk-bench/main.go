@@ -277,7 +277,7 @@ func record(log io.Writer, target string, bc bench.Case, r bench.Result, err err
 	} else {
 		cpu := ""
 		if r.ServerCPUUs > 0 {
-			cpu = fmt.Sprintf("  server CPU %5.1f us/op", r.ServerCPUUs)
+			cpu = fmt.Sprintf("  CPU/op: server %5.1f us, driver %5.1f us", r.ServerCPUUs, r.DriverCPUUs)
 		}
 		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us%s\n",
 			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, cpu)
