@@ -47,6 +47,28 @@ type QueueSetup struct {
 	// notifications are dropped. The device owns neither: the transport
 	// closes them after StopQueue returns.
 	Kick, Call *os.File
+	// Inflight, if not nil, is a log of the requests in flight kept where
+	// it survives the back-end (vhost-user INFLIGHT_SHMFD). The runner
+	// resubmits the heads it names before consuming the available ring,
+	// and keeps it up to date.
+	Inflight InflightLog
+}
+
+// InflightLog records which chains are in flight, so that a restarted
+// back-end can finish them (vhost-user.rst, "Inflight I/O tracking"). The
+// runner calls it from one goroutine at a time.
+type InflightLog interface {
+	// Pending returns the heads that were in flight when the previous
+	// back-end stopped, oldest first. usedIdx is the used ring's index
+	// now, for reconciling a batch that was published but not yet cleared
+	// from the log.
+	Pending(usedIdx uint16) []uint16
+	// Popped records head as taken from the available ring.
+	Popped(head uint16)
+	// Pushing is called just before head is put on the used ring, Pushed
+	// just after the used index that includes it was published.
+	Pushing(head uint16)
+	Pushed(head uint16, usedIdx uint16)
 }
 
 // Feature bits common to all virtio devices.

@@ -38,12 +38,13 @@ const PollInterval = 1
 // available ring into the handler, and puts completed chains on the used
 // ring, interrupting the driver only as often as it asks to be.
 type Runner struct {
-	q      *Queue
-	handle func(*Chain)
-	log    *slog.Logger
-	kick   *os.File // kept alive while its descriptor is in use
-	call   *os.File
-	callFd int
+	q       *Queue
+	handle  func(*Chain)
+	journal InflightLog
+	log     *slog.Logger
+	kick    *os.File // kept alive while its descriptor is in use
+	call    *os.File
+	callFd  int
 
 	// Consumer side (runner goroutine only).
 	scratch Chain
@@ -90,16 +91,17 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		return nil, fmt.Errorf("queue %d: wake eventfd: %w", cfg.Setup.Index, err)
 	}
 	r := &Runner{
-		q:      q,
-		handle: cfg.Handle,
-		log:    log.With("queue", cfg.Setup.Index),
-		kick:   cfg.Setup.Kick,
-		call:   cfg.Setup.Call,
-		callFd: -1,
-		chains: make([]Chain, q.size),
-		busy:   make([]bool, q.size),
-		done:   make(chan struct{}),
-		wakeFd: wake,
+		q:       q,
+		handle:  cfg.Handle,
+		journal: cfg.Setup.Inflight,
+		log:     log.With("queue", cfg.Setup.Index),
+		kick:    cfg.Setup.Kick,
+		call:    cfg.Setup.Call,
+		callFd:  -1,
+		chains:  make([]Chain, q.size),
+		busy:    make([]bool, q.size),
+		done:    make(chan struct{}),
+		wakeFd:  wake,
 	}
 	// A few segments per slot up front; a slot grows (once) if the driver
 	// sends longer chains.
@@ -173,6 +175,10 @@ func (r *Runner) run() {
 		}
 	}()
 	q := r.q
+	if !r.resubmit() {
+		r.Notify()
+		return
+	}
 	for !r.stopping.Load() {
 		q.DisableNotify()
 		for {
@@ -196,6 +202,34 @@ func (r *Runner) run() {
 	}
 }
 
+// resubmit hands the handler the chains an earlier back-end left in
+// flight, as its inflight log names them. It returns false if the log
+// names a head that cannot be in flight (the ring then counts as broken).
+func (r *Runner) resubmit() bool {
+	if r.journal == nil {
+		return true
+	}
+	for _, head := range r.journal.Pending(r.q.UsedIdx()) {
+		r.mu.Lock()
+		if int(head) >= len(r.busy) || r.busy[head] {
+			r.mu.Unlock()
+			r.log.Error("virtqueue broken, no longer served", "err", r.q.fail(fmt.Errorf("inflight log: head %d invalid or listed twice", head)))
+			return false
+		}
+		r.busy[head] = true
+		r.inflight++
+		r.mu.Unlock()
+		// The slot is ours now; read guest memory outside the lock.
+		c := &r.chains[head]
+		if err := r.q.ReadChain(head, c); err != nil { // cannot fail: head < size
+			panic(err)
+		}
+		r.log.Info("resubmitting request left in flight", "head", head)
+		r.handle(c)
+	}
+	return true
+}
+
 // drain pops every available chain and hands it to the handler. It returns
 // false when the runner must stop consuming (stop requested, ring broken).
 func (r *Runner) drain() bool {
@@ -217,6 +251,9 @@ func (r *Runner) drain() bool {
 		}
 		r.busy[head] = true
 		r.inflight++
+		if r.journal != nil {
+			r.journal.Popped(head)
+		}
 		// Swap rather than copy so that both keep their own segment
 		// storage.
 		r.chains[head], r.scratch = r.scratch, r.chains[head]
@@ -301,7 +338,13 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		return false
 	}
 	if !r.faulted { // after a fault the ring may be gone
+		if r.journal != nil {
+			r.journal.Pushing(head)
+		}
 		r.q.Push(head, written)
+		if r.journal != nil {
+			r.journal.Pushed(head, r.q.UsedIdx())
+		}
 	}
 	r.busy[head] = false
 	r.inflight--

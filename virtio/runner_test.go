@@ -1,8 +1,11 @@
 package virtio_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -299,5 +302,130 @@ func TestRunnerKeepsEventfdsNonblocking(t *testing.T) {
 	}
 	if nb, err := h.d.EventfdsNonblocking(); err != nil || !nb {
 		t.Fatalf("eventfds switched to blocking mode (%v)", err)
+	}
+}
+
+// fakeJournal is an in-memory InflightLog following vhost-user's
+// split-ring procedure (counters for order, last batch reconciliation).
+type fakeJournal struct {
+	mu        sync.Mutex
+	inflight  map[uint16]uint64 // head -> submission counter
+	counter   uint64
+	lastBatch int // head being pushed, -1 when none
+	usedIdx   uint16
+	calls     []string
+}
+
+func newFakeJournal() *fakeJournal {
+	return &fakeJournal{inflight: map[uint16]uint64{}, lastBatch: -1}
+}
+
+func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.lastBatch >= 0 && usedIdx != j.usedIdx {
+		// Published on the used ring but not cleared from the log.
+		delete(j.inflight, uint16(j.lastBatch))
+	}
+	var heads []uint16
+	for h := range j.inflight {
+		heads = append(heads, h)
+	}
+	slices.SortFunc(heads, func(a, b uint16) int { return cmp.Compare(j.inflight[a], j.inflight[b]) })
+	return heads
+}
+
+func (j *fakeJournal) Popped(head uint16) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.inflight[head] = j.counter
+	j.counter++
+	j.calls = append(j.calls, fmt.Sprintf("pop %d", head))
+}
+
+func (j *fakeJournal) Pushing(head uint16) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.lastBatch = int(head)
+}
+
+func (j *fakeJournal) Pushed(head uint16, usedIdx uint16) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	delete(j.inflight, head)
+	j.usedIdx = usedIdx
+	j.lastBatch = -1
+	j.calls = append(j.calls, fmt.Sprintf("push %d", head))
+}
+
+// A back-end that stops with requests in flight (crash, upgrade) leaves
+// them in the inflight log; the next one finishes them, oldest first,
+// before taking new chains.
+func TestRunnerResubmitsInflight(t *testing.T) {
+	mem := virtiotest.NewMemory(memBase, memSize)
+	d := virtiotest.NewDriver(mem, 8, allFeat)
+	j := newFakeJournal()
+	s := d.Setup(0)
+	s.Inflight = j
+	held := make(chan *virtio.Chain, 8)
+	r1, err := virtio.NewRunner(virtio.RunnerConfig{Setup: s, Handle: func(c *virtio.Chain) { held <- c }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1.Start()
+	var heads []uint16
+	for i := range 3 {
+		heads = append(heads, d.AddChain(d.AllocBuf(16, false, []byte{byte(i)})))
+	}
+	r1.Kick()
+	var chains []*virtio.Chain
+	for range 3 {
+		chains = append(chains, <-held)
+	}
+	r1.Complete(chains[1].Head, 1)
+	// The first back-end dies with two requests in flight.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	r1.Stop(ctx)
+
+	s.LastAvail = 3
+	var got []uint16
+	var mu sync.Mutex
+	var r2 *virtio.Runner
+	r2, err = virtio.NewRunner(virtio.RunnerConfig{Setup: s, Handle: func(c *virtio.Chain) {
+		mu.Lock()
+		got = append(got, c.Head)
+		mu.Unlock()
+		if c.Err != nil || c.ReadLen != 16 {
+			t.Errorf("resubmitted chain %+v", c)
+		}
+		r2.Complete(c.Head, 2)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2.Start()
+	used := map[uint32]bool{}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(used) < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("completions %v", used)
+		}
+		if u, ok := d.PopUsed(); ok {
+			used[u.ID] = true
+		} else {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	if last, err := r2.Stop(context.Background()); err != nil || last != 3 {
+		t.Fatalf("stop: %d %v", last, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(got, []uint16{heads[0], heads[2]}) {
+		t.Fatalf("resubmitted %v, want %v oldest first", got, []uint16{heads[0], heads[2]})
+	}
+	if len(j.inflight) != 0 {
+		t.Fatalf("log still holds %v", j.inflight)
 	}
 }
