@@ -370,6 +370,15 @@ func TestStorageErrors(t *testing.T) {
 		}
 	}
 	s.fail.Store(false)
+	s.noTrim.Store(true)
+	for _, r := range []req{
+		{typ: blk.TypeDiscard, out: segment(0, 1, 0)},
+		{typ: blk.TypeWriteZeroes, out: segment(0, 1, 0)},
+	} {
+		if st, _, _ := h.do(t, r); st != blk.StatusUnsupp {
+			t.Errorf("type %d on storage without it: status %d, want UNSUPP", r.typ, st)
+		}
+	}
 }
 
 func TestWriteThrough(t *testing.T) {

@@ -3,6 +3,7 @@ package blk_test
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -25,6 +26,7 @@ type fileStorage struct {
 	size    atomic.Uint64
 	flushes atomic.Int64
 	fail    atomic.Bool // every operation fails
+	noTrim  atomic.Bool // Discard and WriteZeroes are unsupported
 }
 
 func newFileStorage(t testing.TB, size int64) *fileStorage {
@@ -84,12 +86,18 @@ func (s *fileStorage) Discard(off, length int64) error {
 	if s.fail.Load() {
 		return errInjected
 	}
+	if s.noTrim.Load() {
+		return fmt.Errorf("discard: %w", errors.ErrUnsupported)
+	}
 	return unix.Fallocate(int(s.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 }
 
 func (s *fileStorage) WriteZeroes(off, length int64, unmap bool) error {
 	if s.fail.Load() {
 		return errInjected
+	}
+	if s.noTrim.Load() {
+		return fmt.Errorf("write zeroes: %w", errors.ErrUnsupported)
 	}
 	mode := uint32(unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE)
 	if unmap {

@@ -1,6 +1,8 @@
 package blk
 
 import (
+	"errors"
+
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -143,16 +145,26 @@ func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
 		}
 		if err := d.storage.Discard(off, n); err != nil {
 			d.logRequestError("discard failed", "sector", sector, "sectors", sectors, "err", err)
-			return StatusIOErr
+			return errorStatus(err)
 		}
 		return StatusOK
 	}
 	unmap := flags&DiscardFlagUnmap != 0
 	if err := d.storage.WriteZeroes(off, n, unmap); err != nil {
 		d.logRequestError("write zeroes failed", "sector", sector, "sectors", sectors, "unmap", unmap, "err", err)
-		return StatusIOErr
+		return errorStatus(err)
 	}
 	return d.writeThrough()
+}
+
+// errorStatus maps a discard or write zeroes failure to a status: storage
+// that cannot do it at all (errors.ErrUnsupported) says so, so that the
+// guest stops asking; anything else is an I/O error.
+func errorStatus(err error) byte {
+	if errors.Is(err, errors.ErrUnsupported) {
+		return StatusUnsupp
+	}
+	return StatusIOErr
 }
 
 // writeThrough flushes after a write when the driver disabled the write

@@ -42,7 +42,9 @@ type Storage interface {
 	// Flush makes every write completed before it durable.
 	Flush() error
 	// Discard tells the storage that [off, off+length) is no longer needed.
-	// Afterwards the range reads as zeros.
+	// Afterwards the range reads as zeros. Storage that cannot discard
+	// returns an error wrapping errors.ErrUnsupported (the guest then sees
+	// VIRTIO_BLK_S_UNSUPP); the same holds for WriteZeroes.
 	Discard(off, length int64) error
 	// WriteZeroes makes [off, off+length) read as zeros. With unmap the
 	// storage may release the space; without it the space stays (or
