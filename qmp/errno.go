@@ -1,0 +1,8 @@
+package qmp
+
+import "syscall"
+
+var (
+	errPipe      = syscall.EPIPE
+	errConnReset = syscall.ECONNRESET
+)
