@@ -91,6 +91,9 @@ type OpenOptions struct {
 	// background (so discarded space becomes reusable without a guest
 	// FLUSH); default 2s, negative disables.
 	FlushInterval time.Duration
+	// MapCacheEntries bounds the in-memory cache of committed map entries
+	// (about 60 bytes each); default 262144, negative disables.
+	MapCacheEntries int
 	// MaxPending is how many map changes may wait for a commit before one
 	// is started regardless; default 65536. Bounds memory.
 	MaxPending int
@@ -259,6 +262,7 @@ type Pool struct {
 	deadVols    []string
 	dirty       map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
 	committing  map[mapKey]pebblemeta.Entry // the cut being committed
+	cache       map[mapKey]pebblemeta.Entry // committed entries (Flags==0: absent); bounded
 	dirtyChunks map[uint64]struct{}
 	metaDirty   bool
 	filling     map[mapKey]*fill
@@ -289,6 +293,9 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	}
 	if o.MaxPending <= 0 {
 		o.MaxPending = 65536
+	}
+	if o.MapCacheEntries == 0 {
+		o.MapCacheEntries = 1 << 18
 	}
 	fs := e.fs
 	if fi, err := fs.Stat(dir); err != nil || !fi.IsDir() {
@@ -376,6 +383,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.dirty = map[mapKey]pebblemeta.Entry{}
+	p.cache = map[mapKey]pebblemeta.Entry{}
 	p.dirtyChunks = map[uint64]struct{}{}
 	p.filling = map[mapKey]*fill{}
 	p.spaceCh = make(chan struct{})
@@ -526,8 +534,29 @@ func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
 	if e, ok := p.committing[k]; ok {
 		return e, nil
 	}
+	if e, ok := p.cache[k]; ok {
+		return e, nil
+	}
 	e, _, err := p.store.MapEntry(k.layer, k.vb)
+	if err == nil {
+		p.cacheLocked(k, e)
+	}
 	return e, err
+}
+
+// cacheLocked remembers a committed entry, evicting an arbitrary one when
+// the cache is full (Go's map iteration starts at a random place).
+func (p *Pool) cacheLocked(k mapKey, e pebblemeta.Entry) {
+	if p.opts.MapCacheEntries < 0 {
+		return
+	}
+	if len(p.cache) >= p.opts.MapCacheEntries {
+		for old := range p.cache {
+			delete(p.cache, old)
+			break
+		}
+	}
+	p.cache[k] = e
 }
 
 // rangeLocked calls fn for every existing entry of layer in [first, last],
@@ -684,6 +713,11 @@ func (p *Pool) commitLocked() error {
 		return p.failed
 	}
 	p.mu.Lock()
+	for k, e := range p.committing {
+		if _, ok := p.cache[k]; ok {
+			p.cache[k] = e
+		}
+	}
 	p.committing = nil
 	released := p.pendOld
 	p.pendOld = nil
@@ -1008,6 +1042,11 @@ func (p *Pool) deleteVolumeLocked(name string) error {
 	}
 	if ferr != nil {
 		return ferr
+	}
+	for k := range p.cache {
+		if k.layer == layer {
+			delete(p.cache, k)
+		}
 	}
 	v.deleted = true
 	delete(p.vols, name)

@@ -1,0 +1,217 @@
+package thin
+
+import (
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+// Benchmarks run on real files in a temporary directory. Each thin
+// benchmark has a raw twin doing the same I/O on a plain file, so the
+// ratio is visible in one run:
+//   go test -run XXX -bench . -benchtime 2s ./thin
+
+const benchBlocks = 4096 // 256 MiB with 64 KiB blocks
+
+func benchPool(b *testing.B) (*Pool, *Volume) {
+	b.Helper()
+	dir := filepath.Join(b.TempDir(), "pool")
+	if err := Create(dir, CreateOptions{Size: benchBlocks * 64 * kib}); err != nil {
+		b.Fatal(err)
+	}
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	v := mustVolume(b, p, "v", benchBlocks*64*kib)
+	return p, v
+}
+
+// mapAll maps every block of v with one large write per block.
+func mapAll(b *testing.B, p *Pool, v *Volume) {
+	buf := pattern(64*kib, 1)
+	for i := int64(0); i < benchBlocks; i++ {
+		if err := v.WriteAt([][]byte{buf}, i*64*kib); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := p.Flush(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func rawFile(b *testing.B) *os.File {
+	f, err := os.Create(filepath.Join(b.TempDir(), "raw"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { f.Close() })
+	buf := pattern(64*kib, 1)
+	for i := int64(0); i < benchBlocks; i++ {
+		f.WriteAt(buf, i*64*kib)
+	}
+	return f
+}
+
+func randOff(rng *rand.Rand) int64 { return rng.Int64N(benchBlocks*16) * 4 * kib }
+
+func BenchmarkRead4KMapped(b *testing.B) {
+	p, v := benchPool(b)
+	mapAll(b, p, v)
+	buf := [][]byte{make([]byte, 4*kib)}
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for range b.N {
+		if err := v.ReadAt(buf, randOff(rng)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkRead4KRaw(b *testing.B) {
+	f := rawFile(b)
+	buf := make([]byte, 4*kib)
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := f.ReadAt(buf, randOff(rng)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkRead4KMappedParallel(b *testing.B) {
+	p, v := benchPool(b)
+	mapAll(b, p, v)
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		buf := [][]byte{make([]byte, 4*kib)}
+		rng := rand.New(rand.NewPCG(rand.Uint64(), 1))
+		for pb.Next() {
+			if err := v.ReadAt(buf, randOff(rng)); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+func BenchmarkOverwrite4KMapped(b *testing.B) {
+	p, v := benchPool(b)
+	mapAll(b, p, v)
+	buf := [][]byte{pattern(4*kib, 2)}
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for range b.N {
+		if err := v.WriteAt(buf, randOff(rng)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkOverwrite4KRaw(b *testing.B) {
+	f := rawFile(b)
+	buf := pattern(4*kib, 2)
+	rng := rand.New(rand.NewPCG(1, 1))
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := f.WriteAt(buf, randOff(rng)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkAllocWrite4KFlush32 writes 4 KiB to new blocks (each write
+// allocates a 64 KiB block) with a Flush every 32 writes. The pool is
+// recycled (discard everything) when it fills, outside the timer.
+func BenchmarkAllocWrite4KFlush32(b *testing.B) {
+	p, v := benchPool(b)
+	buf := [][]byte{pattern(4*kib, 3)}
+	order := rand.New(rand.NewPCG(1, 1)).Perm(benchBlocks)
+	next := 0
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for i := range b.N {
+		if next == len(order) {
+			b.StopTimer()
+			v.Discard(0, benchBlocks*64*kib)
+			p.Flush()
+			next = 0
+			b.StartTimer()
+		}
+		if err := v.WriteAt(buf, int64(order[next])*64*kib); err != nil {
+			b.Fatal(err)
+		}
+		next++
+		if i%32 == 31 {
+			if err := v.Flush(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+func BenchmarkAllocWrite4KFlush32Raw(b *testing.B) {
+	f := rawFile(b)
+	buf := pattern(4*kib, 3)
+	order := rand.New(rand.NewPCG(1, 1)).Perm(benchBlocks)
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for i := range b.N {
+		if _, err := f.WriteAt(buf, int64(order[i%len(order)])*64*kib); err != nil {
+			b.Fatal(err)
+		}
+		if i%32 == 31 {
+			if err := f.Sync(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+// BenchmarkMetadataPerBlock maps 200k blocks of a large sparse volume and
+// reports metadata bytes per mapped block on disk and in the Go heap.
+func BenchmarkMetadataPerBlock(b *testing.B) {
+	const n = 200_000
+	for range b.N {
+		dir := filepath.Join(b.TempDir(), "pool")
+		if err := Create(dir, CreateOptions{Size: n * 4 * kib, BlockSize: 4 * kib}); err != nil {
+			b.Fatal(err)
+		}
+		p, err := Open(dir, quietOpts())
+		if err != nil {
+			b.Fatal(err)
+		}
+		v := mustVolume(b, p, "v", 1<<40)
+		var before runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		buf := [][]byte{make([]byte, 512)}
+		rng := rand.New(rand.NewPCG(1, 1))
+		for i := range n {
+			// Sparse: blocks scattered over a 1 TiB volume.
+			off := (int64(i)*(1<<28/n) + rng.Int64N(1<<28/n)) * 4 * kib
+			if err := v.WriteAt(buf, off); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := p.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		var after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		p.store.Flush()
+		b.ReportMetric(float64(p.store.DiskUsage())/n, "disk-B/block")
+		b.ReportMetric((float64(after.HeapInuse)-float64(before.HeapInuse))/n, "heap-B/block")
+		p.Close()
+	}
+}
