@@ -818,3 +818,61 @@ func TestResize(t *testing.T) {
 		})
 	}
 }
+
+// TestAgreeOnEdgeCases sends requests whose status the virtio spec leaves
+// to the device (or that drivers should not send) and checks that every
+// back-end answers like qemu-storage-daemon, the reference.
+func TestAgreeOnEdgeCases(t *testing.T) {
+	type edge struct {
+		name   string
+		typ    uint32
+		sector uint64
+		data   []byte
+	}
+	seg := func(s ...DiscardSegment) []byte { return EncodeSegments(s...) }
+	cases := []edge{
+		{"read without data", blk.TypeIn, 0, nil},
+		{"write without data", blk.TypeOut, 0, nil},
+		{"flush with nonzero sector", blk.TypeFlush, 5, nil},
+		{"flush with data", blk.TypeFlush, 0, make([]byte, 512)},
+		{"get-id short buffer", blk.TypeGetID, 0, make([]byte, 8)},
+		{"get-id long buffer", blk.TypeGetID, 0, make([]byte, 512)},
+		{"discard unaligned to 4k", blk.TypeDiscard, 0, seg(DiscardSegment{1, 3, 0})},
+		{"discard zero sectors", blk.TypeDiscard, 0, seg(DiscardSegment{8, 0, 0})},
+		{"write-zeroes zero sectors", blk.TypeWriteZeroes, 0, seg(DiscardSegment{8, 0, 0})},
+		{"discard segment plus garbage", blk.TypeDiscard, 0, append(seg(DiscardSegment{0, 8, 0}), 1, 2, 3)},
+		{"read last sector plus one", blk.TypeIn, imgSize/512 - 1, make([]byte, 1024)},
+	}
+	got := map[string][]byte{}
+	var order []string
+	for _, b := range backends() {
+		order = append(order, b.name)
+		t.Run(b.name, func(t *testing.T) {
+			img := newImage(t, imgSize)
+			d := dial(t, b.start(t, img, serveOpts{queues: 1}), Options{Timeout: 3 * time.Second})
+			for _, c := range cases {
+				st, err := d.Exec(c.typ, c.sector, c.data)
+				if err != nil {
+					t.Fatalf("%s: %v", c.name, err)
+				}
+				got[b.name] = append(got[b.name], st)
+			}
+		})
+	}
+	if len(order) < 2 || len(got[order[0]]) != len(cases) {
+		return
+	}
+	ref := order[0]
+	for _, name := range order[1:] {
+		if len(got[name]) != len(cases) {
+			continue
+		}
+		for i, c := range cases {
+			if got[name][i] != got[ref][i] {
+				t.Errorf("%s: %s answers status %d, %s answers %d", c.name, name, got[name][i], ref, got[ref][i])
+			} else {
+				t.Logf("%s: all status %d", c.name, got[ref][i])
+			}
+		}
+	}
+}
