@@ -1,0 +1,141 @@
+// Package thin is a thin-provisioned block pool: a data file carved into
+// fixed-size blocks, plus a Pebble store (package pebblemeta) holding every
+// volume's block map and the pool's space accounting. Volumes are virtual:
+// space is taken when the guest first writes a block, given back by
+// DISCARD / WRITE_ZEROES+unmap, and reserved ahead of time by
+// WRITE_ZEROES without unmap (provisioning), which is a promise that later
+// writes there never fail for lack of space.
+//
+// # Using it
+//
+//	thin.Create(dir, thin.CreateOptions{Size: 20 << 30})     // once
+//	p, err := thin.Open(dir, thin.OpenOptions{Logger: log}) // exclusive
+//	p.CreateVolume("vm1", 100<<30)
+//	v, _ := p.Volume("vm1") // *Volume implements blk.Storage
+//	v.WriteAt(bufs, off); v.Flush(); ...
+//	p.Status(); p.Check(progress); p.Grow(size); p.Watch(fn); p.Close()
+//
+// A pool directory holds thinblk.data (the blocks), thinblk.meta/ (Pebble)
+// and thinblk.lock (held while open; a second opener gets ErrLocked).
+//
+// # Metadata (pebblemeta keys)
+//
+//	"f"                  format version (newer formats are refused)
+//	"p"                  pool record: block size, size, policies, counters
+//	"v" NAME             volume record: head layer, size, mapped/provisioned/reserved counters
+//	"m" LAYER(8) VB(8)   map entry: flags (mapped, provisioned) + physical block
+//	"b" CHUNK(8)         allocation bitmap, 4096 blocks (512 bytes) per key
+//
+// A map entry is "mapped" (owns physical block PBlock), "provisioned" (a
+// sticky bit set by WRITE_ZEROES without unmap) or both; provisioned and
+// not mapped is a reservation. No entry means unmapped and unprovisioned:
+// reads return zeros. Maps are keyed by layer, not by volume name; today
+// every volume has one layer of its own (see Snapshots for why).
+//
+// # Space accounting
+//
+// In memory the pool keeps the allocation bitmap (1 bit per pool block;
+// blocks owned, being filled, or freed but not yet reusable), the pool
+// counters (allocated = mapped entries, reserved = reservations) and each
+// volume's counters. Every map change goes through one function that
+// adjusts all counters, so accounting is exact and O(1) per block:
+// free = size - bitmap population - reservations (+ reservations being
+// consumed by in-flight fills), and Status reports allocated + reserved +
+// free = size at every moment. A write needing k new blocks takes them
+// all or fails/waits as a whole; a block with a reservation converts it
+// into an allocation and cannot fail. Provisioning counts the blocks of the
+// range that have no entry, and reserves them all or nothing.
+//
+// # I/O and durability
+//
+// Map changes are not committed per request. They collect in a pending
+// set (read through by lookups, bounded by OpenOptions.MaxPending) and are
+// committed by Flush, by a background ticker, when too many are pending,
+// or when a writer needs freed space. A commit is:
+//
+//  1. cut: under the pool lock, the pending map changes, volume and pool
+//     records and dirty bitmap chunks go into one Pebble batch;
+//  2. fdatasync of the data file;
+//  3. the batch commits with sync;
+//  4. blocks freed in this cut become allocatable (under the I/O gate).
+//
+// Step 2 before 3 makes a new block's data durable before the mapping that
+// points to it. A block's first write is published into the pending set
+// only after its data is written (other requests touching that block wait
+// for it), so a cut never contains a mapping whose data is still in
+// flight; the bitmap chunks in a cut leave out such blocks, and also the
+// blocks freed in that cut. Step 4 after 3 means a discarded block is
+// never reused before its release is durable, so after a crash no old map
+// can point at another volume's new data; the I/O gate (a RWMutex held
+// shared by every request) also guarantees that no read or write still
+// aimed at the freed block lands after it was handed out. A crash loses at
+// most the changes after the last commit; Flush returns only after a
+// commit that began after every request completed before it. A commit
+// error fails the pool (every later request errors) rather than letting
+// memory and disk diverge.
+//
+// A new block is written whole (the write's bytes plus zeros), so a
+// partial first write reads the rest of the block as zeros and never
+// exposes a previous owner's data. Zeroing a range of a mapped block
+// (discard heads and tails, provisioning of mapped blocks) uses
+// fallocate(ZERO_RANGE).
+//
+// Memory is bounded: map entries are read through Pebble (its block cache,
+// OpenOptions.CacheSize) and a bounded cache of decoded entries
+// (OpenOptions.MapCacheEntries); the pending set is bounded by MaxPending;
+// the bitmaps cost 1 bit per pool block (x3 while a commit releases
+// blocks). A volume with 10 million mapped blocks needs no per-block
+// memory.
+//
+// Out of space: with NoSpaceError the request fails at once (after
+// committing, if discarded blocks only wait for their release); with
+// NoSpaceQueue it waits, without holding the I/O gate or the pool lock,
+// until space appears (grow, discard, delete) or NoSpaceTimeout passes.
+// Events are logged (rate-limited), and low-water crossings once per
+// crossing.
+//
+// Guest calls that provision (virtio-blk WRITE_ZEROES with unmap=0): in
+// Linux, fallocate(FALLOC_FL_ZERO_RANGE) on the block device
+// (`fallocate -z`) and the BLKZEROOUT ioctl (`blkdiscard -z`) both issue
+// blkdev_issue_zeroout with BLKDEV_ZERO_NOUNMAP, which virtio_blk sends
+// without the unmap flag; FALLOC_FL_PUNCH_HOLE (`fallocate -p`) and
+// BLKDISCARD send WRITE_ZEROES+unmap or DISCARD.
+//
+// # Snapshots (issue 4): how this design extends
+//
+// Snapshots will share map state by layers instead of copying maps, so
+// creation is O(1):
+//
+//   - A layer is a map (the "m" LAYER keys) with an optional parent layer
+//     ("l" LAYER record: parent, frozen flag, per-layer counters). A
+//     volume, snapshot or clone points at its head layer. Lookups walk
+//     head -> parent -> ... and take the first entry found (the walk is
+//     short; a background merge folds a frozen layer into its only
+//     remaining child).
+//   - Snapshot of V: V's head layer L is frozen; V gets a new empty head
+//     whose parent is L; a read-only snapshot points at L, a writable clone
+//     gets its own new empty head over L. Two records and no map walk.
+//   - A physical block is owned by exactly one map entry (in the layer
+//     where it was written), so the allocation bitmap stays a plain set and
+//     Check's "owned once" invariant holds. Sharing is expressed by the
+//     layer tree, not by reference counts on blocks.
+//   - Copy-on-write: a write to a block whose entry is found in an ancestor
+//     layer allocates a new block in the head (copying the rest of the
+//     block for a partial write); the provisioned bit is copied, so it is
+//     sticky across CoW.
+//   - Reservations are counters, not per-block state: each volume already
+//     counts its provisioned blocks. A snapshot makes them shared, so the
+//     snapshot reserves that count (min(k, r-1) per block: one per
+//     writable sharer beyond the first) as a per-volume "cow reserved"
+//     counter, O(1), failing with ErrNoSpace and changing nothing if the
+//     pool cannot cover it. A CoW of a provisioned shared block converts one
+//     of those reservations into an allocation. Reserve mode needs
+//     size_blocks - exclusively_mapped reservations, again counters.
+//   - Deleting a snapshot releases the layer's exclusively owned blocks
+//     (found by walking that layer only, as DeleteVolume walks a volume
+//     today: a range tombstone drops its keys) and the reservations no
+//     longer needed; the same commit/release protocol applies.
+//
+// The key format already keys maps by layer and the pool record carries
+// NextLayer, so this needs new records, not a rewrite.
+package thin
