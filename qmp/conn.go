@@ -317,7 +317,7 @@ func parseRequest(msg []byte) (id json.RawMessage, name string, args json.RawMes
 		switch k {
 		case "execute", "arguments", "id":
 		case "exec-oob":
-			return id, "", nil, Errorf("QMP input member 'exec-oob' is unexpected: out-of-band execution is not enabled")
+			return id, "", nil, Errorf("QMP input member 'exec-oob' is unexpected") // no oob capability is offered
 		default:
 			return id, "", nil, Errorf("QMP input member '%s' is unexpected", k)
 		}
