@@ -18,7 +18,6 @@ var le = binary.LittleEndian
 // Defaults and limits.
 const (
 	DefaultQueueSize = 256
-	DefaultWorkers   = 32
 	// DefaultMaxDiscardSectors is QEMU's limit for discard and write
 	// zeroes requests (16 MiB).
 	DefaultMaxDiscardSectors = 32768
@@ -43,9 +42,11 @@ type Options struct {
 	QueueSize int
 	Serial    string // GET_ID answer, at most IDBytes bytes
 	Logger    *slog.Logger
-	// Workers is the number of requests served concurrently per queue
-	// (default 32, at most QueueSize): the Storage calls are synchronous,
-	// so this is the queue depth the storage sees.
+	// Workers is the number of requests served concurrently per queue.
+	// The Storage calls are synchronous, so this is the queue depth the
+	// storage sees. The default is one per ring entry: no request ever
+	// waits for a worker, so a storage call that blocks (a thin pool
+	// waiting for space) holds up nothing else.
 	Workers int
 	// MaxDiscardSectors and MaxWriteZeroesSectors limit one discard or
 	// write-zeroes segment (default DefaultMaxDiscardSectors).
@@ -98,9 +99,8 @@ func New(storage Storage, opts Options) (*Device, error) {
 		return nil, fmt.Errorf("virtio-blk: serial %q longer than %d bytes", opts.Serial, IDBytes)
 	}
 	if opts.Workers <= 0 {
-		opts.Workers = DefaultWorkers
+		opts.Workers = opts.QueueSize
 	}
-	opts.Workers = min(opts.Workers, opts.QueueSize)
 	if opts.MaxDiscardSectors == 0 {
 		opts.MaxDiscardSectors = DefaultMaxDiscardSectors
 	}

@@ -680,3 +680,40 @@ func TestSegMaxOnSmallerRing(t *testing.T) {
 	}
 	expectEqual(t, h.mustRead(t, 0, len(data)), data)
 }
+
+// blockingWrites holds every write until released.
+type blockingWrites struct {
+	*fileStorage
+	gate chan struct{}
+}
+
+func (s blockingWrites) WriteAt(bufs [][]byte, off int64) error {
+	<-s.gate
+	return s.fileStorage.WriteAt(bufs, off)
+}
+
+// Writes that block in the storage (a thin pool waiting for space) hold up
+// no other request: a read completes while the ring is full of them.
+func TestBlockedWritesDoNotHoldUpReads(t *testing.T) {
+	fs := newFileStorage(t, diskSize)
+	s := blockingWrites{fs, make(chan struct{})}
+	h := newHarness(t, s, blk.Options{}, 128, allFeat)
+	t.Cleanup(func() { close(s.gate) }) // before the harness's: Close waits for the writes
+	d := h.drv[0]
+	const blocked = 100
+	h.mu[0].Lock()
+	for i := range blocked {
+		d.AddIndirect(d.AllocBuf(16, false, header(blk.TypeOut, uint64(i))), d.AllocBuf(512, false, nil), d.AllocBuf(1, true, nil))
+	}
+	d.KickNow()
+	h.mu[0].Unlock()
+	for start := time.Now(); h.dev.InFlight() != blocked; time.Sleep(time.Millisecond) {
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("%d of %d writes taken", h.dev.InFlight(), blocked)
+		}
+	}
+	// submit fails the test if the read does not complete within 10 s.
+	if st, _, _ := h.doOn(t, 0, true, req{typ: blk.TypeIn, sector: 0, in: 512}); st != blk.StatusOK {
+		t.Fatalf("read status %d", st)
+	}
+}

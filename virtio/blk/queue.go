@@ -60,7 +60,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 }
 
 func (q *queue) start() {
-	for range q.dev.opts.Workers {
+	for range min(q.dev.opts.Workers, cap(q.work)) {
 		q.wg.Add(1)
 		go q.worker()
 	}
