@@ -248,31 +248,32 @@ type Pool struct {
 	durableSeq uint64        // opSeq covered by the last commit (flushMu)
 	dataDirty  atomic.Bool   // data written since the last fdatasync
 
-	mu          sync.Mutex
-	rec         pebblemeta.PoolRecord // config and counters, as they will be committed
-	alloc       *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
-	pend        *bitmap               // freed since the last cut
-	pendOld     *bitmap               // freed in the cut being committed
-	inflight    *bitmap               // allocated, data being written, not yet in the map
-	inflightRes uint64                // in-flight blocks that consume a reservation
-	cursor      uint64                // next-fit allocation cursor
-	vols        map[string]*volState
-	dirtyVols   map[*volState]struct{}
-	deadLayers  []uint64
-	deadVols    []string
-	dirty       map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
-	committing  map[mapKey]pebblemeta.Entry // the cut being committed
-	cache       map[mapKey]pebblemeta.Entry // committed entries (Flags==0: absent); bounded
-	dirtyChunks map[uint64]struct{}
-	metaDirty   bool
-	filling     map[mapKey]*fill
-	spaceCh     chan struct{} // closed (and replaced) whenever space is freed
-	belowLow    bool
-	failed      error
-	closed      bool
-	watchers    map[int]func(Event)
-	nextWatch   int
-	lastNoSpace time.Time
+	mu           sync.Mutex
+	rec          pebblemeta.PoolRecord // config and counters, as they will be committed
+	alloc        *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
+	pend         *bitmap               // freed since the last cut
+	pendOld      *bitmap               // freed in the cut being committed
+	inflight     *bitmap               // allocated, data being written, not yet in the map
+	inflightRes  uint64                // in-flight blocks that consume a reservation
+	cursor       uint64                // next-fit allocation cursor
+	vols         map[string]*volState
+	dirtyVols    map[*volState]struct{}
+	deadLayers   []uint64
+	deadVols     []string
+	dirty        map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
+	committing   map[mapKey]pebblemeta.Entry // the cut being committed
+	cache        map[mapKey]pebblemeta.Entry // committed entries (Flags==0: absent); bounded
+	dirtyChunks  map[uint64]struct{}
+	metaDirty    bool
+	filling      map[mapKey]*fill
+	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
+	belowLow     bool
+	failed       error
+	closed       bool
+	closeStarted bool
+	watchers     map[int]func(Event)
+	nextWatch    int
+	lastNoSpace  time.Time
 
 	kick    chan struct{}
 	closing chan struct{}
@@ -430,10 +431,11 @@ func (p *Pool) kickCommit() {
 // pool fail every request.
 func (p *Pool) Close() error {
 	p.mu.Lock()
-	if p.closed {
+	if p.closed || p.closeStarted {
 		p.mu.Unlock()
 		return ErrClosed
 	}
+	p.closeStarted = true
 	p.mu.Unlock()
 	close(p.closing)
 	<-p.bgDone

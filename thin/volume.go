@@ -292,7 +292,6 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 	p := v.p
 	bs := p.blockSize
-	p.dataDirty.Store(true)
 	s := sg{bufs: bufs}
 	var err error
 	pos := off
@@ -320,6 +319,9 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		}
 		pos += l
 	}
+	// Set after the data is written, so that a commit that saw the flag
+	// clear cannot have missed this write (see commitLocked).
+	p.dataDirty.Store(true)
 	// Publish the new blocks (or give them back on failure).
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -406,12 +408,12 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			continue
 		}
 		if err == nil && len(zeros) > 0 {
-			p.dataDirty.Store(true)
 			for _, z := range zeros {
 				if err = p.data.ZeroRange(z.off, z.n); err != nil {
 					break
 				}
 			}
+			p.dataDirty.Store(true)
 		}
 		p.ioGate.RUnlock()
 		if err != nil {

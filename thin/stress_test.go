@@ -1,0 +1,273 @@
+package thin
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// TestConcurrentMixed runs writers, discarders, provisioners and flushers
+// on two volumes at once, with background commits racing them and a pool
+// too small for everything (so some requests hit ErrNoSpace). Each
+// goroutine owns some blocks outright and some sectors of blocks shared
+// with every other goroutine (racing first writes); at the end every byte
+// must be what its owner last wrote, and Check must be clean. Run it with
+// -race.
+func TestConcurrentMixed(t *testing.T) {
+	const (
+		workers   = 4
+		ownBlocks = 12
+		shared    = 8
+		bs        = 4 * kib
+		volBlocks = workers*ownBlocks + shared
+	)
+	dir := filepath.Join(t.TempDir(), "pool")
+	if err := Create(dir, CreateOptions{Size: 70 * bs, BlockSize: bs}); err != nil {
+		t.Fatal(err)
+	}
+	o := quietOpts()
+	o.FlushInterval = 3 * time.Millisecond
+	o.MaxPending = 16
+	o.MapCacheEntries = 64
+	p, err := Open(dir, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	vols := []*Volume{mustVolume(t, p, "a", volBlocks*bs), mustVolume(t, p, "b", volBlocks*bs)}
+	type sectorModel map[int64]byte // byte offset of sector -> fill byte (0 = zeros)
+	models := make([][]sectorModel, len(vols))
+	var wg sync.WaitGroup
+	for vi, v := range vols {
+		models[vi] = make([]sectorModel, workers)
+		for w := range workers {
+			m := sectorModel{}
+			models[vi][w] = m
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				rng := rand.New(rand.NewPCG(uint64(vi), uint64(w)))
+				own := int64(w*ownBlocks) * bs
+				sharedBase := int64(workers*ownBlocks) * bs
+				for i := range 300 {
+					val := byte(1 + rng.IntN(250))
+					switch r := rng.IntN(10); {
+					case r < 4: // write own range
+						s := rng.Int64N(ownBlocks*8 - 1)
+						n := 1 + rng.Int64N(min(16, ownBlocks*8-s))
+						err := v.WriteAt([][]byte{bytes.Repeat([]byte{val}, int(n*512))}, own+s*512)
+						if errors.Is(err, ErrNoSpace) {
+							continue
+						}
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						for k := range n {
+							m[own+(s+k)*512] = val
+						}
+					case r < 6: // write own sector of a shared block
+						blk := rng.Int64N(shared)
+						off := sharedBase + blk*bs + int64(w)*512
+						err := v.WriteAt([][]byte{bytes.Repeat([]byte{val}, 512)}, off)
+						if errors.Is(err, ErrNoSpace) {
+							continue
+						}
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						m[off] = val
+					case r < 8: // discard / zero own range
+						s := rng.Int64N(ownBlocks*8 - 1)
+						n := 1 + rng.Int64N(min(24, ownBlocks*8-s))
+						var err error
+						switch rng.IntN(3) {
+						case 0:
+							err = v.Discard(own+s*512, n*512)
+						case 1:
+							err = v.WriteZeroes(own+s*512, n*512, true)
+						default:
+							err = v.WriteZeroes(own+s*512, n*512, false)
+						}
+						if errors.Is(err, ErrNoSpace) {
+							continue
+						}
+						if err != nil {
+							t.Error(err)
+							return
+						}
+						for k := range n {
+							m[own+(s+k)*512] = 0
+						}
+					case r < 9:
+						if err := v.Flush(); err != nil {
+							t.Error(err)
+							return
+						}
+					default: // read back own range
+						buf := make([]byte, ownBlocks*bs)
+						if err := v.ReadAt([][]byte{buf}, own); err != nil {
+							t.Error(err)
+							return
+						}
+						for k := int64(0); k < ownBlocks*8; k++ {
+							want := m[own+k*512]
+							if got := buf[k*512 : (k+1)*512]; !bytes.Equal(got, bytes.Repeat([]byte{want}, 512)) {
+								t.Errorf("vol %d worker %d step %d: sector %d reads %d, want %d", vi, w, i, k, got[0], want)
+								return
+							}
+						}
+					}
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	for vi, v := range vols {
+		buf := make([]byte, volBlocks*bs)
+		if err := v.ReadAt([][]byte{buf}, 0); err != nil {
+			t.Fatal(err)
+		}
+		want := make([]byte, len(buf))
+		for _, m := range models[vi] {
+			for off, val := range m {
+				copy(want[off:off+512], bytes.Repeat([]byte{val}, 512))
+			}
+		}
+		if !bytes.Equal(buf, want) {
+			t.Fatalf("volume %d differs from the models", vi)
+		}
+	}
+	checkAccounting(t, p)
+}
+
+func TestQueueWakesOnDiscardAndDelete(t *testing.T) {
+	p, _ := newPool(t, 2, CreateOptions{NoSpace: NoSpaceQueue, NoSpaceTimeout: 10 * time.Second})
+	a := mustVolume(t, p, "a", 1<<20)
+	b := mustVolume(t, p, "b", 1<<20)
+	write(t, a, 0, pattern(4*kib, 1))
+	write(t, b, 0, pattern(4*kib, 1))
+	done := make(chan error, 2)
+	go func() { done <- a.WriteAt([][]byte{pattern(4*kib, 2)}, 8*kib) }()
+	go func() { done <- a.WriteAt([][]byte{pattern(4*kib, 3)}, 16*kib) }()
+	time.Sleep(30 * time.Millisecond)
+	if err := b.Discard(0, 4*kib); err != nil { // frees one block
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("queued write did not proceed after a discard")
+	}
+	if err := p.DeleteVolume("b"); err != nil { // nothing left to free...
+		t.Fatal(err)
+	}
+	c := mustVolume(t, p, "c", 1<<20)
+	_ = c
+	select {
+	case err := <-done:
+		t.Fatalf("second queued write finished without space: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if err := a.Discard(0, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("queued write did not proceed")
+	}
+	checkAccounting(t, p)
+}
+
+// TestCheckFindsCorruption tampers with the metadata behind the pool's back
+// and expects Check to name each problem.
+func TestCheckFindsCorruption(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		tamper func(b *pebblemeta.Batch, layer uint64, e0 pebblemeta.Entry)
+		want   string
+	}{
+		{"double owner", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetEntry(l, 100, e0)
+		}, "another entry owns too"},
+		{"beyond pool", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetEntry(l, 0, pebblemeta.Entry{Flags: pebblemeta.FlagMapped, PBlock: 1 << 40})
+		}, "beyond the pool"},
+		{"leaked bitmap", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetEntry(l, 0, pebblemeta.Entry{})
+		}, "leaked"},
+		{"orphan layer", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetEntry(l+50, 0, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned})
+		}, "belongs to no volume"},
+		{"unmarked block", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetBitmapChunk(0, make([]byte, chunkBytes))
+		}, "free in the allocation bitmap"},
+		{"counter", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetVolume(pebblemeta.VolumeRecord{Name: "v", Layer: l, Size: 1 << 20, Mapped: 7})
+		}, "counters say"},
+		{"entry beyond volume", func(b *pebblemeta.Batch, l uint64, e0 pebblemeta.Entry) {
+			b.SetEntry(l, 1<<30, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned})
+		}, "beyond its size"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, dir := newPool(t, 16, CreateOptions{})
+			v := mustVolume(t, p, "v", 1<<20)
+			write(t, v, 0, pattern(8*kib, 1))
+			checkAccounting(t, p)
+			p.Close()
+			st, err := pebblemeta.Open(filepath.Join(dir, metaName), pebblemeta.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			vols, _ := st.Volumes()
+			e0, _, _ := st.MapEntry(vols[0].Layer, 0)
+			b := st.NewBatch()
+			tc.tamper(b, vols[0].Layer, e0)
+			if err := b.Commit(true); err != nil {
+				t.Fatal(err)
+			}
+			st.Close()
+			p2, err := Open(dir, quietOpts())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p2.Close()
+			err = p2.Check(nil)
+			var ce *CheckError
+			if !errors.As(err, &ce) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Check = %v, want a problem mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestCheckProgress(t *testing.T) {
+	p, _ := newPool(t, 64, CreateOptions{})
+	v := mustVolume(t, p, "v", 1<<20)
+	write(t, v, 0, make([]byte, 40*4*kib))
+	var last [2]uint64
+	if err := p.Check(func(done, total uint64) { last = [2]uint64{done, total} }); err != nil {
+		t.Fatal(err)
+	}
+	if last != [2]uint64{40, 40} {
+		t.Fatalf("final progress %v, want 40/40", last)
+	}
+}
