@@ -389,9 +389,10 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 	}
 }
 
-// TestGuestHang: when the guest stops answering (here: its agent is frozen), Run fails after
-// its time limit plus the grace period instead of blocking, and the VM can be killed.
-func TestGuestHang(t *testing.T) {
+// TestGuestAgent checks the agent's requests in a real guest over the real transport, then
+// that a hung guest (its agent frozen) makes Run fail after its time limit plus the grace
+// period instead of blocking, and that the VM can then be killed.
+func TestGuestAgent(t *testing.T) {
 	e := setup(t)
 	dir := workDir(t)
 	vm, err := StartVM(context.Background(), VMOptions{
@@ -401,8 +402,52 @@ func TestGuestHang(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
+	ctx := context.Background()
+
+	t.Run("files", func(t *testing.T) {
+		// Larger than one virtio-serial write (32 KiB) and than the client's read buffer.
+		data := make([]byte, 3<<20+123)
+		for i := range data {
+			data[i] = byte(i*7 + i>>11)
+		}
+		if err := vm.Agent.WriteFile(ctx, "/tmp/blob", data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		res, err := vm.Run(ctx, time.Minute, "sha256sum /tmp/blob; stat -c %a /tmp/blob")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f := strings.Fields(string(res.Stdout)); len(f) != 3 || f[0] != sha256Hex(data) || f[2] != "600" {
+			t.Errorf("guest sees %q, want sha256 %s and mode 600", res.Stdout, sha256Hex(data))
+		}
+		back, err := vm.Agent.ReadFile(ctx, "/tmp/blob")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(back, data) {
+			t.Errorf("read back %d bytes, not what was written (%d bytes)", len(back), len(data))
+		}
+		if _, err := vm.Agent.ReadFile(ctx, "/nonexistent"); err == nil {
+			t.Error("reading a missing file succeeded")
+		}
+	})
+
+	t.Run("exec", func(t *testing.T) {
+		res, err := vm.Agent.Exec(ctx, []string{"/bin/sh", "-c", `cat; echo "$GREETING" >&2; exit 7`},
+			[]string{"GREETING=hello"}, []byte("from stdin"), time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.ExitCode != 7 || string(res.Stdout) != "from stdin" || string(res.Stderr) != "hello\n" {
+			t.Errorf("exec: exit %d stdout %q stderr %q", res.ExitCode, res.Stdout, res.Stderr)
+		}
+		if _, err := vm.Agent.Exec(ctx, []string{"/no/such/program"}, nil, nil, time.Minute); err == nil {
+			t.Error("running a missing program succeeded")
+		}
+	})
+
 	start := time.Now()
-	_, err = vm.Run(context.Background(), 2*time.Second, "kill -STOP $(pidof thinblk-agent)")
+	_, err = vm.Run(ctx, 2*time.Second, "kill -STOP $(pidof thinblk-agent)")
 	if err == nil {
 		t.Fatal("Run returned a result from a frozen agent")
 	}

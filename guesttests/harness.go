@@ -2,6 +2,22 @@
 // qemu-storage-daemon) and runs checks inside them through the guest agent. The exported
 // harness (StartBackend, StartVM, EnsureImages) is used by the tests in this package and by
 // the demo program (guesttests/cmd/demo).
+//
+// A typical use:
+//
+//	im, _ := EnsureImages(ctx, root)                       // images/build.sh, cached
+//	b, _ := StartBackend(ctx, BackendOptions{Kind: Thinblk, Image: img, Socket: sock, ThinblkBin: bin})
+//	vm, _ := StartVM(ctx, VMOptions{Dir: dir, Images: im, Disks: []DiskSpec{{Socket: sock}}})
+//	defer vm.Kill()
+//	dev, _ := vm.DiskDevice(ctx, 0)                        // e.g. /dev/vda, found by PCI slot
+//	res, _ := vm.Run(ctx, time.Minute, "mkfs.xfs -f "+dev)  // exit code, stdout, stderr
+//	vm.Shutdown(ctx, time.Minute)
+//
+// Running the tests: `go test ./guesttests/` builds the images and thinblk itself. They need
+// qemu-system-x86_64 (and qemu-storage-daemon for THINBLK_BACKEND=qsd) and fail without it
+// unless THINBLK_SKIP_VM=1. THINBLK_BACKEND=thinblk (default), qsd, or thinblk,qsd for both;
+// THINBLK_ACCEL=tcg|kvm skips the KVM probe; THINBLK_GUEST_KEEP=1 keeps logs and images
+// (kept anyway when a test fails); THINBLK_BUILD moves the build directory.
 package guesttests
 
 import (
