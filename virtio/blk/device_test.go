@@ -717,3 +717,27 @@ func TestBlockedWritesDoNotHoldUpReads(t *testing.T) {
 		t.Fatalf("read status %d", st)
 	}
 }
+
+func TestDrainFlushes(t *testing.T) {
+	s := newFileStorage(t, diskSize)
+	h := newHarness(t, s, blk.Options{}, 64, allFeat)
+	h.mustWrite(t, 0, make([]byte, 4096))
+	before := s.flushes.Load()
+	if err := h.dev.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s.flushes.Load() != before+1 {
+		t.Fatal("Drain did not flush the storage")
+	}
+	// Drained queues take no new requests, and report where they stopped.
+	d := h.drv[0]
+	d.AddChain(d.AllocBuf(16, false, header(blk.TypeFlush, 0)), d.AllocBuf(1, true, nil))
+	d.KickNow()
+	time.Sleep(20 * time.Millisecond)
+	if _, ok := d.PopUsed(); ok {
+		t.Fatal("request served after Drain")
+	}
+	if last, err := h.dev.StopQueue(0); err != nil || last != 1 {
+		t.Fatalf("StopQueue after Drain: %d, %v", last, err)
+	}
+}
