@@ -30,6 +30,9 @@ type BackendOptions struct {
 	ReadOnly bool
 	Queues   int    // 0: 1
 	LogPath  string // back-end stdout+stderr
+	// Serial is the disk serial the guest reads (thinblk only; qemu-storage-daemon always
+	// reports "vhost_user_blk"). Empty: the back-end's default.
+	Serial string
 	// ThinblkBin is the thinblk binary (Kind Thinblk only).
 	ThinblkBin string
 }
@@ -57,6 +60,9 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 		argv = []string{o.ThinblkBin, "serve", "--raw", o.Image, "--socket", o.Socket, "--queues", strconv.Itoa(o.Queues)}
 		if o.ReadOnly {
 			argv = append(argv, "--read-only")
+		}
+		if o.Serial != "" {
+			argv = append(argv, "--serial", o.Serial)
 		}
 	case QSD:
 		writable := "on"

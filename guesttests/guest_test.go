@@ -113,7 +113,7 @@ func (e *env) startBackend(t *testing.T, kind BackendKind, dir, name string, siz
 	}
 	f.Close()
 	b, err := StartBackend(context.Background(), BackendOptions{
-		Kind: kind, Image: img, Socket: filepath.Join(dir, name+".sock"), ReadOnly: readOnly,
+		Kind: kind, Image: img, Socket: filepath.Join(dir, name+".sock"), ReadOnly: readOnly, Serial: "thinblk-" + name,
 		Queues: queues, LogPath: filepath.Join(dir, name+"-backend.log"), ThinblkBin: e.thinblk,
 	})
 	if err != nil {
@@ -230,6 +230,16 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		name := strings.TrimPrefix(dev, "/dev/")
 		if q := strings.TrimSpace(g.sh(t, 20*time.Second, "ls /sys/block/"+name+"/mq | wc -l")); q != "2" {
 			t.Errorf("%s has %s hardware queues in the guest, want 2", dev, q)
+		}
+		if kind == Thinblk {
+			// The serial set with --serial reaches the guest (GET_ID) and names the same disk
+			// as the PCI slot does.
+			for serial, want := range map[string]string{"thinblk-rw": dev, "thinblk-ro": roDev} {
+				got, err := vm.DiskBySerial(ctx, serial)
+				if err != nil || got != want {
+					t.Errorf("disk with serial %s: %s, %v; want %s", serial, got, err, want)
+				}
+			}
 		}
 	})
 

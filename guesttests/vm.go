@@ -274,6 +274,26 @@ func (vm *VM) DiskDevice(ctx context.Context, i int) (string, error) {
 	return "/dev/" + name, nil
 }
 
+// DiskBySerial returns the guest's /dev path of the virtio disk whose serial (the back-end's
+// GET_ID answer) is serial.
+func (vm *VM) DiskBySerial(ctx context.Context, serial string) (string, error) {
+	res, err := vm.Run(ctx, 20*time.Second, `for b in /sys/block/vd*; do printf '%s\t%s\n' "${b##*/}" "$(cat $b/serial)"; done`)
+	if err != nil {
+		return "", fmt.Errorf("find disk with serial %q: %w", serial, err)
+	}
+	var found []string
+	for _, line := range strings.Split(string(res.Stdout), "\n") {
+		name, s, ok := strings.Cut(line, "\t")
+		if ok && s == serial {
+			found = append(found, "/dev/"+name)
+		}
+	}
+	if len(found) != 1 {
+		return "", fmt.Errorf("find disk with serial %q: found %v in %q", serial, found, res.Stdout)
+	}
+	return found[0], nil
+}
+
 // Shutdown powers the guest off through the agent and waits for QEMU to exit; past timeout it
 // kills QEMU and returns an error.
 func (vm *VM) Shutdown(ctx context.Context, timeout time.Duration) error {
