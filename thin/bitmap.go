@@ -119,16 +119,28 @@ func (b *bitmap) andNot(o *bitmap) {
 }
 
 // appendChunk appends chunk idx in its persisted form (little-endian
-// words) with the bits of exclude cleared.
-func (b *bitmap) appendChunk(dst []byte, idx uint64, exclude *bitmap) []byte {
+// words) with the bits set in any of exclude cleared.
+func (b *bitmap) appendChunk(dst []byte, idx uint64, exclude ...*bitmap) []byte {
 	for w := idx * chunkWords; w < (idx+1)*chunkWords; w++ {
 		x := b.words[w]
-		if exclude != nil && w < uint64(len(exclude.words)) {
-			x &^= exclude.words[w]
+		for _, e := range exclude {
+			if w < uint64(len(e.words)) {
+				x &^= e.words[w]
+			}
 		}
 		dst = binary.LittleEndian.AppendUint64(dst, x)
 	}
 	return dst
+}
+
+// reset clears every bit.
+func (b *bitmap) reset() {
+	if b.count == 0 {
+		return
+	}
+	clear(b.words)
+	clear(b.chunkCount)
+	b.count = 0
 }
 
 // loadChunk sets bits from a persisted chunk; it reports false when the

@@ -255,7 +255,12 @@ func (md *model) flush() {
 }
 
 func (md *model) open() {
-	p, err := open(md.dir, quietOpts(), md.m.env())
+	o := quietOpts()
+	// Small limits make implicit commits (and cache evictions) happen
+	// between flushes, so crashes also land after them.
+	o.MaxPending = 1 + md.rng.IntN(48)
+	o.MapCacheEntries = md.rng.IntN(64) - 8
+	p, err := open(md.dir, o, md.m.env())
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}
@@ -319,8 +324,8 @@ func envInt(name string, def int) int {
 }
 
 func TestModel(t *testing.T) {
-	steps := envInt("THIN_MODEL_STEPS", 1500)
-	seeds := envInt("THIN_MODEL_SEEDS", 4)
+	steps := envInt("THIN_MODEL_STEPS", 1000)
+	seeds := envInt("THIN_MODEL_SEEDS", 3)
 	first := 1
 	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
 		first, seeds = s, 1

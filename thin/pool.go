@@ -253,6 +253,7 @@ type Pool struct {
 	alloc        *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
 	pend         *bitmap               // freed since the last cut
 	pendOld      *bitmap               // freed in the cut being committed
+	pendSpare    *bitmap               // cleared bitmap for the next swap
 	inflight     *bitmap               // allocated, data being written, not yet in the map
 	inflightRes  uint64                // in-flight blocks that consume a reservation
 	cursor       uint64                // next-fit allocation cursor
@@ -677,21 +678,23 @@ func (p *Pool) commitLocked() error {
 	// Chunks leave out blocks freed in this cut (their owners' entries are
 	// deleted in this batch) and blocks still being filled (their entries
 	// are not in it).
-	exclude := p.pend
-	if p.inflight.count > 0 {
-		exclude = newBitmap(p.rec.SizeBlocks)
-		exclude.unionOf(p.pend, p.inflight)
-	}
 	var buf []byte
 	for idx := range p.dirtyChunks {
-		buf = p.alloc.appendChunk(buf[:0], idx, exclude)
+		buf = p.alloc.appendChunk(buf[:0], idx, p.pend, p.inflight)
 		b.SetBitmapChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
 	p.committing = p.dirty
 	p.dirty = make(map[mapKey]pebblemeta.Entry, len(p.committing))
-	p.pendOld = p.pend
-	p.pend = newBitmap(p.rec.SizeBlocks)
+	if p.pend.count > 0 {
+		// Swap in the spare (cleared) bitmap rather than allocate: a big
+		// pool's bitmap is megabytes and commits are frequent.
+		p.pendOld, p.pend = p.pend, p.pendSpare
+		p.pendSpare = nil
+		if p.pend == nil {
+			p.pend = newBitmap(p.rec.SizeBlocks)
+		}
+	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.deadLayers, p.deadVols = nil, nil
 	p.dirtyChunks = map[uint64]struct{}{}
@@ -724,31 +727,19 @@ func (p *Pool) commitLocked() error {
 	released := p.pendOld
 	p.pendOld = nil
 	p.mu.Unlock()
-	if released.count > 0 {
+	if released != nil {
 		p.ioGate.Lock() // no request still aims at a freed block
 		p.mu.Lock()
 		p.alloc.andNot(released)
+		released.reset()
+		released.grow(p.rec.SizeBlocks)
+		p.pendSpare = released
 		p.spaceFreedLocked()
 		p.mu.Unlock()
 		p.ioGate.Unlock()
 	}
 	p.durableSeq = seq
 	return nil
-}
-
-// unionOf sets b's words to x | y (counts are not maintained: b is only
-// used as an exclusion mask).
-func (b *bitmap) unionOf(x, y *bitmap) {
-	for i := range b.words {
-		var w uint64
-		if i < len(x.words) {
-			w |= x.words[i]
-		}
-		if i < len(y.words) {
-			w |= y.words[i]
-		}
-		b.words[i] = w
-	}
 }
 
 // waitForSpace is called when a request found no space. It returns nil
@@ -898,6 +889,9 @@ func (p *Pool) Grow(size uint64) error {
 	p.alloc.grow(n)
 	p.pend.grow(n)
 	p.inflight.grow(n)
+	if p.pendSpare != nil {
+		p.pendSpare.grow(n)
+	}
 	p.metaDirty = true
 	p.mu.Unlock()
 	if err := p.commitLocked(); err != nil {
