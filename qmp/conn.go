@@ -113,7 +113,7 @@ func (c *conn) readLoop() {
 			c.log.Error("panic while serving QMP client; connection closed", "panic", p, "stack", string(debug.Stack()))
 		}
 	}()
-	c.log.Info("QMP client connected")
+	c.log.Debug("QMP client connected")
 	greeting, err := encode(map[string]any{"QMP": map[string]any{"version": c.s.version, "capabilities": []string{}}})
 	if err != nil || !c.send(greeting) {
 		return
@@ -149,7 +149,7 @@ func (c *conn) readLoop() {
 					c.log.Warn("QMP client dropped: message not completed in time", "timeout", c.s.opts.MessageTimeout)
 				}
 			case isClosedErr(err):
-				c.log.Info("QMP client disconnected")
+				c.log.Debug("QMP client disconnected")
 			default:
 				c.log.Info("QMP read failed; closing connection", "err", err)
 			}
