@@ -1,11 +1,173 @@
 package main
 
-import "errors"
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/thinblk/thinblk/qmp"
+	"github.com/thinblk/thinblk/thin"
+)
+
+// A serve that holds a pool listens for QMP on a control socket and writes
+// the socket's path into controlFile in the pool directory, so that the
+// management commands find it wherever --qmp put it.
+const (
+	controlFile       = "control"
+	defaultControlSoc = "qmp.sock"
+)
 
 // errNoControl says no running serve answers for the pool.
 var errNoControl = errors.New("no control socket")
 
+// parseQMPAddr accepts "unix:PATH" (QEMU's spelling) or a bare path.
+func parseQMPAddr(s string) (string, error) {
+	path, ok := strings.CutPrefix(s, "unix:")
+	if !ok && strings.Contains(s, ":") {
+		return "", fmt.Errorf("--qmp %q: only unix:PATH is supported", s)
+	}
+	if path == "" {
+		return "", fmt.Errorf("--qmp %q: empty path", s)
+	}
+	return path, nil
+}
+
+// Argument and result shapes of the control commands.
+type (
+	volumeArgs struct {
+		Name string `json:"name"`
+	}
+	volumeSizeArgs struct {
+		Name string `json:"name"`
+		Size uint64 `json:"size"`
+	}
+	sizeArgs struct {
+		Size uint64 `json:"size"`
+	}
+)
+
+// registerPoolCommands puts every management operation on the QMP server
+// and turns pool changes into QMP events.
+func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop func()) {
+	s.Register("query-pool", func(ctx context.Context, args json.RawMessage) (any, error) {
+		if err := qmp.DecodeArgs(args, &struct{}{}); err != nil {
+			return nil, err
+		}
+		return pool.Status(), nil
+	})
+	s.Register("pool-grow", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a sizeArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.Grow(a.Size)
+	})
+	s.Register("volume-create", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a volumeSizeArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.CreateVolume(a.Name, a.Size)
+	})
+	s.Register("volume-resize", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a volumeSizeArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.ResizeVolume(a.Name, a.Size)
+	})
+	s.Register("volume-delete", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a volumeArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.DeleteVolume(a.Name)
+	})
+	s.Register("query-volume-inflight", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a struct {
+			Names []string `json:"names,omitempty"`
+		}
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return map[string]int{"requests": ex.inFlight(a.Names...)}, nil
+	})
+	return pool.Watch(func(ev thin.Event) {
+		data := map[string]any{"size": ev.Size}
+		if ev.Volume != "" {
+			data["name"] = ev.Volume
+		}
+		s.Emit(strings.ToUpper(strings.ReplaceAll(ev.Type.String(), "-", "_")), data)
+	})
+}
+
+// startControl listens for QMP on path and records it in the pool dir.
+func startControl(ctx context.Context, pool *thin.Pool, ex *exports, path string, mode os.FileMode, f serveFlags) (*qmp.Server, func(), error) {
+	s := qmp.NewServer(qmp.Options{Logger: ex.log.With("control", path), Version: version})
+	stopEvents := registerPoolCommands(s, pool, ex)
+	ln, err := s.ListenUnix(path, mode)
+	if err != nil {
+		stopEvents()
+		return nil, nil, fmt.Errorf("control socket: %w", err)
+	}
+	abs, _ := filepath.Abs(path)
+	record := filepath.Join(f.pool, controlFile)
+	if err := os.WriteFile(record, []byte(abs+"\n"), 0o600); err != nil {
+		s.Close()
+		stopEvents()
+		return nil, nil, fmt.Errorf("record control socket: %w", err)
+	}
+	go s.Serve(ctx, ln)
+	cleanup := func() {
+		stopEvents()
+		s.Close()
+		os.Remove(record)
+	}
+	return s, cleanup, nil
+}
+
+// remoteOps drives a running serve over its control socket.
+type remoteOps struct{ c *qmp.Client }
+
+func (r remoteOps) do(cmd string, args, result any) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	return r.c.Execute(ctx, cmd, args, result)
+}
+
+func (r remoteOps) Grow(size uint64) error { return r.do("pool-grow", sizeArgs{size}, nil) }
+func (r remoteOps) CreateVolume(n string, size uint64) error {
+	return r.do("volume-create", volumeSizeArgs{n, size}, nil)
+}
+func (r remoteOps) DeleteVolume(n string) error { return r.do("volume-delete", volumeArgs{n}, nil) }
+func (r remoteOps) ResizeVolume(n string, size uint64) error {
+	return r.do("volume-resize", volumeSizeArgs{n, size}, nil)
+}
+func (r remoteOps) Status() (thin.Status, error) {
+	var st thin.Status
+	err := r.do("query-pool", nil, &st)
+	return st, err
+}
+func (r remoteOps) Close() error { return r.c.Close() }
+
 // dialControl connects to the control socket of a serve holding dir.
 func dialControl(dir string) (poolOps, error) {
-	return nil, errNoControl
+	b, err := os.ReadFile(filepath.Join(dir, controlFile))
+	if err != nil {
+		return nil, errNoControl
+	}
+	path := strings.TrimSpace(string(b))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, path)
+	if err != nil {
+		// A record left by a serve that died: nobody answers.
+		return nil, errNoControl
+	}
+	return remoteOps{c}, nil
 }

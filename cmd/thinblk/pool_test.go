@@ -153,3 +153,76 @@ func TestServePoolDataPath(t *testing.T) {
 		t.Error("volume socket left behind")
 	}
 }
+
+func TestServePoolOnlineManagement(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "16M", "--block-size", "64K")
+	mustThinblk(t, "volume", "create", dir, "first", "--size", "64M")
+	cmd, logs := startServe(t, bin, dir)
+	waitForSocket(t, filepath.Join(dir, "first.sock"))
+	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
+
+	// Management commands reach the running serve through its control socket.
+	mustThinblk(t, "volume", "create", dir, "second", "--size", "32M")
+	waitForSocket(t, filepath.Join(dir, "second.sock"))
+	st := statusJSON(t, dir)
+	if len(st.Volumes) != 2 {
+		t.Fatalf("status while serving lists %d volumes, want 2", len(st.Volumes))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	disk, err := frontend.Dial(ctx, filepath.Join(dir, "second.sock"), frontend.Options{})
+	if err != nil {
+		t.Fatalf("dial: %v\n%s", err, logs)
+	}
+	if _, err := disk.WriteAt(bytes.Repeat([]byte{1}, 64<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	// Grow online: the front-end hears of it through the config-change
+	// message and sees the new capacity.
+	mustThinblk(t, "volume", "resize", dir, "second", "--size", "48M")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		cfg, err := disk.RefreshConfig()
+		if err == nil && cfg.Capacity*512 == 48<<20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("capacity after resize: %+v, %v\n%s", cfg, err, logs)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	disk.Close()
+
+	mustThinblk(t, "pool", "grow", dir, "--size", "32M")
+	if st := statusJSON(t, dir); st.Pool.SizeBytes != 32<<20 || st.Volumes[1].MappedBytes != 64<<10 {
+		t.Errorf("status after grow and write: %+v", st)
+	}
+	mustThinblk(t, "volume", "delete", dir, "second")
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "second.sock")); os.IsNotExist(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("socket of a deleted volume is still there")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// check needs the pool to itself.
+	if _, errOut, code := thinblk(t, "check", dir); code == 0 || !strings.Contains(errOut, "stop 'thinblk serve'") {
+		t.Errorf("check while serving: exit %d, %q", code, errOut)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve exit: %v\n%s", err, logs)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "control")); !os.IsNotExist(err) {
+		t.Error("control record left behind after exit")
+	}
+	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		t.Errorf("check: %q", out)
+	}
+}

@@ -22,6 +22,7 @@ const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (ev
 type serveFlags struct {
 	pool       string
 	socketDir  string
+	qmp        string
 	raw        string
 	socket     string
 	socketMode string
@@ -39,6 +40,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
 	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
 	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
+	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
@@ -87,6 +89,8 @@ func (f *serveFlags) validate() error {
 		return errors.New("--socket is for --raw; a pool's sockets go in --socket-dir")
 	case f.raw != "" && f.socket == "":
 		return errors.New("--socket PATH is required with --raw")
+	case f.raw != "" && f.qmp != "":
+		return errors.New("--qmp is for a pool")
 	case f.raw != "" && f.socketDir != "":
 		return errors.New("--socket-dir is for a pool; use --socket with --raw")
 	case f.pool != "" && (f.readOnly || f.serial != ""):
@@ -100,6 +104,11 @@ func (f *serveFlags) validate() error {
 	}
 	if len(f.serial) > blk.IDBytes {
 		return fmt.Errorf("--serial %q: longer than %d bytes", f.serial, blk.IDBytes)
+	}
+	if f.qmp != "" {
+		if _, err := parseQMPAddr(f.qmp); err != nil {
+			return err
+		}
 	}
 	if _, err := parseMode(f.socketMode); err != nil {
 		return err

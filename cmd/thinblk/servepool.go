@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/thinblk/thinblk/thin"
 )
@@ -28,9 +29,20 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 		pool.Close()
 		return err
 	}
-	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "volumes", len(pool.Volumes()))
+	qmpPath := filepath.Join(f.pool, defaultControlSoc)
+	if f.qmp != "" {
+		qmpPath, _ = parseQMPAddr(f.qmp)
+	}
+	_, stopControl, err := startControl(ctx, pool, ex, qmpPath, mode, f)
+	if err != nil {
+		ex.close()
+		pool.Close()
+		return err
+	}
+	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "qmp", qmpPath, "volumes", len(pool.Volumes()))
 	<-ctx.Done()
 	logger.Info("shutting down")
+	stopControl()
 	exErr := ex.close()
 	flushErr := pool.Flush()
 	closeErr := pool.Close()
