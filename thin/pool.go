@@ -655,9 +655,15 @@ func (p *Pool) commitLocked() error {
 		return err
 	}
 	seq := p.opSeq.Load()
-	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 && !p.dataDirty.Load() {
-		p.durableSeq = seq
+	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 {
+		// Only data to make durable (overwrites in place, zeroing).
 		p.mu.Unlock()
+		if p.dataDirty.Swap(false) {
+			if err := p.data.Sync(); err != nil {
+				return p.fail(err)
+			}
+		}
+		p.durableSeq = seq
 		return nil
 	}
 	b := p.store.NewBatch()
@@ -701,21 +707,17 @@ func (p *Pool) commitLocked() error {
 	p.metaDirty = false
 	p.mu.Unlock()
 
-	p.dataDirty.Store(false)
-	err := p.data.Sync()
+	var err error
+	if p.dataDirty.Swap(false) {
+		err = p.data.Sync()
+	}
 	if err == nil {
 		err = b.Commit(true)
 	} else {
 		b.Discard()
 	}
 	if err != nil {
-		// The on-disk state is still the previous commit, but memory has
-		// moved on; refuse further work rather than diverge.
-		p.mu.Lock()
-		p.failed = fmt.Errorf("pool %s failed: %w", p.dir, err)
-		p.mu.Unlock()
-		p.log.Error("thin pool metadata commit failed; the pool refuses further I/O", "pool", p.dir, "err", err)
-		return p.failed
+		return p.fail(err)
 	}
 	p.mu.Lock()
 	for k, e := range p.committing {
@@ -740,6 +742,20 @@ func (p *Pool) commitLocked() error {
 	}
 	p.durableSeq = seq
 	return nil
+}
+
+// fail marks the pool failed after a commit error: the on-disk state is
+// still the previous commit but memory has moved on, so it refuses further
+// work rather than diverge.
+func (p *Pool) fail(err error) error {
+	p.mu.Lock()
+	if p.failed == nil {
+		p.failed = fmt.Errorf("pool %s failed: %w", p.dir, err)
+	}
+	ferr := p.failed
+	p.mu.Unlock()
+	p.log.Error("thin pool commit failed; the pool refuses further I/O", "pool", p.dir, "err", err)
+	return ferr
 }
 
 // waitForSpace is called when a request found no space. It returns nil

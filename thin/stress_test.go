@@ -271,3 +271,41 @@ func TestCheckProgress(t *testing.T) {
 		t.Fatalf("final progress %v, want 40/40", last)
 	}
 }
+
+// TestMemoryBounded: however many blocks get mapped, the pending set and
+// the entry cache stay within their limits (the map itself lives in
+// Pebble).
+func TestMemoryBounded(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	if err := Create(dir, CreateOptions{Size: 4000 * 4 * kib, BlockSize: 4 * kib}); err != nil {
+		t.Fatal(err)
+	}
+	o := quietOpts()
+	o.MaxPending = 64
+	o.MapCacheEntries = 128
+	p, err := Open(dir, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	v := mustVolume(t, p, "v", 1<<30)
+	buf := [][]byte{make([]byte, 512)}
+	maxDirty, maxCache := 0, 0
+	for i := range int64(3000) {
+		if err := v.WriteAt(buf, i*4*kib); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 0 {
+			_ = read(t, v, (i/2)*4*kib, 512) // fill the cache with old entries
+		}
+		p.mu.Lock()
+		maxDirty, maxCache = max(maxDirty, len(p.dirty)), max(maxCache, len(p.cache))
+		p.mu.Unlock()
+	}
+	if maxDirty >= 2*64 || maxCache > 128 {
+		t.Fatalf("pending changes peaked at %d (limit 2x64), cache at %d (limit 128)", maxDirty, maxCache)
+	}
+	if s := checkAccounting(t, p); s.Volumes[0].MappedBytes != 3000*4*kib {
+		t.Fatalf("mapped %d", s.Volumes[0].MappedBytes)
+	}
+}

@@ -227,7 +227,7 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 			return fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
 		}
 		p.opSeq.Add(1)
-		return nil
+		return p.backpressure()
 	}
 }
 
@@ -351,6 +351,18 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 	return err
 }
 
+// backpressure commits synchronously when pending changes pile up faster
+// than the background commit drains them, so their memory stays bounded.
+func (p *Pool) backpressure() error {
+	p.mu.Lock()
+	over := len(p.dirty) >= 2*p.opts.MaxPending
+	p.mu.Unlock()
+	if over {
+		return p.commit()
+	}
+	return nil
+}
+
 // Flush makes every request completed before it durable.
 func (v *Volume) Flush() error {
 	if err := v.p.Flush(); err != nil {
@@ -420,7 +432,7 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 		}
 		p.opSeq.Add(1)
-		return nil
+		return p.backpressure()
 	}
 }
 
