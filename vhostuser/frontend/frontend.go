@@ -228,6 +228,9 @@ func (d *Disk) setupQueues() error {
 		if q.kick, err = newEventfd(); err != nil {
 			return err
 		}
+		// Fd leaves the mode alone: NewFile saw the descriptor was
+		// already non-blocking, so the back-end's view is unchanged.
+		q.kickFd = int(q.kick.Fd())
 		if q.call, err = newEventfd(); err != nil {
 			return err
 		}

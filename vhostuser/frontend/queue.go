@@ -104,6 +104,7 @@ type Queue struct {
 	mu       sync.Mutex
 	ring     *ring
 	kick     *os.File
+	kickFd   int // kick's descriptor, non-blocking (created EFD_NONBLOCK)
 	call     *os.File
 	inflight []*Req // by head descriptor
 	scratch  []desc
@@ -224,7 +225,7 @@ func (q *Queue) submitLocked(reqs []*Req) error {
 	}
 	if added > 0 && q.ring.publish() {
 		q.kicks++
-		if _, werr := unix.Write(int(q.kick.Fd()), q.one[:]); werr != nil && werr != unix.EAGAIN {
+		if _, werr := unix.Write(q.kickFd, q.one[:]); werr != nil && werr != unix.EAGAIN {
 			return errors.Join(err, fmt.Errorf("queue %d: kick: %w", q.index, werr))
 		}
 	}
