@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -20,6 +21,9 @@ const (
 	Thinblk BackendKind = "thinblk"
 	// QSD is qemu-storage-daemon's vhost-user-blk export, the reference.
 	QSD BackendKind = "qsd"
+	// ThinPool is `thinblk serve POOLDIR --socket-dir DIR`: one socket per volume,
+	// DIR/NAME.sock. Image is the pool directory; Socket is the socket to wait for.
+	ThinPool BackendKind = "thinpool"
 )
 
 // BackendOptions describe one exported disk.
@@ -64,6 +68,14 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 		if o.Serial != "" {
 			argv = append(argv, "--serial", o.Serial)
 		}
+	case ThinPool:
+		if o.ThinblkBin == "" {
+			return nil, errors.New("start thinblk pool back-end: no binary given")
+		}
+		if err := os.MkdirAll(filepath.Dir(o.Socket), 0o755); err != nil {
+			return nil, fmt.Errorf("start thinblk pool back-end: %w", err)
+		}
+		argv = []string{o.ThinblkBin, "serve", o.Image, "--socket-dir", filepath.Dir(o.Socket), "--queues", strconv.Itoa(o.Queues)}
 	case QSD:
 		writable := "on"
 		if o.ReadOnly {
@@ -79,7 +91,9 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 	default:
 		return nil, fmt.Errorf("start back-end: unknown kind %q (want %q or %q)", o.Kind, Thinblk, QSD)
 	}
-	_ = os.Remove(o.Socket)
+	if o.Kind != ThinPool { // the pool server owns its socket directory
+		_ = os.Remove(o.Socket)
+	}
 	b := &Backend{Opts: o, exited: make(chan struct{})}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	if o.LogPath != "" {

@@ -23,6 +23,7 @@ package guesttests
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -126,3 +127,57 @@ func tail(s string, n int) string {
 // DefaultBackend is what the guest tests serve their disks with unless THINBLK_BACKEND says
 // otherwise.
 const DefaultBackend = Thinblk
+
+// ThinblkCmd runs a thinblk CLI command (pool, volume, status, check) and returns its stdout.
+func ThinblkCmd(ctx context.Context, bin string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, bin, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.Bytes(), fmt.Errorf("thinblk %s: %w\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.Bytes(), nil
+}
+
+// PoolStatus is the part of `thinblk status --json` the tests read.
+type PoolStatus struct {
+	Pool struct {
+		SizeBytes      int64 `json:"size_bytes"`
+		AllocatedBytes int64 `json:"allocated_bytes"`
+		ReservedBytes  int64 `json:"reserved_bytes"`
+		FreeBytes      int64 `json:"free_bytes"`
+	} `json:"pool"`
+	Volumes []VolumeStatus `json:"volumes"`
+}
+
+// VolumeStatus is one volume in PoolStatus.
+type VolumeStatus struct {
+	Name             string `json:"name"`
+	SizeBytes        int64  `json:"size_bytes"`
+	MappedBytes      int64  `json:"mapped_bytes"`
+	ProvisionedBytes int64  `json:"provisioned_bytes"`
+	ReservedBytes    int64  `json:"reserved_bytes"`
+}
+
+// Volume returns the named volume's status.
+func (s *PoolStatus) Volume(name string) (VolumeStatus, bool) {
+	for _, v := range s.Volumes {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return VolumeStatus{}, false
+}
+
+// ThinblkStatus runs `thinblk status DIR --json`.
+func ThinblkStatus(ctx context.Context, bin, pool string) (*PoolStatus, error) {
+	out, err := ThinblkCmd(ctx, bin, "status", pool, "--json")
+	if err != nil {
+		return nil, err
+	}
+	var st PoolStatus
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("thinblk status %s: %w\n%s", pool, err, out)
+	}
+	return &st, nil
+}
