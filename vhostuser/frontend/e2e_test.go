@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
@@ -875,4 +877,24 @@ func TestAgreeOnEdgeCases(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestEventfdModes: kick and call eventfds are shared with the back-end
+// (one open file description), so neither side may switch them to
+// blocking mode: the other side would then block in read or lose its
+// deadlines.
+func TestEventfdModes(t *testing.T) {
+	forEachBackend(t, 1, Options{}, func(t *testing.T, e env) {
+		mustWrite(t, e.d, make([]byte, 4096), 0)
+		q := e.d.Queue(0)
+		for name, fd := range map[string]int{"kick": q.kickFd, "call": int(q.call.Fd())} {
+			flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if flags&unix.O_NONBLOCK == 0 {
+				t.Errorf("%s eventfd is in blocking mode after serving I/O", name)
+			}
+		}
+	})
 }
