@@ -194,7 +194,7 @@ func (c *Client) execute(ctx context.Context, cmd string, args any) (json.RawMes
 	c.writeMu.Unlock()
 	if err != nil {
 		c.nc.Close() // a partial write leaves the stream unusable
-		return nil, fmt.Errorf("qmp: send %s: %w", cmd, err)
+		return nil, fmt.Errorf("qmp: send %s: %w: %w", cmd, ErrClientClosed, err)
 	}
 	select {
 	case r := <-ch:
