@@ -122,3 +122,107 @@ func TestGuestThinPool(t *testing.T) {
 		t.Errorf("thinblk check after the guest run: %v\n%s", err, out)
 	}
 }
+
+// TestGuestThinProvision: a range provisioned from the guest (BLKZEROOUT via blkdiscard -z,
+// and fallocate --zero-range on the device: both WRITE_ZEROES without unmap) stays writable
+// after another volume has filled the pool, while a write to unprovisioned space fails; after
+// an online `pool grow` it succeeds.
+func TestGuestThinProvision(t *testing.T) {
+	e := setup(t)
+	if e.thinblk == "" {
+		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
+	}
+	ctx := context.Background()
+	dir := workDir(t)
+	pool := filepath.Join(dir, "pool")
+	socks := filepath.Join(dir, "socks")
+	for _, args := range [][]string{
+		{"pool", "create", pool, "--size", "1G", "--no-space", "error"},
+		{"volume", "create", pool, "keeper", "--size", "4G"},
+		{"volume", "create", pool, "filler", "--size", "4G"},
+	} {
+		if _, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := StartBackend(ctx, BackendOptions{
+		Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, "filler.sock"), Queues: 1,
+		LogPath: filepath.Join(dir, "pool-backend.log"), ThinblkBin: e.thinblk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(15 * time.Second) })
+	vm, err := StartVM(ctx, VMOptions{
+		Dir: filepath.Join(dir, "vm"), Images: e.images,
+		Disks: []DiskSpec{{Socket: filepath.Join(socks, "keeper.sock")}, {Socket: filepath.Join(socks, "filler.sock")}},
+		Logf:  t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	g := guest{VM: vm, t: t}
+	keeper, err := vm.DiskDevice(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	filler, err := vm.DiskDevice(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := func() *PoolStatus {
+		t.Helper()
+		st, err := ThinblkStatus(ctx, e.thinblk, pool)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+
+	// Provision 64 MiB each way: [0, 64M) with BLKZEROOUT, [64M, 128M) with fallocate -z.
+	g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -z -o 0 -l %d %s && fallocate -z -o %d -l %d %s", 64*mib, keeper, 64*mib, 64*mib, keeper))
+	st := status()
+	k, _ := st.Volume("keeper")
+	t.Logf("keeper after provisioning: mapped %d MiB, provisioned %d MiB, reserved %d MiB", k.MappedBytes/mib, k.ProvisionedBytes/mib, k.ReservedBytes/mib)
+	if k.ProvisionedBytes != 128*mib {
+		t.Fatalf("keeper has %d MiB provisioned, want 128 MiB (are blkdiscard -z and fallocate -z reaching the pool as WRITE_ZEROES without unmap?)", k.ProvisionedBytes/mib)
+	}
+	if got := strings.Fields(g.sh(t, time.Minute, fmt.Sprintf("dd if=%s bs=1M count=128 iflag=direct 2>/dev/null | sha256sum", keeper)))[0]; got != sha256Hex(make([]byte, 128*mib)) {
+		t.Error("provisioned range does not read as zeros")
+	}
+
+	// Fill the pool from the other volume until writes fail.
+	res, err := vm.Run(ctx, 5*time.Minute, "dd if=/dev/zero of="+filler+" bs=1M oflag=direct 2>&1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitCode == 0 {
+		t.Fatalf("filling a 4 GiB volume in a 1 GiB pool succeeded: %s", res.Stdout)
+	}
+	st = status()
+	t.Logf("pool after filling: allocated %d MiB, reserved %d MiB, free %d MiB", st.Pool.AllocatedBytes/mib, st.Pool.ReservedBytes/mib, st.Pool.FreeBytes/mib)
+	if st.Pool.FreeBytes >= 1*mib {
+		t.Errorf("pool not full after the filler's write failed: %d MiB free", st.Pool.FreeBytes/mib)
+	}
+
+	// The provisioned range takes a full write with verification; beyond it writes fail.
+	g.sh(t, 5*time.Minute, "fio --name=provisioned --filename="+keeper+" --direct=1 --ioengine=libaio --rw=randwrite "+
+		"--bssplit=4k/50:64k/50 --iodepth=8 --size=128M --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/dev/null")
+	unprovisioned := fmt.Sprintf("dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc", keeper, 1024*mib/(64<<10))
+	g.shFails(t, time.Minute, unprovisioned)
+
+	if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "2G"); err != nil {
+		t.Fatal(err)
+	}
+	g.sh(t, time.Minute, unprovisioned)
+	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Stop(15 * time.Second); err != nil {
+		t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
+	}
+	if out, err := ThinblkCmd(ctx, e.thinblk, "check", pool); err != nil {
+		t.Errorf("thinblk check: %v\n%s", err, out)
+	}
+}
