@@ -273,6 +273,8 @@ type Pool struct {
 	closed       bool
 	closeStarted bool
 	watchers     map[int]func(Event)
+	events       []Event // committed changes not yet delivered to watchers
+	deliverMu    sync.Mutex
 	nextWatch    int
 	lastNoSpace  time.Time
 
@@ -834,8 +836,9 @@ type Event struct {
 }
 
 // Watch registers fn to be called after each committed volume or pool
-// change, from the goroutine that made it, in order. It returns a function
-// that unregisters fn. fn must not call back into management methods.
+// change. Calls come in commit order, one at a time, from whichever
+// goroutine made a change (not necessarily this one's); fn may call the
+// pool. It returns a function that unregisters fn.
 func (p *Pool) Watch(fn func(Event)) (stop func()) {
 	p.mu.Lock()
 	id := p.nextWatch
@@ -851,18 +854,49 @@ func (p *Pool) Watch(fn func(Event)) (stop func()) {
 
 func (p *Pool) notify(ev Event) {
 	p.mu.Lock()
-	ids := make([]int, 0, len(p.watchers))
-	for id := range p.watchers {
-		ids = append(ids, id)
-	}
-	sort.Ints(ids)
-	fns := make([]func(Event), 0, len(ids))
-	for _, id := range ids {
-		fns = append(fns, p.watchers[id])
-	}
+	p.events = append(p.events, ev)
 	p.mu.Unlock()
-	for _, fn := range fns {
-		fn(ev)
+}
+
+// deliver hands queued events to the watchers, in order, one goroutine at
+// a time. Called after the change's locks are released, so a watcher may
+// call back into the pool; if another goroutine is delivering, it will
+// deliver ours too.
+func (p *Pool) deliver() {
+	for {
+		if !p.deliverMu.TryLock() {
+			return
+		}
+		for {
+			p.mu.Lock()
+			evs := p.events
+			p.events = nil
+			ids := make([]int, 0, len(p.watchers))
+			for id := range p.watchers {
+				ids = append(ids, id)
+			}
+			sort.Ints(ids)
+			fns := make([]func(Event), 0, len(ids))
+			for _, id := range ids {
+				fns = append(fns, p.watchers[id])
+			}
+			p.mu.Unlock()
+			if len(evs) == 0 {
+				break
+			}
+			for _, ev := range evs {
+				for _, fn := range fns {
+					fn(ev)
+				}
+			}
+		}
+		p.deliverMu.Unlock()
+		p.mu.Lock()
+		more := len(p.events) > 0
+		p.mu.Unlock()
+		if !more {
+			return
+		}
 	}
 }
 
@@ -875,6 +909,12 @@ func (p *Pool) Dir() string { return p.dir }
 // Grow enlarges the pool to size bytes (a multiple of the block size),
 // online: queued writers waiting for space proceed.
 func (p *Pool) Grow(size uint64) error {
+	err := p.grow(size)
+	p.deliver()
+	return err
+}
+
+func (p *Pool) grow(size uint64) error {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
 	p.mu.Lock()
@@ -924,6 +964,12 @@ func (p *Pool) Grow(size uint64) error {
 // CreateVolume adds a thin volume of size bytes (a multiple of 512; it may
 // exceed the pool). It takes no space until written.
 func (p *Pool) CreateVolume(name string, size uint64) error {
+	err := p.createVolume(name, size)
+	p.deliver()
+	return err
+}
+
+func (p *Pool) createVolume(name string, size uint64) error {
 	if err := pebblemeta.ValidVolumeName(name); err != nil {
 		return fmt.Errorf("create volume: %w: %v", ErrInvalid, err)
 	}
@@ -956,6 +1002,12 @@ func (p *Pool) CreateVolume(name string, size uint64) error {
 
 // ResizeVolume grows a volume to size bytes online (shrinking is refused).
 func (p *Pool) ResizeVolume(name string, size uint64) error {
+	err := p.resizeVolume(name, size)
+	p.deliver()
+	return err
+}
+
+func (p *Pool) resizeVolume(name string, size uint64) error {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
 	p.mu.Lock()
@@ -994,6 +1046,12 @@ func (p *Pool) ResizeVolume(name string, size uint64) error {
 // handles of it fail every later request with ErrVolumeDeleted. It walks
 // the volume's map (the only operation that does).
 func (p *Pool) DeleteVolume(name string) error {
+	err := p.deleteVolume(name)
+	p.deliver()
+	return err
+}
+
+func (p *Pool) deleteVolume(name string) error {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
 	// Wait for requests in flight, so that no fill of this volume is

@@ -309,3 +309,33 @@ func TestMemoryBounded(t *testing.T) {
 		t.Fatalf("mapped %d", s.Volumes[0].MappedBytes)
 	}
 }
+
+// TestWatcherMayCallPool: a watcher reacting to an event (as serve does,
+// opening the new volume) may call management methods without deadlock,
+// and events stay in commit order.
+func TestWatcherMayCallPool(t *testing.T) {
+	p, _ := newPool(t, 16, CreateOptions{})
+	var got []string
+	p.Watch(func(e Event) {
+		got = append(got, e.Type.String()+":"+e.Volume)
+		if e.Type == VolumeCreated && e.Volume == "a" {
+			if _, err := p.Volume("a"); err != nil {
+				t.Error(err)
+			}
+			if err := p.CreateVolume("b", 512); err != nil {
+				t.Error(err)
+			}
+			p.Flush()
+		}
+	})
+	if err := p.CreateVolume("a", 512); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.DeleteVolume("b"); err != nil {
+		t.Fatal(err)
+	}
+	want := "volume-created:a volume-created:b volume-deleted:b"
+	if s := strings.Join(got, " "); s != want {
+		t.Fatalf("events %q, want %q", s, want)
+	}
+}
