@@ -25,6 +25,9 @@ type conn struct {
 	log *slog.Logger
 
 	out         chan []byte   // outgoing messages, bounded
+	queued      atomic.Int64  // bytes in out
+	queuedMax   atomic.Int64  // high-water mark of queued, for tests
+	drained     chan struct{} // signalled when the writer took a message
 	done        chan struct{} // closed when the connection is torn down
 	closeOnce   sync.Once
 	commandMode atomic.Bool
@@ -38,6 +41,7 @@ func newConn(s *Server, nc net.Conn, log *slog.Logger) *conn {
 		log:       log,
 		out:       make(chan []byte, s.opts.QueueLength),
 		done:      make(chan struct{}),
+		drained:   make(chan struct{}, 1),
 		connected: time.Now(),
 	}
 }
@@ -55,6 +59,19 @@ func (c *conn) close() {
 // faster than it reads replies is slowed down, not dropped (the write
 // timeout drops one that stops reading altogether).
 func (c *conn) send(msg []byte) bool {
+	size := int64(len(msg))
+	for {
+		q := c.queued.Load()
+		if q == 0 || q+size <= int64(c.s.opts.QueueBytes) {
+			break
+		}
+		select {
+		case <-c.drained:
+		case <-c.done:
+			return false
+		}
+	}
+	c.enqueued(size)
 	select {
 	case c.out <- msg:
 		return true
@@ -64,15 +81,39 @@ func (c *conn) send(msg []byte) bool {
 }
 
 // sendEvent queues an event without waiting; a full queue means the client
-// is not keeping up, and it is dropped rather than slowing the server.
+// is not keeping up, and it is dropped rather than slowing the server. As
+// for replies, one event of any size fits an empty queue.
 func (c *conn) sendEvent(msg []byte, event string) {
+	size := int64(len(msg))
+	if q := c.queued.Load(); q == 0 || q+size <= int64(c.s.opts.QueueBytes) {
+		c.enqueued(size)
+		select {
+		case c.out <- msg:
+			return
+		case <-c.done:
+			return
+		default:
+			c.queued.Add(-size)
+		}
+	}
 	select {
-	case c.out <- msg:
 	case <-c.done:
+		return
 	default:
-		c.log.Warn("QMP client dropped: its queue overflowed; it does not read fast enough",
-			"event", event, "queue", cap(c.out))
-		c.close()
+	}
+	c.log.Warn("QMP client dropped: its queue overflowed; it does not read fast enough",
+		"event", event, "queue", len(c.out), "queued_bytes", c.queued.Load())
+	c.close()
+}
+
+// enqueued accounts for size more bytes in the queue.
+func (c *conn) enqueued(size int64) {
+	q := c.queued.Add(size)
+	for {
+		hw := c.queuedMax.Load()
+		if q <= hw || c.queuedMax.CompareAndSwap(hw, q) {
+			return
+		}
 	}
 }
 
@@ -84,7 +125,13 @@ func (c *conn) writeLoop() {
 			return
 		case msg := <-c.out:
 			c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
-			if _, err := c.nc.Write(msg); err != nil {
+			_, err := c.nc.Write(msg)
+			c.queued.Add(-int64(len(msg)))
+			select {
+			case c.drained <- struct{}{}:
+			default:
+			}
+			if err != nil {
 				var ne net.Error
 				if errors.As(err, &ne) && ne.Timeout() {
 					c.log.Warn("QMP client dropped: it stopped reading", "timeout", c.s.opts.WriteTimeout)

@@ -37,9 +37,10 @@
 // client resynchronizes. A client that does not finish negotiation within
 // HandshakeTimeout, or a message within MessageTimeout, is dropped; an idle
 // client in command mode may stay as long as it likes. Each client has a
-// bounded queue of outgoing messages: Emit never waits, and a client whose
-// queue overflows with events is dropped with a log line, so a slow client
-// cannot hold up events to the others. Replies wait for room in the queue
+// bounded queue of outgoing messages (QueueLength messages, QueueBytes
+// bytes): Emit never waits, and a client whose queue overflows with events
+// is dropped with a log line, so a slow client cannot hold up events to
+// the others. Replies wait for room in the queue
 // (a client sending commands faster than it reads is slowed down), and a
 // client that stops reading for WriteTimeout is dropped. At most
 // MaxClients connections are served. A panicking handler gets a

@@ -24,6 +24,7 @@ const (
 	DefaultMaxMessageSize   = 1 << 20
 	DefaultMaxDepth         = 1024
 	DefaultQueueLength      = 256
+	DefaultQueueBytes       = 16 << 20
 	DefaultMaxClients       = 64
 	DefaultHandshakeTimeout = time.Minute
 	DefaultMessageTimeout   = 30 * time.Second
@@ -47,6 +48,11 @@ type Options struct {
 	// QueueLength is the number of outgoing messages each client may have
 	// waiting; a client whose queue overflows with events is dropped.
 	QueueLength int
+	// QueueBytes caps the bytes of those messages: a reply waits for
+	// room, an event that does not fit drops the client (a message of
+	// any size fits an empty queue). It bounds the memory that a client
+	// that does not read can pin.
+	QueueBytes int
 	// MaxClients caps concurrent connections; more are refused.
 	MaxClients int
 	// HandshakeTimeout drops a client that has not finished capabilities
@@ -128,6 +134,9 @@ func NewServer(opts Options) *Server {
 	}
 	if opts.QueueLength <= 0 {
 		opts.QueueLength = DefaultQueueLength
+	}
+	if opts.QueueBytes <= 0 {
+		opts.QueueBytes = DefaultQueueBytes
 	}
 	if opts.MaxClients <= 0 {
 		opts.MaxClients = DefaultMaxClients

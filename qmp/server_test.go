@@ -605,3 +605,50 @@ func TestCommandsInOrder(t *testing.T) {
 		t.Fatalf("order %v", order)
 	}
 }
+
+// TestQueueBytesBound checks that a client pipelining commands with big
+// replies and not reading cannot make the server queue more than
+// QueueBytes for it, and still gets every reply once it reads.
+func TestQueueBytesBound(t *testing.T) {
+	const budget = 1 << 20
+	ts := startServer(t, Options{QueueBytes: budget, WriteTimeout: time.Minute})
+	reply := strings.Repeat("r", 200<<10)
+	ts.Register("big", func(context.Context, json.RawMessage) (any, error) { return reply, nil })
+	rc := negotiated(t, ts.path)
+	const n = 40 // 8 MB of replies
+	go func() {
+		for i := range n {
+			if _, err := fmt.Fprintf(rc.nc, `{"execute":"big","id":%d}`, i); err != nil {
+				return
+			}
+		}
+	}()
+	var c *conn
+	waitFor(t, "the queue to fill", func() bool {
+		ts.mu.Lock()
+		defer ts.mu.Unlock()
+		for cc := range ts.clients {
+			c = cc
+		}
+		return c != nil && c.queued.Load() > budget/2
+	})
+	time.Sleep(200 * time.Millisecond) // let it try to queue more
+	for i := range n {
+		m := rc.readMsg()
+		if m["id"] != float64(i) || m["return"] != reply {
+			t.Fatalf("reply %d: id %v", i, m["id"])
+		}
+	}
+	if hw := c.queuedMax.Load(); hw > budget {
+		t.Fatalf("queued %d bytes for one client; the budget is %d", hw, budget)
+	}
+
+	// Events that do not fit the byte budget drop the client: the first
+	// fits the empty queue and blocks in the write, the second overflows.
+	ts.Emit("BIG", map[string]string{"pad": strings.Repeat("e", budget)})
+	ts.Emit("BIG", map[string]string{"pad": strings.Repeat("e", budget)})
+	rc.expectClosed()
+	if !strings.Contains(ts.logs.String(), "queue overflowed") {
+		t.Error("drop not logged")
+	}
+}
