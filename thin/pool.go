@@ -728,13 +728,13 @@ func (p *Pool) commitLocked() error {
 		}
 	}
 	p.committing = nil
-	released := p.pendOld
-	p.pendOld = nil
+	released := p.pendOld // stays visible (as releasing) until released
 	p.mu.Unlock()
 	if released != nil {
 		p.ioGate.Lock() // no request still aims at a freed block
 		p.mu.Lock()
 		p.alloc.andNot(released)
+		p.pendOld = nil
 		released.reset()
 		released.grow(p.rec.SizeBlocks)
 		p.pendSpare = released
