@@ -172,13 +172,15 @@ func (c *conn) readLoop() {
 		c.nc.SetReadDeadline(c.readDeadline(&f, msgStart))
 		n, err := c.nc.Read(buf)
 		if n > 0 {
+			ended := f.ended
 			f.feed(buf[:n], c.handle)
-			if f.pending() {
-				if msgStart.IsZero() {
-					msgStart = time.Now()
-				}
-			} else {
+			switch {
+			case !f.pending():
 				msgStart = time.Time{}
+			case msgStart.IsZero() || f.ended != ended:
+				// A new message started in this read: a client
+				// streaming commands is making progress.
+				msgStart = time.Now()
 			}
 		}
 		select {

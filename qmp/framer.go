@@ -35,6 +35,8 @@ type framer struct {
 	esc      bool // after a backslash inside a string
 	bare     bool // inside a top-level number or literal
 	skipping bool // the current message exceeded a limit and is being discarded
+
+	ended uint64 // messages ended so far, emitted or not
 }
 
 // keepCap is the buffer capacity kept between messages; a larger buffer,
@@ -52,6 +54,7 @@ func (f *framer) pending() bool {
 }
 
 func (f *framer) reset() {
+	f.ended++
 	f.depth, f.inStr, f.esc, f.bare, f.skipping = 0, false, false, false, false
 	f.clearBuf()
 }
@@ -177,6 +180,7 @@ func (f *framer) skip(err error, emit emitFunc) {
 
 // done ends the current message: it is emitted unless it was skipped.
 func (f *framer) done(emit emitFunc) {
+	f.ended++
 	if f.skipping {
 		f.skipping = false
 		f.clearBuf()

@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"encoding/json"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -121,6 +122,35 @@ func TestGoQemuEvents(t *testing.T) {
 	}
 	// Commands still work between events.
 	if _, err := mons[0].Run([]byte(`{"execute":"query-commands"}`)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestServeTCPWithGoQemu serves a listener that is not a unix socket.
+func TestServeTCPWithGoQemu(t *testing.T) {
+	s := NewServer(Options{Version: "0.1.0"})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(context.Background(), ln) }()
+	mon, err := goqmp.NewSocketMonitor("tcp", ln.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mon.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := mon.Run([]byte(`{"execute":"query-version"}`))
+	if err != nil || !strings.Contains(string(out), `"package":"thinblk 0.1.0"`) {
+		t.Fatalf("query-version over TCP: %s %v", out, err)
+	}
+	mon.Disconnect()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
 }

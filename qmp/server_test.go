@@ -497,6 +497,21 @@ func TestListenUnixSocketFile(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "q.sock")
 
+	// Close removes the socket even if Serve never ran.
+	s0 := NewServer(Options{})
+	if _, err := s0.ListenUnix(path, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s0.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("socket left after Close: %v", err)
+	}
+	if _, err := s0.ListenUnix(path, 0); err == nil {
+		t.Fatal("ListenUnix after Close succeeded")
+	}
+
 	// The mode is applied.
 	s1 := NewServer(Options{})
 	if _, err := s1.ListenUnix(path, 0o660); err != nil {
@@ -650,5 +665,27 @@ func TestQueueBytesBound(t *testing.T) {
 	rc.expectClosed()
 	if !strings.Contains(ts.logs.String(), "queue overflowed") {
 		t.Error("drop not logged")
+	}
+}
+
+// TestSteadyStreamNotTimedOut checks that the message timeout applies to
+// one message: a client that keeps sending commands, each read ending in
+// the middle of one, is not dropped.
+func TestSteadyStreamNotTimedOut(t *testing.T) {
+	ts := startServer(t, Options{MessageTimeout: 300 * time.Millisecond})
+	rc := negotiated(t, ts.path)
+	msg := `{"execute":"query-version","id":1}`
+	half := len(msg) / 2
+	rc.send(msg[:half])
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+		rc.send(msg[half:] + msg[:half]) // ends one message, starts the next
+		if m := rc.readMsg(); m["id"] != 1.0 {
+			t.Fatalf("got %v", m)
+		}
+	}
+	if strings.Contains(ts.logs.String(), "not completed in time") {
+		t.Fatal("a client making progress was dropped")
 	}
 }
