@@ -394,8 +394,10 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			op = "provision"
 		case r < 86:
 			op = "flush"
-		case r < 89:
+		case r < 88:
 			op = "grow"
+		case r < 89:
+			op = "recreate"
 		default:
 			op = "crash"
 		}
@@ -422,6 +424,19 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			}
 		case "crash":
 			md.crash()
+		case "recreate":
+			// Delete and create again: durable at once, reads as zeros,
+			// its space back in the pool.
+			if err := md.p.DeleteVolume(v.name); err != nil {
+				md.fatalf("delete: %v", err)
+			}
+			if err := md.p.CreateVolume(v.name, mVolBlks*mBlock); err != nil {
+				md.fatalf("create: %v", err)
+			}
+			for i := range v.sectors {
+				v.sectors[i] = modelSector{cands: []uint64{0}}
+			}
+			clear(v.blocks)
 		}
 		md.verifyAccounting()
 		if step%25 == 0 {

@@ -1052,17 +1052,84 @@ func (p *Pool) DeleteVolume(name string) error {
 }
 
 func (p *Pool) deleteVolume(name string) error {
-	p.flushMu.Lock()
+	p.flushMu.Lock() // no commit runs: the store's copy of the map is stable
 	defer p.flushMu.Unlock()
 	// Wait for requests in flight, so that no fill of this volume is
-	// pending and no new one starts.
+	// pending; once deleted, no new request touches its map.
 	p.ioGate.Lock()
 	p.mu.Lock()
-	err := p.deleteVolumeLocked(name)
+	v, ok := p.vols[name]
+	err := p.usableLocked()
+	if err == nil && !ok {
+		err = fmt.Errorf("delete volume %s: %w", name, ErrNoVolume)
+	}
+	if err != nil {
+		p.mu.Unlock()
+		p.ioGate.Unlock()
+		return err
+	}
+	layer := v.rec.Layer
+	v.deleted = true
+	delete(p.vols, name)
+	delete(p.dirtyVols, v)
+	// Pending entries override the store's; release them now and
+	// remember which keys they were.
+	overridden := map[uint64]struct{}{}
+	var rerr error
+	for k, e := range p.dirty {
+		if k.layer == layer {
+			overridden[k.vb] = struct{}{}
+			if rerr == nil {
+				rerr = p.releaseEntryLocked(name, e)
+			}
+			delete(p.dirty, k)
+		}
+	}
+	for k := range p.cache {
+		if k.layer == layer {
+			delete(p.cache, k)
+		}
+	}
+	p.deadLayers = append(p.deadLayers, layer)
+	p.deadVols = append(p.deadVols, name)
+	p.metaDirty = true
 	p.mu.Unlock()
 	p.ioGate.Unlock()
-	if err != nil {
-		return err
+
+	// Walk the committed map without holding the pool lock (the only walk
+	// of a map, proportional to the volume's entries), releasing in
+	// batches so that I/O to other volumes keeps going.
+	var batch []pebblemeta.Entry
+	flushBatch := func() error {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, e := range batch {
+			if err := p.releaseEntryLocked(name, e); err != nil {
+				return err
+			}
+		}
+		batch = batch[:0]
+		p.spaceFreedLocked() // given-back reservations are free at once
+		return nil
+	}
+	if rerr == nil {
+		rerr = p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
+			if _, ok := overridden[vb]; ok {
+				return nil
+			}
+			batch = append(batch, e)
+			if len(batch) == 4096 {
+				return flushBatch()
+			}
+			return nil
+		})
+	}
+	if rerr == nil {
+		rerr = flushBatch()
+	}
+	if rerr != nil {
+		// Half released: only a restart (from the last commit) is sound.
+		return p.fail(fmt.Errorf("delete volume %s: %w", name, rerr))
 	}
 	if err := p.commitLocked(); err != nil {
 		return err
@@ -1071,59 +1138,18 @@ func (p *Pool) deleteVolume(name string) error {
 	return nil
 }
 
-func (p *Pool) deleteVolumeLocked(name string) error {
-	if err := p.usableLocked(); err != nil {
-		return err
-	}
-	v, ok := p.vols[name]
-	if !ok {
-		return fmt.Errorf("delete volume %s: %w", name, ErrNoVolume)
-	}
-	layer := v.rec.Layer
-	// committing is nil (flushMu held), so the store plus dirty is the map.
-	var ferr error
-	release := func(e pebblemeta.Entry) {
-		if e.Mapped() {
-			if e.PBlock >= p.rec.SizeBlocks || !p.alloc.test(e.PBlock) {
-				ferr = fmt.Errorf("delete volume %s: %w: entry points at block %d which is not allocated", name, pebblemeta.ErrCorrupt, e.PBlock)
-				return
-			}
-			p.releaseLocked(e.PBlock)
-			p.rec.Allocated--
+// releaseEntryLocked gives back what a deleted volume's entry held.
+func (p *Pool) releaseEntryLocked(name string, e pebblemeta.Entry) error {
+	if e.Mapped() {
+		if e.PBlock >= p.rec.SizeBlocks || !p.alloc.test(e.PBlock) || p.pend.test(e.PBlock) {
+			return fmt.Errorf("%w: volume %s maps block %d, which is not allocated to it", pebblemeta.ErrCorrupt, name, e.PBlock)
 		}
-		if e.Reserved() {
-			p.rec.Reserved--
-		}
+		p.releaseLocked(e.PBlock)
+		p.rec.Allocated--
 	}
-	err := p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
-		if _, ok := p.dirty[mapKey{layer, vb}]; !ok {
-			release(e)
-		}
-		return ferr
-	})
-	if err != nil {
-		return fmt.Errorf("delete volume %s: %w", name, err)
+	if e.Reserved() {
+		p.rec.Reserved--
 	}
-	for k, e := range p.dirty {
-		if k.layer == layer {
-			release(e)
-			delete(p.dirty, k)
-		}
-	}
-	if ferr != nil {
-		return ferr
-	}
-	for k := range p.cache {
-		if k.layer == layer {
-			delete(p.cache, k)
-		}
-	}
-	v.deleted = true
-	delete(p.vols, name)
-	delete(p.dirtyVols, v)
-	p.deadLayers = append(p.deadLayers, layer)
-	p.deadVols = append(p.deadVols, name)
-	p.metaDirty = true
 	return nil
 }
 
