@@ -97,6 +97,7 @@ type Server struct {
 
 	closeOnce sync.Once
 	closeErr  error
+	closeDone chan struct{} // closed when Close has finished
 }
 
 type versionInfo struct {
@@ -164,6 +165,7 @@ func NewServer(opts Options) *Server {
 		commands:  make(map[string]Handler),
 		listeners: make(map[net.Listener]struct{}),
 		clients:   make(map[*conn]struct{}),
+		closeDone: make(chan struct{}),
 	}
 	s.commands[cmdCapabilities] = nil // handled by the connection itself
 	s.commands["query-commands"] = s.queryCommands
@@ -273,9 +275,9 @@ func encode(v any) ([]byte, error) {
 }
 
 // Serve accepts connections on ln until ctx is done or Close is called;
-// either way the server is closed when it returns. It may be called for
-// several listeners. It returns nil after a Close, an error if accepting
-// failed.
+// either way the server is closed, socket files removed, when it returns.
+// It may be called for several listeners. It returns nil after a Close, an
+// error if accepting failed.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
@@ -285,10 +287,20 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.listeners[ln] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
-	defer s.wg.Done()
 
 	stop := context.AfterFunc(ctx, func() { go s.Close() })
-	defer stop()
+	err := s.acceptLoop(ln)
+	stop()
+	if err != nil {
+		go s.Close()
+	}
+	// Close waits for the accept loop, so this waits outside of it.
+	<-s.closeDone
+	return err
+}
+
+func (s *Server) acceptLoop(ln net.Listener) error {
+	defer s.wg.Done()
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
@@ -301,7 +313,6 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 				time.Sleep(100 * time.Millisecond)
 				continue
 			}
-			go s.Close()
 			return fmt.Errorf("qmp: accept on %s: %w", ln.Addr(), err)
 		}
 		s.accept(nc)
@@ -400,6 +411,7 @@ func (s *Server) Close() error {
 			}
 		}
 		s.log.Info("QMP server closed")
+		close(s.closeDone)
 	})
 	return s.closeErr
 }
