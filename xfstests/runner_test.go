@@ -1,0 +1,262 @@
+package xfstests
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func fakeTree(t *testing.T) string {
+	t.Helper()
+	dir, err := filepath.Abs("testdata/fakexfstests")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func localLauncher(t *testing.T, out string) *LocalLauncher {
+	return &LocalLauncher{
+		Dir: fakeTree(t),
+		Config: Config{FSTYP: "xfs", TestDev: "/dev/fake-test", ScratchDev: "/dev/fake-scratch",
+			TestDir: "/mnt/test", ScratchMnt: "/mnt/scratch", MkfsOptions: "-m reflink=1"},
+		ConfigPath: filepath.Join(out, "local.config"),
+		ResultBase: filepath.Join(out, "results"),
+	}
+}
+
+func byTest(rs []Result) map[string]Result {
+	m := map[string]Result{}
+	for _, r := range rs {
+		m[r.Test] = r
+	}
+	return m
+}
+
+func TestRunFakeCheck(t *testing.T) {
+	out := t.TempDir()
+	l := localLauncher(t, out)
+	expected := map[string]ExpectedFailure{"generic/003": {Test: "generic/003", Reason: "known bad", Evidence: "qsd too"}}
+	var progress, raw bytes.Buffer
+	run := Run(context.Background(), l, RunOptions{
+		Backend: "thinblk", FSTYP: "xfs",
+		Tests:       []string{"generic/001", "generic/002", "generic/003", "generic/005", "generic/999"},
+		TestTimeout: time.Minute, ResultBase: l.ResultBase, OutDir: out, Expected: expected,
+		Progress: &progress, RawLog: &raw,
+	})
+	if run.Error != "" {
+		t.Fatalf("run error: %s", run.Error)
+	}
+	got := byTest(run.Results)
+	if len(run.Results) != 5 {
+		t.Fatalf("%d results: %+v", len(run.Results), run.Results)
+	}
+	for test, want := range map[string]Outcome{"generic/001": Pass, "generic/002": NotRun, "generic/003": Fail, "generic/005": Fail, "generic/999": Fail} {
+		if got[test].Outcome != want {
+			t.Errorf("%s: %s, want %s (%+v)", test, got[test].Outcome, want, got[test])
+		}
+	}
+	if r := got["generic/002"]; r.Reason != "this test requires a valid $SCRATCH_LOGDEV" {
+		t.Errorf("notrun reason %q", r.Reason)
+	}
+	if !got["generic/003"].Expected || got["generic/005"].Expected {
+		t.Errorf("expected flags: 003 %v, 005 %v", got["generic/003"].Expected, got["generic/005"].Expected)
+	}
+	// The failure's artefacts are copied under the run directory.
+	for _, f := range []string{"failures/generic/003.out.bad", "failures/generic/003.full"} {
+		data, err := os.ReadFile(filepath.Join(out, f))
+		if err != nil {
+			t.Errorf("copied file: %v", err)
+		} else if f == "failures/generic/003.full" && !strings.Contains(string(data), "data mismatch at offset 4096") {
+			t.Errorf("%s: %q", f, data)
+		}
+	}
+	if len(got["generic/003"].Files) != 2 {
+		t.Errorf("003 files %v", got["generic/003"].Files)
+	}
+	// The config check read: the fake check echoes MKFS_OPTIONS and the scratch device.
+	if !strings.Contains(raw.String(), "MKFS_OPTIONS  -- -m reflink=1 /dev/fake-scratch") {
+		t.Errorf("check did not see the written config:\n%s", raw.String())
+	}
+	for _, want := range []string{"generic/001", "pass", "generic/003", "(expected: known bad)", "generic/005"} {
+		if !strings.Contains(progress.String(), want) {
+			t.Errorf("progress lacks %q:\n%s", want, progress.String())
+		}
+	}
+	if run.OK() {
+		t.Error("run with the unexpected failure generic/005 counts as OK")
+	}
+	if u := run.Unexpected(); len(u) != 2 || u[0].Test != "generic/005" || u[1].Test != "generic/999" {
+		t.Errorf("unexpected %+v", u)
+	}
+
+	// Reports.
+	rep := &Report{FSTYP: "xfs", Runs: []BackendRun{run}}
+	if err := rep.WriteJSON(filepath.Join(out, "report.json")); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.WriteJUnit(filepath.Join(out, "junit.xml")); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	data, _ := os.ReadFile(filepath.Join(out, "report.json"))
+	if err := json.Unmarshal(data, &back); err != nil || len(back.Runs[0].Results) != 5 {
+		t.Fatalf("report.json: %v %s", err, data)
+	}
+	var ju junitSuites
+	data, _ = os.ReadFile(filepath.Join(out, "junit.xml"))
+	if err := xml.Unmarshal(data, &ju); err != nil {
+		t.Fatalf("junit.xml: %v", err)
+	}
+	s := ju.Suites[0]
+	// 5 tests + the run and pool-check pseudo-tests; 005 and 999 fail, 002 and 003 skipped.
+	if s.Tests != 7 || s.Failures != 2 || s.Skipped != 2 || s.Errors != 0 {
+		t.Errorf("junit suite counts tests=%d failures=%d skipped=%d errors=%d\n%s", s.Tests, s.Failures, s.Skipped, s.Errors, data)
+	}
+	var table bytes.Buffer
+	rep.WriteTable(&table)
+	if !strings.Contains(table.String(), "RESULT: FAILED") || !strings.Contains(table.String(), "unexpected failure generic/005") {
+		t.Errorf("table:\n%s", table.String())
+	}
+}
+
+// A hung test is killed after the time limit, reported failed by name, and the run goes on
+// with the rest in a new check session.
+func TestRunHungTest(t *testing.T) {
+	out := t.TempDir()
+	l := localLauncher(t, out)
+	start := time.Now()
+	var progress bytes.Buffer
+	run := Run(context.Background(), l, RunOptions{
+		Backend: "thinblk", FSTYP: "xfs", Tests: []string{"generic/001", "generic/004", "generic/006"},
+		TestTimeout: 2 * time.Second, WatchInterval: 100 * time.Millisecond,
+		ResultBase: l.ResultBase, OutDir: out, Progress: &progress,
+	})
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("run took %v with a 2s test limit", took)
+	}
+	got := byTest(run.Results)
+	if got["generic/001"].Outcome != Pass || got["generic/006"].Outcome != Pass {
+		t.Errorf("results %+v", run.Results)
+	}
+	h := got["generic/004"]
+	if h.Outcome != Fail || !strings.Contains(h.Reason, "timed out after 2s") {
+		t.Errorf("hung test: %+v", h)
+	}
+	if run.Sessions != 2 {
+		t.Errorf("sessions %d, want 2", run.Sessions)
+	}
+	if !strings.Contains(progress.String(), "generic/004") {
+		t.Errorf("progress:\n%s", progress.String())
+	}
+
+	// StopOnHang: the run stops with what it has.
+	run = Run(context.Background(), l, RunOptions{
+		Backend: "thinblk", FSTYP: "xfs", Tests: []string{"generic/001", "generic/004", "generic/006"},
+		TestTimeout: 2 * time.Second, WatchInterval: 100 * time.Millisecond, StopOnHang: true,
+		ResultBase: l.ResultBase, OutDir: out,
+	})
+	if len(run.Results) != 2 || run.Sessions != 1 || !strings.Contains(run.Error, "generic/006") || run.OK() {
+		t.Errorf("stop on hang: %+v", run)
+	}
+}
+
+// A check that dies at once (bad config) yields failures, not a retry loop.
+func TestRunCheckDies(t *testing.T) {
+	out := t.TempDir()
+	l := localLauncher(t, out)
+	l.Config.FSTYP = "btrfs"
+	run := Run(context.Background(), l, RunOptions{Backend: "qsd", FSTYP: "xfs", Tests: []string{"generic/001"}, TestTimeout: time.Minute})
+	if run.Error == "" || run.OK() {
+		t.Errorf("bad config: %+v", run)
+	}
+	l.Config.FSTYP = "xfs"
+	l.Dir = t.TempDir() // no check here: bash fails
+	run = Run(context.Background(), l, RunOptions{Backend: "qsd", FSTYP: "xfs", Tests: []string{"generic/001"}, TestTimeout: time.Minute})
+	if len(run.Results) != 1 || run.Results[0].Outcome != Fail || run.Sessions != 1 {
+		t.Errorf("missing check: %+v", run)
+	}
+}
+
+func TestCompareAndVerdict(t *testing.T) {
+	rep := &Report{Runs: []BackendRun{
+		{Backend: "thinblk", Results: []Result{{Test: "generic/001", Outcome: Pass}, {Test: "generic/002", Outcome: NotRun}}},
+		{Backend: "qsd", Results: []Result{{Test: "generic/001", Outcome: Pass}, {Test: "generic/002", Outcome: Pass}}},
+	}}
+	rep.Compare()
+	if len(rep.Differences) != 1 || rep.Differences[0].Test != "generic/002" {
+		t.Fatalf("differences %+v", rep.Differences)
+	}
+	if !rep.OK() {
+		t.Error("a notrun difference fails the run")
+	}
+	rep.Runs[0].Results[1] = Result{Test: "generic/002", Outcome: Fail, Expected: true}
+	rep.Compare()
+	if rep.OK() {
+		t.Error("thinblk failing what qsd passes counts as OK, even if listed as expected")
+	}
+	rep = &Report{Runs: []BackendRun{{Backend: "thinblk", PoolCheck: "block 7 mapped twice"}}}
+	if rep.OK() {
+		t.Error("unclean pool counts as OK")
+	}
+}
+
+func TestConfigRender(t *testing.T) {
+	c := Config{FSTYP: "ext4", TestDir: "/mnt/test", ScratchMnt: "/mnt/scr'atch", Extra: map[string]string{"USE_KMEMLEAK": "no"}}
+	s, err := c.Render()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"export FSTYP='ext4'\n",
+		`export TEST_DEV="${THINBLK_TEST_DEV:?`,
+		`export SCRATCH_DEV="${THINBLK_SCRATCH_DEV:?`,
+		`export SCRATCH_MNT='/mnt/scr'\''atch'`,
+		"export USE_KMEMLEAK='no'\n",
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("config lacks %q:\n%s", want, s)
+		}
+	}
+	for _, bad := range []Config{{FSTYP: "btrfs", TestDir: "a", ScratchMnt: "b"}, {FSTYP: "xfs"}, {FSTYP: "xfs", TestDir: "a", ScratchMnt: "b", Extra: map[string]string{"a;b": "x"}}} {
+		if _, err := bad.Render(); err == nil {
+			t.Errorf("config %+v accepted", bad)
+		}
+	}
+}
+
+func TestLists(t *testing.T) {
+	for _, fstyp := range []string{"xfs", "ext4"} {
+		l, err := DefaultList(fstyp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(l) < 20 {
+			t.Errorf("%s default list has %d tests", fstyp, len(l))
+		}
+		for _, e := range l {
+			if !AppliesTo(e.Test, fstyp) {
+				t.Errorf("%s list has %s", fstyp, e.Test)
+			}
+		}
+		if _, err := LoadExpected(fstyp, ""); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := ParseList(strings.NewReader("generic/001\n")); err == nil {
+		t.Error("entry without reason accepted")
+	}
+	if _, err := ParseExpected(strings.NewReader("generic/001 flaky\n")); err == nil {
+		t.Error("expected failure without evidence accepted")
+	}
+	m, err := ParseExpected(strings.NewReader("# c\ngeneric/091  fsx mismatch | evidence: fails on qsd\n"))
+	if err != nil || m["generic/091"].Evidence != "fails on qsd" || m["generic/091"].Reason != "fsx mismatch" {
+		t.Errorf("parse expected: %v %+v", err, m)
+	}
+}
