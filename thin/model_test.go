@@ -340,6 +340,9 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: md.size * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
+	// Small ranges take the store-iterating path of rangeLocked too.
+	defer func(old uint64) { rangeLookupMax = old }(rangeLookupMax)
+	rangeLookupMax = uint64(md.rng.IntN(6))
 	md.open()
 	defer func() {
 		if md.p != nil {

@@ -564,10 +564,15 @@ func (p *Pool) cacheLocked(k mapKey, e pebblemeta.Entry) {
 	p.cache[k] = e
 }
 
+// rangeLookupMax is the range length (in blocks) up to which rangeLocked
+// looks blocks up one by one instead of iterating the store (a variable
+// so that tests drive both paths).
+var rangeLookupMax uint64 = 64
+
 // rangeLocked calls fn for every existing entry of layer in [first, last],
 // in no particular order.
 func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebblemeta.Entry)) error {
-	if last-first < 64 {
+	if last-first < rangeLookupMax {
 		for vb := first; ; vb++ {
 			e, err := p.lookupLocked(mapKey{layer, vb})
 			if err != nil {
@@ -592,7 +597,20 @@ func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebbl
 	if err != nil {
 		return err
 	}
+	// Overlay pending changes: probe each block of the range, or scan the
+	// pending maps, whichever is less work.
 	for _, m := range []map[mapKey]pebblemeta.Entry{p.committing, p.dirty} {
+		if last-first < uint64(len(m)) {
+			for vb := first; ; vb++ {
+				if e, ok := m[mapKey{layer, vb}]; ok {
+					found[vb] = e
+				}
+				if vb == last {
+					break
+				}
+			}
+			continue
+		}
 		for k, e := range m {
 			if k.layer == layer && k.vb >= first && k.vb <= last {
 				found[k.vb] = e
