@@ -22,8 +22,8 @@ import (
 //   - every block is mapped, reserved-and-provisioned, or free, so the
 //     model knows exactly when a write or provisioning must fail for lack
 //     of space.
-// THIN_MODEL_STEPS and THIN_MODEL_SEEDS (and THIN_MODEL_SEED to replay one
-// seed) make it run longer.
+// THIN_MODEL_STEPS and THIN_MODEL_SEEDS make it run longer; THIN_MODEL_SEED
+// picks the first seed (to replay a failure).
 
 const (
 	mBlock   = 4096
@@ -328,7 +328,8 @@ func TestModel(t *testing.T) {
 	seeds := envInt("THIN_MODEL_SEEDS", 3)
 	first := 1
 	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
-		first, seeds = s, 1
+		// Replay one seed (or THIN_MODEL_SEEDS seeds starting there).
+		first, seeds = s, envInt("THIN_MODEL_SEEDS", 1)
 	}
 	for seed := first; seed < first+seeds; seed++ {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
