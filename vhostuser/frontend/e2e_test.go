@@ -236,7 +236,10 @@ func TestDiscardAndWriteZeroes(t *testing.T) {
 					t.Fatalf("range not zero after %s", c.name)
 				}
 				after := fileBlocks(t, e.img)
-				if c.freesSpace && after > before-region {
+				// Punching a hole may split an extent: the host file
+				// system can spend a few blocks of extent tree on it.
+				const extentSlack = 16 << 10
+				if c.freesSpace && after > before-region+extentSlack {
 					t.Errorf("%s did not release space: %d bytes allocated before, %d after", c.name, before, after)
 				}
 				if !c.freesSpace && after < before {
