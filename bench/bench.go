@@ -34,6 +34,10 @@ type Case struct {
 	BlockSize  int
 	QueueDepth int
 	Queues     int
+	// FlushEvery, if set, sends a FLUSH after every FlushEvery writes on
+	// each queue (as a filesystem's journal commits would). Flushes are
+	// not counted as operations; their time is part of the run.
+	FlushEvery int
 }
 
 // Name is a short, stable identifier such as "randread-4k-qd32-q1".
@@ -42,7 +46,11 @@ func (c Case) Name() string {
 	if c.BlockSize >= 1<<20 {
 		bs = fmt.Sprintf("%dm", c.BlockSize>>20)
 	}
-	return fmt.Sprintf("%s-%s-qd%d-q%d", c.Op, bs, c.QueueDepth, c.Queues)
+	name := fmt.Sprintf("%s-%s-qd%d-q%d", c.Op, bs, c.QueueDepth, c.Queues)
+	if c.FlushEvery > 0 {
+		name += fmt.Sprintf("-flush%d", c.FlushEvery)
+	}
+	return name
 }
 
 // DefaultCases are the cases: 4 KiB random read and write at QD
@@ -218,6 +226,15 @@ func runQueue(d *frontend.Disk, q *frontend.Queue, c Case, span int64, stopAt ti
 		r.Type, r.Data, r.Indirect = typ, []frontend.Buffer{buf}, indirect
 		reqs[i] = r
 	}
+	var flush *frontend.Req
+	if c.FlushEvery > 0 {
+		var err error
+		if flush, err = q.NewReq(0); err != nil {
+			return nil, err
+		}
+		flush.Type, flush.Indirect = blk.TypeFlush, indirect
+	}
+	flushInFlight, sinceFlush := false, 0
 	lat := make([]int64, 0, 1<<16)
 	base := time.Now()
 	now := func() int64 { return int64(time.Since(base)) }
@@ -236,13 +253,21 @@ func runQueue(d *frontend.Disk, q *frontend.Queue, c Case, span int64, stopAt ti
 			return nil, fmt.Errorf("%s: %w", c.Name(), err)
 		}
 		t := now()
+		inFlight -= len(done)
+		n := 0
 		for _, r := range done {
 			if r.Status != blk.StatusOK {
-				return nil, fmt.Errorf("%s: request at sector %d: status %d", c.Name(), r.Sector, r.Status)
+				return nil, fmt.Errorf("%s: request type %d at sector %d: status %d", c.Name(), r.Type, r.Sector, r.Status)
+			}
+			if r == flush {
+				flushInFlight = false
+				continue
 			}
 			lat = append(lat, t-r.User)
+			done[n] = r
+			n++
 		}
-		inFlight -= len(done)
+		done = done[:n]
 		if !stopping && time.Now().After(stopAt) {
 			stopping = true
 		}
@@ -251,6 +276,12 @@ func runQueue(d *frontend.Disk, q *frontend.Queue, c Case, span int64, stopAt ti
 		}
 		for _, r := range done {
 			r.Sector, r.User = nextOffset(), t
+		}
+		sinceFlush += len(done)
+		if flush != nil && sinceFlush >= c.FlushEvery && !flushInFlight {
+			sinceFlush = 0
+			flushInFlight = true
+			done = append(done, flush)
 		}
 		if err := q.Submit(done...); err != nil {
 			return nil, err

@@ -38,6 +38,7 @@ type config struct {
 	qsdAIO            string
 	jsonOut           bool
 	repeat            int
+	thinSpan          int64
 }
 
 func main() {
@@ -59,7 +60,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&size, "size", "1G", "image size (K, M, G suffixes)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each case")
 	fs.StringVar(&cases, "cases", "all", "comma-separated case names or substrings (e.g. randread-4k-qd32-q1,write-1m); 'list' prints them")
-	fs.StringVar(&targets, "targets", "thinblk,qsd,fio", "targets to run: thinblk, qsd, fio")
+	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw)")
+	var thinSpan string
+	fs.StringVar(&thinSpan, "thin-span", "1G", "bytes of the thin volume filled and then read and overwritten")
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
 	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
@@ -70,6 +73,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	var err error
 	if c.size, err = parseSize(size); err != nil {
 		return err
+	}
+	if c.thinSpan, err = parseSize(thinSpan); err != nil {
+		return fmt.Errorf("--thin-span: %w", err)
 	}
 	if cases == "list" {
 		for _, bc := range bench.DefaultCases() {
@@ -83,7 +89,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	c.targets = map[string]bool{}
 	for _, t := range strings.Split(targets, ",") {
 		switch t {
-		case "thinblk", "qsd", "fio":
+		case "thinblk", "qsd", "fio", "thin":
 			c.targets[t] = true
 		default:
 			return fmt.Errorf("--targets: unknown target %q", t)
@@ -97,18 +103,23 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	results, err := measure(ctx, c, stderr)
+	results, thin, err := measure(ctx, c, stderr)
 	if c.jsonOut {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if jerr := enc.Encode(map[string]any{
 			"cache": c.cache, "qsd_aio": c.qsdAIO, "duration_s": c.duration.Seconds(),
-			"size_bytes": c.size, "repeat": c.repeat, "results": results,
+			"size_bytes": c.size, "repeat": c.repeat, "results": results, "thin": thin.json(),
 		}); jerr != nil {
 			return jerr
 		}
 	} else {
-		printTable(stdout, c, results)
+		if c.targets["thinblk"] || c.targets["qsd"] || c.targets["fio"] {
+			printTable(stdout, c, results)
+		}
+		if c.targets["thin"] {
+			printThin(stdout, c, thin)
+		}
 	}
 	return err
 }
@@ -161,14 +172,18 @@ func maxQueues(cs []bench.Case) int {
 
 // measure runs every selected case on every target. A target that fails
 // to start is reported and skipped; the others still run.
-func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, error) {
+func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thinReport, error) {
+	var thin thinReport
 	if err := os.MkdirAll(c.dir, 0o755); err != nil {
-		return nil, err
+		return nil, thin, err
 	}
 	img := filepath.Join(c.dir, "bench.raw")
 	fmt.Fprintf(log, "preparing %s (%d MiB)\n", img, c.size>>20)
 	if err := bench.PrepareFile(img, c.size); err != nil {
-		return nil, err
+		return nil, thin, err
+	}
+	if c.targets["thin"] && c.thinSpan > c.size {
+		return nil, thin, fmt.Errorf("--thin-span %d exceeds --size %d", c.thinSpan, c.size)
 	}
 	direct := c.cache == "direct"
 	queues := maxQueues(c.cases)
@@ -210,7 +225,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, erro
 		for rep := 0; rep < c.repeat; rep++ {
 			for _, target := range []string{"thinblk", "qsd", "fio"} {
 				if ctx.Err() != nil {
-					return results, errors.Join(append(errs, ctx.Err())...)
+					return results, thin, errors.Join(append(errs, ctx.Err())...)
 				}
 				srv := servers[target]
 				if target == "fio" && !c.targets["fio"] || target != "fio" && srv == nil || failed[target] != nil {
@@ -240,7 +255,13 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, erro
 			}
 		}
 	}
-	return results, errors.Join(errs...)
+	if c.targets["thin"] {
+		var err error
+		if thin, err = measureThin(ctx, c, img, log); err != nil {
+			errs = append(errs, fmt.Errorf("thin: %w", err))
+		}
+	}
+	return results, thin, errors.Join(errs...)
 }
 
 // median is the run with the median IOPS.

@@ -90,3 +90,51 @@ func TestRunAllTargets(t *testing.T) {
 		t.Fatalf("targets measured: %v\n%s", got, stderr.String())
 	}
 }
+
+// TestThinTarget runs the thin-volume comparison at a tiny size and checks
+// every row was measured on both sides and the metadata cost was read.
+func TestThinTarget(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "thinblk")
+	if out, err := exec.Command(goBin, "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
+		t.Fatalf("build thinblk: %v\n%s", err, out)
+	}
+	var stdout, stderr bytes.Buffer
+	err = run([]string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--thin-span", "8M", "--duration", "300ms",
+		"--targets", "thin", "--json"}, &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("run: %v\n%s", err, stderr.String())
+	}
+	var doc struct {
+		Thin struct {
+			Rows []struct {
+				Name      string
+				Raw, Thin struct{ IOPS float64 }
+				Ratio     float64
+			}
+			MappedBlocks uint64 `json:"mapped_blocks"`
+		}
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
+		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
+	}
+	if len(doc.Thin.Rows) != 3 {
+		t.Fatalf("%d thin rows, want 3\n%s", len(doc.Thin.Rows), stdout.String())
+	}
+	for _, r := range doc.Thin.Rows {
+		if r.Raw.IOPS <= 0 || r.Thin.IOPS <= 0 || r.Ratio <= 0 {
+			t.Errorf("row %+v not measured\n%s", r, stderr.String())
+		}
+	}
+	if !strings.HasSuffix(doc.Thin.Rows[2].Name, "-flush32") {
+		t.Errorf("allocating row %q does not flush", doc.Thin.Rows[2].Name)
+	}
+	// 8 MiB filled in 64 KiB blocks.
+	if doc.Thin.MappedBlocks != 128 {
+		t.Errorf("mapped blocks after fill: %d, want 128", doc.Thin.MappedBlocks)
+	}
+}

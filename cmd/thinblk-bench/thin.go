@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"path/filepath"
+	"text/tabwriter"
+
+	"github.com/thinblk/thinblk/bench"
+)
+
+// thinCase is one row of the thin-pool comparison: the same requests
+// against `serve --raw` and a thin volume, with the issue's target ratio.
+type thinCase struct {
+	label  string
+	c      bench.Case
+	fresh  bool    // on a newly created volume, so every write allocates
+	target float64 // wanted thin/raw IOPS ratio
+}
+
+var thinCases = []thinCase{
+	{"4k random read, mapped blocks", bench.Case{Op: bench.RandRead, BlockSize: 4096, QueueDepth: 32, Queues: 1}, false, 0.9},
+	{"4k random overwrite, mapped blocks", bench.Case{Op: bench.RandWrite, BlockSize: 4096, QueueDepth: 32, Queues: 1}, false, 0.85},
+	{"4k random write that allocates, FLUSH every 32", bench.Case{Op: bench.RandWrite, BlockSize: 4096, QueueDepth: 32, Queues: 1, FlushEvery: 32}, true, 0.5},
+}
+
+type thinRow struct {
+	tc        thinCase
+	raw, thin bench.Result
+	rawErr    error
+	thinErr   error
+}
+
+type thinReport struct {
+	rows             []thinRow
+	span             int64
+	blockSize        uint64
+	mappedBlocks     uint64
+	metaDiskPerBlock float64
+	rssPerBlock      float64
+	metaErr          error
+}
+
+// measureThin compares a thin volume with the raw file on the same cases.
+// The raw reference is a `serve --raw` of its own without --direct: a
+// pool's data file goes through the page cache, so both sides do. The
+// volume is filled
+// over span first, so reads and overwrites hit mapped blocks; the
+// allocating case gets a new, large volume per run.
+func measureThin(ctx context.Context, c config, img string, log io.Writer) (thinReport, error) {
+	rep := thinReport{span: c.thinSpan}
+	raw, err := bench.StartThinblk(c.thinblk, img, filepath.Join(c.dir, "thinblk-raw.sock"), 1, false)
+	if err != nil {
+		return rep, err
+	}
+	defer raw.Stop()
+	poolSize := c.thinSpan + 8<<30 // room for the allocating runs (sparse file)
+	pool, err := bench.StartThinPool(c.thinblk, filepath.Join(c.dir, "thinpool"), poolSize, c.thinSpan, "filled", 1)
+	if err != nil {
+		return rep, err
+	}
+	defer pool.Stop()
+	rss0, _ := pool.RSS()
+	fmt.Fprintf(log, "thin: filling %d MiB of the volume\n", c.thinSpan>>20)
+	if err := bench.Fill(ctx, pool.Socket, c.thinSpan); err != nil {
+		return rep, err
+	}
+	if st, err := pool.Status(); err != nil {
+		rep.metaErr = err
+	} else {
+		rep.blockSize = st.Pool.BlockSize
+		for _, v := range st.Volumes {
+			rep.mappedBlocks += v.MappedBytes / max(st.Pool.BlockSize, 1)
+		}
+		if rep.mappedBlocks > 0 {
+			rep.metaDiskPerBlock = float64(st.Pool.MetadataBytes) / float64(rep.mappedBlocks)
+			if rss1, err := pool.RSS(); err == nil {
+				rep.rssPerBlock = float64(rss1-rss0) / float64(rep.mappedBlocks)
+			}
+		}
+	}
+	opts := bench.DriverOptions{Duration: c.duration, Span: c.thinSpan}
+	for _, tc := range thinCases {
+		row := thinRow{tc: tc}
+		var raws, thins []bench.Result
+		for i := 0; i < c.repeat; i++ {
+			if ctx.Err() != nil {
+				return rep, ctx.Err()
+			}
+			opts.Seed = uint64(i)
+			r, err := bench.RunDriver(ctx, raw.Socket, tc.c, opts)
+			if err != nil {
+				row.rawErr = err
+			} else {
+				raws = append(raws, r)
+			}
+			sock, topts := pool.Socket, opts
+			if tc.fresh {
+				name := fmt.Sprintf("alloc%d", i)
+				if err := pool.CreateVolume(name, 64<<30); err != nil {
+					row.thinErr = err
+					continue
+				}
+				sock, topts.Span = pool.VolumeSocket(name), 0
+			}
+			t, err := bench.RunDriver(ctx, sock, tc.c, topts)
+			if err != nil {
+				row.thinErr = err
+			} else {
+				thins = append(thins, t)
+			}
+		}
+		row.raw, row.thin = median(raws), median(thins)
+		rep.rows = append(rep.rows, row)
+		fmt.Fprintf(log, "thin     %-48s raw %8.0f IOPS  thin %8.0f IOPS\n", tc.label, row.raw.IOPS, row.thin.IOPS)
+	}
+	return rep, nil
+}
+
+func printThin(w io.Writer, c config, rep thinReport) {
+	fmt.Fprintf(w, "\nthin volume vs serve --raw, both through the host page cache (same requests, one queue, QD32, span %d MiB, median of %d, %s per case)\n\n",
+		rep.span>>20, c.repeat, c.duration)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "case\traw IOPS\tmean us\tthin IOPS\tmean us\tthin/raw\ttarget\t")
+	for _, r := range rep.rows {
+		ratio := "-"
+		if r.rawErr == nil && r.thinErr == nil && r.raw.IOPS > 0 {
+			ratio = fmt.Sprintf("%.2f", r.thin.IOPS/r.raw.IOPS)
+		}
+		cell := func(res bench.Result, err error) string {
+			if err != nil {
+				return "error\t-"
+			}
+			return fmt.Sprintf("%.0f\t%.1f", res.IOPS, res.MeanUs)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t>= %.2f\t\n", r.tc.label, cell(r.raw, r.rawErr), cell(r.thin, r.thinErr), ratio, r.tc.target)
+	}
+	tw.Flush()
+	for _, r := range rep.rows {
+		if r.rawErr != nil {
+			fmt.Fprintf(w, "raw %s: %v\n", r.tc.label, r.rawErr)
+		}
+		if r.thinErr != nil {
+			fmt.Fprintf(w, "thin %s: %v\n", r.tc.label, r.thinErr)
+		}
+	}
+	if rep.metaErr != nil {
+		fmt.Fprintf(w, "metadata cost: %v\n", rep.metaErr)
+	} else if rep.mappedBlocks > 0 {
+		fmt.Fprintf(w, "\nmetadata cost after mapping %d blocks of %d KiB: %.1f bytes on disk per mapped block (Pebble store), %.1f bytes of serve RSS growth per mapped block\n",
+			rep.mappedBlocks, rep.blockSize>>10, rep.metaDiskPerBlock, rep.rssPerBlock)
+	}
+}
+
+// json is the thin comparison in --json output.
+func (rep thinReport) json() map[string]any {
+	rows := []map[string]any{}
+	for _, r := range rep.rows {
+		row := map[string]any{"case": r.tc.label, "name": r.tc.c.Name(), "raw": r.raw, "thin": r.thin, "target_ratio": r.tc.target}
+		if r.raw.IOPS > 0 && r.rawErr == nil && r.thinErr == nil {
+			row["ratio"] = r.thin.IOPS / r.raw.IOPS
+		}
+		rows = append(rows, row)
+	}
+	return map[string]any{
+		"span_bytes": rep.span, "rows": rows, "mapped_blocks": rep.mappedBlocks,
+		"metadata_disk_bytes_per_block": rep.metaDiskPerBlock, "rss_bytes_per_block": rep.rssPerBlock,
+	}
+}
