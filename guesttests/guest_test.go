@@ -198,7 +198,7 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 
 	vm, err := StartVM(context.Background(), VMOptions{
 		Dir: filepath.Join(dir, "vm"), Images: e.images, CPUs: 2,
-		Disks: []DiskSpec{{Socket: rw.Opts.Socket, Queues: 2}, {Socket: ro.Opts.Socket, Queues: 1}},
+		Disks: []DiskSpec{{Socket: rw.Opts.Socket, Queues: 2, Reconnect: true}, {Socket: ro.Opts.Socket, Queues: 1}},
 		Logf:  t.Logf,
 	})
 	if err != nil {
@@ -206,6 +206,7 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 	}
 	t.Cleanup(vm.Kill)
 	g := guest{VM: vm, t: t}
+	outer := t
 	ctx := context.Background()
 	dev, err := vm.DiskDevice(ctx, 0)
 	if err != nil {
@@ -318,7 +319,6 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 	t.Run("discard-and-zeroout", func(t *testing.T) {
 		// 8 MiB of random data at 16 MiB, discard 4 MiB of it, zero-out the other 4 MiB
 		// (blkdiscard -z = BLKZEROOUT: WRITE_ZEROES), then read back zeros.
-		const mib = 1 << 20
 		zeros4 := sha256Hex(make([]byte, 4*mib))
 		g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=16 count=8 oflag=direct 2>/dev/null")
 		if s := strings.Fields(g.sh(t, time.Minute, "dd if="+dev+" bs=1M skip=16 count=4 iflag=direct 2>/dev/null | sha256sum"))[0]; s == zeros4 {
@@ -352,6 +352,45 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		}
 		if err == nil && next < 20*mib {
 			t.Errorf("discarded range still allocated in the host file: data at %d, want a hole up to %d", next, 20*mib)
+		}
+	})
+
+	t.Run("backend-restart", func(t *testing.T) {
+		// The back-end is stopped (SIGTERM) and started again under the running guest; QEMU
+		// reconnects, the guest reads what it wrote before and goes on writing.
+		sum := func(skipMiB int) string {
+			return strings.Fields(g.sh(t, 2*time.Minute, fmt.Sprintf("dd if=%s bs=1M skip=%d count=8 iflag=direct 2>/dev/null | sha256sum", dev, skipMiB)))[0]
+		}
+		g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=64 count=8 oflag=direct conv=fsync 2>/dev/null")
+		before := sum(64)
+		if err := rw.Stop(15 * time.Second); err != nil {
+			t.Fatalf("stop back-end: %v\n%s", err, rw.LogTail(20))
+		}
+		rw2, err := StartBackend(ctx, BackendOptions{
+			Kind: kind, Image: rwImg, Socket: rw.Opts.Socket, Queues: 2, Serial: rw.Opts.Serial,
+			LogPath: filepath.Join(dir, "rw-backend-2.log"), ThinblkBin: e.thinblk,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Stopped when the whole test ends: later subtests use it.
+		outer.Cleanup(func() { rw2.Stop(10 * time.Second) })
+		if after := sum(64); after != before {
+			t.Errorf("data read after the restart differs: sha256 %s, want %s", after, before)
+		}
+		g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=72 count=8 oflag=direct conv=fsync 2>/dev/null")
+		written := sum(72)
+		f, err := os.Open(rwImg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		buf := make([]byte, 8*mib)
+		if _, err := f.ReadAt(buf, 72*mib); err != nil {
+			t.Fatal(err)
+		}
+		if got := sha256Hex(buf); got != written {
+			t.Errorf("host image after the restart: sha256 %s, guest wrote %s", got, written)
 		}
 	})
 
@@ -472,70 +511,5 @@ func TestGuestAgent(t *testing.T) {
 	case <-vm.Exited():
 	default:
 		t.Error("QEMU still running after Kill")
-	}
-}
-
-// TestGuestBackendRestart: the back-end is stopped (SIGTERM) and started again under a running
-// guest; QEMU reconnects and the guest reads what it wrote before and goes on writing.
-func TestGuestBackendRestart(t *testing.T) {
-	e := setup(t)
-	for _, kind := range e.kinds {
-		t.Run(string(kind), func(t *testing.T) { testBackendRestart(t, e, kind) })
-	}
-}
-
-func testBackendRestart(t *testing.T, e *env, kind BackendKind) {
-	dir := workDir(t)
-	b, img := e.startBackend(t, kind, dir, "disk", 256<<20, false, 1)
-	vm, err := StartVM(context.Background(), VMOptions{
-		Dir: filepath.Join(dir, "vm"), Images: e.images,
-		Disks: []DiskSpec{{Socket: b.Opts.Socket, Queues: 1, Reconnect: true}},
-		Logf:  t.Logf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
-	ctx := context.Background()
-	dev, err := vm.DiskDevice(ctx, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sum := func(skipMiB int) string {
-		return strings.Fields(g.sh(t, 2*time.Minute, fmt.Sprintf("dd if=%s bs=1M skip=%d count=8 iflag=direct 2>/dev/null | sha256sum", dev, skipMiB)))[0]
-	}
-	g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M count=8 oflag=direct conv=fsync 2>/dev/null")
-	before := sum(0)
-
-	if err := b.Stop(15 * time.Second); err != nil {
-		t.Fatalf("stop back-end: %v\n%s", err, b.LogTail(20))
-	}
-	b2, err := StartBackend(ctx, BackendOptions{
-		Kind: kind, Image: img, Socket: b.Opts.Socket, Queues: 1,
-		LogPath: filepath.Join(dir, "disk-backend-2.log"), ThinblkBin: e.thinblk,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b2.Stop(10 * time.Second) })
-
-	if after := sum(0); after != before {
-		t.Errorf("data read after the restart differs: sha256 %s, want %s", after, before)
-	}
-	g.sh(t, time.Minute, "dd if=/dev/urandom of="+dev+" bs=1M seek=8 count=8 oflag=direct conv=fsync 2>/dev/null")
-	written := sum(8)
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
-		t.Fatal(err)
-	}
-	data, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := sha256Hex(data[8<<20 : 16<<20]); got != written {
-		t.Errorf("host image after the restart: sha256 %s, guest wrote %s", got, written)
-	}
-	if !b2.Alive() {
-		t.Errorf("restarted back-end died:\n%s", b2.LogTail(20))
 	}
 }

@@ -14,6 +14,7 @@ const mib = 1 << 20
 // TestGuestThinPool: filesystems on 64 GiB thin volumes in a 2 GiB pool. Writing 600 MiB maps
 // about that much; deleting it and trimming (fstrim on XFS, the discard mount option on ext4)
 // gives it back down to about the filesystem's metadata; the pool's accounting stays exact.
+// Then serve is restarted under a mounted filesystem and the data reads back.
 func TestGuestThinPool(t *testing.T) {
 	e := setup(t)
 	if e.thinblk == "" {
@@ -39,14 +40,11 @@ func TestGuestThinPool(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := b.Stop(15 * time.Second); err != nil {
-			t.Errorf("stop pool back-end: %v\n%s", err, b.LogTail(20))
-		}
-	})
+	// b is replaced by the restart subtest; stop whichever runs last.
+	t.Cleanup(func() { b.Stop(15 * time.Second) })
 	vm, err := StartVM(ctx, VMOptions{
 		Dir: filepath.Join(dir, "vm"), Images: e.images,
-		Disks: []DiskSpec{{Socket: filepath.Join(socks, "xfsvol.sock")}, {Socket: filepath.Join(socks, "ext4vol.sock")}},
+		Disks: []DiskSpec{{Socket: filepath.Join(socks, "xfsvol.sock"), Reconnect: true}, {Socket: filepath.Join(socks, "ext4vol.sock"), Reconnect: true}},
 		Logf:  t.Logf,
 	})
 	if err != nil {
@@ -111,6 +109,29 @@ func TestGuestThinPool(t *testing.T) {
 	})
 	t.Run("ext4-discard", func(t *testing.T) {
 		check(t, 1, "ext4vol", "mkfs.ext4 -F -q", "-o discard", "sleep 6")
+	})
+	t.Run("restart", func(t *testing.T) {
+		// Stop serve under a mounted filesystem, start it again; QEMU reconnects and the
+		// data reads back from the pool (the guest's page cache dropped first).
+		dev, err := vm.DiskDevice(ctx, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.sh(t, 3*time.Minute, "mount "+dev+" /mnt/xfsvol && dd if=/dev/urandom of=/mnt/xfsvol/keep bs=1M count=32 2>/dev/null && sync && sha256sum /mnt/xfsvol/keep > /tmp/keep.sum")
+		if err := b.Stop(15 * time.Second); err != nil {
+			t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
+		}
+		b, err = StartBackend(ctx, BackendOptions{
+			Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, "ext4vol.sock"), Queues: 1,
+			LogPath: filepath.Join(dir, "pool-backend-2.log"), ThinblkBin: e.thinblk,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.sh(t, 3*time.Minute, "echo 3 > /proc/sys/vm/drop_caches && sha256sum -c /tmp/keep.sum && umount /mnt/xfsvol && xfs_repair -n "+dev+" >/dev/null 2>&1")
+		if v := status(t, "xfsvol"); v.MappedBytes < 32*mib {
+			t.Errorf("xfsvol maps %d MiB after the restart, want at least the 32 MiB written", v.MappedBytes/mib)
+		}
 	})
 	if err := vm.Shutdown(ctx, time.Minute); err != nil {
 		t.Fatal(err)
