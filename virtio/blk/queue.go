@@ -22,6 +22,9 @@ type queue struct {
 	// notifyPending: completions were put on the used ring without an
 	// interrupt check.
 	notifyPending atomic.Bool
+	// waiting counts chains handed to the workers that no worker has
+	// taken yet (each taker checks notifyPending first).
+	waiting atomic.Int32
 
 	// Guarded by Device.mu.
 	stopped   bool
@@ -69,6 +72,7 @@ func (q *queue) start() {
 
 func (q *queue) dispatch(c *virtio.Chain) {
 	q.dev.inflight.Add(1)
+	q.waiting.Add(1)
 	q.work <- c
 }
 
@@ -78,6 +82,7 @@ func (q *queue) worker() {
 	// panics that handle recovers, not a crashed process.
 	debug.SetPanicOnFault(true)
 	for c := range q.work {
+		q.waiting.Add(-1)
 		q.handle(c)
 	}
 }
@@ -96,15 +101,37 @@ func (q *queue) handle(c *virtio.Chain) {
 		q.runner.Notify()
 	}
 	written := q.dev.serve(c, &q.reqs[c.Head])
-	// Another request waiting means a worker will pick it up right away
-	// and interrupt the driver then, for this completion too.
-	if len(q.work) > 0 {
-		q.runner.CompleteDeferred(c.Head, written)
-		q.notifyPending.Store(true)
-	} else {
-		q.runner.Complete(c.Head, written)
+	q.complete(c.Head, written)
+}
+
+// complete puts a served chain on the used ring. If another chain waits for
+// a worker, the interrupt is left to that worker (it notifies before it
+// serves), so that a burst of completions costs one interrupt.
+//
+// The check and the deferral are not atomic: the chain counted on may be
+// taken, served and completed by another worker before notifyPending is
+// set, and then nobody would announce this completion (the guest's request
+// hangs). So after setting the flag, look again: once no chain waits, the
+// flag is ours to clear and announce. Every chain still waiting after the
+// store is taken by a worker that loads the flag afterwards.
+func (q *queue) complete(head uint16, written uint32) {
+	if q.waiting.Load() == 0 {
+		q.runner.Complete(head, written)
+		return
+	}
+	if testHookDeferring != nil {
+		testHookDeferring()
+	}
+	q.runner.CompleteDeferred(head, written)
+	q.notifyPending.Store(true)
+	if q.waiting.Load() == 0 && q.notifyPending.Swap(false) {
+		q.runner.Notify()
 	}
 }
+
+// testHookDeferring, if set (by tests), runs when a worker has decided to
+// leave its completion's interrupt to another worker.
+var testHookDeferring func()
 
 // stop stops the runner, waits for requests in flight and the workers.
 // Called with Device.mu held.
