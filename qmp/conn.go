@@ -251,7 +251,11 @@ func (c *conn) handle(msg []byte, ferr error) {
 		default:
 			desc = "JSON parse error, " + ferr.Error()
 		}
-		c.log.Debug("QMP input rejected", "err", ferr)
+		if ferr == errTooLarge || ferr == errTooDeep {
+			c.log.Warn("QMP message rejected and skipped", "err", ferr)
+		} else {
+			c.log.Debug("QMP input rejected", "err", ferr)
+		}
 		c.replyError(nil, Errorf("%s", desc))
 		return
 	}

@@ -367,6 +367,10 @@ func TestHugeMessage(t *testing.T) {
 	huge := `{"execute":"query-version","arguments":{"pad":"` + strings.Repeat("z", 1<<20) + `"},"id":1}`
 	go rc.nc.Write([]byte(huge)) // the reply comes while it is still being sent
 	rc.expectError(ClassGenericError, "QMP input too large: more than 65536 bytes")
+	if logs := ts.logs.String(); !strings.Contains(logs, "level=WARN msg=\"QMP message rejected and skipped\"") ||
+		!strings.Contains(logs, `err="message too large"`) {
+		t.Errorf("huge message not logged: %s", logs)
+	}
 	rc.send(`{"execute":"query-version","id":2}`)
 	if m := rc.readMsg(); m["id"] != 2.0 {
 		t.Fatalf("after huge message: %v", m)
