@@ -1,8 +1,0 @@
-package qmp
-
-import "syscall"
-
-var (
-	errPipe      = syscall.EPIPE
-	errConnReset = syscall.ECONNRESET
-)
