@@ -84,7 +84,7 @@ var guestScript = template.Must(template.New("guest").Parse(`#!/bin/bash
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
 status={{.Status}}
-say() { echo "thinblk-xfstests-guest: $*" | tee -a {{.Out}} >/dev/console; }
+say() { echo "thinblk-xfstests-guest: [$(cut -d" " -f1 /proc/uptime)s] $*" | tee -a {{.Out}} >/dev/console; }
 finish() { sync; echo "$1" >"$status"; sync; echo o >/proc/sysrq-trigger; sleep 60; }
 mountpoint -q /dev/pts || { mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620 devpts /dev/pts; }
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
