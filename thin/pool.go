@@ -544,9 +544,22 @@ func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
 	}
 	e, _, err := p.store.MapEntry(k.layer, k.vb)
 	if err == nil {
+		err = p.validLocked(k, e)
+	}
+	if err == nil {
 		p.cacheLocked(k, e)
 	}
 	return e, err
+}
+
+// validLocked rejects a stored entry that points outside the pool, so
+// that corrupt metadata fails requests instead of crashing the process.
+func (p *Pool) validLocked(k mapKey, e pebblemeta.Entry) error {
+	if e.Mapped() && e.PBlock >= p.rec.SizeBlocks {
+		return fmt.Errorf("%w: map entry %d/%d points at block %d beyond the pool (run check)",
+			pebblemeta.ErrCorrupt, k.layer, k.vb, e.PBlock)
+	}
+	return nil
 }
 
 // cacheLocked remembers a committed entry, evicting an arbitrary one when
@@ -592,7 +605,7 @@ func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebbl
 			return pebblemeta.ErrStop
 		}
 		found[vb] = e
-		return nil
+		return p.validLocked(mapKey{layer, vb}, e)
 	})
 	if err != nil {
 		return err

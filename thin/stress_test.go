@@ -255,6 +255,18 @@ func TestCheckFindsCorruption(t *testing.T) {
 			if !errors.As(err, &ce) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Check = %v, want a problem mentioning %q", err, tc.want)
 			}
+			// Requests on corrupt metadata may fail but must not crash.
+			v2, err := p2.Volume("v")
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 12*kib)
+			v2.ReadAt([][]byte{buf}, 0)
+			v2.WriteAt([][]byte{buf}, 0)
+			v2.WriteZeroes(0, 64*kib, false)
+			v2.Discard(0, 1<<20)
+			v2.WriteAt([][]byte{buf}, 400*kib)
+			v2.Flush()
 		})
 	}
 }

@@ -271,8 +271,21 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			continue
 		}
 		pb, ok := p.allocLocked()
-		if !ok { // cannot happen while the counters are right
-			panic(fmt.Sprintf("thin: allocation bitmap full with %d free blocks", p.freeLocked()))
+		if !ok {
+			// Only with counters that disagree with the bitmap (corrupt
+			// metadata): undo this request's allocations and fail it.
+			for _, q := range plans[:i] {
+				if q.f != nil {
+					p.alloc.clear(q.f.pblock)
+					p.inflight.clear(q.f.pblock)
+					if q.f.fromReserve {
+						p.inflightRes--
+					}
+					delete(p.filling, mapKey{layer, q.vb})
+				}
+			}
+			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
+				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
 		p.inflight.set(pb)
 		if f.fromReserve {
