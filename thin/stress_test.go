@@ -130,6 +130,42 @@ func TestConcurrentMixed(t *testing.T) {
 			}()
 		}
 	}
+	// Meanwhile a third volume comes and goes, and the pool grows.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := range 20 {
+			if err := p.CreateVolume("c", 64*bs); err != nil {
+				t.Error(err)
+				return
+			}
+			c, err := p.Volume("c")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			for k := range int64(8) {
+				if err := c.WriteAt([][]byte{make([]byte, 512)}, k*bs); err != nil && !errors.Is(err, ErrNoSpace) {
+					t.Error(err)
+					return
+				}
+			}
+			if err := c.WriteZeroes(8*bs, 4*bs, false); err != nil && !errors.Is(err, ErrNoSpace) {
+				t.Error(err)
+				return
+			}
+			if err := p.DeleteVolume("c"); err != nil {
+				t.Error(err)
+				return
+			}
+			if i == 10 {
+				if err := p.Grow(80 * bs); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}
+	}()
 	wg.Wait()
 	if t.Failed() {
 		return
