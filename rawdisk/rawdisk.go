@@ -21,12 +21,17 @@ type Options struct {
 	// cache). Buffers must then be aligned to the device's logical block
 	// size, which guest memory pages are.
 	Direct bool
+	// NoUring serves every request with synchronous system calls, even
+	// where io_uring is available.
+	NoUring bool
 }
 
 // Disk is an open raw image. It is safe for concurrent use: every call is a
 // positioned system call.
 type Disk struct {
 	f        *os.File
+	fd       int
+	uringErr error // why OpenQueue is unavailable, or nil
 	size     uint64
 	readOnly bool
 	isBlock  bool
@@ -54,10 +59,17 @@ func Open(path string, opts Options) (*Disk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open raw image: %w", err)
 	}
-	d := &Disk{f: f, readOnly: opts.ReadOnly}
+	d := &Disk{f: f, fd: int(f.Fd()), readOnly: opts.ReadOnly}
 	if err := d.probe(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open raw image %s: %w", path, err)
+	}
+	if opts.NoUring {
+		d.uringErr = errors.New("disabled by option")
+	} else {
+		// Decided once, here: ENOSYS (old kernel), EPERM (seccomp,
+		// io_uring_disabled) and the like mean the synchronous path.
+		d.uringErr = probeUring()
 	}
 	return d, nil
 }
@@ -101,7 +113,11 @@ func (d *Disk) probe() error {
 	return nil
 }
 
-// Close closes the image.
+// Uring reports whether OpenQueue serves requests through io_uring, and if
+// not, why.
+func (d *Disk) Uring() (bool, error) { return d.uringErr == nil, d.uringErr }
+
+// Close closes the image. Queues from OpenQueue must be closed first.
 func (d *Disk) Close() error { return d.f.Close() }
 
 // Size is the capacity in bytes.

@@ -24,6 +24,11 @@ type RunnerConfig struct {
 	// (c.Err != nil) are handed over too: they must be completed, with an
 	// error status where the device has one.
 	Handle func(c *Chain)
+	// AfterDrain, if set, runs on the runner's goroutine after every pass
+	// over the available ring (also the last one, when stopping), before
+	// the runner notifies the driver or sleeps: a device that collects
+	// requests in Handle starts them here, as one batch.
+	AfterDrain func()
 	// MaxIndirect is the largest indirect table accepted (default and
 	// minimum: the queue size). See Queue.SetMaxIndirect.
 	MaxIndirect int
@@ -40,6 +45,7 @@ const PollInterval = 1
 type Runner struct {
 	q       *Queue
 	handle  func(*Chain)
+	after   func()
 	journal InflightLog
 	log     *slog.Logger
 	kick    *os.File // kept alive while its descriptor is in use
@@ -93,6 +99,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	r := &Runner{
 		q:       q,
 		handle:  cfg.Handle,
+		after:   cfg.AfterDrain,
 		journal: cfg.Setup.Inflight,
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
@@ -172,17 +179,24 @@ func (r *Runner) run() {
 			r.mu.Unlock()
 			r.q.fail(err)
 			r.log.Error("virtqueue broken, no longer served", "err", r.q.broken)
+			// Requests the handler collected before the fault still
+			// have to start, or Stop would wait for them forever.
+			r.afterDrain()
 		}
 	}()
 	q := r.q
-	if !r.resubmit() {
+	ok := r.resubmit()
+	r.afterDrain()
+	if !ok {
 		r.Notify()
 		return
 	}
 	for !r.stopping.Load() {
 		q.DisableNotify()
 		for {
-			if !r.drain() {
+			ok := r.drain()
+			r.afterDrain()
+			if !ok {
 				r.Notify()
 				return
 			}
@@ -199,6 +213,12 @@ func (r *Runner) run() {
 			return
 		}
 		r.wait()
+	}
+}
+
+func (r *Runner) afterDrain() {
+	if r.after != nil {
+		r.after()
 	}
 }
 

@@ -48,6 +48,9 @@ type Options struct {
 	// waits for a worker, so a storage call that blocks (a thin pool
 	// waiting for space) holds up nothing else.
 	Workers int
+	// SyncOnly serves every request through Storage's synchronous calls,
+	// even if the storage implements AsyncStorage.
+	SyncOnly bool
 	// MaxDiscardSectors and MaxWriteZeroesSectors limit one discard or
 	// write-zeroes segment (default DefaultMaxDiscardSectors).
 	MaxDiscardSectors     uint32

@@ -18,7 +18,10 @@ type queue struct {
 	runner *virtio.Runner
 	work   chan *virtio.Chain
 	reqs   []request // per head: scratch that survives between requests
-	wg     sync.WaitGroup
+	// async, if not nil, runs reads, writes and flushes without workers:
+	// the runner starts them, the storage's goroutine completes them.
+	async AsyncQueue
+	wg    sync.WaitGroup
 	// notifyPending: completions were put on the used ring without an
 	// interrupt check.
 	notifyPending atomic.Bool
@@ -35,6 +38,11 @@ type queue struct {
 // request allocates nothing once the slot has seen its longest chain.
 type request struct {
 	bufs [][]byte
+	// An asynchronous request's type, status byte and used length on
+	// success.
+	typ     uint32
+	status  *byte
+	written uint32
 }
 
 func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
@@ -49,13 +57,27 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	for i := range q.reqs {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
 	}
+	var afterDrain func()
+	if as, ok := d.storage.(AsyncStorage); ok && !d.opts.SyncOnly {
+		aq, err := as.OpenQueue(int(s.Size), q.asyncDone)
+		if err != nil {
+			d.log.Info("storage serves this queue synchronously", "queue", s.Index, "reason", err)
+		} else {
+			q.async = aq
+			afterDrain = aq.Submit
+		}
+	}
 	r, err := virtio.NewRunner(virtio.RunnerConfig{
 		Setup:       s,
 		Handle:      q.dispatch,
+		AfterDrain:  afterDrain,
 		MaxIndirect: d.opts.QueueSize,
 		Logger:      d.log,
 	})
 	if err != nil {
+		if q.async != nil {
+			q.async.Close()
+		}
 		return nil, err
 	}
 	q.runner = r
@@ -72,6 +94,9 @@ func (q *queue) start() {
 
 func (q *queue) dispatch(c *virtio.Chain) {
 	q.dev.inflight.Add(1)
+	if q.async != nil && q.startAsync(c) {
+		return
+	}
 	q.waiting.Add(1)
 	q.work <- c
 }
@@ -133,6 +158,61 @@ func (q *queue) complete(head uint16, written uint32) {
 // leave its completion's interrupt to another worker.
 var testHookDeferring func()
 
+// startAsync starts c on the asynchronous queue if it is a request that
+// queue serves. It runs on the runner's goroutine.
+func (q *queue) startAsync(c *virtio.Chain) (started bool) {
+	defer func() {
+		if err := virtio.RecoverFault(recover()); err != nil {
+			q.runner.Abandon(c.Head, err)
+			q.dev.inflight.Add(-1)
+			started = true
+		}
+	}()
+	return q.dev.startAsync(q.async, c, &q.reqs[c.Head])
+}
+
+// asyncDone completes a batch of asynchronous requests and interrupts the
+// driver once for all of them. It runs on the storage's goroutine.
+func (q *queue) asyncDone(batch []Completion) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	for _, cpl := range batch {
+		q.finishAsync(cpl)
+	}
+	defer func() {
+		if err := virtio.RecoverFault(recover()); err != nil {
+			q.dev.log.Error("interrupt check failed", "queue", q.index, "err", err)
+		}
+	}()
+	q.runner.Notify()
+}
+
+func (q *queue) finishAsync(cpl Completion) {
+	defer q.dev.inflight.Add(-1)
+	defer func() {
+		if err := virtio.RecoverFault(recover()); err != nil {
+			q.runner.Abandon(cpl.Tag, err)
+		}
+	}()
+	r := &q.reqs[cpl.Tag]
+	st, written := byte(StatusOK), r.written
+	switch {
+	case cpl.Err != nil:
+		q.dev.logRequestError("request failed", "type", r.typ, "err", cpl.Err)
+		st = StatusIOErr
+	case r.typ == TypeOut:
+		st = q.dev.writeThrough() // the write cache may have been disabled meanwhile
+	}
+	if st != StatusOK {
+		written = 1
+	}
+	clear(r.bufs)
+	r.bufs = r.bufs[:0]
+	status := r.status
+	r.status = nil
+	*status = st
+	q.runner.CompleteDeferred(cpl.Tag, written)
+}
+
 // stop stops the runner, waits for requests in flight and the workers.
 // Called with Device.mu held.
 func (q *queue) stop(ctx context.Context) (uint16, error) {
@@ -145,6 +225,13 @@ func (q *queue) stop(ctx context.Context) (uint16, error) {
 	}
 	close(q.work)
 	q.wg.Wait()
+	if q.async != nil {
+		// Nothing is in flight any more (the runner waited for it).
+		if err := q.async.Close(); err != nil {
+			q.dev.log.Error("close asynchronous queue", "queue", q.index, "err", err)
+		}
+		q.async = nil
+	}
 	if err := q.runner.Err(); err != nil {
 		q.dev.log.Error("queue stopped after the driver broke it", "queue", q.index, "err", err)
 	}

@@ -50,6 +50,54 @@ func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
 	return uint32(n) + 1
 }
 
+// startAsync starts a read, write or flush on aq and returns true, or
+// returns false, touching nothing, for requests served synchronously:
+// every other type, anything malformed or out of range (the synchronous
+// path reports those), writes while the write cache is off.
+func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
+	if c.Err != nil || len(c.Writable) == 0 || c.ReadLen < RequestHeaderSize {
+		return false
+	}
+	var hdr [RequestHeaderSize]byte
+	gather(hdr[:], c.Readable, 0)
+	typ := le.Uint32(hdr[0:]) &^ typeBarrier
+	sector := le.Uint64(hdr[8:])
+	off := int64(sector * SectorSize)
+	// Set before the request starts: it may complete at once.
+	r.typ, r.status = typ, statusByte(c)
+	var err error
+	switch typ {
+	case TypeIn:
+		length := c.WriteLen - 1
+		if length == 0 || length > maxRequestBytes || !d.rangeOK(sector, length) {
+			return false
+		}
+		r.bufs = writableData(r.bufs, c)
+		r.written = uint32(length) + 1
+		err = aq.ReadAt(c.Head, r.bufs, off)
+	case TypeOut:
+		length := c.ReadLen - RequestHeaderSize
+		if d.opts.ReadOnly || !d.writeback.Load() || length == 0 || length > maxRequestBytes || !d.rangeOK(sector, length) {
+			return false
+		}
+		r.bufs = readableData(r.bufs, c)
+		r.written = 1
+		err = aq.WriteAt(c.Head, r.bufs, off)
+	case TypeFlush:
+		r.written = 1
+		err = aq.Flush(c.Head)
+	default:
+		return false
+	}
+	if err != nil {
+		clear(r.bufs)
+		r.bufs = r.bufs[:0]
+		r.status = nil
+		return false
+	}
+	return true
+}
+
 // execute runs a parsed request and returns its status and the number of
 // data bytes written to the driver's buffers.
 func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64) (byte, uint64) {

@@ -68,3 +68,50 @@ type Geometry struct {
 type GeometryReporter interface {
 	Geometry() Geometry
 }
+
+// AsyncStorage is Storage that can also run reads, writes and flushes
+// without a goroutine per request (io_uring, for instance). A device serves
+// IN, OUT and FLUSH through an AsyncQueue per virtqueue when the storage
+// offers one, and everything else (and everything when OpenQueue fails)
+// through the synchronous calls.
+type AsyncStorage interface {
+	Storage
+	// OpenQueue returns a queue for up to depth requests in flight,
+	// tagged 0 to depth-1. done receives completions in batches, on a
+	// goroutine of the storage's; the slice is reused once done returns.
+	// done may call the queue's submitting methods only if it is the
+	// queue's one submitter. An error (errors.ErrUnsupported when the
+	// kernel lacks what the queue needs) means: use the synchronous path.
+	OpenQueue(depth int, done func([]Completion)) (AsyncQueue, error)
+}
+
+// Completion is the outcome of one asynchronous request.
+type Completion struct {
+	Tag uint16
+	Err error // nil, or why the request failed (VIRTIO_BLK_S_IOERR)
+}
+
+// AsyncQueue starts requests asynchronously. Its methods are called from
+// one goroutine at a time (a virtqueue's runner). The buffers are guest
+// memory, as for Storage, and must stay untouched by the caller until
+// their request completes; the storage must not use them afterwards.
+//
+// An error from ReadAt, WriteAt or Flush means the request was not
+// started and will not complete through done: the caller serves it
+// synchronously instead.
+type AsyncQueue interface {
+	// ReadAt starts reading consecutive bytes at off into bufs.
+	ReadAt(tag uint16, bufs [][]byte, off int64) error
+	// WriteAt starts writing bufs to consecutive bytes at off.
+	WriteAt(tag uint16, bufs [][]byte, off int64) error
+	// Flush starts making every write completed before the call
+	// durable.
+	Flush(tag uint16) error
+	// Submit hands the requests started since the last Submit to the
+	// storage; they may wait for it. Requests it cannot hand over are
+	// completed with an error.
+	Submit()
+	// Close waits until every started request has completed, then
+	// releases the queue. No other method may run during or after it.
+	Close() error
+}
