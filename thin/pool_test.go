@@ -517,3 +517,39 @@ func TestConcurrentWriters(t *testing.T) {
 		t.Fatalf("mapped %d, want 32 blocks", s.Volumes[0].MappedBytes)
 	}
 }
+
+// TestUnalignedVolumeEnd: a volume whose size is not a multiple of the
+// block size; its last block counts as whole up to the volume's end, and
+// growing the volume exposes zeros, not stale bytes.
+func TestUnalignedVolumeEnd(t *testing.T) {
+	p, _ := newPool(t, 8, CreateOptions{})
+	v := mustVolume(t, p, "v", 10*kib) // blocks 0, 1 and half of 2
+	write(t, v, 8*kib, pattern(2*kib, 1))
+	if s := checkAccounting(t, p); s.Volumes[0].MappedBytes != 4*kib {
+		t.Fatalf("mapped %d", s.Volumes[0].MappedBytes)
+	}
+	if err := v.Discard(8*kib, 2*kib); err != nil {
+		t.Fatal(err)
+	}
+	if s := checkAccounting(t, p); s.Volumes[0].MappedBytes != 0 {
+		t.Fatalf("discard to the volume's end did not release the last block: %+v", s.Volumes[0])
+	}
+	write(t, v, 8*kib, pattern(2*kib, 2))
+	if err := v.WriteZeroes(8*kib, 2*kib, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.ResizeVolume("v", 12*kib); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(t, v, 8*kib, 4*kib); !bytes.Equal(got, make([]byte, 4*kib)) {
+		t.Fatal("grown tail or provisioned range not zero")
+	}
+	write(t, v, 10*kib, pattern(2*kib, 3))
+	want := append(make([]byte, 2*kib), pattern(2*kib, 3)...)
+	if got := read(t, v, 8*kib, 4*kib); !bytes.Equal(got, want) {
+		t.Fatal("write to the grown tail reads back wrong")
+	}
+	if s := checkAccounting(t, p); s.Volumes[0].MappedBytes != 4*kib || s.Volumes[0].ProvisionedBytes != 4*kib {
+		t.Fatalf("after growth: %+v", s.Volumes[0])
+	}
+}
