@@ -18,6 +18,13 @@
 // A pool directory holds thinblk.data (the blocks), thinblk.meta/ (Pebble)
 // and thinblk.lock (held while open; a second opener gets ErrLocked).
 //
+// Management operations (CreateVolume, ResizeVolume, DeleteVolume, Grow)
+// are durable when they return. Watch callbacks then see them in commit
+// order, outside the pool's locks. DeleteVolume is the only operation that
+// walks a map (the deleted volume's, in batches, outside the pool lock).
+// Check walks everything; it commits first and blocks commits (not I/O)
+// while it runs.
+//
 // # Metadata (pebblemeta keys)
 //
 //	"f"                  format version (newer formats are refused)
