@@ -247,3 +247,83 @@ func TestGuestThinProvision(t *testing.T) {
 		t.Errorf("thinblk check: %v\n%s", err, out)
 	}
 }
+
+// TestGuestThinQueueMode: in a pool created with --no-space queue, a guest write that needs
+// space when there is none waits instead of failing, and completes once the pool grows.
+func TestGuestThinQueueMode(t *testing.T) {
+	e := setup(t)
+	if e.thinblk == "" {
+		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
+	}
+	ctx := context.Background()
+	dir := workDir(t)
+	pool := filepath.Join(dir, "pool")
+	socks := filepath.Join(dir, "socks")
+	for _, args := range [][]string{
+		{"pool", "create", pool, "--size", "256M", "--no-space", "queue", "--no-space-timeout", "120s"},
+		{"volume", "create", pool, "waiter", "--size", "1G"},
+	} {
+		if _, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := StartBackend(ctx, BackendOptions{
+		Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, "waiter.sock"), Queues: 1,
+		LogPath: filepath.Join(dir, "pool-backend.log"), ThinblkBin: e.thinblk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(15 * time.Second) })
+	vm, err := StartVM(ctx, VMOptions{
+		Dir: filepath.Join(dir, "vm"), Images: e.images,
+		Disks: []DiskSpec{{Socket: filepath.Join(socks, "waiter.sock")}},
+		Logf:  t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	g := guest{VM: vm, t: t}
+	dev, err := vm.DiskDevice(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := ThinblkStatus(ctx, e.thinblk, pool)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fill exactly what is free, then one more block's write must wait.
+	g.sh(t, 3*time.Minute, fmt.Sprintf("dd if=/dev/zero of=%s bs=64k count=%d oflag=direct 2>/dev/null", dev, st.Pool.FreeBytes/(64<<10)))
+	if st, err = ThinblkStatus(ctx, e.thinblk, pool); err != nil || st.Pool.FreeBytes != 0 {
+		t.Fatalf("pool not exactly full: %+v, %v", st, err)
+	}
+	g.sh(t, 20*time.Second, fmt.Sprintf(`rm -f /tmp/rc; (dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc; echo $? > /tmp/rc) >/dev/null 2>&1 &`,
+		dev, 512*mib/(64<<10)))
+	time.Sleep(3 * time.Second)
+	if out := g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting"); strings.TrimSpace(out) != "waiting" {
+		t.Fatalf("write to a full queue-mode pool did not wait: exit status %s", out)
+	}
+	if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "512M"); err != nil {
+		t.Fatal(err)
+	}
+	var rc string
+	for i := 0; i < 60; i++ {
+		if rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting")); rc != "waiting" {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	if rc != "0" {
+		t.Errorf("queued write after pool grow: %s, want exit status 0", rc)
+	}
+	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Stop(15 * time.Second); err != nil {
+		t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
+	}
+	if out, err := ThinblkCmd(ctx, e.thinblk, "check", pool); err != nil {
+		t.Errorf("thinblk check: %v\n%s", err, out)
+	}
+}
