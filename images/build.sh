@@ -115,7 +115,7 @@ log "building ($kpkg) into $out"
 # Fetch and unpack the kernel package (kept in the cache across builds).
 kdir=$cache/$kpkg
 if [ ! -d "$kdir/boot" ]; then
-	rm -rf "$kdir" "$cache/dl"
+	rm -rf "$kdir" "$kdir.tmp" "$cache/dl"
 	mkdir -p "$cache/dl"
 	(cd "$cache/dl" && apt-get download "$kpkg" >&2 2>"$cache/dl/log") || {
 		apt-get update >&2
