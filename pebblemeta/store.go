@@ -39,9 +39,30 @@ type Options struct {
 // Store is the Pebble-backed metadata of one pool: keys, values and
 // batches, no policy.
 type Store struct {
-	db *pebble.DB
-	fs vfs.FS
+	View // reads see the latest committed batch
+	db   *pebble.DB
+	fs   vfs.FS
 }
+
+// View reads the store: the live one (Store) or a frozen point in time
+// (Snapshot).
+type View struct{ r pebble.Reader }
+
+// Snapshot is a consistent, unchanging view of the store as of its
+// creation; later commits do not show. Close it when done.
+type Snapshot struct {
+	View
+	snap *pebble.Snapshot
+}
+
+// Snapshot freezes the store's current state.
+func (s *Store) Snapshot() *Snapshot {
+	snap := s.db.NewSnapshot()
+	return &Snapshot{View: View{r: snap}, snap: snap}
+}
+
+// Close releases the snapshot.
+func (s *Snapshot) Close() error { return s.snap.Close() }
 
 type pebbleLogger struct{ l *slog.Logger }
 
@@ -98,7 +119,7 @@ func Create(dir string, pool PoolRecord, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create metadata store %s: %w", dir, err)
 	}
-	s := &Store{db: db, fs: po.FS}
+	s := &Store{View: View{r: db}, db: db, fs: po.FS}
 	b := s.NewBatch()
 	if err := b.b.Set(formatKey, EncodeFormat(FormatVersion), nil); err != nil {
 		s.Close()
@@ -129,7 +150,7 @@ func Open(dir string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metadata store %s: %w", dir, err)
 	}
-	s := &Store{db: db, fs: po.FS}
+	s := &Store{View: View{r: db}, db: db, fs: po.FS}
 	v, closer, err := db.Get(formatKey)
 	if err != nil {
 		db.Close()
@@ -167,8 +188,8 @@ func (s *Store) SetFormatForTest(v uint32) error {
 	return s.db.Set(formatKey, EncodeFormat(v), pebble.Sync)
 }
 
-func (s *Store) get(key []byte, decode func([]byte) error) (bool, error) {
-	v, closer, err := s.db.Get(key)
+func (s *View) get(key []byte, decode func([]byte) error) (bool, error) {
+	v, closer, err := s.r.Get(key)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return false, nil
 	}
@@ -180,7 +201,7 @@ func (s *Store) get(key []byte, decode func([]byte) error) (bool, error) {
 }
 
 // Pool reads the pool record.
-func (s *Store) Pool() (PoolRecord, error) {
+func (s *View) Pool() (PoolRecord, error) {
 	var p PoolRecord
 	ok, err := s.get(poolKey, func(v []byte) (err error) { p, err = DecodePoolRecord(v); return })
 	if err == nil && !ok {
@@ -193,8 +214,8 @@ func (s *Store) Pool() (PoolRecord, error) {
 }
 
 // Volumes reads every volume record, in name order.
-func (s *Store) Volumes() ([]VolumeRecord, error) {
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{kindVolume}, UpperBound: []byte{kindVolume + 1}})
+func (s *View) Volumes() ([]VolumeRecord, error) {
+	it, err := s.r.NewIter(&pebble.IterOptions{LowerBound: []byte{kindVolume}, UpperBound: []byte{kindVolume + 1}})
 	if err != nil {
 		return nil, err
 	}
@@ -217,7 +238,7 @@ func (s *Store) Volumes() ([]VolumeRecord, error) {
 
 // MapEntry reads the entry of vblock in layer; ok is false when there is
 // none (unmapped, not provisioned).
-func (s *Store) MapEntry(layer, vblock uint64) (e Entry, ok bool, err error) {
+func (s *View) MapEntry(layer, vblock uint64) (e Entry, ok bool, err error) {
 	var kb [MapKeyLen]byte
 	ok, err = s.get(AppendMapKey(kb[:0], layer, vblock), func(v []byte) (err error) { e, err = DecodeEntry(v); return })
 	if err != nil {
@@ -230,8 +251,8 @@ func (s *Store) MapEntry(layer, vblock uint64) (e Entry, ok bool, err error) {
 // an error.
 var ErrStop = errors.New("stop iteration")
 
-func (s *Store) iterate(lo, hi []byte, fn func(k, v []byte) error) error {
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+func (s *View) iterate(lo, hi []byte, fn func(k, v []byte) error) error {
+	it, err := s.r.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
 		return err
 	}
@@ -253,7 +274,7 @@ func (s *Store) iterate(lo, hi []byte, fn func(k, v []byte) error) error {
 
 // LayerMap calls fn for every entry of layer with vblock >= from, in block
 // order.
-func (s *Store) LayerMap(layer, from uint64, fn func(vblock uint64, e Entry) error) error {
+func (s *View) LayerMap(layer, from uint64, fn func(vblock uint64, e Entry) error) error {
 	lo, hi := mapLayerBounds(layer)
 	lo = AppendMapKey(nil, layer, from)
 	return s.iterate(lo, hi, func(k, v []byte) error {
@@ -270,7 +291,7 @@ func (s *Store) LayerMap(layer, from uint64, fn func(vblock uint64, e Entry) err
 }
 
 // AllMap calls fn for every map entry of every layer, in key order.
-func (s *Store) AllMap(fn func(layer, vblock uint64, e Entry) error) error {
+func (s *View) AllMap(fn func(layer, vblock uint64, e Entry) error) error {
 	return s.iterate([]byte{kindMap}, []byte{kindMap + 1}, func(k, v []byte) error {
 		l, vb, err := ParseMapKey(k)
 		if err != nil {
@@ -286,7 +307,7 @@ func (s *Store) AllMap(fn func(layer, vblock uint64, e Entry) error) error {
 
 // BitmapChunks calls fn for every stored allocation-bitmap chunk in index
 // order. bits is only valid during the call.
-func (s *Store) BitmapChunks(fn func(idx uint64, bits []byte) error) error {
+func (s *View) BitmapChunks(fn func(idx uint64, bits []byte) error) error {
 	return s.iterate([]byte{kindBitmap}, []byte{kindBitmap + 1}, func(k, v []byte) error {
 		idx, err := ParseBitmapKey(k)
 		if err != nil {

@@ -55,6 +55,8 @@ func TestStoreOnDisk(t *testing.T) {
 	if err := s.LayerMap(1, 0, func(vb uint64, e Entry) error { seen = append(seen, vb); return nil }); err != nil || len(seen) != 2 || seen[1] != 5 {
 		t.Fatalf("LayerMap = %v %v", seen, err)
 	}
+	snap := s.Snapshot()
+	defer snap.Close()
 	b = s.NewBatch()
 	b.DeleteLayer(1)
 	b.DeleteVolume("a")
@@ -64,6 +66,10 @@ func TestStoreOnDisk(t *testing.T) {
 	n := 0
 	if err := s.AllMap(func(l, vb uint64, e Entry) error { n++; return nil }); err != nil || n != 1 {
 		t.Fatalf("after DeleteLayer %d entries left, %v", n, err)
+	}
+	n = 0
+	if err := snap.AllMap(func(l, vb uint64, e Entry) error { n++; return nil }); err != nil || n != 3 {
+		t.Fatalf("snapshot sees %d entries, want the 3 from before: %v", n, err)
 	}
 }
 

@@ -28,7 +28,8 @@ func (e *CheckError) Error() string {
 }
 
 // Check commits pending changes, then verifies every invariant of the
-// committed metadata against itself and the data file, like thin_check:
+// committed metadata (in a snapshot, so the pool keeps serving) against
+// itself and the data file, like thin_check:
 // records decode, every map entry belongs to a volume and lies inside it,
 // every physical block is inside the pool and owned at most once, the
 // allocation bitmap is exactly the set of owned blocks, and every counter
@@ -37,12 +38,20 @@ func (e *CheckError) Error() string {
 // nil when clean, a *CheckError listing problems, or another error when it
 // could not run.
 func (p *Pool) Check(progress func(done, total uint64)) error {
-	if err := p.commit(); err != nil {
+	// Commit, and freeze the committed state: requests and commits go on
+	// while the walk reads the snapshot.
+	p.flushMu.Lock()
+	err := p.commitLocked()
+	var snap *pebblemeta.Snapshot
+	if err == nil {
+		snap = p.store.Snapshot()
+	}
+	p.flushMu.Unlock()
+	if err != nil {
 		return fmt.Errorf("check pool %s: %w", p.dir, err)
 	}
-	// No commit may run while we read the store.
-	p.flushMu.Lock()
-	defer p.flushMu.Unlock()
+	defer snap.Close()
+	st := &snap.View
 	ce := &CheckError{}
 	bad := func(format string, args ...any) {
 		if len(ce.Problems) < maxProblems {
@@ -51,7 +60,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 			ce.More++
 		}
 	}
-	rec, err := p.store.Pool()
+	rec, err := st.Pool()
 	if err != nil {
 		return fmt.Errorf("check pool %s: %w", p.dir, err)
 	}
@@ -68,7 +77,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	if rec.Allocated+rec.Reserved > rec.SizeBlocks {
 		bad("pool allocated %d + reserved %d blocks exceed its size %d", rec.Allocated, rec.Reserved, rec.SizeBlocks)
 	}
-	vols, err := p.store.Volumes()
+	vols, err := st.Volumes()
 	if err != nil {
 		return fmt.Errorf("check pool %s: %w", p.dir, err)
 	}
@@ -96,7 +105,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	}
 	owned := newBitmap(rec.SizeBlocks)
 	var done, mapped, reserved uint64
-	err = p.store.AllMap(func(layer, vb uint64, e pebblemeta.Entry) error {
+	err = st.AllMap(func(layer, vb uint64, e pebblemeta.Entry) error {
 		done++
 		if progress != nil && done%65536 == 0 {
 			progress(done, total)
@@ -155,7 +164,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 		bad("pool counter says %d blocks reserved, the map reserves %d", rec.Reserved, reserved)
 	}
 	stored := newBitmap(rec.SizeBlocks)
-	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
+	err = st.BitmapChunks(func(idx uint64, bits []byte) error {
 		if !stored.loadChunk(idx, bits) {
 			bad("allocation bitmap chunk %d is malformed or marks blocks beyond the pool", idx)
 		}

@@ -22,8 +22,8 @@
 // are durable when they return. Watch callbacks then see them in commit
 // order, outside the pool's locks. DeleteVolume is the only operation that
 // walks a map (the deleted volume's, in batches, outside the pool lock).
-// Check walks everything; it commits first and blocks commits (not I/O)
-// while it runs.
+// Check commits, then walks everything in a Pebble snapshot of that
+// commit, so I/O and commits go on while it runs.
 //
 // # Metadata (pebblemeta keys)
 //

@@ -158,6 +158,13 @@ func TestConcurrentMixed(t *testing.T) {
 				t.Error(err)
 				return
 			}
+			if i == 5 {
+				// Check runs on a snapshot while I/O and commits go on.
+				if err := p.Check(nil); err != nil {
+					t.Error(err)
+					return
+				}
+			}
 			if i == 10 {
 				if err := p.Grow(80 * bs); err != nil {
 					t.Error(err)
