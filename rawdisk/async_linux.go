@@ -201,6 +201,11 @@ func (q *uringQueue) reap() {
 			continue
 		}
 		q.cqes = q.ring.reap(q.cqes[:0])
+		// The kernel orders the submitter's writes (slots, the
+		// caller's request state) before their completions; this
+		// acquire, pairing with prep's Add, shows the race detector
+		// the same order.
+		q.inflight.Load()
 		q.batch = q.batch[:0]
 		for _, c := range q.cqes {
 			if c.userData == stopTag {
