@@ -18,13 +18,13 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/thinblk/thinblk/bench"
+	"github.com/thinblk/thinblk/internal/units"
 )
 
 type config struct {
@@ -125,20 +125,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 }
 
 func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	switch {
-	case strings.HasSuffix(s, "K"):
-		mult, s = 1<<10, strings.TrimSuffix(s, "K")
-	case strings.HasSuffix(s, "M"):
-		mult, s = 1<<20, strings.TrimSuffix(s, "M")
-	case strings.HasSuffix(s, "G"):
-		mult, s = 1<<30, strings.TrimSuffix(s, "G")
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n*mult%(1<<20) != 0 {
+	n, err := units.ParseSize(s)
+	if err != nil || n == 0 || n%(1<<20) != 0 || n > 1<<50 {
 		return 0, fmt.Errorf("--size %q: want a positive multiple of 1M", s)
 	}
-	return n * mult, nil
+	return int64(n), nil
 }
 
 func selectCases(spec string) ([]bench.Case, error) {

@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/thin"
 )
 
@@ -88,10 +89,10 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	var o thin.CreateOptions
-	if o.Size, err = parseSize(*size); err != nil {
+	if o.Size, err = units.ParseSize(*size); err != nil {
 		return usageError(stderr, "pool create", err)
 	}
-	bs, err := parseSize(*blockSize)
+	bs, err := units.ParseSize(*blockSize)
 	if err != nil || bs > 1<<30 {
 		return usageError(stderr, "pool create", fmt.Errorf("--block-size %q: want a power of two from 4K to 16M", *blockSize))
 	}
@@ -103,13 +104,13 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, "pool create", fmt.Errorf("--no-space-timeout %v: must be positive", *noSpaceTimeout))
 	}
 	o.NoSpaceTimeout = *noSpaceTimeout
-	if o.LowWater, err = parsePercent(*lowWater); err != nil {
+	if o.LowWater, err = units.ParsePercent(*lowWater); err != nil {
 		return usageError(stderr, "pool create", fmt.Errorf("--low-water %w", err))
 	}
 	if err := thin.Create(pos[0], o); err != nil {
 		return fail(stderr, "pool create", err)
 	}
-	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], humanBytes(o.Size), humanBytes(uint64(o.BlockSize)))
+	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], units.HumanBytes(o.Size), units.HumanBytes(uint64(o.BlockSize)))
 	return 0
 }
 
@@ -124,7 +125,7 @@ func runPoolGrow(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
-	n, err := parseSize(*size)
+	n, err := units.ParseSize(*size)
 	if err != nil {
 		return usageError(stderr, "pool grow", err)
 	}
@@ -132,7 +133,7 @@ func runPoolGrow(args []string, stdout, stderr io.Writer) int {
 		if err := ops.Grow(n); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "pool %s is now %s\n", pos[0], humanBytes(n))
+		fmt.Fprintf(stdout, "pool %s is now %s\n", pos[0], units.HumanBytes(n))
 		return nil
 	})
 }
@@ -176,7 +177,7 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 			fs.Usage()
 			return 2
 		}
-		n, err := parseSize(*size)
+		n, err := units.ParseSize(*size)
 		if err != nil {
 			return usageError(stderr, "volume "+sub, err)
 		}
@@ -187,7 +188,7 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 				err = ops.ResizeVolume(pos[1], n)
 			}
 			if err == nil {
-				fmt.Fprintf(stdout, "volume %s: %s\n", pos[1], humanBytes(n))
+				fmt.Fprintf(stdout, "volume %s: %s\n", pos[1], units.HumanBytes(n))
 			}
 			return err
 		})
@@ -258,16 +259,16 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 func printStatus(w io.Writer, st thin.Status) {
 	p := st.Pool
 	fmt.Fprintf(w, "pool %s: size %s, allocated %s, reserved %s, free %s (block size %s, no-space %s)\n",
-		p.Dir, humanBytes(p.SizeBytes), humanBytes(p.AllocatedBytes), humanBytes(p.ReservedBytes),
-		humanBytes(p.FreeBytes), humanBytes(uint64(p.BlockSize)), p.NoSpace)
+		p.Dir, units.HumanBytes(p.SizeBytes), units.HumanBytes(p.AllocatedBytes), units.HumanBytes(p.ReservedBytes),
+		units.HumanBytes(p.FreeBytes), units.HumanBytes(uint64(p.BlockSize)), p.NoSpace)
 	if p.BelowLowWater {
-		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", humanBytes(p.LowWaterBytes))
+		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "VOLUME\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t")
 	for _, v := range st.Volumes {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", v.Name, humanBytes(v.SizeBytes), humanBytes(v.MappedBytes),
-			humanBytes(v.ProvisionedBytes), humanBytes(v.ReservedBytes))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", v.Name, units.HumanBytes(v.SizeBytes), units.HumanBytes(v.MappedBytes),
+			units.HumanBytes(v.ProvisionedBytes), units.HumanBytes(v.ReservedBytes))
 	}
 	tw.Flush()
 }

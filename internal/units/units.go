@@ -1,4 +1,6 @@
-package main
+// Package units parses and prints the byte counts and shares that
+// thinblk's commands take and show (64K, 20G, 10%).
+package units
 
 import (
 	"fmt"
@@ -7,9 +9,9 @@ import (
 	"strings"
 )
 
-// parseSize parses a byte count with an optional binary suffix: 512, 64K,
+// ParseSize parses a byte count with an optional binary suffix: 512, 64K,
 // 20G, 1.5T (K=1024). "KiB"/"KB"/"k" spellings are accepted.
-func parseSize(s string) (uint64, error) {
+func ParseSize(s string) (uint64, error) {
 	t := strings.TrimSpace(s)
 	u := strings.ToUpper(t)
 	u = strings.TrimSuffix(strings.TrimSuffix(u, "IB"), "B")
@@ -51,8 +53,8 @@ func parseSize(s string) (uint64, error) {
 	return uint64(v), nil
 }
 
-// parsePercent parses "10%" or "0.1" into a fraction in [0, 1).
-func parsePercent(s string) (float64, error) {
+// ParsePercent parses "10%" or "0.1" into a fraction in [0, 1).
+func ParsePercent(s string) (float64, error) {
 	t := strings.TrimSpace(s)
 	div := 1.0
 	if strings.HasSuffix(t, "%") {
@@ -66,8 +68,8 @@ func parsePercent(s string) (float64, error) {
 	return f / div, nil
 }
 
-// humanBytes formats n with a binary unit, for tables.
-func humanBytes(n uint64) string {
+// HumanBytes formats n with a binary unit, for tables.
+func HumanBytes(n uint64) string {
 	const unit = 1024
 	if n < unit {
 		return fmt.Sprintf("%d B", n)

@@ -1,4 +1,4 @@
-package main
+package units
 
 import "testing"
 
@@ -8,36 +8,36 @@ func TestParseSize(t *testing.T) {
 		"1.5G": 3 << 29, "2T": 2 << 40, "100M": 100 << 20, "7B": 7,
 	}
 	for in, want := range good {
-		got, err := parseSize(in)
+		got, err := ParseSize(in)
 		if err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"", "G", "-1G", "abc", "1X", "99999999999999999999", "20000000P", "NaN"} {
-		if got, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		if got, err := ParseSize(in); err == nil {
+			t.Errorf("ParseSize(%q) = %d, want an error", in, got)
 		}
 	}
 }
 
 func TestParsePercent(t *testing.T) {
 	for in, want := range map[string]float64{"10%": 0.1, "0": 0, "0.25": 0.25, "0%": 0} {
-		got, err := parsePercent(in)
+		got, err := ParsePercent(in)
 		if err != nil || got != want {
-			t.Errorf("parsePercent(%q) = %v, %v; want %v", in, got, err, want)
+			t.Errorf("ParsePercent(%q) = %v, %v; want %v", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"100%", "-1%", "x", "1.5", "1"} {
-		if _, err := parsePercent(in); err == nil {
-			t.Errorf("parsePercent(%q) succeeded", in)
+		if _, err := ParsePercent(in); err == nil {
+			t.Errorf("ParsePercent(%q) succeeded", in)
 		}
 	}
 }
 
 func TestHumanBytes(t *testing.T) {
 	for n, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 3 << 29: "1.5 GiB"} {
-		if got := humanBytes(n); got != want {
-			t.Errorf("humanBytes(%d) = %q, want %q", n, got, want)
+		if got := HumanBytes(n); got != want {
+			t.Errorf("HumanBytes(%d) = %q, want %q", n, got, want)
 		}
 	}
 }
