@@ -126,8 +126,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 func parseSize(s string) (int64, error) {
 	n, err := units.ParseSize(s)
-	if err != nil || n == 0 || n%(1<<20) != 0 || n > 1<<50 {
-		return 0, fmt.Errorf("--size %q: want a positive multiple of 1M", s)
+	// The image is written in full before measuring: keep it sane.
+	if err != nil || n == 0 || n%(1<<20) != 0 || n > 64<<30 {
+		return 0, fmt.Errorf("--size %q: want a positive multiple of 1M, at most 64G", s)
 	}
 	return int64(n), nil
 }
