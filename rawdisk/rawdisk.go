@@ -1,6 +1,15 @@
 // Package rawdisk is a blk.Storage over a raw image file or block device:
 // vectored pread/pwrite, fdatasync for FLUSH, punch-hole for DISCARD and
 // WRITE_ZEROES with unmap, zero-range for WRITE_ZEROES without unmap.
+//
+// Where the kernel allows io_uring (checked once, at Open), the disk is
+// also a blk.AsyncStorage: each virtqueue gets its own ring, filled and
+// submitted in batches by the queue's runner and drained by one reaper
+// goroutine (READV, WRITEV, FSYNC with DATASYNC). A synchronous system
+// call per request costs a goroutine and, for blocking I/O, an OS thread
+// hand-off; the ring costs one submit per batch and one wake-up per batch
+// of completions. Without io_uring (ENOSYS, EPERM, Options.NoUring) every
+// request takes the synchronous path.
 package rawdisk
 
 import (

@@ -51,9 +51,9 @@ func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
 }
 
 // startAsync starts a read, write or flush on aq and returns true, or
-// returns false, touching nothing, for requests served synchronously:
-// every other type, anything malformed or out of range (the synchronous
-// path reports those), writes while the write cache is off.
+// returns false for requests the workers serve synchronously: every other
+// type, anything malformed or out of range (the synchronous path reports
+// those), writes while the write cache is off, and whatever aq declines.
 func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
 	if c.Err != nil || len(c.Writable) == 0 || c.ReadLen < RequestHeaderSize {
 		return false

@@ -4,6 +4,11 @@
 // A Device (New) serves the queues a vhost-user server starts on it; each
 // queue has a virtio.Runner that pops descriptor chains and a pool of
 // workers that execute them against the Storage, many in flight at once.
+// Storage that also implements AsyncStorage (rawdisk, with io_uring) gets
+// reads, writes and flushes without workers: the runner starts every such
+// request of a pass over the available ring and submits them as one batch,
+// and the storage's completion goroutine puts them on the used ring,
+// interrupting the driver once per batch.
 // Requests follow QEMU's block/export/virtio-blk-handler.c:
 //
 //   - header: the first 16 readable bytes; status: the last writable byte;
