@@ -98,7 +98,30 @@ func EnsureImages(ctx context.Context, root string) (Images, error) {
 }
 
 // BuildThinblk builds ./cmd/thinblk into BuildDir(root)/bin/thinblk and returns its path.
+// It builds once per process.
 func BuildThinblk(ctx context.Context, root string) (string, error) {
+	thinblkOnce.Lock()
+	defer thinblkOnce.Unlock()
+	if bin, ok := thinblkOnce.done[root]; ok {
+		return bin, nil
+	}
+	bin, err := buildThinblk(ctx, root)
+	if err != nil {
+		return "", err
+	}
+	if thinblkOnce.done == nil {
+		thinblkOnce.done = map[string]string{}
+	}
+	thinblkOnce.done[root] = bin
+	return bin, nil
+}
+
+var thinblkOnce struct {
+	sync.Mutex
+	done map[string]string
+}
+
+func buildThinblk(ctx context.Context, root string) (string, error) {
 	bin := filepath.Join(BuildDir(root), "bin", "thinblk")
 	cmd := exec.CommandContext(ctx, goTool(), "build", "-o", bin, "./cmd/thinblk")
 	cmd.Dir = root

@@ -3,6 +3,7 @@ package guesttests
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -144,10 +145,51 @@ func TestGuestThinPool(t *testing.T) {
 	}
 }
 
+// startPool creates a pool with the given volumes (name, size) and serves it; the pool server
+// is stopped when the test ends.
+func startPool(t *testing.T, e *env, dir string, createArgs []string, volumes ...[2]string) (pool, socks string, b *Backend) {
+	t.Helper()
+	ctx := context.Background()
+	pool = filepath.Join(dir, "pool")
+	socks = filepath.Join(dir, "socks")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ThinblkCmd(ctx, e.thinblk, append([]string{"pool", "create", pool}, createArgs...)...); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range volumes {
+		if _, err := ThinblkCmd(ctx, e.thinblk, "volume", "create", pool, v[0], "--size", v[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := StartBackend(ctx, BackendOptions{
+		Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, volumes[len(volumes)-1][0]+".sock"), Queues: 1,
+		LogPath: filepath.Join(dir, "pool-backend.log"), ThinblkBin: e.thinblk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(15 * time.Second) })
+	return pool, socks, b
+}
+
+// stopAndCheck stops a pool server and runs `thinblk check` on its pool.
+func stopAndCheck(t *testing.T, e *env, b *Backend, pool string) {
+	t.Helper()
+	if err := b.Stop(15 * time.Second); err != nil {
+		t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
+	}
+	if out, err := ThinblkCmd(context.Background(), e.thinblk, "check", pool); err != nil {
+		t.Errorf("thinblk check %s: %v\n%s", pool, err, out)
+	}
+}
+
 // TestGuestThinProvision: a range provisioned from the guest (BLKZEROOUT via blkdiscard -z,
 // and fallocate --zero-range on the device: both WRITE_ZEROES without unmap) stays writable
 // after another volume has filled the pool, while a write to unprovisioned space fails; after
-// an online `pool grow` it succeeds.
+// an online `pool grow` it succeeds. In a second pool created with --no-space queue, a write
+// that needs space when there is none waits instead, and completes once that pool grows.
 func TestGuestThinProvision(t *testing.T) {
 	e := setup(t)
 	if e.thinblk == "" {
@@ -155,44 +197,24 @@ func TestGuestThinProvision(t *testing.T) {
 	}
 	ctx := context.Background()
 	dir := workDir(t)
-	pool := filepath.Join(dir, "pool")
-	socks := filepath.Join(dir, "socks")
-	for _, args := range [][]string{
-		{"pool", "create", pool, "--size", "1G", "--no-space", "error"},
-		{"volume", "create", pool, "keeper", "--size", "4G"},
-		{"volume", "create", pool, "filler", "--size", "4G"},
-	} {
-		if _, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	b, err := StartBackend(ctx, BackendOptions{
-		Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, "filler.sock"), Queues: 1,
-		LogPath: filepath.Join(dir, "pool-backend.log"), ThinblkBin: e.thinblk,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Stop(15 * time.Second) })
+	pool, socks, b := startPool(t, e, filepath.Join(dir, "err"), []string{"--size", "1G", "--no-space", "error"},
+		[2]string{"keeper", "4G"}, [2]string{"filler", "4G"})
+	qpool, qsocks, qb := startPool(t, e, filepath.Join(dir, "queue"), []string{"--size", "256M", "--no-space", "queue", "--no-space-timeout", "120s"},
+		[2]string{"waiter", "1G"})
 	vm, err := StartVM(ctx, VMOptions{
 		Dir: filepath.Join(dir, "vm"), Images: e.images,
-		Disks: []DiskSpec{{Socket: filepath.Join(socks, "keeper.sock")}, {Socket: filepath.Join(socks, "filler.sock")}},
-		Logf:  t.Logf,
+		Disks: []DiskSpec{
+			{Socket: filepath.Join(socks, "keeper.sock")}, {Socket: filepath.Join(socks, "filler.sock")},
+			{Socket: filepath.Join(qsocks, "waiter.sock")},
+		},
+		Logf: t.Logf,
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
 	g := guest{VM: vm, t: t}
-	keeper, err := vm.DiskDevice(ctx, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	filler, err := vm.DiskDevice(ctx, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	status := func() *PoolStatus {
+	status := func(t *testing.T, pool string) *PoolStatus {
 		t.Helper()
 		st, err := ThinblkStatus(ctx, e.thinblk, pool)
 		if err != nil {
@@ -201,129 +223,85 @@ func TestGuestThinProvision(t *testing.T) {
 		return st
 	}
 
-	// Provision 64 MiB each way: [0, 64M) with BLKZEROOUT, [64M, 128M) with fallocate -z.
-	g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -z -o 0 -l %d %s && fallocate -z -o %d -l %d %s", 64*mib, keeper, 64*mib, 64*mib, keeper))
-	st := status()
-	k, _ := st.Volume("keeper")
-	t.Logf("keeper after provisioning: mapped %d MiB, provisioned %d MiB, reserved %d MiB", k.MappedBytes/mib, k.ProvisionedBytes/mib, k.ReservedBytes/mib)
-	if k.ProvisionedBytes != 128*mib {
-		t.Fatalf("keeper has %d MiB provisioned, want 128 MiB (are blkdiscard -z and fallocate -z reaching the pool as WRITE_ZEROES without unmap?)", k.ProvisionedBytes/mib)
-	}
-	if got := strings.Fields(g.sh(t, time.Minute, fmt.Sprintf("dd if=%s bs=1M count=128 iflag=direct 2>/dev/null | sha256sum", keeper)))[0]; got != sha256Hex(make([]byte, 128*mib)) {
-		t.Error("provisioned range does not read as zeros")
-	}
-
-	// Fill the pool from the other volume until writes fail.
-	res, err := vm.Run(ctx, 5*time.Minute, "dd if=/dev/zero of="+filler+" bs=1M oflag=direct 2>&1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.ExitCode == 0 {
-		t.Fatalf("filling a 4 GiB volume in a 1 GiB pool succeeded: %s", res.Stdout)
-	}
-	st = status()
-	t.Logf("pool after filling: allocated %d MiB, reserved %d MiB, free %d MiB", st.Pool.AllocatedBytes/mib, st.Pool.ReservedBytes/mib, st.Pool.FreeBytes/mib)
-	if st.Pool.FreeBytes >= 1*mib {
-		t.Errorf("pool not full after the filler's write failed: %d MiB free", st.Pool.FreeBytes/mib)
-	}
-
-	// The provisioned range takes a full write with verification; beyond it writes fail.
-	g.sh(t, 5*time.Minute, "fio --name=provisioned --filename="+keeper+" --direct=1 --ioengine=libaio --rw=randwrite "+
-		"--bssplit=4k/50:64k/50 --iodepth=8 --size=128M --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/dev/null")
-	unprovisioned := fmt.Sprintf("dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc", keeper, 1024*mib/(64<<10))
-	g.shFails(t, time.Minute, unprovisioned)
-
-	if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "2G"); err != nil {
-		t.Fatal(err)
-	}
-	g.sh(t, time.Minute, unprovisioned)
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Stop(15 * time.Second); err != nil {
-		t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
-	}
-	if out, err := ThinblkCmd(ctx, e.thinblk, "check", pool); err != nil {
-		t.Errorf("thinblk check: %v\n%s", err, out)
-	}
-}
-
-// TestGuestThinQueueMode: in a pool created with --no-space queue, a guest write that needs
-// space when there is none waits instead of failing, and completes once the pool grows.
-func TestGuestThinQueueMode(t *testing.T) {
-	e := setup(t)
-	if e.thinblk == "" {
-		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
-	}
-	ctx := context.Background()
-	dir := workDir(t)
-	pool := filepath.Join(dir, "pool")
-	socks := filepath.Join(dir, "socks")
-	for _, args := range [][]string{
-		{"pool", "create", pool, "--size", "256M", "--no-space", "queue", "--no-space-timeout", "120s"},
-		{"volume", "create", pool, "waiter", "--size", "1G"},
-	} {
-		if _, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
+	t.Run("error-mode", func(t *testing.T) {
+		keeper, err := vm.DiskDevice(ctx, 0)
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	b, err := StartBackend(ctx, BackendOptions{
-		Kind: ThinPool, Image: pool, Socket: filepath.Join(socks, "waiter.sock"), Queues: 1,
-		LogPath: filepath.Join(dir, "pool-backend.log"), ThinblkBin: e.thinblk,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Stop(15 * time.Second) })
-	vm, err := StartVM(ctx, VMOptions{
-		Dir: filepath.Join(dir, "vm"), Images: e.images,
-		Disks: []DiskSpec{{Socket: filepath.Join(socks, "waiter.sock")}},
-		Logf:  t.Logf,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
-	dev, err := vm.DiskDevice(ctx, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := ThinblkStatus(ctx, e.thinblk, pool)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Fill exactly what is free, then one more block's write must wait.
-	g.sh(t, 3*time.Minute, fmt.Sprintf("dd if=/dev/zero of=%s bs=64k count=%d oflag=direct 2>/dev/null", dev, st.Pool.FreeBytes/(64<<10)))
-	if st, err = ThinblkStatus(ctx, e.thinblk, pool); err != nil || st.Pool.FreeBytes != 0 {
-		t.Fatalf("pool not exactly full: %+v, %v", st, err)
-	}
-	g.sh(t, 20*time.Second, fmt.Sprintf(`rm -f /tmp/rc; (dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc; echo $? > /tmp/rc) >/dev/null 2>&1 &`,
-		dev, 512*mib/(64<<10)))
-	time.Sleep(3 * time.Second)
-	if out := g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting"); strings.TrimSpace(out) != "waiting" {
-		t.Fatalf("write to a full queue-mode pool did not wait: exit status %s", out)
-	}
-	if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "512M"); err != nil {
-		t.Fatal(err)
-	}
-	var rc string
-	for i := 0; i < 60; i++ {
-		if rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting")); rc != "waiting" {
-			break
+		filler, err := vm.DiskDevice(ctx, 1)
+		if err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(time.Second)
-	}
-	if rc != "0" {
-		t.Errorf("queued write after pool grow: %s, want exit status 0", rc)
-	}
+		// Provision 64 MiB each way: [0, 64M) with BLKZEROOUT, [64M, 128M) with fallocate -z.
+		g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -z -o 0 -l %d %s && fallocate -z -o %d -l %d %s", 64*mib, keeper, 64*mib, 64*mib, keeper))
+		k, _ := status(t, pool).Volume("keeper")
+		t.Logf("keeper after provisioning: mapped %d MiB, provisioned %d MiB, reserved %d MiB", k.MappedBytes/mib, k.ProvisionedBytes/mib, k.ReservedBytes/mib)
+		if k.ProvisionedBytes != 128*mib {
+			t.Fatalf("keeper has %d MiB provisioned, want 128 MiB (are blkdiscard -z and fallocate -z reaching the pool as WRITE_ZEROES without unmap?)", k.ProvisionedBytes/mib)
+		}
+		if got := strings.Fields(g.sh(t, time.Minute, fmt.Sprintf("dd if=%s bs=1M count=128 iflag=direct 2>/dev/null | sha256sum", keeper)))[0]; got != sha256Hex(make([]byte, 128*mib)) {
+			t.Error("provisioned range does not read as zeros")
+		}
+
+		// Fill the pool from the other volume until writes fail.
+		res, err := vm.Run(ctx, 5*time.Minute, "dd if=/dev/zero of="+filler+" bs=1M oflag=direct 2>&1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.ExitCode == 0 {
+			t.Fatalf("filling a 4 GiB volume in a 1 GiB pool succeeded: %s", res.Stdout)
+		}
+		st := status(t, pool)
+		t.Logf("pool after filling: allocated %d MiB, reserved %d MiB, free %d MiB", st.Pool.AllocatedBytes/mib, st.Pool.ReservedBytes/mib, st.Pool.FreeBytes/mib)
+		if st.Pool.FreeBytes >= 1*mib {
+			t.Errorf("pool not full after the filler's write failed: %d MiB free", st.Pool.FreeBytes/mib)
+		}
+
+		// The provisioned range takes a full write with verification; beyond it writes fail.
+		g.sh(t, 5*time.Minute, "fio --name=provisioned --filename="+keeper+" --direct=1 --ioengine=libaio --rw=randwrite "+
+			"--bssplit=4k/50:64k/50 --iodepth=8 --size=128M --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/dev/null")
+		unprovisioned := fmt.Sprintf("dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc", keeper, 1024*mib/(64<<10))
+		g.shFails(t, time.Minute, unprovisioned)
+		if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "2G"); err != nil {
+			t.Fatal(err)
+		}
+		g.sh(t, time.Minute, unprovisioned)
+	})
+
+	t.Run("queue-mode", func(t *testing.T) {
+		dev, err := vm.DiskDevice(ctx, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Fill exactly what is free, then one more block's write must wait.
+		g.sh(t, 3*time.Minute, fmt.Sprintf("dd if=/dev/zero of=%s bs=64k count=%d oflag=direct 2>/dev/null", dev, status(t, qpool).Pool.FreeBytes/(64<<10)))
+		if free := status(t, qpool).Pool.FreeBytes; free != 0 {
+			t.Fatalf("queue-mode pool not exactly full: %d bytes free", free)
+		}
+		g.sh(t, 20*time.Second, fmt.Sprintf(`rm -f /tmp/rc; (dd if=/dev/urandom of=%s bs=64k seek=%d count=1 oflag=direct conv=notrunc; echo $? > /tmp/rc) >/dev/null 2>&1 &`,
+			dev, 512*mib/(64<<10)))
+		time.Sleep(3 * time.Second)
+		if out := g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting"); strings.TrimSpace(out) != "waiting" {
+			t.Fatalf("write to a full queue-mode pool did not wait: exit status %s", out)
+		}
+		if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", qpool, "--size", "512M"); err != nil {
+			t.Fatal(err)
+		}
+		var rc string
+		for i := 0; i < 60; i++ {
+			if rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/rc 2>/dev/null || echo waiting")); rc != "waiting" {
+				break
+			}
+			time.Sleep(time.Second)
+		}
+		if rc != "0" {
+			t.Errorf("queued write after pool grow: %s, want exit status 0", rc)
+		}
+	})
+
 	if err := vm.Shutdown(ctx, time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.Stop(15 * time.Second); err != nil {
-		t.Fatalf("stop pool back-end: %v\n%s", err, b.LogTail(20))
-	}
-	if out, err := ThinblkCmd(ctx, e.thinblk, "check", pool); err != nil {
-		t.Errorf("thinblk check: %v\n%s", err, out)
-	}
+	stopAndCheck(t, e, b, pool)
+	stopAndCheck(t, e, qb, qpool)
 }
