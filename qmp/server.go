@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"regexp"
 	"sort"
 	"strconv"
@@ -17,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // Defaults for Options' zero values.
@@ -404,10 +405,8 @@ func (s *Server) Close() error {
 		}
 		s.wg.Wait()
 		for _, sf := range s.sockets {
-			if fi, err := os.Stat(sf.path); err == nil && os.SameFile(fi, sf.fi) {
-				if err := os.Remove(sf.path); err != nil && s.closeErr == nil {
-					s.closeErr = fmt.Errorf("qmp: remove socket: %w", err)
-				}
+			if err := unixsock.Remove(sf.path, sf.fi); err != nil && s.closeErr == nil {
+				s.closeErr = fmt.Errorf("qmp: %w", err)
 			}
 		}
 		s.log.Info("QMP server closed")

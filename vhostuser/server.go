@@ -8,14 +8,14 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // ServerOptions configure a Server.
@@ -71,90 +71,12 @@ func Listen(opts ServerOptions, dev Device) (*Server, error) {
 	if opts.Name != "" {
 		log = log.With("device", opts.Name)
 	}
-	if err := removeStaleSocket(opts.SocketPath); err != nil {
-		return nil, err
-	}
-	ln, err := listenUnix(opts.SocketPath, opts.SocketMode.Perm())
+	ln, fi, err := unixsock.Listen(opts.SocketPath, opts.SocketMode)
 	if err != nil {
-		return nil, err
-	}
-	fi, err := os.Stat(opts.SocketPath)
-	if err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("vhost-user: stat socket: %w", err)
+		return nil, fmt.Errorf("vhost-user: %w", err)
 	}
 	log.Info("listening", "mode", fmt.Sprintf("%#o", opts.SocketMode.Perm()))
 	return &Server{opts: opts, dev: dev, log: log, ln: ln, sock: fi, done: make(chan struct{})}, nil
-}
-
-// removeStaleSocket removes path if it is a socket nobody listens on.
-func removeStaleSocket(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("vhost-user: stat %s: %w", path, err)
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return fmt.Errorf("vhost-user: %s exists and is not a socket", path)
-	}
-	c, err := net.DialTimeout("unix", path, time.Second)
-	if err == nil {
-		c.Close()
-		return fmt.Errorf("vhost-user: socket %s is in use: another process listens on it", path)
-	}
-	if !errors.Is(err, syscall.ECONNREFUSED) {
-		return fmt.Errorf("vhost-user: probe existing socket %s: %w", path, err)
-	}
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("vhost-user: remove stale socket: %w", err)
-	}
-	return nil
-}
-
-// tmpSocketSeq keeps temporary socket names of concurrent Listens apart.
-var tmpSocketSeq atomic.Uint64
-
-// listenUnix listens on path with the given mode. The socket is bound
-// under a temporary name, given its mode, then linked into place, so no
-// one can connect while it still has the umask's permissions. Linking
-// fails if path appeared meanwhile, rather than replacing it. Where that
-// cannot work (name too long, no hard links) the socket is bound in place
-// and then given its mode.
-func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
-	tmp := filepath.Join(filepath.Dir(path), fmt.Sprintf(".vhu%d.%d.tmp", os.Getpid(), tmpSocketSeq.Add(1)))
-	if len(tmp) < len(unix.RawSockaddrUnix{}.Path) {
-		os.Remove(tmp) // a leftover of an earlier process with this id
-		ln, err := bindChmod(tmp, mode)
-		if err != nil {
-			return nil, err
-		}
-		err = os.Link(tmp, path)
-		os.Remove(tmp)
-		if err == nil {
-			return ln, nil
-		}
-		ln.Close()
-		if errors.Is(err, os.ErrExist) {
-			return nil, fmt.Errorf("vhost-user: put socket in place: %w", err)
-		}
-	}
-	return bindChmod(path, mode)
-}
-
-func bindChmod(path string, mode os.FileMode) (*net.UnixListener, error) {
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("vhost-user: listen on %s: %w", path, err)
-	}
-	ln.SetUnlinkOnClose(false) // removal is done by Close, checking it is ours
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return nil, fmt.Errorf("vhost-user: chmod socket: %w", err)
-	}
-	return ln, nil
 }
 
 // Serve accepts front-end connections until ctx is done or Close is
@@ -289,10 +211,8 @@ func (s *Server) Close() error {
 		}
 		s.conns.Wait()
 		// Remove the socket only if it is still the one we created.
-		if fi, err := os.Stat(s.opts.SocketPath); err == nil && os.SameFile(fi, s.sock) {
-			if err := os.Remove(s.opts.SocketPath); err != nil && s.closeErr == nil {
-				s.closeErr = fmt.Errorf("vhost-user: remove socket: %w", err)
-			}
+		if err := unixsock.Remove(s.opts.SocketPath, s.sock); err != nil && s.closeErr == nil {
+			s.closeErr = fmt.Errorf("vhost-user: %w", err)
 		}
 		s.log.Info("closed")
 	})
