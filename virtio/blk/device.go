@@ -42,9 +42,9 @@ type Options struct {
 	QueueSize int
 	Serial    string // GET_ID answer, at most IDBytes bytes
 	Logger    *slog.Logger
-	// Workers is the number of requests served concurrently per queue.
-	// The Storage calls are synchronous, so this is the queue depth the
-	// storage sees. The default is one per ring entry: no request ever
+	// Workers is the number of requests served concurrently per queue
+	// through the synchronous Storage calls, so this is the queue depth
+	// such storage sees (requests on an AsyncQueue need no worker). The default is one per ring entry: no request ever
 	// waits for a worker, so a storage call that blocks (a thin pool
 	// waiting for space) holds up nothing else.
 	Workers int
