@@ -10,6 +10,8 @@ GOTEST_TIMEOUT ?= 40m
 # Extra arguments for the benchmark command, e.g. BENCH_ARGS="--duration 5s".
 BENCH_ARGS ?=
 
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
 export THINBLK_BUILD := $(BUILD)
 
 .PHONY: all build deps modules images test unit-test guest-test lint bench demo clean
@@ -24,7 +26,7 @@ modules:
 
 build: modules
 	mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/...
 
 images: deps build
 	bash images/build.sh $(IMAGES)
