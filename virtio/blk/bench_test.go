@@ -61,17 +61,25 @@ func (b *batch) round(tb testing.TB) {
 }
 
 func TestRoundTripDoesNotAllocate(t *testing.T) {
-	h := newHarness(t, newFileStorage(t, diskSize), blk.Options{}, 128, allFeat)
-	for _, c := range []struct {
-		name string
-		qd   int
-		typ  uint32
-	}{{"read qd1", 1, blk.TypeIn}, {"write qd1", 1, blk.TypeOut}, {"read qd16", 16, blk.TypeIn}} {
-		b := newBatch(t, h, c.qd, c.typ, 4096)
-		b.round(t) // warm-up: slots grow to their chains
-		if n := testing.AllocsPerRun(200, func() { b.round(t) }); n != 0 {
-			t.Errorf("%s: %.2f allocations per round of %d requests", c.name, n, c.qd)
-		}
+	for _, storage := range []string{"sync", "io_uring"} {
+		t.Run(storage, func(t *testing.T) {
+			var s blk.Storage = newFileStorage(t, diskSize)
+			if storage == "io_uring" {
+				s = openRawdisk(t, diskSize)
+			}
+			h := newHarness(t, s, blk.Options{}, 128, allFeat)
+			for _, c := range []struct {
+				name string
+				qd   int
+				typ  uint32
+			}{{"read qd1", 1, blk.TypeIn}, {"write qd1", 1, blk.TypeOut}, {"read qd16", 16, blk.TypeIn}, {"flush qd1", 1, blk.TypeFlush}} {
+				b := newBatch(t, h, c.qd, c.typ, 4096)
+				b.round(t) // warm-up: slots grow to their chains
+				if n := testing.AllocsPerRun(200, func() { b.round(t) }); n != 0 {
+					t.Errorf("%s: %.2f allocations per round of %d requests", c.name, n, c.qd)
+				}
+			}
+		})
 	}
 }
 
