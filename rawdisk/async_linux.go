@@ -164,6 +164,9 @@ func (q *uringQueue) failUnsubmitted(err error) {
 	for i := atomic.LoadUint32(r.sqHead); i != r.localTail; i++ {
 		sqe := (*[sqeSize]byte)(unsafe.Add(r.sqes, uintptr(i&r.sqMask)*sqeSize))
 		tag := *(*uint64)(unsafe.Pointer(&sqe[32]))
+		if tag == stopTag {
+			continue
+		}
 		failed = append(failed, blk.Completion{Tag: uint16(tag), Err: fmt.Errorf("rawdisk: %w", err)})
 		q.slots[uint16(tag)].bufs = nil
 	}
