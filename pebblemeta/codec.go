@@ -198,6 +198,10 @@ type PoolRecord struct {
 	NextLayer      uint64 // next unused layer id
 	Allocated      uint64 // blocks with a physical owner (bitmap population)
 	Reserved       uint64 // blocks reserved but not allocated
+	// ZeroFrom: no block at or above it was ever written, so it reads as
+	// zeros in the data file. Optional on decode (absent: SizeBlocks, i.e.
+	// nothing known).
+	ZeroFrom uint64
 }
 
 // AppendPoolRecord appends the encoding of r.
@@ -211,6 +215,7 @@ func AppendPoolRecord(dst []byte, r PoolRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.NextLayer)
 	dst = binary.AppendUvarint(dst, r.Allocated)
 	dst = binary.AppendUvarint(dst, r.Reserved)
+	dst = binary.AppendUvarint(dst, r.ZeroFrom)
 	return dst
 }
 
@@ -279,6 +284,10 @@ func DecodePoolRecord(v []byte) (PoolRecord, error) {
 	p.NextLayer = r.uvarint("next layer", math.MaxUint64)
 	p.Allocated = r.uvarint("allocated", math.MaxUint64)
 	p.Reserved = r.uvarint("reserved", math.MaxUint64)
+	p.ZeroFrom = p.SizeBlocks
+	if r.err == nil && len(r.b) > 0 {
+		p.ZeroFrom = r.uvarint("zero mark", math.MaxUint64)
+	}
 	if err := r.done("pool record"); err != nil {
 		return PoolRecord{}, err
 	}

@@ -50,7 +50,7 @@ func TestMapKeyOrder(t *testing.T) {
 }
 
 func TestRecordsRoundTrip(t *testing.T) {
-	p := PoolRecord{BlockSize: 65536, SizeBlocks: 1 << 40, NoSpace: 1, NoSpaceTimeout: 60e9, LowWaterPPM: 100000, NextLayer: 7, Allocated: 5, Reserved: 3}
+	p := PoolRecord{BlockSize: 65536, SizeBlocks: 1 << 40, NoSpace: 1, NoSpaceTimeout: 60e9, LowWaterPPM: 100000, NextLayer: 7, Allocated: 5, Reserved: 3, ZeroFrom: 9}
 	gp, err := DecodePoolRecord(AppendPoolRecord(nil, p))
 	if err != nil || gp != p {
 		t.Fatalf("pool record: %+v %v", gp, err)
@@ -67,6 +67,12 @@ func TestRecordsRoundTrip(t *testing.T) {
 	enc[0] = 2
 	if _, err := DecodeVolumeRecord(enc); !errors.Is(err, ErrCorrupt) {
 		t.Fatal("unknown record version accepted")
+	}
+	// A record from before ZeroFrom existed decodes with nothing known zero.
+	old := AppendPoolRecord(nil, p)
+	old = old[:len(old)-1]
+	if gp, err := DecodePoolRecord(old); err != nil || gp.ZeroFrom != p.SizeBlocks {
+		t.Fatalf("record without zero mark: %+v %v", gp, err)
 	}
 	if _, err := DecodePoolRecord(AppendPoolRecord(nil, p)[:5]); !errors.Is(err, ErrCorrupt) {
 		t.Fatal("truncated pool record accepted")

@@ -74,6 +74,9 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	} else if uint64(size) < rec.SizeBlocks*bs {
 		bad("data file is %d bytes, smaller than the pool (%d)", size, rec.SizeBlocks*bs)
 	}
+	if rec.ZeroFrom > rec.SizeBlocks {
+		bad("never-written mark %d beyond the pool (%d blocks)", rec.ZeroFrom, rec.SizeBlocks)
+	}
 	if rec.Allocated+rec.Reserved > rec.SizeBlocks {
 		bad("pool allocated %d + reserved %d blocks exceed its size %d", rec.Allocated, rec.Reserved, rec.SizeBlocks)
 	}
@@ -132,6 +135,8 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 			switch {
 			case e.PBlock >= rec.SizeBlocks:
 				bad("volume %s: block %d maps to physical block %d beyond the pool (%d blocks)", v.Name, vb, e.PBlock, rec.SizeBlocks)
+			case e.PBlock >= rec.ZeroFrom:
+				bad("volume %s: block %d maps to physical block %d, at or above the never-written mark %d", v.Name, vb, e.PBlock, rec.ZeroFrom)
 			case owned.test(e.PBlock):
 				bad("volume %s: block %d maps to physical block %d, which another entry owns too", v.Name, vb, e.PBlock)
 			default:

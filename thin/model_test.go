@@ -344,6 +344,8 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	// Small ranges take the store-iterating path of rangeLocked too.
 	defer func(old uint64) { rangeLookupMax = old }(rangeLookupMax)
 	rangeLookupMax = uint64(md.rng.IntN(6))
+	defer func(old uint64) { zeroStep = old }(zeroStep)
+	zeroStep = uint64(md.rng.IntN(4))
 	md.open()
 	defer func() {
 		if md.p != nil {

@@ -218,6 +218,7 @@ type fill struct {
 	pblock      uint64
 	prev        pebblemeta.Entry
 	fromReserve bool
+	zero        bool // the block was never written: no padding needed
 }
 
 type volState struct {
@@ -248,15 +249,21 @@ type Pool struct {
 	durableSeq uint64        // opSeq covered by the last commit (flushMu)
 	dataDirty  atomic.Bool   // data written since the last fdatasync
 
-	mu           sync.Mutex
-	rec          pebblemeta.PoolRecord // config and counters, as they will be committed
-	alloc        *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
-	pend         *bitmap               // freed since the last cut
-	pendOld      *bitmap               // freed in the cut being committed
-	pendSpare    *bitmap               // cleared bitmap for the next swap
-	inflight     *bitmap               // allocated, data being written, not yet in the map
-	inflightRes  uint64                // in-flight blocks that consume a reservation
-	cursor       uint64                // next-fit allocation cursor
+	mu          sync.Mutex
+	rec         pebblemeta.PoolRecord // config and counters, as they will be committed
+	alloc       *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
+	pend        *bitmap               // freed since the last cut
+	pendOld     *bitmap               // freed in the cut being committed
+	pendSpare   *bitmap               // cleared bitmap for the next swap
+	inflight    *bitmap               // allocated, data being written, not yet in the map
+	inflightRes uint64                // in-flight blocks that consume a reservation
+	cursor      uint64                // next-fit allocation cursor
+	// Blocks at or above zeroDurable (the committed rec.ZeroFrom) were
+	// never written; blocks at or above zeroMark were not written since
+	// either, so a partial first write there needs no zero padding. A
+	// new pool has ZeroFrom 0: its sparse data file reads as zeros.
+	zeroDurable  uint64
+	zeroMark     uint64
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -361,6 +368,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		p.log.Warn("data file larger than the pool; the extra space is unused until the pool grows",
 			"pool", dir, "file_bytes", size, "pool_bytes", want)
 	}
+	p.zeroDurable, p.zeroMark = p.rec.ZeroFrom, p.rec.ZeroFrom
 	p.alloc = newBitmap(p.rec.SizeBlocks)
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
@@ -723,6 +731,7 @@ func (p *Pool) commitLocked() error {
 		b.SetBitmapChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
+	cutZero := p.rec.ZeroFrom
 	p.committing = p.dirty
 	p.dirty = make(map[mapKey]pebblemeta.Entry, len(p.committing))
 	if p.pend.count > 0 {
@@ -753,6 +762,7 @@ func (p *Pool) commitLocked() error {
 		return p.fail(err)
 	}
 	p.mu.Lock()
+	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
 		if _, ok := p.cache[k]; ok {
 			p.cache[k] = e

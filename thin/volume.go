@@ -177,6 +177,12 @@ type writePlan struct {
 	f      *fill // non-nil: a new block, filled by this write
 }
 
+// zeroStep is how far ahead of the highest allocated block ZeroFrom is
+// raised at once.
+var zeroStep uint64 = 4096 // a variable so that tests raise it often
+
+var errRaiseZero = errors.New("zero mark must be raised first")
+
 var blockBufs sync.Pool
 
 func (p *Pool) getBlockBuf() []byte {
@@ -214,6 +220,13 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 			p.ioGate.RUnlock()
 			if err := p.waitForSpace(&deadline, "write", v.name); err != nil {
 				return err
+			}
+			continue
+		}
+		if err == errRaiseZero {
+			p.ioGate.RUnlock()
+			if err := p.commit(); err != nil {
+				return fmt.Errorf("write volume %s: %w", v.name, err)
 			}
 			continue
 		}
@@ -265,12 +278,24 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	if need > p.freeLocked() {
 		return nil, nil, ErrNoSpace
 	}
+	var err error
 	for i := range plans {
 		f := plans[i].f
 		if f == nil {
 			continue
 		}
 		pb, ok := p.allocLocked()
+		if ok && pb >= p.zeroDurable {
+			// Writing here would break the committed promise that blocks
+			// from ZeroFrom on were never written: raise it (well ahead,
+			// so this costs one commit per zeroStep allocations) and let
+			// the caller commit and retry.
+			p.alloc.clear(pb)
+			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+zeroStep))
+			p.metaDirty = true
+			ok = false
+			err = errRaiseZero
+		}
 		if !ok {
 			// Only with counters that disagree with the bitmap (corrupt
 			// metadata): undo this request's allocations and fail it.
@@ -284,9 +309,14 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 					delete(p.filling, mapKey{layer, q.vb})
 				}
 			}
+			if err == errRaiseZero {
+				return nil, nil, err
+			}
 			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
+		f.zero = pb >= p.zeroMark
+		p.zeroMark = max(p.zeroMark, pb+1)
 		p.inflight.set(pb)
 		if f.fromReserve {
 			p.inflightRes++
@@ -313,7 +343,7 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		l := min(bs-inBlk, off+n-pos)
 		base := pl.pblock << p.shift
 		if err == nil {
-			if pl.f != nil && l != bs {
+			if pl.f != nil && l != bs && !pl.f.zero {
 				// A new block is written whole, so that bytes a previous
 				// owner left behind never show.
 				buf := p.getBlockBuf()
