@@ -108,9 +108,9 @@ func TestServePoolDataPath(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "pool")
 	mustThinblk(t, "pool", "create", dir, "--size", "32M")
 	mustThinblk(t, "volume", "create", dir, "disk0", "--size", "1G")
-	cmd, logs := startServe(t, bin, dir, "--queues", "2")
-	_ = cmd
-	sock := filepath.Join(dir, "disk0.sock")
+	sockDir := filepath.Join(t.TempDir(), "run", "thinblk") // created by serve
+	cmd, logs := startServe(t, bin, dir, "--queues", "2", "--socket-dir", sockDir)
+	sock := filepath.Join(sockDir, "disk0.sock")
 	waitForSocket(t, sock)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"log/slog"
 	"path/filepath"
 
@@ -20,6 +22,10 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	sockDir := f.socketDir
 	if sockDir == "" {
 		sockDir = f.pool
+	}
+	if err := os.MkdirAll(sockDir, 0o755); err != nil {
+		pool.Close()
+		return fmt.Errorf("socket directory: %w", err)
 	}
 	mode, _ := parseMode(f.socketMode)
 	ex, err := startExports(ctx, pool, exportOptions{
