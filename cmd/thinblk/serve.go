@@ -28,6 +28,7 @@ type serveFlags struct {
 	socketMode string
 	readOnly   bool
 	direct     bool
+	noUring    bool
 	queues     int
 	queueSize  int
 	serial     string
@@ -44,6 +45,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
+	fs.BoolVar(&f.noUring, "no-uring", false, "with --raw: use synchronous pread/pwrite instead of io_uring (io_uring is used when the kernel allows it)")
 	fs.IntVar(&f.queues, "queues", 1, "number of virtqueues offered (1-64)")
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
@@ -135,7 +137,7 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
 func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
-	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct})
+	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
 	if err != nil {
 		return err
 	}
@@ -164,7 +166,11 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("serving", "image", f.raw, "socket", f.socket, "bytes", disk.Size(),
+	uring, uringErr := disk.Uring()
+	if uringErr != nil && !f.noUring {
+		logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
+	}
+	logger.Info("serving", "image", f.raw, "io_uring", uring, "socket", f.socket, "bytes", disk.Size(),
 		"read_only", f.readOnly, "queues", f.queues)
 	serveErr := srv.Serve(ctx)
 	// Serve returns when ctx is cancelled (signal) or on a fatal error.

@@ -57,6 +57,14 @@ func waitForSocket(t *testing.T, path string) {
 
 func TestServeRawRoundTripAndSIGTERM(t *testing.T) {
 	bin := buildThinblk(t)
+	for _, extra := range [][]string{nil, {"--no-uring"}, {"--direct"}} {
+		t.Run(strings.Join(append([]string{"default"}, extra...), ""), func(t *testing.T) {
+			testServeRaw(t, bin, extra)
+		})
+	}
+}
+
+func testServeRaw(t *testing.T, bin string, extra []string) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
@@ -66,7 +74,7 @@ func TestServeRawRoundTripAndSIGTERM(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "disk.sock")
-	cmd, logs := startServe(t, bin, "--raw", img, "--socket", sock, "--queues", "2", "--serial", "tb-serial")
+	cmd, logs := startServe(t, bin, append([]string{"--raw", img, "--socket", sock, "--queues", "2", "--serial", "tb-serial"}, extra...)...)
 	waitForSocket(t, sock)
 	if fi, _ := os.Stat(sock); fi.Mode().Perm() != 0o600 {
 		t.Errorf("socket mode %v, want 0600", fi.Mode().Perm())
