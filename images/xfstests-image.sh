@@ -130,16 +130,22 @@ for a in $(cat /proc/cmdline); do
 	thinblk.modules=*) modules=${a#*=} ;;
 	esac
 done
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /lower || fail "mount host root"
+# cache=mmap: executables and libraries are mapped from the page cache; without it every
+# exec reads its binary over 9p again (xfstests runs thousands of short processes). Not
+# cache=loose: its dentry caching hides what is mounted on the overlay (/proc, /sys).
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=mmap hostroot /lower || fail "mount host root"
 mount -t tmpfs -o size=$osize tmpfs /upper
 mkdir -p /upper/u /upper/w
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /newroot || fail "overlay"
 mkdir -p /newroot$rundir /newroot/lib/modules
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 rundir /newroot$rundir || fail "mount run dir"
 [ -n "$modules" ] && { mount -o bind /lower$modules /newroot/lib/modules || fail "bind modules"; }
-mount --move /proc /newroot/proc
-mount --move /sys /newroot/sys
-mount --move /dev /newroot/dev
+# Fresh mounts (not --move): the new root's /proc must be this kernel's, never the host's
+# /proc seen through 9p.
+mount -t proc proc /newroot/proc || fail "mount /proc"
+mount -t sysfs sysfs /newroot/sys || fail "mount /sys"
+mount -t devtmpfs devtmpfs /newroot/dev || fail "mount /dev"
+[ -e /newroot/proc/self/fd ] || fail "/proc in the new root is not procfs"
 echo "thinblk-xfstests-init: switching to the host root, running $script"
 exec switch_root /newroot /bin/bash "$script"
 INIT

@@ -110,6 +110,8 @@ func Run(ctx context.Context, l Launcher, o RunOptions) BackendRun {
 		reason := "check ended before the test finished"
 		if hung != "" {
 			reason = fmt.Sprintf("timed out after %v: killed", o.TestTimeout)
+		} else if ctx.Err() != nil {
+			reason = "interrupted"
 		} else if waitErr != nil {
 			reason = fmt.Sprintf("check ended before the test finished: %v", waitErr)
 		}

@@ -91,7 +91,10 @@ func runOne(ctx context.Context, o SuiteOptions, kind string) BackendRun {
 		run.Error = err.Error()
 	}
 	if kind == "thinblk" {
-		run.PoolCheck = disks.CheckPool(ctx)
+		// Checked even after an interrupt: the pool's health is the point of the run.
+		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		run.PoolCheck = disks.CheckPool(cctx)
+		cancel()
 	}
 	return run
 }

@@ -85,7 +85,9 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8 TERM=dumb
 status={{.Status}}
 say() { echo "thinblk-xfstests-guest: [$(cut -d" " -f1 /proc/uptime)s] $*" | tee -a {{.Out}} >/dev/console; }
-finish() { sync; echo "$1" >"$status"; sync; echo o >/proc/sysrq-trigger; sleep 60; }
+# PID 1 exiting panics the guest, and QEMU (-no-reboot) exits: the fallback if power-off fails.
+finish() { sync; echo "$1" >"$status"; sync; echo o >/proc/sysrq-trigger; sleep 60; exit 1; }
+[ -e /proc/self/fd ] || finish "setup failed: /proc is not procfs"
 mountpoint -q /dev/pts || { mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620 devpts /dev/pts; }
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp && chmod 1777 /tmp
