@@ -34,7 +34,7 @@ func TestList(t *testing.T) {
 	if code := run([]string{"--list", "--fstyp", "ext4"}, &stdout, &stderr); code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
-	if !strings.Contains(stdout.String(), "generic/001") || strings.Contains(stdout.String(), "xfs/") || !strings.Contains(stdout.String(), "ext4/") {
+	if !strings.Contains(stdout.String(), "generic/009") || strings.Contains(stdout.String(), "xfs/") || !strings.Contains(stdout.String(), "ext4/") {
 		t.Errorf("ext4 list:\n%s", stdout.String())
 	}
 }
