@@ -14,7 +14,7 @@ const (
 	kindFormat = 'f' // "f": format version, written once at creation
 	kindPool   = 'p' // "p": the pool record
 	kindVolume = 'v' // "v" name: a volume record
-	kindLayer  = 'l' // "l" layer(8): reserved for snapshot layers (issue 4)
+	kindLayer  = 'l' // "l" layer(8): a layer's parent, frozen flag and counters (snapshots)
 	kindMap    = 'm' // "m" layer(8) vblock(8): one block-map entry
 	kindBitmap = 'b' // "b" chunk(8): one chunk of the allocation bitmap
 )
@@ -71,7 +71,12 @@ const (
 	// without unmap); without FlagMapped the block holds a reservation.
 	FlagProvisioned uint8 = 1 << 1
 
-	knownFlags = FlagMapped | FlagProvisioned
+	// FlagHole: the block reads as zeros here even though an ancestor
+	// layer has an entry for it (a discard in a snapshot's descendant).
+	// Never combined with the other flags.
+	FlagHole uint8 = 1 << 2
+
+	knownFlags = FlagMapped | FlagProvisioned | FlagHole
 )
 
 // Entry is one block-map value.
@@ -85,6 +90,10 @@ func (e Entry) Mapped() bool { return e.Flags&FlagMapped != 0 }
 
 // Provisioned reports whether the entry is provisioned.
 func (e Entry) Provisioned() bool { return e.Flags&FlagProvisioned != 0 }
+
+// Hole reports whether the entry hides its ancestors' entries (reads as
+// zeros, holds nothing).
+func (e Entry) Hole() bool { return e.Flags == FlagHole }
 
 // Reserved reports whether the entry holds a reservation (provisioned but
 // not yet given a physical block).
@@ -107,7 +116,7 @@ func DecodeEntry(v []byte) (Entry, error) {
 		return Entry{}, corruptf("empty map entry")
 	}
 	e := Entry{Flags: v[0]}
-	if e.Flags == 0 || e.Flags&^knownFlags != 0 {
+	if e.Flags == 0 || e.Flags&^knownFlags != 0 || e.Flags&FlagHole != 0 && e.Flags != FlagHole {
 		return Entry{}, corruptf("map entry flags %#x", e.Flags)
 	}
 	rest := v[1:]
@@ -303,7 +312,19 @@ type VolumeRecord struct {
 	Mapped      uint64 // entries with FlagMapped
 	Provisioned uint64 // entries with FlagProvisioned
 	Reserved    uint64 // entries with FlagProvisioned and not FlagMapped
+	// Kind is KindVolume, KindSnapshot (read-only; Layer is a frozen layer
+	// and the counters are zero) or KindClone (writable snapshot).
+	// Optional on decode (absent: KindVolume).
+	Kind   uint8
+	Origin string // the volume or snapshot this one was taken of
 }
+
+// Volume kinds.
+const (
+	KindVolume   uint8 = 0
+	KindSnapshot uint8 = 1
+	KindClone    uint8 = 2
+)
 
 // AppendVolumeRecord appends the encoding of r (without its name).
 func AppendVolumeRecord(dst []byte, r VolumeRecord) []byte {
@@ -313,6 +334,11 @@ func AppendVolumeRecord(dst []byte, r VolumeRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.Mapped)
 	dst = binary.AppendUvarint(dst, r.Provisioned)
 	dst = binary.AppendUvarint(dst, r.Reserved)
+	if r.Kind != KindVolume || r.Origin != "" {
+		dst = binary.AppendUvarint(dst, uint64(r.Kind))
+		dst = binary.AppendUvarint(dst, uint64(len(r.Origin)))
+		dst = append(dst, r.Origin...)
+	}
 	return dst
 }
 
@@ -327,8 +353,81 @@ func DecodeVolumeRecord(v []byte) (VolumeRecord, error) {
 	rec.Mapped = r.uvarint("mapped", math.MaxUint64)
 	rec.Provisioned = r.uvarint("provisioned", math.MaxUint64)
 	rec.Reserved = r.uvarint("reserved", math.MaxUint64)
+	if r.err == nil && len(r.b) > 0 {
+		rec.Kind = uint8(r.uvarint("kind", uint64(KindClone)))
+		n := r.uvarint("origin length", MaxVolumeNameLen)
+		if r.err == nil && uint64(len(r.b)) < n {
+			r.err = corruptf("volume record: origin truncated")
+		}
+		if r.err == nil {
+			rec.Origin = string(r.b[:n])
+			r.b = r.b[n:]
+			if rec.Origin != "" {
+				if err := ValidVolumeName(rec.Origin); err != nil {
+					r.err = corruptf("volume record origin: %v", err)
+				}
+			}
+		}
+	}
 	if err := r.done("volume record"); err != nil {
 		return VolumeRecord{}, err
+	}
+	return rec, nil
+}
+
+// LayerRecord describes a layer that has a parent or is frozen (a layer
+// without a record is a volume's own head with no parent). A frozen
+// layer is shared by snapshots and never written again; its counters live
+// here. An unfrozen layer's counters live in its volume's record.
+type LayerRecord struct {
+	Layer       uint64 // not encoded in the value (it is the key)
+	Parent      uint64 // 0: none
+	Frozen      bool
+	Mapped      uint64
+	Provisioned uint64
+	Reserved    uint64
+}
+
+// AppendLayerKey appends the key of layer's record.
+func AppendLayerKey(dst []byte, layer uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(dst, kindLayer), layer)
+}
+
+// ParseLayerKey is the inverse of AppendLayerKey.
+func ParseLayerKey(k []byte) (uint64, error) {
+	if len(k) != 9 || k[0] != kindLayer {
+		return 0, corruptf("layer key %x", k)
+	}
+	return binary.BigEndian.Uint64(k[1:]), nil
+}
+
+// AppendLayerRecord appends the encoding of r (without its layer).
+func AppendLayerRecord(dst []byte, r LayerRecord) []byte {
+	dst = append(dst, recordV1)
+	dst = binary.AppendUvarint(dst, r.Parent)
+	f := uint64(0)
+	if r.Frozen {
+		f = 1
+	}
+	dst = binary.AppendUvarint(dst, f)
+	dst = binary.AppendUvarint(dst, r.Mapped)
+	dst = binary.AppendUvarint(dst, r.Provisioned)
+	dst = binary.AppendUvarint(dst, r.Reserved)
+	return dst
+}
+
+// DecodeLayerRecord is the inverse of AppendLayerRecord; Layer is left 0.
+func DecodeLayerRecord(v []byte) (LayerRecord, error) {
+	r := reader{b: v}
+	r.version("layer record")
+	var rec LayerRecord
+	rec.Parent = r.uvarint("parent", math.MaxUint64)
+	rec.Frozen = r.uvarint("frozen", 1) == 1
+	rec.Mapped = r.uvarint("mapped", math.MaxUint64)
+	rec.Provisioned = r.uvarint("provisioned", math.MaxUint64)
+	rec.Reserved = r.uvarint("reserved", math.MaxUint64)
+	if err := r.done("layer record"); err != nil {
+		return LayerRecord{}, err
 	}
 	return rec, nil
 }

@@ -13,6 +13,7 @@ func TestEntryRoundTrip(t *testing.T) {
 		{Flags: FlagMapped, PBlock: math.MaxUint64},
 		{Flags: FlagMapped | FlagProvisioned, PBlock: 12345},
 		{Flags: FlagProvisioned},
+		{Flags: FlagHole},
 	} {
 		got, err := DecodeEntry(AppendEntry(nil, e))
 		if err != nil || got != e {
@@ -25,7 +26,7 @@ func TestEntryRoundTrip(t *testing.T) {
 }
 
 func TestEntryRejectsGarbage(t *testing.T) {
-	for _, v := range [][]byte{nil, {0}, {4}, {0x80 | FlagMapped, 1}, {FlagMapped}, {FlagMapped, 0x80}, {FlagProvisioned, 0}, {FlagMapped, 1, 2}} {
+	for _, v := range [][]byte{nil, {0}, {8}, {FlagHole | FlagMapped, 1}, {FlagHole, 0}, {0x80 | FlagMapped, 1}, {FlagMapped}, {FlagMapped, 0x80}, {FlagProvisioned, 0}, {FlagMapped, 1, 2}} {
 		if _, err := DecodeEntry(v); !errors.Is(err, ErrCorrupt) {
 			t.Errorf("DecodeEntry(%x) = %v, want ErrCorrupt", v, err)
 		}
@@ -155,4 +156,32 @@ func FuzzKeys(f *testing.F) {
 			t.Fatalf("bitmap key %x not canonical", k)
 		}
 	})
+}
+
+func TestLayerAndKindRecords(t *testing.T) {
+	l := LayerRecord{Parent: 7, Frozen: true, Mapped: 300, Provisioned: 2, Reserved: 1}
+	got, err := DecodeLayerRecord(AppendLayerRecord(nil, l))
+	if err != nil || got != l {
+		t.Fatalf("layer record round trip: %+v, %v", got, err)
+	}
+	if _, err := DecodeLayerRecord(append(AppendLayerRecord(nil, l), 0)); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("trailing byte accepted: %v", err)
+	}
+	v := VolumeRecord{Layer: 3, Size: 4096, Kind: KindClone, Origin: "vm1"}
+	gv, err := DecodeVolumeRecord(AppendVolumeRecord(nil, v))
+	v.Name = ""
+	if err != nil || gv != v {
+		t.Fatalf("volume record with kind round trip: %+v, %v", gv, err)
+	}
+	old := VolumeRecord{Layer: 3, Size: 4096}
+	if b := AppendVolumeRecord(nil, old); len(b) != 7 {
+		t.Fatalf("a plain volume record changed its encoding: %x", b)
+	}
+	bad := AppendVolumeRecord(nil, VolumeRecord{Layer: 3, Size: 4096, Kind: KindClone, Origin: "a/b"})
+	if _, err := DecodeVolumeRecord(bad); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("bad origin accepted: %v", err)
+	}
+	if _, err := DecodeVolumeRecord(bad[:len(bad)-1]); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("truncated origin accepted: %v", err)
+	}
 }

@@ -236,6 +236,25 @@ func (s *View) Volumes() ([]VolumeRecord, error) {
 	return out, it.Error()
 }
 
+// Layers reads every layer record, in layer order.
+func (s *View) Layers() ([]LayerRecord, error) {
+	var out []LayerRecord
+	err := s.iterate([]byte{kindLayer}, []byte{kindLayer + 1}, func(k, v []byte) error {
+		l, err := ParseLayerKey(k)
+		if err != nil {
+			return err
+		}
+		rec, err := DecodeLayerRecord(v)
+		if err != nil {
+			return fmt.Errorf("layer %d: %w", l, err)
+		}
+		rec.Layer = l
+		out = append(out, rec)
+		return nil
+	})
+	return out, err
+}
+
 // MapEntry reads the entry of vblock in layer; ok is false when there is
 // none (unmapped, not provisioned).
 func (s *View) MapEntry(layer, vblock uint64) (e Entry, ok bool, err error) {
@@ -372,6 +391,21 @@ func (b *Batch) DeleteLayer(layer uint64) {
 	lo, hi := mapLayerBounds(layer)
 	if b.err == nil {
 		b.err = b.b.DeleteRange(lo, hi, nil)
+	}
+}
+
+// SetLayer stores a layer record under r.Layer.
+func (b *Batch) SetLayer(r LayerRecord) {
+	var kb [9]byte
+	b.buf = AppendLayerRecord(b.buf[:0], r)
+	b.set(AppendLayerKey(kb[:0], r.Layer), b.buf)
+}
+
+// DeleteLayerRecord removes the record of layer (not its map).
+func (b *Batch) DeleteLayerRecord(layer uint64) {
+	var kb [9]byte
+	if b.err == nil {
+		b.err = b.b.Delete(AppendLayerKey(kb[:0], layer), nil)
 	}
 }
 
