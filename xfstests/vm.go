@@ -90,8 +90,10 @@ finish() { sync; echo "$1" >"$status"; sync; echo o >/proc/sysrq-trigger; sleep 
 [ -e /proc/self/fd ] || finish "setup failed: /proc is not procfs"
 mountpoint -q /dev/pts || { mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620 devpts /dev/pts; }
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs tmpfs /tmp && chmod 1777 /tmp
-mount -t tmpfs tmpfs /run
+# /tmp and /run are writable already (the root is a tmpfs overlay). No tmpfs on them: the
+# run directory and the xfstests tree may live under them on the host (a checkout in /tmp),
+# and a fresh mount would hide both.
+chmod 1777 /tmp
 mount -t debugfs debugfs /sys/kernel/debug || true
 mount -t configfs configfs /sys/kernel/config 2>/dev/null || true
 ln -sfn /proc/self/fd /dev/fd
