@@ -84,14 +84,58 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	if err != nil {
 		return fmt.Errorf("check pool %s: %w", p.dir, err)
 	}
+	layers, err := st.Layers()
+	if err != nil {
+		if errors.Is(err, pebblemeta.ErrCorrupt) {
+			bad("%v", err)
+			return ce
+		}
+		return fmt.Errorf("check pool %s: %w", p.dir, err)
+	}
 	type counts struct{ mapped, provisioned, reserved uint64 }
 	byLayer := map[uint64]*pebblemeta.VolumeRecord{}
+	frozen := map[uint64]*pebblemeta.LayerRecord{}
+	refs := map[uint64]int{} // volumes and child layers needing a layer
+	direct := map[uint64]int{}
 	got := map[uint64]*counts{}
 	var total uint64
+	for i := range layers {
+		l := &layers[i]
+		if l.Parent >= l.Layer || l.Layer >= rec.NextLayer {
+			bad("layer %d: parent %d is not an older layer (next layer %d)", l.Layer, l.Parent, rec.NextLayer)
+		}
+		if l.Parent != 0 {
+			refs[l.Parent]++
+		}
+		if l.Frozen {
+			frozen[l.Layer] = l
+			got[l.Layer] = &counts{}
+			total += l.Mapped + l.Reserved
+		} else if l.Mapped+l.Provisioned+l.Reserved != 0 {
+			bad("layer %d is not frozen but has counters in its record", l.Layer)
+		}
+	}
+	for i := range layers {
+		if par := layers[i].Parent; par != 0 && frozen[par] == nil {
+			bad("layer %d: parent %d is not a frozen layer", layers[i].Layer, par)
+		}
+	}
 	for i := range vols {
 		v := &vols[i]
 		if v.Layer == 0 || v.Layer >= rec.NextLayer {
 			bad("volume %s: layer %d outside [1, %d)", v.Name, v.Layer, rec.NextLayer)
+		}
+		refs[v.Layer]++
+		direct[v.Layer]++
+		if frozen[v.Layer] != nil {
+			if v.Kind != pebblemeta.KindSnapshot || v.Mapped+v.Provisioned+v.Reserved != 0 {
+				bad("volume %s (kind %d) is on frozen layer %d with counters %d/%d/%d; only read-only snapshots, without counters, may be",
+					v.Name, v.Kind, v.Layer, v.Mapped, v.Provisioned, v.Reserved)
+			}
+			continue
+		}
+		if v.Kind == pebblemeta.KindSnapshot {
+			bad("read-only snapshot %s is on layer %d, which is not frozen", v.Name, v.Layer)
 		}
 		if o := byLayer[v.Layer]; o != nil {
 			bad("volumes %s and %s share layer %d", o.Name, v.Name, v.Layer)
@@ -115,10 +159,12 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 		}
 		v := byLayer[layer]
 		if v == nil {
-			bad("map entry %d/%d belongs to no volume", layer, vb)
-			return nil
-		}
-		if vb >= (v.Size+bs-1)/bs {
+			if frozen[layer] == nil {
+				bad("map entry %d/%d belongs to no volume", layer, vb)
+				return nil
+			}
+			v = &pebblemeta.VolumeRecord{Name: fmt.Sprintf("(frozen layer %d)", layer)}
+		} else if vb >= (v.Size+bs-1)/bs {
 			bad("volume %s: map entry for block %d beyond its size", v.Name, vb)
 		}
 		c := got[layer]
@@ -156,10 +202,25 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 		progress(done, total)
 	}
 	for _, v := range vols {
+		if frozen[v.Layer] != nil {
+			continue // a read-only snapshot: its frozen layer's record counts
+		}
 		c := got[v.Layer]
 		if c.mapped != v.Mapped || c.provisioned != v.Provisioned || c.reserved != v.Reserved {
 			bad("volume %s: counters say mapped/provisioned/reserved %d/%d/%d, the map has %d/%d/%d",
 				v.Name, v.Mapped, v.Provisioned, v.Reserved, c.mapped, c.provisioned, c.reserved)
+		}
+	}
+	for l, lr := range frozen {
+		c := got[l]
+		if c.mapped != lr.Mapped || c.provisioned != lr.Provisioned || c.reserved != lr.Reserved {
+			bad("frozen layer %d: counters say mapped/provisioned/reserved %d/%d/%d, the map has %d/%d/%d",
+				l, lr.Mapped, lr.Provisioned, lr.Reserved, c.mapped, c.provisioned, c.reserved)
+		}
+		// Unreferenced, or needed only by one child layer (whose overrides
+		// then hide blocks no one can read): space leaked.
+		if refs[l] == 0 || refs[l] == 1 && direct[l] == 0 {
+			bad("frozen layer %d is referenced by %d volumes and %d layers (leaks space)", l, direct[l], refs[l]-direct[l])
 		}
 	}
 	if mapped != rec.Allocated {

@@ -37,6 +37,7 @@ var (
 	ErrVolumeDeleted = errors.New("volume was deleted")
 	ErrInvalid       = errors.New("invalid argument")
 	ErrClosed        = errors.New("pool is closed")
+	ErrReadOnly      = errors.New("volume is a read-only snapshot")
 )
 
 // NoSpacePolicy says what a write that needs a new block does when the pool
@@ -218,7 +219,8 @@ type fill struct {
 	pblock      uint64
 	prev        pebblemeta.Entry
 	fromReserve bool
-	zero        bool // the block was never written: no padding needed
+	zero        bool  // the block was never written: no padding needed
+	flags       uint8 // the provisioned bit the new entry keeps
 }
 
 type volState struct {
@@ -267,6 +269,10 @@ type Pool struct {
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
+	layers       map[uint64]*layerState // layers with a record: a parent, or frozen
+	heads        map[uint64]*volState   // unfrozen layer -> the volume writing it
+	dirtyLayers  map[uint64]struct{}
+	deadLayerRec []uint64
 	deadVols     []string
 	dirty        map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
 	committing   map[mapKey]pebblemeta.Entry // the cut being committed
@@ -392,6 +398,9 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.vols = make(map[string]*volState, len(recs))
 	for _, r := range recs {
 		p.vols[r.Name] = &volState{rec: r}
+	}
+	if err := p.loadLayers(); err != nil {
+		return fail(err)
 	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.dirty = map[mapKey]pebblemeta.Entry{}
@@ -646,9 +655,25 @@ func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebbl
 	return nil
 }
 
-// setLocked records a map change and adjusts every counter it affects.
+// setLocked records a map change in v's head layer and adjusts every
+// counter it affects.
 func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry) {
-	p.dirty[mapKey{v.rec.Layer, vb}] = e
+	p.setEntryLocked(v.rec.Layer, vb, old, e)
+}
+
+// setEntryLocked records a map change in layer; the layer's counters are
+// its volume's (an unfrozen head) or its layer record's (frozen).
+func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry) {
+	p.dirty[mapKey{layer, vb}] = e
+	var scratch pebblemeta.LayerRecord
+	mc, prc, rc := &scratch.Mapped, &scratch.Provisioned, &scratch.Reserved
+	if v := p.heads[layer]; v != nil {
+		mc, prc, rc = &v.rec.Mapped, &v.rec.Provisioned, &v.rec.Reserved
+		p.dirtyVols[v] = struct{}{}
+	} else if l := p.layers[layer]; l != nil {
+		mc, prc, rc = &l.rec.Mapped, &l.rec.Provisioned, &l.rec.Reserved
+		p.dirtyLayers[layer] = struct{}{}
+	}
 	d := func(had, has bool, vc, pc *uint64) {
 		switch {
 		case had && !has:
@@ -663,10 +688,9 @@ func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry) {
 			}
 		}
 	}
-	d(old.Mapped(), e.Mapped(), &v.rec.Mapped, &p.rec.Allocated)
-	d(old.Provisioned(), e.Provisioned(), &v.rec.Provisioned, nil)
-	d(old.Reserved(), e.Reserved(), &v.rec.Reserved, &p.rec.Reserved)
-	p.dirtyVols[v] = struct{}{}
+	d(old.Mapped(), e.Mapped(), mc, &p.rec.Allocated)
+	d(old.Provisioned(), e.Provisioned(), prc, nil)
+	d(old.Reserved(), e.Reserved(), rc, &p.rec.Reserved)
 }
 
 // Flush makes every operation completed before it durable (data first,
@@ -696,7 +720,7 @@ func (p *Pool) commitLocked() error {
 		return err
 	}
 	seq := p.opSeq.Load()
-	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 {
+	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 && len(p.dirtyLayers) == 0 {
 		// Only data to make durable (overwrites in place, zeroing).
 		p.mu.Unlock()
 		if p.dataDirty.Swap(false) {
@@ -716,6 +740,14 @@ func (p *Pool) commitLocked() error {
 	}
 	for _, n := range p.deadVols {
 		b.DeleteVolume(n)
+	}
+	for _, l := range p.deadLayerRec {
+		b.DeleteLayerRecord(l)
+	}
+	for l := range p.dirtyLayers {
+		if ls := p.layers[l]; ls != nil {
+			b.SetLayer(ls.rec)
+		}
 	}
 	for v := range p.dirtyVols {
 		if !v.deleted {
@@ -745,6 +777,8 @@ func (p *Pool) commitLocked() error {
 	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.deadLayers, p.deadVols = nil, nil
+	p.deadLayerRec = nil
+	p.dirtyLayers = map[uint64]struct{}{}
 	p.dirtyChunks = map[uint64]struct{}{}
 	p.metaDirty = false
 	p.mu.Unlock()
@@ -1031,6 +1065,7 @@ func (p *Pool) createVolume(name string, size uint64) error {
 	v := &volState{rec: pebblemeta.VolumeRecord{Name: name, Layer: p.rec.NextLayer, Size: size}}
 	p.rec.NextLayer++
 	p.vols[name] = v
+	p.heads[v.rec.Layer] = v
 	p.dirtyVols[v] = struct{}{}
 	p.metaDirty = true
 	p.mu.Unlock()
@@ -1060,6 +1095,10 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 	if !ok {
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s: %w", name, ErrNoVolume)
+	}
+	if v.rec.Kind == pebblemeta.KindSnapshot {
+		p.mu.Unlock()
+		return fmt.Errorf("resize volume %s: %w", name, ErrReadOnly)
 	}
 	if size%512 != 0 || size < v.rec.Size || size > math.MaxInt64/2 {
 		cur := v.rec.Size
@@ -1113,6 +1152,29 @@ func (p *Pool) deleteVolume(name string) error {
 	v.deleted = true
 	delete(p.vols, name)
 	delete(p.dirtyVols, v)
+	if p.frozenLocked(layer) {
+		// A read-only snapshot owns no map of its own.
+		p.deadVols = append(p.deadVols, name)
+		p.metaDirty = true
+		err := p.derefLayerLocked(layer)
+		p.mu.Unlock()
+		p.ioGate.Unlock()
+		if err != nil {
+			return p.fail(fmt.Errorf("delete snapshot %s: %w", name, err))
+		}
+		if err := p.commitLocked(); err != nil {
+			return err
+		}
+		p.notify(Event{Type: VolumeDeleted, Volume: name})
+		return nil
+	}
+	delete(p.heads, layer)
+	parent := p.parentLocked(layer)
+	if p.layers[layer] != nil {
+		delete(p.layers, layer)
+		delete(p.dirtyLayers, layer)
+		p.deadLayerRec = append(p.deadLayerRec, layer)
+	}
 	// Pending entries override the store's; release them now and
 	// remember which keys they were.
 	overridden := map[uint64]struct{}{}
@@ -1167,6 +1229,13 @@ func (p *Pool) deleteVolume(name string) error {
 	}
 	if rerr == nil {
 		rerr = flushBatch()
+	}
+	if rerr == nil && parent != 0 {
+		p.ioGate.Lock()
+		p.mu.Lock()
+		rerr = p.derefLayerLocked(parent)
+		p.mu.Unlock()
+		p.ioGate.Unlock()
 	}
 	if rerr != nil {
 		// Half released: only a restart (from the last commit) is sound.
@@ -1252,6 +1321,12 @@ type VolumeStatus struct {
 	MappedBytes      uint64 `json:"mapped_bytes"`
 	ProvisionedBytes uint64 `json:"provisioned_bytes"`
 	ReservedBytes    uint64 `json:"reserved_bytes"`
+	// Kind is "volume", "snapshot" (read-only) or "clone"; Origin is what
+	// a snapshot or clone was taken of. A snapshot's or clone's byte
+	// counts cover only what it changed itself since it was taken (or
+	// since the snapshot above it was), not what it shares.
+	Kind   string `json:"kind"`
+	Origin string `json:"origin,omitempty"`
 }
 
 // Status is a consistent picture of the pool's space.
@@ -1296,10 +1371,22 @@ func (p *Pool) Status() Status {
 			MappedBytes:      v.rec.Mapped * bs,
 			ProvisionedBytes: v.rec.Provisioned * bs,
 			ReservedBytes:    v.rec.Reserved * bs,
+			Kind:             kindName(v.rec.Kind),
+			Origin:           v.rec.Origin,
 		})
 	}
 	sort.Slice(s.Volumes, func(i, j int) bool { return s.Volumes[i].Name < s.Volumes[j].Name })
 	return s
+}
+
+func kindName(k uint8) string {
+	switch k {
+	case pebblemeta.KindSnapshot:
+		return "snapshot"
+	case pebblemeta.KindClone:
+		return "clone"
+	}
+	return "volume"
 }
 
 // IsPool reports whether dir looks like a pool directory (for tools that

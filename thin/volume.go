@@ -49,6 +49,17 @@ func (v *Volume) startLocked() error {
 	return nil
 }
 
+// writableLocked checks that requests that change the volume may run.
+func (v *Volume) writableLocked() error {
+	if err := v.startLocked(); err != nil {
+		return err
+	}
+	if v.st.rec.Kind == pebblemeta.KindSnapshot {
+		return fmt.Errorf("volume %s: %w", v.name, ErrReadOnly)
+	}
+	return nil
+}
+
 // sg walks a scatter-gather list front to back.
 type sg struct {
 	bufs [][]byte
@@ -129,7 +140,7 @@ func (v *Volume) ReadAt(bufs [][]byte, off int64) error {
 				wait = f.done
 				break
 			}
-			e, err := p.lookupLocked(k)
+			e, _, err := p.resolveLocked(layer, k.vb)
 			if err != nil {
 				lerr = err
 				break
@@ -175,6 +186,7 @@ type writePlan struct {
 	vb     uint64
 	pblock int64
 	f      *fill // non-nil: a new block, filled by this write
+	cow    int64 // >= 0: the shared block the new one copies (the rest of a partial write)
 }
 
 // zeroStep is how far ahead of the highest allocated block ZeroFrom is
@@ -248,7 +260,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	p := v.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err := v.startLocked(); err != nil {
+	if err := v.writableLocked(); err != nil {
 		return nil, nil, err
 	}
 	layer := v.st.rec.Layer
@@ -260,20 +272,29 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if f := p.filling[k]; f != nil {
 			return nil, f.done, nil
 		}
-		e, err := p.lookupLocked(k)
+		e, el, err := p.resolveLocked(layer, vb)
 		if err != nil {
 			return nil, nil, fmt.Errorf("write volume %s: %w", v.name, err)
 		}
-		if e.Mapped() {
-			plans = append(plans, writePlan{vb: vb, pblock: int64(e.PBlock)})
+		if el == layer && e.Mapped() {
+			plans = append(plans, writePlan{vb: vb, pblock: int64(e.PBlock), cow: -1})
 			continue
 		}
-		if e.Reserved() {
+		// A block found in an ancestor layer is shared with a snapshot:
+		// copy on write into the head, keeping the provisioned bit.
+		f := &fill{flags: e.Flags & pebblemeta.FlagProvisioned}
+		cow := int64(-1)
+		if el == layer {
+			f.prev, f.fromReserve = e, e.Reserved()
+		} else if e.Mapped() {
+			cow = int64(e.PBlock)
+		}
+		if f.fromReserve {
 			fromRes++
 		} else {
 			need++
 		}
-		plans = append(plans, writePlan{vb: vb, pblock: -1, f: &fill{prev: e, fromReserve: e.Reserved()}})
+		plans = append(plans, writePlan{vb: vb, pblock: -1, f: f, cow: cow})
 	}
 	if need > p.freeLocked() {
 		return nil, nil, ErrNoSpace
@@ -343,7 +364,19 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		l := min(bs-inBlk, off+n-pos)
 		base := pl.pblock << p.shift
 		if err == nil {
-			if pl.f != nil && l != bs && !pl.f.zero {
+			if pl.f != nil && l != bs && pl.cow >= 0 {
+				// Copy on write: the rest of the block comes from the
+				// shared one (which the I/O gate keeps from being freed).
+				buf := p.getBlockBuf()
+				err = readFull(p.data, buf, pl.cow<<p.shift)
+				if err == nil {
+					err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+				}
+				if err == nil {
+					_, err = p.data.WriteAt(buf, base)
+				}
+				putBlockBuf(buf)
+			} else if pl.f != nil && l != bs && !pl.f.zero {
 				// A new block is written whole, so that bytes a previous
 				// owner left behind never show.
 				buf := p.getBlockBuf()
@@ -382,7 +415,7 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		if err != nil {
 			p.alloc.clear(f.pblock)
 		} else {
-			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.prev.Flags&pebblemeta.FlagProvisioned, PBlock: f.pblock}
+			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.flags, PBlock: f.pblock}
 			p.setLocked(v.st, pl.vb, f.prev, e)
 		}
 		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
@@ -455,6 +488,15 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			<-wait
 			continue
 		}
+		if cf, ok := err.(*cowFirst); ok {
+			p.ioGate.RUnlock()
+			for _, r := range cf.ranges {
+				if err := v.WriteAt([][]byte{make([]byte, r.n)}, r.off); err != nil {
+					return fmt.Errorf("%s on volume %s: copy shared block: %w", op, v.name, err)
+				}
+			}
+			continue
+		}
 		if errors.Is(err, ErrNoSpace) {
 			p.ioGate.RUnlock()
 			if err := p.waitForSpace(&deadline, op, v.name); err != nil {
@@ -479,14 +521,23 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 	}
 }
 
+// cowFirst asks the caller to copy partially zeroed shared blocks into the
+// head first (by writing zeros there) and to plan again.
+type cowFirst struct{ ranges []zeroOp }
+
+func (c *cowFirst) Error() string { return "shared blocks must be copied first" }
+
 // planZeroes changes the map for a discard or write-zeroes and returns the
-// byte ranges of mapped blocks that must be zeroed in place.
+// byte ranges of mapped blocks that must be zeroed in place. Blocks shared
+// with a snapshot (found in an ancestor layer) are never zeroed in place:
+// whole ones get a hole (discard) or a reservation (provision) in the
+// head, partial ones are copied first (cowFirst).
 func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struct{}, error) {
 	p := v.p
 	bs := p.blockSize
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err := v.startLocked(); err != nil {
+	if err := v.writableLocked(); err != nil {
 		return nil, nil, err
 	}
 	layer := v.st.rec.Layer
@@ -514,16 +565,43 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 	if err := p.rangeLocked(layer, first, last, func(vb uint64, e pebblemeta.Entry) { existing[vb] = e }); err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", v.name, err)
 	}
+	anc, err := p.ancestorsRangeLocked(layer, first, last, existing)
+	if err != nil {
+		return nil, nil, fmt.Errorf("%s: %w", v.name, err)
+	}
+	// A partial zeroing of a shared mapped block needs its copy first.
+	var cow []zeroOp
+	for vb, e := range anc {
+		if a, b, whole := covered(vb); e.Mapped() && !whole {
+			cow = append(cow, zeroOp{a, b - a})
+		}
+	}
+	if len(cow) > 0 {
+		return nil, nil, &cowFirst{cow}
+	}
+	hole := pebblemeta.Entry{Flags: pebblemeta.FlagHole}
 	if unmap {
 		released := false
 		for vb, e := range existing {
+			if e.Hole() {
+				continue
+			}
 			if _, _, whole := covered(vb); !whole {
 				if e.Mapped() {
 					zeroIn(e, vb)
 				}
 				continue
 			}
-			p.setLocked(v.st, vb, e, pebblemeta.Entry{})
+			ne := pebblemeta.Entry{}
+			if p.parentLocked(layer) != 0 {
+				// An ancestor may have an entry this one hides.
+				if ae, _, err := p.resolveLocked(p.parentLocked(layer), vb); err != nil {
+					return nil, nil, fmt.Errorf("%s: %w", v.name, err)
+				} else if ae.Flags != 0 && !ae.Hole() {
+					ne = hole
+				}
+			}
+			p.setLocked(v.st, vb, e, ne)
 			if e.Mapped() {
 				p.releaseLocked(e.PBlock)
 				released = true
@@ -532,20 +610,30 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 				released = true
 			}
 		}
+		for vb, e := range anc {
+			if _, _, whole := covered(vb); whole && !e.Hole() {
+				p.setLocked(v.st, vb, pebblemeta.Entry{}, hole)
+			}
+		}
 		if released {
 			// Reservations given back are free at once; queued writers
 			// wake, and commit to make the released blocks reusable.
 			p.spaceFreedLocked()
 		}
 	} else {
-		need := (last - first + 1) - uint64(len(existing))
+		var need uint64
+		for vb := first; vb <= last; vb++ {
+			if e, ok := existing[vb]; !ok || e.Hole() {
+				need++
+			}
+		}
 		if need > p.freeLocked() {
 			return nil, nil, ErrNoSpace
 		}
 		for vb := first; vb <= last; vb++ {
 			e, ok := existing[vb]
 			switch {
-			case !ok:
+			case !ok || e.Hole():
 				p.setLocked(v.st, vb, e, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned})
 			case e.Mapped():
 				zeroIn(e, vb)

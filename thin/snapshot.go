@@ -1,0 +1,394 @@
+package thin
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// layerState is a layer with a record: it has a parent, or it is frozen
+// (shared by snapshots, never written again; its counters live here).
+type layerState struct {
+	rec pebblemeta.LayerRecord
+}
+
+// loadLayers reads the layer records and indexes the volumes' heads.
+func (p *Pool) loadLayers() error {
+	recs, err := p.store.Layers()
+	if err != nil {
+		return err
+	}
+	p.layers = make(map[uint64]*layerState, len(recs))
+	for _, r := range recs {
+		// Parents are always older layers, so a walk up always ends.
+		if r.Parent >= r.Layer || r.Layer >= p.rec.NextLayer {
+			return fmt.Errorf("%w: layer %d has parent %d (next layer %d)", pebblemeta.ErrCorrupt, r.Layer, r.Parent, p.rec.NextLayer)
+		}
+		p.layers[r.Layer] = &layerState{rec: r}
+	}
+	p.heads = map[uint64]*volState{}
+	for _, v := range p.vols {
+		frozen := p.frozenLocked(v.rec.Layer)
+		if frozen != (v.rec.Kind == pebblemeta.KindSnapshot) {
+			return fmt.Errorf("%w: volume %s (kind %d) on layer %d, frozen %v", pebblemeta.ErrCorrupt, v.rec.Name, v.rec.Kind, v.rec.Layer, frozen)
+		}
+		if !frozen {
+			if o := p.heads[v.rec.Layer]; o != nil {
+				return fmt.Errorf("%w: volumes %s and %s write the same layer %d", pebblemeta.ErrCorrupt, o.rec.Name, v.rec.Name, v.rec.Layer)
+			}
+			p.heads[v.rec.Layer] = v
+		}
+	}
+	p.dirtyLayers = map[uint64]struct{}{}
+	return nil
+}
+
+func (p *Pool) frozenLocked(layer uint64) bool {
+	l := p.layers[layer]
+	return l != nil && l.rec.Frozen
+}
+
+func (p *Pool) parentLocked(layer uint64) uint64 {
+	if l := p.layers[layer]; l != nil {
+		return l.rec.Parent
+	}
+	return 0
+}
+
+// resolveLocked finds the entry that decides block vb of a volume whose
+// head is head: the first one up the layer chain. It returns the layer it
+// was found in (head when none was).
+func (p *Pool) resolveLocked(head, vb uint64) (pebblemeta.Entry, uint64, error) {
+	for l := head; l != 0; l = p.parentLocked(l) {
+		e, err := p.lookupLocked(mapKey{l, vb})
+		if err != nil {
+			return e, l, err
+		}
+		if e.Flags != 0 {
+			return e, l, nil
+		}
+	}
+	return pebblemeta.Entry{}, head, nil
+}
+
+// ancestorsRangeLocked collects, for the blocks [first, last] that skip
+// is not deciding, the nearest entry found above head.
+func (p *Pool) ancestorsRangeLocked(head, first, last uint64, skip map[uint64]pebblemeta.Entry) (map[uint64]pebblemeta.Entry, error) {
+	anc := map[uint64]pebblemeta.Entry{}
+	for l := p.parentLocked(head); l != 0; l = p.parentLocked(l) {
+		err := p.rangeLocked(l, first, last, func(vb uint64, e pebblemeta.Entry) {
+			if _, ok := skip[vb]; ok {
+				return
+			}
+			if _, ok := anc[vb]; !ok {
+				anc[vb] = e
+			}
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return anc, nil
+}
+
+// SnapshotSpec names one snapshot of a consistency group.
+type SnapshotSpec struct {
+	Origin   string // volume, clone or snapshot to take it of
+	Name     string // the new snapshot's name
+	Writable bool   // a clone (writable) rather than a read-only snapshot
+}
+
+// CreateSnapshot makes name a point-in-time copy of origin (a volume, a
+// clone or a snapshot): read-only, or a writable clone. It takes O(1)
+// metadata work and no space: origin's head layer is frozen and shared.
+func (p *Pool) CreateSnapshot(origin, name string, writable bool) error {
+	return p.CreateSnapshots([]SnapshotSpec{{Origin: origin, Name: name, Writable: writable}})
+}
+
+// CreateSnapshots takes several snapshots at one instant (a consistency
+// group): no write lands between them. All are created or none.
+func (p *Pool) CreateSnapshots(specs []SnapshotSpec) error {
+	err := p.createSnapshots(specs)
+	p.deliver()
+	return err
+}
+
+func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
+	if len(specs) == 0 {
+		return fmt.Errorf("create snapshots: %w: none given", ErrInvalid)
+	}
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	// No request in flight: no fill can publish into a layer being frozen.
+	p.ioGate.Lock()
+	p.mu.Lock()
+	err := p.usableLocked()
+	seen := map[string]bool{}
+	for _, s := range specs {
+		if err != nil {
+			break
+		}
+		switch {
+		case pebblemeta.ValidVolumeName(s.Name) != nil:
+			err = fmt.Errorf("create snapshot %q: %w: %v", s.Name, ErrInvalid, pebblemeta.ValidVolumeName(s.Name))
+		case p.vols[s.Name] != nil || seen[s.Name]:
+			err = fmt.Errorf("create snapshot %s: %w", s.Name, ErrVolumeExists)
+		case p.vols[s.Origin] == nil:
+			err = fmt.Errorf("create snapshot %s of %s: %w", s.Name, s.Origin, ErrNoVolume)
+		}
+		seen[s.Name] = true
+	}
+	if err != nil {
+		p.mu.Unlock()
+		p.ioGate.Unlock()
+		return err
+	}
+	frozenAt := map[string]uint64{}
+	var created []*volState
+	for _, s := range specs {
+		o := p.vols[s.Origin]
+		L, ok := frozenAt[s.Origin]
+		if !ok {
+			L = o.rec.Layer
+			if !p.frozenLocked(L) {
+				p.freezeLocked(o)
+			}
+			frozenAt[s.Origin] = L
+		}
+		nv := &volState{rec: pebblemeta.VolumeRecord{Name: s.Name, Size: o.rec.Size, Origin: s.Origin, Kind: pebblemeta.KindSnapshot, Layer: L}}
+		if s.Writable {
+			nv.rec.Kind = pebblemeta.KindClone
+			nv.rec.Layer = p.newLayerLocked(L)
+			p.heads[nv.rec.Layer] = nv
+		}
+		p.vols[s.Name] = nv
+		p.dirtyVols[nv] = struct{}{}
+		created = append(created, nv)
+	}
+	p.metaDirty = true
+	p.mu.Unlock()
+	p.ioGate.Unlock()
+	if err := p.commitLocked(); err != nil {
+		return err
+	}
+	for _, nv := range created {
+		p.notify(Event{Type: VolumeCreated, Volume: nv.rec.Name, Size: nv.rec.Size})
+	}
+	return nil
+}
+
+// freezeLocked freezes o's head layer (its counters move to the layer
+// record) and gives o a new empty head under it.
+func (p *Pool) freezeLocked(o *volState) {
+	L := o.rec.Layer
+	ls := p.layers[L]
+	if ls == nil {
+		ls = &layerState{rec: pebblemeta.LayerRecord{Layer: L}}
+		p.layers[L] = ls
+	}
+	ls.rec.Frozen = true
+	ls.rec.Mapped, ls.rec.Provisioned, ls.rec.Reserved = o.rec.Mapped, o.rec.Provisioned, o.rec.Reserved
+	o.rec.Mapped, o.rec.Provisioned, o.rec.Reserved = 0, 0, 0
+	p.dirtyLayers[L] = struct{}{}
+	delete(p.heads, L)
+	o.rec.Layer = p.newLayerLocked(L)
+	p.heads[o.rec.Layer] = o
+	p.dirtyVols[o] = struct{}{}
+}
+
+func (p *Pool) newLayerLocked(parent uint64) uint64 {
+	l := p.rec.NextLayer
+	p.rec.NextLayer++
+	p.layers[l] = &layerState{rec: pebblemeta.LayerRecord{Layer: l, Parent: parent}}
+	p.dirtyLayers[l] = struct{}{}
+	return l
+}
+
+// layerRefsLocked counts what still needs layer: volumes on it and child
+// layers; child is one child (when there is exactly one).
+func (p *Pool) layerRefsLocked(layer uint64) (vols, kids int, child uint64) {
+	for _, v := range p.vols {
+		if v.rec.Layer == layer {
+			vols++
+		}
+	}
+	for l, ls := range p.layers {
+		if ls.rec.Parent == layer {
+			kids++
+			child = l
+		}
+	}
+	return vols, kids, child
+}
+
+// derefLayerLocked is called when a reference to the frozen layer L went
+// away. Unreferenced, L is dropped (its blocks released); referenced only
+// by one child layer, L is folded into the child, so blocks the child
+// overrides are released: either way no block stays allocated that no
+// volume can read. Both walk L's map (like DeleteVolume walks a volume).
+// The caller holds flushMu, the I/O gate exclusively and p.mu.
+func (p *Pool) derefLayerLocked(L uint64) error {
+	for L != 0 {
+		vols, kids, child := p.layerRefsLocked(L)
+		parent := p.parentLocked(L)
+		switch {
+		case vols == 0 && kids == 0:
+			if err := p.dropLayerLocked(L, 0); err != nil {
+				return err
+			}
+			L = parent
+			continue
+		case vols == 0 && kids == 1:
+			if err := p.dropLayerLocked(L, child); err != nil {
+				return err
+			}
+			p.layers[child].rec.Parent = parent
+			p.dirtyLayers[child] = struct{}{}
+			L = child // it took L's entries
+		}
+		break
+	}
+	// What went away may have been the only reader of some ancestor
+	// entries (the other sharers override them).
+	for ; L != 0; L = p.parentLocked(L) {
+		if !p.frozenLocked(L) {
+			continue
+		}
+		if err := p.pruneLayerLocked(L); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// pruneLayerLocked releases the entries of frozen layer L that no volume
+// can read any more: every path down from L overrides them.
+func (p *Pool) pruneLayerLocked(L uint64) error {
+	var dead []struct {
+		vb uint64
+		e  pebblemeta.Entry
+	}
+	var rerr error
+	err := p.rangeLocked(L, 0, math.MaxUint64, func(vb uint64, e pebblemeta.Entry) {
+		if rerr != nil {
+			return
+		}
+		ok, err := p.readableBelowLocked(L, vb)
+		if err != nil {
+			rerr = err
+		} else if !ok {
+			dead = append(dead, struct {
+				vb uint64
+				e  pebblemeta.Entry
+			}{vb, e})
+		}
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return fmt.Errorf("prune layer %d: %w", L, err)
+	}
+	for _, d := range dead {
+		p.setEntryLocked(L, d.vb, d.e, pebblemeta.Entry{})
+		if d.e.Mapped() {
+			p.releaseLocked(d.e.PBlock)
+		}
+	}
+	if len(dead) > 0 {
+		p.spaceFreedLocked()
+	}
+	return nil
+}
+
+// readableBelowLocked reports whether some volume reads block vb through
+// layer L: one sits on L, or a child layer without its own entry there
+// passes it down to one.
+func (p *Pool) readableBelowLocked(L, vb uint64) (bool, error) {
+	if p.heads[L] != nil {
+		return true, nil
+	}
+	for _, v := range p.vols {
+		if v.rec.Layer == L {
+			return true, nil
+		}
+	}
+	for c, ls := range p.layers {
+		if ls.rec.Parent != L {
+			continue
+		}
+		e, err := p.lookupLocked(mapKey{c, vb})
+		if err != nil {
+			return false, err
+		}
+		if e.Flags != 0 {
+			continue
+		}
+		if ok, err := p.readableBelowLocked(c, vb); ok || err != nil {
+			return ok, err
+		}
+	}
+	return false, nil
+}
+
+// dropLayerLocked removes layer L: each entry moves into child (when child
+// is not 0 and has no entry of its own there) or is released.
+func (p *Pool) dropLayerLocked(L, child uint64) error {
+	var moves []struct {
+		vb uint64
+		e  pebblemeta.Entry
+	}
+	var rerr error
+	err := p.rangeLocked(L, 0, math.MaxUint64, func(vb uint64, e pebblemeta.Entry) {
+		if child != 0 {
+			ce, err := p.lookupLocked(mapKey{child, vb})
+			if err != nil && rerr == nil {
+				rerr = err
+			}
+			if ce.Flags == 0 {
+				moves = append(moves, struct {
+					vb uint64
+					e  pebblemeta.Entry
+				}{vb, e})
+				return
+			}
+		}
+		if rerr == nil {
+			rerr = p.releaseEntryLocked(fmt.Sprintf("layer %d", L), e)
+		}
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return fmt.Errorf("drop layer %d: %w", L, err)
+	}
+	for _, m := range moves {
+		// The block changes owner: the pool counters stay, the child's grow.
+		p.setEntryLocked(child, m.vb, pebblemeta.Entry{}, m.e)
+		if m.e.Mapped() {
+			p.rec.Allocated--
+		}
+		if m.e.Reserved() {
+			p.rec.Reserved--
+		}
+	}
+	for k := range p.dirty {
+		if k.layer == L {
+			delete(p.dirty, k)
+		}
+	}
+	for k := range p.cache {
+		if k.layer == L {
+			delete(p.cache, k)
+		}
+	}
+	delete(p.layers, L)
+	delete(p.dirtyLayers, L)
+	p.deadLayers = append(p.deadLayers, L)
+	p.deadLayerRec = append(p.deadLayerRec, L)
+	p.metaDirty = true
+	p.spaceFreedLocked()
+	return nil
+}
