@@ -266,6 +266,23 @@ func TestGuestThinProvision(t *testing.T) {
 			t.Fatal(err)
 		}
 		g.sh(t, time.Minute, unprovisioned)
+
+		// The calls that give space back: fallocate --punch-hole on the device is
+		// WRITE_ZEROES with unmap, blkdiscard is DISCARD. Both clear provisioning.
+		before, _ := status(t, pool).Volume("keeper")
+		g.sh(t, time.Minute, fmt.Sprintf("fallocate -p -o 0 -l %d %s", 64*mib, keeper))
+		k, _ = status(t, pool).Volume("keeper")
+		if k.ProvisionedBytes != 64*mib || k.MappedBytes > before.MappedBytes-64*mib {
+			t.Errorf("after fallocate -p of 64 MiB: provisioned %d MiB (want 64), mapped %d MiB (was %d)", k.ProvisionedBytes/mib, k.MappedBytes/mib, before.MappedBytes/mib)
+		}
+		g.sh(t, time.Minute, fmt.Sprintf("blkdiscard -o %d -l %d %s", 64*mib, 64*mib, keeper))
+		k, _ = status(t, pool).Volume("keeper")
+		if k.ProvisionedBytes != 0 || k.MappedBytes > before.MappedBytes-128*mib {
+			t.Errorf("after blkdiscard of the other 64 MiB: provisioned %d MiB (want 0), mapped %d MiB (was %d)", k.ProvisionedBytes/mib, k.MappedBytes/mib, before.MappedBytes/mib)
+		}
+		if got := strings.Fields(g.sh(t, time.Minute, fmt.Sprintf("dd if=%s bs=1M count=128 iflag=direct 2>/dev/null | sha256sum", keeper)))[0]; got != sha256Hex(make([]byte, 128*mib)) {
+			t.Error("punched and discarded range does not read as zeros")
+		}
 	})
 
 	t.Run("queue-mode", func(t *testing.T) {
