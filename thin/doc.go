@@ -112,41 +112,58 @@
 // without the unmap flag; FALLOC_FL_PUNCH_HOLE (`fallocate -p`) and
 // BLKDISCARD send WRITE_ZEROES+unmap or DISCARD.
 //
-// # Snapshots (issue 4): how this design extends
+// # Snapshots and clones (issue 4)
 //
-// Snapshots will share map state by layers instead of copying maps, so
-// creation is O(1):
+// Snapshots share map state by layers instead of copying maps, so
+// creation is O(1) (CreateSnapshot, CreateSnapshots for a consistency
+// group taken under the exclusive I/O gate, all or none):
 //
-//   - A layer is a map (the "m" LAYER keys) with an optional parent layer
-//     ("l" LAYER record: parent, frozen flag, per-layer counters). A
-//     volume, snapshot or clone points at its head layer. Lookups walk
-//     head -> parent -> ... and take the first entry found (the walk is
-//     short; a background merge folds a frozen layer into its only
-//     remaining child).
-//   - Snapshot of V: V's head layer L is frozen; V gets a new empty head
-//     whose parent is L; a read-only snapshot points at L, a writable clone
-//     gets its own new empty head over L. Two records and no map walk.
+//   - A layer is a map (the "m" LAYER keys). A layer with a parent or a
+//     frozen one has an "l" LAYER record (parent, frozen, and for a frozen
+//     layer its mapped/provisioned/reserved counters; an unfrozen layer's
+//     counters are its volume's). Parents are older layers, so walks end.
+//     Lookups walk head -> parent -> ... and take the first entry found.
+//   - Snapshot of V: V's head layer L is frozen (V's counters move to L's
+//     record); V gets a new empty head under L; a read-only snapshot
+//     (kind snapshot) points at L itself, a clone (kind clone) gets its
+//     own new empty head under L. Records only, no map walk. A snapshot of
+//     a read-only snapshot shares its layer.
 //   - A physical block is owned by exactly one map entry (in the layer
-//     where it was written), so the allocation bitmap stays a plain set and
-//     Check's "owned once" invariant holds. Sharing is expressed by the
-//     layer tree, not by reference counts on blocks.
-//   - Copy-on-write: a write to a block whose entry is found in an ancestor
-//     layer allocates a new block in the head (copying the rest of the
-//     block for a partial write); the provisioned bit is copied, so it is
-//     sticky across CoW.
-//   - Reservations are counters, not per-block state: each volume already
-//     counts its provisioned blocks. A snapshot makes them shared, so the
-//     snapshot reserves that count (min(k, r-1) per block: one per
-//     writable sharer beyond the first) as a per-volume "cow reserved"
-//     counter, O(1), failing with ErrNoSpace and changing nothing if the
-//     pool cannot cover it. A CoW of a provisioned shared block converts one
-//     of those reservations into an allocation. Reserve mode needs
-//     size_blocks - exclusively_mapped reservations, again counters.
-//   - Deleting a snapshot releases the layer's exclusively owned blocks
-//     (found by walking that layer only, as DeleteVolume walks a volume
-//     today: a range tombstone drops its keys) and the reservations no
-//     longer needed; the same commit/release protocol applies.
+//     where it was written), so the allocation bitmap stays a plain set
+//     and Check's "owned once" invariant holds; no reference counts.
+//   - Copy-on-write: a write to a block whose entry is found in an
+//     ancestor layer allocates a new block in the head, reading the rest
+//     of a partially written block from the shared one; the provisioned
+//     bit is copied (sticky across CoW). A whole-block discard of a shared
+//     block writes a hole entry (FlagHole: reads as zeros, hides the
+//     ancestors'); whole-block provisioning writes a reservation; partial
+//     discard or provisioning of a shared block first copies it (by
+//     writing zeros through WriteAt) and plans again, so a shared block is
+//     never zeroed in place.
+//   - Delete (DeleteVolume, for every kind, in any order): a volume's or
+//     clone's own head is walked and released as before; then each frozen
+//     layer that lost a reference is dropped when nothing needs it, folded
+//     into its only child when that is all that needs it (child entries
+//     win, the overridden ones are released), and the layers above are
+//     pruned: entries no volume can read any more (every path down
+//     overrides them) are released. These walks run under the pool lock
+//     and the exclusive I/O gate (I/O pauses for them); all of it lands in
+//     one commit, so a crash leaves the state before or after the delete.
 //
-// The key format already keys maps by layer and the pool record carries
-// NextLayer, so this needs new records, not a rewrite.
+// Known limits: a block overwritten by every sharer of a frozen layer
+// while they all live stays allocated until the next delete that touches
+// that layer chain prunes it (Check does not flag it). Repeated
+// snapshots of one volume lengthen its chain (one lookup per layer per
+// block; no background merge yet). Read-only snapshots refuse writes,
+// discards, write-zeroes and resize with ErrReadOnly. Status reports a
+// snapshot's or clone's own head counters, and its kind and origin.
+//
+// Not built yet (issue 4 step 2): reserving one block per future CoW of
+// provisioned shared blocks. Today a CoW of a provisioned block shared
+// with a snapshot needs a free block like any new write and can fail for
+// lack of space; the plan stays counters: a per-layer count of
+// provisioned entries shared with k writable sharers reserves min(k, r-1)
+// at snapshot time, checked in O(1) against free space, consumed by the
+// CoW and given back on delete.
+
 package thin
