@@ -49,7 +49,23 @@ type (
 	sizeArgs struct {
 		Size uint64 `json:"size"`
 	}
+	snapshotArgs struct {
+		Volume   string `json:"volume"`
+		Name     string `json:"name"`
+		Writable bool   `json:"writable,omitempty"`
+	}
+	snapshotGroupArgs struct {
+		Snapshots []snapshotArgs `json:"snapshots"`
+	}
 )
+
+func (a snapshotGroupArgs) specs() []thin.SnapshotSpec {
+	specs := make([]thin.SnapshotSpec, len(a.Snapshots))
+	for i, s := range a.Snapshots {
+		specs[i] = thin.SnapshotSpec{Origin: s.Volume, Name: s.Name, Writable: s.Writable}
+	}
+	return specs
+}
 
 // registerPoolCommands puts every management operation on the QMP server
 // and turns pool changes into QMP events.
@@ -85,6 +101,33 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		var a volumeArgs
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
+		}
+		return nil, pool.DeleteVolume(a.Name)
+	})
+	s.Register("snapshot-create", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a snapshotArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.CreateSnapshot(a.Volume, a.Name, a.Writable)
+	})
+	// A consistency group: every snapshot at one instant, all or none.
+	s.Register("snapshot-create-group", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a snapshotGroupArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.CreateSnapshots(a.specs())
+	})
+	s.Register("snapshot-delete", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a volumeArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		for _, v := range pool.Status().Volumes {
+			if v.Name == a.Name && v.Kind == "volume" {
+				return nil, qmp.Errorf("%s is a volume, not a snapshot or clone", a.Name)
+			}
 		}
 		return nil, pool.DeleteVolume(a.Name)
 	})
@@ -152,6 +195,13 @@ func (r remoteOps) Status() (thin.Status, error) {
 	var st thin.Status
 	err := r.do("query-pool", nil, &st)
 	return st, err
+}
+func (r remoteOps) CreateSnapshots(specs []thin.SnapshotSpec) error {
+	var a snapshotGroupArgs
+	for _, sp := range specs {
+		a.Snapshots = append(a.Snapshots, snapshotArgs{Volume: sp.Origin, Name: sp.Name, Writable: sp.Writable})
+	}
+	return r.do("snapshot-create-group", a, nil)
 }
 func (r remoteOps) Close() error { return r.c.Close() }
 

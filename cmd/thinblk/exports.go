@@ -127,7 +127,15 @@ func (e *exports) start(name string) error {
 		return err
 	}
 	log := e.log.With("volume", name)
+	// Snapshots are read-only; volumes and clones are writable.
+	readOnly := false
+	for _, v := range e.pool.Status().Volumes {
+		if v.Name == name {
+			readOnly = v.Kind == "snapshot"
+		}
+	}
 	dev, err := blk.New(volumeStorage{vol}, blk.Options{
+		ReadOnly:  readOnly,
 		NumQueues: e.opts.queues,
 		QueueSize: e.opts.queueSize,
 		Serial:    baseSerial(name),
@@ -153,7 +161,7 @@ func (e *exports) start(name string) error {
 			log.Error("export stopped", "err", err)
 		}
 	}()
-	log.Info("exporting volume", "socket", e.socketPath(name), "bytes", vol.Size())
+	log.Info("exporting volume", "socket", e.socketPath(name), "bytes", vol.Size(), "read_only", readOnly)
 	return nil
 }
 

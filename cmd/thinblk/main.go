@@ -28,6 +28,7 @@ func commands() []command {
 		{"serve", "export disks to QEMU over vhost-user-blk", runServe},
 		{"pool", "create or grow a thin pool", runPool},
 		{"volume", "create, delete, resize or list volumes", runVolume},
+		{"snapshot", "create, delete or list snapshots and clones", runSnapshot},
 		{"status", "show a pool's space and its volumes", runStatus},
 		{"check", "verify a pool's metadata against its data file", runCheck},
 		{"version", "print the version", runVersion},

@@ -20,6 +20,7 @@ type poolOps interface {
 	CreateVolume(name string, size uint64) error
 	DeleteVolume(name string) error
 	ResizeVolume(name string, size uint64) error
+	CreateSnapshots(specs []thin.SnapshotSpec) error
 	Status() (thin.Status, error)
 	Close() error
 }
@@ -32,7 +33,10 @@ func (d directOps) CreateVolume(n string, size uint64) error { return d.p.Create
 func (d directOps) DeleteVolume(n string) error              { return d.p.DeleteVolume(n) }
 func (d directOps) ResizeVolume(n string, size uint64) error { return d.p.ResizeVolume(n, size) }
 func (d directOps) Status() (thin.Status, error)             { return d.p.Status(), nil }
-func (d directOps) Close() error                             { return d.p.Close() }
+func (d directOps) CreateSnapshots(specs []thin.SnapshotSpec) error {
+	return d.p.CreateSnapshots(specs)
+}
+func (d directOps) Close() error { return d.p.Close() }
 
 // quietLogger discards the pool's informational logs in one-shot commands
 // but keeps warnings.
@@ -230,6 +234,94 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 	return 2
 }
 
+func runSnapshot(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: thinblk snapshot create|delete|list DIR ...")
+		return 2
+	}
+	sub, args := args[0], args[1:]
+	switch sub {
+	case "create":
+		fs := newFlagSet("snapshot create", "snapshot create DIR VOLUME SNAP [--writable] [VOLUME SNAP ...]", stderr)
+		writable := fs.Bool("writable", false, "make writable clones instead of read-only snapshots")
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		// More than one pair makes a consistency group: one instant, all or none.
+		if len(pos) < 3 || len(pos)%2 != 1 {
+			fs.Usage()
+			return 2
+		}
+		var specs []thin.SnapshotSpec
+		for i := 1; i < len(pos); i += 2 {
+			specs = append(specs, thin.SnapshotSpec{Origin: pos[i], Name: pos[i+1], Writable: *writable})
+		}
+		return withPool(pos[0], stderr, "snapshot create", func(ops poolOps) error {
+			if err := ops.CreateSnapshots(specs); err != nil {
+				return err
+			}
+			for _, sp := range specs {
+				fmt.Fprintf(stdout, "%s: %s of %s\n", sp.Name, snapshotKind(sp.Writable), sp.Origin)
+			}
+			return nil
+		})
+	case "delete":
+		fs := newFlagSet("snapshot delete", "snapshot delete DIR SNAP", stderr)
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		if len(pos) != 2 {
+			fs.Usage()
+			return 2
+		}
+		return withPool(pos[0], stderr, "snapshot delete", func(ops poolOps) error {
+			st, err := ops.Status()
+			if err != nil {
+				return err
+			}
+			for _, v := range st.Volumes {
+				if v.Name == pos[1] && v.Kind == "volume" {
+					return fmt.Errorf("%s is a volume, not a snapshot or clone (use volume delete)", pos[1])
+				}
+			}
+			return ops.DeleteVolume(pos[1])
+		})
+	case "list":
+		fs := newFlagSet("snapshot list", "snapshot list DIR", stderr)
+		pos, err := parseArgs(fs, args)
+		if err != nil {
+			return exitFor(err)
+		}
+		if len(pos) != 1 {
+			fs.Usage()
+			return 2
+		}
+		return withPool(pos[0], stderr, "snapshot list", func(ops poolOps) error {
+			st, err := ops.Status()
+			if err != nil {
+				return err
+			}
+			for _, v := range st.Volumes {
+				if v.Kind != "volume" {
+					fmt.Fprintf(stdout, "%s\t%s\t%s\n", v.Name, v.Kind, v.Origin)
+				}
+			}
+			return nil
+		})
+	}
+	fmt.Fprintf(stderr, "thinblk snapshot: unknown subcommand %q (want create, delete or list)\n", sub)
+	return 2
+}
+
+func snapshotKind(writable bool) string {
+	if writable {
+		return "clone"
+	}
+	return "snapshot"
+}
+
 func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("status", "status DIR [--json]", stderr)
 	asJSON := fs.Bool("json", false, "print JSON (numbers in bytes)")
@@ -265,9 +357,13 @@ func printStatus(w io.Writer, st thin.Status) {
 		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "VOLUME\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t")
+	fmt.Fprintln(tw, "VOLUME\tKIND\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t")
 	for _, v := range st.Volumes {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t\n", v.Name, units.HumanBytes(v.SizeBytes), units.HumanBytes(v.MappedBytes),
+		kind := v.Kind
+		if v.Origin != "" {
+			kind += " of " + v.Origin
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", v.Name, kind, units.HumanBytes(v.SizeBytes), units.HumanBytes(v.MappedBytes),
 			units.HumanBytes(v.ProvisionedBytes), units.HumanBytes(v.ReservedBytes))
 	}
 	tw.Flush()

@@ -226,3 +226,91 @@ func TestServePoolOnlineManagement(t *testing.T) {
 		t.Errorf("check: %q", out)
 	}
 }
+
+func TestServePoolSnapshots(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "32M")
+	mustThinblk(t, "volume", "create", dir, "vm", "--size", "64M")
+	cmd, logs := startServe(t, bin, dir)
+	waitForSocket(t, filepath.Join(dir, "vm.sock"))
+	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dial := func(name string) *frontend.Disk {
+		t.Helper()
+		d, err := frontend.Dial(ctx, filepath.Join(dir, name+".sock"), frontend.Options{})
+		if err != nil {
+			t.Fatalf("dial %s: %v\n%s", name, err, logs)
+		}
+		return d
+	}
+	read := func(d *frontend.Disk, off int64) []byte {
+		t.Helper()
+		b := make([]byte, 64<<10)
+		if _, err := d.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	old, young := bytes.Repeat([]byte{'o'}, 64<<10), bytes.Repeat([]byte{'y'}, 64<<10)
+	vm := dial("vm")
+	if _, err := vm.WriteAt(old, 0); err != nil {
+		t.Fatal(err)
+	}
+	vm.Flush()
+
+	mustThinblk(t, "snapshot", "create", dir, "vm", "snap1")
+	mustThinblk(t, "snapshot", "create", dir, "vm", "clone1", "--writable")
+	waitForSocket(t, filepath.Join(dir, "snap1.sock"))
+	waitForSocket(t, filepath.Join(dir, "clone1.sock"))
+	if _, err := vm.WriteAt(young, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(read(vm, 0), young) {
+		t.Fatal("origin does not read its new data")
+	}
+	vm.Close()
+
+	snap := dial("snap1")
+	if !bytes.Equal(read(snap, 0), old) {
+		t.Error("snapshot does not read the data as it was when taken")
+	}
+	if !snap.Has(5) { // VIRTIO_BLK_F_RO
+		t.Error("snapshot exported without the read-only feature")
+	}
+	if _, err := snap.WriteAt(young, 0); err == nil {
+		t.Error("write to a read-only snapshot succeeded")
+	}
+	snap.Close()
+	clone := dial("clone1")
+	if !bytes.Equal(read(clone, 0), old) {
+		t.Error("clone does not start from the data as it was")
+	}
+	if _, err := clone.WriteAt(young, 64<<10); err != nil {
+		t.Fatalf("write to a clone: %v", err)
+	}
+	clone.Close()
+
+	if out := mustThinblk(t, "snapshot", "list", dir); out != "clone1\tclone\tvm\nsnap1\tsnapshot\tvm\n" {
+		t.Errorf("snapshot list = %q", out)
+	}
+	if _, errOut, code := thinblk(t, "snapshot", "delete", dir, "vm"); code == 0 || !strings.Contains(errOut, "not a snapshot") {
+		t.Errorf("snapshot delete of a volume: exit %d, %q", code, errOut)
+	}
+	mustThinblk(t, "snapshot", "delete", dir, "snap1")
+	mustThinblk(t, "snapshot", "delete", dir, "clone1")
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve exit: %v\n%s", err, logs)
+	}
+	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		t.Errorf("check: %q", out)
+	}
+	// Only the origin's two blocks remain: everything the snapshot and
+	// clone held alone went back to the pool.
+	st := statusJSON(t, dir)
+	if len(st.Volumes) != 1 || st.Pool.AllocatedBytes != st.Volumes[0].MappedBytes {
+		t.Errorf("after deleting snapshot and clone: %+v", st)
+	}
+}
