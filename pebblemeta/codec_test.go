@@ -122,7 +122,15 @@ func FuzzRecords(f *testing.F) {
 	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 1, Size: 512}))
 	f.Add([]byte{1, 0x80})
 	f.Add([]byte{1, 0x81, 0x00, 1, 1, 1}) // overlong varint
+	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindSnapshot, Origin: "vm1"}))
+	f.Add(AppendLayerRecord(nil, LayerRecord{Parent: 3, Frozen: true, Mapped: 9, Provisioned: 2, Reserved: 1}))
 	f.Fuzz(func(t *testing.T, v []byte) {
+		if l, err := DecodeLayerRecord(v); err == nil {
+			l2, err := DecodeLayerRecord(AppendLayerRecord(nil, l))
+			if err != nil || l2 != l {
+				t.Fatalf("layer record %+v does not round-trip: %+v %v", l, l2, err)
+			}
+		}
 		if p, err := DecodePoolRecord(v); err == nil {
 			p2, err := DecodePoolRecord(AppendPoolRecord(nil, p))
 			if err != nil || p2 != p {
@@ -143,7 +151,11 @@ func FuzzKeys(f *testing.F) {
 	f.Add(VolumeKey("vol"))
 	f.Add(AppendBitmapKey(nil, 9))
 	f.Add([]byte("v/x"))
+	f.Add(AppendLayerKey(nil, 5))
 	f.Fuzz(func(t *testing.T, k []byte) {
+		if l, err := ParseLayerKey(k); err == nil && !bytes.Equal(AppendLayerKey(nil, l), k) {
+			t.Fatalf("layer key %x not canonical", k)
+		}
 		if l, vb, err := ParseMapKey(k); err == nil && !bytes.Equal(AppendMapKey(nil, l, vb), k) {
 			t.Fatalf("map key %x not canonical", k)
 		}
