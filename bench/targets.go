@@ -99,11 +99,13 @@ func startServer(name, sock string, argv []string) (*Server, error) {
 }
 
 // StartThinblk runs `thinblk serve --raw FILE --socket SOCK --queues N`.
-func StartThinblk(bin, file, sock string, queues int, direct bool) (*Server, error) {
+// Extra flags (e.g. --no-uring) are passed on.
+func StartThinblk(bin, file, sock string, queues int, direct bool, extra ...string) (*Server, error) {
 	argv := []string{bin, "serve", "--raw", file, "--socket", sock, "--queues", strconv.Itoa(queues), "--log-level", "warn"}
 	if direct {
 		argv = append(argv, "--direct")
 	}
+	argv = append(argv, extra...)
 	return startServer("thinblk", sock, argv)
 }
 

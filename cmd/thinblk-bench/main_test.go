@@ -114,7 +114,9 @@ func TestThinTarget(t *testing.T) {
 			Rows []struct {
 				Name      string
 				Raw, Thin struct{ IOPS float64 }
+				RawSync   struct{ IOPS float64 } `json:"raw_sync"`
 				Ratio     float64
+				RatioSync float64 `json:"ratio_sync"`
 			}
 			MappedBlocks uint64 `json:"mapped_blocks"`
 		}
@@ -126,7 +128,7 @@ func TestThinTarget(t *testing.T) {
 		t.Fatalf("%d thin rows, want 3\n%s", len(doc.Thin.Rows), stdout.String())
 	}
 	for _, r := range doc.Thin.Rows {
-		if r.Raw.IOPS <= 0 || r.Thin.IOPS <= 0 || r.Ratio <= 0 {
+		if r.Raw.IOPS <= 0 || r.RawSync.IOPS <= 0 || r.Thin.IOPS <= 0 || r.Ratio <= 0 || r.RatioSync <= 0 {
 			t.Errorf("row %+v not measured\n%s", r, stderr.String())
 		}
 	}

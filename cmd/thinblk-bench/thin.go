@@ -26,10 +26,10 @@ var thinCases = []thinCase{
 }
 
 type thinRow struct {
-	tc        thinCase
-	raw, thin bench.Result
-	rawErr    error
-	thinErr   error
+	tc                 thinCase
+	raw, rawSync, thin bench.Result
+	rawErr, rawSyncErr error
+	thinErr            error
 }
 
 type thinReport struct {
@@ -55,6 +55,13 @@ func measureThin(ctx context.Context, c config, img string, log io.Writer) (thin
 		return rep, err
 	}
 	defer raw.Stop()
+	// The pool's data path is synchronous (a worker per request, no
+	// io_uring yet): serve --raw --no-uring isolates what the metadata costs.
+	rawSync, err := bench.StartThinblk(c.thinblk, img, filepath.Join(c.dir, "thinblk-raw-sync.sock"), 1, false, "--no-uring")
+	if err != nil {
+		return rep, err
+	}
+	defer rawSync.Stop()
 	poolSize := c.thinSpan + 8<<30 // room for the allocating runs (sparse file)
 	pool, err := bench.StartThinPool(c.thinblk, filepath.Join(c.dir, "thinpool"), poolSize, c.thinSpan, "filled", 1)
 	if err != nil {
@@ -83,7 +90,7 @@ func measureThin(ctx context.Context, c config, img string, log io.Writer) (thin
 	opts := bench.DriverOptions{Duration: c.duration, Span: c.thinSpan}
 	for _, tc := range thinCases {
 		row := thinRow{tc: tc}
-		var raws, thins []bench.Result
+		var raws, rawSyncs, thins []bench.Result
 		for i := 0; i < c.repeat; i++ {
 			if ctx.Err() != nil {
 				return rep, ctx.Err()
@@ -94,6 +101,11 @@ func measureThin(ctx context.Context, c config, img string, log io.Writer) (thin
 				row.rawErr = err
 			} else {
 				raws = append(raws, r)
+			}
+			if r, err = bench.RunDriver(ctx, rawSync.Socket, tc.c, opts); err != nil {
+				row.rawSyncErr = err
+			} else {
+				rawSyncs = append(rawSyncs, r)
 			}
 			sock, topts := pool.Socket, opts
 			if tc.fresh {
@@ -111,7 +123,7 @@ func measureThin(ctx context.Context, c config, img string, log io.Writer) (thin
 				thins = append(thins, t)
 			}
 		}
-		row.raw, row.thin = median(raws), median(thins)
+		row.raw, row.rawSync, row.thin = median(raws), median(rawSyncs), median(thins)
 		rep.rows = append(rep.rows, row)
 		fmt.Fprintf(log, "thin     %-48s raw %8.0f IOPS  thin %8.0f IOPS\n", tc.label, row.raw.IOPS, row.thin.IOPS)
 	}
@@ -119,14 +131,16 @@ func measureThin(ctx context.Context, c config, img string, log io.Writer) (thin
 }
 
 func printThin(w io.Writer, c config, rep thinReport) {
-	fmt.Fprintf(w, "\nthin volume vs serve --raw, both through the host page cache (same requests, one queue, QD32, span %d MiB, median of %d, %s per case)\n\n",
+	fmt.Fprintf(w, "\nthin volume vs serve --raw (io_uring) and serve --raw --no-uring, all through the host page cache (same requests, one queue, QD32, span %d MiB, median of %d, %s per case)\n\n",
 		rep.span>>20, c.repeat, c.duration)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "case\traw IOPS\tmean us\tthin IOPS\tmean us\tthin/raw\ttarget\t")
+	fmt.Fprintln(tw, "case\traw IOPS\tmean us\traw sync IOPS\tmean us\tthin IOPS\tmean us\tthin/raw\tthin/raw sync\ttarget\t")
 	for _, r := range rep.rows {
-		ratio := "-"
-		if r.rawErr == nil && r.thinErr == nil && r.raw.IOPS > 0 {
-			ratio = fmt.Sprintf("%.2f", r.thin.IOPS/r.raw.IOPS)
+		ratio := func(base bench.Result, err error) string {
+			if err != nil || r.thinErr != nil || base.IOPS == 0 {
+				return "-"
+			}
+			return fmt.Sprintf("%.2f", r.thin.IOPS/base.IOPS)
 		}
 		cell := func(res bench.Result, err error) string {
 			if err != nil {
@@ -134,12 +148,16 @@ func printThin(w io.Writer, c config, rep thinReport) {
 			}
 			return fmt.Sprintf("%.0f\t%.1f", res.IOPS, res.MeanUs)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t>= %.2f\t\n", r.tc.label, cell(r.raw, r.rawErr), cell(r.thin, r.thinErr), ratio, r.tc.target)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t>= %.2f\t\n", r.tc.label, cell(r.raw, r.rawErr), cell(r.rawSync, r.rawSyncErr),
+			cell(r.thin, r.thinErr), ratio(r.raw, r.rawErr), ratio(r.rawSync, r.rawSyncErr), r.tc.target)
 	}
 	tw.Flush()
 	for _, r := range rep.rows {
 		if r.rawErr != nil {
 			fmt.Fprintf(w, "raw %s: %v\n", r.tc.label, r.rawErr)
+		}
+		if r.rawSyncErr != nil {
+			fmt.Fprintf(w, "raw sync %s: %v\n", r.tc.label, r.rawSyncErr)
 		}
 		if r.thinErr != nil {
 			fmt.Fprintf(w, "thin %s: %v\n", r.tc.label, r.thinErr)
@@ -157,9 +175,12 @@ func printThin(w io.Writer, c config, rep thinReport) {
 func (rep thinReport) json() map[string]any {
 	rows := []map[string]any{}
 	for _, r := range rep.rows {
-		row := map[string]any{"case": r.tc.label, "name": r.tc.c.Name(), "raw": r.raw, "thin": r.thin, "target_ratio": r.tc.target}
+		row := map[string]any{"case": r.tc.label, "name": r.tc.c.Name(), "raw": r.raw, "raw_sync": r.rawSync, "thin": r.thin, "target_ratio": r.tc.target}
 		if r.raw.IOPS > 0 && r.rawErr == nil && r.thinErr == nil {
 			row["ratio"] = r.thin.IOPS / r.raw.IOPS
+		}
+		if r.rawSync.IOPS > 0 && r.rawSyncErr == nil && r.thinErr == nil {
+			row["ratio_sync"] = r.thin.IOPS / r.rawSync.IOPS
 		}
 		rows = append(rows, row)
 	}
