@@ -96,6 +96,21 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	return positional, nil
 }
 
+// parseExactly parses args wanting exactly n positional arguments. When
+// ok is false, usage or the error has been printed and code is the exit
+// status to return.
+func parseExactly(fs *flag.FlagSet, args []string, n int) (pos []string, code int, ok bool) {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return nil, exitFor(err), false
+	}
+	if len(pos) != n {
+		fs.Usage()
+		return nil, 2, false
+	}
+	return pos, 0, true
+}
+
 // newFlagSet makes a FlagSet that reports errors instead of exiting.
 func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)

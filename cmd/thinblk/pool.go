@@ -198,26 +198,18 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 		})
 	case "delete":
 		fs := newFlagSet("volume delete", "volume delete DIR NAME", stderr)
-		pos, err := parseArgs(fs, args)
-		if err != nil {
-			return exitFor(err)
-		}
-		if len(pos) != 2 {
-			fs.Usage()
-			return 2
+		pos, code, ok := parseExactly(fs, args, 2)
+		if !ok {
+			return code
 		}
 		return withPool(pos[0], stderr, "volume delete", func(ops poolOps) error {
 			return ops.DeleteVolume(pos[1])
 		})
 	case "list":
 		fs := newFlagSet("volume list", "volume list DIR", stderr)
-		pos, err := parseArgs(fs, args)
-		if err != nil {
-			return exitFor(err)
-		}
-		if len(pos) != 1 {
-			fs.Usage()
-			return 2
+		pos, code, ok := parseExactly(fs, args, 1)
+		if !ok {
+			return code
 		}
 		return withPool(pos[0], stderr, "volume list", func(ops poolOps) error {
 			st, err := ops.Status()
@@ -268,13 +260,9 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 		})
 	case "delete":
 		fs := newFlagSet("snapshot delete", "snapshot delete DIR SNAP", stderr)
-		pos, err := parseArgs(fs, args)
-		if err != nil {
-			return exitFor(err)
-		}
-		if len(pos) != 2 {
-			fs.Usage()
-			return 2
+		pos, code, ok := parseExactly(fs, args, 2)
+		if !ok {
+			return code
 		}
 		return withPool(pos[0], stderr, "snapshot delete", func(ops poolOps) error {
 			st, err := ops.Status()
@@ -290,13 +278,9 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 		})
 	case "list":
 		fs := newFlagSet("snapshot list", "snapshot list DIR", stderr)
-		pos, err := parseArgs(fs, args)
-		if err != nil {
-			return exitFor(err)
-		}
-		if len(pos) != 1 {
-			fs.Usage()
-			return 2
+		pos, code, ok := parseExactly(fs, args, 1)
+		if !ok {
+			return code
 		}
 		return withPool(pos[0], stderr, "snapshot list", func(ops poolOps) error {
 			st, err := ops.Status()
@@ -325,13 +309,9 @@ func snapshotKind(writable bool) string {
 func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("status", "status DIR [--json]", stderr)
 	asJSON := fs.Bool("json", false, "print JSON (numbers in bytes)")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
-	}
-	if len(pos) != 1 {
-		fs.Usage()
-		return 2
+	pos, code, ok := parseExactly(fs, args, 1)
+	if !ok {
+		return code
 	}
 	return withPool(pos[0], stderr, "status", func(ops poolOps) error {
 		st, err := ops.Status()
@@ -372,13 +352,9 @@ func printStatus(w io.Writer, st thin.Status) {
 func runCheck(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("check", "check DIR [--quiet]", stderr)
 	quiet := fs.Bool("quiet", false, "no progress output")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
-	}
-	if len(pos) != 1 {
-		fs.Usage()
-		return 2
+	pos, code, ok := parseExactly(fs, args, 1)
+	if !ok {
+		return code
 	}
 	p, err := thin.Open(pos[0], thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
 	if err != nil {
