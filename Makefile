@@ -14,7 +14,7 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 
 export THINBLK_BUILD := $(BUILD)
 
-.PHONY: all build deps modules images test unit-test guest-test lint bench demo clean
+.PHONY: all build deps modules images test lint bench demo xfstests clean
 
 all: build
 
@@ -46,6 +46,20 @@ bench: deps build
 
 demo: deps images
 	$(GO) run ./guesttests/cmd/demo --build $(BUILD)
+
+# xfstests in guests on thinblk disks, side by side with qemu-storage-daemon. XFSTESTS_DIR is a
+# built upstream xfstests tree (not shipped or built here).
+XFSTESTS_DIR ?=
+FSTYP   ?= xfs
+TESTS   ?=
+GROUP   ?=
+BACKEND ?= both
+XFSTESTS_ARGS ?=
+xfstests: deps build
+	@test -n "$(XFSTESTS_DIR)" || { echo "usage: make xfstests XFSTESTS_DIR=DIR [FSTYP=xfs|ext4] [TESTS=\"generic/001 xfs/011\" | GROUP=quick] [BACKEND=thinblk|qsd|both]"; exit 2; }
+	$(BIN)/thinblk-xfstests --install-packages --xfstests $(XFSTESTS_DIR) --fstyp $(FSTYP) \
+		$(if $(TESTS),--tests "$(TESTS)") $(if $(GROUP),--group $(GROUP)) \
+		--backend $(BACKEND) --thinblk $(BIN)/thinblk $(XFSTESTS_ARGS)
 
 clean:
 	rm -rf $(BUILD)
