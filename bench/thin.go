@@ -61,6 +61,14 @@ func (p *ThinPool) CreateVolume(name string, size int64) error {
 	return fmt.Errorf("no socket %s for the new volume", sock)
 }
 
+// DeleteVolume removes a volume (through the running serve).
+func (p *ThinPool) DeleteVolume(name string) error {
+	if out, err := exec.Command(p.Bin, "volume", "delete", p.Dir, name).CombinedOutput(); err != nil {
+		return fmt.Errorf("volume delete: %v\n%s", err, out)
+	}
+	return nil
+}
+
 // VolumeSocket is where serve exports volume name.
 func (p *ThinPool) VolumeSocket(name string) string { return filepath.Join(p.Dir, name+".sock") }
 
