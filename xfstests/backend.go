@@ -5,11 +5,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/thinblk/thinblk/guesttests"
+
+	"github.com/thinblk/thinblk/internal/units"
 )
 
 // Volume names in the thinblk pool; they are also the serials the guest reads.
@@ -207,26 +208,9 @@ func waitFile(ctx context.Context, path string, limit time.Duration) error {
 
 // parseSize reads sizes like 8G, 512M, 4096 (K, M, G, T: powers of 1024).
 func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	t := strings.TrimSpace(strings.ToUpper(s))
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || v <= 0 || v > (1<<62)/mult {
+	n, err := units.ParseSize(s)
+	if err != nil || n == 0 || n > 1<<62 {
 		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M, G or T", s)
 	}
-	return v * mult, nil
+	return int64(n), nil
 }

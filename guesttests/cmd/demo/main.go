@@ -16,12 +16,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/thinblk/thinblk/guesttests"
+	"github.com/thinblk/thinblk/internal/units"
 )
 
 func main() {
@@ -173,25 +173,11 @@ func ensureDisk(path string, size int64) error {
 	return nil
 }
 
-// parseSize reads 512M, 2G, 1T or plain bytes.
+// parseSize reads sizes like 8G, 512M, 4096 (K, M, G, T: powers of 1024).
 func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	switch {
-	case strings.HasSuffix(s, "K"):
-		mult = 1 << 10
-	case strings.HasSuffix(s, "M"):
-		mult = 1 << 20
-	case strings.HasSuffix(s, "G"):
-		mult = 1 << 30
-	case strings.HasSuffix(s, "T"):
-		mult = 1 << 40
-	}
-	if mult != 1 {
-		s = s[:len(s)-1]
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 {
+	n, err := units.ParseSize(s)
+	if err != nil || n == 0 || n > 1<<62 {
 		return 0, fmt.Errorf("size %q: want a positive number with an optional K, M, G or T", s)
 	}
-	return n * mult, nil
+	return int64(n), nil
 }
