@@ -124,10 +124,8 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
-		for _, v := range pool.Status().Volumes {
-			if v.Name == a.Name && v.Kind == "volume" {
-				return nil, qmp.Errorf("%s is a volume, not a snapshot or clone", a.Name)
-			}
+		if err := notAVolume(pool.Status(), a.Name); err != nil {
+			return nil, err
 		}
 		return nil, pool.DeleteVolume(a.Name)
 	})

@@ -269,10 +269,8 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 			if err != nil {
 				return err
 			}
-			for _, v := range st.Volumes {
-				if v.Name == pos[1] && v.Kind == "volume" {
-					return fmt.Errorf("%s is a volume, not a snapshot or clone (use volume delete)", pos[1])
-				}
+			if err := notAVolume(st, pos[1]); err != nil {
+				return fmt.Errorf("%w (use volume delete)", err)
 			}
 			return ops.DeleteVolume(pos[1])
 		})
@@ -297,6 +295,17 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "thinblk snapshot: unknown subcommand %q (want create, delete or list)\n", sub)
 	return 2
+}
+
+// notAVolume refuses a snapshot operation on a plain volume, so that
+// `snapshot delete` cannot delete one by a slip of the name.
+func notAVolume(st thin.Status, name string) error {
+	for _, v := range st.Volumes {
+		if v.Name == name && v.Kind == "volume" {
+			return fmt.Errorf("%s is a volume, not a snapshot or clone", name)
+		}
+	}
+	return nil
 }
 
 func snapshotKind(writable bool) string {
