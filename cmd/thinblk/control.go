@@ -37,6 +37,11 @@ func parseQMPAddr(s string) (string, error) {
 	return path, nil
 }
 
+// eventSnapshotCreated follows a successful snapshot-create or
+// snapshot-create-group: one event per instant, with the same
+// {"snapshots": [{volume, name, writable}]} shape for both.
+const eventSnapshotCreated = "SNAPSHOT_CREATED"
+
 // Argument and result shapes of the control commands.
 type (
 	volumeArgs struct {
@@ -109,7 +114,11 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
-		return nil, pool.CreateSnapshot(a.Volume, a.Name, a.Writable)
+		if err := pool.CreateSnapshot(a.Volume, a.Name, a.Writable); err != nil {
+			return nil, err
+		}
+		s.Emit(eventSnapshotCreated, snapshotGroupArgs{Snapshots: []snapshotArgs{a}})
+		return nil, nil
 	})
 	// A consistency group: every snapshot at one instant, all or none.
 	s.Register("snapshot-create-group", func(ctx context.Context, args json.RawMessage) (any, error) {
@@ -117,7 +126,11 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
-		return nil, pool.CreateSnapshots(a.specs())
+		if err := pool.CreateSnapshots(a.specs()); err != nil {
+			return nil, err
+		}
+		s.Emit(eventSnapshotCreated, a)
+		return nil, nil
 	})
 	s.Register("snapshot-delete", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a volumeArgs

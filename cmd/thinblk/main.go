@@ -29,6 +29,7 @@ func commands() []command {
 		{"pool", "create or grow a thin pool", runPool},
 		{"volume", "create, delete, resize or list volumes", runVolume},
 		{"snapshot", "create, delete or list snapshots and clones", runSnapshot},
+		{"vm-snapshot", "snapshot a running VM's disks at one instant (QEMU paused)", runVMSnapshot},
 		{"status", "show a pool's space and its volumes", runStatus},
 		{"check", "verify a pool's metadata against its data file", runCheck},
 		{"version", "print the version", runVersion},
@@ -62,7 +63,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 func usage(w io.Writer) {
 	fmt.Fprintln(w, "usage: thinblk COMMAND [ARGS]\n\ncommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-10s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'thinblk COMMAND --help' for a command's flags.")
 }
