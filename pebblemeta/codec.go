@@ -317,7 +317,17 @@ type VolumeRecord struct {
 	// Optional on decode (absent: KindVolume).
 	Kind   uint8
 	Origin string // the volume or snapshot this one was taken of
+	// ChainProv counts the blocks whose deciding entry, looking up the
+	// volume's whole layer chain, is provisioned: Provisioned of them are
+	// in the head, the rest are shared provisioned blocks that need a
+	// reserved block each for their copy-on-write. Optional on decode
+	// (absent: Provisioned, exact for a volume without a parent layer).
+	ChainProv uint64
+	// ReserveMode guarantees the whole virtual size. Optional (absent: off).
+	ReserveMode bool
 }
+
+const volFlagReserveMode = 1
 
 // Volume kinds.
 const (
@@ -334,10 +344,21 @@ func AppendVolumeRecord(dst []byte, r VolumeRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.Mapped)
 	dst = binary.AppendUvarint(dst, r.Provisioned)
 	dst = binary.AppendUvarint(dst, r.Reserved)
-	if r.Kind != KindVolume || r.Origin != "" {
+	// Optional fields are written only when they differ from what their
+	// absence means, so older records and plain volumes keep their bytes.
+	tail := r.ChainProv != r.Provisioned || r.ReserveMode
+	if r.Kind != KindVolume || r.Origin != "" || tail {
 		dst = binary.AppendUvarint(dst, uint64(r.Kind))
 		dst = binary.AppendUvarint(dst, uint64(len(r.Origin)))
 		dst = append(dst, r.Origin...)
+	}
+	if tail {
+		dst = binary.AppendUvarint(dst, r.ChainProv)
+		var flags uint64
+		if r.ReserveMode {
+			flags |= volFlagReserveMode
+		}
+		dst = binary.AppendUvarint(dst, flags)
 	}
 	return dst
 }
@@ -368,6 +389,12 @@ func DecodeVolumeRecord(v []byte) (VolumeRecord, error) {
 				}
 			}
 		}
+	}
+	rec.ChainProv = rec.Provisioned
+	if r.err == nil && len(r.b) > 0 {
+		rec.ChainProv = r.uvarint("chain provisioned", math.MaxUint64)
+		flags := r.uvarint("volume flags", volFlagReserveMode)
+		rec.ReserveMode = flags&volFlagReserveMode != 0
 	}
 	if err := r.done("volume record"); err != nil {
 		return VolumeRecord{}, err

@@ -123,6 +123,7 @@ func FuzzRecords(f *testing.F) {
 	f.Add([]byte{1, 0x80})
 	f.Add([]byte{1, 0x81, 0x00, 1, 1, 1}) // overlong varint
 	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindSnapshot, Origin: "vm1"}))
+	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindClone, Origin: "vm1", ChainProv: 3, ReserveMode: true}))
 	f.Add(AppendLayerRecord(nil, LayerRecord{Parent: 3, Frozen: true, Mapped: 9, Provisioned: 2, Reserved: 1}))
 	f.Fuzz(func(t *testing.T, v []byte) {
 		if l, err := DecodeLayerRecord(v); err == nil {
@@ -185,6 +186,22 @@ func TestLayerAndKindRecords(t *testing.T) {
 	if err != nil || gv != v {
 		t.Fatalf("volume record with kind round trip: %+v, %v", gv, err)
 	}
+	for _, v := range []VolumeRecord{
+		{Layer: 3, Size: 4096, Provisioned: 2, ChainProv: 9},
+		{Layer: 3, Size: 4096, Provisioned: 2, ChainProv: 2, ReserveMode: true},
+		{Layer: 5, Size: 4096, Kind: KindClone, Origin: "vm1", ChainProv: 7, ReserveMode: true},
+	} {
+		if gv, err := DecodeVolumeRecord(AppendVolumeRecord(nil, v)); err != nil || gv != v {
+			t.Fatalf("volume record %+v round trip: %+v, %v", v, gv, err)
+		}
+	}
+	// Records from before ChainProv: it is the head's own count.
+	if gv, err := DecodeVolumeRecord(AppendVolumeRecord(nil, VolumeRecord{Layer: 3, Size: 4096, Provisioned: 4, ChainProv: 4})); err != nil || gv.ChainProv != 4 {
+		t.Fatalf("record without ChainProv: %+v, %v", gv, err)
+	}
+	if b := AppendVolumeRecord(nil, VolumeRecord{Layer: 3, Size: 4096, Provisioned: 2, ChainProv: 3}); decodes(b[:len(b)-1]) {
+		t.Fatal("truncated volume flags accepted")
+	}
 	old := VolumeRecord{Layer: 3, Size: 4096}
 	if b := AppendVolumeRecord(nil, old); len(b) != 7 {
 		t.Fatalf("a plain volume record changed its encoding: %x", b)
@@ -196,4 +213,10 @@ func TestLayerAndKindRecords(t *testing.T) {
 	if _, err := DecodeVolumeRecord(bad[:len(bad)-1]); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("truncated origin accepted: %v", err)
 	}
+}
+
+// decodes reports whether b decodes.
+func decodes(b []byte) bool {
+	_, err := DecodeVolumeRecord(b)
+	return err == nil
 }

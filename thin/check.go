@@ -173,7 +173,9 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 		}
 		if e.Reserved() {
 			c.reserved++
-			reserved++
+			if frozen[layer] == nil {
+				reserved++ // a frozen layer's reservations are its sharers' (reserve.go)
+			}
 		}
 		if e.Mapped() {
 			c.mapped++
@@ -223,6 +225,40 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 			bad("frozen layer %d is referenced by %d volumes and %d layers (leaks space)", l, direct[l], refs[l]-direct[l])
 		}
 	}
+	// Each volume's ChainProv: the provisioned blocks of its view. A
+	// volume without a parent layer decides everything in its head.
+	parents := map[uint64]uint64{}
+	for _, l := range layers {
+		parents[l.Layer] = l.Parent
+	}
+	chainProv := map[uint64]uint64{}
+	var extra uint64
+	for _, v := range vols {
+		want, ok := chainProv[v.Layer]
+		if !ok {
+			if parents[v.Layer] == 0 {
+				want = got[v.Layer].provisioned
+			} else if want, err = viewProvisioned(st, v.Layer, parents); err != nil {
+				if errors.Is(err, pebblemeta.ErrCorrupt) {
+					bad("%v", err)
+					return ce
+				}
+				return fmt.Errorf("check pool %s: %w", p.dir, err)
+			}
+			chainProv[v.Layer] = want
+		}
+		if v.ChainProv != want {
+			bad("volume %s: counter says %d provisioned blocks in its view, its layers have %d", v.Name, v.ChainProv, want)
+		}
+		if v.Kind != pebblemeta.KindSnapshot && v.ReserveMode && v.Mapped+v.Reserved > (v.Size+bs-1)/bs {
+			bad("volume %s: owns and reserves more blocks than its size", v.Name)
+		}
+		extra += extraBlocks(&v, bs)
+	}
+	if rec.Allocated+rec.Reserved+extra > rec.SizeBlocks {
+		bad("pool allocated %d + reserved %d + reserved for snapshots and reserve mode %d blocks exceed its size %d",
+			rec.Allocated, rec.Reserved, extra, rec.SizeBlocks)
+	}
 	if mapped != rec.Allocated {
 		bad("pool counter says %d blocks allocated, the map owns %d", rec.Allocated, mapped)
 	}
@@ -259,4 +295,36 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 		return ce
 	}
 	return nil
+}
+
+// viewProvisioned counts the blocks whose deciding entry, looking up the
+// chain from layer, is provisioned: for each provisioned entry, whether
+// no layer below it in the chain has an entry of its own there.
+func viewProvisioned(st *pebblemeta.View, layer uint64, parents map[uint64]uint64) (uint64, error) {
+	var chain []uint64
+	for l := layer; l != 0; l = parents[l] {
+		if len(chain) > len(parents)+1 {
+			return 0, fmt.Errorf("%w: layer chain from %d loops", pebblemeta.ErrCorrupt, layer)
+		}
+		chain = append(chain, l)
+	}
+	var n uint64
+	for i, l := range chain {
+		err := st.LayerMap(l, 0, func(vb uint64, e pebblemeta.Entry) error {
+			if !e.Provisioned() {
+				return nil
+			}
+			for _, below := range chain[:i] {
+				if _, ok, err := st.MapEntry(below, vb); err != nil || ok {
+					return err
+				}
+			}
+			n++
+			return nil
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	return n, nil
 }

@@ -29,7 +29,8 @@
 //
 //	"f"                  format version (newer formats are refused)
 //	"p"                  pool record: block size, size, policies, counters
-//	"v" NAME             volume record: head layer, size, mapped/provisioned/reserved counters
+//	"v" NAME             volume record: head layer, size, mapped/provisioned/reserved/
+//	                     chain-provisioned counters, kind, origin, reserve mode
 //	"m" LAYER(8) VB(8)   map entry: flags (mapped, provisioned) + physical block
 //	"b" CHUNK(8)         allocation bitmap, 4096 blocks (512 bytes) per key
 //
@@ -158,12 +159,17 @@
 // discards, write-zeroes and resize with ErrReadOnly. Status reports a
 // snapshot's or clone's own head counters, and its kind and origin.
 //
-// Not built yet (issue 4 step 2): reserving one block per future CoW of
-// provisioned shared blocks. Today a CoW of a provisioned block shared
-// with a snapshot needs a free block like any new write and can fail for
-// lack of space; the plan stays counters: a per-layer count of
-// provisioned entries shared with k writable sharers reserves min(k, r-1)
-// at snapshot time, checked in O(1) against free space, consumed by the
-// CoW and given back on delete.
+// Reservations across snapshots (reserve.go): each writable volume keeps
+// ChainProv, the number of blocks whose deciding entry up its layer chain
+// is provisioned; ChainProv - Provisioned of them are shared through
+// frozen layers and each gets one reserved block for the copy its next
+// write makes. A snapshot or clone computes what it must reserve from
+// counters (O(1)) and fails with ErrNoSpace, changing nothing, when the
+// pool cannot; a copy-on-write of a provisioned block consumes its
+// reservation; a discard of a shared provisioned block and the folding
+// of a deleted snapshot's layer into its only reader give reservations
+// back. Reserve mode (SetReserveMode) reserves every block of a volume's
+// virtual size it does not own. The pool's reserved space is the heads'
+// reservation entries plus these, and Check recomputes both.
 
 package thin

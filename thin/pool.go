@@ -218,7 +218,8 @@ type fill struct {
 	done        chan struct{}
 	pblock      uint64
 	prev        pebblemeta.Entry
-	fromReserve bool
+	ancProv     bool  // prev is empty and an ancestor's provisioned entry decided the block
+	fromReserve bool  // the block comes out of a reservation (see reserve.go)
 	zero        bool  // the block was never written: no padding needed
 	flags       uint8 // the provisioned bit the new entry keeps
 }
@@ -227,6 +228,7 @@ type volState struct {
 	rec     pebblemeta.VolumeRecord
 	deleted bool
 	handle  *Volume
+	extra   uint64 // blocks reserved for it beyond its head's reservation entries (reserve.go)
 }
 
 // Pool is an open thin pool. It is safe for concurrent use.
@@ -259,6 +261,7 @@ type Pool struct {
 	pendSpare   *bitmap               // cleared bitmap for the next swap
 	inflight    *bitmap               // allocated, data being written, not yet in the map
 	inflightRes uint64                // in-flight blocks that consume a reservation
+	extra       uint64                // sum of the volumes' extra reservations
 	cursor      uint64                // next-fit allocation cursor
 	// Blocks at or above zeroDurable (the committed rec.ZeroFrom) were
 	// never written; blocks at or above zeroMark were not written since
@@ -397,7 +400,9 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	}
 	p.vols = make(map[string]*volState, len(recs))
 	for _, r := range recs {
-		p.vols[r.Name] = &volState{rec: r}
+		v := &volState{rec: r}
+		p.vols[r.Name] = v
+		p.reaccountLocked(v)
 	}
 	if err := p.loadLayers(); err != nil {
 		return fail(err)
@@ -493,7 +498,7 @@ func (p *Pool) usableLocked() error {
 // freeLocked is the number of blocks neither allocated (or on their way
 // to being free) nor reserved.
 func (p *Pool) freeLocked() uint64 {
-	used := p.alloc.count + p.rec.Reserved - p.inflightRes
+	used := p.alloc.count + p.rec.Reserved + p.extra - p.inflightRes
 	if used >= p.rec.SizeBlocks {
 		return 0
 	}
@@ -656,23 +661,32 @@ func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebbl
 }
 
 // setLocked records a map change in v's head layer and adjusts every
-// counter it affects.
-func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry) {
-	p.setEntryLocked(v.rec.Layer, vb, old, e)
+// counter it affects. ancProv is whether the entry an ancestor layer has
+// for vb (what decides vb while the head has none) is provisioned.
+func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
+	p.setEntryLocked(v.rec.Layer, vb, old, e, ancProv)
 }
 
 // setEntryLocked records a map change in layer; the layer's counters are
-// its volume's (an unfrozen head) or its layer record's (frozen).
-func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry) {
+// its volume's (an unfrozen head) or its layer record's (frozen). Only
+// reservation entries in heads count in the pool's reserved blocks: a
+// frozen layer's reservation is never written through, and every
+// writable sharer of it has a reservation of its own (see reserve.go).
+func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
 	p.dirty[mapKey{layer, vb}] = e
 	var scratch pebblemeta.LayerRecord
 	mc, prc, rc := &scratch.Mapped, &scratch.Provisioned, &scratch.Reserved
-	if v := p.heads[layer]; v != nil {
-		mc, prc, rc = &v.rec.Mapped, &v.rec.Provisioned, &v.rec.Reserved
-		p.dirtyVols[v] = struct{}{}
+	poolRes := &p.rec.Reserved
+	head := p.heads[layer]
+	if head != nil {
+		mc, prc, rc = &head.rec.Mapped, &head.rec.Provisioned, &head.rec.Reserved
+		p.dirtyVols[head] = struct{}{}
 	} else if l := p.layers[layer]; l != nil {
 		mc, prc, rc = &l.rec.Mapped, &l.rec.Provisioned, &l.rec.Reserved
 		p.dirtyLayers[layer] = struct{}{}
+		if l.rec.Frozen {
+			poolRes = nil
+		}
 	}
 	d := func(had, has bool, vc, pc *uint64) {
 		switch {
@@ -690,7 +704,19 @@ func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry) {
 	}
 	d(old.Mapped(), e.Mapped(), mc, &p.rec.Allocated)
 	d(old.Provisioned(), e.Provisioned(), prc, nil)
-	d(old.Reserved(), e.Reserved(), rc, &p.rec.Reserved)
+	d(old.Reserved(), e.Reserved(), rc, poolRes)
+	if head != nil {
+		// What decides vb for the volume, before and after.
+		was, is := old.Provisioned(), e.Provisioned()
+		if old.Flags == 0 {
+			was = ancProv
+		}
+		if e.Flags == 0 {
+			is = ancProv
+		}
+		d(was, is, &head.rec.ChainProv, nil)
+		p.reaccountLocked(head)
+	}
 }
 
 // Flush makes every operation completed before it durable (data first,
@@ -1086,6 +1112,9 @@ func (p *Pool) ResizeVolume(name string, size uint64) error {
 func (p *Pool) resizeVolume(name string, size uint64) error {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
+	if err := p.settleReleasesLocked(); err != nil {
+		return err
+	}
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -1109,7 +1138,15 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 		p.mu.Unlock()
 		return nil
 	}
+	r := v.rec
+	r.Size = size
+	if need := p.reserveNeedLocked(v, r); need > p.freeLocked() {
+		free := p.freeLocked()
+		p.mu.Unlock()
+		return fmt.Errorf("resize volume %s to %d: %w: reserve mode needs %d more blocks reserved, %d are free", name, size, ErrNoSpace, need, free)
+	}
 	v.rec.Size = size
+	p.reaccountLocked(v)
 	if v.handle != nil {
 		v.handle.size.Store(size)
 	}
@@ -1150,6 +1187,8 @@ func (p *Pool) deleteVolume(name string) error {
 	}
 	layer := v.rec.Layer
 	v.deleted = true
+	p.extra -= v.extra
+	v.extra = 0
 	delete(p.vols, name)
 	delete(p.dirtyVols, v)
 	if p.frozenLocked(layer) {
@@ -1183,7 +1222,7 @@ func (p *Pool) deleteVolume(name string) error {
 		if k.layer == layer {
 			overridden[k.vb] = struct{}{}
 			if rerr == nil {
-				rerr = p.releaseEntryLocked(name, e)
+				rerr = p.releaseEntryLocked(name, e, true)
 			}
 			delete(p.dirty, k)
 		}
@@ -1207,7 +1246,7 @@ func (p *Pool) deleteVolume(name string) error {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		for _, e := range batch {
-			if err := p.releaseEntryLocked(name, e); err != nil {
+			if err := p.releaseEntryLocked(name, e, true); err != nil {
 				return err
 			}
 		}
@@ -1248,8 +1287,10 @@ func (p *Pool) deleteVolume(name string) error {
 	return nil
 }
 
-// releaseEntryLocked gives back what a deleted volume's entry held.
-func (p *Pool) releaseEntryLocked(name string, e pebblemeta.Entry) error {
+// releaseEntryLocked gives back what a deleted entry held; head says
+// whether it was in a volume's head (whose reservations the pool counts)
+// rather than in a frozen layer.
+func (p *Pool) releaseEntryLocked(name string, e pebblemeta.Entry, head bool) error {
 	if e.Mapped() {
 		if e.PBlock >= p.rec.SizeBlocks || !p.alloc.test(e.PBlock) || p.pend.test(e.PBlock) {
 			return fmt.Errorf("%w: volume %s maps block %d, which is not allocated to it", pebblemeta.ErrCorrupt, name, e.PBlock)
@@ -1257,7 +1298,7 @@ func (p *Pool) releaseEntryLocked(name string, e pebblemeta.Entry) error {
 		p.releaseLocked(e.PBlock)
 		p.rec.Allocated--
 	}
-	if e.Reserved() {
+	if e.Reserved() && head {
 		p.rec.Reserved--
 	}
 	return nil
@@ -1320,7 +1361,19 @@ type VolumeStatus struct {
 	SizeBytes        uint64 `json:"size_bytes"`
 	MappedBytes      uint64 `json:"mapped_bytes"`
 	ProvisionedBytes uint64 `json:"provisioned_bytes"`
-	ReservedBytes    uint64 `json:"reserved_bytes"`
+	// ReservedBytes is all the pool holds for the volume: the sum of the
+	// three reasons below.
+	ReservedBytes uint64 `json:"reserved_bytes"`
+	// ReservedProvisionedBytes: provisioned blocks of its own not yet
+	// written (WRITE_ZEROES without unmap).
+	ReservedProvisionedBytes uint64 `json:"reserved_provisioned_bytes"`
+	// ReservedSharedBytes: one block per provisioned block it shares with
+	// a snapshot, for the copy its next write there makes.
+	ReservedSharedBytes uint64 `json:"reserved_shared_bytes"`
+	// ReservedReserveModeBytes: in reserve mode, every other block of its
+	// virtual size that it does not own.
+	ReservedReserveModeBytes uint64 `json:"reserved_reserve_mode_bytes"`
+	ReserveMode              bool   `json:"reserve_mode"`
 	// Kind is "volume", "snapshot" (read-only) or "clone"; Origin is what
 	// a snapshot or clone was taken of. A snapshot's or clone's byte
 	// counts cover only what it changed itself since it was taken (or
@@ -1342,7 +1395,7 @@ func (p *Pool) Status() Status {
 	defer p.mu.Unlock()
 	bs := uint64(p.blockSize)
 	free := p.freeLocked()
-	reserved := p.rec.Reserved - p.inflightRes
+	reserved := p.rec.Reserved + p.extra - p.inflightRes
 	releasing := p.pend.count
 	if p.pendOld != nil {
 		releasing += p.pendOld.count
@@ -1365,15 +1418,23 @@ func (p *Pool) Status() Status {
 	}}
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
-		s.Volumes = append(s.Volumes, VolumeStatus{
-			Name:             name,
-			SizeBytes:        v.rec.Size,
-			MappedBytes:      v.rec.Mapped * bs,
-			ProvisionedBytes: v.rec.Provisioned * bs,
-			ReservedBytes:    v.rec.Reserved * bs,
-			Kind:             kindName(v.rec.Kind),
-			Origin:           v.rec.Origin,
-		})
+		vs := VolumeStatus{
+			Name:                     name,
+			SizeBytes:                v.rec.Size,
+			MappedBytes:              v.rec.Mapped * bs,
+			ProvisionedBytes:         v.rec.Provisioned * bs,
+			ReservedBytes:            (v.rec.Reserved + v.extra) * bs,
+			ReservedProvisionedBytes: v.rec.Reserved * bs,
+			ReserveMode:              v.rec.ReserveMode,
+			Kind:                     kindName(v.rec.Kind),
+			Origin:                   v.rec.Origin,
+		}
+		if v.rec.ReserveMode {
+			vs.ReservedReserveModeBytes = v.extra * bs
+		} else {
+			vs.ReservedSharedBytes = v.extra * bs
+		}
+		s.Volumes = append(s.Volumes, vs)
 	}
 	sort.Slice(s.Volumes, func(i, j int) bool { return s.Volumes[i].Name < s.Volumes[j].Name })
 	return s

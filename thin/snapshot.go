@@ -120,6 +120,9 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 	}
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
+	if err := p.settleReleasesLocked(); err != nil {
+		return err
+	}
 	// No request in flight: no fill can publish into a layer being frozen.
 	p.ioGate.Lock()
 	p.mu.Lock()
@@ -139,6 +142,9 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		}
 		seen[s.Name] = true
 	}
+	if err == nil {
+		err = p.snapshotSpaceLocked(specs)
+	}
 	if err != nil {
 		p.mu.Unlock()
 		p.ioGate.Unlock()
@@ -156,12 +162,14 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 			}
 			frozenAt[s.Origin] = L
 		}
-		nv := &volState{rec: pebblemeta.VolumeRecord{Name: s.Name, Size: o.rec.Size, Origin: s.Origin, Kind: pebblemeta.KindSnapshot, Layer: L}}
+		nv := &volState{rec: pebblemeta.VolumeRecord{Name: s.Name, Size: o.rec.Size, Origin: s.Origin,
+			Kind: pebblemeta.KindSnapshot, Layer: L, ChainProv: o.rec.ChainProv}}
 		if s.Writable {
 			nv.rec.Kind = pebblemeta.KindClone
 			nv.rec.Layer = p.newLayerLocked(L)
 			p.heads[nv.rec.Layer] = nv
 		}
+		p.reaccountLocked(nv)
 		p.vols[s.Name] = nv
 		p.dirtyVols[nv] = struct{}{}
 		created = append(created, nv)
@@ -178,6 +186,39 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 	return nil
 }
 
+// snapshotSpaceLocked fails with ErrNoSpace, before anything changes,
+// when the pool cannot reserve what the snapshots in specs would need:
+// each origin that gets frozen needs a reservation for every provisioned
+// block it then shares (every block, in reserve mode) minus the
+// reservation entries it freezes, and each clone one for every
+// provisioned block it shares.
+func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
+	var need uint64
+	frozen := map[string]bool{}
+	for _, s := range specs {
+		o := p.vols[s.Origin]
+		if o.rec.Kind != pebblemeta.KindSnapshot && !frozen[s.Origin] {
+			frozen[s.Origin] = true
+			after := o.rec
+			after.Mapped, after.Provisioned, after.Reserved = 0, 0, 0
+			need += p.extraFor(&after) - o.extra - o.rec.Reserved
+		}
+		if s.Writable {
+			clone := pebblemeta.VolumeRecord{Kind: pebblemeta.KindClone, Size: o.rec.Size, ChainProv: o.rec.ChainProv}
+			need += p.extraFor(&clone)
+		}
+	}
+	if free := p.freeLocked(); need > free {
+		names := make([]string, len(specs))
+		for i, s := range specs {
+			names[i] = s.Name
+		}
+		return fmt.Errorf("create snapshot %v: %w: it must reserve %d blocks (%d bytes) for copy-on-write of provisioned shared blocks, %d are free",
+			names, ErrNoSpace, need, need*uint64(p.blockSize), free)
+	}
+	return nil
+}
+
 // freezeLocked freezes o's head layer (its counters move to the layer
 // record) and gives o a new empty head under it.
 func (p *Pool) freezeLocked(o *volState) {
@@ -189,12 +230,16 @@ func (p *Pool) freezeLocked(o *volState) {
 	}
 	ls.rec.Frozen = true
 	ls.rec.Mapped, ls.rec.Provisioned, ls.rec.Reserved = o.rec.Mapped, o.rec.Provisioned, o.rec.Reserved
+	// Frozen reservations leave the pool's count: o's own reservation for
+	// each of them (ChainProv is unchanged, Provisioned drops) replaces it.
+	p.rec.Reserved -= o.rec.Reserved
 	o.rec.Mapped, o.rec.Provisioned, o.rec.Reserved = 0, 0, 0
 	p.dirtyLayers[L] = struct{}{}
 	delete(p.heads, L)
 	o.rec.Layer = p.newLayerLocked(L)
 	p.heads[o.rec.Layer] = o
 	p.dirtyVols[o] = struct{}{}
+	p.reaccountLocked(o)
 }
 
 func (p *Pool) newLayerLocked(parent uint64) uint64 {
@@ -291,7 +336,7 @@ func (p *Pool) pruneLayerLocked(L uint64) error {
 		return fmt.Errorf("prune layer %d: %w", L, err)
 	}
 	for _, d := range dead {
-		p.setEntryLocked(L, d.vb, d.e, pebblemeta.Entry{})
+		p.setEntryLocked(L, d.vb, d.e, pebblemeta.Entry{}, false)
 		if d.e.Mapped() {
 			p.releaseLocked(d.e.PBlock)
 		}
@@ -355,7 +400,7 @@ func (p *Pool) dropLayerLocked(L, child uint64) error {
 			}
 		}
 		if rerr == nil {
-			rerr = p.releaseEntryLocked(fmt.Sprintf("layer %d", L), e)
+			rerr = p.releaseEntryLocked(fmt.Sprintf("layer %d", L), e, false)
 		}
 	})
 	if err == nil {
@@ -366,12 +411,13 @@ func (p *Pool) dropLayerLocked(L, child uint64) error {
 	}
 	for _, m := range moves {
 		// The block changes owner: the pool counters stay, the child's grow.
-		p.setEntryLocked(child, m.vb, pebblemeta.Entry{}, m.e)
+		// The child read this entry through L, so what decides the block
+		// for it does not change; a head child now owns it (no
+		// copy-on-write left to reserve for), and a reservation moved
+		// into a head counts in the pool again.
+		p.setEntryLocked(child, m.vb, pebblemeta.Entry{}, m.e, m.e.Provisioned())
 		if m.e.Mapped() {
 			p.rec.Allocated--
-		}
-		if m.e.Reserved() {
-			p.rec.Reserved--
 		}
 	}
 	for k := range p.dirty {

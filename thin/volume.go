@@ -286,8 +286,15 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		cow := int64(-1)
 		if el == layer {
 			f.prev, f.fromReserve = e, e.Reserved()
-		} else if e.Mapped() {
-			cow = int64(e.PBlock)
+		} else {
+			// A provisioned shared block has a reservation for its copy.
+			f.ancProv, f.fromReserve = e.Provisioned(), e.Provisioned()
+			if e.Mapped() {
+				cow = int64(e.PBlock)
+			}
+		}
+		if v.st.rec.ReserveMode {
+			f.fromReserve = true // every block the head lacks is reserved
 		}
 		if f.fromReserve {
 			fromRes++
@@ -416,7 +423,7 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 			p.alloc.clear(f.pblock)
 		} else {
 			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.flags, PBlock: f.pblock}
-			p.setLocked(v.st, pl.vb, f.prev, e)
+			p.setLocked(v.st, pl.vb, f.prev, e, f.ancProv)
 		}
 		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
 		close(f.done)
@@ -601,7 +608,9 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 					ne = hole
 				}
 			}
-			p.setLocked(v.st, vb, e, ne)
+			// Nothing provisioned shows through: ne is a hole, or there is
+			// no ancestor entry but a hole.
+			p.setLocked(v.st, vb, e, ne, false)
 			if e.Mapped() {
 				p.releaseLocked(e.PBlock)
 				released = true
@@ -612,7 +621,10 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 		}
 		for vb, e := range anc {
 			if _, _, whole := covered(vb); whole && !e.Hole() {
-				p.setLocked(v.st, vb, pebblemeta.Entry{}, hole)
+				p.setLocked(v.st, vb, pebblemeta.Entry{}, hole, e.Provisioned())
+				if e.Provisioned() {
+					released = true // its copy-on-write reservation
+				}
 			}
 		}
 		if released {
@@ -621,9 +633,17 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 			p.spaceFreedLocked()
 		}
 	} else {
+		// A new reservation entry needs a block, unless it takes over one
+		// the volume already has: reserve mode's, or the copy-on-write
+		// reservation of a provisioned shared block.
 		var need uint64
 		for vb := first; vb <= last; vb++ {
-			if e, ok := existing[vb]; !ok || e.Hole() {
+			e, ok := existing[vb]
+			switch {
+			case ok && !e.Hole():
+			case v.st.rec.ReserveMode:
+			case !ok && anc[vb].Provisioned():
+			default:
 				need++
 			}
 		}
@@ -634,13 +654,13 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 			e, ok := existing[vb]
 			switch {
 			case !ok || e.Hole():
-				p.setLocked(v.st, vb, e, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned})
+				p.setLocked(v.st, vb, e, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned}, !ok && anc[vb].Provisioned())
 			case e.Mapped():
 				zeroIn(e, vb)
 				if !e.Provisioned() {
 					ne := e
 					ne.Flags |= pebblemeta.FlagProvisioned
-					p.setLocked(v.st, vb, e, ne)
+					p.setLocked(v.st, vb, e, ne, false)
 				}
 			}
 		}
