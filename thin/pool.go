@@ -49,6 +49,11 @@ const (
 	NoSpaceError NoSpacePolicy = 0
 	// NoSpaceQueue waits until space appears or NoSpaceTimeout passes.
 	NoSpaceQueue NoSpacePolicy = 1
+	// NoSpacePause waits until space appears, however long that takes;
+	// the OutOfSpace and SpaceAvailable events let the serving process
+	// pause the VM meanwhile and resume it after, as QEMU does with
+	// werror=enospc.
+	NoSpacePause NoSpacePolicy = 2
 )
 
 func (n NoSpacePolicy) String() string {
@@ -57,19 +62,23 @@ func (n NoSpacePolicy) String() string {
 		return "error"
 	case NoSpaceQueue:
 		return "queue"
+	case NoSpacePause:
+		return "pause"
 	}
 	return fmt.Sprintf("NoSpacePolicy(%d)", uint8(n))
 }
 
-// ParseNoSpacePolicy parses "error" or "queue".
+// ParseNoSpacePolicy parses "error", "queue" or "pause".
 func ParseNoSpacePolicy(s string) (NoSpacePolicy, error) {
 	switch s {
 	case "error":
 		return NoSpaceError, nil
 	case "queue":
 		return NoSpaceQueue, nil
+	case "pause":
+		return NoSpacePause, nil
 	}
-	return 0, fmt.Errorf("%w: no-space policy %q (want error or queue)", ErrInvalid, s)
+	return 0, fmt.Errorf("%w: no-space policy %q (want error, queue or pause)", ErrInvalid, s)
 }
 
 // CreateOptions configure a new pool.
@@ -131,7 +140,7 @@ func create(dir string, o CreateOptions, e *env) error {
 		return fmt.Errorf("create pool %s: %w: size %d is not a positive multiple of the block size %d", dir, ErrInvalid, o.Size, o.BlockSize)
 	case o.Size > math.MaxInt64/2:
 		return fmt.Errorf("create pool %s: %w: size %d too large", dir, ErrInvalid, o.Size)
-	case o.NoSpace > NoSpaceQueue:
+	case o.NoSpace > NoSpacePause:
 		return fmt.Errorf("create pool %s: %w: no-space policy %d", dir, ErrInvalid, o.NoSpace)
 	case o.NoSpaceTimeout < 0:
 		return fmt.Errorf("create pool %s: %w: negative no-space timeout", dir, ErrInvalid)
@@ -284,6 +293,7 @@ type Pool struct {
 	metaDirty    bool
 	filling      map[mapKey]*fill
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
+	outOfSpace   bool          // a request found no space, and none appeared since
 	belowLow     bool
 	failed       error
 	closed       bool
@@ -517,10 +527,13 @@ func (p *Pool) noteSpaceLocked() {
 	below := p.freeLocked() < p.lowWaterBlocks()
 	if below != p.belowLow {
 		p.belowLow = below
+		free := p.freeLocked() * uint64(p.blockSize)
 		if below {
 			p.log.Warn("thin pool free space fell below the low-water mark", "pool", p.dir,
-				"free_bytes", p.freeLocked()*uint64(p.blockSize), "low_water_bytes", p.lowWaterBlocks()*uint64(p.blockSize))
+				"free_bytes", free, "low_water_bytes", p.lowWaterBlocks()*uint64(p.blockSize))
+			p.notifyAsyncLocked(Event{Type: LowWater, Free: free})
 		} else {
+			p.notifyAsyncLocked(Event{Type: AboveLowWater, Free: free})
 			p.log.Info("thin pool free space is above the low-water mark again", "pool", p.dir,
 				"free_bytes", p.freeLocked()*uint64(p.blockSize))
 		}
@@ -531,6 +544,18 @@ func (p *Pool) spaceFreedLocked() {
 	close(p.spaceCh)
 	p.spaceCh = make(chan struct{})
 	p.noteSpaceLocked()
+	if p.outOfSpace && p.freeLocked() > 0 {
+		p.outOfSpace = false
+		p.notifyAsyncLocked(Event{Type: SpaceAvailable, Free: p.freeLocked() * uint64(p.blockSize)})
+	}
+}
+
+// notifyAsyncLocked queues a space event and delivers it from another
+// goroutine: space events arise on I/O paths, where a watcher (which may
+// call out to QEMU, say) must not hold up the request.
+func (p *Pool) notifyAsyncLocked(ev Event) {
+	p.events = append(p.events, ev)
+	go p.deliver()
 }
 
 // allocLocked takes a clear block of the bitmap.
@@ -873,6 +898,10 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 	policy := NoSpacePolicy(p.rec.NoSpace)
 	timeout := time.Duration(p.rec.NoSpaceTimeout)
 	ch := p.spaceCh
+	if !releasing && !p.outOfSpace {
+		p.outOfSpace = true
+		p.notifyAsyncLocked(Event{Type: OutOfSpace, Volume: volume})
+	}
 	logIt := time.Since(p.lastNoSpace) > time.Second
 	if logIt {
 		p.lastNoSpace = time.Now()
@@ -887,6 +916,13 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 			p.log.Warn("thin pool out of space: request failed", "pool", p.dir, "volume", volume, "op", what)
 		}
 		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrNoSpace)
+	}
+	if policy == NoSpacePause {
+		if logIt {
+			p.log.Warn("thin pool out of space: request waits for space (pause policy)", "pool", p.dir, "volume", volume, "op", what)
+		}
+		<-ch
+		return nil
 	}
 	if deadline.IsZero() {
 		*deadline = time.Now().Add(timeout)
@@ -913,6 +949,14 @@ const (
 	VolumeDeleted
 	VolumeResized
 	PoolGrown
+	// Space events (not commits): a request found no unreserved space
+	// (Volume is its volume), space appeared after that, and the free
+	// space crossed the low-water mark down or up. Free is the free
+	// space in bytes then.
+	OutOfSpace
+	SpaceAvailable
+	LowWater
+	AboveLowWater
 )
 
 func (t EventType) String() string {
@@ -925,15 +969,25 @@ func (t EventType) String() string {
 		return "volume-resized"
 	case PoolGrown:
 		return "pool-grown"
+	case OutOfSpace:
+		return "out-of-space"
+	case SpaceAvailable:
+		return "space-available"
+	case LowWater:
+		return "low-water"
+	case AboveLowWater:
+		return "above-low-water"
 	}
 	return fmt.Sprintf("EventType(%d)", int(t))
 }
 
-// Event tells a watcher about a committed change.
+// Event tells a watcher about a committed change, or a change of the
+// pool's free space.
 type Event struct {
 	Type   EventType
-	Volume string // empty for PoolGrown
+	Volume string // empty for pool events
 	Size   uint64 // new size in bytes (volume or pool)
+	Free   uint64 // free bytes, for space events
 }
 
 // Watch registers fn to be called after each committed volume or pool

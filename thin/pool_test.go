@@ -377,6 +377,65 @@ func TestQueueModeWaitsForGrow(t *testing.T) {
 	checkAccounting(t, p)
 }
 
+// TestPauseModeWaitsAndTellsWatchers: with the pause policy a write
+// without space waits past any timeout, watchers hear OutOfSpace (to
+// pause the VM) and SpaceAvailable once space appears, and the write
+// then completes.
+func TestPauseModeWaitsAndTellsWatchers(t *testing.T) {
+	p, _ := newPool(t, 2, CreateOptions{NoSpace: NoSpacePause, NoSpaceTimeout: time.Millisecond, LowWater: 0.5})
+	evs := make(chan Event, 16)
+	defer p.Watch(func(e Event) { evs <- e })()
+	v := mustVolume(t, p, "v", 1<<20)
+	<-evs // created
+	write(t, v, 0, pattern(8*kib, 1))
+	next := func(want EventType) Event {
+		t.Helper()
+		select {
+		case e := <-evs:
+			if e.Type != want {
+				t.Fatalf("event %v, want %v", e, want)
+			}
+			return e
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no %v event", want)
+		}
+		return Event{}
+	}
+	if e := next(LowWater); e.Free != 0 {
+		t.Fatalf("low water event %+v", e)
+	}
+	done := make(chan error, 1)
+	go func() { done <- v.WriteAt([][]byte{pattern(4*kib, 2)}, 8*kib) }()
+	if e := next(OutOfSpace); e.Volume != "v" {
+		t.Fatalf("out of space event %+v", e)
+	}
+	time.Sleep(100 * time.Millisecond) // far beyond the 1ms queue timeout
+	select {
+	case err := <-done:
+		t.Fatalf("paused write finished before space appeared: %v", err)
+	default:
+	}
+	if err := p.Grow(8 * 4 * kib); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	seen := map[EventType]bool{}
+	for len(seen) < 3 {
+		seen[(<-evs).Type] = true
+	}
+	if !seen[SpaceAvailable] || !seen[PoolGrown] || !seen[AboveLowWater] {
+		t.Fatalf("events after grow: %v", seen)
+	}
+	if got := p.Status().Pool.NoSpace; got != "pause" {
+		t.Fatalf("policy shown as %q", got)
+	}
+	if pol, err := ParseNoSpacePolicy("pause"); err != nil || pol != NoSpacePause {
+		t.Fatal(pol, err)
+	}
+}
+
 func TestQueueModeTimesOut(t *testing.T) {
 	p, _ := newPool(t, 1, CreateOptions{NoSpace: NoSpaceQueue, NoSpaceTimeout: 100 * time.Millisecond})
 	v := mustVolume(t, p, "v", 1<<20)
@@ -418,7 +477,8 @@ func TestVolumeLifecycleAndEvents(t *testing.T) {
 	p.CreateVolume("w", 512)
 	mu.Lock()
 	defer mu.Unlock()
-	want := []Event{{VolumeCreated, "v", 1 << 20}, {VolumeResized, "v", 2 << 20}, {PoolGrown, "", 32 * 4 * kib}, {VolumeDeleted, "v", 0}}
+	want := []Event{{Type: VolumeCreated, Volume: "v", Size: 1 << 20}, {Type: VolumeResized, Volume: "v", Size: 2 << 20},
+		{Type: PoolGrown, Size: 32 * 4 * kib}, {Type: VolumeDeleted, Volume: "v"}}
 	if len(evs) != len(want) {
 		t.Fatalf("events %v", evs)
 	}
