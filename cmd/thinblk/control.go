@@ -142,6 +142,13 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		}
 		return nil, pool.DeleteVolume(a.Name)
 	})
+	s.Register("volume-reserve", func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a reserveArgs
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		return nil, pool.SetReserveMode(a.Name, a.Enable)
+	})
 	s.Register("query-volume-inflight", func(ctx context.Context, args json.RawMessage) (any, error) {
 		var a struct {
 			Names []string `json:"names,omitempty"`

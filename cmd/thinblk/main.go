@@ -27,7 +27,7 @@ func commands() []command {
 	return []command{
 		{"serve", "export disks to QEMU over vhost-user-blk", runServe},
 		{"pool", "create or grow a thin pool", runPool},
-		{"volume", "create, delete, resize or list volumes", runVolume},
+		{"volume", "create, delete, resize, list volumes; reserve on|off", runVolumeOrReserve},
 		{"snapshot", "create, delete or list snapshots and clones", runSnapshot},
 		{"vm-snapshot", "snapshot a running VM's disks at one instant (QEMU paused)", runVMSnapshot},
 		{"status", "show a pool's space and its volumes", runStatus},
@@ -58,6 +58,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "thinblk: unknown command %q (see 'thinblk help')\n", args[0])
 	return 2
+}
+
+// runVolumeOrReserve hands `volume reserve` to its own runner; every other
+// volume subcommand goes to runVolume.
+func runVolumeOrReserve(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "reserve" {
+		return runVolumeReserve(args[1:], stdout, stderr)
+	}
+	return runVolume(args, stdout, stderr)
 }
 
 func usage(w io.Writer) {
