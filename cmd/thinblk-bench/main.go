@@ -60,7 +60,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&size, "size", "1G", "image size (K, M, G suffixes)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each case")
 	fs.StringVar(&cases, "cases", "all", "comma-separated case names or substrings (e.g. randread-4k-qd32-q1,write-1m); 'list' prints them")
-	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw)")
+	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin,snapshot", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw), snapshot (snapshot creation time against mapped blocks)")
+	snapF := addSnapFlags(fs)
 	var thinSpan string
 	fs.StringVar(&thinSpan, "thin-span", "1G", "bytes of the thin volume filled and then read and overwritten")
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
@@ -89,7 +90,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	c.targets = map[string]bool{}
 	for _, t := range strings.Split(targets, ",") {
 		switch t {
-		case "thinblk", "qsd", "fio", "thin":
+		case "thinblk", "qsd", "fio", "thin", "snapshot":
 			c.targets[t] = true
 		default:
 			return fmt.Errorf("--targets: unknown target %q", t)
@@ -101,15 +102,30 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if c.cache != "direct" && c.cache != "buffered" {
 		return fmt.Errorf("--cache %q: want direct or buffered", c.cache)
 	}
+	snapCfg, err := snapF.config()
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	results, thin, err := measure(ctx, c, stderr)
+	var results []bench.Result
+	var thin thinReport
+	if c.targets["thinblk"] || c.targets["qsd"] || c.targets["fio"] || c.targets["thin"] {
+		results, thin, err = measure(ctx, c, stderr)
+	}
+	var snaps snapReport
+	if c.targets["snapshot"] && ctx.Err() == nil {
+		var serr error
+		snaps, serr = measureSnapshots(ctx, c.dir, snapCfg, stderr)
+		err = errors.Join(err, serr)
+	}
 	if c.jsonOut {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if jerr := enc.Encode(map[string]any{
 			"cache": c.cache, "qsd_aio": c.qsdAIO, "duration_s": c.duration.Seconds(),
 			"size_bytes": c.size, "repeat": c.repeat, "results": results, "thin": thin.json(),
+			"snapshot": snaps.json(),
 		}); jerr != nil {
 			return jerr
 		}
@@ -119,6 +135,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		if c.targets["thin"] {
 			printThin(stdout, c, thin)
+		}
+		if c.targets["snapshot"] {
+			printSnapshots(stdout, snaps)
 		}
 	}
 	return err
