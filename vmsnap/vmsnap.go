@@ -333,3 +333,37 @@ func snapshotsExist(path string, snaps []Snapshot, timeout time.Duration) bool {
 	}
 	return true
 }
+
+// Stop stops the VM behind QEMU's QMP socket at path if it is running, and
+// says whether it did: a VM that was already paused is left alone, so that
+// whoever paused it stays the one to resume it. The connection is closed
+// on return (QEMU serves one client per monitor socket).
+func Stop(ctx context.Context, path string) (stopped bool, err error) {
+	q, err := dialQEMU(ctx, path)
+	if err != nil {
+		return false, err
+	}
+	defer q.close()
+	st, err := q.status(ctx)
+	if err != nil {
+		return false, err
+	}
+	if !st.Running {
+		return false, nil
+	}
+	if _, err := q.run(ctx, "stop", nil); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// Cont resumes the VM behind QEMU's QMP socket at path.
+func Cont(ctx context.Context, path string) error {
+	q, err := dialQEMU(ctx, path)
+	if err != nil {
+		return err
+	}
+	defer q.close()
+	_, err = q.run(ctx, "cont", nil)
+	return err
+}

@@ -158,7 +158,12 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		}
 		return map[string]int{"requests": ex.inFlight(a.Names...)}, nil
 	})
+	dir := pool.Status().Pool.Dir
 	return pool.Watch(func(ev thin.Event) {
+		if name, data, ok := spaceEvent(dir, ev); ok {
+			s.Emit(name, data)
+			return
+		}
 		data := map[string]any{"size": ev.Size}
 		if ev.Volume != "" {
 			data["name"] = ev.Volume
@@ -167,10 +172,43 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 	})
 }
 
+// QMP events for the pool's free space. The low-water mark has one event
+// for both directions (below says which), like a state change.
+const (
+	eventOutOfSpace     = "BLOCK_POOL_OUT_OF_SPACE"    // {pool, volume, free_bytes}
+	eventSpaceAvailable = "BLOCK_POOL_SPACE_AVAILABLE" // {pool, free_bytes}
+	eventLowWater       = "BLOCK_POOL_LOW_WATER"       // {pool, free_bytes, below}
+)
+
+// spaceEvent maps thin's space events to QMP events; ok is false for the
+// other (volume and pool change) events.
+func spaceEvent(pool string, ev thin.Event) (name string, data map[string]any, ok bool) {
+	data = map[string]any{"pool": pool, "free_bytes": ev.Free}
+	switch ev.Type {
+	case thin.OutOfSpace:
+		data["volume"] = ev.Volume
+		return eventOutOfSpace, data, true
+	case thin.SpaceAvailable:
+		return eventSpaceAvailable, data, true
+	case thin.LowWater, thin.AboveLowWater:
+		data["below"] = ev.Type == thin.LowWater
+		return eventLowWater, data, true
+	}
+	return "", nil, false
+}
+
 // startControl listens for QMP on path and records it in the pool dir.
 func startControl(ctx context.Context, pool *thin.Pool, ex *exports, path string, mode os.FileMode, f serveFlags) (*qmp.Server, func(), error) {
 	s := qmp.NewServer(qmp.Options{Logger: ex.log.With("control", path), Version: version})
 	stopEvents := registerPoolCommands(s, pool, ex)
+	pauseQEMUFlag.Lock()
+	qemu := pauseQEMUFlag.path
+	pauseQEMUFlag.Unlock()
+	if qemu != "" {
+		stopPauser := startPauser(pool, qemu, s.Emit, ex.log)
+		stopPool := stopEvents
+		stopEvents = func() { stopPauser(); stopPool() }
+	}
 	ln, err := s.ListenUnix(path, mode)
 	if err != nil {
 		stopEvents()

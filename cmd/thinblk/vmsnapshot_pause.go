@@ -1,0 +1,190 @@
+package main
+
+// serve DIR --qemu-qmp unix:PATH: with the no-space policy "pause", the VM
+// behind that QEMU monitor is stopped when a write finds the pool out of
+// space and resumed when space appears, as QEMU itself does with
+// werror=enospc. QMP events on thinblk's control socket say so.
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/thinblk/thinblk/thin"
+	"github.com/thinblk/thinblk/vmsnap"
+)
+
+// QMP events of the pause policy.
+const (
+	eventVMStopped = "BLOCK_POOL_VM_STOPPED" // {pool, volume, qemu[, error]}
+	eventVMResumed = "BLOCK_POOL_VM_RESUMED" // {pool, qemu[, error]}
+)
+
+// pauseQEMUFlag holds serve's --qemu-qmp for startControl. The flag is
+// taken out of serve's arguments before they are parsed (runServeQEMU),
+// because serve's own flag set lives elsewhere.
+var pauseQEMUFlag struct {
+	sync.Mutex
+	path string
+}
+
+// runServeQEMU takes --qemu-qmp out of serve's arguments and runs serve.
+func runServeQEMU(args []string, stdout, stderr io.Writer) int {
+	var rest []string
+	var qemu string
+	raw := false
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			rest = append(rest, args[i:]...)
+			break
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") {
+			rest = append(rest, a)
+			continue
+		}
+		switch name {
+		case "qemu-qmp":
+			if !hasVal {
+				if i+1 >= len(args) {
+					return usageError(stderr, "serve", fmt.Errorf("--qemu-qmp needs unix:PATH"))
+				}
+				i++
+				val = args[i]
+			}
+			qemu = val
+			continue
+		case "raw":
+			raw = true
+		case "h", "help":
+			defer fmt.Fprintln(stderr, "  -qemu-qmp unix:PATH\n    \twith a pool whose no-space policy is pause: QEMU monitor of the VM to stop while the pool is out of space and resume after")
+		}
+		rest = append(rest, a)
+	}
+	if qemu != "" {
+		if raw {
+			return usageError(stderr, "serve", fmt.Errorf("--qemu-qmp goes with a pool, not --raw"))
+		}
+		path, err := parseSocketFlag("--qemu-qmp", qemu)
+		if err != nil {
+			return usageError(stderr, "serve", err)
+		}
+		pauseQEMUFlag.Lock()
+		pauseQEMUFlag.path = path
+		pauseQEMUFlag.Unlock()
+		defer func() {
+			pauseQEMUFlag.Lock()
+			pauseQEMUFlag.path = ""
+			pauseQEMUFlag.Unlock()
+		}()
+	}
+	return runServe(rest, stdout, stderr)
+}
+
+// pauser stops and resumes one QEMU on the pool's space events. Actions
+// run one at a time on their own goroutine, in event order: a stop that
+// QEMU takes long to finish (it stops the vhost-user rings, and a ring
+// whose request waits for space answers only once space is back) is
+// followed by the matching cont, never overtaken by it.
+type pauser struct {
+	qemu, pool string
+	emit       func(event string, data any)
+	log        *slog.Logger
+	events     chan thin.Event
+	done       chan struct{}
+	ctx        context.Context
+	cancel     context.CancelFunc
+	stopped    bool // we stopped the VM and owe it a cont
+}
+
+// pauseActionTimeout bounds one QMP action on QEMU. A stop waits for the
+// vhost-user rings, so it gets long.
+const pauseActionTimeout = 10 * time.Minute
+
+func startPauser(pool *thin.Pool, qemu string, emit func(string, any), log *slog.Logger) (stop func()) {
+	st := pool.Status()
+	if st.Pool.NoSpace != thin.NoSpacePause.String() {
+		log.Warn("--qemu-qmp is ignored: the pool's no-space policy is not pause", "policy", st.Pool.NoSpace)
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &pauser{
+		qemu: qemu, pool: st.Pool.Dir, emit: emit, log: log.With("qemu_qmp", qemu),
+		events: make(chan thin.Event, 256), done: make(chan struct{}), ctx: ctx, cancel: cancel,
+	}
+	unwatch := pool.Watch(func(ev thin.Event) {
+		if ev.Type != thin.OutOfSpace && ev.Type != thin.SpaceAvailable {
+			return
+		}
+		select {
+		case p.events <- ev:
+		default:
+			p.log.Error("pause policy: event queue full, event dropped", "event", ev.Type)
+		}
+	})
+	go p.run()
+	return func() {
+		unwatch()
+		cancel()
+		<-p.done
+	}
+}
+
+func (p *pauser) run() {
+	defer close(p.done)
+	for {
+		select {
+		case <-p.ctx.Done():
+			return
+		case ev := <-p.events:
+			p.handle(ev)
+		}
+	}
+}
+
+func (p *pauser) handle(ev thin.Event) {
+	ctx, cancel := context.WithTimeout(p.ctx, pauseActionTimeout)
+	defer cancel()
+	switch ev.Type {
+	case thin.OutOfSpace:
+		if p.stopped {
+			return
+		}
+		stopped, err := vmsnap.Stop(ctx, p.qemu)
+		data := map[string]any{"pool": p.pool, "volume": ev.Volume, "qemu": p.qemu}
+		if err != nil {
+			// The stop may have happened anyway (say, its answer came too
+			// late): owe a cont, which is harmless on a running VM.
+			p.stopped = true
+			data["error"] = err.Error()
+			p.log.Error("pause policy: could not stop the VM", "volume", ev.Volume, "err", err)
+			p.emit(eventVMStopped, data)
+			return
+		}
+		if !stopped {
+			p.log.Info("pause policy: pool out of space; the VM was already paused, left alone", "volume", ev.Volume)
+			return
+		}
+		p.stopped = true
+		p.log.Warn("pause policy: pool out of space; VM stopped until space appears", "volume", ev.Volume)
+		p.emit(eventVMStopped, data)
+	case thin.SpaceAvailable:
+		if !p.stopped {
+			return
+		}
+		p.stopped = false
+		data := map[string]any{"pool": p.pool, "qemu": p.qemu}
+		if err := vmsnap.Cont(ctx, p.qemu); err != nil {
+			data["error"] = err.Error()
+			p.log.Error("pause policy: could not resume the VM", "err", err)
+		} else {
+			p.log.Info("pause policy: space available; VM resumed", "free_bytes", ev.Free)
+		}
+		p.emit(eventVMResumed, data)
+	}
+}
