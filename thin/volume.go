@@ -576,12 +576,39 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 	if err != nil {
 		return nil, nil, fmt.Errorf("%s: %w", v.name, err)
 	}
-	// A partial zeroing of a shared mapped block needs its copy first.
+	// A partial zeroing of a shared mapped block needs its copy first;
+	// provisioning also needs a reservation for each whole block the head
+	// has no entry for, unless it takes over one the volume already has
+	// (reserve mode's, or the copy-on-write reservation of a provisioned
+	// shared block). The space for all of it is checked before anything
+	// changes, so a request that fails for lack of space changes nothing.
 	var cow []zeroOp
+	var need uint64
 	for vb, e := range anc {
 		if a, b, whole := covered(vb); e.Mapped() && !whole {
 			cow = append(cow, zeroOp{a, b - a})
+			if !e.Provisioned() && !v.st.rec.ReserveMode {
+				need++
+			}
 		}
+	}
+	if !unmap {
+		for vb := first; vb <= last; vb++ {
+			e, ok := existing[vb]
+			_, _, whole := covered(vb)
+			switch {
+			case ok && !e.Hole():
+			case v.st.rec.ReserveMode:
+			case !ok && anc[vb].Provisioned():
+			case !ok && anc[vb].Mapped() && !whole:
+				// Counted above: its copy is mapped and then provisioned.
+			default:
+				need++
+			}
+		}
+	}
+	if need > p.freeLocked() {
+		return nil, nil, ErrNoSpace
 	}
 	if len(cow) > 0 {
 		return nil, nil, &cowFirst{cow}
@@ -633,23 +660,6 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 			p.spaceFreedLocked()
 		}
 	} else {
-		// A new reservation entry needs a block, unless it takes over one
-		// the volume already has: reserve mode's, or the copy-on-write
-		// reservation of a provisioned shared block.
-		var need uint64
-		for vb := first; vb <= last; vb++ {
-			e, ok := existing[vb]
-			switch {
-			case ok && !e.Hole():
-			case v.st.rec.ReserveMode:
-			case !ok && anc[vb].Provisioned():
-			default:
-				need++
-			}
-		}
-		if need > p.freeLocked() {
-			return nil, nil, ErrNoSpace
-		}
 		for vb := first; vb <= last; vb++ {
 			e, ok := existing[vb]
 			switch {

@@ -1,0 +1,413 @@
+package thin
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// The snapshot model test drives volumes, read-only snapshots and clones
+// with random writes, discards, provisioning, snapshots, deletes, reserve
+// mode, flushes and crashes, and checks after every step:
+//   - every sector of every volume reads what the model says (tags are
+//     unique across the pool, so data of another volume or of the wrong
+//     moment shows up as an unknown tag); after a crash, one of the values
+//     the sector may hold;
+//   - a write that touches only promised blocks (provisioned in the
+//     volume's view, or any block in reserve mode) never fails, and no
+//     request fails for a reason other than lack of space;
+//   - Check is clean and allocated + reserved + free = size;
+//   - now and then the pool is filled from a filler volume and every
+//     promised block of every writable volume is written.
+// Space is not predicted block by block here (sharing makes that the
+// pool's business); the promise and Check are the contract.
+
+type snapVol struct {
+	name     string
+	writable bool
+	reserve  bool
+	sectors  []modelSector
+	prov     []bool // provisioned in this volume's view
+}
+
+type snapModel struct {
+	t       *testing.T
+	rng     *rand.Rand
+	m       *machine
+	p       *Pool
+	dir     string
+	vols    []*snapVol
+	nextTag uint64
+	nextVol int
+	log     []string
+}
+
+func (md *snapModel) fatalf(format string, args ...any) {
+	md.t.Helper()
+	tail := md.log
+	if len(tail) > 80 {
+		tail = tail[len(tail)-80:]
+	}
+	md.t.Fatalf("%s\nlast operations:\n%s", fmt.Sprintf(format, args...), strings.Join(tail, "\n"))
+}
+
+func (md *snapModel) vol(v *snapVol) *Volume {
+	h, err := md.p.Volume(v.name)
+	if err != nil {
+		md.fatalf("volume %s: %v", v.name, err)
+	}
+	return h
+}
+
+func (md *snapModel) promised(v *snapVol, first, n int) bool {
+	if v.reserve {
+		return true
+	}
+	for b := first / mPerBlk; b <= (first+n-1)/mPerBlk; b++ {
+		if !v.prov[b] {
+			return false
+		}
+	}
+	return true
+}
+
+func (md *snapModel) write(v *snapVol, first, n int) {
+	md.t.Helper()
+	tag := md.nextTag
+	md.nextTag++
+	buf := make([]byte, n*mSector)
+	for i := range n {
+		fillSector(buf[i*mSector:(i+1)*mSector], tag, 0, uint64(first+i))
+	}
+	err := md.vol(v).WriteAt([][]byte{buf}, int64(first)*mSector)
+	md.log = append(md.log, fmt.Sprintf("  tag %d -> %s %d+%d: %v", tag, v.name, first, n, err))
+	if err != nil {
+		if !errors.Is(err, ErrNoSpace) || md.promised(v, first, n) {
+			md.fatalf("write %s %d+%d (promised %v): %v", v.name, first, n, md.promised(v, first, n), err)
+		}
+		return
+	}
+	for i := range n {
+		s := &v.sectors[first+i]
+		s.cur = tag
+		s.cands = append(s.cands, tag)
+	}
+}
+
+func (md *snapModel) zero(v *snapVol, first, n int, unmap bool) {
+	md.t.Helper()
+	err := md.vol(v).WriteZeroes(int64(first)*mSector, int64(n)*mSector, unmap)
+	if err != nil {
+		// Provisioning may lack space; a partial discard of a shared block
+		// copies it first, which may lack space too, unless promised.
+		if !errors.Is(err, ErrNoSpace) || unmap && md.promised(v, first, n) {
+			md.fatalf("zero %s %d+%d unmap=%v: %v", v.name, first, n, unmap, err)
+		}
+		return
+	}
+	for i := range n {
+		s := &v.sectors[first+i]
+		s.cur = 0
+		s.cands = append(s.cands, 0)
+	}
+	for b := first / mPerBlk; b <= (first+n-1)/mPerBlk; b++ {
+		whole := first <= b*mPerBlk && first+n >= (b+1)*mPerBlk
+		switch {
+		case !unmap:
+			v.prov[b] = true
+		case whole:
+			v.prov[b] = false
+		}
+	}
+}
+
+// durable records that everything written so far is durable (Flush, and
+// every snapshot and delete, which commit the whole pool).
+func (md *snapModel) durable() {
+	for _, v := range md.vols {
+		for i := range v.sectors {
+			s := &v.sectors[i]
+			s.cands = append(s.cands[:0], s.cur)
+		}
+	}
+}
+
+func (md *snapModel) snapshot(o *snapVol, writable bool) {
+	md.t.Helper()
+	name := fmt.Sprintf("s%d", md.nextVol)
+	md.nextVol++
+	err := md.p.CreateSnapshot(o.name, name, writable)
+	md.log = append(md.log, fmt.Sprintf("  %s of %s (writable %v): %v", name, o.name, writable, err))
+	if err != nil {
+		if !errors.Is(err, ErrNoSpace) {
+			md.fatalf("snapshot %s of %s: %v", name, o.name, err)
+		}
+		return
+	}
+	md.durable()
+	nv := &snapVol{name: name, writable: writable, prov: slices.Clone(o.prov), sectors: make([]modelSector, len(o.sectors))}
+	for i, s := range o.sectors {
+		nv.sectors[i] = modelSector{cur: s.cur, cands: []uint64{s.cur}}
+	}
+	md.vols = append(md.vols, nv)
+}
+
+func (md *snapModel) verifyAll() {
+	md.t.Helper()
+	for _, v := range md.vols {
+		buf := make([]byte, mVolBlks*mBlock)
+		if err := md.vol(v).ReadAt([][]byte{buf}, 0); err != nil {
+			md.fatalf("read %s: %v", v.name, err)
+		}
+		for i := range v.sectors {
+			tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], 0, uint64(i))
+			if err != nil || tag != v.sectors[i].cur {
+				md.fatalf("volume %s sector %d: got tag %d (%v), model says %d", v.name, i, tag, err, v.sectors[i].cur)
+			}
+		}
+	}
+}
+
+func (md *snapModel) check() {
+	md.t.Helper()
+	s := md.p.Status()
+	if s.Pool.AllocatedBytes+s.Pool.ReservedBytes+s.Pool.FreeBytes != s.Pool.SizeBytes {
+		md.fatalf("allocated+reserved+free != size: %+v", s.Pool)
+	}
+	if err := md.p.Check(nil); err != nil {
+		md.fatalf("check: %v", err)
+	}
+	for _, v := range md.vols {
+		for _, vs := range s.Volumes {
+			if vs.Name == v.name && vs.ReserveMode != v.reserve {
+				md.fatalf("volume %s: reserve mode %v, model %v", v.name, vs.ReserveMode, v.reserve)
+			}
+		}
+	}
+}
+
+// fillAndKeepPromises fills the pool, writes every promised block of every
+// writable volume (none may fail), then frees the filler again.
+func (md *snapModel) fillAndKeepPromises() {
+	md.t.Helper()
+	fill, err := md.p.Volume("fill")
+	if err != nil {
+		md.fatalf("%v", err)
+	}
+	blk := make([]byte, mBlock)
+	for vb := int64(0); ; vb++ {
+		if vb*mBlock >= int64(fill.Size()) {
+			md.fatalf("filler never ran out of space")
+		}
+		err := fill.WriteAt([][]byte{blk}, vb*mBlock)
+		if errors.Is(err, ErrNoSpace) {
+			break
+		}
+		if err != nil {
+			md.fatalf("fill: %v", err)
+		}
+	}
+	for _, v := range md.vols {
+		if !v.writable {
+			continue
+		}
+		for b := range mVolBlks {
+			if md.promised(v, b*mPerBlk, mPerBlk) {
+				md.write(v, b*mPerBlk+md.rng.IntN(mPerBlk), 1)
+			}
+		}
+	}
+	if err := fill.Discard(0, int64(fill.Size())); err != nil {
+		md.fatalf("free the filler: %v", err)
+	}
+}
+
+func (md *snapModel) crash() {
+	md.t.Helper()
+	md.p.abandon()
+	md.p = nil
+	md.m = md.m.crash(md.rng)
+	md.open()
+	if err := md.p.Check(nil); err != nil {
+		md.fatalf("check after crash: %v", err)
+	}
+	for _, v := range md.vols {
+		buf := make([]byte, mVolBlks*mBlock)
+		if err := md.vol(v).ReadAt([][]byte{buf}, 0); err != nil {
+			md.fatalf("read after crash: %v", err)
+		}
+		for i := range v.sectors {
+			s := &v.sectors[i]
+			tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], 0, uint64(i))
+			if err != nil || !slices.Contains(s.cands, tag) {
+				md.fatalf("after crash volume %s sector %d holds tag %d (%v); possible: %v", v.name, i, tag, err, s.cands)
+			}
+			s.cur = tag
+			s.cands = append(s.cands[:0], tag)
+		}
+		// Provisioning since the last commit may be lost: adopt the pool's.
+		md.p.mu.Lock()
+		st := md.p.vols[v.name]
+		for b := range v.prov {
+			e, _, err := md.p.resolveLocked(st.rec.Layer, uint64(b))
+			if err != nil {
+				md.p.mu.Unlock()
+				md.fatalf("lookup: %v", err)
+			}
+			v.prov[b] = e.Provisioned()
+		}
+		md.p.mu.Unlock()
+	}
+}
+
+func (md *snapModel) open() {
+	o := quietOpts()
+	o.MaxPending = 1 + md.rng.IntN(48)
+	o.MapCacheEntries = md.rng.IntN(64) - 8
+	p, err := open(md.dir, o, md.m.env())
+	if err != nil {
+		md.fatalf("reopen: %v", err)
+	}
+	md.p = p
+}
+
+func TestModelSnapshots(t *testing.T) {
+	steps := envInt("THIN_MODEL_STEPS", 600)
+	seeds := envInt("THIN_MODEL_SEEDS", 3)
+	first := 1
+	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
+		first, seeds = s, envInt("THIN_MODEL_SEEDS", 1)
+	}
+	for seed := first; seed < first+seeds; seed++ {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runSnapModel(t, uint64(seed), steps) })
+	}
+}
+
+func runSnapModel(t *testing.T, seed uint64, steps int) {
+	md := &snapModel{t: t, rng: rand.New(rand.NewPCG(seed, 7)), m: newMachine(), dir: "/pool", nextTag: 1}
+	if err := create(md.dir, CreateOptions{Size: 96 * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
+		t.Fatal(err)
+	}
+	defer func(old uint64) { rangeLookupMax = old }(rangeLookupMax)
+	rangeLookupMax = uint64(md.rng.IntN(6))
+	defer func(old uint64) { zeroStep = old }(zeroStep)
+	zeroStep = uint64(md.rng.IntN(4))
+	md.open()
+	defer func() {
+		if md.p != nil {
+			md.p.abandon()
+		}
+	}()
+	if err := md.p.CreateVolume("fill", 200*mBlock); err != nil {
+		t.Fatal(err)
+	}
+	newVol := func() {
+		name := fmt.Sprintf("v%d", md.nextVol)
+		md.nextVol++
+		if err := md.p.CreateVolume(name, mVolBlks*mBlock); err != nil {
+			md.fatalf("create: %v", err)
+		}
+		md.durable()
+		v := &snapVol{name: name, writable: true, sectors: make([]modelSector, mVolBlks*mPerBlk), prov: make([]bool, mVolBlks)}
+		for i := range v.sectors {
+			v.sectors[i].cands = []uint64{0}
+		}
+		md.vols = append(md.vols, v)
+	}
+	newVol()
+	total := mVolBlks * mPerBlk
+	for step := range steps {
+		var ws []*snapVol
+		for _, v := range md.vols {
+			if v.writable {
+				ws = append(ws, v)
+			}
+		}
+		if len(ws) == 0 {
+			newVol()
+			continue
+		}
+		v := ws[md.rng.IntN(len(ws))]
+		any := md.vols[md.rng.IntN(len(md.vols))]
+		n := 1 + md.rng.IntN(3*mPerBlk)
+		if md.rng.IntN(2) == 0 {
+			n = mPerBlk * (1 + md.rng.IntN(3))
+		}
+		first := md.rng.IntN(total - n + 1)
+		if md.rng.IntN(2) == 0 {
+			first = first / mPerBlk * mPerBlk
+			n = min(n, total-first)
+		}
+		r := md.rng.IntN(100)
+		var op string
+		switch {
+		case r < 30:
+			op = "write"
+		case r < 38:
+			op = "discard"
+		case r < 52:
+			op = "provision"
+		case r < 58:
+			op = "flush"
+		case r < 66:
+			op = "snapshot"
+		case r < 72:
+			op = "clone"
+		case r < 78:
+			op = "delete"
+		case r < 82:
+			op = "reserve"
+		case r < 86:
+			op = "promise"
+		default:
+			op = "crash"
+		}
+		md.log = append(md.log, fmt.Sprintf("%d:%s %s/%s %d+%d", step, op, v.name, any.name, first, n))
+		switch op {
+		case "write":
+			md.write(v, first, n)
+		case "discard":
+			md.zero(v, first, n, true)
+		case "provision":
+			md.zero(v, first, n, false)
+		case "flush":
+			if err := md.p.Flush(); err != nil {
+				md.fatalf("flush: %v", err)
+			}
+			md.durable()
+		case "snapshot", "clone":
+			if len(md.vols) < 8 {
+				md.snapshot(any, op == "clone")
+			}
+		case "delete":
+			if len(md.vols) > 1 {
+				if err := md.p.DeleteVolume(any.name); err != nil {
+					md.fatalf("delete %s: %v", any.name, err)
+				}
+				md.durable()
+				md.vols = slices.DeleteFunc(md.vols, func(x *snapVol) bool { return x == any })
+			}
+		case "reserve":
+			on := md.rng.IntN(2) == 0
+			err := md.p.SetReserveMode(v.name, on)
+			switch {
+			case err == nil:
+				v.reserve = on
+			case !on || !errors.Is(err, ErrNoSpace):
+				md.fatalf("reserve mode %v on %s: %v", on, v.name, err)
+			}
+		case "promise":
+			md.fillAndKeepPromises()
+		case "crash":
+			md.crash()
+		}
+		md.check()
+		if step%10 == 0 {
+			md.verifyAll()
+		}
+	}
+	md.verifyAll()
+}
