@@ -237,7 +237,8 @@ func TestLists(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(l) < 20 {
+		// The set is trimmed to run in about 15 min; far fewer would drop coverage.
+		if len(l) < 10 {
 			t.Errorf("%s default list has %d tests", fstyp, len(l))
 		}
 		for _, e := range l {

@@ -70,7 +70,7 @@ var HostPackages = []string{
 	"xfsprogs", "e2fsprogs", "util-linux", "fdisk", "fio", "attr", "acl", "quota", "bc",
 	"dmsetup", "psmisc", "dbench", "gawk", "perl", "python3", "sqlite3", "libaio1",
 	"liburing2", "uuid-runtime", "thin-provisioning-tools", "xfsdump", "indent", "iproute2",
-	"passwd", "procps", "file", "libcap2-bin",
+	"passwd", "procps", "file", "libcap2-bin", "lvm2",
 }
 
 func main() {
