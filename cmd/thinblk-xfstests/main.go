@@ -19,6 +19,7 @@
 // --stop-on-hang). Results land in RUNDIR: report.json, junit.xml, summary.txt, and per
 // back-end check.out (check's output), results/ (check's RESULT_BASE) and failures/ (each
 // failure's .out.bad, .full and .dmesg), session*/ (guest script, console and QEMU logs).
+// One run at a time per run directory (RUNDIR/.lock).
 // After the thinblk run the pool must pass `thinblk check` and have consistent accounting.
 //
 // Exit status: 0 when every failure is listed in the expected-failures file
@@ -206,6 +207,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if strings.ContainsAny(outDir, " \t\n,") {
 		return usage("--out: the run directory's path may not contain spaces or commas (it goes on the guest's kernel command line)")
 	}
+	// Two runs in one directory would start two back-ends on the same socket paths; the second
+	// one's serve fails while its guest reaches the first one's disks.
+	unlock, err := lockRunDir(outDir)
+	if err != nil {
+		fmt.Fprintln(stderr, "thinblk-xfstests:", err)
+		return 1
+	}
+	defer unlock()
 	bin := *thinblkBin
 	if bin == "" && contains(backends, "thinblk") {
 		logf("building thinblk")
@@ -250,6 +259,22 @@ func finish(rep *xfstests.Report, outDir string, stdout, stderr io.Writer) int {
 		status = 1
 	}
 	return status
+}
+
+// lockRunDir creates dir and holds an exclusive lock on dir/.lock until the returned func runs.
+func lockRunDir(dir string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("run directory %s is in use by another thinblk-xfstests run: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
 }
 
 func contains(list []string, s string) bool {

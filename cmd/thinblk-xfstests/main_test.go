@@ -29,6 +29,27 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// A second run in a directory another run holds is refused before anything starts.
+func TestRunDirInUse(t *testing.T) {
+	fake, _ := filepath.Abs("../../xfstests/testdata/fakexfstests")
+	out := t.TempDir()
+	unlock, err := lockRunDir(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"--xfstests", fake, "--backend", "qsd", "--tests", "generic/001", "--out", out}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "in use by another thinblk-xfstests run") {
+		t.Errorf("exit %d, stderr %s", code, stderr.String())
+	}
+	unlock()
+	if unlock, err = lockRunDir(out); err != nil {
+		t.Errorf("lock not released: %v", err)
+	} else {
+		unlock()
+	}
+}
+
 func TestList(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	if code := run([]string{"--list", "--fstyp", "ext4"}, &stdout, &stderr); code != 0 {
