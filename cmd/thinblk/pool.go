@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -346,16 +347,40 @@ func printStatus(w io.Writer, st thin.Status) {
 		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "VOLUME\tKIND\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t")
+	fmt.Fprintln(tw, "VOLUME\tKIND\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t RESERVED FOR")
 	for _, v := range st.Volumes {
 		kind := v.Kind
 		if v.Origin != "" {
 			kind += " of " + v.Origin
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", v.Name, kind, units.HumanBytes(v.SizeBytes), units.HumanBytes(v.MappedBytes),
-			units.HumanBytes(v.ProvisionedBytes), units.HumanBytes(v.ReservedBytes))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t %s\n", v.Name, kind, units.HumanBytes(v.SizeBytes), units.HumanBytes(v.MappedBytes),
+			units.HumanBytes(v.ProvisionedBytes), units.HumanBytes(v.ReservedBytes), reservedFor(v))
 	}
 	tw.Flush()
+}
+
+// reservedFor says why a volume holds reserved space.
+func reservedFor(v thin.VolumeStatus) string {
+	var why []string
+	for _, r := range []struct {
+		what  string
+		bytes uint64
+	}{
+		{"provisioned", v.ReservedProvisionedBytes},
+		{"snapshot copies", v.ReservedSharedBytes},
+		{"reserve mode", v.ReservedReserveModeBytes},
+	} {
+		if r.bytes > 0 {
+			why = append(why, r.what+" "+units.HumanBytes(r.bytes))
+		}
+	}
+	if v.ReserveMode && v.ReservedReserveModeBytes == 0 {
+		why = append(why, "reserve mode (all owned)")
+	}
+	if len(why) == 0 {
+		return "-"
+	}
+	return strings.Join(why, ", ")
 }
 
 func runCheck(args []string, stdout, stderr io.Writer) int {
