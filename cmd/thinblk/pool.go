@@ -79,10 +79,10 @@ func runPool(args []string, stdout, stderr io.Writer) int {
 }
 
 func runPoolCreate(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue] [--no-space-timeout 60s] [--low-water 10%]", stderr)
+	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue|pause] [--no-space-timeout 60s] [--low-water 10%]", stderr)
 	size := fs.String("size", "", "pool size (data space), e.g. 20G; a multiple of the block size")
 	blockSize := fs.String("block-size", "64K", "allocation unit: a power of two from 4K to 16M")
-	noSpace := fs.String("no-space", "error", "when a write finds no free space: error (fail at once) or queue (wait for space)")
+	noSpace := fs.String("no-space", "error", "when a write finds no free space: error (fail at once), queue (wait for space up to --no-space-timeout) or pause (wait for space however long; serve --qemu-qmp pauses the VM meanwhile)")
 	noSpaceTimeout := fs.Duration("no-space-timeout", 60*time.Second, "how long a queued write waits for space before it fails")
 	lowWater := fs.String("low-water", "10%", "log and flag the pool when free space falls below this share of it")
 	pos, err := parseArgs(fs, args)
