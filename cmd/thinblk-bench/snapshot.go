@@ -38,7 +38,7 @@ func addSnapFlags(fs *flag.FlagSet) *snapFlags {
 	fs.StringVar(&f.sizes, "snap-sizes", "1k,100k,10M", "snapshot target: mapped blocks of the origin volume, one pool each (k = 1000, M = 1000000)")
 	fs.StringVar(&f.blockSize, "snap-block-size", "64K", "snapshot target: pool block size")
 	fs.IntVar(&f.samples, "snap-samples", 5, "snapshot target: read-only snapshots and clones taken per size (each)")
-	fs.StringVar(&f.checkMax, "snap-check-max", "100k", "snapshot target: run the pool check (and prove the populated pool clean) up to this many mapped blocks")
+	fs.StringVar(&f.checkMax, "snap-check-max", "10M", "snapshot target: check the populated pool (thin_check-like walk: proves it clean) up to this many mapped blocks")
 	fs.StringVar(&f.deleteMax, "snap-delete-max", "100k", "snapshot target: time deleting the snapshots and clones up to this many mapped blocks (deleting the last sharer folds the origin's layer: a walk)")
 	fs.BoolVar(&f.keep, "snap-keep", false, "snapshot target: keep the pools under DIR")
 	return f
