@@ -180,6 +180,10 @@ type VolumeStatus struct {
 	MappedBytes      int64  `json:"mapped_bytes"`
 	ProvisionedBytes int64  `json:"provisioned_bytes"`
 	ReservedBytes    int64  `json:"reserved_bytes"`
+	// ReservedSharedBytes is the part of ReservedBytes held for the copy-on-write of
+	// provisioned blocks shared with snapshots.
+	ReservedSharedBytes int64  `json:"reserved_shared_bytes"`
+	Kind                string `json:"kind"`
 }
 
 // Volume returns the named volume's status.
