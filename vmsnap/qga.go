@@ -54,7 +54,7 @@ func (a *guestAgent) sync(ctx context.Context) error {
 	}
 	for {
 		if _, err := a.r.ReadBytes(0xFF); err != nil {
-			return a.readErr("guest-sync-delimited", timeout, err)
+			return a.readErr(ctx, "guest-sync-delimited", timeout, err)
 		}
 		dec := json.NewDecoder(a.r)
 		var reply struct {
@@ -68,7 +68,7 @@ func (a *guestAgent) sync(ctx context.Context) error {
 		}
 		var syntax *json.SyntaxError
 		if err != nil && !errors.As(err, &syntax) {
-			return a.readErr("guest-sync-delimited", timeout, err)
+			return a.readErr(ctx, "guest-sync-delimited", timeout, err)
 		}
 		// A stale reply or garbage: look for the next delimiter, starting
 		// with what the decoder read ahead.
@@ -76,7 +76,10 @@ func (a *guestAgent) sync(ctx context.Context) error {
 	}
 }
 
-func (a *guestAgent) readErr(cmd string, timeout time.Duration, err error) error {
+func (a *guestAgent) readErr(ctx context.Context, cmd string, timeout time.Duration, err error) error {
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return fmt.Errorf("guest agent %s: %s: %w", a.path, cmd, ctx.Err())
+	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
 		return fmt.Errorf("guest agent %s: no answer to %s within %v (is qemu-ga running in the guest?)", a.path, cmd, timeout.Round(time.Millisecond))
@@ -122,7 +125,7 @@ func (a *guestAgent) run(ctx context.Context, cmd string, args, result any) erro
 		} `json:"error"`
 	}
 	if err := a.dec.Decode(&reply); err != nil {
-		return a.readErr(cmd, timeout, err)
+		return a.readErr(ctx, cmd, timeout, err)
 	}
 	if reply.Error != nil {
 		return fmt.Errorf("guest agent %s: %s", cmd, reply.Error.Desc)

@@ -215,3 +215,34 @@ func TestTakeQEMUMonitorBusy(t *testing.T) {
 		t.Errorf("Take after the other client left: %v", err)
 	}
 }
+
+// Cancelling (what Ctrl-C does in the CLI) ends a wait at once, with the
+// VM as it was.
+func TestTakeCancelled(t *testing.T) {
+	needQEMU(t)
+	dir := shortDir(t)
+	p := startPool(t, dir, "vm1")
+	vm := startVM(t, dir, p, vmOpts{qga: true}, "vm1")
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(time.Second, cancel)
+	start := time.Now()
+	_, err := Take(ctx, Options{
+		QEMU: vm.qmp, Thinblk: p.qmp, Volumes: []string{"vm1"}, Name: "x",
+		Freeze: true, QGA: vm.qga, Timeout: 5 * time.Minute,
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("Take: %v, want context.Canceled", err)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("cancelled Take returned after %v", took)
+	}
+	if st := vm.status(t); !st.Running {
+		t.Errorf("VM is %s", st.Status)
+	}
+	if ev := events(vm.monitor, time.Second); len(ev) != 0 {
+		t.Errorf("QEMU events %v, want none", ev)
+	}
+	if vols := p.volumes(t); len(vols) != 1 {
+		t.Errorf("volumes: %v", vols)
+	}
+}

@@ -155,6 +155,10 @@ func (p *pauser) handle(ev thin.Event) {
 		if p.stopped {
 			return
 		}
+		// QEMU pauses the vCPUs at once; its answer waits until the
+		// vhost-user rings stop, which for a ring whose request waits for
+		// space is when space comes back.
+		p.log.Warn("pause policy: pool out of space; stopping the VM", "volume", ev.Volume)
 		stopped, err := vmsnap.Stop(ctx, p.qemu)
 		data := map[string]any{"pool": p.pool, "volume": ev.Volume, "qemu": p.qemu}
 		if err != nil {
@@ -171,7 +175,7 @@ func (p *pauser) handle(ev thin.Event) {
 			return
 		}
 		p.stopped = true
-		p.log.Warn("pause policy: pool out of space; VM stopped until space appears", "volume", ev.Volume)
+		p.log.Warn("pause policy: VM stopped until space appears", "volume", ev.Volume)
 		p.emit(eventVMStopped, data)
 	case thin.SpaceAvailable:
 		if !p.stopped {
