@@ -111,15 +111,16 @@ func MeasureSnapshot(mapped uint64, o SnapshotOptions) (SnapshotResult, error) {
 		err := fn()
 		return time.Since(t0), err
 	}
+	// Baseline, snapshot and clone samples interleave, so that the
+	// three see the same machine: on a shared one the cost of a synced
+	// commit drifts by several times within a minute.
+	var made []string
 	for i := 0; i < o.Samples; i++ {
 		d, err := timed(func() error { return p.CreateVolume(fmt.Sprintf("baseline%d", i), uint64(o.BlockSize)) })
 		if err != nil {
 			return res, err
 		}
 		res.Baseline = append(res.Baseline, d)
-	}
-	var made []string
-	for i := 0; i < o.Samples; i++ {
 		for _, writable := range []bool{false, true} {
 			name := fmt.Sprintf("snap%d", i)
 			if writable {

@@ -37,7 +37,7 @@ func addSnapFlags(fs *flag.FlagSet) *snapFlags {
 	f := &snapFlags{}
 	fs.StringVar(&f.sizes, "snap-sizes", "1k,100k,10M", "snapshot target: mapped blocks of the origin volume, one pool each (k = 1000, M = 1000000)")
 	fs.StringVar(&f.blockSize, "snap-block-size", "64K", "snapshot target: pool block size")
-	fs.IntVar(&f.samples, "snap-samples", 5, "snapshot target: read-only snapshots and clones taken per size (each)")
+	fs.IntVar(&f.samples, "snap-samples", 9, "snapshot target: read-only snapshots and clones taken per size (each)")
 	fs.StringVar(&f.checkMax, "snap-check-max", "10M", "snapshot target: check the populated pool (thin_check-like walk: proves it clean) up to this many mapped blocks")
 	fs.StringVar(&f.deleteMax, "snap-delete-max", "100k", "snapshot target: time deleting the snapshots and clones up to this many mapped blocks (deleting the last sharer folds the origin's layer: a walk)")
 	fs.BoolVar(&f.keep, "snap-keep", false, "snapshot target: keep the pools under DIR")
@@ -137,14 +137,15 @@ func (rep snapReport) base() (bench.SnapshotResult, bool) {
 func printSnapshots(w io.Writer, rep snapReport) {
 	fmt.Fprintf(w, "\nsnapshot creation against mapped blocks of the origin (pool block %d KiB; %d read-only snapshots and %d clones per size;\n"+
 		"first = the one that freezes the layer holding every mapped block; times in ms; x1k = median / median of the smallest size;\n"+
-		"empty commit = CreateVolume of an empty volume, the same synced metadata commit a snapshot makes; target < %d ms at 10M)\n\n",
+		"empty commit = CreateVolume of an empty volume, the same synced metadata commit a snapshot makes, sampled between the snapshots;\n"+
+		"/commit = median snapshot / median empty commit; target < %d ms at 10M)\n\n",
 		rep.cfg.blockSize>>10, rep.cfg.samples, rep.cfg.samples, snapTargetMs)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "mapped blocks\tpopulate s\topen ms\tcheck s\tmeta MiB\tempty commit\tsnapshot first\tmedian\tmax\tclone first\tmedian\tmax\tsnapshot x1k\tclone x1k\tdelete max\t")
+	fmt.Fprintln(tw, "mapped blocks\tpopulate s\topen ms\tcheck s\tmeta MiB\tempty commit\tsnapshot first\tmedian\tmax\tclone first\tmedian\tmax\tsnapshot x1k\tclone x1k\tsnapshot /commit\tdelete max\t")
 	base, haveBase := rep.base()
 	for i, r := range rep.results {
 		if rep.errs[i] != nil {
-			fmt.Fprintf(tw, "%d\terror\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", r.Mapped)
+			fmt.Fprintf(tw, "%d\terror\t\t\t\t\t\t\t\t\t\t\t\t\t\t\t\n", r.Mapped)
 			continue
 		}
 		check, del := "-", "-"
@@ -155,16 +156,16 @@ func printSnapshots(w io.Writer, rep snapReport) {
 			del = fmt.Sprintf("%.1f", ms(maxDur(r.Deletes)))
 		}
 		ratio := func(a, b []time.Duration) string {
-			if !haveBase || bench.Median(b) == 0 {
+			if !haveBase || bench.Median(b) == 0 || bench.Median(a) == 0 {
 				return "-"
 			}
 			return fmt.Sprintf("%.2f", float64(bench.Median(a))/float64(bench.Median(b)))
 		}
-		fmt.Fprintf(tw, "%d\t%.1f\t%.0f\t%s\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%s\t\n",
+		fmt.Fprintf(tw, "%d\t%.1f\t%.0f\t%s\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%s\t%s\t\n",
 			r.Mapped, r.Populate.Duration.Seconds(), ms(r.Open), check, float64(r.MetaBytes)/(1<<20),
 			ms(bench.Median(r.Baseline)), ms(r.Snapshots[0]), ms(bench.Median(r.Snapshots)), ms(maxDur(r.Snapshots)),
 			ms(r.Clones[0]), ms(bench.Median(r.Clones)), ms(maxDur(r.Clones)),
-			ratio(r.Snapshots, base.Snapshots), ratio(r.Clones, base.Clones), del)
+			ratio(r.Snapshots, base.Snapshots), ratio(r.Clones, base.Clones), ratio(r.Snapshots, r.Baseline), del)
 	}
 	tw.Flush()
 	for i, r := range rep.results {
