@@ -332,7 +332,11 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 // overwrites all its data in place, fills the filesystem's free space and runs fio with
 // verification: no I/O error, no XFS shutdown, data as written. The snapshot still holds the
 // data as it was. A second snapshot, which would need new reservations the full pool cannot
-// give, is refused with a "no space" error and changes nothing.
+// give, is refused with a "no space" error and changes nothing; deleting the first snapshot
+// gives back what keeper reserved for copies. Alongside, a volume in reserve mode (nothing
+// provisioned by the guest) is written whole and snapshotted, which reserves a copy of each
+// block; on the full pool the guest overwrites it with fio verify and the snapshot keeps the
+// old data; reserve mode for another volume is refused with "no space".
 func TestGuestSnapshotPromise(t *testing.T) {
 	e := setup(t)
 	if e.thinblk == "" {
@@ -340,14 +344,15 @@ func TestGuestSnapshotPromise(t *testing.T) {
 	}
 	ctx := context.Background()
 	dir := workDir(t)
-	// keeper fully provisioned (128 MiB) plus as much reserved by the snapshot leaves about
-	// 64 MiB for the filler.
-	const keeperSize = 128 * mib
-	pool, socks, b := startPool(t, e, dir, []string{"--size", "320M", "--no-space", "error"},
-		[2]string{"keeper", "128M"}, [2]string{"filler", "1G"})
+	// keeper fully provisioned (128 MiB) and as much reserved by its snapshot, rmode in
+	// reserve mode (64 MiB) and as much again for its snapshot leave about 64 MiB for the
+	// filler. late stays empty: only its reserve mode is tried.
+	const keeperSize, rmodeSize = 128 * mib, 64 * mib
+	pool, socks, b := startPool(t, e, dir, []string{"--size", "448M", "--no-space", "error"},
+		[2]string{"keeper", "128M"}, [2]string{"rmode", "64M"}, [2]string{"late", "64M"}, [2]string{"filler", "1G"})
 	vm, err := StartVM(ctx, VMOptions{
 		Dir: filepath.Join(dir, "vm1"), Images: e.images,
-		Disks: []DiskSpec{{Socket: filepath.Join(socks, "keeper.sock")}, {Socket: filepath.Join(socks, "filler.sock")}},
+		Disks: []DiskSpec{{Socket: filepath.Join(socks, "keeper.sock")}, {Socket: filepath.Join(socks, "filler.sock")}, {Socket: filepath.Join(socks, "rmode.sock")}},
 		Logf:  t.Logf,
 	})
 	if err != nil {
@@ -360,6 +365,10 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		t.Fatal(err)
 	}
 	filler, err := vm.DiskDevice(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rmode, err := vm.DiskDevice(ctx, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -427,6 +436,24 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		t.Errorf("status says keeper reserves %d MiB for copies of shared blocks, want at least its %d MiB mapped", ks.ReservedSharedBytes/mib, k.MappedBytes/mib)
 	}
 
+	// Reserve mode guarantees rmode's whole size without the guest provisioning anything;
+	// once written and snapshotted, every block is shared and the snapshot must reserve a
+	// copy for each.
+	if _, err := ThinblkCmd(ctx, e.thinblk, "volume", "reserve", pool, "rmode", "on"); err != nil {
+		t.Fatal(err)
+	}
+	if r := volume(t, status(t), "rmode"); r.ReservedBytes != rmodeSize {
+		t.Errorf("rmode in reserve mode reserves %d MiB, want its whole %d MiB", r.ReservedBytes/mib, rmodeSize/mib)
+	}
+	rmodeSum := strings.Fields(g.sh(t, 3*time.Minute, "dd if=/dev/urandom of="+rmode+" bs=1M oflag=direct 2>/dev/null; dd if="+rmode+" bs=1M iflag=direct 2>/dev/null | sha256sum"))[0]
+	freeBefore := status(t).Pool.FreeBytes
+	if _, err := ThinblkCmd(ctx, e.thinblk, "snapshot", "create", pool, "rmode", "rsnap"); err != nil {
+		t.Fatal(err)
+	}
+	if drop := freeBefore - status(t).Pool.FreeBytes; drop != rmodeSize {
+		t.Errorf("snapshot of a written reserve-mode volume took %d MiB of free space, want its %d MiB (one copy per shared block)", drop/mib, rmodeSize/mib)
+	}
+
 	// Fill the pool from the other volume until its writes fail.
 	res, err := vm.Run(ctx, 5*time.Minute, "dd if=/dev/zero of="+filler+" bs=1M oflag=direct 2>&1")
 	if err != nil {
@@ -465,6 +492,30 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		}
 	})
 
+	t.Run("reserve-mode-overwrite", func(t *testing.T) {
+		// Every block of rmode is shared with rsnap and the pool is full: each write copies.
+		g.sh(t, 10*time.Minute, "fio --name=r --filename="+rmode+" --rw=randwrite --bssplit=4k/30:64k/70 --direct=1 --ioengine=libaio "+
+			"--iodepth=4 --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio-rmode.out")
+	})
+
+	t.Run("reserve-mode-refused", func(t *testing.T) {
+		st := status(t)
+		_, err := ThinblkCmd(ctx, e.thinblk, "volume", "reserve", pool, "late", "on")
+		if err == nil {
+			t.Fatal("reserve mode for a 64 MiB volume on a full pool succeeded")
+		}
+		if !regexp.MustCompile(`(?i)no space`).MatchString(err.Error()) {
+			t.Errorf("refused reserve mode: %v; want a \"no space\" error", err)
+		}
+		st2 := status(t)
+		if st2.Pool != st.Pool {
+			t.Errorf("pool counters changed by the refused reserve mode: %+v, were %+v", st2.Pool, st.Pool)
+		}
+		if l := volume(t, st2, "late"); l.ReservedBytes != 0 {
+			t.Errorf("late reserves %d MiB after its reserve mode was refused", l.ReservedBytes/mib)
+		}
+	})
+
 	t.Run("refused", func(t *testing.T) {
 		// keeper's blocks are its own copies now, all provisioned: a new snapshot needs a
 		// reservation for each, and the pool is full.
@@ -493,6 +544,12 @@ func TestGuestSnapshotPromise(t *testing.T) {
 	if err := vm.Shutdown(ctx, time.Minute); err != nil {
 		t.Fatal(err)
 	}
+
+	t.Run("reserve-mode-snapshot-kept", func(t *testing.T) {
+		if got := hostSum(t, waitExport(t, socks, "rsnap"), rmodeSize); got != rmodeSum {
+			t.Errorf("rsnap sha256 %s after rmode was overwritten, want %s as written before the snapshot", got, rmodeSum)
+		}
+	})
 
 	t.Run("snapshot-kept", func(t *testing.T) {
 		// The snapshot still reads as before the overwrite.
@@ -534,8 +591,12 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		if k.ReservedSharedBytes != 0 {
 			t.Errorf("keeper still reserves %d MiB for copies after its only snapshot was deleted", k.ReservedSharedBytes/mib)
 		}
-		if st.Pool.ReservedBytes != k.ReservedBytes {
-			t.Errorf("pool reserves %d MiB, keeper (the only volume with provisioned space) %d MiB", st.Pool.ReservedBytes/mib, k.ReservedBytes/mib)
+		var sum int64
+		for _, v := range st.Volumes {
+			sum += v.ReservedBytes
+		}
+		if st.Pool.ReservedBytes != sum {
+			t.Errorf("pool reserves %d MiB, its volumes %d MiB", st.Pool.ReservedBytes/mib, sum/mib)
 		}
 		if k.MappedBytes+k.ReservedBytes != keeperSize {
 			t.Errorf("keeper: mapped %d MiB + reserved %d MiB, want its whole %d MiB provisioned", k.MappedBytes/mib, k.ReservedBytes/mib, keeperSize/mib)
