@@ -194,11 +194,11 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 	g.sh(t, 3*time.Minute, mkfsSmallXFS+" "+dev+" && mkdir -p /mnt/d && mount "+dev+" /mnt/d && rm -f /tmp/stop /tmp/fail /tmp/finished /tmp/done")
 	g.sh(t, 20*time.Second, fioWriter)
 	g.sh(t, 20*time.Second, fileWriter)
-	progress := func() string {
+	progress := func(t *testing.T) string {
 		return strings.TrimSpace(g.sh(t, 20*time.Second, `echo "fio rounds $(cat /tmp/fio.rounds 2>/dev/null || echo 0), files $(wc -l < /tmp/done 2>/dev/null || echo 0)"; cat /tmp/fail 2>/dev/null; true`))
 	}
 	time.Sleep(8 * time.Second)
-	t.Logf("writers before the live snapshot: %s", progress())
+	t.Logf("writers before the live snapshot: %s", progress(t))
 
 	// Crash-consistent clone: the list of durable files is copied first, so each file on it
 	// was fsynced before the snapshot began.
@@ -213,7 +213,7 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 	snapCmd(t, "data", "snap")
 	snapCmd(t, "data", "clone", "--writable")
 	g.sh(t, 2*time.Minute, "fsfreeze --unfreeze /mnt/d")
-	t.Logf("writers at the freeze: %s; %s files checksummed", progress(), strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/frozen.sums")))
+	t.Logf("writers at the freeze: %s; %s files checksummed", progress(t), strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/frozen.sums")))
 	if n := strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/done.before")); n == "0" {
 		t.Fatal("no file was durable before the live snapshot: the writer did not run")
 	}
@@ -288,11 +288,11 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 				break
 			}
 			if i == 300 {
-				t.Fatalf("writers still running 5 minutes after being told to stop: %s", progress())
+				t.Fatalf("writers still running 5 minutes after being told to stop: %s", progress(t))
 			}
 			time.Sleep(time.Second)
 		}
-		t.Logf("writers at the end: %s", progress())
+		t.Logf("writers at the end: %s", progress(t))
 		if fail := g.sh(t, 20*time.Second, "cat /tmp/fail 2>/dev/null; true"); fail != "" {
 			t.Errorf("a writer failed on the origin:\n%s", fail)
 		}
