@@ -288,3 +288,150 @@ func vmsAllZero(b []byte) bool {
 	}
 	return true
 }
+
+// TestGuestPausePolicy: a guest fills a pool whose no-space policy is pause, with O_DIRECT
+// writes. On BLOCK_POOL_OUT_OF_SPACE `serve --qemu-qmp` sends QEMU stop; `pool grow` brings
+// space; QEMU reports STOP, serve BLOCK_POOL_VM_STOPPED then BLOCK_POOL_VM_RESUMED, QEMU
+// RESUME, and the guest's writes all complete without an I/O error and read back intact.
+//
+// QEMU's stop pauses the vCPUs at once but then stops the vhost-user rings, and thinblk answers
+// GET_VRING_BASE only when the ring's requests are done: a request waiting for space holds the
+// stop (and QEMU's main loop, so its monitor) until space appears. The test records whether
+// STOP came before the pool was grown, and checks with a ticker on the serial console that the
+// guest does not run while the pool is out of space, and runs again after.
+func TestGuestPausePolicy(t *testing.T) {
+	e := setup(t)
+	if e.thinblk == "" {
+		t.Skip("THINBLK_BACKEND has no thinblk: the pause policy is thinblk's")
+	}
+	ctx := context.Background()
+	dir := workDir(t)
+	pool := filepath.Join(dir, "pool")
+	socks := filepath.Join(dir, "socks")
+	for _, args := range [][]string{
+		{"pool", "create", pool, "--size", "32M", "--no-space", "pause"},
+		{"volume", "create", pool, "vm", "--size", "128M"},
+	} {
+		if _, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vmDir := filepath.Join(dir, "vm")
+	qemuQMP := filepath.Join(vmDir, "qmp.sock") // where StartVMWithQMP puts it
+	b, err := StartThinPoolServe(ctx, e.thinblk, pool, socks, filepath.Join(dir, "serve.log"), []string{"--qemu-qmp", "unix:" + qemuQMP}, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Stop(15 * time.Second) })
+	ctl, err := vmsDialQMP(ctx, filepath.Join(pool, "qmp.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctl.Close()
+	vm, qs, err := StartVMWithQMP(ctx, QMPVMOptions{VMOptions: VMOptions{
+		Dir: vmDir, Images: e.images, Logf: t.Logf, Disks: []DiskSpec{{Socket: filepath.Join(socks, "vm.sock")}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(vm.Kill)
+	if qs.QMP != qemuQMP {
+		t.Fatalf("QEMU monitor at %s, serve was told %s", qs.QMP, qemuQMP)
+	}
+	watch, err := vmsDialQMP(ctx, qs.Watch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close()
+	g := guest{VM: vm, t: t}
+	dev, err := vm.DiskDevice(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A ticker on the serial console shows when the guest runs.
+	g.sh(t, 30*time.Second, "(while :; do echo vmsnap-tick > /dev/ttyS0; sleep 0.2; done) </dev/null >/dev/null 2>&1 &")
+	consoleSize := func() int64 {
+		fi, err := os.Stat(vm.ConsolePath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	ticking := func(d time.Duration) bool {
+		before := consoleSize()
+		time.Sleep(d)
+		return consoleSize() > before
+	}
+	if !ticking(5 * time.Second) {
+		t.Fatal("the guest's ticker does not reach the console")
+	}
+	// 48 MiB into a 32 MiB pool: the writes stall part way.
+	want := strings.Fields(g.sh(t, 2*time.Minute, "dd if=/dev/urandom of=/tmp/pat bs=1M count=48 2>/dev/null && sha256sum /tmp/pat"))[0]
+	g.sh(t, 30*time.Second, fmt.Sprintf("rm -f /tmp/ddrc; (dd if=/tmp/pat of=%s bs=1M oflag=direct 2>/tmp/dderr; echo $? > /tmp/ddrc) </dev/null >/dev/null 2>&1 &", dev))
+
+	start := time.Now()
+	if _, err := vmsWaitEvent(ctl, "BLOCK_POOL_OUT_OF_SPACE", 5*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("pool out of space %.1fs after the writes began", time.Since(start).Seconds())
+	_, early := vmsWaitEvent(watch, "STOP", 5*time.Second)
+	t.Logf("QEMU STOP before space came back: %v", early == nil)
+	if ticking(5 * time.Second) {
+		t.Error("the guest runs on while the pool is out of space")
+	}
+	grown := time.Now()
+	if _, err := ThinblkCmd(ctx, e.thinblk, "pool", "grow", pool, "--size", "128M"); err != nil {
+		t.Fatal(err)
+	}
+	if early != nil {
+		if _, err := vmsWaitEvent(watch, "STOP", 2*time.Minute); err != nil {
+			t.Fatalf("QEMU never stopped: %v\n%s", err, b.LogTail(20))
+		}
+	}
+	data, err := vmsWaitEvent(ctl, "BLOCK_POOL_VM_STOPPED", time.Minute)
+	if err != nil || strings.Contains(string(data), "error") {
+		t.Fatalf("BLOCK_POOL_VM_STOPPED %s: %v\n%s", data, err, b.LogTail(20))
+	}
+	if _, err := vmsWaitEvent(ctl, "BLOCK_POOL_VM_RESUMED", 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vmsWaitEvent(watch, "RESUME", time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("VM resumed %.1fs after pool grow", time.Since(grown).Seconds())
+	if !ticking(5 * time.Second) {
+		t.Error("the guest's ticker did not come back after the VM was resumed")
+	}
+	var st struct{ Status string }
+	if err := watch.Execute(ctx, "query-status", nil, &st); err != nil || st.Status != "running" {
+		t.Errorf("VM status %q after space came back (%v)", st.Status, err)
+	}
+	out := g.sh(t, 5*time.Minute, `while [ ! -s /tmp/ddrc ]; do sleep 0.2; done; cat /tmp/ddrc /tmp/dderr`)
+	if !strings.HasPrefix(out, "0\n") {
+		t.Fatalf("guest dd after the pause: %s", out)
+	}
+	got := strings.Fields(g.sh(t, 2*time.Minute, fmt.Sprintf("dd if=%s bs=1M count=48 iflag=direct 2>/dev/null | sha256sum", dev)))[0]
+	if got != want {
+		t.Errorf("data read back %s, written %s", got, want)
+	}
+}
+
+// vmsWaitEvent waits for the next event called name and returns its data.
+func vmsWaitEvent(c *qmp.Client, name string, timeout time.Duration) ([]byte, error) {
+	deadline := time.After(timeout)
+	var seen []string
+	for {
+		select {
+		case ev, ok := <-c.Events():
+			if !ok {
+				return nil, fmt.Errorf("connection closed while waiting for %s (seen %v)", name, seen)
+			}
+			if ev.Event == name {
+				return ev.Data, nil
+			}
+			seen = append(seen, ev.Event)
+		case <-deadline:
+			return nil, fmt.Errorf("no %s event within %v (seen %v)", name, timeout, seen)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"syscall"
 	"time"
 )
 
@@ -27,7 +28,17 @@ type guestAgent struct {
 
 func dialAgent(ctx context.Context, path string) (*guestAgent, error) {
 	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
+	var c net.Conn
+	var err error
+	for {
+		c, err = d.DialContext(ctx, "unix", path)
+		// EAGAIN: the listener's backlog is full (it serves one client
+		// at a time and has not taken the last one's leaving yet).
+		if err == nil || !errors.Is(err, syscall.EAGAIN) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("guest agent %s: %w", path, err)
 	}
@@ -108,6 +119,15 @@ func (a *guestAgent) run(ctx context.Context, cmd string, args, result any) erro
 	if timeout <= 0 || ctx.Err() != nil {
 		return fmt.Errorf("guest agent %s: not sent: %w", cmd, context.Cause(ctx))
 	}
+	if a.dec == nil {
+		// An earlier call failed mid-read (a json.Decoder keeps its read
+		// error) and a late reply may still come: start over with a sync,
+		// which skips it.
+		a.r = bufio.NewReader(a.conn)
+		if err := a.sync(ctx); err != nil {
+			return err
+		}
+	}
 	defer a.bind(ctx)()
 	req := map[string]any{"execute": cmd}
 	if args != nil {
@@ -115,6 +135,7 @@ func (a *guestAgent) run(ctx context.Context, cmd string, args, result any) erro
 	}
 	msg, _ := json.Marshal(req)
 	if _, err := a.conn.Write(msg); err != nil {
+		a.dec = nil // a partial request: the next sync's 0xFF resets the agent's parser
 		return fmt.Errorf("guest agent %s: %s: %w", a.path, cmd, err)
 	}
 	var reply struct {
@@ -125,6 +146,7 @@ func (a *guestAgent) run(ctx context.Context, cmd string, args, result any) erro
 		} `json:"error"`
 	}
 	if err := a.dec.Decode(&reply); err != nil {
+		a.dec = nil
 		return a.readErr(ctx, cmd, timeout, err)
 	}
 	if reply.Error != nil {

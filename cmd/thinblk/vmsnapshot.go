@@ -24,13 +24,13 @@ func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
 func runVMSnapshot(args []string, stdout, stderr io.Writer) int {
 	const cmd = "vm-snapshot"
 	fs := newFlagSet(cmd, "vm-snapshot --qemu unix:PATH --thinblk unix:PATH|POOLDIR --volume V [--volume W ...] --name SNAP [--freeze --qga unix:PATH] [--timeout 30s]", stderr)
-	qemu := fs.String("qemu", "", "QEMU's QMP socket (unix:PATH); no other client may hold it")
-	tb := fs.String("thinblk", "", "thinblk serve's control socket (unix:PATH), or the pool directory whose serve to use")
+	qemu := fs.String("qemu", "", "QEMU's QMP socket `unix:PATH`; no other client may hold it")
+	tb := fs.String("thinblk", "", "thinblk serve's control socket `unix:PATH`, or the pool directory whose serve to use")
 	var volumes stringList
-	fs.Var(&volumes, "volume", "a thinblk volume that is one of the VM's disks (repeat for each; all are snapshotted at one instant)")
-	name := fs.String("name", "", "snapshot name: with one volume the snapshot is called SNAP, with several VOLUME@SNAP")
+	fs.Var(&volumes, "volume", "a thinblk `VOLUME` that is one of the VM's disks (repeat for each; all are snapshotted at one instant)")
+	name := fs.String("name", "", "snapshot name `SNAP`: with one volume the snapshot is called SNAP, with several VOLUME@SNAP")
 	freeze := fs.Bool("freeze", false, "freeze the guest's filesystems through the QEMU guest agent around the snapshot")
-	qga := fs.String("qga", "", "the guest agent's virtio-serial chardev socket (unix:PATH), needed with --freeze")
+	qga := fs.String("qga", "", "the guest agent's virtio-serial chardev socket `unix:PATH`, needed with --freeze")
 	timeout := fs.Duration("timeout", vmsnap.DefaultTimeout, "bound on connecting, freezing, pausing, draining in-flight requests and snapshotting; resuming and thawing get as long again")
 	verbose := fs.Bool("v", false, "print each step")
 	pos, err := parseArgs(fs, args)
