@@ -151,9 +151,11 @@
 //     and the exclusive I/O gate (I/O pauses for them); all of it lands in
 //     one commit, so a crash leaves the state before or after the delete.
 //
-// Known limits: a block overwritten by every sharer of a frozen layer
-// while they all live stays allocated until the next delete that touches
-// that layer chain prunes it (Check does not flag it). Repeated
+// A write that copies a block makes the frozen entry it overrides
+// unreadable when it was the last sharer reading it; that entry is then
+// released at once (dropIfUnreadLocked), so a block every sharer has
+// rewritten does not stay allocated. (Discards and provisioning that
+// override shared entries leave that to the next delete's prune.) Repeated
 // snapshots of one volume lengthen its chain (one lookup per layer per
 // block; no background merge yet). Read-only snapshots refuse writes,
 // discards, write-zeroes and resize with ErrReadOnly. Status reports a

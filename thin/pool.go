@@ -227,10 +227,12 @@ type fill struct {
 	done        chan struct{}
 	pblock      uint64
 	prev        pebblemeta.Entry
-	ancProv     bool  // prev is empty and an ancestor's provisioned entry decided the block
-	fromReserve bool  // the block comes out of a reservation (see reserve.go)
-	zero        bool  // the block was never written: no padding needed
-	flags       uint8 // the provisioned bit the new entry keeps
+	ancProv     bool             // prev is empty and an ancestor's provisioned entry decided the block
+	ancLayer    uint64           // the ancestor layer whose entry this fill overrides (0: none)
+	anc         pebblemeta.Entry // that entry
+	fromReserve bool             // the block comes out of a reservation (see reserve.go)
+	zero        bool             // the block was never written: no padding needed
+	flags       uint8            // the provisioned bit the new entry keeps
 }
 
 type volState struct {

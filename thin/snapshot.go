@@ -347,6 +347,28 @@ func (p *Pool) pruneLayerLocked(L uint64) error {
 	return nil
 }
 
+// dropIfUnreadLocked releases entry e of frozen layer L at vb once no
+// volume reads it any more (the last of its sharers overrode it), so a
+// block every sharer has copied does not stay allocated until a delete
+// prunes it. The I/O gate, held shared by the caller, keeps the block
+// from reuse while a read that resolved to it is in flight.
+func (p *Pool) dropIfUnreadLocked(L, vb uint64, e pebblemeta.Entry) {
+	if !p.frozenLocked(L) {
+		return
+	}
+	if cur, err := p.lookupLocked(mapKey{L, vb}); err != nil || cur != e {
+		return // changed meanwhile (or unreadable): leave it to delete's prune
+	}
+	if ok, err := p.readableBelowLocked(L, vb); ok || err != nil {
+		return
+	}
+	p.setEntryLocked(L, vb, e, pebblemeta.Entry{}, false)
+	if e.Mapped() {
+		p.releaseLocked(e.PBlock)
+		p.spaceFreedLocked()
+	}
+}
+
 // readableBelowLocked reports whether some volume reads block vb through
 // layer L: one sits on L, or a child layer without its own entry there
 // passes it down to one.

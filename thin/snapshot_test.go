@@ -424,3 +424,44 @@ func TestSnapshotsDuringWrites(t *testing.T) {
 	}
 	checkExactSpace(t, p)
 }
+
+// TestBlockCopiedByEverySharerIsReleased: once the volume and its clone
+// have both overwritten a shared block, no one reads the frozen copy, and
+// its space comes back without waiting for a delete.
+func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
+	p, _ := newPool(t, 64, CreateOptions{})
+	v := mustVolume(t, p, "v", 8*4*kib)
+	write(t, v, 0, pattern(4*4*kib, 1))
+	if err := p.CreateSnapshot("v", "c", true); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := p.Volume("c")
+	write(t, v, 0, pattern(4*kib, 2))
+	write(t, c, 512, pattern(1024, 3)) // a partial copy
+	write(t, c, 4*kib, pattern(4*kib, 4))
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// 4 originals and 3 copies, less block 0's original: v and c both
+	// copied it, no one reads it.
+	s := checkAccounting(t, p)
+	if got, want := s.Pool.AllocatedBytes/(4*kib), uint64(4+3-1); got != want {
+		t.Fatalf("allocated %d blocks, want %d", got, want)
+	}
+	checkExactSpace(t, p)
+	write(t, v, 4*kib, pattern(4*kib, 5))
+	checkExactSpace(t, p)
+	if err := p.CreateSnapshot("c", "cs", false); err != nil {
+		t.Fatal(err)
+	}
+	// Now c's own copies are shared with cs: overwriting them in c keeps
+	// cs's view intact.
+	write(t, c, 0, pattern(4*kib, 6))
+	cs, _ := p.Volume("cs")
+	want := pattern(4*kib, 1)
+	copy(want[512:], pattern(1024, 3))
+	if got := read(t, cs, 0, 4*kib); !bytes.Equal(got, want) {
+		t.Fatal("snapshot of the clone lost its block")
+	}
+	checkExactSpace(t, p)
+}

@@ -289,6 +289,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		} else {
 			// A provisioned shared block has a reservation for its copy.
 			f.ancProv, f.fromReserve = e.Provisioned(), e.Provisioned()
+			if e.Flags != 0 {
+				f.ancLayer, f.anc = el, e
+			}
 			if e.Mapped() {
 				cow = int64(e.PBlock)
 			}
@@ -424,6 +427,9 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		} else {
 			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.flags, PBlock: f.pblock}
 			p.setLocked(v.st, pl.vb, f.prev, e, f.ancProv)
+			if f.ancLayer != 0 {
+				p.dropIfUnreadLocked(f.ancLayer, pl.vb, f.anc)
+			}
 		}
 		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
 		close(f.done)
