@@ -202,12 +202,12 @@ func startControl(ctx context.Context, pool *thin.Pool, ex *exports, path string
 	s := qmp.NewServer(qmp.Options{Logger: ex.log.With("control", path), Version: version})
 	stopEvents := registerPoolCommands(s, pool, ex)
 	pauseQEMUFlag.Lock()
-	qemu := pauseQEMUFlag.path
+	qemus := pauseQEMUFlag.paths
 	pauseQEMUFlag.Unlock()
-	if qemu != "" {
+	for _, qemu := range qemus {
 		stopPauser := startPauser(pool, qemu, s.Emit, ex.log)
-		stopPool := stopEvents
-		stopEvents = func() { stopPauser(); stopPool() }
+		stopPrev := stopEvents
+		stopEvents = func() { stopPauser(); stopPrev() }
 	}
 	ln, err := s.ListenUnix(path, mode)
 	if err != nil {

@@ -24,18 +24,18 @@ const (
 	eventVMResumed = "BLOCK_POOL_VM_RESUMED" // {pool, qemu[, error]}
 )
 
-// pauseQEMUFlag holds serve's --qemu-qmp for startControl. The flag is
-// taken out of serve's arguments before they are parsed (runServeQEMU),
-// because serve's own flag set lives elsewhere.
+// pauseQEMUFlag holds serve's --qemu-qmp sockets for startControl. The
+// flag is taken out of serve's arguments before they are parsed
+// (runServeQEMU), because serve's own flag set lives elsewhere.
 var pauseQEMUFlag struct {
 	sync.Mutex
-	path string
+	paths []string
 }
 
 // runServeQEMU takes --qemu-qmp out of serve's arguments and runs serve.
 func runServeQEMU(args []string, stdout, stderr io.Writer) int {
 	var rest []string
-	var qemu string
+	var qemu []string
 	raw := false
 	for i := 0; i < len(args); i++ {
 		a := args[i]
@@ -57,37 +57,43 @@ func runServeQEMU(args []string, stdout, stderr io.Writer) int {
 				i++
 				val = args[i]
 			}
-			qemu = val
+			qemu = append(qemu, val)
 			continue
 		case "raw":
 			raw = true
 		case "h", "help":
-			defer fmt.Fprintln(stderr, "  -qemu-qmp unix:PATH\n    \twith a pool whose no-space policy is pause: QEMU monitor of the VM to stop while the pool is out of space and resume after")
+			defer fmt.Fprintln(stderr, "  -qemu-qmp unix:PATH\n    \twith a pool whose no-space policy is pause: QEMU monitor of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)")
 		}
 		rest = append(rest, a)
 	}
-	if qemu != "" {
+	if len(qemu) > 0 {
 		if raw {
 			return usageError(stderr, "serve", fmt.Errorf("--qemu-qmp goes with a pool, not --raw"))
 		}
-		path, err := parseSocketFlag("--qemu-qmp", qemu)
-		if err != nil {
-			return usageError(stderr, "serve", err)
+		var paths []string
+		for _, q := range qemu {
+			path, err := parseSocketFlag("--qemu-qmp", q)
+			if err != nil {
+				return usageError(stderr, "serve", err)
+			}
+			paths = append(paths, path)
 		}
 		pauseQEMUFlag.Lock()
-		pauseQEMUFlag.path = path
+		pauseQEMUFlag.paths = paths
 		pauseQEMUFlag.Unlock()
 		defer func() {
 			pauseQEMUFlag.Lock()
-			pauseQEMUFlag.path = ""
+			pauseQEMUFlag.paths = nil
 			pauseQEMUFlag.Unlock()
 		}()
 	}
 	return runServe(rest, stdout, stderr)
 }
 
-// pauser stops and resumes one QEMU on the pool's space events. Actions
-// run one at a time on their own goroutine, in event order: a stop that
+// pauser stops and resumes one QEMU on the pool's space events; each
+// QEMU has its own, so that a stop held up in one does not hold up the
+// others. Its actions run one at a time on its own goroutine, in event
+// order: a stop that
 // QEMU takes long to finish (it stops the vhost-user rings, and a ring
 // whose request waits for space answers only once space is back) is
 // followed by the matching cont, never overtaken by it.

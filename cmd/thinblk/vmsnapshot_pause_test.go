@@ -111,7 +111,9 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 	mustThinblk(t, "volume", "create", dir, "fill", "--size", "16M")
 	mustThinblk(t, "volume", "create", dir, "vm", "--size", "16M")
 	qmpSock, watchSock := filepath.Join(tmp, "q.sock"), filepath.Join(tmp, "w.sock")
-	_, logs := startServe(t, bin, dir, "--qemu-qmp", "unix:"+qmpSock)
+	// A second VM on the pool (no disk needed): every listed VM is paused.
+	qmpB, watchB := filepath.Join(tmp, "qb.sock"), filepath.Join(tmp, "wb.sock")
+	_, logs := startServe(t, bin, dir, "--qemu-qmp", "unix:"+qmpSock, "--qemu-qmp", qmpB)
 	waitForSocket(t, filepath.Join(dir, "vm.sock"))
 	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
 
@@ -124,8 +126,17 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { qemu.Process.Kill(); qemu.Wait() })
+	qemuB := exec.Command("qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "32",
+		"-qmp", "unix:"+qmpB+",server=on,wait=off", "-qmp", "unix:"+watchB+",server=on,wait=off")
+	qemuB.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := qemuB.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { qemuB.Process.Kill(); qemuB.Wait() })
 	waitForSocket(t, watchSock)
+	waitForSocket(t, watchB)
 	watch := &vmsEvents{t: t, c: vmsDial(t, watchSock)}
+	watchOther := &vmsEvents{t: t, c: vmsDial(t, watchB)}
 	ctl := &vmsEvents{t: t, c: vmsDial(t, filepath.Join(dir, "qmp.sock"))}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -160,10 +171,19 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 	if d := ctl.wait(eventOutOfSpace, time.Minute); d["volume"] != "fill" || d["free_bytes"] != 0.0 {
 		t.Errorf("%s %v", eventOutOfSpace, d)
 	}
-	if d := ctl.wait(eventVMStopped, 2*time.Minute); d["volume"] != "fill" || d["qemu"] != qmpSock || d["error"] != nil {
-		t.Errorf("%s %v", eventVMStopped, d)
+	stoppedVMs := map[any]bool{}
+	for range 2 {
+		d := ctl.wait(eventVMStopped, 2*time.Minute)
+		if d["volume"] != "fill" || d["error"] != nil {
+			t.Errorf("%s %v", eventVMStopped, d)
+		}
+		stoppedVMs[d["qemu"]] = true
+	}
+	if !stoppedVMs[qmpSock] || !stoppedVMs[qmpB] {
+		t.Errorf("%s for %v, want both VMs", eventVMStopped, stoppedVMs)
 	}
 	watch.wait("STOP", time.Minute)
+	watchOther.wait("STOP", time.Minute)
 	if st := status(); st != "paused" {
 		t.Errorf("VM is %s while the pool is out of space", st)
 	}
@@ -177,10 +197,13 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 	if d := ctl.wait(eventSpaceAvailable, time.Minute); d["free_bytes"] == 0.0 {
 		t.Errorf("%s %v", eventSpaceAvailable, d)
 	}
-	if d := ctl.wait(eventVMResumed, 2*time.Minute); d["error"] != nil {
-		t.Errorf("%s %v", eventVMResumed, d)
+	for range 2 {
+		if d := ctl.wait(eventVMResumed, 2*time.Minute); d["error"] != nil {
+			t.Errorf("%s %v", eventVMResumed, d)
+		}
 	}
 	watch.wait("RESUME", time.Minute)
+	watchOther.wait("RESUME", time.Minute)
 	if st := status(); st != "running" {
 		t.Errorf("VM is %s after space came back", st)
 	}
@@ -193,8 +216,10 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 		t.Fatal("the waiting write did not complete after pool grow")
 	}
 
-	// Someone else pauses the VM; the pool fills again: serve leaves the VM
-	// as it is, and does not resume it when space comes back.
+	// Someone else pauses the first VM; the pool fills again: serve leaves
+	// that VM as it is and does not resume it when space comes back; the
+	// other is stopped and resumed as before.
+	secondRound := time.Now()
 	if err := watch.c.Execute(ctx, "stop", nil, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -214,9 +239,22 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 	if err := <-written; err != nil {
 		t.Errorf("the second waiting write failed: %v", err)
 	}
-	ctl.none(eventVMStopped, 2*time.Second)
-	ctl.none(eventVMResumed, time.Second)
-	watch.none("RESUME", time.Second)
+	watchOther.wait("STOP", time.Minute)
+	watchOther.wait("RESUME", time.Minute)
+	if d := ctl.wait(eventVMResumed, time.Minute); d["qemu"] != qmpB {
+		t.Errorf("second round: %s %v, want the other VM", eventVMResumed, d)
+	}
+	watch.none("RESUME", 2*time.Second)
+	ctl.none("", time.Second) // gathers the rest
+	for _, ev := range ctl.seen {
+		if ev.Event == eventVMStopped || ev.Event == eventVMResumed {
+			var d map[string]any
+			json.Unmarshal(ev.Data, &d)
+			if d["qemu"] == qmpSock && ev.Time().After(secondRound) {
+				t.Errorf("%s for the VM paused by someone else: %v", ev.Event, d)
+			}
+		}
+	}
 	if st := status(); st != "paused" {
 		t.Errorf("VM paused by someone else is %s after the pool's space came back", st)
 	}
