@@ -46,6 +46,28 @@ func (e *vmsEvents) wait(name string, timeout time.Duration) map[string]any {
 	}
 }
 
+// waitAny returns the next event with one of the names.
+func (e *vmsEvents) waitAny(timeout time.Duration, names ...string) qmp.Event {
+	e.t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case ev, ok := <-e.c.Events():
+			if !ok {
+				e.t.Fatalf("connection closed while waiting for %v", names)
+			}
+			e.seen = append(e.seen, ev)
+			for _, n := range names {
+				if ev.Event == n {
+					return ev
+				}
+			}
+		case <-deadline:
+			e.t.Fatalf("none of %v within %v (seen: %v)", names, timeout, e.names())
+		}
+	}
+}
+
 // none fails if an event called name arrives within d.
 func (e *vmsEvents) none(name string, d time.Duration) {
 	e.t.Helper()
