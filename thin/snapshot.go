@@ -284,6 +284,13 @@ func (p *Pool) derefLayerLocked(L uint64) error {
 			}
 			L = parent
 			continue
+		case vols == 0 && kids == 1 && p.heads[child] != nil && p.layerEntriesLocked(child) < p.layerEntriesLocked(L):
+			// The usual case (a snapshot of a big volume deleted): the
+			// volume's head holds only what changed since, so merge it into
+			// L rather than L into it.
+			if err := p.mergeHeadIntoLocked(L, child); err != nil {
+				return err
+			}
 		case vols == 0 && kids == 1:
 			if err := p.dropLayerLocked(L, child); err != nil {
 				return err
@@ -307,33 +314,148 @@ func (p *Pool) derefLayerLocked(L uint64) error {
 	return nil
 }
 
+// layerEntriesLocked estimates how many entries a layer has (holes are
+// not counted).
+func (p *Pool) layerEntriesLocked(l uint64) uint64 {
+	if v := p.heads[l]; v != nil {
+		return v.rec.Mapped + v.rec.Reserved
+	}
+	if ls := p.layers[l]; ls != nil {
+		return ls.rec.Mapped + ls.rec.Reserved
+	}
+	return 0
+}
+
+// mergeHeadIntoLocked folds head layer C (a volume's, C's only parent is
+// frozen layer L, which nothing else needs) into L: C's entries override
+// L's, the overridden ones are released, and L becomes the volume's head.
+// It walks C's map only, so deleting the last snapshot of a big volume
+// costs what the volume changed since, not its size. The volume's view,
+// and so its ChainProv, does not change.
+func (p *Pool) mergeHeadIntoLocked(L, C uint64) error {
+	v := p.heads[C]
+	ls := p.layers[L]
+	var moves []struct {
+		vb uint64
+		e  pebblemeta.Entry
+	}
+	if err := p.rangeLocked(C, 0, math.MaxUint64, func(vb uint64, e pebblemeta.Entry) {
+		moves = append(moves, struct {
+			vb uint64
+			e  pebblemeta.Entry
+		}{vb, e})
+	}); err != nil {
+		return fmt.Errorf("merge layer %d into %d: %w", C, L, err)
+	}
+	// L's entries become the head's: its counters join the volume's, and
+	// its reservations count in the pool again.
+	v.rec.Mapped += ls.rec.Mapped
+	v.rec.Provisioned += ls.rec.Provisioned
+	v.rec.Reserved += ls.rec.Reserved
+	p.rec.Reserved += ls.rec.Reserved
+	ls.rec.Frozen = false
+	ls.rec.Mapped, ls.rec.Provisioned, ls.rec.Reserved = 0, 0, 0
+	delete(p.heads, C)
+	p.heads[L] = v
+	v.rec.Layer = L
+	p.dirtyVols[v] = struct{}{}
+	if ls.rec.Parent == 0 {
+		// A head without a parent needs no layer record.
+		delete(p.layers, L)
+		delete(p.dirtyLayers, L)
+		p.deadLayerRec = append(p.deadLayerRec, L)
+	} else {
+		p.dirtyLayers[L] = struct{}{}
+	}
+	released := false
+	for _, m := range moves {
+		old, err := p.lookupLocked(mapKey{L, m.vb})
+		if err != nil {
+			return fmt.Errorf("merge layer %d into %d: %w", C, L, err)
+		}
+		e := m.e
+		if e.Hole() && ls.rec.Parent == 0 {
+			e = pebblemeta.Entry{} // nothing above L to hide
+		}
+		// C's entry is counted already (it was the head's); only the one
+		// it overrides goes, like any entry of the head being replaced.
+		p.dirty[mapKey{L, m.vb}] = e
+		if e.Flags == 0 && old.Flags == 0 {
+			delete(p.dirty, mapKey{L, m.vb})
+		}
+		if old.Mapped() {
+			v.rec.Mapped--
+			p.rec.Allocated--
+			p.releaseLocked(old.PBlock)
+			released = true
+		}
+		if old.Provisioned() {
+			v.rec.Provisioned--
+		}
+		if old.Reserved() {
+			v.rec.Reserved--
+			p.rec.Reserved--
+			released = true
+		}
+	}
+	for k := range p.dirty {
+		if k.layer == C {
+			delete(p.dirty, k)
+		}
+	}
+	for k := range p.cache {
+		if k.layer == C {
+			delete(p.cache, k)
+		}
+	}
+	delete(p.layers, C)
+	delete(p.dirtyLayers, C)
+	p.deadLayers = append(p.deadLayers, C)
+	p.deadLayerRec = append(p.deadLayerRec, C)
+	p.reaccountLocked(v)
+	p.metaDirty = true
+	if released {
+		p.spaceFreedLocked()
+	}
+	return nil
+}
+
 // pruneLayerLocked releases the entries of frozen layer L that no volume
-// can read any more: every path down from L overrides them.
+// can read any more: every path down from L overrides them. Such a block
+// is overridden on every path through L's child with the fewest entries
+// too, so only that child's entries (and, where it has none, its own
+// smallest child's, down to a volume) are candidates: the walk costs what
+// the sharers changed, not L's size.
 func (p *Pool) pruneLayerLocked(L uint64) error {
+	if p.volumeOnLocked(L) {
+		return nil // it reads every entry of L
+	}
+	cands := map[uint64]struct{}{}
+	if err := p.pruneCandidatesLocked(L, cands); err != nil {
+		return fmt.Errorf("prune layer %d: %w", L, err)
+	}
 	var dead []struct {
 		vb uint64
 		e  pebblemeta.Entry
 	}
-	var rerr error
-	err := p.rangeLocked(L, 0, math.MaxUint64, func(vb uint64, e pebblemeta.Entry) {
-		if rerr != nil {
-			return
+	for vb := range cands {
+		e, err := p.lookupLocked(mapKey{L, vb})
+		if err != nil {
+			return fmt.Errorf("prune layer %d: %w", L, err)
+		}
+		if e.Flags == 0 {
+			continue
 		}
 		ok, err := p.readableBelowLocked(L, vb)
 		if err != nil {
-			rerr = err
-		} else if !ok {
+			return fmt.Errorf("prune layer %d: %w", L, err)
+		}
+		if !ok {
 			dead = append(dead, struct {
 				vb uint64
 				e  pebblemeta.Entry
 			}{vb, e})
 		}
-	})
-	if err == nil {
-		err = rerr
-	}
-	if err != nil {
-		return fmt.Errorf("prune layer %d: %w", L, err)
 	}
 	for _, d := range dead {
 		p.setEntryLocked(L, d.vb, d.e, pebblemeta.Entry{}, false)
@@ -345,6 +467,49 @@ func (p *Pool) pruneLayerLocked(L uint64) error {
 		p.spaceFreedLocked()
 	}
 	return nil
+}
+
+// volumeOnLocked reports whether a volume (head or read-only snapshot)
+// sits on layer l.
+func (p *Pool) volumeOnLocked(l uint64) bool {
+	if p.heads[l] != nil {
+		return true
+	}
+	for _, v := range p.vols {
+		if v.rec.Layer == l {
+			return true
+		}
+	}
+	return false
+}
+
+// pruneCandidatesLocked adds to cands the blocks that every path down from
+// layer l might override: the entries of l's smallest child, and where
+// no volume sits on that child, its own candidates in turn.
+func (p *Pool) pruneCandidatesLocked(l uint64, cands map[uint64]struct{}) error {
+	for {
+		var best uint64
+		for c, ls := range p.layers {
+			if ls.rec.Parent == l && (best == 0 || p.layerEntriesLocked(c) < p.layerEntriesLocked(best)) {
+				best = c
+			}
+		}
+		for c := range p.heads {
+			if p.parentLocked(c) == l && (best == 0 || p.layerEntriesLocked(c) < p.layerEntriesLocked(best)) {
+				best = c
+			}
+		}
+		if best == 0 {
+			return nil
+		}
+		if err := p.rangeLocked(best, 0, math.MaxUint64, func(vb uint64, _ pebblemeta.Entry) { cands[vb] = struct{}{} }); err != nil {
+			return err
+		}
+		if p.volumeOnLocked(best) {
+			return nil
+		}
+		l = best
+	}
 }
 
 // dropIfUnreadLocked releases entry e of frozen layer L at vb once no

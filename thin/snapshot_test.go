@@ -465,3 +465,79 @@ func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
 	}
 	checkExactSpace(t, p)
 }
+
+// TestDeleteSnapshotMergesSmallHead: deleting the only snapshot of a big
+// volume merges the volume's small head into the frozen layer (walking
+// only what changed since the snapshot), and everything reads, counts
+// and checks as before.
+func TestDeleteSnapshotMergesSmallHead(t *testing.T) {
+	for _, chained := range []bool{false, true} {
+		t.Run(fmt.Sprintf("chained=%v", chained), func(t *testing.T) {
+			p, dir := newPool(t, 128, CreateOptions{})
+			const size = 32 * 4 * kib
+			im := images{"v": make([]byte, size)}
+			mustVolume(t, p, "v", size)
+			v, _ := p.Volume("v")
+			if err := v.WriteZeroes(16*4*kib, 4*4*kib, false); err != nil {
+				t.Fatal(err)
+			}
+			im.write(t, p, "v", 0, pattern(12*4*kib, 1))
+			if chained {
+				if err := p.CreateSnapshot("v", "old", false); err != nil {
+					t.Fatal(err)
+				}
+				im["old"] = bytes.Clone(im["v"])
+				im.write(t, p, "v", 4*kib, pattern(10*4*kib, 2)) // the snapshot s takes must be the bigger layer
+			}
+			if err := p.CreateSnapshot("v", "s", false); err != nil {
+				t.Fatal(err)
+			}
+			im["s"] = bytes.Clone(im["v"])
+			frozen := v.st.rec.Layer - 1 // the layer s sits on
+			if p.vols["s"].rec.Layer != frozen {
+				t.Fatalf("s on layer %d, expected %d", p.vols["s"].rec.Layer, frozen)
+			}
+			im.write(t, p, "v", 512, pattern(1024, 3))       // partial copy
+			im.zero(t, p, "v", 2*4*kib, 4*kib, true)         // hole over a shared block
+			im.zero(t, p, "v", 17*4*kib, 4*kib, true)        // hole over a shared reservation
+			im.write(t, p, "v", 18*4*kib, pattern(4*kib, 4)) // copy of a provisioned block
+			im.write(t, p, "v", 25*4*kib, pattern(4*kib, 5)) // a new block
+			im.zero(t, p, "v", 26*4*kib, 2*4*kib, false)     // new reservations
+			if err := p.DeleteVolume("s"); err != nil {
+				t.Fatal(err)
+			}
+			delete(im, "s")
+			if got := v.st.rec.Layer; got != frozen {
+				t.Fatalf("v's head is layer %d; the merge should have made it %d", got, frozen)
+			}
+			im.verify(t, p)
+			checkExactSpace(t, p)
+			vs := volStatus(t, p, "v")
+			if chained {
+				// Blocks 16-19 provisioned before "old": v still shares
+				// 16 and 19 with it (17 is a hole now, 18 was copied).
+				if vs.ReservedSharedBytes != 2*4*kib {
+					t.Fatalf("v: %+v", vs)
+				}
+			} else if vs.ReservedSharedBytes != 0 || vs.ReservedProvisionedBytes != 4*4*kib {
+				t.Fatalf("v: %+v", vs)
+			}
+			p.Close()
+			p2, err := Open(dir, quietOpts())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p2.Close()
+			im.verify(t, p2)
+			checkExactSpace(t, p2)
+			if chained {
+				if err := p2.DeleteVolume("old"); err != nil {
+					t.Fatal(err)
+				}
+				delete(im, "old")
+				im.verify(t, p2)
+				checkExactSpace(t, p2)
+			}
+		})
+	}
+}
