@@ -39,7 +39,7 @@ func addSnapFlags(fs *flag.FlagSet) *snapFlags {
 	fs.StringVar(&f.blockSize, "snap-block-size", "64K", "snapshot target: pool block size")
 	fs.IntVar(&f.samples, "snap-samples", 9, "snapshot target: read-only snapshots and clones taken per size (each)")
 	fs.StringVar(&f.checkMax, "snap-check-max", "10M", "snapshot target: check the populated pool (thin_check-like walk: proves it clean) up to this many mapped blocks")
-	fs.StringVar(&f.deleteMax, "snap-delete-max", "100k", "snapshot target: time deleting the snapshots and clones up to this many mapped blocks (deleting the last sharer folds the origin's layer: a walk)")
+	fs.StringVar(&f.deleteMax, "snap-delete-max", "10M", "snapshot target: time deleting the snapshots and clones up to this many mapped blocks")
 	fs.BoolVar(&f.keep, "snap-keep", false, "snapshot target: keep the pools under DIR")
 	return f
 }
