@@ -335,9 +335,11 @@ func snapshotsExist(path string, snaps []Snapshot, timeout time.Duration) bool {
 }
 
 // Stop stops the VM behind QEMU's QMP socket at path if it is running, and
-// says whether it did: a VM that was already paused is left alone, so that
-// whoever paused it stays the one to resume it. The connection is closed
-// on return (QEMU serves one client per monitor socket).
+// says whether it sent the stop: a VM that was already paused is left
+// alone, so that whoever paused it stays the one to resume it. With an
+// error, stopped true means the stop was sent but its answer did not come
+// (the VM may be stopped). The connection is closed on return (QEMU serves
+// one client per monitor socket).
 func Stop(ctx context.Context, path string) (stopped bool, err error) {
 	q, err := dialQEMU(ctx, path)
 	if err != nil {
@@ -352,7 +354,7 @@ func Stop(ctx context.Context, path string) (stopped bool, err error) {
 		return false, nil
 	}
 	if _, err := q.run(ctx, "stop", nil); err != nil {
-		return false, err
+		return true, err
 	}
 	return true, nil
 }

@@ -209,6 +209,13 @@ func TestTakeQEMUMonitorBusy(t *testing.T) {
 	if vols := p.volumes(t); len(vols) != 1 {
 		t.Errorf("volumes: %v", vols)
 	}
+	// Stop, too, gives up without having sent anything.
+	sctx, scancel := context.WithTimeout(context.Background(), 2*time.Second)
+	stopped, err := Stop(sctx, vm.qmp)
+	scancel()
+	if err == nil || stopped {
+		t.Errorf("Stop on a held monitor: stopped %v, %v", stopped, err)
+	}
 	// Once the other client leaves, it works.
 	holder.Close()
 	if _, err := Take(context.Background(), Options{QEMU: vm.qmp, Thinblk: p.qmp, Volumes: []string{"vm1"}, Name: "x", Timeout: time.Minute}); err != nil {
@@ -244,5 +251,33 @@ func TestTakeCancelled(t *testing.T) {
 	}
 	if vols := p.volumes(t); len(vols) != 1 {
 		t.Errorf("volumes: %v", vols)
+	}
+}
+
+// Stop stops a running VM and leaves a paused one alone; Cont resumes.
+func TestStopCont(t *testing.T) {
+	needQEMU(t)
+	dir := shortDir(t)
+	p := startPool(t, dir, "vm1")
+	vm := startVM(t, dir, p, vmOpts{}, "vm1")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if stopped, err := Stop(ctx, vm.qmp); err != nil || !stopped {
+		t.Fatalf("Stop: %v, %v", stopped, err)
+	}
+	if st := vm.status(t); st.Status != "paused" {
+		t.Errorf("VM is %s after Stop", st.Status)
+	}
+	if stopped, err := Stop(ctx, vm.qmp); err != nil || stopped {
+		t.Errorf("Stop of a paused VM: %v, %v", stopped, err)
+	}
+	if err := Cont(ctx, vm.qmp); err != nil {
+		t.Fatal(err)
+	}
+	if st := vm.status(t); !st.Running {
+		t.Errorf("VM is %s after Cont", st.Status)
+	}
+	if ev := events(vm.monitor, time.Second); !slices.Equal(ev, []string{"STOP", "RESUME"}) {
+		t.Errorf("QEMU events %v, want [STOP RESUME]", ev)
 	}
 }

@@ -93,10 +93,9 @@ func runServeQEMU(args []string, stdout, stderr io.Writer) int {
 // pauser stops and resumes one QEMU on the pool's space events; each
 // QEMU has its own, so that a stop held up in one does not hold up the
 // others. Its actions run one at a time on its own goroutine, in event
-// order: a stop that
-// QEMU takes long to finish (it stops the vhost-user rings, and a ring
-// whose request waits for space answers only once space is back) is
-// followed by the matching cont, never overtaken by it.
+// order: a stop that QEMU takes long to finish (it stops the vhost-user
+// rings, and a ring whose request waits for space answers only once space
+// is back) is followed by the matching cont, never overtaken by it.
 type pauser struct {
 	qemu, pool string
 	emit       func(event string, data any)
@@ -168,9 +167,9 @@ func (p *pauser) handle(ev thin.Event) {
 		stopped, err := vmsnap.Stop(ctx, p.qemu)
 		data := map[string]any{"pool": p.pool, "volume": ev.Volume, "qemu": p.qemu}
 		if err != nil {
-			// The stop may have happened anyway (say, its answer came too
-			// late): owe a cont, which is harmless on a running VM.
-			p.stopped = true
+			// A stop that was sent may have happened anyway (its answer
+			// came too late): owe a cont, harmless on a running VM.
+			p.stopped = stopped
 			data["error"] = err.Error()
 			p.log.Error("pause policy: could not stop the VM", "volume", ev.Volume, "err", err)
 			p.emit(eventVMStopped, data)
