@@ -1251,9 +1251,12 @@ func (p *Pool) deleteVolume(name string) error {
 		// A read-only snapshot owns no map of its own.
 		p.deadVols = append(p.deadVols, name)
 		p.metaDirty = true
-		err := p.derefLayerLocked(layer)
+		dets, err := p.derefLayerLocked(layer)
 		p.mu.Unlock()
 		p.ioGate.Unlock()
+		if err == nil {
+			err = p.releaseDetached(dets)
+		}
 		if err != nil {
 			return p.fail(fmt.Errorf("delete snapshot %s: %w", name, err))
 		}
@@ -1265,72 +1268,23 @@ func (p *Pool) deleteVolume(name string) error {
 	}
 	delete(p.heads, layer)
 	parent := p.parentLocked(layer)
-	if p.layers[layer] != nil {
-		delete(p.layers, layer)
-		delete(p.dirtyLayers, layer)
-		p.deadLayerRec = append(p.deadLayerRec, layer)
-	}
-	// Pending entries override the store's; release them now and
-	// remember which keys they were.
-	overridden := map[uint64]struct{}{}
-	var rerr error
-	for k, e := range p.dirty {
-		if k.layer == layer {
-			overridden[k.vb] = struct{}{}
-			if rerr == nil {
-				rerr = p.releaseEntryLocked(name, e, true)
-			}
-			delete(p.dirty, k)
-		}
-	}
-	for k := range p.cache {
-		if k.layer == layer {
-			delete(p.cache, k)
-		}
-	}
-	p.deadLayers = append(p.deadLayers, layer)
+	det, rerr := p.detachLayerLocked(layer, true, name)
 	p.deadVols = append(p.deadVols, name)
-	p.metaDirty = true
 	p.mu.Unlock()
 	p.ioGate.Unlock()
-
-	// Walk the committed map without holding the pool lock (the only walk
-	// of a map, proportional to the volume's entries), releasing in
-	// batches so that I/O to other volumes keeps going.
-	var batch []pebblemeta.Entry
-	flushBatch := func() error {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		for _, e := range batch {
-			if err := p.releaseEntryLocked(name, e, true); err != nil {
-				return err
-			}
-		}
-		batch = batch[:0]
-		p.spaceFreedLocked() // given-back reservations are free at once
-		return nil
-	}
 	if rerr == nil {
-		rerr = p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
-			if _, ok := overridden[vb]; ok {
-				return nil
-			}
-			batch = append(batch, e)
-			if len(batch) == 4096 {
-				return flushBatch()
-			}
-			return nil
-		})
-	}
-	if rerr == nil {
-		rerr = flushBatch()
+		rerr = p.releaseDetached([]detachedLayer{det})
 	}
 	if rerr == nil && parent != 0 {
 		p.ioGate.Lock()
 		p.mu.Lock()
-		rerr = p.derefLayerLocked(parent)
+		var dets []detachedLayer
+		dets, rerr = p.derefLayerLocked(parent)
 		p.mu.Unlock()
 		p.ioGate.Unlock()
+		if rerr == nil {
+			rerr = p.releaseDetached(dets)
+		}
 	}
 	if rerr != nil {
 		// Half released: only a restart (from the last commit) is sound.
@@ -1340,6 +1294,85 @@ func (p *Pool) deleteVolume(name string) error {
 		return err
 	}
 	p.notify(Event{Type: VolumeDeleted, Volume: name})
+	return nil
+}
+
+// detachedLayer is a layer no volume reads any more, already taken out of
+// the pool's state; releaseDetached gives back its committed entries.
+type detachedLayer struct {
+	layer      uint64
+	name       string              // for errors: the volume, or "layer N"
+	head       bool                // it was a volume's head (its reservations count in the pool)
+	overridden map[uint64]struct{} // blocks whose pending entries were released already
+}
+
+// detachLayerLocked takes layer out of the pool's state: its pending
+// entries are released now, its committed map and record are deleted by
+// the next commit. The caller holds flushMu (no commit until the
+// committed entries are released too) and p.mu.
+func (p *Pool) detachLayerLocked(layer uint64, head bool, name string) (detachedLayer, error) {
+	d := detachedLayer{layer: layer, name: name, head: head, overridden: map[uint64]struct{}{}}
+	var err error
+	for k, e := range p.dirty {
+		if k.layer == layer {
+			d.overridden[k.vb] = struct{}{}
+			if err == nil {
+				err = p.releaseEntryLocked(name, e, head)
+			}
+			delete(p.dirty, k)
+		}
+	}
+	for k := range p.cache {
+		if k.layer == layer {
+			delete(p.cache, k)
+		}
+	}
+	if p.layers[layer] != nil {
+		delete(p.layers, layer)
+		delete(p.dirtyLayers, layer)
+		p.deadLayerRec = append(p.deadLayerRec, layer)
+	}
+	p.deadLayers = append(p.deadLayers, layer)
+	p.metaDirty = true
+	return d, err
+}
+
+// releaseDetached walks the committed maps of detached layers without
+// holding the pool lock or the I/O gate (no one reads them), releasing in
+// batches so that I/O to other volumes keeps going. The caller holds
+// flushMu, so the commit that follows carries the whole delete.
+func (p *Pool) releaseDetached(ds []detachedLayer) error {
+	for _, d := range ds {
+		var batch []pebblemeta.Entry
+		flushBatch := func() error {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, e := range batch {
+				if err := p.releaseEntryLocked(d.name, e, d.head); err != nil {
+					return err
+				}
+			}
+			batch = batch[:0]
+			p.spaceFreedLocked() // given-back reservations are free at once
+			return nil
+		}
+		err := p.store.LayerMap(d.layer, 0, func(vb uint64, e pebblemeta.Entry) error {
+			if _, ok := d.overridden[vb]; ok {
+				return nil
+			}
+			batch = append(batch, e)
+			if len(batch) == 4096 {
+				return flushBatch()
+			}
+			return nil
+		})
+		if err == nil {
+			err = flushBatch()
+		}
+		if err != nil {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -268,20 +268,24 @@ func (p *Pool) layerRefsLocked(layer uint64) (vols, kids int, child uint64) {
 }
 
 // derefLayerLocked is called when a reference to the frozen layer L went
-// away. Unreferenced, L is dropped (its blocks released); referenced only
-// by one child layer, L is folded into the child, so blocks the child
-// overrides are released: either way no block stays allocated that no
-// volume can read. Both walk L's map (like DeleteVolume walks a volume).
-// The caller holds flushMu, the I/O gate exclusively and p.mu.
-func (p *Pool) derefLayerLocked(L uint64) error {
+// away. Unreferenced, L is detached: the caller releases its blocks with
+// releaseDetached after dropping the locks. Referenced only by one child
+// layer, L and the child are merged (the smaller into the larger), so
+// blocks the child overrides are released: either way no block stays
+// allocated that no volume can read. The caller holds flushMu, the I/O
+// gate exclusively and p.mu.
+func (p *Pool) derefLayerLocked(L uint64) ([]detachedLayer, error) {
+	var dets []detachedLayer
 	for L != 0 {
 		vols, kids, child := p.layerRefsLocked(L)
 		parent := p.parentLocked(L)
 		switch {
 		case vols == 0 && kids == 0:
-			if err := p.dropLayerLocked(L, 0); err != nil {
-				return err
+			d, err := p.detachLayerLocked(L, false, fmt.Sprintf("layer %d", L))
+			if err != nil {
+				return nil, err
 			}
+			dets = append(dets, d)
 			L = parent
 			continue
 		case vols == 0 && kids == 1 && p.heads[child] != nil && p.layerEntriesLocked(child) < p.layerEntriesLocked(L):
@@ -289,11 +293,11 @@ func (p *Pool) derefLayerLocked(L uint64) error {
 			// volume's head holds only what changed since, so merge it into
 			// L rather than L into it.
 			if err := p.mergeHeadIntoLocked(L, child); err != nil {
-				return err
+				return nil, err
 			}
 		case vols == 0 && kids == 1:
 			if err := p.dropLayerLocked(L, child); err != nil {
-				return err
+				return nil, err
 			}
 			p.layers[child].rec.Parent = parent
 			p.dirtyLayers[child] = struct{}{}
@@ -308,10 +312,10 @@ func (p *Pool) derefLayerLocked(L uint64) error {
 			continue
 		}
 		if err := p.pruneLayerLocked(L); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return nil
+	return dets, nil
 }
 
 // layerEntriesLocked estimates how many entries a layer has (holes are
