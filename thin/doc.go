@@ -142,14 +142,22 @@
 //     writing zeros through WriteAt) and plans again, so a shared block is
 //     never zeroed in place.
 //   - Delete (DeleteVolume, for every kind, in any order): a volume's or
-//     clone's own head is walked and released as before; then each frozen
-//     layer that lost a reference is dropped when nothing needs it, folded
-//     into its only child when that is all that needs it (child entries
-//     win, the overridden ones are released), and the layers above are
-//     pruned: entries no volume can read any more (every path down
-//     overrides them) are released. These walks run under the pool lock
-//     and the exclusive I/O gate (I/O pauses for them); all of it lands in
-//     one commit, so a crash leaves the state before or after the delete.
+//     clone's own head is released by a walk of its committed map in
+//     batches, outside the pool lock and the I/O gate (no one reads it);
+//     a frozen layer that nothing needs any more goes the same way. A
+//     frozen layer needed only by one child is merged with it, the
+//     smaller into the larger (child entries win, the overridden ones are
+//     released): deleting the last snapshot of a big volume merges the
+//     volume's head, i.e. what changed since, into the frozen layer. The
+//     layers above are pruned: entries no volume can read any more
+//     (every path down overrides them) are released; the candidates are
+//     the entries of the smallest child (and its smallest child, down to
+//     a volume), not the whole layer. Merges and prunes run under the
+//     pool lock and the exclusive I/O gate, costing what the sharers
+//     changed; all of a delete lands in one commit, so a crash leaves the
+//     state before or after it. Measured (make bench, snapshot target):
+//     deleting the snapshots and clones of a volume with 10 million
+//     mapped blocks takes at most about 70 ms each.
 //
 // A write that copies a block makes the frozen entry it overrides
 // unreadable when it was the last sharer reading it; that entry is then
