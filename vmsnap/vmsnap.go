@@ -44,6 +44,8 @@ type Options struct {
 	Thinblk string   // thinblk serve's control (QMP) unix socket
 	Volumes []string // thinblk volumes that are the VM's disks
 	Name    string   // snapshot name (see SnapshotNames)
+	// Writable makes writable clones instead of read-only snapshots.
+	Writable bool
 	// Freeze asks the guest agent at QGA to freeze the guest's filesystems
 	// around the snapshot.
 	Freeze bool
@@ -250,7 +252,7 @@ func Take(ctx context.Context, o Options) (*Result, error) {
 
 	group := make([]map[string]any, len(snaps))
 	for i, s := range snaps {
-		group[i] = map[string]any{"volume": s.Volume, "name": s.Name}
+		group[i] = map[string]any{"volume": s.Volume, "name": s.Name, "writable": o.Writable}
 	}
 	if err := tb.Execute(fwd, "snapshot-create-group", map[string]any{"snapshots": group}, nil); err != nil {
 		var qe *qmp.Error

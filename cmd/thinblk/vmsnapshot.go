@@ -23,13 +23,14 @@ func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
 
 func runVMSnapshot(args []string, stdout, stderr io.Writer) int {
 	const cmd = "vm-snapshot"
-	fs := newFlagSet(cmd, "vm-snapshot --qemu unix:PATH --thinblk unix:PATH|POOLDIR --volume V [--volume W ...] --name SNAP [--freeze --qga unix:PATH] [--timeout 30s]", stderr)
+	fs := newFlagSet(cmd, "vm-snapshot --qemu unix:PATH --thinblk unix:PATH|POOLDIR --volume V [--volume W ...] --name SNAP [--writable] [--freeze --qga unix:PATH] [--timeout 30s]", stderr)
 	qemu := fs.String("qemu", "", "QEMU's QMP socket `unix:PATH`; no other client may hold it")
 	tb := fs.String("thinblk", "", "thinblk serve's control socket `unix:PATH`, or the pool directory whose serve to use")
 	var volumes stringList
 	fs.Var(&volumes, "volume", "a thinblk `VOLUME` that is one of the VM's disks (repeat for each; all are snapshotted at one instant)")
 	name := fs.String("name", "", "snapshot name `SNAP`: with one volume the snapshot is called SNAP, with several VOLUME@SNAP")
 	freeze := fs.Bool("freeze", false, "freeze the guest's filesystems through the QEMU guest agent around the snapshot")
+	writable := fs.Bool("writable", false, "make writable clones instead of read-only snapshots")
 	qga := fs.String("qga", "", "the guest agent's virtio-serial chardev socket `unix:PATH`, needed with --freeze")
 	timeout := fs.Duration("timeout", vmsnap.DefaultTimeout, "bound on connecting, freezing, pausing, draining in-flight requests and snapshotting; resuming and thawing get as long again")
 	verbose := fs.Bool("v", false, "print each step")
@@ -47,7 +48,7 @@ func runVMSnapshot(args []string, stdout, stderr io.Writer) int {
 	if *freeze != (*qga != "") {
 		return usageError(stderr, cmd, errors.New("--freeze and --qga go together"))
 	}
-	o := vmsnap.Options{Volumes: volumes, Name: *name, Freeze: *freeze, Timeout: *timeout}
+	o := vmsnap.Options{Volumes: volumes, Name: *name, Freeze: *freeze, Writable: *writable, Timeout: *timeout}
 	if o.QEMU, err = parseSocketFlag("--qemu", *qemu); err != nil {
 		return usageError(stderr, cmd, err)
 	}
@@ -72,7 +73,7 @@ func runVMSnapshot(args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, cmd, err)
 	}
 	for _, s := range res.Snapshots {
-		fmt.Fprintf(stdout, "%s: snapshot of %s\n", s.Name, s.Volume)
+		fmt.Fprintf(stdout, "%s: %s of %s\n", s.Name, snapshotKind(*writable), s.Volume)
 	}
 	switch {
 	case res.WasRunning:

@@ -83,6 +83,16 @@ func TestVMSnapshotCLI(t *testing.T) {
 		t.Errorf("snapshot list %q", got)
 	}
 
+	// --writable makes a clone, served read-write.
+	out, errOut, code = thinblk(t, "vm-snapshot", "--qemu", qmpSock, "--thinblk", dir, "--volume", "vm", "--name", "test", "--writable")
+	if code != 0 || !strings.Contains(out, "test: clone of vm") {
+		t.Errorf("vm-snapshot --writable: exit %d, %q %q", code, out, errOut)
+	}
+	if got := mustThinblk(t, "snapshot", "list", dir); got != "monday\tsnapshot\tvm\ntest\tclone\tvm\n" {
+		t.Errorf("snapshot list %q", got)
+	}
+	mustThinblk(t, "snapshot", "delete", dir, "test")
+
 	// A missing volume: exit 1, a message naming it, VM running, nothing new.
 	_, errOut, code = thinblk(t, "vm-snapshot", "--qemu", qmpSock, "--thinblk", "unix:"+filepath.Join(dir, "qmp.sock"),
 		"--volume", "vm", "--volume", "gone", "--name", "tuesday")
