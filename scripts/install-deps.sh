@@ -18,6 +18,7 @@ declare -A need=(
 	[blkdiscard]=util-linux
 	[fstrim]=util-linux
 	[sfdisk]=fdisk
+	[qemu-ga]=qemu-guest-agent # the guest agent for vm-snapshot --freeze tests (copied into the initramfs)
 )
 missing=()
 for cmd in "${!need[@]}"; do
