@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"syscall"
 	"time"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
@@ -26,7 +27,20 @@ func dialQEMU(ctx context.Context, path string) (*qemuMonitor, error) {
 	if timeout <= 0 {
 		return nil, fmt.Errorf("QEMU QMP %s: no time left to connect", path)
 	}
-	mon, err := goqmp.NewSocketMonitor("unix", path, timeout)
+	var mon *goqmp.SocketMonitor
+	var err error
+	for {
+		mon, err = goqmp.NewSocketMonitor("unix", path, timeout)
+		// EAGAIN: the monitor's listen backlog is full, which happens
+		// while another client holds the socket and others wait.
+		if err == nil || !errors.Is(err, syscall.EAGAIN) || timeLeft(ctx) <= 0 || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if errors.Is(err, syscall.EAGAIN) {
+		return nil, fmt.Errorf("QEMU QMP %s: busy: %w (is another client, e.g. libvirt, connected to this socket? QEMU serves one at a time)", path, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("QEMU QMP %s: %w", path, err)
 	}
