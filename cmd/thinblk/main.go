@@ -25,7 +25,7 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"serve", "export disks to QEMU over vhost-user-blk", runServeQEMU},
+		{"serve", "export disks to QEMU over vhost-user-blk", runServe},
 		{"pool", "create or grow a thin pool", runPool},
 		{"volume", "create, delete, resize, list volumes; reserve on|off", runVolumeOrReserve},
 		{"snapshot", "create, delete or list snapshots and clones", runSnapshot},

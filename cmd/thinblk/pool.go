@@ -166,7 +166,7 @@ func usageError(stderr io.Writer, cmd string, err error) int {
 
 func runVolume(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: thinblk volume create|delete|resize|list DIR ...")
+		fmt.Fprintln(stderr, "usage: thinblk volume create|delete|resize|list|reserve DIR ...")
 		return 2
 	}
 	sub, args := args[0], args[1:]

@@ -23,6 +23,7 @@ type serveFlags struct {
 	pool       string
 	socketDir  string
 	qmp        string
+	qemuQMP    []string // --qemu-qmp: monitors of VMs the pause policy stops and resumes
 	raw        string
 	socket     string
 	socketMode string
@@ -42,6 +43,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
 	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
 	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
+	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
+		path, err := parseSocketFlag("--qemu-qmp", s)
+		if err == nil {
+			f.qemuQMP = append(f.qemuQMP, path)
+		}
+		return err
+	})
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
@@ -93,6 +101,8 @@ func (f *serveFlags) validate() error {
 		return errors.New("--socket PATH is required with --raw")
 	case f.raw != "" && f.qmp != "":
 		return errors.New("--qmp is for a pool")
+	case f.raw != "" && len(f.qemuQMP) > 0:
+		return errors.New("--qemu-qmp goes with a pool, not --raw")
 	case f.raw != "" && f.socketDir != "":
 		return errors.New("--socket-dir is for a pool; use --socket with --raw")
 	case f.pool != "" && (f.readOnly || f.serial != ""):

@@ -7,11 +7,7 @@ package main
 
 import (
 	"context"
-	"fmt"
-	"io"
 	"log/slog"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/thinblk/thinblk/thin"
@@ -23,72 +19,6 @@ const (
 	eventVMStopped = "BLOCK_POOL_VM_STOPPED" // {pool, volume, qemu[, error]}
 	eventVMResumed = "BLOCK_POOL_VM_RESUMED" // {pool, qemu[, error]}
 )
-
-// pauseQEMUFlag holds serve's --qemu-qmp sockets for startControl. The
-// flag is taken out of serve's arguments before they are parsed
-// (runServeQEMU), because serve's own flag set lives elsewhere.
-var pauseQEMUFlag struct {
-	sync.Mutex
-	paths []string
-}
-
-// runServeQEMU takes --qemu-qmp out of serve's arguments and runs serve.
-func runServeQEMU(args []string, stdout, stderr io.Writer) int {
-	var rest []string
-	var qemu []string
-	raw := false
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		if a == "--" {
-			rest = append(rest, args[i:]...)
-			break
-		}
-		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if !strings.HasPrefix(a, "-") {
-			rest = append(rest, a)
-			continue
-		}
-		switch name {
-		case "qemu-qmp":
-			if !hasVal {
-				if i+1 >= len(args) {
-					return usageError(stderr, "serve", fmt.Errorf("--qemu-qmp needs unix:PATH"))
-				}
-				i++
-				val = args[i]
-			}
-			qemu = append(qemu, val)
-			continue
-		case "raw":
-			raw = true
-		case "h", "help":
-			defer fmt.Fprintln(stderr, "  -qemu-qmp unix:PATH\n    \twith a pool whose no-space policy is pause: QEMU monitor of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)")
-		}
-		rest = append(rest, a)
-	}
-	if len(qemu) > 0 {
-		if raw {
-			return usageError(stderr, "serve", fmt.Errorf("--qemu-qmp goes with a pool, not --raw"))
-		}
-		var paths []string
-		for _, q := range qemu {
-			path, err := parseSocketFlag("--qemu-qmp", q)
-			if err != nil {
-				return usageError(stderr, "serve", err)
-			}
-			paths = append(paths, path)
-		}
-		pauseQEMUFlag.Lock()
-		pauseQEMUFlag.paths = paths
-		pauseQEMUFlag.Unlock()
-		defer func() {
-			pauseQEMUFlag.Lock()
-			pauseQEMUFlag.paths = nil
-			pauseQEMUFlag.Unlock()
-		}()
-	}
-	return runServe(rest, stdout, stderr)
-}
 
 // pauser stops and resumes one QEMU on the pool's space events; each
 // QEMU has its own, so that a stop held up in one does not hold up the
