@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/uring"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -21,17 +22,8 @@ var errSyncPath = errors.New("rawdisk: request not suited to io_uring")
 // 16 bits.
 const stopTag = 1 << 32
 
-// probeUring reports whether this process may use io_uring (it is
-// missing before Linux 5.1, and seccomp or kernel.io_uring_disabled may
-// forbid it).
-func probeUring() error {
-	u, err := newUring(4)
-	if err != nil {
-		return err
-	}
-	u.close()
-	return nil
-}
+// probeUring reports whether this process may use io_uring.
+func probeUring() error { return uring.Probe() }
 
 // OpenQueue implements blk.AsyncStorage with one io_uring per queue: the
 // caller's goroutine fills and submits it, a reaper goroutine collects
@@ -44,7 +36,7 @@ func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue
 		return nil, fmt.Errorf("rawdisk: queue depth %d: want 1 to 65536", depth)
 	}
 	// One extra entry for the stop NOP.
-	ring, err := newUring(uint32(depth + 1))
+	ring, err := uring.New(uint32(depth + 1))
 	if err != nil {
 		return nil, fmt.Errorf("rawdisk: %w", err)
 	}
@@ -53,7 +45,7 @@ func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue
 		ring:   ring,
 		done:   done,
 		slots:  make([]uringSlot, depth),
-		cqes:   make([]cqe, 0, depth+1),
+		cqes:   make([]uring.CQE, 0, depth+1),
 		batch:  make([]blk.Completion, 0, depth+1),
 		exited: make(chan struct{}),
 	}
@@ -64,7 +56,7 @@ func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue
 // uringQueue is one virtqueue's io_uring.
 type uringQueue struct {
 	d    *Disk
-	ring *uring
+	ring *uring.Ring
 	done func([]blk.Completion)
 
 	// Submission side (the caller's goroutine).
@@ -77,7 +69,7 @@ type uringQueue struct {
 	closing  atomic.Bool
 
 	// Reaper goroutine.
-	cqes   []cqe
+	cqes   []uring.CQE
 	batch  []blk.Completion
 	exited chan struct{}
 }
@@ -92,14 +84,14 @@ type uringSlot struct {
 }
 
 func (q *uringQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
-	return q.rw(uringOpReadv, tag, bufs, off)
+	return q.rw(uring.OpReadv, tag, bufs, off)
 }
 
 func (q *uringQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 	if q.d.readOnly {
 		return ErrReadOnly
 	}
-	return q.rw(uringOpWritev, tag, bufs, off)
+	return q.rw(uring.OpWritev, tag, bufs, off)
 }
 
 func (q *uringQueue) rw(op uint8, tag uint16, bufs [][]byte, off int64) error {
@@ -129,13 +121,13 @@ func (q *uringQueue) Flush(tag uint16) error {
 		return errSyncPath
 	}
 	s := &q.slots[tag]
-	s.op, s.bufs, s.size = uringOpFsync, nil, 0
-	return q.prep(uringOpFsync, 0, 0, 0, uringFsyncDatasync, tag)
+	s.op, s.bufs, s.size = uring.OpFsync, nil, 0
+	return q.prep(uring.OpFsync, 0, 0, 0, uring.FsyncDatasync, tag)
 }
 
 func (q *uringQueue) prep(op uint8, addr uintptr, length uint32, off uint64, flags uint32, tag uint16) error {
 	q.inflight.Add(1)
-	if err := q.ring.prep(op, q.d.fd, addr, length, off, flags, uint64(tag)); err != nil {
+	if err := q.ring.Prep(op, q.d.fd, addr, length, off, flags, uint64(tag)); err != nil {
 		q.inflight.Add(-1)
 		return errSyncPath
 	}
@@ -147,7 +139,7 @@ func (q *uringQueue) Submit() {
 	if q.broken {
 		return
 	}
-	if err := q.ring.submit(); err != nil {
+	if err := q.ring.Submit(); err != nil {
 		// The kernel refuses the ring (it cannot do so for a valid
 		// one). Fail what it did not take, and serve everything
 		// synchronously from now on.
@@ -159,17 +151,14 @@ func (q *uringQueue) Submit() {
 // failUnsubmitted completes the entries the kernel has not consumed with
 // err. They stay published, but nothing submits them any more.
 func (q *uringQueue) failUnsubmitted(err error) {
-	r := q.ring
 	var failed []blk.Completion
-	for i := atomic.LoadUint32(r.sqHead); i != r.localTail; i++ {
-		sqe := (*[sqeSize]byte)(unsafe.Add(r.sqes, uintptr(i&r.sqMask)*sqeSize))
-		tag := *(*uint64)(unsafe.Pointer(&sqe[32]))
+	q.ring.Unsubmitted(func(tag uint64) {
 		if tag == stopTag {
-			continue
+			return
 		}
 		failed = append(failed, blk.Completion{Tag: uint16(tag), Err: fmt.Errorf("rawdisk: %w", err)})
 		q.slots[uint16(tag)].bufs = nil
-	}
+	})
 	q.inflight.Add(-int64(len(failed)))
 	if len(failed) > 0 {
 		q.done(failed)
@@ -182,12 +171,12 @@ func (q *uringQueue) Close() error {
 	if !q.broken {
 		// Wakes the reaper if it waits with nothing in flight. If this
 		// fails, so do the reaper's waits, and it polls instead.
-		if q.ring.prep(uringOpNop, -1, 0, 0, 0, 0, stopTag) == nil {
-			_ = q.ring.submit()
+		if q.ring.Prep(uring.OpNop, -1, 0, 0, 0, 0, stopTag) == nil {
+			_ = q.ring.Submit()
 		}
 	}
 	<-q.exited
-	q.ring.close()
+	q.ring.Close()
 	return nil
 }
 
@@ -199,11 +188,11 @@ func (q *uringQueue) reap() {
 		if q.closing.Load() && q.inflight.Load() == 0 {
 			return
 		}
-		if err := q.ring.waitCQE(); err != nil {
+		if err := q.ring.WaitCQE(); err != nil {
 			time.Sleep(time.Millisecond)
 			continue
 		}
-		q.cqes = q.ring.reap(q.cqes[:0])
+		q.cqes = q.ring.Reap(q.cqes[:0])
 		// The kernel orders the submitter's writes (slots, the
 		// caller's request state) before their completions; this
 		// acquire, pairing with prep's Add, shows the race detector
@@ -211,11 +200,11 @@ func (q *uringQueue) reap() {
 		q.inflight.Load()
 		q.batch = q.batch[:0]
 		for _, c := range q.cqes {
-			if c.userData == stopTag {
+			if c.UserData == stopTag {
 				continue
 			}
-			tag := uint16(c.userData)
-			q.batch = append(q.batch, blk.Completion{Tag: tag, Err: q.finish(&q.slots[tag], c.res)})
+			tag := uint16(c.UserData)
+			q.batch = append(q.batch, blk.Completion{Tag: tag, Err: q.finish(&q.slots[tag], c.Res)})
 		}
 		if len(q.batch) > 0 {
 			n := len(q.batch)
@@ -235,7 +224,7 @@ func (q *uringQueue) finish(s *uringSlot, res int32) error {
 			return fmt.Errorf("rawdisk: io_uring op %d: %w", s.op, errno)
 		}
 		res = 0 // interrupted before any transfer: redo it all
-		if s.op == uringOpFsync {
+		if s.op == uring.OpFsync {
 			return q.d.Flush()
 		}
 	}
@@ -244,7 +233,7 @@ func (q *uringQueue) finish(s *uringSlot, res int32) error {
 	}
 	rest := skipBytes(s.bufs, int(res))
 	off := s.off + int64(res)
-	if s.op == uringOpReadv {
+	if s.op == uring.OpReadv {
 		return q.d.ReadAt(rest, off)
 	}
 	return q.d.WriteAt(rest, off)

@@ -1,4 +1,8 @@
-package rawdisk
+// Package uring is a minimal io_uring: one submission ring filled by one
+// goroutine, one completion ring drained by one other goroutine. It has
+// only what thinblk's data paths need (READV, WRITEV, FSYNC, NOP), written
+// against the kernel ABI in include/uapi/linux/io_uring.h.
+package uring
 
 import (
 	"errors"
@@ -9,34 +13,32 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A minimal io_uring: one submission ring filled by one goroutine, one
-// completion ring drained by one other goroutine. Only what rawdisk needs
-// (READV, WRITEV, FSYNC, NOP), written against the kernel ABI in
-// include/uapi/linux/io_uring.h.
-
 // Kernel ABI constants.
 const (
-	uringOffSQRing = 0
-	uringOffCQRing = 0x8000000
-	uringOffSQEs   = 0x10000000
+	offSQRing = 0
+	offCQRing = 0x8000000
+	offSQEs   = 0x10000000
 
-	uringFeatSingleMmap = 1 << 0
+	featSingleMmap = 1 << 0
 
-	uringEnterGetEvents = 1 << 0
-
-	uringOpNop    = 0
-	uringOpReadv  = 1
-	uringOpWritev = 2
-	uringOpFsync  = 3
-
-	uringFsyncDatasync = 1 << 0
+	enterGetEvents = 1 << 0
 
 	sqeSize = 64
 	cqeSize = 16
 )
 
-// uringParams is struct io_uring_params.
-type uringParams struct {
+// Operations and their flags.
+const (
+	OpNop    = 0
+	OpReadv  = 1
+	OpWritev = 2
+	OpFsync  = 3
+
+	FsyncDatasync = 1 << 0
+)
+
+// params is struct io_uring_params.
+type params struct {
 	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFd uint32
 	resv                                                                   [3]uint32
 	sqOff                                                                  sqringOffsets
@@ -53,8 +55,8 @@ type cqringOffsets struct {
 	userAddr                                                        uint64
 }
 
-// uring is one io_uring instance.
-type uring struct {
+// Ring is one io_uring instance.
+type Ring struct {
 	fd             int
 	sqMap, cqMap   []byte // cqMap aliases sqMap if single
 	single         bool   // IORING_FEAT_SINGLE_MMAP
@@ -62,6 +64,7 @@ type uring struct {
 	sqHead, sqTail *uint32
 	sqMask         uint32
 	sqEntries      uint32
+	cqEntries      uint32
 	sqArray        unsafe.Pointer // [sqEntries]uint32
 	sqes           unsafe.Pointer // [sqEntries]sqe
 	cqHead, cqTail *uint32
@@ -72,49 +75,61 @@ type uring struct {
 	localTail uint32
 }
 
-// cqe is struct io_uring_cqe.
-type cqe struct {
-	userData uint64
-	res      int32
-	flags    uint32
+// CQE is struct io_uring_cqe.
+type CQE struct {
+	UserData uint64
+	Res      int32
+	Flags    uint32
 }
 
-func newUring(entries uint32) (*uring, error) {
-	var p uringParams
+// New sets up a ring with at least entries submission slots.
+func New(entries uint32) (*Ring, error) {
+	var p params
 	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if errno != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", errno)
 	}
-	u := &uring{fd: int(fd)}
+	u := &Ring{fd: int(fd)}
 	if err := u.mapRings(&p); err != nil {
-		u.close()
+		u.Close()
 		return nil, err
 	}
 	return u, nil
 }
 
-func (u *uring) mapRings(p *uringParams) error {
+// Probe reports whether this process may use io_uring (it is missing
+// before Linux 5.1, and seccomp or kernel.io_uring_disabled may forbid it).
+func Probe() error {
+	u, err := New(4)
+	if err != nil {
+		return err
+	}
+	u.Close()
+	return nil
+}
+
+func (u *Ring) mapRings(p *params) error {
 	sqSize := int(p.sqOff.array + p.sqEntries*4)
 	cqSize := int(p.cqOff.cqes + p.cqEntries*cqeSize)
-	single := p.features&uringFeatSingleMmap != 0
+	single := p.features&featSingleMmap != 0
 	u.single = single
 	if single {
 		sqSize = max(sqSize, cqSize)
 	}
 	var err error
-	u.sqMap, err = unix.Mmap(u.fd, uringOffSQRing, sqSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	u.sqMap, err = unix.Mmap(u.fd, offSQRing, sqSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return fmt.Errorf("mmap io_uring SQ ring: %w", err)
 	}
 	if single {
 		u.cqMap = u.sqMap
 	} else {
-		u.cqMap, err = unix.Mmap(u.fd, uringOffCQRing, cqSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+		u.cqMap, err = unix.Mmap(u.fd, offCQRing, cqSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 		if err != nil {
 			return fmt.Errorf("mmap io_uring CQ ring: %w", err)
 		}
 	}
-	u.sqeMap, err = unix.Mmap(u.fd, uringOffSQEs, int(p.sqEntries*sqeSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
+	u.sqeMap, err = unix.Mmap(u.fd, offSQEs, int(p.sqEntries*sqeSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return fmt.Errorf("mmap io_uring SQEs: %w", err)
 	}
@@ -123,6 +138,7 @@ func (u *uring) mapRings(p *uringParams) error {
 	u.sqTail = (*uint32)(unsafe.Add(sq, p.sqOff.tail))
 	u.sqMask = *(*uint32)(unsafe.Add(sq, p.sqOff.ringMask))
 	u.sqEntries = p.sqEntries
+	u.cqEntries = p.cqEntries
 	u.sqArray = unsafe.Add(sq, p.sqOff.array)
 	u.sqes = unsafe.Pointer(&u.sqeMap[0])
 	u.cqHead = (*uint32)(unsafe.Add(cq, p.cqOff.head))
@@ -133,7 +149,8 @@ func (u *uring) mapRings(p *uringParams) error {
 	return nil
 }
 
-func (u *uring) close() {
+// Close unmaps the rings and closes the ring's descriptor.
+func (u *Ring) Close() {
 	if u.sqeMap != nil {
 		_ = unix.Munmap(u.sqeMap)
 	}
@@ -150,15 +167,24 @@ func (u *uring) close() {
 	}
 }
 
-// errRingFull means every submission slot holds an entry the kernel has
-// not consumed yet.
-var errRingFull = errors.New("io_uring submission ring full")
+// SQEntries and CQEntries are the ring sizes the kernel chose.
+func (u *Ring) SQEntries() uint32 { return u.sqEntries }
+func (u *Ring) CQEntries() uint32 { return u.cqEntries }
 
-// prep fills the next submission entry. It is not visible to the kernel
-// until submit.
-func (u *uring) prep(op uint8, fd int, addr uintptr, length uint32, off uint64, opFlags uint32, userData uint64) error {
+// ErrRingFull means every submission slot holds an entry the kernel has
+// not consumed yet.
+var ErrRingFull = errors.New("io_uring submission ring full")
+
+// Free is how many entries Prep can fill before ErrRingFull.
+func (u *Ring) Free() uint32 {
+	return u.sqEntries - (u.localTail - atomic.LoadUint32(u.sqHead))
+}
+
+// Prep fills the next submission entry. It is not visible to the kernel
+// until Submit.
+func (u *Ring) Prep(op uint8, fd int, addr uintptr, length uint32, off uint64, opFlags uint32, userData uint64) error {
 	if u.localTail-atomic.LoadUint32(u.sqHead) >= u.sqEntries {
-		return errRingFull
+		return ErrRingFull
 	}
 	idx := u.localTail & u.sqMask
 	sqe := (*[sqeSize]byte)(unsafe.Add(u.sqes, uintptr(idx)*sqeSize))
@@ -175,8 +201,8 @@ func (u *uring) prep(op uint8, fd int, addr uintptr, length uint32, off uint64, 
 	return nil
 }
 
-// submit publishes the prepared entries and has the kernel consume them.
-func (u *uring) submit() error {
+// Submit publishes the prepared entries and has the kernel consume them.
+func (u *Ring) Submit() error {
 	// The release store orders the entries before the tail.
 	atomic.StoreUint32(u.sqTail, u.localTail)
 	for {
@@ -197,13 +223,22 @@ func (u *uring) submit() error {
 	}
 }
 
-// waitCQE blocks until at least one completion is available.
-func (u *uring) waitCQE() error {
+// Unsubmitted calls fn with the user data of every prepared entry the
+// kernel has not consumed (after a Submit error). They stay published.
+func (u *Ring) Unsubmitted(fn func(userData uint64)) {
+	for i := atomic.LoadUint32(u.sqHead); i != u.localTail; i++ {
+		sqe := (*[sqeSize]byte)(unsafe.Add(u.sqes, uintptr(i&u.sqMask)*sqeSize))
+		fn(*(*uint64)(unsafe.Pointer(&sqe[32])))
+	}
+}
+
+// WaitCQE blocks until at least one completion is available.
+func (u *Ring) WaitCQE() error {
 	for {
 		if atomic.LoadUint32(u.cqTail) != *u.cqHead {
 			return nil
 		}
-		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(u.fd), 0, 1, uringEnterGetEvents, 0, 0)
+		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(u.fd), 0, 1, enterGetEvents, 0, 0)
 		switch errno {
 		case 0, unix.EINTR, unix.EAGAIN, unix.EBUSY:
 		default:
@@ -212,13 +247,13 @@ func (u *uring) waitCQE() error {
 	}
 }
 
-// reap copies available completions into dst (up to its capacity) and
+// Reap copies available completions into dst (up to its capacity) and
 // releases their slots to the kernel.
-func (u *uring) reap(dst []cqe) []cqe {
+func (u *Ring) Reap(dst []CQE) []CQE {
 	head := *u.cqHead
 	tail := atomic.LoadUint32(u.cqTail) // acquire: entries before tail are written
 	for head != tail && len(dst) < cap(dst) {
-		dst = append(dst, *(*cqe)(unsafe.Add(u.cqes, uintptr(head&u.cqMask)*cqeSize)))
+		dst = append(dst, *(*CQE)(unsafe.Add(u.cqes, uintptr(head&u.cqMask)*cqeSize)))
 		head++
 	}
 	atomic.StoreUint32(u.cqHead, head)
