@@ -40,6 +40,10 @@ func openOSDataFile(path string, create bool) (dataFile, error) {
 	return &osDataFile{f: f}, nil
 }
 
+// fd is the file's descriptor, for I/O submitted to the kernel directly
+// (io_uring; see async.go).
+func (d *osDataFile) fd() int { return int(d.f.Fd()) }
+
 func (d *osDataFile) ReadAt(p []byte, off int64) (int, error)  { return d.f.ReadAt(p, off) }
 func (d *osDataFile) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
 func (d *osDataFile) Close() error                             { return d.f.Close() }

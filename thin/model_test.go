@@ -56,6 +56,35 @@ type model struct {
 	vols    []*modelVol
 	nextTag uint64
 	log     []string
+	asyncs  map[*Volume]*asyncIO // TestModelAsync's queues
+}
+
+// volumeIO is how the model reads and writes a volume.
+type volumeIO interface {
+	ReadAt(bufs [][]byte, off int64) error
+	WriteAt(bufs [][]byte, off int64) error
+}
+
+// modelIO, if set, routes the model's reads and writes (TestModelAsync:
+// through asynchronous queues); modelClose then runs before the pool is
+// dropped.
+var (
+	modelIO    func(md *model, v *Volume) volumeIO
+	modelClose func(md *model)
+)
+
+func (md *model) io(v *modelVol) volumeIO {
+	h := md.vol(v)
+	if modelIO != nil {
+		return modelIO(md, h)
+	}
+	return h
+}
+
+func (md *model) dropIO() {
+	if modelClose != nil {
+		modelClose(md)
+	}
 }
 
 func fillSector(b []byte, tag, vol, sector uint64) {
@@ -122,7 +151,7 @@ func (md *model) free() uint64 {
 func (md *model) verify(v *modelVol, firstSector, n int) {
 	md.t.Helper()
 	buf := make([]byte, n*mSector)
-	if err := md.vol(v).ReadAt([][]byte{buf}, int64(firstSector)*mSector); err != nil {
+	if err := md.io(v).ReadAt([][]byte{buf}, int64(firstSector)*mSector); err != nil {
 		md.fatalf("read %s: %v", v.name, err)
 	}
 	for i := range n {
@@ -179,7 +208,7 @@ func (md *model) write(v *modelVol, first, n int) {
 	}
 	// Split the buffer to exercise scatter-gather.
 	cut := md.rng.IntN(len(buf)/mSector+1) * mSector
-	err := md.vol(v).WriteAt([][]byte{buf[:cut], buf[cut:]}, int64(first)*mSector)
+	err := md.io(v).WriteAt([][]byte{buf[:cut], buf[cut:]}, int64(first)*mSector)
 	if need > md.free() {
 		if !errors.Is(err, ErrNoSpace) {
 			md.fatalf("write needing %d blocks with %d free: %v, want ErrNoSpace", need, md.free(), err)
@@ -268,6 +297,7 @@ func (md *model) open() {
 }
 
 func (md *model) crash() {
+	md.dropIO()
 	md.p.abandon()
 	md.p = nil
 	md.m = md.m.crash(md.rng)
@@ -278,7 +308,7 @@ func (md *model) crash() {
 	md.size = md.p.Status().Pool.SizeBytes / mBlock
 	for _, v := range md.vols {
 		buf := make([]byte, mVolBlks*mBlock)
-		if err := md.vol(v).ReadAt([][]byte{buf}, 0); err != nil {
+		if err := md.io(v).ReadAt([][]byte{buf}, 0); err != nil {
 			md.fatalf("read after crash: %v", err)
 		}
 		for i := range v.sectors {
@@ -348,6 +378,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	zeroStep = uint64(md.rng.IntN(4))
 	md.open()
 	defer func() {
+		md.dropIO()
 		if md.p != nil {
 			md.p.abandon()
 		}

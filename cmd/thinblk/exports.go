@@ -19,6 +19,7 @@ type exportOptions struct {
 	socketMode os.FileMode
 	queues     int
 	queueSize  int
+	noUring    bool // every request through a worker (synchronous I/O)
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -55,6 +56,23 @@ func (v volumeStorage) Geometry() blk.Geometry {
 		OptimalIOSize:      v.BlockSize(),
 		DiscardGranularity: v.BlockSize(),
 	}
+}
+
+// OpenQueue serves reads and writes through the volume's io_uring queue
+// (blk.AsyncStorage); the completions only change type.
+func (v volumeStorage) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+	batch := make([]blk.Completion, 0, depth)
+	q, err := v.Volume.OpenQueue(depth, func(cs []thin.Completion) {
+		batch = batch[:0]
+		for _, c := range cs {
+			batch = append(batch, blk.Completion{Tag: c.Tag, Err: c.Err})
+		}
+		done(batch)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return q, nil
 }
 
 func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log *slog.Logger) (*exports, error) {
@@ -140,6 +158,7 @@ func (e *exports) start(name string) error {
 		QueueSize: e.opts.queueSize,
 		Serial:    baseSerial(name),
 		Logger:    log,
+		SyncOnly:  e.opts.noUring,
 	})
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)

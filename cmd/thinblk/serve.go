@@ -53,7 +53,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
-	fs.BoolVar(&f.noUring, "no-uring", false, "with --raw: use synchronous pread/pwrite instead of io_uring (io_uring is used when the kernel allows it)")
+	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
 	fs.IntVar(&f.queues, "queues", 1, "number of virtqueues offered (1-64)")
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
