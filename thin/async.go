@@ -13,28 +13,28 @@ import (
 	"github.com/thinblk/thinblk/internal/uring"
 )
 
-// Asynchronous reads and writes (the shape of virtio/blk's AsyncStorage,
-// without importing it): a queue resolves a request's blocks under the
-// pool lock on the caller's goroutine, submits the data I/O to io_uring on
-// the pool's data file, and completes it on a goroutine of its own. Every
-// rule of the synchronous path holds (see doc.go):
+// Asynchronous requests (the shape of virtio/blk's AsyncStorage, without
+// importing it). A read resolves its blocks under the pool lock on the
+// caller's goroutine, submits the data I/O to io_uring on the pool's data
+// file and completes on a goroutine of the queue's; unmapped blocks read
+// as zeros without I/O. A write runs on the caller's goroutine (see
+// WriteAt) and completes the same way. Every rule of the synchronous path
+// holds (see doc.go):
 //
 //   - the I/O gate is held shared from planning until the I/O completed,
 //     so no freed block is handed out while a request still aims at it;
-//   - a new block is planned by planWrite (filling, so that others wait),
-//     and published by finishWrite only after its data is written;
+//   - a new block is planned by planWrite (filling, so that others wait)
+//     and published by doWrite only after its data is written;
 //   - requests that would wait (a block being filled, no space, the zero
 //     mark to raise, pending changes over the limit, the gate taken or
 //     wanted by a commit) are declined: the caller serves them through
-//     ReadAt/WriteAt, which wait on a goroutine of their own. The caller's
-//     goroutine never blocks here: requests it started but has not
-//     submitted yet hold the gate, and a commit waiting for it would wait
-//     for them.
+//     Volume.ReadAt/WriteAt, which wait on a goroutine of their own. The
+//     caller's goroutine never waits here: reads it started but has not
+//     submitted yet hold the gate, and a commit waiting for the gate
+//     would wait for them.
 //
-// Unmapped blocks read as zeros without I/O; a partial first write to a
-// new block is padded with zeros in the same writev (no copy); a partial
-// first write to a block shared with a snapshot (a copy on write) runs
-// synchronously. FLUSH is left to the synchronous path (a commit).
+// FLUSH is left to the synchronous path (a commit, which may wait for the
+// gate).
 
 // Completion is the outcome of one asynchronous request.
 type Completion struct {
@@ -46,14 +46,15 @@ type Completion struct {
 var errDeclined = errors.New("thin: request not started asynchronously")
 
 // User data of a submission: the tag in the low 16 bits, the segment
-// above it; nopBit marks a request that is already finished (its outcome
-// is in its slot), stopTag the Close NOP.
+// above it; nopBit marks a request that is already done (a write, or a
+// read of unmapped blocks: its outcome is in its slot), stopTag the Close
+// NOP.
 const (
 	nopBit  = 1 << 32
 	stopTag = 1 << 33
 )
 
-// AsyncQueue starts reads and writes of one volume asynchronously. Its
+// AsyncQueue serves reads and writes of one volume asynchronously. Its
 // methods are called from one goroutine at a time (the submitter). The
 // buffers (guest memory) stay untouched by the caller until their
 // request completes.
@@ -80,9 +81,7 @@ type AsyncQueue struct {
 
 // aslot is the reused state of one tag's request.
 type aslot struct {
-	write   bool
 	off     int64
-	plans   []writePlan
 	pbs     []int64 // a read's physical block per block, -1 if unmapped
 	segs    []aseg
 	nsegs   int
@@ -174,7 +173,7 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 		return errDeclined
 	}
 	s := &q.slots[tag]
-	s.write, s.off, s.pbs, s.nsegs = false, off, s.pbs[:0], 0
+	s.off, s.pbs, s.nsegs = off, s.pbs[:0], 0
 	p.mu.Lock()
 	if v.startLocked() != nil {
 		p.mu.Unlock()
@@ -210,7 +209,7 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 		if pb := s.pbs[i]; pb < 0 {
 			c.clear(l)
 		} else {
-			q.piece(s, pb<<p.shift+inBlk, 0, l, 0, &c)
+			q.piece(s, pb<<p.shift+inBlk, l, &c)
 		}
 		pos += l
 	}
@@ -227,22 +226,23 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 	return nil
 }
 
-// WriteAt starts writing bufs to consecutive bytes at off. An error means
-// it was not started: serve it with Volume.WriteAt.
+// WriteAt writes bufs to consecutive bytes at off on the caller's
+// goroutine and completes through the queue. ext4 has no non-blocking
+// buffered writes (RWF_NOWAIT gets EOPNOTSUPP), so io_uring would hand
+// every write to a kernel worker thread: measured on a thin pool's data
+// file, that cost 3 to 4 times the CPU of the write itself, and a worker
+// goroutine per write (the synchronous path) twice. Writes that would
+// wait are declined: serve them with Volume.WriteAt.
 func (q *AsyncQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 	v, p := q.v, q.p
 	n := int64(totalLen(bufs))
-	if int(tag) >= len(q.slots) || n == 0 || v.checkRange("write", off, int(n)) != nil {
-		return errDeclined
-	}
-	bs := p.blockSize
-	blocks := int((off+n-1)>>p.shift - off>>p.shift + 1)
-	padPieces := 2 * int((bs+int64(len(zeroBlock))-1)/int64(len(zeroBlock)))
-	if !q.room(blocks, len(bufs)+blocks*(1+padPieces)) {
+	if int(tag) >= len(q.slots) || n == 0 || v.checkRange("write", off, int(n)) != nil || !q.room(1, 0) {
 		return errDeclined
 	}
 	// Above twice the pending limit the synchronous path commits before
-	// it returns (backpressure); leave such writes to it.
+	// it returns (backpressure): leave such writes to it. This goroutine
+	// must not commit: the reads it started but has not submitted yet
+	// hold the I/O gate that a commit may wait for.
 	p.mu.Lock()
 	over := len(p.dirty) >= 2*p.opts.MaxPending
 	p.mu.Unlock()
@@ -254,48 +254,15 @@ func (q *AsyncQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 		p.ioGate.RUnlock()
 		return errDeclined
 	}
-	for i, pl := range plans {
-		if pl.f != nil && pl.cow >= 0 && !wholeBlock(off, n, i, bs) {
-			// Copy on write of part of a shared block: rare (once per
-			// block after a snapshot); done here, synchronously.
-			err := v.doWrite(plans, bufs, off, n)
-			p.ioGate.RUnlock()
-			if err != nil {
-				err = fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
-			} else {
-				p.opSeq.Add(1)
-			}
-			q.finished(tag, err)
-			return nil
-		}
+	err = v.doWrite(plans, bufs, off, n)
+	p.ioGate.RUnlock()
+	if err != nil {
+		err = fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
+	} else {
+		p.opSeq.Add(1)
 	}
-	s := &q.slots[tag]
-	s.write, s.off, s.plans, s.nsegs = true, off, plans, 0
-	c := cursor{bufs: bufs}
-	pos := off
-	for _, pl := range plans {
-		inBlk := pos & (bs - 1)
-		l := min(bs-inBlk, off+n-pos)
-		base := pl.pblock << p.shift
-		switch {
-		case pl.f != nil && l != bs && !pl.f.zero:
-			// A new block is written whole: zeros around the data, so
-			// that bytes a previous owner left behind never show.
-			q.piece(s, base, inBlk, l, bs-inBlk-l, &c)
-		default:
-			q.piece(s, base+inBlk, 0, l, 0, &c)
-		}
-		pos += l
-	}
-	q.prepSegs(uring.OpWritev, tag, s)
+	q.finished(tag, err)
 	return nil
-}
-
-// wholeBlock reports whether the write of n bytes at off covers all of
-// its i-th block.
-func wholeBlock(off, n int64, i int, bs int64) bool {
-	start := (off&^(bs-1) + int64(i)*bs)
-	return off <= start && off+n >= start+bs
 }
 
 // Flush is not served asynchronously (a commit blocks): the caller serves
@@ -336,10 +303,9 @@ func (c *cursor) clear(l int64) {
 	}
 }
 
-// piece adds l bytes of the request, preceded by head and followed by
-// tail zero bytes, at file offset off: to the last segment when it ends
-// there, else as a new segment.
-func (q *AsyncQueue) piece(s *aslot, off, head, l, tail int64, c *cursor) {
+// piece adds l bytes of the request at file offset off: to the last
+// segment when it ends there, else as a new segment.
+func (q *AsyncQueue) piece(s *aslot, off, l int64, c *cursor) {
 	var g *aseg
 	if s.nsegs > 0 && s.segs[s.nsegs-1].off+int64(s.segs[s.nsegs-1].size) == off {
 		g = &s.segs[s.nsegs-1]
@@ -351,14 +317,6 @@ func (q *AsyncQueue) piece(s *aslot, off, head, l, tail int64, c *cursor) {
 		s.nsegs++
 		g.bufs, g.off, g.size, g.err = g.bufs[:0], off, 0, nil
 	}
-	zeros := func(n int64) {
-		for n > 0 {
-			z := zeroBlock[:min(n, int64(len(zeroBlock)))]
-			g.bufs = append(g.bufs, z)
-			n -= int64(len(z))
-		}
-	}
-	zeros(head)
 	for rest := l; rest > 0; {
 		b := c.take(rest)
 		if len(b) == 0 {
@@ -367,8 +325,7 @@ func (q *AsyncQueue) piece(s *aslot, off, head, l, tail int64, c *cursor) {
 		g.bufs = append(g.bufs, b)
 		rest -= int64(len(b))
 	}
-	zeros(tail)
-	g.size += int(head + l + tail)
+	g.size += int(l)
 }
 
 // prepSegs hands a request's segments to the ring (room checked that they
@@ -486,16 +443,16 @@ func (q *AsyncQueue) complete(d ioDone) (Completion, bool) {
 		return Completion{tag, err}, true
 	}
 	g := &s.segs[d.ud>>16&0xffff]
-	g.err = q.finishSeg(s.write, g, d)
+	g.err = q.finishSeg(g, d)
 	if s.pending.Add(-1) != 0 {
 		return Completion{}, false
 	}
 	return Completion{tag, q.finishReq(s)}, true
 }
 
-// finishSeg turns a submission's result into its outcome, doing the rest
-// of a short transfer (or all of an interrupted one) synchronously.
-func (q *AsyncQueue) finishSeg(write bool, g *aseg, d ioDone) error {
+// finishSeg turns a read's result into its outcome, doing the rest of a
+// short transfer (or all of an interrupted one) synchronously.
+func (q *AsyncQueue) finishSeg(g *aseg, d ioDone) error {
 	done := d.n
 	if d.err != nil {
 		if d.err != unix.EINTR && d.err != unix.EAGAIN {
@@ -516,13 +473,7 @@ func (q *AsyncQueue) finishSeg(write bool, g *aseg, d ioDone) error {
 		b = b[done:]
 		off += int64(done)
 		done = 0
-		var err error
-		if write {
-			_, err = q.p.data.WriteAt(b, off)
-		} else {
-			err = readFull(q.p.data, b, off)
-		}
-		if err != nil {
+		if err := readFull(q.p.data, b, off); err != nil {
 			return err
 		}
 		off += int64(len(b))
@@ -530,9 +481,8 @@ func (q *AsyncQueue) finishSeg(write bool, g *aseg, d ioDone) error {
 	return nil
 }
 
-// finishReq finishes a request whose submissions all completed: a write
-// publishes its new blocks (or gives them back), then the I/O gate is
-// released.
+// finishReq finishes a read whose submissions all completed: it releases
+// the I/O gate.
 func (q *AsyncQueue) finishReq(s *aslot) error {
 	var err error
 	for i := range s.nsegs {
@@ -543,19 +493,9 @@ func (q *AsyncQueue) finishReq(s *aslot) error {
 		clear(g.bufs) // no references to guest memory are kept
 		g.bufs = g.bufs[:0]
 	}
-	v, p := q.v, q.p
-	op := "read"
-	if s.write {
-		op = "write"
-		err = v.finishWrite(s.plans, err)
-		s.plans = nil
-	}
-	p.ioGate.RUnlock()
+	q.p.ioGate.RUnlock()
 	if err != nil {
-		return fmt.Errorf("%s volume %s at %d: %w", op, v.name, s.off, err)
-	}
-	if s.write {
-		p.opSeq.Add(1)
+		return fmt.Errorf("read volume %s at %d: %w", q.v.name, s.off, err)
 	}
 	return nil
 }
@@ -669,17 +609,11 @@ func (r *fileRing) wait(dst []ioDone) ([]ioDone, error) {
 	stopped := r.stopped
 	r.mu.Unlock()
 	for _, o := range ops {
-		d := ioDone{ud: o.ud}
+		d := ioDone{ud: o.ud} // reads and NOPs only
 		if o.s != nil {
 			off := o.s.off
 			for _, b := range o.s.bufs {
-				var err error
-				if o.op == uring.OpWritev {
-					_, err = r.d.WriteAt(b, off)
-				} else {
-					err = readFull(r.d, b, off)
-				}
-				if err != nil {
+				if err := readFull(r.d, b, off); err != nil {
 					d.err = err
 					break
 				}

@@ -405,13 +405,6 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		}
 		pos += l
 	}
-	return v.finishWrite(plans, err)
-}
-
-// finishWrite runs once a write's data is written (err nil) or failed:
-// it publishes the new blocks of plans into the map, or gives them back.
-func (v *Volume) finishWrite(plans []writePlan, err error) error {
-	p := v.p
 	// Set after the data is written, so that a commit that saw the flag
 	// clear cannot have missed this write (see commitLocked).
 	p.dataDirty.Store(true)
