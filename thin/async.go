@@ -567,8 +567,7 @@ type fileRing struct {
 }
 
 type fileOp struct {
-	op uint8
-	s  *aseg
+	s  *aseg // nil for a NOP
 	ud uint64
 }
 
@@ -584,7 +583,7 @@ func (r *fileRing) prep(op uint8, s *aseg, ud uint64) error {
 	if len(r.prepped) >= r.entries {
 		return uring.ErrRingFull
 	}
-	r.prepped = append(r.prepped, fileOp{op, s, ud})
+	r.prepped = append(r.prepped, fileOp{s, ud}) // reads and NOPs only
 	return nil
 }
 
@@ -609,7 +608,7 @@ func (r *fileRing) wait(dst []ioDone) ([]ioDone, error) {
 	stopped := r.stopped
 	r.mu.Unlock()
 	for _, o := range ops {
-		d := ioDone{ud: o.ud} // reads and NOPs only
+		d := ioDone{ud: o.ud}
 		if o.s != nil {
 			off := o.s.off
 			for _, b := range o.s.bufs {
