@@ -283,3 +283,123 @@ func TestDrainWaitsForAsync(t *testing.T) {
 		t.Fatalf("%d completions when Drain returned, want 3", n)
 	}
 }
+
+// orderedAsync is an AsyncStorage over fileStorage that delivers each
+// Submit's requests as one batch, in order, on one completion goroutine
+// (as io_uring storages do). The first batch waits for release; Flush
+// after that waits until the second batch has been delivered: a storage
+// whose flush depends on its own later completions (a thin pool's commit
+// waits for its reads in flight).
+type orderedAsync struct {
+	*fileStorage
+	release, second chan struct{}
+	started         atomic.Int64
+	stuck           atomic.Bool // a Flush gave up waiting
+}
+
+type orderedQueue struct {
+	s       *orderedAsync
+	done    func([]blk.Completion)
+	next    []blk.Completion
+	batches chan []blk.Completion
+	exited  chan struct{}
+}
+
+func (s *orderedAsync) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+	q := &orderedQueue{s: s, done: done, batches: make(chan []blk.Completion, depth), exited: make(chan struct{})}
+	go func() {
+		defer close(q.exited)
+		n := 0
+		for b := range q.batches {
+			if n == 0 {
+				<-s.release
+			}
+			q.done(b)
+			if n++; n == 2 {
+				close(s.second)
+			}
+		}
+	}()
+	return q, nil
+}
+
+func (s *orderedAsync) Flush() error {
+	select {
+	case <-s.release:
+	default:
+		return s.fileStorage.Flush() // before the test releases the first batch
+	}
+	select {
+	case <-s.second:
+		return s.fileStorage.Flush()
+	case <-time.After(5 * time.Second):
+		s.stuck.Store(true)
+		return errors.New("flush waited 5 s for the storage's own completions")
+	}
+}
+
+func (q *orderedQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
+	q.next = append(q.next, blk.Completion{Tag: tag, Err: q.s.fileStorage.ReadAt(bufs, off)})
+	return nil
+}
+
+func (q *orderedQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
+	q.next = append(q.next, blk.Completion{Tag: tag, Err: q.s.fileStorage.WriteAt(bufs, off)})
+	return nil
+}
+
+func (q *orderedQueue) Flush(tag uint16) error { return errors.New("not here") }
+
+func (q *orderedQueue) Submit() {
+	if len(q.next) > 0 {
+		q.s.started.Add(int64(len(q.next)))
+		q.batches <- q.next
+		q.next = nil
+	}
+}
+
+func (q *orderedQueue) Close() error {
+	close(q.batches)
+	<-q.exited
+	return nil
+}
+
+// A write that completes after the guest turned the write cache off is
+// flushed first, but not on the storage's completion goroutine: the
+// flush may need completions that only that goroutine delivers.
+func TestAsyncWriteThroughFlushOffCompletionGoroutine(t *testing.T) {
+	s := &orderedAsync{fileStorage: newFileStorage(t, diskSize), release: make(chan struct{}), second: make(chan struct{})}
+	h := newHarness(t, s, blk.Options{}, 16, allFeat)
+	d := h.drv[0]
+	waitStarted := func(n int64) {
+		for start := time.Now(); s.started.Load() != n; time.Sleep(time.Millisecond) {
+			if time.Since(start) > 5*time.Second {
+				t.Fatalf("%d requests started asynchronously, want %d", s.started.Load(), n)
+			}
+		}
+	}
+	d.AddChain(d.AllocBuf(16, false, header(blk.TypeOut, 0)), d.AllocBuf(512, false, pattern(512, 1)), d.AllocBuf(1, true, nil))
+	d.KickNow()
+	waitStarted(1)
+	d.AddChain(d.AllocBuf(16, false, header(blk.TypeIn, 0)), d.AllocBuf(512, true, nil), d.AllocBuf(1, true, nil))
+	d.KickNow()
+	waitStarted(2)
+	if err := h.dev.WriteConfig([]byte{0}, blk.ConfigWritebackMode); err != nil {
+		t.Fatal(err)
+	}
+	close(s.release)
+	n := 0
+	for start := time.Now(); n < 2; {
+		if _, ok := d.PopUsed(); ok {
+			n++
+			continue
+		}
+		if time.Since(start) > 20*time.Second {
+			t.Fatalf("%d of 2 requests completed", n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if s.stuck.Load() {
+		t.Fatal("the write-through flush ran on the completion goroutine and waited for it")
+	}
+}

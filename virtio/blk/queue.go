@@ -199,9 +199,23 @@ func (q *queue) finishAsync(cpl Completion) {
 	case cpl.Err != nil:
 		q.dev.logRequestError("request failed", "type", r.typ, "err", cpl.Err)
 		st = StatusIOErr
-	case r.typ == TypeOut:
-		st = q.dev.writeThrough() // the write cache may have been disabled meanwhile
+	case r.typ == TypeOut && !q.dev.writeback.Load():
+		// The write cache was disabled while this write was in flight:
+		// it completes after a flush, which runs on a goroutine of its
+		// own. This is the storage's completion goroutine, and a flush
+		// may wait for requests only it completes (a thin pool's commit
+		// waits for the reads in flight).
+		q.dev.inflight.Add(1)
+		go q.writeThroughLater(cpl.Tag)
+		return
 	}
+	q.finishReq(cpl.Tag, st, written, false)
+}
+
+// finishReq writes an asynchronous request's status and puts it on the
+// used ring (with an interrupt check if notify).
+func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
+	r := &q.reqs[tag]
 	if st != StatusOK {
 		written = 1
 	}
@@ -210,7 +224,23 @@ func (q *queue) finishAsync(cpl Completion) {
 	status := r.status
 	r.status = nil
 	*status = st
-	q.runner.CompleteDeferred(cpl.Tag, written)
+	if notify {
+		q.runner.Complete(tag, written)
+	} else {
+		q.runner.CompleteDeferred(tag, written)
+	}
+}
+
+// writeThroughLater flushes, then completes an asynchronous write.
+func (q *queue) writeThroughLater(tag uint16) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer q.dev.inflight.Add(-1)
+	defer func() {
+		if err := virtio.RecoverFault(recover()); err != nil {
+			q.runner.Abandon(tag, err)
+		}
+	}()
+	q.finishReq(tag, q.dev.writeThrough(), q.reqs[tag].written, true)
 }
 
 // stop stops the runner, waits for requests in flight and the workers.
