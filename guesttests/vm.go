@@ -43,6 +43,8 @@ type VMOptions struct {
 	// AgentTransport is "vsock", "serial" or "" (vsock when the host has vhost-vsock, else
 	// serial; $THINBLK_AGENT_TRANSPORT overrides).
 	AgentTransport string
+	// ExtraArgs are appended to QEMU's command line (monitors, more ports: StartVMWithQMP).
+	ExtraArgs []string
 }
 
 // DiskSpec is one vhost-user-blk disk.
@@ -182,6 +184,7 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s%s", i, d.Socket, reconnect),
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))
 	}
+	argv = append(argv, o.ExtraArgs...)
 	logf, err := os.Create(vm.QEMULogPath)
 	if err != nil {
 		return nil, fmt.Errorf("start vm: %w", err)

@@ -7,12 +7,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/thinblk/thinblk/guesttests/agentproto"
 )
 
 // QMPSockets are the extra host sockets of a guest started by StartVMWithQMP.
@@ -38,29 +36,11 @@ type QMPVMOptions struct {
 	ExtraInitrd string
 }
 
-// StartVMWithQMP boots a guest like StartVM, with QMP monitors (and the
-// guest agent's port) added. It always reaches the agent over
-// virtio-serial. It is StartVM's boot sequence with more QEMU arguments:
-// the shared harness has no hook for extra arguments.
+// StartVMWithQMP boots a guest with StartVM, adding QMP monitors (and the
+// guest agent's port). It always reaches the agent over virtio-serial.
 func StartVMWithQMP(ctx context.Context, o QMPVMOptions) (*VM, QMPSockets, error) {
 	vo := o.VMOptions
-	if vo.MemoryMB == 0 {
-		vo.MemoryMB = 1024
-	}
-	if vo.CPUs == 0 {
-		vo.CPUs = 1
-	}
-	if vo.BootTimeout == 0 {
-		vo.BootTimeout = 3 * time.Minute
-	}
-	if vo.Logf == nil {
-		vo.Logf = func(string, ...any) {}
-	}
 	vo.AgentTransport = "serial"
-	accel := vo.Accel
-	if accel == "" {
-		accel = DetectAccel(ctx, vo)
-	}
 	if err := os.MkdirAll(vo.Dir, 0o755); err != nil {
 		return nil, QMPSockets{}, err
 	}
@@ -75,88 +55,21 @@ func StartVMWithQMP(ctx context.Context, o QMPVMOptions) (*VM, QMPSockets, error
 		}
 		vo.Images.Initrd = joined
 	}
-	vm := &VM{
-		Opts: vo, Accel: accel, Transport: "serial",
-		ConsolePath: filepath.Join(vo.Dir, "console.log"),
-		QEMULogPath: filepath.Join(vo.Dir, "qemu.log"),
-		exited:      make(chan struct{}),
-	}
-	agentSock := filepath.Join(vo.Dir, "agent.sock")
-	for _, p := range []string{agentSock, vm.ConsolePath, socks.QMP, socks.Watch, socks.QGA} {
+	for _, p := range []string{socks.QMP, socks.Watch, socks.QGA} {
 		if p != "" {
 			_ = os.Remove(p)
 		}
 	}
-	argv := []string{
-		"-accel", accel,
-		"-m", strconv.Itoa(vo.MemoryMB), "-smp", strconv.Itoa(vo.CPUs),
-		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", vo.MemoryMB),
-		"-numa", "node,memdev=mem",
-		"-kernel", vo.Images.Kernel, "-initrd", vo.Images.Initrd,
-		// no_timer_check: on a loaded host TCG can fail the kernel's IO-APIC timer check
-		// ("IO-APIC + timer doesn't work!") and panic the boot.
-		"-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check",
-		"-serial", "file:" + vm.ConsolePath,
-		"-device", "virtio-serial-pci,id=vser",
-		"-chardev", "socket,id=agent,server=on,wait=off,path=" + agentSock,
-		"-device", "virtserialport,bus=vser.0,chardev=agent,name=" + agentproto.SerialPortName,
-		"-qmp", "unix:" + socks.QMP + ",server=on,wait=off",
-		"-qmp", "unix:" + socks.Watch + ",server=on,wait=off",
-	}
+	vo.ExtraArgs = append(slices.Clone(vo.ExtraArgs),
+		"-qmp", "unix:"+socks.QMP+",server=on,wait=off",
+		"-qmp", "unix:"+socks.Watch+",server=on,wait=off")
 	if o.GuestAgent {
-		argv = append(argv,
+		vo.ExtraArgs = append(vo.ExtraArgs,
 			"-chardev", "socket,id=qga,server=on,wait=off,path="+socks.QGA,
 			"-device", "virtserialport,bus=vser.0,chardev=qga,name=org.qemu.guest_agent.0")
 	}
-	if accel == "tcg" {
-		argv = append(argv, "-cpu", "max")
-	} else {
-		argv = append(argv, "-cpu", "host")
-	}
-	for i, d := range vo.Disks {
-		q := max(d.Queues, 1)
-		reconnect := ""
-		if d.Reconnect {
-			reconnect = ",reconnect=1"
-		}
-		argv = append(argv,
-			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s%s", i, d.Socket, reconnect),
-			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))
-	}
-	logf, err := os.Create(vm.QEMULogPath)
-	if err != nil {
-		return nil, socks, err
-	}
-	defer logf.Close()
-	cmd := exec.Command("qemu-system-x86_64", argv...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	vo.Logf("vm: qemu-system-x86_64 %s", strings.Join(argv, " "))
-	if err := cmd.Start(); err != nil {
-		return nil, socks, fmt.Errorf("start qemu: %w", err)
-	}
-	vm.cmd = cmd
-	go func() {
-		vm.exitErr = cmd.Wait()
-		close(vm.exited)
-	}()
-	bootCtx, cancel := context.WithTimeout(ctx, vo.BootTimeout)
-	defer cancel()
-	bootCtx, stop := vm.bindContext(bootCtx)
-	defer stop()
-	start := time.Now()
-	conn, err := dialUnix(bootCtx, agentSock)
-	if err == nil {
-		vm.Agent = agentproto.NewClient(conn)
-		err = vm.Agent.Ping(bootCtx)
-	}
-	if err != nil {
-		vm.Kill()
-		return nil, socks, fmt.Errorf("boot vm (%s): agent did not answer: %w\n%s", accel, err, vm.Diagnostics())
-	}
-	vo.Logf("vm: agent answered %.1fs after start (%s)", time.Since(start).Seconds(), accel)
-	return vm, socks, nil
+	vm, err := StartVM(ctx, vo)
+	return vm, socks, err
 }
 
 // concatFiles joins initramfs archives. Each is padded with zeros to a
