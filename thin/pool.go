@@ -1319,6 +1319,17 @@ func (p *Pool) detachLayerLocked(layer uint64, head bool, name string) (detached
 			if err == nil {
 				err = p.releaseEntryLocked(name, e, head)
 			}
+		}
+	}
+	p.forgetLayerLocked(layer)
+	return d, err
+}
+
+// forgetLayerLocked drops layer from memory (pending entries, cached
+// entries, its record); the next commit deletes its map and record.
+func (p *Pool) forgetLayerLocked(layer uint64) {
+	for k := range p.dirty {
+		if k.layer == layer {
 			delete(p.dirty, k)
 		}
 	}
@@ -1327,14 +1338,11 @@ func (p *Pool) detachLayerLocked(layer uint64, head bool, name string) (detached
 			delete(p.cache, k)
 		}
 	}
-	if p.layers[layer] != nil {
-		delete(p.layers, layer)
-		delete(p.dirtyLayers, layer)
-		p.deadLayerRec = append(p.deadLayerRec, layer)
-	}
+	delete(p.layers, layer)
+	delete(p.dirtyLayers, layer)
+	p.deadLayerRec = append(p.deadLayerRec, layer) // deleting an absent record is harmless
 	p.deadLayers = append(p.deadLayers, layer)
 	p.metaDirty = true
-	return d, err
 }
 
 // releaseDetached walks the committed maps of detached layers without

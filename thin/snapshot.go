@@ -402,22 +402,8 @@ func (p *Pool) mergeHeadIntoLocked(L, C uint64) error {
 			released = true
 		}
 	}
-	for k := range p.dirty {
-		if k.layer == C {
-			delete(p.dirty, k)
-		}
-	}
-	for k := range p.cache {
-		if k.layer == C {
-			delete(p.cache, k)
-		}
-	}
-	delete(p.layers, C)
-	delete(p.dirtyLayers, C)
-	p.deadLayers = append(p.deadLayers, C)
-	p.deadLayerRec = append(p.deadLayerRec, C)
+	p.forgetLayerLocked(C)
 	p.reaccountLocked(v)
-	p.metaDirty = true
 	if released {
 		p.spaceFreedLocked()
 	}
@@ -611,21 +597,7 @@ func (p *Pool) dropLayerLocked(L, child uint64) error {
 			p.rec.Allocated--
 		}
 	}
-	for k := range p.dirty {
-		if k.layer == L {
-			delete(p.dirty, k)
-		}
-	}
-	for k := range p.cache {
-		if k.layer == L {
-			delete(p.cache, k)
-		}
-	}
-	delete(p.layers, L)
-	delete(p.dirtyLayers, L)
-	p.deadLayers = append(p.deadLayers, L)
-	p.deadLayerRec = append(p.deadLayerRec, L)
-	p.metaDirty = true
+	p.forgetLayerLocked(L)
 	p.spaceFreedLocked()
 	return nil
 }
