@@ -274,17 +274,7 @@ func (md *snapModel) open() {
 	md.p = p
 }
 
-func TestModelSnapshots(t *testing.T) {
-	steps := envInt("THIN_MODEL_STEPS", 600)
-	seeds := envInt("THIN_MODEL_SEEDS", 3)
-	first := 1
-	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
-		first, seeds = s, envInt("THIN_MODEL_SEEDS", 1)
-	}
-	for seed := first; seed < first+seeds; seed++ {
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runSnapModel(t, uint64(seed), steps) })
-	}
-}
+func TestModelSnapshots(t *testing.T) { forModelSeeds(t, 600, runSnapModel) }
 
 func runSnapModel(t *testing.T, seed uint64, steps int) {
 	md := &snapModel{t: t, rng: rand.New(rand.NewPCG(seed, 7)), m: newMachine(), dir: "/pool", nextTag: 1}

@@ -353,16 +353,20 @@ func envInt(name string, def int) int {
 	return def
 }
 
-func TestModel(t *testing.T) {
-	steps := envInt("THIN_MODEL_STEPS", 1000)
+func TestModel(t *testing.T) { forModelSeeds(t, 1000, runModel) }
+
+// forModelSeeds runs a model test once per seed: 3 seeds of defSteps
+// steps, or THIN_MODEL_SEEDS seeds from THIN_MODEL_SEED (replay: one seed)
+// of THIN_MODEL_STEPS steps.
+func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint64, steps int)) {
+	steps := envInt("THIN_MODEL_STEPS", defSteps)
 	seeds := envInt("THIN_MODEL_SEEDS", 3)
 	first := 1
 	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
-		// Replay one seed (or THIN_MODEL_SEEDS seeds starting there).
 		first, seeds = s, envInt("THIN_MODEL_SEEDS", 1)
 	}
 	for seed := first; seed < first+seeds; seed++ {
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { run(t, uint64(seed), steps) })
 	}
 }
 
