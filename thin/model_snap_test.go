@@ -264,10 +264,7 @@ func (md *snapModel) crash() {
 }
 
 func (md *snapModel) open() {
-	o := quietOpts()
-	o.MaxPending = 1 + md.rng.IntN(48)
-	o.MapCacheEntries = md.rng.IntN(64) - 8
-	p, err := open(md.dir, o, md.m.env())
+	p, err := openForModel(md.dir, md.rng, md.m)
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}

@@ -284,16 +284,21 @@ func (md *model) flush() {
 }
 
 func (md *model) open() {
-	o := quietOpts()
-	// Small limits make implicit commits (and cache evictions) happen
-	// between flushes, so crashes also land after them.
-	o.MaxPending = 1 + md.rng.IntN(48)
-	o.MapCacheEntries = md.rng.IntN(64) - 8
-	p, err := open(md.dir, o, md.m.env())
+	p, err := openForModel(md.dir, md.rng, md.m)
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}
 	md.p = p
+}
+
+// openForModel opens a model test's pool with random small limits: they
+// make implicit commits (and cache evictions) happen between flushes, so
+// crashes also land after them.
+func openForModel(dir string, rng *rand.Rand, m *machine) (*Pool, error) {
+	o := quietOpts()
+	o.MaxPending = 1 + rng.IntN(48)
+	o.MapCacheEntries = rng.IntN(64) - 8
+	return open(dir, o, m.env())
 }
 
 func (md *model) crash() {
