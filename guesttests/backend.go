@@ -39,6 +39,9 @@ type BackendOptions struct {
 	Serial string
 	// ThinblkBin is the thinblk binary (Kind Thinblk only).
 	ThinblkBin string
+	// ExtraArgs are appended to the back-end's command line (flags with no field here,
+	// such as serve's --qemu-qmp).
+	ExtraArgs []string
 }
 
 // Backend is a running back-end process.
@@ -91,6 +94,7 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 	default:
 		return nil, fmt.Errorf("start back-end: unknown kind %q (want %q or %q)", o.Kind, Thinblk, QSD)
 	}
+	argv = append(argv, o.ExtraArgs...)
 	if o.Kind != ThinPool { // the pool server owns its socket directory
 		_ = os.Remove(o.Socket)
 	}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -163,32 +162,6 @@ echo "qemu-ga did not start" >&2; exit 1`
 // StartThinPoolServe runs `thinblk serve POOL --socket-dir DIR EXTRA...` for flags that
 // BackendOptions has no field for (--qemu-qmp), and waits for the socket of the first volume.
 func StartThinPoolServe(ctx context.Context, bin, pool, sockDir, logPath string, extra []string, firstVolume string) (*Backend, error) {
-	if err := os.MkdirAll(sockDir, 0o755); err != nil {
-		return nil, err
-	}
-	o := BackendOptions{Kind: ThinPool, Image: pool, Socket: filepath.Join(sockDir, firstVolume+".sock"), LogPath: logPath, ThinblkBin: bin}
-	b := &Backend{Opts: o, exited: make(chan struct{})}
-	argv := append([]string{"serve", pool, "--socket-dir", sockDir}, extra...)
-	cmd := exec.Command(bin, argv...)
-	f, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	b.log = f
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		b.closeLog()
-		return nil, fmt.Errorf("start thinblk serve: %w", err)
-	}
-	b.cmd = cmd
-	go func() {
-		b.err = cmd.Wait()
-		close(b.exited)
-	}()
-	if err := b.waitSocket(ctx, 15*time.Second); err != nil {
-		b.Kill()
-		return nil, err
-	}
-	return b, nil
+	return StartBackend(ctx, BackendOptions{Kind: ThinPool, Image: pool, Socket: filepath.Join(sockDir, firstVolume+".sock"),
+		LogPath: logPath, ThinblkBin: bin, ExtraArgs: extra})
 }
