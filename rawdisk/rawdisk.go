@@ -43,6 +43,7 @@ type Disk struct {
 	uringErr error // why OpenQueue is unavailable, or nil
 	size     uint64
 	readOnly bool
+	direct   bool
 	isBlock  bool
 	geometry blk.Geometry
 }
@@ -68,7 +69,7 @@ func Open(path string, opts Options) (*Disk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open raw image: %w", err)
 	}
-	d := &Disk{f: f, fd: int(f.Fd()), readOnly: opts.ReadOnly}
+	d := &Disk{f: f, fd: int(f.Fd()), readOnly: opts.ReadOnly, direct: opts.Direct}
 	if err := d.probe(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("open raw image %s: %w", path, err)
