@@ -309,6 +309,29 @@ func (s *View) LayerMap(layer, from uint64, fn func(vblock uint64, e Entry) erro
 	})
 }
 
+// MapRange calls fn for every entry of layer with first <= vblock <
+// end, in block order: one bounded iterator, so that a caller loading a
+// run of blocks pays for one seek rather than one per block.
+func (s *View) MapRange(layer, first, end uint64, fn func(vblock uint64, e Entry) error) error {
+	if end <= first {
+		return nil
+	}
+	var lob, hib [MapKeyLen]byte
+	lo := AppendMapKey(lob[:0], layer, first)
+	hi := AppendMapKey(hib[:0], layer, end)
+	return s.iterate(lo, hi, func(k, v []byte) error {
+		_, vb, err := ParseMapKey(k)
+		if err != nil {
+			return err
+		}
+		e, err := DecodeEntry(v)
+		if err != nil {
+			return fmt.Errorf("map entry %d/%d: %w", layer, vb, err)
+		}
+		return fn(vb, e)
+	})
+}
+
 // AllMap calls fn for every map entry of every layer, in key order.
 func (s *View) AllMap(fn func(layer, vblock uint64, e Entry) error) error {
 	return s.iterate([]byte{kindMap}, []byte{kindMap + 1}, func(k, v []byte) error {

@@ -102,7 +102,8 @@ type OpenOptions struct {
 	// FLUSH); default 2s, negative disables.
 	FlushInterval time.Duration
 	// MapCacheEntries bounds the in-memory cache of committed map entries
-	// (about 60 bytes each); default 262144, negative disables.
+	// (16 bytes each, loaded by regions of 64 blocks that cost 4 entries
+	// each beyond their entries); default 262144, negative disables.
 	MapCacheEntries int
 	// MaxPending is how many map changes may wait for a commit before one
 	// is started regardless; default 65536. Bounds memory.
@@ -290,7 +291,7 @@ type Pool struct {
 	deadVols     []string
 	dirty        map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
 	committing   map[mapKey]pebblemeta.Entry // the cut being committed
-	cache        map[mapKey]pebblemeta.Entry // committed entries (Flags==0: absent); bounded
+	cache        *mapCache                   // committed entries by region; bounded
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
 	filling      map[mapKey]*fill
@@ -421,7 +422,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.dirty = map[mapKey]pebblemeta.Entry{}
-	p.cache = map[mapKey]pebblemeta.Entry{}
+	p.cache = newMapCache(p.opts.MapCacheEntries)
 	p.dirtyChunks = map[uint64]struct{}{}
 	p.filling = map[mapKey]*fill{}
 	p.spaceCh = make(chan struct{})
@@ -588,17 +589,38 @@ func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
 	if e, ok := p.committing[k]; ok {
 		return e, nil
 	}
-	if e, ok := p.cache[k]; ok {
-		return e, nil
+	rk, i := regionOf(k)
+	r := p.cache.regions[rk]
+	if r == nil {
+		var err error
+		if r, err = p.loadRegionLocked(rk); err != nil {
+			return pebblemeta.Entry{}, err
+		}
 	}
-	e, _, err := p.store.MapEntry(k.layer, k.vb)
-	if err == nil {
-		err = p.validLocked(k, e)
+	e := r.get(i)
+	if err := p.validLocked(k, e); err != nil {
+		return pebblemeta.Entry{}, err
 	}
-	if err == nil {
-		p.cacheLocked(k, e)
+	return e, nil
+}
+
+// loadRegionLocked reads a region's committed entries from the store and
+// caches them.
+func (p *Pool) loadRegionLocked(rk regionKey) (*mapRegion, error) {
+	r := &mapRegion{}
+	first := rk.region << regionShift
+	err := p.store.MapRange(rk.layer, first, first+regionBlocks, func(vb uint64, e pebblemeta.Entry) error {
+		if e.Flags != 0 {
+			r.present |= 1 << (vb - first)
+			r.entries = append(r.entries, e)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return e, err
+	p.cache.add(rk, r)
+	return r, nil
 }
 
 // validLocked rejects a stored entry that points outside the pool, so
@@ -609,21 +631,6 @@ func (p *Pool) validLocked(k mapKey, e pebblemeta.Entry) error {
 			pebblemeta.ErrCorrupt, k.layer, k.vb, e.PBlock)
 	}
 	return nil
-}
-
-// cacheLocked remembers a committed entry, evicting an arbitrary one when
-// the cache is full (Go's map iteration starts at a random place).
-func (p *Pool) cacheLocked(k mapKey, e pebblemeta.Entry) {
-	if p.opts.MapCacheEntries < 0 {
-		return
-	}
-	if len(p.cache) >= p.opts.MapCacheEntries {
-		for old := range p.cache {
-			delete(p.cache, old)
-			break
-		}
-	}
-	p.cache[k] = e
 }
 
 // rangeLookupMax is the range length (in blocks) up to which rangeLocked
@@ -851,9 +858,7 @@ func (p *Pool) commitLocked() error {
 	p.mu.Lock()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
-		if _, ok := p.cache[k]; ok {
-			p.cache[k] = e
-		}
+		p.cache.update(k, e)
 	}
 	p.committing = nil
 	released := p.pendOld // stays visible (as releasing) until released
@@ -1333,11 +1338,7 @@ func (p *Pool) forgetLayerLocked(layer uint64) {
 			delete(p.dirty, k)
 		}
 	}
-	for k := range p.cache {
-		if k.layer == layer {
-			delete(p.cache, k)
-		}
-	}
+	p.cache.forgetLayer(layer)
 	delete(p.layers, layer)
 	delete(p.dirtyLayers, layer)
 	p.deadLayerRec = append(p.deadLayerRec, layer) // deleting an absent record is harmless

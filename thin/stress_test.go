@@ -354,7 +354,7 @@ func TestMemoryBounded(t *testing.T) {
 			_ = read(t, v, (i/2)*4*kib, 512) // fill the cache with old entries
 		}
 		p.mu.Lock()
-		maxDirty, maxCache = max(maxDirty, len(p.dirty)), max(maxCache, len(p.cache))
+		maxDirty, maxCache = max(maxDirty, len(p.dirty)), max(maxCache, p.cache.measure(t))
 		p.mu.Unlock()
 	}
 	if maxDirty >= 2*64 || maxCache > 128 {
