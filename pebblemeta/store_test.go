@@ -125,3 +125,42 @@ func TestCrashKeepsSyncedBatches(t *testing.T) {
 		}
 	}
 }
+
+// TestMapRange: only the layer's entries in [first, end) come back, in
+// order, deleted ones not at all.
+func TestMapRange(t *testing.T) {
+	s, err := Create(filepath.Join(t.TempDir(), "meta"), PoolRecord{BlockSize: 4096, SizeBlocks: 100, NextLayer: 1}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	b := s.NewBatch()
+	for _, vb := range []uint64{0, 5, 10, 63, 64} {
+		b.SetEntry(1, vb, Entry{Flags: FlagMapped, PBlock: vb})
+		b.SetEntry(2, vb, Entry{Flags: FlagMapped, PBlock: vb})
+	}
+	if err := b.Commit(true); err != nil {
+		t.Fatal(err)
+	}
+	b = s.NewBatch()
+	b.SetEntry(1, 10, Entry{})
+	if err := b.Commit(true); err != nil {
+		t.Fatal(err)
+	}
+	var seen []uint64
+	if err := s.MapRange(1, 5, 64, func(vb uint64, e Entry) error {
+		if e.PBlock != vb {
+			t.Errorf("entry %d points at %d", vb, e.PBlock)
+		}
+		seen = append(seen, vb)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != 2 || seen[0] != 5 || seen[1] != 63 {
+		t.Fatalf("MapRange(1, 5, 64) = %v, want [5 63]", seen)
+	}
+	if err := s.MapRange(1, 7, 7, func(uint64, Entry) error { t.Error("empty range called back"); return nil }); err != nil {
+		t.Fatal(err)
+	}
+}
