@@ -165,3 +165,42 @@ func (b *bitmap) loadChunk(idx uint64, data []byte) bool {
 	}
 	return ok
 }
+
+// setRun sets bits [first, first+n).
+func (b *bitmap) setRun(first, n uint64) {
+	for i := first; i < first+n; i++ {
+		b.set(i)
+	}
+}
+
+// runs calls fn for every run of consecutive set bits, in order, until fn
+// returns false.
+func (b *bitmap) runs(fn func(first, n uint64) bool) {
+	var start, n uint64
+	for w, x := range b.words {
+		if x == 0 {
+			if n > 0 && !fn(start, n) {
+				return
+			}
+			n = 0
+			continue
+		}
+		for bit := uint64(0); bit < 64; bit++ {
+			i := uint64(w)*64 + bit
+			if x&(1<<bit) != 0 {
+				if n == 0 {
+					start = i
+				}
+				n++
+			} else if n > 0 {
+				if !fn(start, n) {
+					return
+				}
+				n = 0
+			}
+		}
+	}
+	if n > 0 {
+		fn(start, n)
+	}
+}

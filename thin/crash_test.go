@@ -66,6 +66,10 @@ func (d *crashData) ZeroRange(off, n int64) error {
 	return nil
 }
 
+// PunchHole zeros the range: after a crash each sector may still hold
+// its old bytes until a Sync, as with any unsynced write.
+func (d *crashData) PunchHole(off, n int64) error { return d.ZeroRange(off, n) }
+
 func (d *crashData) Sync() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

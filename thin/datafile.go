@@ -16,6 +16,9 @@ type dataFile interface {
 	WriteAt(p []byte, off int64) (int, error)
 	// ZeroRange makes [off, off+n) read as zeros (keeping it allocated).
 	ZeroRange(off, n int64) error
+	// PunchHole makes [off, off+n) read as zeros and gives its space
+	// back to the host; errors.ErrUnsupported where it cannot.
+	PunchHole(off, n int64) error
 	// Sync makes every completed write durable (fdatasync).
 	Sync() error
 	Truncate(size int64) error
@@ -67,6 +70,22 @@ func (d *osDataFile) Size() (int64, error) {
 		return 0, err
 	}
 	return fi.Size(), nil
+}
+
+func (d *osDataFile) PunchHole(off, n int64) error {
+	for {
+		err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		switch {
+		case err == nil:
+			return nil
+		case err == unix.EINTR:
+			continue
+		case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS):
+			return fmt.Errorf("punch hole in %s: %w (%w)", d.f.Name(), errors.ErrUnsupported, err)
+		default:
+			return fmt.Errorf("punch hole in %s: %w", d.f.Name(), err)
+		}
+	}
 }
 
 var zeroBlock = make([]byte, 1<<20)

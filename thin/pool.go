@@ -279,8 +279,14 @@ type Pool struct {
 	// never written; blocks at or above zeroMark were not written since
 	// either, so a partial first write there needs no zero padding. A
 	// new pool has ZeroFrom 0: its sparse data file reads as zeros.
-	zeroDurable  uint64
-	zeroMark     uint64
+	zeroDurable uint64
+	zeroMark    uint64
+	// zeroed holds freed blocks whose data was punched out of the data
+	// file before they became reusable, so they read as zeros like
+	// never-written ones. Memory only: after a restart freed blocks are
+	// padded again. See punchReleased.
+	zeroed       *bitmap
+	noPunch      atomic.Bool // the data file cannot punch holes
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -394,6 +400,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.alloc = newBitmap(p.rec.SizeBlocks)
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
+	p.zeroed = newBitmap(p.rec.SizeBlocks)
 	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
 		if !p.alloc.loadChunk(idx, bits) {
 			return fmt.Errorf("%w: allocation bitmap chunk %d", pebblemeta.ErrCorrupt, idx)
@@ -561,16 +568,19 @@ func (p *Pool) notifyAsyncLocked(ev Event) {
 	go p.deliver()
 }
 
-// allocLocked takes a clear block of the bitmap.
-func (p *Pool) allocLocked() (uint64, bool) {
-	b, ok := p.alloc.findClear(p.cursor)
+// allocLocked takes a clear block of the bitmap; zero says whether it
+// reads as zeros (never written, or punched since it was freed).
+func (p *Pool) allocLocked() (b uint64, zero, ok bool) {
+	b, ok = p.alloc.findClear(p.cursor)
 	if !ok {
-		return 0, false
+		return 0, false, false
 	}
 	p.alloc.set(b)
 	p.cursor = b + 1
 	p.dirtyChunks[b/chunkBlocks] = struct{}{}
-	return b, true
+	zero = b >= p.zeroMark || p.zeroed.test(b)
+	p.zeroed.clear(b)
+	return b, zero, true
 }
 
 // freeLocked releases a block whose map entry was removed: it becomes
@@ -864,8 +874,12 @@ func (p *Pool) commitLocked() error {
 	released := p.pendOld // stays visible (as releasing) until released
 	p.mu.Unlock()
 	if released != nil {
+		punched := p.punchReleased(released)
 		p.ioGate.Lock() // no request still aims at a freed block
 		p.mu.Lock()
+		for _, r := range punched {
+			p.zeroed.setRun(r[0], r[1])
+		}
 		p.alloc.andNot(released)
 		p.pendOld = nil
 		released.reset()
@@ -877,6 +891,37 @@ func (p *Pool) commitLocked() error {
 	}
 	p.durableSeq = seq
 	return nil
+}
+
+// punchReleased punches the blocks of released (freed, their release
+// durable, not yet reusable) out of the data file, run by run, and
+// returns the runs ([first, count]) that now read as zeros. The host file
+// system gets the space back, and a partial first write to such a block
+// needs no zero padding. No crash can expose what a punch removed: a
+// block is handed out only after its punch, and its new mapping commits
+// only after the data file's fdatasync that makes the punch durable too.
+// A request still reading a block its volume discarded may read zeros,
+// which is one of the outcomes a read racing a discard may see.
+func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
+	if p.noPunch.Load() {
+		return nil
+	}
+	var punched [][2]uint64
+	released.runs(func(first, n uint64) bool {
+		err := p.data.PunchHole(int64(first)<<p.shift, int64(n)<<p.shift)
+		if err != nil {
+			if errors.Is(err, errors.ErrUnsupported) {
+				p.noPunch.Store(true)
+			} else {
+				p.log.Warn("punching freed blocks out of the data file failed; they are reused with zero padding",
+					"pool", p.dir, "block", first, "blocks", n, "err", err)
+			}
+			return false
+		}
+		punched = append(punched, [2]uint64{first, n})
+		return true
+	})
+	return punched
 }
 
 // fail marks the pool failed after a commit error: the on-disk state is
@@ -1107,6 +1152,7 @@ func (p *Pool) grow(size uint64) error {
 	p.alloc.grow(n)
 	p.pend.grow(n)
 	p.inflight.grow(n)
+	p.zeroed.grow(n)
 	if p.pendSpare != nil {
 		p.pendSpare.grow(n)
 	}

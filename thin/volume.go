@@ -315,7 +315,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if f == nil {
 			continue
 		}
-		pb, ok := p.allocLocked()
+		pb, zero, ok := p.allocLocked()
 		if ok && pb >= p.zeroDurable {
 			// Writing here would break the committed promise that blocks
 			// from ZeroFrom on were never written: raise it (well ahead,
@@ -346,7 +346,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
-		f.zero = pb >= p.zeroMark
+		f.zero = zero
 		p.zeroMark = max(p.zeroMark, pb+1)
 		p.inflight.set(pb)
 		if f.fromReserve {

@@ -1,0 +1,94 @@
+package thin
+
+import (
+	"bytes"
+	"path/filepath"
+	"syscall"
+	"testing"
+)
+
+func TestBitmapRuns(t *testing.T) {
+	b := newBitmap(300)
+	for _, r := range [][2]uint64{{0, 3}, {62, 70}, {200, 1}, {299, 1}} {
+		b.setRun(r[0], r[1])
+	}
+	var got [][2]uint64
+	b.runs(func(first, n uint64) bool { got = append(got, [2]uint64{first, n}); return true })
+	want := [][2]uint64{{0, 3}, {62, 70}, {200, 1}, {299, 1}}
+	if len(got) != len(want) {
+		t.Fatalf("runs = %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("runs = %v, want %v", got, want)
+		}
+	}
+	n := 0
+	b.runs(func(uint64, uint64) bool { n++; return false })
+	if n != 1 {
+		t.Fatalf("runs went on after false: %d calls", n)
+	}
+}
+
+// dataBytes is the space the pool's data file takes on the host.
+func dataBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(dir, dataName), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// TestFreedBlocksArePunched: discarded blocks leave the host file once
+// their release is durable, and a partial write to a reused block reads
+// zeros around it, never the previous owner's bytes.
+func TestFreedBlocksArePunched(t *testing.T) {
+	const blocks = 64
+	p, dir := newPool(t, blocks, CreateOptions{BlockSize: 64 * kib})
+	a := mustVolume(t, p, "a", blocks*64*kib)
+	old := pattern(blocks*64*kib, 9)
+	write(t, a, 0, old)
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	full := dataBytes(t, dir)
+	if full < blocks*64*kib {
+		t.Fatalf("data file takes %d bytes after writing %d", full, blocks*64*kib)
+	}
+	if err := a.Discard(0, blocks*64*kib); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := dataBytes(t, dir); got > full/4 {
+		t.Fatalf("data file takes %d bytes after every block was discarded (was %d): not punched", got, full)
+	}
+	p.mu.Lock()
+	zeroed := p.zeroed.count
+	p.mu.Unlock()
+	if zeroed != blocks {
+		t.Fatalf("%d blocks known zero after the release, want %d", zeroed, blocks)
+	}
+	// Every block is reused now (the pool is full again afterwards).
+	b := mustVolume(t, p, "b", blocks*64*kib)
+	small := pattern(512, 3)
+	for i := int64(0); i < blocks; i++ {
+		write(t, b, i*64*kib+4096, small)
+	}
+	want := make([]byte, 64*kib)
+	copy(want[4096:], small)
+	for i := int64(0); i < blocks; i++ {
+		if got := read(t, b, i*64*kib, 64*kib); !bytes.Equal(got, want) {
+			t.Fatalf("block %d of the new volume does not read as its one write plus zeros", i)
+		}
+	}
+	p.mu.Lock()
+	zeroed = p.zeroed.count
+	p.mu.Unlock()
+	if zeroed != 0 {
+		t.Fatalf("%d blocks still marked zero after all were reused", zeroed)
+	}
+	checkAccounting(t, p)
+}
