@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func TestBitmapRuns(t *testing.T) {
@@ -91,4 +92,39 @@ func TestFreedBlocksArePunched(t *testing.T) {
 		t.Fatalf("%d blocks still marked zero after all were reused", zeroed)
 	}
 	checkAccounting(t, p)
+}
+
+// TestZeroMarkRaisedAhead: allocation halfway to the never-written mark
+// has a background commit raise it, so that no write waits for a commit
+// to pass it.
+func TestZeroMarkRaisedAhead(t *testing.T) {
+	defer func(old uint64) { zeroStep = old }(zeroStep)
+	zeroStep = 64
+	p, _ := newPool(t, 1000, CreateOptions{})
+	v := mustVolume(t, p, "v", 1000*4*kib)
+	buf := pattern(4*kib, 1)
+	write(t, v, 0, buf) // a new pool's first write raises the mark itself
+	p.mu.Lock()
+	start := p.zeroDurable
+	p.mu.Unlock()
+	if start < zeroStep {
+		t.Fatalf("zero mark %d after the first write", start)
+	}
+	// Up to just below the mark, past its halfway point.
+	for i := int64(1); i < int64(start)-1; i++ {
+		write(t, v, i*4*kib, buf)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		p.mu.Lock()
+		durable := p.zeroDurable
+		p.mu.Unlock()
+		if durable > start {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("zero mark still %d (was %d) without a flush: not raised ahead", durable, start)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

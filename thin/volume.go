@@ -347,6 +347,13 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
 		f.zero = zero
+		if pb+zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
+			// Halfway to the mark: raise it in a background commit now,
+			// so that allocation never waits for a commit to pass it.
+			p.rec.ZeroFrom = min(p.rec.SizeBlocks, p.zeroDurable+zeroStep)
+			p.metaDirty = true
+			p.kickCommit()
+		}
 		p.zeroMark = max(p.zeroMark, pb+1)
 		p.inflight.set(pb)
 		if f.fromReserve {
