@@ -86,7 +86,7 @@
 // partial first write reads the rest of the block as zeros and never
 // exposes a previous owner's data. Blocks that were never written need no
 // padding: the pool record keeps ZeroFrom, a mark that no block at or
-// above it was ever written, raised durably (one commit per 4096 blocks)
+// above it was ever written, raised durably ahead of allocation (by 32768 blocks, in a background commit)
 // before any block above it is handed out, so a crash cannot leave stale
 // data above it. Zeroing a range of a mapped block
 // (discard heads and tails, provisioning of mapped blocks) uses
