@@ -8,14 +8,42 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const mib = 1 << 20
 
+// hostBytes is the space a file takes on the host file system.
+func hostBytes(t *testing.T, path string) int64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+// canPunch reports whether the file system holding dir can punch holes
+// (thin pools give freed blocks back to it only then).
+func canPunch(t *testing.T, dir string) bool {
+	t.Helper()
+	f, err := os.CreateTemp(dir, "punch")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	if _, err := f.Write(make([]byte, 1<<16)); err != nil {
+		t.Fatal(err)
+	}
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, 1<<16) == nil
+}
+
 // TestGuestThinPool: filesystems on 64 GiB thin volumes in a 2 GiB pool. Writing 600 MiB maps
 // about that much; deleting it and trimming (fstrim on XFS, the discard mount option on ext4)
-// gives it back down to about the filesystem's metadata; the pool's accounting stays exact.
-// Then serve is restarted under a mounted filesystem and the data reads back.
+// gives it back down to about the filesystem's metadata, and the pool's data file gives the
+// space back to the host; the pool's accounting stays exact. Then serve is restarted under a mounted filesystem and the data reads back.
 func TestGuestThinPool(t *testing.T) {
 	e := setup(t)
 	if e.thinblk == "" {
@@ -53,6 +81,8 @@ func TestGuestThinPool(t *testing.T) {
 	}
 	t.Cleanup(vm.Kill)
 	g := guest{VM: vm, t: t}
+	dataFile := filepath.Join(pool, "thinblk.data")
+	punch := canPunch(t, pool)
 
 	status := func(t *testing.T, name string) VolumeStatus {
 		t.Helper()
@@ -82,7 +112,8 @@ func TestGuestThinPool(t *testing.T) {
 		}
 		g.sh(t, 3*time.Minute, mkfs+" "+dev+" && mkdir -p /mnt/"+name+" && mount "+mountOpts+" "+dev+" /mnt/"+name)
 		empty := status(t, name).MappedBytes
-		t.Logf("%s: %d MiB mapped after mkfs", name, empty/mib)
+		hostEmpty := hostBytes(t, dataFile)
+		t.Logf("%s: %d MiB mapped after mkfs, data file %d MiB on the host", name, empty/mib, hostEmpty/mib)
 		g.sh(t, 5*time.Minute, "fio --name=fill --filename=/mnt/"+name+"/big --rw=write --bs=1M --size=600M "+
 			"--direct=1 --ioengine=libaio --iodepth=8 --output=/dev/null && sync")
 		full := status(t, name).MappedBytes
@@ -102,6 +133,19 @@ func TestGuestThinPool(t *testing.T) {
 		t.Logf("%s: %d MiB mapped after delete and trim", name, after/mib)
 		if after > empty+16*mib {
 			t.Errorf("%s: still %d MiB mapped after delete and trim, want near the %d MiB of metadata", name, after/mib, empty/mib)
+		}
+		// Freed blocks are punched out of the data file once their release is durable (the
+		// next commit: at most FlushInterval, 2 s, away).
+		var hostAfter int64
+		for i := 0; i < 20; i++ {
+			if hostAfter = hostBytes(t, dataFile); hostAfter <= hostEmpty+32*mib {
+				break
+			}
+			time.Sleep(time.Second)
+		}
+		t.Logf("%s: data file %d MiB on the host after delete and trim (host file system punches holes: %v)", name, hostAfter/mib, punch)
+		if punch && hostAfter > hostEmpty+32*mib {
+			t.Errorf("%s: data file still takes %d MiB on the host after delete and trim (%d MiB before writing): freed blocks not given back", name, hostAfter/mib, hostEmpty/mib)
 		}
 		g.sh(t, time.Minute, "umount /mnt/"+name)
 	}
