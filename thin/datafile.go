@@ -64,6 +64,15 @@ func (d *osDataFile) Sync() error {
 	}
 }
 
+// hostBytes is the space the file takes on its file system.
+func (d *osDataFile) hostBytes() (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(d.f.Fd()), &st); err != nil {
+		return 0, err
+	}
+	return uint64(st.Blocks) * 512, nil
+}
+
 func (d *osDataFile) Size() (int64, error) {
 	fi, err := d.f.Stat()
 	if err != nil {

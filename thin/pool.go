@@ -1488,15 +1488,19 @@ type PoolStatus struct {
 	FreeBytes      uint64 `json:"free_bytes"`
 	// ReleasingBytes are discarded blocks, counted in allocated, that
 	// become free at the next metadata commit.
-	ReleasingBytes   uint64  `json:"releasing_bytes"`
-	BlockSize        uint32  `json:"block_size"`
-	NoSpace          string  `json:"no_space"`
-	NoSpaceTimeoutS  float64 `json:"no_space_timeout_seconds"`
-	LowWaterBytes    uint64  `json:"low_water_bytes"`
-	BelowLowWater    bool    `json:"below_low_water"`
-	MetadataBytes    uint64  `json:"metadata_bytes"`
-	VolumeCount      int     `json:"volume_count"`
-	PendingMapWrites int     `json:"pending_map_changes"`
+	ReleasingBytes  uint64  `json:"releasing_bytes"`
+	BlockSize       uint32  `json:"block_size"`
+	NoSpace         string  `json:"no_space"`
+	NoSpaceTimeoutS float64 `json:"no_space_timeout_seconds"`
+	LowWaterBytes   uint64  `json:"low_water_bytes"`
+	BelowLowWater   bool    `json:"below_low_water"`
+	MetadataBytes   uint64  `json:"metadata_bytes"`
+	// DataHostBytes is the space the data file takes on the host file
+	// system: freed blocks are punched out of it, so it follows
+	// allocated_bytes (0 when unknown).
+	DataHostBytes    uint64 `json:"data_host_bytes"`
+	VolumeCount      int    `json:"volume_count"`
+	PendingMapWrites int    `json:"pending_map_changes"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1535,6 +1539,10 @@ type Status struct {
 // Status reports space use (O(volumes), no map walk).
 func (p *Pool) Status() Status {
 	disk := p.store.DiskUsage()
+	var hostBytes uint64
+	if d, ok := p.data.(interface{ hostBytes() (uint64, error) }); ok {
+		hostBytes, _ = d.hostBytes()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	bs := uint64(p.blockSize)
@@ -1557,6 +1565,7 @@ func (p *Pool) Status() Status {
 		LowWaterBytes:    p.lowWaterBlocks() * bs,
 		BelowLowWater:    p.rec.LowWaterPPM != 0 && free < p.lowWaterBlocks(),
 		MetadataBytes:    disk,
+		DataHostBytes:    hostBytes,
 		VolumeCount:      len(p.vols),
 		PendingMapWrites: len(p.dirty),
 	}}

@@ -66,6 +66,9 @@ func TestFreedBlocksArePunched(t *testing.T) {
 	if got := dataBytes(t, dir); got > full/4 {
 		t.Fatalf("data file takes %d bytes after every block was discarded (was %d): not punched", got, full)
 	}
+	if got := p.Status().Pool.DataHostBytes; got != uint64(dataBytes(t, dir)) {
+		t.Fatalf("status reports %d bytes of data file on the host, stat says %d", got, dataBytes(t, dir))
+	}
 	p.mu.Lock()
 	zeroed := p.zeroed.count
 	p.mu.Unlock()

@@ -343,6 +343,9 @@ func printStatus(w io.Writer, st thin.Status) {
 	fmt.Fprintf(w, "pool %s: size %s, allocated %s, reserved %s, free %s (block size %s, no-space %s)\n",
 		p.Dir, units.HumanBytes(p.SizeBytes), units.HumanBytes(p.AllocatedBytes), units.HumanBytes(p.ReservedBytes),
 		units.HumanBytes(p.FreeBytes), units.HumanBytes(uint64(p.BlockSize)), p.NoSpace)
+	if p.DataHostBytes > 0 {
+		fmt.Fprintf(w, "data file takes %s on the host, metadata %s\n", units.HumanBytes(p.DataHostBytes), units.HumanBytes(p.MetadataBytes))
+	}
 	if p.BelowLowWater {
 		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
 	}
