@@ -874,6 +874,11 @@ func (p *Pool) commitLocked() error {
 	released := p.pendOld // stays visible (as releasing) until released
 	p.mu.Unlock()
 	if released != nil {
+		// Requests started before the release may still read a freed
+		// block's other bytes (a copy on write dropped it): let them
+		// finish before punching. Later ones cannot reach it.
+		p.ioGate.Lock()
+		p.ioGate.Unlock()
 		punched := p.punchReleased(released)
 		p.ioGate.Lock() // no request still aims at a freed block
 		p.mu.Lock()
@@ -900,8 +905,8 @@ func (p *Pool) commitLocked() error {
 // needs no zero padding. No crash can expose what a punch removed: a
 // block is handed out only after its punch, and its new mapping commits
 // only after the data file's fdatasync that makes the punch durable too.
-// A request still reading a block its volume discarded may read zeros,
-// which is one of the outcomes a read racing a discard may see.
+// The caller has waited for every request started before the release
+// (one may still read other bytes of a block a copy on write dropped).
 func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 	if p.noPunch.Load() {
 		return nil

@@ -3,6 +3,7 @@ package thin
 import (
 	"bytes"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -129,5 +130,98 @@ func TestZeroMarkRaisedAhead(t *testing.T) {
 			t.Fatalf("zero mark still %d (was %d) without a flush: not raised ahead", durable, start)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// blockingData holds reads of one offset until released, so that a test
+// can keep a request in flight across a commit.
+type blockingData struct {
+	dataFile
+	off     atomic.Int64 // -1: block nothing
+	reached chan struct{}
+	release chan struct{}
+}
+
+func (d *blockingData) ReadAt(p []byte, off int64) (int, error) {
+	if off == d.off.Load() {
+		d.off.Store(-1)
+		close(d.reached)
+		<-d.release
+	}
+	return d.dataFile.ReadAt(p, off)
+}
+
+// TestPunchWaitsForReadsInFlight: a block released while a read of other
+// bytes of it is still in flight (the volume's own copy-on-write dropped
+// it) is not punched under that read, which must return the old bytes.
+func TestPunchWaitsForReadsInFlight(t *testing.T) {
+	const bs = 64 * kib
+	m := newMachine()
+	e := m.env()
+	var bd *blockingData
+	openData := e.openData
+	e.openData = func(path string, create bool) (dataFile, error) {
+		d, err := openData(path, create)
+		if err == nil && !create {
+			bd = &blockingData{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
+			bd.off.Store(-1)
+			d = bd
+		}
+		return d, err
+	}
+	if err := create("/pool", CreateOptions{Size: 8 * bs, BlockSize: bs}, e); err != nil {
+		t.Fatal(err)
+	}
+	o := quietOpts()
+	o.FlushInterval = -1
+	p, err := open("/pool", o, e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	v := mustVolume(t, p, "v", 4*bs)
+	old := pattern(bs, 5)
+	write(t, v, 0, old)
+	if err := p.CreateSnapshot("v", "c", true); err != nil {
+		t.Fatal(err)
+	}
+	c, err := p.Volume("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	write(t, c, 0, pattern(bs, 6)) // the clone no longer reads the shared block
+	p.mu.Lock()
+	shared, _, err := p.resolveLocked(p.vols["v"].rec.Layer, 0)
+	p.mu.Unlock()
+	if err != nil || !shared.Mapped() {
+		t.Fatalf("shared block: %+v %v", shared, err)
+	}
+	// A read of the first 4 KiB, held in flight ...
+	bd.off.Store(int64(shared.PBlock) * bs)
+	got := make([]byte, 4*kib)
+	readDone := make(chan error, 1)
+	go func() { readDone <- v.ReadAt([][]byte{got}, 0) }()
+	<-bd.reached
+	// ... while a write to the same block's last 4 KiB copies it, and the
+	// release of the shared block commits.
+	write(t, v, bs-4*kib, pattern(4*kib, 7))
+	flushed := make(chan error, 1)
+	go func() { flushed <- p.Flush() }()
+	select {
+	case err := <-flushed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(300 * time.Millisecond):
+	}
+	close(bd.release)
+	if err := <-readDone; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, old[:4*kib]) {
+		t.Fatal("a read in flight across the release of its block returned other bytes (punched under it)")
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
 	}
 }
