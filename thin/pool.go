@@ -459,10 +459,27 @@ func (p *Pool) background() {
 		case <-tick:
 		case <-p.kick:
 		}
+		if !p.metaPending() {
+			// Only data written in place: it becomes durable at the
+			// guest's FLUSH, as on a raw disk; syncing it here would
+			// write the page cache back every interval for nothing.
+			continue
+		}
 		if err := p.commit(); err != nil && !errors.Is(err, ErrClosed) {
 			p.log.Error("background metadata commit failed", "pool", p.dir, "err", err)
 		}
 	}
+}
+
+// metaPending reports whether metadata changes wait for a commit.
+func (p *Pool) metaPending() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.metaPendingLocked()
+}
+
+func (p *Pool) metaPendingLocked() bool {
+	return len(p.dirty) > 0 || p.metaDirty || len(p.dirtyVols) > 0 || len(p.dirtyChunks) > 0 || len(p.dirtyLayers) > 0
 }
 
 func (p *Pool) kickCommit() {
@@ -790,7 +807,7 @@ func (p *Pool) commitLocked() error {
 		return err
 	}
 	seq := p.opSeq.Load()
-	if len(p.dirty) == 0 && !p.metaDirty && len(p.dirtyVols) == 0 && len(p.dirtyChunks) == 0 && len(p.dirtyLayers) == 0 {
+	if !p.metaPendingLocked() {
 		// Only data to make durable (overwrites in place, zeroing).
 		p.mu.Unlock()
 		if p.dataDirty.Swap(false) {
