@@ -2,11 +2,14 @@ package thin
 
 import (
 	"bytes"
+	"fmt"
+	"math/rand/v2"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"golang.org/x/sys/unix"
 )
 
 // countingData counts the writes that reach a data file.
@@ -98,6 +101,14 @@ func firstDiff(a, b []byte) int {
 // TestCoalesceWritesAndReadsBack writes runs of new, reused and mapped
 // blocks with odd scatter-gather lists and checks every byte.
 func TestCoalesceWritesAndReadsBack(t *testing.T) {
+	defer func(old int64) { writeRunMax = old }(writeRunMax)
+	for _, max := range []int64{64 * kib, 256 * kib, 1 << 40} {
+		writeRunMax = max
+		t.Run(fmt.Sprintf("runs of at most %d", max), testCoalesceReadBack)
+	}
+}
+
+func testCoalesceReadBack(t *testing.T) {
 	const bs = 64 * kib
 	p, _ := newPool(t, 64, CreateOptions{BlockSize: bs})
 	const size = 48 * bs
@@ -162,7 +173,8 @@ func TestCoalesceMixedPlans(t *testing.T) {
 }
 
 // TestCoalesceOneCallPerRun counts the data file writes: a request over
-// consecutive physical blocks is one vectored write.
+// consecutive physical blocks is one vectored write, or one per
+// writeRunMax.
 func TestCoalesceOneCallPerRun(t *testing.T) {
 	const bs = 64 * kib
 	p, cd := newCountingPool(t, 64, bs)
@@ -175,6 +187,8 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 		}
 		cd.reset()
 	}
+	defer func(old int64) { writeRunMax = old }(writeRunMax)
+	writeRunMax = 1 << 40
 	cd.reset()
 	// 16 fresh blocks, allocated one after the other: 16 pieces, 18 with
 	// the buffer boundaries inside blocks.
@@ -193,6 +207,21 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 	}
 	writeV(t, v, img, 20*bs, bufs)
 	check("1500 buffers", 2, 1500)
+	// Runs are cut where the data file offset crosses a multiple of
+	// writeRunMax.
+	writeRunMax = 256 * kib
+	p.mu.Lock()
+	e, _, err := p.resolveLocked(v.st.rec.Layer, 0)
+	p.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ off, iovs int64 }{{0, 16}, {1024, 17}} {
+		at := int64(e.PBlock)*bs + c.off // the blocks are consecutive (above)
+		cuts := (at+1<<20-1)/writeRunMax - at/writeRunMax
+		writeV(t, v, img, c.off, [][]byte{pattern(1<<20, byte(c.off))})
+		check(fmt.Sprintf("1 MiB at %d, runs of at most 256 KiB", c.off), 1+cuts, c.iovs)
+	}
 	verify(t, v, img)
 }
 
@@ -220,4 +249,60 @@ func TestCoalesceNoAllocs(t *testing.T) {
 			t.Errorf("%s: %v allocations per write, want at most 1", c.name, allocs)
 		}
 	}
+}
+
+// BenchmarkCoalesce fills a volume with 1 MiB writes, cut into vectored
+// writes of at most writeRunMax, then reads and overwrites 4 KiB at random:
+// the host page cache keeps the data in folios as large as those writes,
+// which changes what later small I/O costs. cpu-ns/op counts the whole
+// process's CPU time (the kernel's included), less swayed than ns/op by
+// other load on a shared machine.
+func BenchmarkCoalesce(b *testing.B) {
+	defer func(old int64) { writeRunMax = old }(writeRunMax)
+	for _, max := range []int64{64 * kib, 128 * kib, 256 * kib, 1 << 20} {
+		b.Run(fmt.Sprintf("run=%dK", max>>10), func(b *testing.B) {
+			writeRunMax = max
+			p, v := benchPool(b)
+			buf := [][]byte{pattern(1<<20, 1)}
+			for off := int64(0); off < benchBlocks*64*kib; off += 1 << 20 {
+				if err := v.WriteAt(buf, off); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := p.Flush(); err != nil {
+				b.Fatal(err)
+			}
+			for _, write := range []bool{false, true} {
+				name := "read4k"
+				if write {
+					name = "overwrite4k"
+				}
+				b.Run(name, func(b *testing.B) {
+					buf := [][]byte{pattern(4*kib, 2)}
+					rng := rand.New(rand.NewPCG(1, 1))
+					b.SetBytes(4 * kib)
+					c0 := cpuTime()
+					b.ResetTimer()
+					for range b.N {
+						var err error
+						if write {
+							err = v.WriteAt(buf, randOff(rng))
+						} else {
+							err = v.ReadAt(buf, randOff(rng))
+						}
+						if err != nil {
+							b.Fatal(err)
+						}
+					}
+					b.ReportMetric(float64(cpuTime()-c0)/float64(b.N), "cpu-ns/op")
+				})
+			}
+		})
+	}
+}
+
+func cpuTime() int64 {
+	var ru unix.Rusage
+	unix.Getrusage(unix.RUSAGE_SELF, &ru)
+	return ru.Utime.Nano() + ru.Stime.Nano()
 }

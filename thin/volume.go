@@ -452,14 +452,24 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 
 // wrun gathers the pieces of a write that land on consecutive bytes of
 // the data file (a request's pieces, over blocks allocated one after the
-// other or mapped so), to write them with one vectored call: one system
-// call instead of one per piece, and the page cache builds large folios,
-// which later reads walk faster.
+// other or mapped so), to write them with one vectored call instead of a
+// system call per piece.
 type wrun struct {
 	d        dataFile
 	iov      *[][]byte // from iovPool, once needed
 	off, end int64
 }
+
+// writeRunMax bounds a vectored write: runs are cut where the data file
+// offset crosses a multiple of it. The host page cache sizes its folios by
+// the write, and on Linux 6.18 ext4 each small buffered write costs in
+// proportion to its folio's size (ext4_block_write_begin walks all of the
+// folio's buffers). CPU time per random 4 KiB op on data written in runs
+// of 64 KiB, 128 KiB, 256 KiB and 1 MiB (BenchmarkCoalesce, medians on a
+// busy 2-core machine): reads 1.3-1.5, 1.28, 1.28 and 1.06 us, overwrites
+// 2.5-3.2, 3.3, 3.8 and 5.7 us. 128 KiB halves the system calls of large
+// writes at no cost measured beyond the noise.
+var writeRunMax int64 = 128 << 10 // a variable so that tests change it
 
 var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
 
@@ -469,7 +479,7 @@ func (r *wrun) add(b []byte, at int64) error {
 	if r.iov == nil {
 		r.iov = iovPool.Get().(*[][]byte)
 	}
-	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == maxIOV) {
+	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == maxIOV || at/writeRunMax != r.off/writeRunMax) {
 		if err := r.flush(); err != nil {
 			return err
 		}
