@@ -464,12 +464,14 @@ type wrun struct {
 // offset crosses a multiple of it. The host page cache sizes its folios by
 // the write, and on Linux 6.18 ext4 each small buffered write costs in
 // proportion to its folio's size (ext4_block_write_begin walks all of the
-// folio's buffers). CPU time per random 4 KiB op on data written in runs
-// of 64 KiB, 128 KiB, 256 KiB and 1 MiB (BenchmarkCoalesce, medians on a
-// busy 2-core machine): reads 1.3-1.5, 1.28, 1.28 and 1.06 us, overwrites
-// 2.5-3.2, 3.3, 3.8 and 5.7 us. 128 KiB halves the system calls of large
-// writes at no cost measured beyond the noise.
-var writeRunMax int64 = 128 << 10 // a variable so that tests change it
+// folio's buffers). With data written in runs of 64 KiB, 128 KiB, 256 KiB
+// and 1 MiB, the CPU time of a random 4 KiB read was 1.3-1.5, 1.28, 1.28
+// and 1.06 us, of an overwrite 2.5-3.2, 3.3, 3.8 and 5.7 us
+// (BenchmarkCoalesce); end to end (thinblk-bench, QD32) overwrites were
+// about 20% slower with 128 KiB runs than with 64 KiB ones, 40% with
+// 1 MiB. So a default pool writes a block per system call, however the
+// request's buffers cut it, and pools of smaller blocks several.
+var writeRunMax int64 = 64 << 10 // a variable so that tests change it
 
 var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
 
