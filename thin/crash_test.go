@@ -56,6 +56,18 @@ func (d *crashData) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// WriteVAt logs one write per buffer: the crash model persists any subset
+// of sectors anyway, so a vectored write is no more atomic than its parts.
+func (d *crashData) WriteVAt(bufs [][]byte, off int64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, b := range bufs {
+		d.writeLocked(b, off)
+		off += int64(len(b))
+	}
+	return nil
+}
+
 func (d *crashData) ZeroRange(off, n int64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

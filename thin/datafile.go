@@ -3,6 +3,7 @@ package thin
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync/atomic"
 
@@ -14,6 +15,9 @@ import (
 type dataFile interface {
 	ReadAt(p []byte, off int64) (int, error)
 	WriteAt(p []byte, off int64) (int, error)
+	// WriteVAt writes bufs to consecutive bytes at off, all of them or
+	// fails: one system call where one data file write used to be many.
+	WriteVAt(bufs [][]byte, off int64) error
 	// ZeroRange makes [off, off+n) read as zeros (keeping it allocated).
 	ZeroRange(off, n int64) error
 	// PunchHole makes [off, off+n) read as zeros and gives its space
@@ -51,6 +55,45 @@ func (d *osDataFile) ReadAt(p []byte, off int64) (int, error)  { return d.f.Read
 func (d *osDataFile) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
 func (d *osDataFile) Close() error                             { return d.f.Close() }
 func (d *osDataFile) Truncate(size int64) error                { return d.f.Truncate(size) }
+
+// maxIOV is IOV_MAX, the most buffers one pwritev takes.
+const maxIOV = 1024
+
+func (d *osDataFile) WriteVAt(bufs [][]byte, off int64) error {
+	for len(bufs) > 0 {
+		if len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+			continue
+		}
+		iov := bufs[:min(len(bufs), maxIOV)]
+		n, err := unix.Pwritev(int(d.f.Fd()), iov, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("write %s at %d: %w", d.f.Name(), off, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("write %s at %d: %w", d.f.Name(), off, io.ErrShortWrite)
+		}
+		off += int64(n)
+		for n > 0 {
+			if n >= len(bufs[0]) {
+				n -= len(bufs[0])
+				bufs = bufs[1:]
+				continue
+			}
+			// A short write inside a buffer (rare): go on with its tail,
+			// in a copy, since bufs belongs to the caller.
+			rest := make([][]byte, len(bufs))
+			copy(rest, bufs)
+			rest[0] = rest[0][n:]
+			bufs = rest
+			n = 0
+		}
+	}
+	return nil
+}
 
 func (d *osDataFile) Sync() error {
 	for {

@@ -377,6 +377,7 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 	p := v.p
 	bs := p.blockSize
 	s := sg{bufs: bufs}
+	run := wrun{d: p.data}
 	var err error
 	pos := off
 	for _, pl := range plans {
@@ -407,14 +408,16 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 				}
 				putBlockBuf(buf)
 			} else {
-				err = s.next(l, func(b []byte, rel int64) error {
-					_, err := p.data.WriteAt(b, base+inBlk+rel)
-					return err
-				})
+				at := base + inBlk
+				err = s.next(l, func(b []byte, rel int64) error { return run.add(b, at+rel) })
 			}
 		}
 		pos += l
 	}
+	if err == nil {
+		err = run.flush()
+	}
+	run.release()
 	// Set after the data is written, so that a commit that saw the flag
 	// clear cannot have missed this write (see commitLocked).
 	p.dataDirty.Store(true)
@@ -455,6 +458,71 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		p.kickCommit()
 	}
 	return err
+}
+
+// wrun gathers the pieces of a write that land on consecutive bytes of
+// the data file (a request's pieces, over blocks allocated one after the
+// other or mapped so), to write them with one vectored call instead of a
+// system call per piece.
+type wrun struct {
+	d        dataFile
+	iov      *[][]byte // from iovPool, once needed
+	off, end int64
+}
+
+// writeRunMax bounds a vectored write: runs are cut where the data file
+// offset crosses a multiple of it. The host page cache sizes its folios by
+// the write, and on Linux 6.18 ext4 each small buffered write costs in
+// proportion to its folio's size (ext4_block_write_begin walks all of the
+// folio's buffers). With data written in runs of 64 KiB, 128 KiB, 256 KiB
+// and 1 MiB, the CPU time of a random 4 KiB read was 1.3-1.5, 1.28, 1.28
+// and 1.06 us, of an overwrite 2.5-3.2, 3.3, 3.8 and 5.7 us
+// (BenchmarkCoalesce); end to end (thinblk-bench, QD32) overwrites were
+// about 20% slower with 128 KiB runs than with 64 KiB ones, 40% with
+// 1 MiB. So a default pool writes a block per system call, however the
+// request's buffers cut it, and pools of smaller blocks several.
+var writeRunMax int64 = 64 << 10 // a variable so that tests change it
+
+var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
+
+// add appends b, which goes to the data file at at; a piece that does not
+// follow the run writes the run first.
+func (r *wrun) add(b []byte, at int64) error {
+	if r.iov == nil {
+		r.iov = iovPool.Get().(*[][]byte)
+	}
+	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == maxIOV || at/writeRunMax != r.off/writeRunMax) {
+		if err := r.flush(); err != nil {
+			return err
+		}
+	}
+	if len(*r.iov) == 0 {
+		r.off, r.end = at, at
+	}
+	*r.iov = append(*r.iov, b)
+	r.end += int64(len(b))
+	return nil
+}
+
+func (r *wrun) flush() error {
+	if r.iov == nil || len(*r.iov) == 0 {
+		return nil
+	}
+	err := r.d.WriteVAt(*r.iov, r.off)
+	clear(*r.iov) // holds no caller's memory once pooled
+	*r.iov = (*r.iov)[:0]
+	return err
+}
+
+// release gives the list back, dropping what was not written (after an
+// error).
+func (r *wrun) release() {
+	if r.iov != nil {
+		clear(*r.iov)
+		*r.iov = (*r.iov)[:0]
+		iovPool.Put(r.iov)
+		r.iov = nil
+	}
 }
 
 // backpressure commits synchronously when pending changes pile up faster
