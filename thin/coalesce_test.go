@@ -188,8 +188,7 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 		cd.reset()
 	}
 	defer func(old int64) { writeRunMax = old }(writeRunMax)
-	writeRunMax = 1 << 40 // unbounded runs first
-	cd.reset()
+	cd.reset() // the default first: runs are not cut
 	// 16 fresh blocks, allocated one after the other: 16 pieces, 18 with
 	// the buffer boundaries inside blocks.
 	writeV(t, v, img, 0, split(pattern(1<<20, 1), 100000, 500000))
@@ -222,7 +221,7 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 		writeV(t, v, img, c.off, [][]byte{pattern(1<<20, byte(c.off))})
 		check(fmt.Sprintf("1 MiB at %d, runs of at most 256 KiB", c.off), 1+cuts, c.iovs)
 	}
-	// The default: a vectored write per block, whatever the buffers.
+	// Cut at 64 KiB: a vectored write per block, whatever the buffers.
 	writeRunMax = 64 * kib
 	writeV(t, v, img, 0, split(pattern(1<<20, 7), 100000, 500000, 512, 512))
 	check("1 MiB in 5 buffers, runs of at most 64 KiB", 16, 20)

@@ -3,6 +3,7 @@ package thin
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -282,6 +283,9 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 	rangeLookupMax = uint64(md.rng.IntN(6))
 	defer func(old uint64) { zeroStep = old }(zeroStep)
 	zeroStep = uint64(md.rng.IntN(4))
+	// Vectored writes cut at a block, at two, or not at all.
+	defer func(old int64) { writeRunMax = old }(writeRunMax)
+	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[md.rng.IntN(3)]
 	md.open()
 	defer func() {
 		if md.p != nil {

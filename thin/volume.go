@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -471,17 +472,17 @@ type wrun struct {
 }
 
 // writeRunMax bounds a vectored write: runs are cut where the data file
-// offset crosses a multiple of it. The host page cache sizes its folios by
-// the write, and on Linux 6.18 ext4 each small buffered write costs in
-// proportion to its folio's size (ext4_block_write_begin walks all of the
-// folio's buffers). With data written in runs of 64 KiB, 128 KiB, 256 KiB
-// and 1 MiB, the CPU time of a random 4 KiB read was 1.3-1.5, 1.28, 1.28
-// and 1.06 us, of an overwrite 2.5-3.2, 3.3, 3.8 and 5.7 us
-// (BenchmarkCoalesce); end to end (thinblk-bench, QD32) overwrites were
-// about 20% slower with 128 KiB runs than with 64 KiB ones, 40% with
-// 1 MiB. So a default pool writes a block per system call, however the
-// request's buffers cut it, and pools of smaller blocks several.
-var writeRunMax int64 = 64 << 10 // a variable so that tests change it
+// offset crosses a multiple of it. By default nothing is cut, so the data
+// file sees the writes a raw image would for the same guest requests. The
+// host page cache sizes its folios by the write, and on Linux 6.18 ext4
+// each small buffered write costs in proportion to its folio's size
+// (ext4_block_write_begin walks all of the folio's buffers): with data
+// written in runs of 64 KiB, 128 KiB, 256 KiB and 1 MiB, a random 4 KiB
+// read took 1.3-1.5, 1.28, 1.28 and 1.06 us of CPU, an overwrite 2.5-3.2,
+// 3.3, 3.8 and 5.7 us (BenchmarkCoalesce). Cutting at 64 KiB would make
+// overwrites after large writes cheaper and reads dearer than on a raw
+// image; thinblk leaves that trade to the kernel, as a raw image does.
+var writeRunMax int64 = math.MaxInt64 // a variable so that tests change it
 
 var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
 
