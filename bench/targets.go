@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Server is a back-end process started for a benchmark.
@@ -257,6 +259,24 @@ func PrepareFile(path string, size int64) error {
 	}
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
+}
+
+// DropCache writes back a file's dirty pages and drops its pages from the
+// host page cache, so that what is cached next follows only the writes
+// and reads that come after.
+func DropCache(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		return fmt.Errorf("drop page cache of %s: %w", path, err)
 	}
 	return nil
 }
