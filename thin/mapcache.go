@@ -74,10 +74,47 @@ type mapCache struct {
 	regions map[regionKey]*mapRegion
 	cost    int
 	max     int // < 0: nothing is kept
+	// recent is a direct-mapped front for regions: a hit costs an index
+	// and a compare instead of a map lookup (which was 3% of the CPU of
+	// 4 KiB reads). A slot is cleared when its region leaves regions.
+	recent [recentSlots]recentSlot
+}
+
+const recentSlots = 4096
+
+type recentSlot struct {
+	k regionKey
+	r *mapRegion
+}
+
+func recentIndex(k regionKey) int {
+	return int((k.region ^ k.layer*0x9e3779b97f4a7c15) % recentSlots)
 }
 
 func newMapCache(max int) *mapCache {
 	return &mapCache{regions: map[regionKey]*mapRegion{}, max: max}
+}
+
+// get returns the cached region k, or nil.
+func (c *mapCache) get(k regionKey) *mapRegion {
+	s := &c.recent[recentIndex(k)]
+	if s.r != nil && s.k == k {
+		return s.r
+	}
+	r := c.regions[k]
+	if r != nil {
+		*s = recentSlot{k, r}
+	}
+	return r
+}
+
+// drop removes region k.
+func (c *mapCache) drop(k regionKey, r *mapRegion) {
+	c.cost -= regionCost + len(r.entries)
+	delete(c.regions, k)
+	if s := &c.recent[recentIndex(k)]; s.r == r {
+		*s = recentSlot{}
+	}
 }
 
 func (c *mapCache) add(k regionKey, r *mapRegion) {
@@ -93,7 +130,7 @@ func (c *mapCache) add(k regionKey, r *mapRegion) {
 // loaded (one that is not reads it from the store when needed).
 func (c *mapCache) update(k mapKey, e pebblemeta.Entry) {
 	rk, i := regionOf(k)
-	if r := c.regions[rk]; r != nil {
+	if r := c.get(rk); r != nil {
 		c.cost += r.set(i, e)
 		c.trim(rk)
 	}
@@ -106,8 +143,7 @@ func (c *mapCache) trim(keep regionKey) {
 			if k == keep {
 				continue
 			}
-			c.cost -= regionCost + len(r.entries)
-			delete(c.regions, k)
+			c.drop(k, r)
 			break
 		}
 	}
@@ -117,8 +153,7 @@ func (c *mapCache) trim(keep regionKey) {
 func (c *mapCache) forgetLayer(layer uint64) {
 	for k, r := range c.regions {
 		if k.layer == layer {
-			c.cost -= regionCost + len(r.entries)
-			delete(c.regions, k)
+			c.drop(k, r)
 		}
 	}
 }

@@ -18,6 +18,11 @@ func (c *mapCache) measure(t testing.TB) int {
 	if cost != c.cost {
 		t.Fatalf("map cache counts cost %d, holds %d", c.cost, cost)
 	}
+	for i, s := range c.recent {
+		if s.r != nil && c.regions[s.k] != s.r {
+			t.Fatalf("recent slot %d holds region %+v, which the cache does not", i, s.k)
+		}
+	}
 	return cost
 }
 
@@ -61,12 +66,16 @@ func TestMapCacheBounded(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	c := newMapCache(100)
 	for range 2000 {
-		k := mapKey{layer: rng.Uint64N(3) + 1, vb: rng.Uint64N(4096)}
+		// Far apart regions too, so that recent slots collide.
+		k := mapKey{layer: rng.Uint64N(3) + 1, vb: rng.Uint64N(4096) + rng.Uint64N(3)*recentSlots*regionBlocks}
 		rk, _ := regionOf(k)
 		if c.regions[rk] == nil && rng.IntN(2) == 0 {
 			c.add(rk, &mapRegion{})
 		}
 		c.update(k, pebblemeta.Entry{Flags: pebblemeta.FlagMapped, PBlock: k.vb})
+		if got, want := c.get(rk), c.regions[rk]; got != want {
+			t.Fatalf("get(%+v) = %p, the map holds %p", rk, got, want)
+		}
 		if got := c.measure(t); got > 100 && len(c.regions) > 1 {
 			t.Fatalf("cost %d over 100 with %d regions", got, len(c.regions))
 		}

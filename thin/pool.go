@@ -617,7 +617,7 @@ func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
 		return e, nil
 	}
 	rk, i := regionOf(k)
-	r := p.cache.regions[rk]
+	r := p.cache.get(rk)
 	if r == nil {
 		var err error
 		if r, err = p.loadRegionLocked(rk); err != nil {
