@@ -65,7 +65,9 @@
 //     records and dirty bitmap chunks go into one Pebble batch;
 //  2. fdatasync of the data file;
 //  3. the batch commits with sync;
-//  4. blocks freed in this cut become allocatable (under the I/O gate).
+//  4. once every request started before has finished, blocks freed in
+//     this cut are punched out of the data file, then become allocatable
+//     (under the I/O gate).
 //
 // Step 2 before 3 makes a new block's data durable before the mapping that
 // points to it. A block's first write is published into the pending set
@@ -84,19 +86,22 @@
 //
 // A new block is written whole (the write's bytes plus zeros), so a
 // partial first write reads the rest of the block as zeros and never
-// exposes a previous owner's data. Blocks that were never written need no
-// padding: the pool record keeps ZeroFrom, a mark that no block at or
-// above it was ever written, raised durably ahead of allocation (by 32768 blocks, in a background commit)
-// before any block above it is handed out, so a crash cannot leave stale
-// data above it. Zeroing a range of a mapped block
+// exposes a previous owner's data. Blocks that read as zeros need no
+// padding: those never written (the pool record keeps ZeroFrom, a mark
+// that no block at or above it was ever written, raised durably ahead of
+// allocation by 32768 blocks in a background commit, before any block
+// above it is handed out, so a crash cannot leave stale data above it),
+// and freed blocks punched in step 4 since the pool opened (a punch is
+// made durable by the data fdatasync of the commit that maps the block
+// again, before that mapping). Zeroing a range of a mapped block
 // (discard heads and tails, provisioning of mapped blocks) uses
 // fallocate(ZERO_RANGE).
 //
 // Memory is bounded: map entries are read through Pebble (its block cache,
-// OpenOptions.CacheSize) and a bounded cache of decoded entries
-// (OpenOptions.MapCacheEntries); the pending set is bounded by MaxPending;
-// the bitmaps cost 1 bit per pool block (x3 while a commit releases
-// blocks). A volume with 10 million mapped blocks needs no per-block
+// OpenOptions.CacheSize) and a bounded cache of decoded entries, loaded by
+// regions of 64 blocks (OpenOptions.MapCacheEntries, mapcache.go); the
+// pending set is bounded by MaxPending; the bitmaps cost 1 bit per pool
+// block (x4 while a commit releases blocks, with the punched set). A volume with 10 million mapped blocks needs no per-block
 // memory.
 //
 // Out of space: with NoSpaceError the request fails at once (after
