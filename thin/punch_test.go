@@ -225,3 +225,44 @@ func TestPunchWaitsForReadsInFlight(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestPunchBudget: when punching runs out of time, the blocks left are
+// released unpunched (reused with padding), never lost or marked zero.
+func TestPunchBudget(t *testing.T) {
+	defer func(old time.Duration) { punchBudget = old }(punchBudget)
+	punchBudget = -time.Second // nothing gets punched
+	const blocks = 16
+	p, dir := newPool(t, blocks, CreateOptions{BlockSize: 64 * kib})
+	a := mustVolume(t, p, "a", blocks*64*kib)
+	write(t, a, 0, pattern(blocks*64*kib, 1))
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	full := dataBytes(t, dir)
+	for i := int64(0); i < blocks; i += 2 { // scattered runs
+		if err := a.Discard(i*64*kib, 64*kib); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	zeroed := p.zeroed.count
+	p.mu.Unlock()
+	if zeroed != 0 || dataBytes(t, dir) != full {
+		t.Fatalf("with no time to punch: %d blocks marked zero, data file %d bytes (was %d)", zeroed, dataBytes(t, dir), full)
+	}
+	b := mustVolume(t, p, "b", blocks*64*kib)
+	for i := int64(0); i < blocks/2; i++ {
+		write(t, b, i*64*kib+512, pattern(512, 2))
+	}
+	want := make([]byte, 64*kib)
+	copy(want[512:], pattern(512, 2))
+	for i := int64(0); i < blocks/2; i++ {
+		if !bytes.Equal(read(t, b, i*64*kib, 64*kib), want) {
+			t.Fatalf("reused unpunched block %d shows more than its one write", i)
+		}
+	}
+	checkAccounting(t, p)
+}
