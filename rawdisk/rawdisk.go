@@ -15,11 +15,11 @@ package rawdisk
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/vio"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -138,7 +138,7 @@ func (d *Disk) Geometry() blk.Geometry { return d.geometry }
 
 // ReadAt reads consecutive bytes at off into bufs.
 func (d *Disk) ReadAt(bufs [][]byte, off int64) error {
-	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+	return vio.Vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
 		return unix.Preadv(int(d.f.Fd()), iov, off)
 	}, true)
 }
@@ -148,55 +148,9 @@ func (d *Disk) WriteAt(bufs [][]byte, off int64) error {
 	if d.readOnly {
 		return ErrReadOnly
 	}
-	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+	return vio.Vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
 		return unix.Pwritev(int(d.f.Fd()), iov, off)
 	}, false)
-}
-
-// vectored repeats a positioned vectored call until every buffer is done,
-// since the kernel may transfer less than asked (signals, IOV_MAX).
-func vectored(bufs [][]byte, off int64, op func([][]byte, int64) (int, error), isRead bool) error {
-	// Skip leading empty buffers without copying the slice header array:
-	// the common case (one pass, everything transferred) must not allocate.
-	for len(bufs) > 0 {
-		if len(bufs[0]) == 0 {
-			bufs = bufs[1:]
-			continue
-		}
-		iov := bufs
-		if len(iov) > 1024 { // IOV_MAX
-			iov = iov[:1024]
-		}
-		n, err := op(iov, off)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			if isRead {
-				return io.ErrUnexpectedEOF
-			}
-			return io.ErrShortWrite
-		}
-		off += int64(n)
-		for n > 0 && len(bufs) > 0 {
-			if n >= len(bufs[0]) {
-				n -= len(bufs[0])
-				bufs = bufs[1:]
-				continue
-			}
-			// A partial buffer: continue with its tail. This copies the
-			// remaining slice headers once, only on the rare short path.
-			rest := make([][]byte, len(bufs))
-			copy(rest, bufs)
-			rest[0] = rest[0][n:]
-			bufs = rest
-			n = 0
-		}
-	}
-	return nil
 }
 
 // Flush makes completed writes durable.

@@ -3,11 +3,12 @@ package thin
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/vio"
 )
 
 // dataFile is the pool's block store. The real one is an *os.File; the
@@ -56,41 +57,12 @@ func (d *osDataFile) WriteAt(p []byte, off int64) (int, error) { return d.f.Writ
 func (d *osDataFile) Close() error                             { return d.f.Close() }
 func (d *osDataFile) Truncate(size int64) error                { return d.f.Truncate(size) }
 
-// maxIOV is IOV_MAX, the most buffers one pwritev takes.
-const maxIOV = 1024
-
 func (d *osDataFile) WriteVAt(bufs [][]byte, off int64) error {
-	for len(bufs) > 0 {
-		if len(bufs[0]) == 0 {
-			bufs = bufs[1:]
-			continue
-		}
-		iov := bufs[:min(len(bufs), maxIOV)]
-		n, err := unix.Pwritev(int(d.f.Fd()), iov, off)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("write %s at %d: %w", d.f.Name(), off, err)
-		}
-		if n == 0 {
-			return fmt.Errorf("write %s at %d: %w", d.f.Name(), off, io.ErrShortWrite)
-		}
-		off += int64(n)
-		for n > 0 {
-			if n >= len(bufs[0]) {
-				n -= len(bufs[0])
-				bufs = bufs[1:]
-				continue
-			}
-			// A short write inside a buffer (rare): go on with its tail,
-			// in a copy, since bufs belongs to the caller.
-			rest := make([][]byte, len(bufs))
-			copy(rest, bufs)
-			rest[0] = rest[0][n:]
-			bufs = rest
-			n = 0
-		}
+	err := vio.Vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+		return unix.Pwritev(int(d.f.Fd()), iov, off)
+	}, false)
+	if err != nil {
+		return fmt.Errorf("write %s at %d: %w", d.f.Name(), off, err)
 	}
 	return nil
 }

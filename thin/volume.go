@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/vio"
 	"github.com/thinblk/thinblk/pebblemeta"
 )
 
@@ -492,7 +493,7 @@ func (r *wrun) add(b []byte, at int64) error {
 	if r.iov == nil {
 		r.iov = iovPool.Get().(*[][]byte)
 	}
-	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == maxIOV || at/writeRunMax != r.off/writeRunMax) {
+	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == vio.MaxIOV || at/writeRunMax != r.off/writeRunMax) {
 		if err := r.flush(); err != nil {
 			return err
 		}
