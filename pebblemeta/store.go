@@ -294,19 +294,8 @@ func (s *View) iterate(lo, hi []byte, fn func(k, v []byte) error) error {
 // LayerMap calls fn for every entry of layer with vblock >= from, in block
 // order.
 func (s *View) LayerMap(layer, from uint64, fn func(vblock uint64, e Entry) error) error {
-	lo, hi := mapLayerBounds(layer)
-	lo = AppendMapKey(nil, layer, from)
-	return s.iterate(lo, hi, func(k, v []byte) error {
-		_, vb, err := ParseMapKey(k)
-		if err != nil {
-			return err
-		}
-		e, err := DecodeEntry(v)
-		if err != nil {
-			return fmt.Errorf("map entry %d/%d: %w", layer, vb, err)
-		}
-		return fn(vb, e)
-	})
+	_, hi := mapLayerBounds(layer)
+	return s.mapEntries(layer, AppendMapKey(nil, layer, from), hi, fn)
 }
 
 // MapRange calls fn for every entry of layer with first <= vblock <
@@ -317,8 +306,11 @@ func (s *View) MapRange(layer, first, end uint64, fn func(vblock uint64, e Entry
 		return nil
 	}
 	var lob, hib [MapKeyLen]byte
-	lo := AppendMapKey(lob[:0], layer, first)
-	hi := AppendMapKey(hib[:0], layer, end)
+	return s.mapEntries(layer, AppendMapKey(lob[:0], layer, first), AppendMapKey(hib[:0], layer, end), fn)
+}
+
+// mapEntries decodes the map entries of layer with keys in [lo, hi).
+func (s *View) mapEntries(layer uint64, lo, hi []byte, fn func(vblock uint64, e Entry) error) error {
 	return s.iterate(lo, hi, func(k, v []byte) error {
 		_, vb, err := ParseMapKey(k)
 		if err != nil {
