@@ -3,7 +3,6 @@ package thin
 import (
 	"errors"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -279,13 +278,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: 96 * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
-	defer func(old uint64) { rangeLookupMax = old }(rangeLookupMax)
-	rangeLookupMax = uint64(md.rng.IntN(6))
-	defer func(old uint64) { zeroStep = old }(zeroStep)
-	zeroStep = uint64(md.rng.IntN(4))
-	// Vectored writes cut at a block, at two, or not at all.
-	defer func(old int64) { writeRunMax = old }(writeRunMax)
-	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[md.rng.IntN(3)]
+	defer randomTuning(md.rng)()
 	md.open()
 	defer func() {
 		if md.p != nil {

@@ -292,6 +292,18 @@ func (md *model) open() {
 	md.p = p
 }
 
+// randomTuning sets the pool's internal knobs at random for a model test
+// and returns what restores them: small ranges take the store-iterating
+// path of rangeLocked too, the zero mark is raised often, and vectored
+// writes are cut at a block, at two, or not at all.
+func randomTuning(rng *rand.Rand) (restore func()) {
+	oldRange, oldZero, oldRun := rangeLookupMax, zeroStep, writeRunMax
+	rangeLookupMax = uint64(rng.IntN(6))
+	zeroStep = uint64(rng.IntN(4))
+	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
+	return func() { rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun }
+}
+
 // openForModel opens a model test's pool with random small limits: they
 // make implicit commits (and cache evictions) happen between flushes, so
 // crashes also land after them.
@@ -381,14 +393,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: md.size * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
-	// Small ranges take the store-iterating path of rangeLocked too.
-	defer func(old uint64) { rangeLookupMax = old }(rangeLookupMax)
-	rangeLookupMax = uint64(md.rng.IntN(6))
-	defer func(old uint64) { zeroStep = old }(zeroStep)
-	zeroStep = uint64(md.rng.IntN(4))
-	// Vectored writes cut at a block, at two, or not at all.
-	defer func(old int64) { writeRunMax = old }(writeRunMax)
-	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[md.rng.IntN(3)]
+	defer randomTuning(md.rng)()
 	md.open()
 	defer func() {
 		md.dropIO()
