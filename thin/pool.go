@@ -936,29 +936,40 @@ func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 	var punched [][2]uint64
 	deadline := time.Now().Add(punchBudget)
 	released.runs(func(first, n uint64) bool {
-		if time.Now().After(deadline) {
-			p.log.Debug("punch budget spent; the rest of the freed blocks keep their host space",
-				"pool", p.dir, "punched_runs", len(punched))
-			return false
-		}
-		err := p.data.PunchHole(int64(first)<<p.shift, int64(n)<<p.shift)
-		if err != nil {
-			if errors.Is(err, errors.ErrUnsupported) {
-				p.noPunch.Store(true)
-			} else {
-				p.log.Warn("punching freed blocks out of the data file failed; they are reused with zero padding",
-					"pool", p.dir, "block", first, "blocks", n, "err", err)
+		// A long run goes in pieces: one punch holds the file's inode
+		// lock (every write to the data file waits) for as long as it
+		// takes, which grows with the extents it removes.
+		for n > 0 {
+			if time.Now().After(deadline) {
+				p.log.Debug("punch budget spent; the rest of the freed blocks keep their host space",
+					"pool", p.dir, "punched_runs", len(punched))
+				return false
 			}
-			return false
+			c := min(n, punchChunk)
+			err := p.data.PunchHole(int64(first)<<p.shift, int64(c)<<p.shift)
+			if err != nil {
+				if errors.Is(err, errors.ErrUnsupported) {
+					p.noPunch.Store(true)
+				} else {
+					p.log.Warn("punching freed blocks out of the data file failed; they are reused with zero padding",
+						"pool", p.dir, "block", first, "blocks", c, "err", err)
+				}
+				return false
+			}
+			punched = append(punched, [2]uint64{first, c})
+			first, n = first+c, n-c
 		}
-		punched = append(punched, [2]uint64{first, n})
 		return true
 	})
 	return punched
 }
 
-// punchBudget bounds the time one commit spends punching freed blocks.
-var punchBudget = 50 * time.Millisecond
+// punchBudget bounds the time one commit spends punching freed blocks,
+// punchChunk the blocks one punch call takes.
+var (
+	punchBudget        = 50 * time.Millisecond
+	punchChunk  uint64 = 256
+)
 
 // fail marks the pool failed after a commit error: the on-disk state is
 // still the previous commit but memory has moved on, so it refuses further
