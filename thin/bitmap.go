@@ -204,26 +204,3 @@ func (b *bitmap) runs(fn func(first, n uint64) bool) {
 		fn(start, n)
 	}
 }
-
-// clearRun clears bits [first, first+n).
-func (b *bitmap) clearRun(first, n uint64) {
-	for i := first; i < first+n; i++ {
-		b.clear(i)
-	}
-}
-
-// or sets every bit set in o.
-func (b *bitmap) or(o *bitmap) {
-	for w, x := range o.words {
-		if x == 0 || w >= len(b.words) {
-			continue
-		}
-		added := x &^ b.words[w]
-		if added != 0 {
-			n := uint32(bits.OnesCount64(added))
-			b.words[w] |= x
-			b.count += uint64(n)
-			b.chunkCount[w/chunkWords] += n
-		}
-	}
-}

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/thinblk/thinblk/pebblemeta"
 )
@@ -296,23 +295,13 @@ func (md *model) open() {
 // randomTuning sets the pool's internal knobs at random for a model test
 // and returns what restores them: small ranges take the store-iterating
 // path of rangeLocked too, the zero mark is raised often, and vectored
-// writes are cut at a block, at two, or not at all, and freed blocks are
-// punched a few at a time, now and then one piece per commit (the rest
-// wait in the queue across commits and crashes).
+// writes are cut at a block, at two, or not at all.
 func randomTuning(rng *rand.Rand) (restore func()) {
 	oldRange, oldZero, oldRun := rangeLookupMax, zeroStep, writeRunMax
-	oldBudget, oldChunk := punchBudget, punchChunk
 	rangeLookupMax = uint64(rng.IntN(6))
 	zeroStep = uint64(rng.IntN(4))
 	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
-	punchChunk = 1 + uint64(rng.IntN(3))
-	if rng.IntN(2) == 0 {
-		punchBudget = -time.Second
-	}
-	return func() {
-		rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun
-		punchBudget, punchChunk = oldBudget, oldChunk
-	}
+	return func() { rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun }
 }
 
 // openForModel opens a model test's pool with random small limits: they

@@ -285,13 +285,8 @@ type Pool struct {
 	// file before they became reusable, so they read as zeros like
 	// never-written ones. Memory only: after a restart freed blocks are
 	// padded again. See punchReleased.
-	zeroed  *bitmap
-	noPunch atomic.Bool // the data file cannot punch holes
-	// punchQ holds blocks whose release is durable, waiting to be punched
-	// before they become allocatable again (still set in alloc, left out
-	// of persisted bitmap chunks). Commits drain it within punchBudget
-	// each. Only commits (under flushMu) change it.
-	punchQ       *bitmap
+	zeroed       *bitmap
+	noPunch      atomic.Bool // the data file cannot punch holes
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -406,7 +401,6 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
-	p.punchQ = newBitmap(p.rec.SizeBlocks)
 	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
 		if !p.alloc.loadChunk(idx, bits) {
 			return fmt.Errorf("%w: allocation bitmap chunk %d", pebblemeta.ErrCorrupt, idx)
@@ -465,7 +459,7 @@ func (p *Pool) background() {
 		case <-tick:
 		case <-p.kick:
 		}
-		if !p.metaPending() && !p.punchPending() {
+		if !p.metaPending() {
 			// Only data written in place: it becomes durable at the
 			// guest's FLUSH, as on a raw disk; syncing it here would
 			// write the page cache back every interval for nothing.
@@ -482,13 +476,6 @@ func (p *Pool) metaPending() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.metaPendingLocked()
-}
-
-// punchPending reports whether released blocks wait to be punched.
-func (p *Pool) punchPending() bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.punchQ.count > 0
 }
 
 func (p *Pool) metaPendingLocked() bool {
@@ -829,7 +816,6 @@ func (p *Pool) commitLocked() error {
 			}
 		}
 		p.durableSeq = seq
-		p.punchQueued()
 		return nil
 	}
 	b := p.store.NewBatch()
@@ -860,7 +846,7 @@ func (p *Pool) commitLocked() error {
 	// are not in it).
 	var buf []byte
 	for idx := range p.dirtyChunks {
-		buf = p.alloc.appendChunk(buf[:0], idx, p.pend, p.inflight, p.punchQ)
+		buf = p.alloc.appendChunk(buf[:0], idx, p.pend, p.inflight)
 		b.SetBitmapChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
@@ -905,56 +891,28 @@ func (p *Pool) commitLocked() error {
 	released := p.pendOld // stays visible (as releasing) until released
 	p.mu.Unlock()
 	if released != nil {
+		// Requests started before the release may still read a freed
+		// block's other bytes (a copy on write dropped it): let them
+		// finish before punching. Later ones cannot reach it.
+		p.ioGate.Lock()
+		p.ioGate.Unlock()
+		punched := p.punchReleased(released)
 		p.ioGate.Lock() // no request still aims at a freed block
 		p.mu.Lock()
-		if p.noPunch.Load() {
-			p.alloc.andNot(released)
-			p.spaceFreedLocked()
-		} else {
-			p.punchQ.or(released)
+		for _, r := range punched {
+			p.zeroed.setRun(r[0], r[1])
 		}
+		p.alloc.andNot(released)
 		p.pendOld = nil
 		released.reset()
 		released.grow(p.rec.SizeBlocks)
 		p.pendSpare = released
+		p.spaceFreedLocked()
 		p.mu.Unlock()
 		p.ioGate.Unlock()
 	}
 	p.durableSeq = seq
-	p.punchQueued()
 	return nil
-}
-
-// punchQueued punches queued blocks out of the data file for up to
-// punchBudget and makes the punched ones allocatable, reading as zeros.
-// The rest wait for the next commit (they count as releasing, so a
-// request short of space commits again rather than fail). The caller
-// holds flushMu. Requests that started before a block's release, which
-// may still read other bytes of it (a copy on write dropped it), have
-// finished: the release took the I/O gate after their start.
-func (p *Pool) punchQueued() {
-	p.mu.Lock()
-	n := p.punchQ.count
-	p.mu.Unlock()
-	if n == 0 {
-		return
-	}
-	punched, failed := p.punchReleased(p.punchQ)
-	p.mu.Lock()
-	for _, r := range punched {
-		p.zeroed.setRun(r[0], r[1])
-		p.alloc.clearRun(r[0], r[1])
-		p.punchQ.clearRun(r[0], r[1])
-	}
-	if failed {
-		// The data file could not punch: release the rest as it is
-		// (reused with zero padding), never leave it waiting.
-		p.alloc.andNot(p.punchQ)
-		p.punchQ.reset()
-		p.punchQ.grow(p.rec.SizeBlocks)
-	}
-	p.spaceFreedLocked()
-	p.mu.Unlock()
 }
 
 // punchReleased punches the blocks of released (freed, their release
@@ -964,22 +922,25 @@ func (p *Pool) punchQueued() {
 // needs no zero padding. No crash can expose what a punch removed: a
 // block is handed out only after its punch, and its new mapping commits
 // only after the data file's fdatasync that makes the punch durable too.
+// The caller has waited for every request started before the release
+// (one may still read other bytes of a block a copy on write dropped).
 //
 // A punch costs about 0.1 ms here, and the commit holds flushMu, so the
-// punching stops after punchBudget (a trim of many scattered blocks would
-// otherwise hold FLUSH up for seconds); the caller keeps the rest queued.
-func (p *Pool) punchReleased(released *bitmap) (punched [][2]uint64, failed bool) {
+// punching stops after punchBudget: blocks past it are reused with zero
+// padding and keep their host space until then (a trim of many scattered
+// blocks would otherwise hold FLUSH up for seconds).
+func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 	if p.noPunch.Load() {
-		return nil, true
+		return nil
 	}
+	var punched [][2]uint64
 	deadline := time.Now().Add(punchBudget)
 	released.runs(func(first, n uint64) bool {
 		// A long run goes in pieces: one punch holds the file's inode
 		// lock (every write to the data file waits) for as long as it
 		// takes, which grows with the extents it removes.
 		for n > 0 {
-			// At least one piece per call, so the queue always drains.
-			if len(punched) > 0 && time.Now().After(deadline) {
+			if time.Now().After(deadline) {
 				p.log.Debug("punch budget spent; the rest of the freed blocks keep their host space",
 					"pool", p.dir, "punched_runs", len(punched))
 				return false
@@ -993,7 +954,6 @@ func (p *Pool) punchReleased(released *bitmap) (punched [][2]uint64, failed bool
 					p.log.Warn("punching freed blocks out of the data file failed; they are reused with zero padding",
 						"pool", p.dir, "block", first, "blocks", c, "err", err)
 				}
-				failed = true
 				return false
 			}
 			punched = append(punched, [2]uint64{first, c})
@@ -1001,7 +961,7 @@ func (p *Pool) punchReleased(released *bitmap) (punched [][2]uint64, failed bool
 		}
 		return true
 	})
-	return punched, failed
+	return punched
 }
 
 // punchBudget bounds the time one commit spends punching freed blocks,
@@ -1033,7 +993,7 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 		p.mu.Unlock()
 		return err
 	}
-	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0) || p.punchQ.count > 0
+	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
 	policy := NoSpacePolicy(p.rec.NoSpace)
 	timeout := time.Duration(p.rec.NoSpaceTimeout)
 	ch := p.spaceCh
@@ -1240,7 +1200,6 @@ func (p *Pool) grow(size uint64) error {
 	p.pend.grow(n)
 	p.inflight.grow(n)
 	p.zeroed.grow(n)
-	p.punchQ.grow(n)
 	if p.pendSpare != nil {
 		p.pendSpare.grow(n)
 	}
@@ -1640,7 +1599,6 @@ func (p *Pool) Status() Status {
 	if p.pendOld != nil {
 		releasing += p.pendOld.count
 	}
-	releasing += p.punchQ.count
 	s := Status{Pool: PoolStatus{
 		Dir:              p.dir,
 		SizeBytes:        p.rec.SizeBlocks * bs,
