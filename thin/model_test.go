@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/thinblk/thinblk/pebblemeta"
 )
@@ -295,13 +296,23 @@ func (md *model) open() {
 // randomTuning sets the pool's internal knobs at random for a model test
 // and returns what restores them: small ranges take the store-iterating
 // path of rangeLocked too, the zero mark is raised often, and vectored
-// writes are cut at a block, at two, or not at all.
+// writes are cut at a block, at two, or not at all, and freed blocks are
+// punched a few at a time, or (no time budget) not at all: reused with
+// zero padding.
 func randomTuning(rng *rand.Rand) (restore func()) {
 	oldRange, oldZero, oldRun := rangeLookupMax, zeroStep, writeRunMax
+	oldBudget, oldChunk := punchBudget, punchChunk
 	rangeLookupMax = uint64(rng.IntN(6))
 	zeroStep = uint64(rng.IntN(4))
 	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
-	return func() { rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun }
+	punchChunk = 1 + uint64(rng.IntN(3))
+	if rng.IntN(2) == 0 {
+		punchBudget = -time.Second
+	}
+	return func() {
+		rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun
+		punchBudget, punchChunk = oldBudget, oldChunk
+	}
 }
 
 // openForModel opens a model test's pool with random small limits: they
