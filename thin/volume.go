@@ -323,9 +323,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		pb, zero, ok := p.allocLocked()
 		if ok && pb >= p.zeroDurable {
 			// Writing here would break the committed promise that blocks
-			// from ZeroFrom on were never written: raise it (well ahead,
-			// so this costs one commit per zeroStep allocations) and let
-			// the caller commit and retry.
+			// from ZeroFrom on were never written: raise it and let the
+			// caller commit and retry. Only a new pool's first write, or
+			// allocation outrunning the background raise below, gets here.
 			p.alloc.clear(pb)
 			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+zeroStep))
 			p.metaDirty = true
