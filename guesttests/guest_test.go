@@ -141,10 +141,23 @@ func (g guest) sh(t *testing.T, timeout time.Duration, script string) string {
 		t.Fatalf("guest: %v\nscript: %s\n%s", err, script, g.Diagnostics())
 	}
 	if res.TimedOut || res.ExitCode != 0 {
-		t.Fatalf("guest script failed (exit %d, timed out %v):\n%s\nstdout:\n%s\nstderr:\n%s\n%s",
-			res.ExitCode, res.TimedOut, script, tail(string(res.Stdout), 40), tail(string(res.Stderr), 40), tail(g.Diagnostics(), 10))
+		t.Fatalf("guest script failed (exit %d, timed out %v):\n%s\nstdout:\n%s\nstderr:\n%s\n%s%s",
+			res.ExitCode, res.TimedOut, script, tail(string(res.Stdout), 40), tail(string(res.Stderr), 40), g.kernelReport(), tail(g.Diagnostics(), 10))
 	}
 	return string(res.Stdout)
+}
+
+// kernelReport returns the guest kernel's report of its own trouble, whole, when the console has
+// one (the diagnostics' tail would cut its start).
+func (g guest) kernelReport() string {
+	data, err := os.ReadFile(g.ConsolePath)
+	if err != nil {
+		return ""
+	}
+	if report := kernelReport(string(data)); report != "" {
+		return "--- kernel report ---\n" + report + "\n"
+	}
+	return ""
 }
 
 // shFails runs a script that must exit non-zero; it returns stderr.

@@ -147,6 +147,27 @@ func tail(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// kernelReportStarts are the first lines of the guest kernel's reports of its own trouble (an
+// oops, a BUG, a WARN, the OOM killer): a console tail shows only their end, where the cause is
+// not.
+var kernelReportStarts = []string{"------------[ cut here ]", "BUG:", "Oops:", "WARNING:",
+	"general protection fault", "Kernel panic", "invoked oom-killer", "Out of memory"}
+
+// kernelReport returns the console from the first kernel report on (at most 120 lines), or ""
+// when the kernel reported none.
+func kernelReport(console string) string {
+	lines := strings.Split(console, "\n")
+	for i, line := range lines {
+		for _, start := range kernelReportStarts {
+			if strings.Contains(line, start) {
+				end := min(i+120, len(lines))
+				return strings.Join(lines[i:end], "\n")
+			}
+		}
+	}
+	return ""
+}
+
 // DefaultBackend is what the guest tests serve their disks with unless THINBLK_BACKEND says
 // otherwise.
 const DefaultBackend = Thinblk

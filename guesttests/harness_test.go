@@ -27,6 +27,21 @@ func TestTail(t *testing.T) {
 	}
 }
 
+func TestKernelReport(t *testing.T) {
+	console := "[ 1.0] booting\n[ 2.0] ------------[ cut here ]------------\n[ 2.0] kernel BUG at block/blk-lib.c:10!\n" +
+		strings.Repeat("[ 2.1] frame\n", 200) + "[ 9.0] ---[ end trace 0000000000000000 ]---\n"
+	report := kernelReport(console)
+	if !strings.HasPrefix(report, "[ 2.0] ------------[ cut here ]") || !strings.Contains(report, "blk-lib.c:10") {
+		t.Errorf("report does not start at the kernel's first line of it:\n%s", report)
+	}
+	if n := strings.Count(report, "\n") + 1; n != 120 {
+		t.Errorf("report has %d lines, want it cut at 120", n)
+	}
+	if report := kernelReport("[ 1.0] booting\n[ 2.0] EXT4-fs (vdb): mounted\n"); report != "" {
+		t.Errorf("a clean console gave a report: %q", report)
+	}
+}
+
 func TestGuestCIDsDistinct(t *testing.T) {
 	seen := map[uint32]bool{}
 	for i := 0; i < 100; i++ {

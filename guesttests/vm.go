@@ -343,6 +343,9 @@ func (vm *VM) Kill() {
 func (vm *VM) Diagnostics() string {
 	var b strings.Builder
 	if data, err := os.ReadFile(vm.ConsolePath); err == nil {
+		if report := kernelReport(string(data)); report != "" {
+			fmt.Fprintf(&b, "--- kernel report (%s) ---\n%s\n", vm.ConsolePath, report)
+		}
 		fmt.Fprintf(&b, "--- console tail (%s) ---\n%s\n", vm.ConsolePath, tail(string(data), 30))
 	}
 	if data, err := os.ReadFile(vm.QEMULogPath); err == nil && len(data) > 0 {
