@@ -130,7 +130,61 @@ func (e *env) startBackend(t *testing.T, kind BackendKind, dir, name string, siz
 // guest wraps a VM with test helpers.
 type guest struct {
 	*VM
-	t *testing.T
+	t             *testing.T
+	kernelChecked *bool // by shutdown, or at t's end
+}
+
+// newGuest wraps vm for t. Before the guest goes (its shutdown, or t's end), its kernel must
+// not have warned or oopsed: a device that makes the driver or the filesystem above it trip
+// is broken even when the test's own checks passed. (Call it after t.Cleanup(vm.Kill):
+// cleanups run last first.)
+func newGuest(t *testing.T, vm *VM) guest {
+	g := guest{VM: vm, t: t, kernelChecked: new(bool)}
+	t.Cleanup(func() {
+		if !*g.kernelChecked {
+			g.checkKernelClean(t)
+		}
+	})
+	return g
+}
+
+// shutdown checks the guest kernel, then powers the guest off.
+func (g guest) shutdown(t *testing.T, ctx context.Context) error {
+	g.checkKernelClean(t)
+	return g.Shutdown(ctx, time.Minute)
+}
+
+// Taint bits of the guest kernel that mean it tripped: W (a WARN), D (an oops), L (a soft
+// lockup).
+const (
+	taintWarn       = 1 << 9
+	taintDie        = 1 << 7
+	taintSoftLockup = 1 << 14
+)
+
+func (g guest) checkKernelClean(t *testing.T) {
+	*g.kernelChecked = true
+	res, err := g.Run(context.Background(), 20*time.Second, "cat /proc/sys/kernel/tainted")
+	if err != nil || res.ExitCode != 0 {
+		// The guest is gone or wedged: its console still shows an oops (not a WARN, which
+		// is below the console's loglevel).
+		if data, rerr := os.ReadFile(g.ConsolePath); rerr == nil {
+			if report := kernelReport(string(data)); report != "" {
+				t.Errorf("guest kernel tripped:\n%s", report)
+				return
+			}
+		}
+		t.Logf("guest kernel taint not read (%v); the console shows no oops", err)
+		return
+	}
+	taint, err := strconv.ParseUint(strings.TrimSpace(string(res.Stdout)), 10, 64)
+	if err != nil {
+		t.Errorf("guest kernel taint %q: %v", res.Stdout, err)
+		return
+	}
+	if taint&(taintWarn|taintDie|taintSoftLockup) != 0 {
+		t.Errorf("guest kernel tripped (taint %#x):\n%s", taint, g.kernelReport())
+	}
 }
 
 // sh runs a script that must succeed; it returns stdout.
@@ -149,13 +203,20 @@ func (g guest) sh(t *testing.T, timeout time.Duration, script string) string {
 
 // kernelReport returns the guest kernel's report of its own trouble, whole, when the console has
 // one (the diagnostics' tail would cut its start).
+// The guest's dmesg comes first: the console prints only what is above its loglevel, and a
+// WARN's report is below it.
 func (g guest) kernelReport() string {
+	if res, err := g.Run(context.Background(), 10*time.Second, "dmesg"); err == nil && res.ExitCode == 0 {
+		if report := kernelReport(string(res.Stdout)); report != "" {
+			return "--- kernel report (dmesg) ---\n" + report + "\n"
+		}
+	}
 	data, err := os.ReadFile(g.ConsolePath)
 	if err != nil {
 		return ""
 	}
 	if report := kernelReport(string(data)); report != "" {
-		return "--- kernel report ---\n" + report + "\n"
+		return "--- kernel report (console) ---\n" + report + "\n"
 	}
 	return ""
 }
@@ -218,7 +279,7 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	outer := t
 	ctx := context.Background()
 	dev, err := vm.DiskDevice(ctx, 0)
@@ -446,7 +507,7 @@ func testGuestDisks(t *testing.T, e *env, kind BackendKind) {
 		}
 	})
 
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+	if err := g.shutdown(t, ctx); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -80,7 +80,7 @@ func TestGuestThinPool(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	dataFile := filepath.Join(pool, "thinblk.data")
 	punch := canPunch(t, pool)
 
@@ -178,7 +178,7 @@ func TestGuestThinPool(t *testing.T) {
 			t.Errorf("xfsvol maps %d MiB after the restart, want at least the 32 MiB written", v.MappedBytes/mib)
 		}
 	})
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+	if err := g.shutdown(t, ctx); err != nil {
 		t.Fatal(err)
 	}
 	if err := b.Stop(15 * time.Second); err != nil {
@@ -257,7 +257,7 @@ func TestGuestThinProvision(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	status := func(t *testing.T, pool string) *PoolStatus {
 		t.Helper()
 		st, err := ThinblkStatus(ctx, e.thinblk, pool)
@@ -360,7 +360,7 @@ func TestGuestThinProvision(t *testing.T) {
 		}
 	})
 
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+	if err := g.shutdown(t, ctx); err != nil {
 		t.Fatal(err)
 	}
 	stopAndCheck(t, e, b, pool)

@@ -177,7 +177,7 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	dev, err := vm.DiskDevice(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -236,7 +236,7 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm2.Kill)
-	g2 := guest{VM: vm2, t: t}
+	g2 := newGuest(t, vm2)
 	var devs [3]string
 	for i := range devs {
 		if devs[i], err = vm2.DiskDevice(ctx, i); err != nil {
@@ -305,8 +305,8 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 		g.repairClean(t, dev)
 	})
 
-	for _, v := range []*VM{vm, vm2} {
-		if err := v.Shutdown(ctx, time.Minute); err != nil {
+	for _, v := range []guest{g, g2} {
+		if err := v.shutdown(t, ctx); err != nil {
 			t.Error(err)
 		}
 	}
@@ -359,7 +359,7 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	keeper, err := vm.DiskDevice(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -541,7 +541,7 @@ func TestGuestSnapshotPromise(t *testing.T) {
 
 	g.sh(t, time.Minute, "umount /mnt/k")
 	g.repairClean(t, keeper)
-	if err := vm.Shutdown(ctx, time.Minute); err != nil {
+	if err := g.shutdown(t, ctx); err != nil {
 		t.Fatal(err)
 	}
 
@@ -562,7 +562,7 @@ func TestGuestSnapshotPromise(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer vm2.Kill()
-		g2 := guest{VM: vm2, t: t}
+		g2 := newGuest(t, vm2)
 		if err := vm2.Agent.WriteFile(ctx, "/tmp/before.sums", beforeSums, 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -574,7 +574,7 @@ func TestGuestSnapshotPromise(t *testing.T) {
 		// TestGuestSnapshotUnderWrites), which a read-only device cannot.
 		g2.repairUnreplayed(t, dev)
 		g2.sh(t, 3*time.Minute, "mkdir -p /mnt/s && mount -o ro,norecovery "+dev+" /mnt/s && cd /mnt/s && sha256sum -c /tmp/before.sums >/dev/null && cd / && umount /mnt/s")
-		if err := vm2.Shutdown(ctx, time.Minute); err != nil {
+		if err := g2.shutdown(t, ctx); err != nil {
 			t.Error(err)
 		}
 	})

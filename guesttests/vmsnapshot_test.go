@@ -72,7 +72,7 @@ func TestGuestVMSnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(vm.Kill)
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	watch, err := vmsDialQMP(ctx, qs.Watch)
 	if err != nil {
 		t.Fatal(err)
@@ -343,7 +343,7 @@ func TestGuestPausePolicy(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer watch.Close()
-	g := guest{VM: vm, t: t}
+	g := newGuest(t, vm)
 	dev, err := vm.DiskDevice(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
