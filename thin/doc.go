@@ -164,11 +164,12 @@
 //     deleting the snapshots and clones of a volume with 10 million
 //     mapped blocks takes at most about 70 ms each.
 //
-// A write that copies a block makes the frozen entry it overrides
-// unreadable when it was the last sharer reading it; that entry is then
-// released at once (dropIfUnreadLocked), so a block every sharer has
-// rewritten does not stay allocated. (Discards and provisioning that
-// override shared entries leave that to the next delete's prune.) Repeated
+// A write that copies a block, and a whole-block discard or provisioning
+// that hides it (a hole or a reservation entry), make the frozen entry it
+// overrides unreadable when it was the last sharer reading it; that entry
+// is then released at once (dropIfUnreadLocked), so a block every sharer
+// has rewritten, discarded or provisioned over does not stay allocated
+// until the next delete's prune. Repeated
 // snapshots of one volume lengthen its chain (one lookup per layer per
 // block; no background merge yet). Read-only snapshots refuse writes,
 // discards, write-zeroes and resize with ErrReadOnly. Status reports a

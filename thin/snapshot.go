@@ -72,17 +72,23 @@ func (p *Pool) resolveLocked(head, vb uint64) (pebblemeta.Entry, uint64, error) 
 	return pebblemeta.Entry{}, head, nil
 }
 
+// ancestor is the entry that decides a block above a head, and its layer.
+type ancestor struct {
+	pebblemeta.Entry
+	layer uint64
+}
+
 // ancestorsRangeLocked collects, for the blocks [first, last] that skip
 // is not deciding, the nearest entry found above head.
-func (p *Pool) ancestorsRangeLocked(head, first, last uint64, skip map[uint64]pebblemeta.Entry) (map[uint64]pebblemeta.Entry, error) {
-	anc := map[uint64]pebblemeta.Entry{}
+func (p *Pool) ancestorsRangeLocked(head, first, last uint64, skip map[uint64]pebblemeta.Entry) (map[uint64]ancestor, error) {
+	anc := map[uint64]ancestor{}
 	for l := p.parentLocked(head); l != 0; l = p.parentLocked(l) {
 		err := p.rangeLocked(l, first, last, func(vb uint64, e pebblemeta.Entry) {
 			if _, ok := skip[vb]; ok {
 				return
 			}
 			if _, ok := anc[vb]; !ok {
-				anc[vb] = e
+				anc[vb] = ancestor{e, l}
 			}
 		})
 		if err != nil {
@@ -383,9 +389,13 @@ func (p *Pool) mergeHeadIntoLocked(L, C uint64) error {
 		}
 		// C's entry is counted already (it was the head's); only the one
 		// it overrides goes, like any entry of the head being replaced.
-		p.dirty[mapKey{L, m.vb}] = e
-		if e.Flags == 0 && old.Flags == 0 {
-			delete(p.dirty, mapKey{L, m.vb})
+		// Nothing need be written when L has no entry there, unless a
+		// pending change is what emptied it (a frozen entry its last
+		// sharer hid): dropping that would bring the committed one back.
+		k := mapKey{L, m.vb}
+		_, pending := p.dirty[k]
+		if e.Flags != 0 || old.Flags != 0 || pending {
+			p.dirty[k] = e
 		}
 		if old.Mapped() {
 			v.rec.Mapped--

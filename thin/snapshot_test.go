@@ -466,6 +466,104 @@ func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
 	checkExactSpace(t, p)
 }
 
+// TestBlockHiddenByEverySharerIsReleased: a frozen block that the last of its sharers discards
+// or provisions over (whole-block: a hole or a reservation hides it) is released at once, as
+// one every sharer copied is; a read-only snapshot still reading it keeps it.
+func TestBlockHiddenByEverySharerIsReleased(t *testing.T) {
+	p, _ := newPool(t, 64, CreateOptions{})
+	v := mustVolume(t, p, "v", 8*4*kib)
+	write(t, v, 0, pattern(4*4*kib, 1))
+	if err := p.CreateSnapshot("v", "c", true); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := p.Volume("c")
+	allocated := func() uint64 {
+		t.Helper()
+		if err := p.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		return checkAccounting(t, p).Pool.AllocatedBytes / (4 * kib)
+	}
+	if got := allocated(); got != 4 {
+		t.Fatalf("allocated %d blocks after the clone, want 4", got)
+	}
+	// Block 0: discarded by both. Block 1: discarded by v, provisioned over by c.
+	if err := v.Discard(0, 2*4*kib); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(); got != 4 {
+		t.Fatalf("allocated %d blocks after v's discard, want 4 (c still reads them)", got)
+	}
+	if err := c.Discard(0, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteZeroes(4*kib, 4*kib, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(); got != 2 {
+		t.Fatalf("allocated %d blocks after every sharer hid blocks 0 and 1, want 2", got)
+	}
+	checkExactSpace(t, p)
+	// With a read-only snapshot of v reading block 2, v's and c's discards keep it.
+	if err := p.CreateSnapshot("v", "s", false); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Discard(2*4*kib, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Discard(2*4*kib, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	if got := allocated(); got != 2 {
+		t.Fatalf("allocated %d blocks, want 2: snapshot s still reads block 2", got)
+	}
+	s, _ := p.Volume("s")
+	if got := read(t, s, 2*4*kib, 4*kib); !bytes.Equal(got, pattern(4*4*kib, 1)[2*4*kib:3*4*kib]) {
+		t.Fatal("snapshot lost block 2")
+	}
+	for _, vol := range []*Volume{v, c} {
+		if got := read(t, vol, 0, 3*4*kib); !bytes.Equal(got, make([]byte, 3*4*kib)) {
+			t.Fatalf("volume %s: discarded or provisioned blocks do not read as zeros", vol.Name())
+		}
+	}
+	checkExactSpace(t, p)
+	if err := p.Check(nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestMergeKeepsPendingFrozenRelease: a frozen entry that its last sharer hid is gone in
+// pending changes only; a delete that then merges the remaining head into that frozen layer
+// (before any commit) must not bring the committed entry back (its block is already free).
+func TestMergeKeepsPendingFrozenRelease(t *testing.T) {
+	p, _ := newPool(t, 64, CreateOptions{})
+	v := mustVolume(t, p, "v", 8*4*kib)
+	write(t, v, 0, pattern(4*4*kib, 1))
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.CreateSnapshot("v", "c", true); err != nil {
+		t.Fatal(err)
+	}
+	c, _ := p.Volume("c")
+	if err := v.Discard(0, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Discard(0, 4*kib); err != nil {
+		t.Fatal(err)
+	}
+	// v's head (one hole) is merged into the frozen layer (four blocks, one just released).
+	if err := p.DeleteVolume("c"); err != nil {
+		t.Fatal(err)
+	}
+	checkExactSpace(t, p)
+	want := pattern(4*4*kib, 1)
+	clear(want[:4*kib])
+	if got := read(t, v, 0, 4*4*kib); !bytes.Equal(got, want) {
+		t.Fatal("v does not read its discarded block as zeros and the rest as written")
+	}
+}
+
 // TestDeleteSnapshotMergesSmallHead: deleting the only snapshot of a big
 // volume merges the volume's small head into the frozen layer (walking
 // only what changed since the snapshot), and everything reads, counts

@@ -739,12 +739,14 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 				released = true
 			}
 		}
-		for vb, e := range anc {
-			if _, _, whole := covered(vb); whole && !e.Hole() {
-				p.setLocked(v.st, vb, pebblemeta.Entry{}, hole, e.Provisioned())
-				if e.Provisioned() {
+		for vb, a := range anc {
+			if _, _, whole := covered(vb); whole && !a.Hole() {
+				p.setLocked(v.st, vb, pebblemeta.Entry{}, hole, a.Provisioned())
+				if a.Provisioned() {
 					released = true // its copy-on-write reservation
 				}
+				// The last sharer to hide a frozen block frees it.
+				p.dropIfUnreadLocked(a.layer, vb, a.Entry)
 			}
 		}
 		if released {
@@ -758,6 +760,10 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 			switch {
 			case !ok || e.Hole():
 				p.setLocked(v.st, vb, e, pebblemeta.Entry{Flags: pebblemeta.FlagProvisioned}, !ok && anc[vb].Provisioned())
+				if a, shared := anc[vb]; !ok && shared && !a.Hole() {
+					// The reservation hides the frozen block as a hole would.
+					p.dropIfUnreadLocked(a.layer, vb, a.Entry)
+				}
 			case e.Mapped():
 				zeroIn(e, vb)
 				if !e.Provisioned() {
