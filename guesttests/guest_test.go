@@ -154,12 +154,12 @@ func (g guest) shutdown(t *testing.T, ctx context.Context) error {
 	return g.Shutdown(ctx, time.Minute)
 }
 
-// Taint bits of the guest kernel that mean it tripped: W (a WARN), D (an oops), L (a soft
-// lockup).
+// Taint bits of the guest kernel that mean it tripped: W (a WARN), D (an oops). Not L (a soft
+// lockup): under TCG on a loaded host a vCPU thread can be off the CPU for longer than the
+// detector's threshold without the guest doing anything wrong.
 const (
-	taintWarn       = 1 << 9
-	taintDie        = 1 << 7
-	taintSoftLockup = 1 << 14
+	taintWarn = 1 << 9
+	taintDie  = 1 << 7
 )
 
 func (g guest) checkKernelClean(t *testing.T) {
@@ -182,7 +182,7 @@ func (g guest) checkKernelClean(t *testing.T) {
 		t.Errorf("guest kernel taint %q: %v", res.Stdout, err)
 		return
 	}
-	if taint&(taintWarn|taintDie|taintSoftLockup) != 0 {
+	if taint&(taintWarn|taintDie) != 0 {
 		t.Errorf("guest kernel tripped (taint %#x):\n%s", taint, g.kernelReport())
 	}
 }
