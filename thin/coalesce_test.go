@@ -138,6 +138,7 @@ func testCoalesceReadBack(t *testing.T) {
 	if err := p.Flush(); err != nil { // freed blocks are reusable after a commit
 		t.Fatal(err)
 	}
+	settle(p) // and its release phase
 	p.mu.Lock()
 	p.cursor = 0 // allocate the freed blocks again, not fresh ones above them
 	p.mu.Unlock()

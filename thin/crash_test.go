@@ -192,6 +192,10 @@ func (p *Pool) abandon() {
 	close(p.closing)
 	<-p.bgDone
 	p.flushMu.Lock()
+	// A crash can cut a release phase anywhere; letting it finish first
+	// loses nothing of that: its punches are unsynced writes the crash
+	// may drop.
+	p.awaitReleaseLocked()
 	p.mu.Lock()
 	p.closed = true
 	close(p.spaceCh)

@@ -256,6 +256,10 @@ type Pool struct {
 
 	// flushMu serialises commits and management operations.
 	flushMu sync.Mutex
+	// releaseDone, under flushMu, is closed when the release phase of the
+	// last commit that freed blocks (punch them, make them reusable) has
+	// finished; nil when none ran since it was last waited for.
+	releaseDone chan struct{}
 	// ioGate is held shared by every data I/O and exclusively while freed
 	// blocks become reusable, so that no read or write still aimed at a
 	// freed block can land after another volume got it.
@@ -465,7 +469,10 @@ func (p *Pool) background() {
 			// write the page cache back every interval for nothing.
 			continue
 		}
-		if err := p.commit(); err != nil && !errors.Is(err, ErrClosed) {
+		p.flushMu.Lock()
+		err := p.commitCutLocked()
+		p.flushMu.Unlock()
+		if err != nil && !errors.Is(err, ErrClosed) {
 			p.log.Error("background metadata commit failed", "pool", p.dir, "err", err)
 		}
 	}
@@ -479,7 +486,8 @@ func (p *Pool) metaPending() bool {
 }
 
 func (p *Pool) metaPendingLocked() bool {
-	return len(p.dirty) > 0 || p.metaDirty || len(p.dirtyVols) > 0 || len(p.dirtyChunks) > 0 || len(p.dirtyLayers) > 0
+	return len(p.dirty) > 0 || p.metaDirty || len(p.dirtyVols) > 0 || len(p.dirtyChunks) > 0 || len(p.dirtyLayers) > 0 ||
+		p.pend.count > 0 // freed blocks a commit has yet to make reusable
 }
 
 func (p *Pool) kickCommit() {
@@ -503,6 +511,7 @@ func (p *Pool) Close() error {
 	<-p.bgDone
 	err := p.commit()
 	p.flushMu.Lock()
+	p.awaitReleaseLocked() // of a FLUSH that raced with Close
 	p.mu.Lock()
 	p.closed = true
 	close(p.spaceCh) // wake queued writers; they see closed
@@ -789,7 +798,9 @@ func (p *Pool) Flush() error {
 	if p.durableSeq >= want && want > 0 {
 		return nil // a commit that started after our writes completed covered them
 	}
-	return p.commitLocked()
+	// Durable is all a FLUSH needs: it does not wait for freed blocks to
+	// be punched and made reusable (a second after a large trim).
+	return p.commitCutLocked()
 }
 
 func (p *Pool) commit() error {
@@ -798,9 +809,41 @@ func (p *Pool) commit() error {
 	return p.commitLocked()
 }
 
-// commitLocked cuts the pending changes, makes the data durable, commits
-// the metadata durably, and only then lets freed blocks be reused.
+// commitLocked commits (commitCutLocked) and waits until the blocks it
+// freed are reusable: for callers that then count or hand out space.
 func (p *Pool) commitLocked() error {
+	if err := p.commitCutLocked(); err != nil {
+		return err
+	}
+	p.awaitReleaseLocked()
+	return nil
+}
+
+// awaitReleaseLocked waits for the last release phase to finish.
+func (p *Pool) awaitReleaseLocked() {
+	if p.releaseDone != nil {
+		<-p.releaseDone
+		p.releaseDone = nil
+	}
+}
+
+// commitCutLocked cuts the pending changes, makes the data durable and
+// commits the metadata durably; then a release phase, on a goroutine of
+// its own, lets the blocks this commit freed be reused (see
+// releaseBlocks).
+func (p *Pool) commitCutLocked() error {
+	// Freed blocks go through pendOld, which the previous release phase
+	// holds until it ends: with more to release, wait for it (two large
+	// releases in a row). Blocks freed after this look wait for the next
+	// commit (see the cut below).
+	if p.releaseDone != nil {
+		p.mu.Lock()
+		more := p.pend.count > 0
+		p.mu.Unlock()
+		if more {
+			p.awaitReleaseLocked()
+		}
+	}
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -842,18 +885,24 @@ func (p *Pool) commitLocked() error {
 		}
 	}
 	// Chunks leave out blocks freed in this cut (their owners' entries are
-	// deleted in this batch) and blocks still being filled (their entries
-	// are not in it).
+	// deleted in this batch), blocks still being filled (their entries
+	// are not in it), and blocks an earlier commit freed that its release
+	// phase has not yet cleared from alloc.
+	exclude := []*bitmap{p.pend, p.inflight}
+	if p.pendOld != nil {
+		exclude = append(exclude, p.pendOld)
+	}
 	var buf []byte
 	for idx := range p.dirtyChunks {
-		buf = p.alloc.appendChunk(buf[:0], idx, p.pend, p.inflight)
+		buf = p.alloc.appendChunk(buf[:0], idx, exclude...)
 		b.SetBitmapChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
 	cutZero := p.rec.ZeroFrom
 	p.committing = p.dirty
 	p.dirty = make(map[mapKey]pebblemeta.Entry, len(p.committing))
-	if p.pend.count > 0 {
+	var released *bitmap
+	if p.pend.count > 0 && p.pendOld == nil {
 		// Swap in the spare (cleared) bitmap rather than allocate: a big
 		// pool's bitmap is megabytes and commits are frequent.
 		p.pendOld, p.pend = p.pend, p.pendSpare
@@ -861,6 +910,7 @@ func (p *Pool) commitLocked() error {
 		if p.pend == nil {
 			p.pend = newBitmap(p.rec.SizeBlocks)
 		}
+		released = p.pendOld // stays visible (as releasing) until released
 	}
 	p.dirtyVols = map[*volState]struct{}{}
 	p.deadLayers, p.deadVols = nil, nil
@@ -888,31 +938,43 @@ func (p *Pool) commitLocked() error {
 		p.cache.update(k, e)
 	}
 	p.committing = nil
-	released := p.pendOld // stays visible (as releasing) until released
 	p.mu.Unlock()
 	if released != nil {
-		// Requests started before the release may still read a freed
-		// block's other bytes (a copy on write dropped it): let them
-		// finish before punching. Later ones cannot reach it.
-		p.ioGate.Lock()
-		p.ioGate.Unlock()
-		punched := p.punchReleased(released)
-		p.ioGate.Lock() // no request still aims at a freed block
-		p.mu.Lock()
-		for _, r := range punched {
-			p.zeroed.setRun(r[0], r[1])
-		}
-		p.alloc.andNot(released)
-		p.pendOld = nil
-		released.reset()
-		released.grow(p.rec.SizeBlocks)
-		p.pendSpare = released
-		p.spaceFreedLocked()
-		p.mu.Unlock()
-		p.ioGate.Unlock()
+		done := make(chan struct{})
+		p.releaseDone = done
+		go func() {
+			defer close(done)
+			p.releaseBlocks(released)
+		}()
 	}
 	p.durableSeq = seq
 	return nil
+}
+
+// releaseBlocks makes the blocks of released (freed, their release
+// durable) reusable: it punches them out of the data file, then clears
+// them from the allocation bitmap. Nothing else holds pendOld meanwhile;
+// the next commit with blocks to release waits for this to end.
+func (p *Pool) releaseBlocks(released *bitmap) {
+	// Requests started before the release may still read a freed block's
+	// other bytes (a copy on write dropped it): let them finish before
+	// punching. Later ones cannot reach it.
+	p.ioGate.Lock()
+	p.ioGate.Unlock()
+	punched := p.punchReleased(released)
+	p.ioGate.Lock() // no request still aims at a freed block
+	p.mu.Lock()
+	for _, r := range punched {
+		p.zeroed.setRun(r[0], r[1])
+	}
+	p.alloc.andNot(released)
+	p.pendOld = nil
+	released.reset()
+	released.grow(p.rec.SizeBlocks)
+	p.pendSpare = released
+	p.spaceFreedLocked()
+	p.mu.Unlock()
+	p.ioGate.Unlock()
 }
 
 // punchReleased punches the blocks of released (freed, their release
@@ -926,11 +988,12 @@ func (p *Pool) commitLocked() error {
 // (one may still read other bytes of a block a copy on write dropped).
 //
 // A punch costs about 0.1 ms here (more for a piece of dense data: its
-// page cache goes too), and the commit holds flushMu, so the punching
-// stops after punchBudget: blocks past it are reused with zero padding
-// and keep their host space until then (a delete of a big fragmented
-// volume would otherwise hold FLUSH up for minutes). With 50 ms a trim of
-// 600 MiB of written data was cut short on a loaded machine.
+// page cache goes too). A FLUSH does not wait for punching, but the next
+// commit that frees blocks does, and so do management operations, so the
+// punching stops after punchBudget: blocks past it are reused with zero
+// padding and keep their host space until then (a delete of a big
+// fragmented volume would otherwise hold them up for minutes). With 50 ms
+// a trim of 600 MiB of written data was cut short on a loaded machine.
 func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 	if p.noPunch.Load() {
 		return nil
@@ -1173,6 +1236,7 @@ func (p *Pool) Grow(size uint64) error {
 func (p *Pool) grow(size uint64) error {
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
+	p.awaitReleaseLocked() // it resizes the bitmaps the release phase works on
 	p.mu.Lock()
 	cur := p.rec.SizeBlocks
 	err := p.usableLocked()

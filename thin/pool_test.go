@@ -44,6 +44,14 @@ func newPool(t testing.TB, blocks uint64, co CreateOptions) (*Pool, string) {
 	return p, dir
 }
 
+// settle waits until the blocks the last commit freed are reusable: a FLUSH does not wait for
+// that (see releaseBlocks).
+func settle(p *Pool) {
+	p.flushMu.Lock()
+	p.awaitReleaseLocked()
+	p.flushMu.Unlock()
+}
+
 func mustVolume(t testing.TB, p *Pool, name string, size uint64) *Volume {
 	t.Helper()
 	if err := p.CreateVolume(name, size); err != nil {

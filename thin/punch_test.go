@@ -3,6 +3,7 @@ package thin
 import (
 	"bytes"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -66,6 +67,7 @@ func TestFreedBlocksArePunched(t *testing.T) {
 	if err := p.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	settle(p)
 	if got := dataBytes(t, dir); got > full/4 {
 		t.Fatalf("data file takes %d bytes after every block was discarded (was %d): not punched", got, full)
 	}
@@ -249,6 +251,7 @@ func TestPunchBudget(t *testing.T) {
 	if err := p.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	settle(p)
 	p.mu.Lock()
 	zeroed := p.zeroed.count
 	p.mu.Unlock()
@@ -265,6 +268,87 @@ func TestPunchBudget(t *testing.T) {
 		if !bytes.Equal(read(t, b, i*64*kib, 64*kib), want) {
 			t.Fatalf("reused unpunched block %d shows more than its one write", i)
 		}
+	}
+	checkAccounting(t, p)
+}
+
+// punchBlocking holds the first punch until released.
+type punchBlocking struct {
+	dataFile
+	once             sync.Once
+	reached, release chan struct{}
+}
+
+func (d *punchBlocking) PunchHole(off, n int64) error {
+	d.once.Do(func() {
+		close(d.reached)
+		<-d.release
+	})
+	return d.dataFile.PunchHole(off, n)
+}
+
+// TestFlushDoesNotWaitForPunching: a FLUSH returns once the release is durable; punching and
+// making the blocks reusable go on behind it (they take up to a second after a large trim).
+// Meanwhile the blocks count as releasing, and a write that needs them waits for them rather
+// than failing.
+func TestFlushDoesNotWaitForPunching(t *testing.T) {
+	const bs = 64 * kib
+	m := newMachine()
+	e := m.env()
+	var pb *punchBlocking
+	openData := e.openData
+	e.openData = func(path string, create bool) (dataFile, error) {
+		d, err := openData(path, create)
+		if err == nil && !create {
+			pb = &punchBlocking{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
+			d = pb
+		}
+		return d, err
+	}
+	if err := create("/pool", CreateOptions{Size: 8 * bs, BlockSize: bs}, e); err != nil {
+		t.Fatal(err)
+	}
+	p, err := open("/pool", quietOpts(), e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	release := sync.OnceFunc(func() { close(pb.release) })
+	defer release() // before Close, which waits for the release phase
+	v := mustVolume(t, p, "v", 16*bs)
+	write(t, v, 0, pattern(8*bs, 1)) // the whole pool
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Discard(0, 4*bs); err != nil {
+		t.Fatal(err)
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- p.Flush() }()
+	<-pb.reached // the release phase is punching
+	select {
+	case err := <-flushed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("FLUSH waited for the punching of the blocks it released")
+	}
+	if got := p.Status().Pool.ReleasingBytes; got != 4*bs {
+		t.Fatalf("%d bytes releasing while their punch is held, want %d", got, 4*bs)
+	}
+	// A write that needs a freed block (the pool is otherwise full) waits for the release.
+	wrote := make(chan error, 1)
+	go func() { wrote <- v.WriteAt([][]byte{pattern(bs, 2)}, 8*bs) }()
+	release()
+	if err := <-wrote; err != nil {
+		t.Fatalf("write needing a block being released: %v", err)
+	}
+	if got := read(t, v, 8*bs, bs); !bytes.Equal(got, pattern(bs, 2)) {
+		t.Fatal("write into a released block reads back different")
+	}
+	if got := read(t, v, 0, 4*bs); !bytes.Equal(got, make([]byte, 4*bs)) {
+		t.Fatal("discarded blocks do not read as zeros")
 	}
 	checkAccounting(t, p)
 }

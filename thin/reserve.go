@@ -137,8 +137,9 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 }
 
 // settleReleasesLocked commits when discarded blocks wait for their
-// release to become durable, so that a reservation that needs them does
-// not fail for space that is only a commit away. The caller holds flushMu.
+// release to become durable, and waits for a release phase still running
+// (a FLUSH's), so that a reservation that needs them does not fail for
+// space that is only a commit away. The caller holds flushMu.
 func (p *Pool) settleReleasesLocked() error {
 	p.mu.Lock()
 	releasing := p.pend.count > 0
@@ -146,5 +147,6 @@ func (p *Pool) settleReleasesLocked() error {
 	if releasing {
 		return p.commitLocked()
 	}
+	p.awaitReleaseLocked()
 	return nil
 }

@@ -141,6 +141,7 @@ func TestSnapshotWithoutSpaceIsRefused(t *testing.T) {
 	if err := p.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	settle(p)
 	before := p.Status()
 	names := p.Volumes()
 	err := p.CreateSnapshot("v", "s", false)
