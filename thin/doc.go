@@ -67,7 +67,11 @@
 //  3. the batch commits with sync;
 //  4. once every request started before has finished, blocks freed in
 //     this cut are punched out of the data file, then become allocatable
-//     (under the I/O gate).
+//     (under the I/O gate). This release phase runs on a goroutine of its
+//     own: a FLUSH returns after step 3. Until it ends the blocks stay
+//     allocated (shown as releasing; a writer that needs them waits), the
+//     next commit with blocks to free waits for it, and bitmap chunks cut
+//     meanwhile leave those blocks out as well.
 //
 // Step 2 before 3 makes a new block's data durable before the mapping that
 // points to it. A block's first write is published into the pending set
