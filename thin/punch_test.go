@@ -158,30 +158,37 @@ func (d *blockingData) ReadAt(p []byte, off int64) (int, error) {
 // TestPunchWaitsForReadsInFlight: a block released while a read of other
 // bytes of it is still in flight (the volume's own copy-on-write dropped
 // it) is not punched under that read, which must return the old bytes.
-func TestPunchWaitsForReadsInFlight(t *testing.T) {
-	const bs = 64 * kib
-	m := newMachine()
-	e := m.env()
-	var bd *blockingData
+// openWrapped creates and opens a pool of 8 blocks of bs on a crashable machine, its data file
+// wrapped by wrap once the pool opens it.
+func openWrapped(t *testing.T, bs int64, wrap func(dataFile) dataFile) *Pool {
+	t.Helper()
+	e := newMachine().env()
 	openData := e.openData
 	e.openData = func(path string, create bool) (dataFile, error) {
 		d, err := openData(path, create)
 		if err == nil && !create {
-			bd = &blockingData{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
-			bd.off.Store(-1)
-			d = bd
+			d = wrap(d)
 		}
 		return d, err
 	}
-	if err := create("/pool", CreateOptions{Size: 8 * bs, BlockSize: bs}, e); err != nil {
+	if err := create("/pool", CreateOptions{Size: uint64(8 * bs), BlockSize: uint32(bs)}, e); err != nil {
 		t.Fatal(err)
 	}
-	o := quietOpts()
-	o.FlushInterval = -1
-	p, err := open("/pool", o, e)
+	p, err := open("/pool", quietOpts(), e)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return p
+}
+
+func TestPunchWaitsForReadsInFlight(t *testing.T) {
+	const bs = 64 * kib
+	var bd *blockingData
+	p := openWrapped(t, bs, func(d dataFile) dataFile {
+		bd = &blockingData{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
+		bd.off.Store(-1)
+		return bd
+	})
 	defer p.Close()
 	v := mustVolume(t, p, "v", 4*bs)
 	old := pattern(bs, 5)
@@ -293,25 +300,11 @@ func (d *punchBlocking) PunchHole(off, n int64) error {
 // than failing.
 func TestFlushDoesNotWaitForPunching(t *testing.T) {
 	const bs = 64 * kib
-	m := newMachine()
-	e := m.env()
 	var pb *punchBlocking
-	openData := e.openData
-	e.openData = func(path string, create bool) (dataFile, error) {
-		d, err := openData(path, create)
-		if err == nil && !create {
-			pb = &punchBlocking{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
-			d = pb
-		}
-		return d, err
-	}
-	if err := create("/pool", CreateOptions{Size: 8 * bs, BlockSize: bs}, e); err != nil {
-		t.Fatal(err)
-	}
-	p, err := open("/pool", quietOpts(), e)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := openWrapped(t, bs, func(d dataFile) dataFile {
+		pb = &punchBlocking{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
+		return pb
+	})
 	defer p.Close()
 	release := sync.OnceFunc(func() { close(pb.release) })
 	defer release() // before Close, which waits for the release phase
