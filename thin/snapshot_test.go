@@ -425,17 +425,28 @@ func TestSnapshotsDuringWrites(t *testing.T) {
 	checkExactSpace(t, p)
 }
 
-// TestBlockCopiedByEverySharerIsReleased: once the volume and its clone
-// have both overwritten a shared block, no one reads the frozen copy, and
-// its space comes back without waiting for a delete.
-func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
+// volumeAndClone returns a pool of 64 blocks with volume v (8 blocks, the first 4 written with
+// pattern 1) and its writable clone c.
+func volumeAndClone(t *testing.T) (*Pool, *Volume, *Volume) {
+	t.Helper()
 	p, _ := newPool(t, 64, CreateOptions{})
 	v := mustVolume(t, p, "v", 8*4*kib)
 	write(t, v, 0, pattern(4*4*kib, 1))
 	if err := p.CreateSnapshot("v", "c", true); err != nil {
 		t.Fatal(err)
 	}
-	c, _ := p.Volume("c")
+	c, err := p.Volume("c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, v, c
+}
+
+// TestBlockCopiedByEverySharerIsReleased: once the volume and its clone
+// have both overwritten a shared block, no one reads the frozen copy, and
+// its space comes back without waiting for a delete.
+func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
+	p, v, c := volumeAndClone(t)
 	write(t, v, 0, pattern(4*kib, 2))
 	write(t, c, 512, pattern(1024, 3)) // a partial copy
 	write(t, c, 4*kib, pattern(4*kib, 4))
@@ -470,13 +481,7 @@ func TestBlockCopiedByEverySharerIsReleased(t *testing.T) {
 // or provisions over (whole-block: a hole or a reservation hides it) is released at once, as
 // one every sharer copied is; a read-only snapshot still reading it keeps it.
 func TestBlockHiddenByEverySharerIsReleased(t *testing.T) {
-	p, _ := newPool(t, 64, CreateOptions{})
-	v := mustVolume(t, p, "v", 8*4*kib)
-	write(t, v, 0, pattern(4*4*kib, 1))
-	if err := p.CreateSnapshot("v", "c", true); err != nil {
-		t.Fatal(err)
-	}
-	c, _ := p.Volume("c")
+	p, v, c := volumeAndClone(t)
 	allocated := func() uint64 {
 		t.Helper()
 		if err := p.Flush(); err != nil {
