@@ -541,16 +541,7 @@ func TestBlockHiddenByEverySharerIsReleased(t *testing.T) {
 // pending changes only; a delete that then merges the remaining head into that frozen layer
 // (before any commit) must not bring the committed entry back (its block is already free).
 func TestMergeKeepsPendingFrozenRelease(t *testing.T) {
-	p, _ := newPool(t, 64, CreateOptions{})
-	v := mustVolume(t, p, "v", 8*4*kib)
-	write(t, v, 0, pattern(4*4*kib, 1))
-	if err := p.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.CreateSnapshot("v", "c", true); err != nil {
-		t.Fatal(err)
-	}
-	c, _ := p.Volume("c")
+	p, v, c := volumeAndClone(t) // the snapshot commits: the frozen entries are on disk
 	if err := v.Discard(0, 4*kib); err != nil {
 		t.Fatal(err)
 	}
