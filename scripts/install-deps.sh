@@ -19,6 +19,8 @@ declare -A need=(
 	[fstrim]=util-linux
 	[sfdisk]=fdisk
 	[qemu-ga]=qemu-guest-agent # the guest agent for vm-snapshot --freeze tests (copied into the initramfs)
+	[libvirtd]=libvirt-daemon-system # TestGuestLibvirt runs a private libvirtd (about 17 s to install)
+	[virsh]=libvirt-clients
 )
 missing=()
 for cmd in "${!need[@]}"; do
