@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/thinblk/thinblk/internal/sdnotify"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -34,6 +35,10 @@ type serveFlags struct {
 	queueSize  int
 	serial     string
 	logLevel   string
+	// ready and stopping tell a service manager (sd_notify) that every socket listens, and
+	// that shutdown began; no-ops unless $NOTIFY_SOCKET is set.
+	ready    func(status string)
+	stopping func()
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
@@ -81,6 +86,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	f.ready, f.stopping = serviceNotifier(logger)
 	serve := serveRaw
 	if f.pool != "" {
 		serve = servePool
@@ -180,11 +186,13 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	if uringErr != nil && !f.noUring {
 		logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
 	}
+	f.ready("serving " + f.raw + " on " + f.socket)
 	logger.Info("serving", "image", f.raw, "io_uring", uring, "socket", f.socket, "bytes", disk.Size(),
 		"read_only", f.readOnly, "queues", f.queues)
 	serveErr := srv.Serve(ctx)
 	// Serve returns when ctx is cancelled (signal) or on a fatal error.
 	// Either way: stop the rings (in-flight requests finish), flush.
+	f.stopping()
 	closeErr := srv.Close()
 	drainErr := dev.Close() // waits for in-flight requests, then flushes
 	logger.Info("stopped", "socket", f.socket)
@@ -192,6 +200,23 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 		return serveErr
 	}
 	return errors.Join(closeErr, drainErr)
+}
+
+// serviceNotifier returns serve's readiness and shutdown notices to a service manager
+// ($NOTIFY_SOCKET, systemd's Type=notify). A notice that cannot be sent is logged, not fatal:
+// the exports work either way, and the manager's start timeout reports it.
+func serviceNotifier(logger *slog.Logger) (ready func(status string), stopping func()) {
+	n, err := sdnotify.FromEnv()
+	if err != nil {
+		logger.Warn("no readiness notification", "err", err)
+	}
+	send := func(lines ...string) {
+		if err := n.Notify(lines...); err != nil {
+			logger.Warn("service manager notification failed", "err", err)
+		}
+	}
+	return func(status string) { send(sdnotify.Ready, sdnotify.Status(status)) },
+		func() { send(sdnotify.Stopping) }
 }
 
 // baseSerial derives a serial number from the image's file name.

@@ -46,8 +46,11 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 		pool.Close()
 		return err
 	}
+	// Every volume's socket and the control socket listen now.
+	f.ready(fmt.Sprintf("serving %d volumes of %s", len(pool.Volumes()), f.pool))
 	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "qmp", qmpPath, "volumes", len(pool.Volumes()))
 	<-ctx.Done()
+	f.stopping()
 	logger.Info("shutting down")
 	stopControl()
 	exErr := ex.close()
