@@ -14,7 +14,13 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 
 export THINBLK_BUILD := $(BUILD)
 
-.PHONY: all build deps modules images test lint bench demo xfstests clean
+# make install [PREFIX=/usr/local] [DESTDIR=]: the binaries and the systemd unit.
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+BINDIR    ?= $(PREFIX)/bin
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
+
+.PHONY: all build deps modules images test lint bench demo xfstests install clean
 
 all: build
 
@@ -60,6 +66,13 @@ xfstests: deps build
 	$(BIN)/thinblk-xfstests --install-packages --xfstests $(XFSTESTS_DIR) --fstyp $(FSTYP) \
 		$(if $(TESTS),--tests "$(TESTS)") $(if $(GROUP),--group $(GROUP)) \
 		--backend $(BACKEND) --thinblk $(BIN)/thinblk $(XFSTESTS_ARGS)
+
+# thinblk-agent runs inside test guests and thinblk-xfstests needs this checkout: not installed.
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR)
+	install -m 0755 $(BIN)/thinblk $(BIN)/thinblk-bench $(DESTDIR)$(BINDIR)/
+	sed 's|@BINDIR@|$(BINDIR)|g' systemd/thinblk-serve@.service.in > $(DESTDIR)$(UNITDIR)/thinblk-serve@.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/thinblk-serve@.service
 
 clean:
 	rm -rf $(BUILD)

@@ -21,6 +21,7 @@ declare -A need=(
 	[qemu-ga]=qemu-guest-agent # the guest agent for vm-snapshot --freeze tests (copied into the initramfs)
 	[libvirtd]=libvirt-daemon-system # TestGuestLibvirt runs a private libvirtd (about 17 s to install)
 	[virsh]=libvirt-clients
+	[systemd-analyze]=systemd # the service unit's check (systemd-analyze verify, security)
 )
 missing=()
 for cmd in "${!need[@]}"; do
