@@ -22,6 +22,7 @@ declare -A need=(
 	[libvirtd]=libvirt-daemon-system # TestGuestLibvirt runs a private libvirtd (about 17 s to install)
 	[virsh]=libvirt-clients
 	[systemd-analyze]=systemd # the service unit's check (systemd-analyze verify, security)
+	[systemd-nspawn]=systemd-container # boots systemd as a container's PID 1 to run the unit
 )
 missing=()
 for cmd in "${!need[@]}"; do
