@@ -5,7 +5,9 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -24,10 +26,16 @@ Type=oneshot
 ExecStart=/bin/sh -c 'systemctl show -p ActiveState -p SubState -p StatusText -p Result thinblk-serve@srv-pool.service > /share/state.tmp; ls /run/thinblk/srv-pool >> /share/state.tmp; mv /share/state.tmp /share/state'
 `
 
-// serve's log goes to a file the test reads (the container's journal is out of reach).
-const logDropIn = `[Service]
+// serve's log goes to a file the test reads (the container's journal is out of reach); the
+// group is the README's recipe for QEMU run by libvirt as libvirt-qemu:kvm, with the flags in
+// the instance's environment file.
+const (
+	logDropIn = `[Service]
 StandardError=append:/share/serve.log
+Group=kvm
 `
+	instanceEnv = "THINBLK_SERVE_ARGS=--socket-mode 0660 --queues 2\n"
+)
 
 // extraDropIn lets a run add to the unit (to see the test fail when the sandbox takes io_uring
 // away: THINBLK_UNIT_EXTRA='SystemCallFilter=~@aio').
@@ -61,7 +69,8 @@ func TestUnitRunsUnderSystemd(t *testing.T) {
 	pool := filepath.Join(share, "pool")
 	units := filepath.Join(root, "units")
 	runDir := filepath.Join(root, "run-thinblk")
-	for _, d := range []string{share, filepath.Join(units, "basic.target.wants"), filepath.Join(units, "thinblk-serve@.service.d"), runDir} {
+	etcThinblk := filepath.Join(root, "etc-thinblk")
+	for _, d := range []string{share, filepath.Join(units, "basic.target.wants"), filepath.Join(units, "thinblk-serve@.service.d"), runDir, etcThinblk} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -89,6 +98,9 @@ func TestUnitRunsUnderSystemd(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if err := os.WriteFile(filepath.Join(etcThinblk, "serve-srv-pool.env"), []byte(instanceEnv), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Symlink("../thinblk-probe.service", filepath.Join(units, "basic.target.wants/thinblk-probe.service")); err != nil {
 		t.Fatal(err)
 	}
@@ -111,6 +123,9 @@ func TestUnitRunsUnderSystemd(t *testing.T) {
 		"--bind="+pool+":/srv/pool",
 		"--bind-ro="+filepath.Join(dest, "opt/thinblk")+":/opt/thinblk",
 		"--bind="+runDir+":/run/thinblk",
+		"--bind-ro="+etcThinblk+":/etc/thinblk",
+		// The host's users and groups, for Group=kvm.
+		"--bind-ro=/etc/passwd:/etc/passwd", "--bind-ro=/etc/group:/etc/group",
 		"--boot", "--", "systemd.unit=basic.target", "systemd.firstboot=off")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Stdin = nil
@@ -166,10 +181,27 @@ func TestUnitRunsUnderSystemd(t *testing.T) {
 		}
 	}
 
-	// Through the sandbox: a front-end on the host writes and reads a volume.
+	// The environment file's flags and Group=kvm: sockets rw for group kvm.
+	kvm, err := user.LookupGroup("kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, mode := range map[string]os.FileMode{"": 0o755, "vm1.sock": 0o660, "vm2.sock": 0o660} {
+		fi, err := os.Stat(filepath.Join(runDir, "srv-pool", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		gid := strconv.Itoa(int(fi.Sys().(*syscall.Stat_t).Gid))
+		if fi.Mode().Perm() != mode || gid != kvm.Gid {
+			t.Errorf("/run/thinblk/srv-pool/%s: mode %v gid %s, want %v and group kvm (%s)", name, fi.Mode().Perm(), gid, mode, kvm.Gid)
+		}
+	}
+
+	// Through the sandbox: a front-end on the host writes and reads a volume on both the
+	// queues --queues 2 offers.
 	dctx, dcancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer dcancel()
-	disk, err := frontend.Dial(dctx, filepath.Join(runDir, "srv-pool", "vm1.sock"), frontend.Options{NumQueues: 1})
+	disk, err := frontend.Dial(dctx, filepath.Join(runDir, "srv-pool", "vm1.sock"), frontend.Options{NumQueues: 2})
 	if err != nil {
 		t.Fatalf("dial vm1 served by the unit: %v\n%s", err, diag())
 	}
