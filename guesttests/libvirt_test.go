@@ -157,13 +157,21 @@ func (d *libvirtd) stop() {
 			d.virsh("destroy", name)
 		}
 	}
-	// Domains started by an earlier daemon run of this directory would still have pid files.
+	// A QEMU left by a destroy that failed still has its pid file; it is killed only if that
+	// process really is one of this daemon's: it lives in the daemon's mount namespace.
+	ownNS, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", d.cmd.Process.Pid))
 	pids, _ := filepath.Glob(filepath.Join(d.dir, "run", "qemu", "*.pid"))
 	for _, p := range pids {
-		if b, err := os.ReadFile(p); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 1 {
+			continue
+		}
+		if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid)); err == nil && ownNS != "" && ns == ownNS {
+			syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
