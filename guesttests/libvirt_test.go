@@ -3,6 +3,7 @@ package guesttests
 import (
 	"bytes"
 	"context"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"os"
@@ -494,4 +495,58 @@ func TestGuestLibvirt(t *testing.T) {
 	lv.mustVirsh(t, "destroy", name)
 	close(vm.exited)
 	vm.Agent.Close()
+}
+
+// TestReadmeLibvirtXML needs no VM: the README's block, put in the test's domain, is
+// well-formed XML with a vhost-user disk on the test's socket, reconnecting, and shared memfd
+// memory (what the guest test relies on; a broken README fails here even with
+// THINBLK_SKIP_VM=1).
+func TestReadmeLibvirtXML(t *testing.T) {
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	domainPart, devicePart, err := readmeLibvirtXML(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const sock = "/tmp/x/vm1.sock"
+	doc := fmt.Sprintf(libvirtDomainXML, "n", "/k", "/i", domainPart,
+		strings.ReplaceAll(devicePart, readmeSocket, sock), "/a.sock", agentproto.SerialPortName, "/c.log")
+	var dom struct {
+		Memory struct {
+			Source struct {
+				Type string `xml:"type,attr"`
+			} `xml:"source"`
+			Access struct {
+				Mode string `xml:"mode,attr"`
+			} `xml:"access"`
+		} `xml:"memoryBacking"`
+		Disks []struct {
+			Type   string `xml:"type,attr"`
+			Source struct {
+				Type      string `xml:"type,attr"`
+				Path      string `xml:"path,attr"`
+				Reconnect struct {
+					Enabled string `xml:"enabled,attr"`
+				} `xml:"reconnect"`
+			} `xml:"source"`
+			Target struct {
+				Bus string `xml:"bus,attr"`
+			} `xml:"target"`
+		} `xml:"devices>disk"`
+	}
+	if err := xml.Unmarshal([]byte(doc), &dom); err != nil {
+		t.Fatalf("the domain with the README's block is not XML: %v\n%s", err, doc)
+	}
+	if dom.Memory.Source.Type != "memfd" || dom.Memory.Access.Mode != "shared" {
+		t.Errorf("memory backing %+v: want shared memfd", dom.Memory)
+	}
+	if len(dom.Disks) != 1 {
+		t.Fatalf("%d disks, want the README's one", len(dom.Disks))
+	}
+	d := dom.Disks[0]
+	if d.Type != "vhostuser" || d.Source.Type != "unix" || d.Source.Path != sock || d.Source.Reconnect.Enabled != "yes" || d.Target.Bus != "virtio" {
+		t.Errorf("disk %+v: want a reconnecting vhostuser virtio disk on %s", d, sock)
+	}
 }
