@@ -232,6 +232,7 @@ const libvirtDomainXML = `<domain type='qemu'>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
 %[5]s
+    <controller type='usb' model='none'/>
     <controller type='virtio-serial' index='0'/>
     <channel type='unix'>
       <source mode='bind' path='%[6]s'/>
