@@ -43,6 +43,7 @@ type serveFlags struct {
 	queueSize  int
 	serial     string
 	logLevel   string
+	metrics    string // --metrics: Prometheus exporter address (metrics.go)
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
@@ -67,6 +68,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return exitFor(err)
@@ -131,6 +133,11 @@ func (f *serveFlags) validate() error {
 			return err
 		}
 	}
+	if f.metrics != "" {
+		if _, _, err := parseMetricsAddr(f.metrics); err != nil {
+			return err
+		}
+	}
 	if _, err := parseMode(f.socketMode); err != nil {
 		return err
 	}
@@ -184,6 +191,17 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	}, dev)
 	if err != nil {
 		return err
+	}
+	if f.metrics != "" {
+		stopMetrics, err := startMetrics(f.metrics, mode, func() serveStats {
+			return serveStats{Volumes: []volumeStats{{Name: serial, IO: dev.Stats(),
+				Connected: srv.Connected(), Connections: srv.Connections()}}}
+		}, logger)
+		if err != nil {
+			srv.Close()
+			return err
+		}
+		defer stopMetrics()
 	}
 	uring, uringErr := disk.Uring()
 	if uringErr != nil && !f.noUring {

@@ -46,6 +46,16 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 		pool.Close()
 		return err
 	}
+	if f.metrics != "" {
+		stopMetrics, err := startMetrics(f.metrics, mode, ex.stats, logger)
+		if err != nil {
+			stopControl()
+			ex.close()
+			pool.Close()
+			return err
+		}
+		defer stopMetrics()
+	}
 	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "qmp", qmpPath, "volumes", len(pool.Volumes()))
 	<-ctx.Done()
 	logger.Info("shutting down")

@@ -5,6 +5,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/thinblk/thinblk/virtio"
 )
@@ -29,6 +30,10 @@ type queue struct {
 	// taken yet (each taker checks notifyPending first).
 	waiting atomic.Int32
 
+	// stats are this queue index's counters; they outlive the queue (a
+	// restarted ring counts on).
+	stats *queueStats
+
 	// Guarded by Device.mu.
 	stopped   bool
 	lastAvail uint16
@@ -43,12 +48,18 @@ type request struct {
 	typ     uint32
 	status  *byte
 	written uint32
+	// For the statistics: when the runner took the request, its type,
+	// and its data bytes.
+	start time.Duration
+	op    Op
+	n     uint64
 }
 
 func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	q := &queue{
 		dev:   d,
 		index: s.Index,
+		stats: d.stats[s.Index],
 		work:  make(chan *virtio.Chain, s.Size),
 		reqs:  make([]request, s.Size),
 	}
@@ -94,6 +105,7 @@ func (q *queue) start() {
 
 func (q *queue) dispatch(c *virtio.Chain) {
 	q.dev.inflight.Add(1)
+	q.reqs[c.Head].start = now()
 	if q.async != nil && q.startAsync(c) {
 		return
 	}
@@ -125,7 +137,11 @@ func (q *queue) handle(c *virtio.Chain) {
 	if q.notifyPending.Load() && q.notifyPending.Swap(false) {
 		q.runner.Notify()
 	}
-	written := q.dev.serve(c, &q.reqs[c.Head])
+	r := &q.reqs[c.Head]
+	written, st := q.dev.serve(c, r)
+	// Counted before the driver can see the completion, so that what it
+	// saw complete is always in the counts.
+	q.stats.record(r.op, st, r.n, now()-r.start)
 	q.complete(c.Head, written)
 }
 
@@ -224,6 +240,7 @@ func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
 	status := r.status
 	r.status = nil
 	*status = st
+	q.stats.record(r.op, st, r.n, now()-r.start)
 	if notify {
 		q.runner.Complete(tag, written)
 	} else {
