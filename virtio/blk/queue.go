@@ -33,6 +33,11 @@ type queue struct {
 	// stats are this queue index's counters; they outlive the queue (a
 	// restarted ring counts on).
 	stats *queueStats
+	// passStart is when the runner's current pass over the ring began
+	// (0 between passes), the start of every request that pass takes:
+	// a clock read costs 0.1-0.2 us here, once per pass instead of per
+	// request. Runner goroutine only.
+	passStart time.Duration
 
 	// Guarded by Device.mu.
 	stopped   bool
@@ -59,7 +64,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	q := &queue{
 		dev:   d,
 		index: s.Index,
-		stats: d.stats[s.Index],
+		stats: d.stats[s.Index].Load(),
 		work:  make(chan *virtio.Chain, s.Size),
 		reqs:  make([]request, s.Size),
 	}
@@ -68,14 +73,17 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	for i := range q.reqs {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
 	}
-	var afterDrain func()
+	afterDrain := func() { q.passStart = 0 }
 	if as, ok := d.storage.(AsyncStorage); ok && !d.opts.SyncOnly {
 		aq, err := as.OpenQueue(int(s.Size), q.asyncDone)
 		if err != nil {
 			d.log.Info("storage serves this queue synchronously", "queue", s.Index, "reason", err)
 		} else {
 			q.async = aq
-			afterDrain = aq.Submit
+			afterDrain = func() {
+				q.passStart = 0
+				aq.Submit()
+			}
 		}
 	}
 	r, err := virtio.NewRunner(virtio.RunnerConfig{
@@ -105,7 +113,10 @@ func (q *queue) start() {
 
 func (q *queue) dispatch(c *virtio.Chain) {
 	q.dev.inflight.Add(1)
-	q.reqs[c.Head].start = now()
+	if q.passStart == 0 {
+		q.passStart = now()
+	}
+	q.reqs[c.Head].start = q.passStart
 	if q.async != nil && q.startAsync(c) {
 		return
 	}
@@ -191,8 +202,9 @@ func (q *queue) startAsync(c *virtio.Chain) (started bool) {
 // driver once for all of them. It runs on the storage's goroutine.
 func (q *queue) asyncDone(batch []Completion) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	done := now() // one clock read for the batch
 	for _, cpl := range batch {
-		q.finishAsync(cpl)
+		q.finishAsync(cpl, done)
 	}
 	defer func() {
 		if err := virtio.RecoverFault(recover()); err != nil {
@@ -202,7 +214,7 @@ func (q *queue) asyncDone(batch []Completion) {
 	q.runner.Notify()
 }
 
-func (q *queue) finishAsync(cpl Completion) {
+func (q *queue) finishAsync(cpl Completion, done time.Duration) {
 	defer q.dev.inflight.Add(-1)
 	defer func() {
 		if err := virtio.RecoverFault(recover()); err != nil {
@@ -225,12 +237,13 @@ func (q *queue) finishAsync(cpl Completion) {
 		go q.writeThroughLater(cpl.Tag)
 		return
 	}
-	q.finishReq(cpl.Tag, st, written, false)
+	q.finishReq(cpl.Tag, st, written, false, done)
 }
 
 // finishReq writes an asynchronous request's status and puts it on the
-// used ring (with an interrupt check if notify).
-func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
+// used ring (with an interrupt check if notify); done is the time it
+// completed.
+func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool, done time.Duration) {
 	r := &q.reqs[tag]
 	if st != StatusOK {
 		written = 1
@@ -240,7 +253,7 @@ func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
 	status := r.status
 	r.status = nil
 	*status = st
-	q.stats.record(r.op, st, r.n, now()-r.start)
+	q.stats.record(r.op, st, r.n, done-r.start)
 	if notify {
 		q.runner.Complete(tag, written)
 	} else {
@@ -257,7 +270,7 @@ func (q *queue) writeThroughLater(tag uint16) {
 			q.runner.Abandon(tag, err)
 		}
 	}()
-	q.finishReq(tag, q.dev.writeThrough(), q.reqs[tag].written, true)
+	q.finishReq(tag, q.dev.writeThrough(), q.reqs[tag].written, true, now())
 }
 
 // stop stops the runner, waits for requests in flight and the workers.

@@ -1,9 +1,8 @@
 package blk
 
 import (
-	"time"
-
 	"sync/atomic"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/latency"
 )
@@ -130,13 +129,11 @@ func now() time.Duration { return time.Since(epoch) }
 // that ever ran: a ring the front-end never started has none).
 func (d *Device) Stats() Stats {
 	var st Stats
-	d.mu.Lock()
-	for _, s := range d.stats {
-		if s != nil {
+	for i := range d.stats {
+		if s := d.stats[i].Load(); s != nil {
 			s.addTo(&st)
 		}
 	}
-	d.mu.Unlock()
 	st.InFlight = d.InFlight()
 	return st
 }
