@@ -8,12 +8,15 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/qmp"
 )
 
 // TestGuestQEMUDefaultQueues: QEMU's vhost-user-blk-pci without num-queues asks for one queue
 // per vCPU and refuses to start when the back-end offers fewer. A 4-vCPU guest with no
 // num-queues boots on `thinblk serve POOL` and `thinblk serve --raw FILE --socket S`, both
-// with no other flag, sees 4 queues on each disk and reads back what it wrote through them.
+// with no other flag, sees 4 queues on each disk and reads back what it wrote through them; the
+// pool serve's statistics count exactly the bytes the guest wrote.
 func TestGuestQEMUDefaultQueues(t *testing.T) {
 	e := setup(t)
 	if e.thinblk == "" {
@@ -82,6 +85,37 @@ sha256sum /tmp/data /tmp/back | cut -d' ' -f1`, dev))
 		if len(sums) != 2 || sums[0] != sums[1] {
 			t.Errorf("%s: data read back differs from what was written: %q", name, out)
 		}
+	}
+	// The pool serve's counters (QMP query-volume-stats, the numbers --metrics exports) agree
+	// with what the guest wrote: its only writes were those 4 MiB, with O_DIRECT.
+	c, err := qmp.Dial(ctx, filepath.Join(pool, "qmp.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var stats struct {
+		Volumes []struct {
+			Name string `json:"name"`
+			Ops  map[string]struct {
+				Completed uint64 `json:"completed"`
+				Bytes     uint64 `json:"bytes"`
+				IOErrors  uint64 `json:"io_errors"`
+			} `json:"ops"`
+			Connected bool `json:"connected"`
+		}
+	}
+	if err := c.Execute(ctx, "query-volume-stats", map[string]any{"names": []string{"vol"}}, &stats); err != nil {
+		t.Fatal(err)
+	}
+	if len(stats.Volumes) != 1 {
+		t.Fatalf("query-volume-stats: %+v", stats)
+	}
+	v := stats.Volumes[0]
+	w, r := v.Ops["write"], v.Ops["read"]
+	t.Logf("pool volume as the guest used it: %+v", v)
+	if w.Bytes != 4<<20 || w.IOErrors != 0 || r.Bytes < 4<<20 || !v.Connected {
+		t.Errorf("query-volume-stats: %d bytes written (want %d), %d write errors, %d bytes read (want at least %d), connected %v",
+			w.Bytes, 4<<20, w.IOErrors, r.Bytes, 4<<20, v.Connected)
 	}
 	if err := g.shutdown(t, ctx); err != nil {
 		t.Logf("shutdown: %v", err)
