@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"math"
 	"net"
@@ -16,10 +17,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
+	"github.com/thinblk/thinblk/internal/latency"
 	"github.com/thinblk/thinblk/qmp"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -577,5 +580,77 @@ func TestServeMetricsFlagErrors(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "s.sock")); err == nil {
 		t.Error("the disk socket is left behind after the metrics listener failed")
+	}
+}
+
+// decodeNative expands native histogram spans and deltas into counts by
+// bucket key.
+func decodeNative(spans []*dto.BucketSpan, deltas []int64) map[int]uint64 {
+	m := map[int]uint64{}
+	key, i := 0, 0
+	var count int64
+	for n, s := range spans {
+		if n == 0 {
+			key = int(s.GetOffset())
+		} else {
+			key += int(s.GetOffset())
+		}
+		for range s.GetLength() {
+			count += deltas[i]
+			if count != 0 {
+				m[key] = uint64(count)
+			}
+			i++
+			key++
+		}
+	}
+	return m
+}
+
+// TestNativeHistogramEncoding: the exporter's spans and deltas say what
+// the latency snapshot holds, as client_golang's own constant native
+// histogram encodes the same buckets.
+func TestNativeHistogramEncoding(t *testing.T) {
+	var h latency.Histogram
+	for _, d := range []time.Duration{500, 10 * time.Microsecond, 11 * time.Microsecond, 40 * time.Microsecond,
+		time.Millisecond, time.Millisecond, 2 * time.Millisecond, 3 * time.Second} {
+		h.Observe(d)
+	}
+	s := h.Snapshot()
+	want := s.Buckets()
+	m := newHistogram(descLatency, &s, "v", "read")
+	var pb dto.Metric
+	if err := m.Write(&pb); err != nil {
+		t.Fatal(err)
+	}
+	got := decodeNative(pb.Histogram.PositiveSpan, pb.Histogram.PositiveDelta)
+	if fmt.Sprint(got) != fmt.Sprint(want) || pb.Histogram.GetZeroCount() != 1 || pb.Histogram.GetSampleCount() != 8 {
+		t.Fatalf("encoded buckets %v (zero %d, count %d), snapshot holds %v (zero 1, count 8)", got, pb.Histogram.GetZeroCount(), pb.Histogram.GetSampleCount(), want)
+	}
+	pos := map[int]int64{}
+	for k, c := range want {
+		pos[k] = int64(c)
+	}
+	ref, err := prometheus.NewConstNativeHistogram(descLatency, s.Count(), s.SumSeconds, pos, nil, s.Zero, latency.Schema, latency.ZeroThreshold, time.Time{}, "v", "read")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rpb dto.Metric
+	if err := ref.Write(&rpb); err != nil {
+		t.Fatal(err)
+	}
+	if r := decodeNative(rpb.Histogram.PositiveSpan, rpb.Histogram.PositiveDelta); fmt.Sprint(r) != fmt.Sprint(got) {
+		t.Fatalf("client_golang encodes %v, the exporter %v", r, got)
+	}
+	// Classic buckets: cumulative and exact.
+	var prev uint64
+	for _, b := range pb.Histogram.Bucket {
+		if b.GetCumulativeCount() < prev {
+			t.Fatalf("classic buckets not cumulative: %v", pb.Histogram.Bucket)
+		}
+		prev = b.GetCumulativeCount()
+		if b.GetUpperBound() == math.Ldexp(1, -16) && prev != 3 {
+			t.Errorf("le=2^-16 s (15.3 us): %d, want 3", prev)
+		}
 	}
 }
