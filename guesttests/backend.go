@@ -42,6 +42,10 @@ type BackendOptions struct {
 	// ExtraArgs are appended to the back-end's command line (flags with no field here,
 	// such as serve's --qemu-qmp).
 	ExtraArgs []string
+	// Bare starts thinblk with only the arguments it cannot do without, its defaults for the
+	// rest: `serve --raw IMAGE --socket SOCKET`, or `serve POOL` (Socket must then be in the
+	// pool directory). Queues, ReadOnly and Serial are ignored.
+	Bare bool
 }
 
 // Backend is a running back-end process.
@@ -65,6 +69,10 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 			return nil, errors.New("start thinblk back-end: no binary given")
 		}
 		argv = []string{o.ThinblkBin, "serve", "--raw", o.Image, "--socket", o.Socket, "--queues", strconv.Itoa(o.Queues)}
+		if o.Bare {
+			argv = argv[:6]
+			break
+		}
 		if o.ReadOnly {
 			argv = append(argv, "--read-only")
 		}
@@ -79,6 +87,9 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 			return nil, fmt.Errorf("start thinblk pool back-end: %w", err)
 		}
 		argv = []string{o.ThinblkBin, "serve", o.Image, "--socket-dir", filepath.Dir(o.Socket), "--queues", strconv.Itoa(o.Queues)}
+		if o.Bare {
+			argv = argv[:3]
+		}
 	case QSD:
 		writable := "on"
 		if o.ReadOnly {

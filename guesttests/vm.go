@@ -51,6 +51,8 @@ type VMOptions struct {
 type DiskSpec struct {
 	Socket string
 	Queues int // 0: 1
+	// QEMUQueues leaves num-queues out: QEMU picks (one per vCPU), Queues is ignored.
+	QEMUQueues bool
 	// Reconnect makes QEMU reconnect to the back-end (once a second) after it goes away.
 	Reconnect bool
 }
@@ -180,9 +182,13 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 		if d.Reconnect {
 			reconnect = ",reconnect=1"
 		}
+		numQueues := fmt.Sprintf(",num-queues=%d", q)
+		if d.QEMUQueues {
+			numQueues = ""
+		}
 		argv = append(argv,
 			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s%s", i, d.Socket, reconnect),
-			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))
+			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d%s,addr=0x%x", i, numQueues, FirstDiskSlot+i))
 	}
 	argv = append(argv, o.ExtraArgs...)
 	logf, err := os.Create(vm.QEMULogPath)

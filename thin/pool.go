@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/thinblk/thinblk/internal/latency"
 	"github.com/thinblk/thinblk/pebblemeta"
 )
 
@@ -316,6 +317,10 @@ type Pool struct {
 	deliverMu    sync.Mutex
 	nextWatch    int
 	lastNoSpace  time.Time
+	spaceWaits   map[string]int // requests waiting for space, by volume (metrics.go)
+
+	// commits times the metadata commits (data sync and Pebble batch).
+	commits latency.Histogram
 
 	kick    chan struct{}
 	closing chan struct{}
@@ -921,6 +926,7 @@ func (p *Pool) commitCutLocked() error {
 	p.mu.Unlock()
 
 	var err error
+	began := time.Now()
 	if p.dataDirty.Swap(false) {
 		err = p.data.Sync()
 	}
@@ -932,6 +938,7 @@ func (p *Pool) commitCutLocked() error {
 	if err != nil {
 		return p.fail(err)
 	}
+	p.commits.Observe(time.Since(began))
 	p.mu.Lock()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
@@ -1085,6 +1092,7 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 		if logIt {
 			p.log.Warn("thin pool out of space: request waits for space (pause policy)", "pool", p.dir, "volume", volume, "op", what)
 		}
+		defer p.waitingForSpace(volume)()
 		<-ch
 		return nil
 	}
@@ -1096,6 +1104,7 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 	}
 	t := time.NewTimer(time.Until(*deadline))
 	defer t.Stop()
+	defer p.waitingForSpace(volume)()
 	select {
 	case <-ch:
 		return nil

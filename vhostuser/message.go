@@ -158,6 +158,9 @@ const (
 	// payloads; VringNoFd says no descriptor is attached.
 	VringIndexMask uint64 = 0xff
 	VringNoFd      uint64 = 1 << 8
+	// MaxRings is the most rings a vhost-user device can have: the
+	// kick, call and err messages carry the ring index in 8 bits.
+	MaxRings = int(VringIndexMask) + 1
 )
 
 // Header precedes every message.

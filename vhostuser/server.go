@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +48,7 @@ type Server struct {
 	done    chan struct{} // closed by Close
 
 	conns     sync.WaitGroup
+	accepted  atomic.Uint64 // front-end connections served so far
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -125,6 +127,7 @@ func (s *Server) Serve(ctx context.Context) error {
 			continue
 		}
 		s.active = uc
+		s.accepted.Add(1)
 		s.conns.Add(1)
 		s.mu.Unlock()
 		go s.serveConn(uc)
@@ -223,3 +226,14 @@ func (s *Server) Close() error {
 func (s *Server) Addr() string { return s.opts.SocketPath }
 
 var _ io.Closer = (*Server)(nil)
+
+// Connections is the number of front-end connections served so far (the
+// one now included); after the first, each is a reconnection.
+func (s *Server) Connections() uint64 { return s.accepted.Load() }
+
+// Connected reports whether a front-end is connected now.
+func (s *Server) Connected() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.active != nil
+}

@@ -70,8 +70,8 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 	if n < 1 {
 		n = 1
 	}
-	if n > int(VringIndexMask)+1 {
-		n = int(VringIndexMask) + 1
+	if n > MaxRings {
+		n = MaxRings
 	}
 	return &session{
 		log:     log,

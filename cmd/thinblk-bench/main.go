@@ -39,6 +39,9 @@ type config struct {
 	jsonOut           bool
 	repeat            int
 	thinSpan          int64
+	// thinblkArgs are extra flags for the thinblk target's serve (after the
+	// bench's own, so they win: "--queues 256", "--metrics 127.0.0.1:0").
+	thinblkArgs []string
 }
 
 func main() {
@@ -68,9 +71,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
 	fs.IntVar(&c.repeat, "repeat", 1, "run each case this many times per target and keep the median (by IOPS)")
+	var thinblkArgs string
+	fs.StringVar(&thinblkArgs, "thinblk-args", "", "extra flags for the thinblk target's serve, space-separated (they override the bench's own, e.g. \"--queues 256\")")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	c.thinblkArgs = strings.Fields(thinblkArgs)
 	var err error
 	if c.size, err = parseSize(size); err != nil {
 		return err
@@ -211,7 +217,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 		var srv *bench.Server
 		var err error
 		if target == "thinblk" {
-			srv, err = bench.StartThinblk(c.thinblk, img, sock, queues, direct)
+			srv, err = bench.StartThinblk(c.thinblk, img, sock, queues, direct, c.thinblkArgs...)
 		} else {
 			bin, lerr := exec.LookPath(c.qsd)
 			if lerr != nil {

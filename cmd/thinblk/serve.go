@@ -20,6 +20,15 @@ import (
 const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
        thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]`
 
+// defaultQueues is what a serve offers without --queues: every ring a
+// vhost-user front-end can address (ring indices are 8 bits). QEMU's
+// vhost-user-blk-pci without num-queues asks for one queue per vCPU
+// (virtio_pci_optimal_num_queues: the vCPU count, capped at 1024) and
+// refuses to start if the back-end offers fewer, so any smaller default
+// breaks some VM. A ring the front-end never sets up costs a few hundred
+// bytes and no goroutine (TestUnusedRingsCost in vhostuser/frontend).
+const defaultQueues = vhostuser.MaxRings
+
 type serveFlags struct {
 	pool       string
 	socketDir  string
@@ -35,6 +44,7 @@ type serveFlags struct {
 	queueSize  int
 	serial     string
 	logLevel   string
+	metrics    string // --metrics: Prometheus exporter address (metrics.go)
 	// ready and stopping tell a service manager (sd_notify) that every socket listens, and
 	// that shutdown began; no-ops unless $NOTIFY_SOCKET is set.
 	ready    func(status string)
@@ -59,10 +69,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
 	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
-	fs.IntVar(&f.queues, "queues", 1, "number of virtqueues offered (1-64)")
+	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return exitFor(err)
@@ -114,8 +125,8 @@ func (f *serveFlags) validate() error {
 	case f.pool != "" && (f.readOnly || f.serial != ""):
 		return errors.New("--read-only and --serial are for --raw (a pool's volumes are read-write, their serial is the volume name)")
 	}
-	if f.queues < 1 || f.queues > 64 {
-		return fmt.Errorf("--queues %d: must be 1 to 64", f.queues)
+	if f.queues < 1 || f.queues > vhostuser.MaxRings {
+		return fmt.Errorf("--queues %d: must be 1 to %d", f.queues, vhostuser.MaxRings)
 	}
 	if f.queueSize < 2 || f.queueSize > 1024 || f.queueSize&(f.queueSize-1) != 0 {
 		return fmt.Errorf("--queue-size %d: must be a power of two from 2 to 1024", f.queueSize)
@@ -125,6 +136,11 @@ func (f *serveFlags) validate() error {
 	}
 	if f.qmp != "" {
 		if _, err := parseQMPAddr(f.qmp); err != nil {
+			return err
+		}
+	}
+	if f.metrics != "" {
+		if _, _, err := parseMetricsAddr(f.metrics); err != nil {
 			return err
 		}
 	}
@@ -181,6 +197,17 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	}, dev)
 	if err != nil {
 		return err
+	}
+	if f.metrics != "" {
+		stopMetrics, err := startMetrics(f.metrics, mode, func() serveStats {
+			return serveStats{Volumes: []volumeStats{{Name: serial, IO: dev.Stats(),
+				Connected: srv.Connected(), Connections: srv.Connections()}}}
+		}, logger)
+		if err != nil {
+			srv.Close()
+			return err
+		}
+		defer stopMetrics()
 	}
 	uring, uringErr := disk.Uring()
 	if uringErr != nil && !f.noUring {

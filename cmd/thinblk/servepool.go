@@ -46,6 +46,16 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 		pool.Close()
 		return err
 	}
+	if f.metrics != "" {
+		stopMetrics, err := startMetrics(f.metrics, mode, ex.stats, logger)
+		if err != nil {
+			stopControl()
+			ex.close()
+			pool.Close()
+			return err
+		}
+		defer stopMetrics()
+	}
 	// Every volume's socket and the control socket listen now.
 	f.ready(fmt.Sprintf("serving %d volumes of %s", len(pool.Volumes()), f.pool))
 	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "qmp", qmpPath, "volumes", len(pool.Volumes()))

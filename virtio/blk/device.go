@@ -77,6 +77,11 @@ type Device struct {
 
 	mu     sync.Mutex
 	queues []*queue
+	// stats has a queue index's counters once it has run (nil before:
+	// rings never started cost nothing). Atomic, so that Stats does not
+	// wait for mu, which StopQueue holds while requests finish (one may
+	// wait for pool space for as long as it takes).
+	stats  []atomic.Pointer[queueStats]
 	notify func() error
 	closed bool
 }
@@ -139,6 +144,7 @@ func New(storage Storage, opts Options) (*Device, error) {
 		geom:            geom,
 		sectorsPerBlock: uint64(geom.LogicalBlockSize / SectorSize),
 		queues:          make([]*queue, opts.NumQueues),
+		stats:           make([]atomic.Pointer[queueStats], opts.NumQueues),
 	}
 	d.writeback.Store(!opts.WriteThrough)
 	d.features = 1<<virtio.FeatureVersion1 | 1<<virtio.FeatureEventIdx | 1<<virtio.FeatureIndirectDesc |
@@ -262,6 +268,9 @@ func (d *Device) StartQueue(s virtio.QueueSetup) error {
 	}
 	if old := d.queues[s.Index]; old != nil && !old.stopped {
 		return fmt.Errorf("virtio-blk: queue %d already running", s.Index)
+	}
+	if d.stats[s.Index].Load() == nil {
+		d.stats[s.Index].Store(new(queueStats))
 	}
 	q, err := d.newQueue(s)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/thinblk/thinblk/virtio"
 )
@@ -29,6 +30,15 @@ type queue struct {
 	// taken yet (each taker checks notifyPending first).
 	waiting atomic.Int32
 
+	// stats are this queue index's counters; they outlive the queue (a
+	// restarted ring counts on).
+	stats *queueStats
+	// passStart is when the runner's current pass over the ring began
+	// (0 between passes), the start of every request that pass takes:
+	// a clock read costs 0.1-0.2 us here, once per pass instead of per
+	// request. Runner goroutine only.
+	passStart time.Duration
+
 	// Guarded by Device.mu.
 	stopped   bool
 	lastAvail uint16
@@ -43,12 +53,18 @@ type request struct {
 	typ     uint32
 	status  *byte
 	written uint32
+	// For the statistics: when the runner took the request, its type,
+	// and its data bytes.
+	start time.Duration
+	op    Op
+	n     uint64
 }
 
 func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	q := &queue{
 		dev:   d,
 		index: s.Index,
+		stats: d.stats[s.Index].Load(),
 		work:  make(chan *virtio.Chain, s.Size),
 		reqs:  make([]request, s.Size),
 	}
@@ -57,14 +73,17 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 	for i := range q.reqs {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
 	}
-	var afterDrain func()
+	afterDrain := func() { q.passStart = 0 }
 	if as, ok := d.storage.(AsyncStorage); ok && !d.opts.SyncOnly {
 		aq, err := as.OpenQueue(int(s.Size), q.asyncDone)
 		if err != nil {
 			d.log.Info("storage serves this queue synchronously", "queue", s.Index, "reason", err)
 		} else {
 			q.async = aq
-			afterDrain = aq.Submit
+			afterDrain = func() {
+				q.passStart = 0
+				aq.Submit()
+			}
 		}
 	}
 	r, err := virtio.NewRunner(virtio.RunnerConfig{
@@ -94,6 +113,10 @@ func (q *queue) start() {
 
 func (q *queue) dispatch(c *virtio.Chain) {
 	q.dev.inflight.Add(1)
+	if q.passStart == 0 {
+		q.passStart = now()
+	}
+	q.reqs[c.Head].start = q.passStart
 	if q.async != nil && q.startAsync(c) {
 		return
 	}
@@ -125,7 +148,11 @@ func (q *queue) handle(c *virtio.Chain) {
 	if q.notifyPending.Load() && q.notifyPending.Swap(false) {
 		q.runner.Notify()
 	}
-	written := q.dev.serve(c, &q.reqs[c.Head])
+	r := &q.reqs[c.Head]
+	written, st := q.dev.serve(c, r)
+	// Counted before the driver can see the completion, so that what it
+	// saw complete is always in the counts.
+	q.stats.record(r.op, st, r.n, now()-r.start)
 	q.complete(c.Head, written)
 }
 
@@ -175,8 +202,9 @@ func (q *queue) startAsync(c *virtio.Chain) (started bool) {
 // driver once for all of them. It runs on the storage's goroutine.
 func (q *queue) asyncDone(batch []Completion) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	done := now() // one clock read for the batch
 	for _, cpl := range batch {
-		q.finishAsync(cpl)
+		q.finishAsync(cpl, done)
 	}
 	defer func() {
 		if err := virtio.RecoverFault(recover()); err != nil {
@@ -186,7 +214,7 @@ func (q *queue) asyncDone(batch []Completion) {
 	q.runner.Notify()
 }
 
-func (q *queue) finishAsync(cpl Completion) {
+func (q *queue) finishAsync(cpl Completion, done time.Duration) {
 	defer q.dev.inflight.Add(-1)
 	defer func() {
 		if err := virtio.RecoverFault(recover()); err != nil {
@@ -209,12 +237,13 @@ func (q *queue) finishAsync(cpl Completion) {
 		go q.writeThroughLater(cpl.Tag)
 		return
 	}
-	q.finishReq(cpl.Tag, st, written, false)
+	q.finishReq(cpl.Tag, st, written, false, done)
 }
 
 // finishReq writes an asynchronous request's status and puts it on the
-// used ring (with an interrupt check if notify).
-func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
+// used ring (with an interrupt check if notify); done is the time it
+// completed.
+func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool, done time.Duration) {
 	r := &q.reqs[tag]
 	if st != StatusOK {
 		written = 1
@@ -224,6 +253,7 @@ func (q *queue) finishReq(tag uint16, st byte, written uint32, notify bool) {
 	status := r.status
 	r.status = nil
 	*status = st
+	q.stats.record(r.op, st, r.n, done-r.start)
 	if notify {
 		q.runner.Complete(tag, written)
 	} else {
@@ -240,7 +270,7 @@ func (q *queue) writeThroughLater(tag uint16) {
 			q.runner.Abandon(tag, err)
 		}
 	}()
-	q.finishReq(tag, q.dev.writeThrough(), q.reqs[tag].written, true)
+	q.finishReq(tag, q.dev.writeThrough(), q.reqs[tag].written, true, now())
 }
 
 // stop stops the runner, waits for requests in flight and the workers.

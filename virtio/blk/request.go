@@ -11,43 +11,46 @@ import (
 const typeBarrier = 1 << 31
 
 // serve executes one request and returns the number of bytes written to
-// the chain's writable buffers (the used element's length).
+// the chain's writable buffers (the used element's length) and the status
+// it completes with; r.op and r.n say what it was, for the statistics.
 //
 // The layout is free (VIRTIO_F_ANY_LAYOUT): the header is the first 16
 // readable bytes, the status the last writable byte; for reads the data is
 // every writable byte before the status, for writes every readable byte
 // after the header.
-func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
+func (d *Device) serve(c *virtio.Chain, r *request) (uint32, byte) {
+	r.op, r.n = OpOther, 0
 	status := statusByte(c)
 	if c.Err != nil {
 		d.logRequestError("malformed descriptor chain", "head", c.Head, "err", c.Err)
 		if status == nil {
-			return 0
+			return 0, StatusIOErr
 		}
 		// Best effort: the last writable byte is where a well-formed
 		// request keeps its status.
 		*status = StatusIOErr
-		return 1
+		return 1, StatusIOErr
 	}
 	if status == nil {
 		d.logRequestError("request without a writable status byte", "head", c.Head)
-		return 0
+		return 0, StatusIOErr
 	}
 	if c.ReadLen < RequestHeaderSize {
 		d.logRequestError("request header too short", "head", c.Head, "bytes", c.ReadLen)
 		*status = StatusIOErr
-		return 1
+		return 1, StatusIOErr
 	}
 	var hdr [RequestHeaderSize]byte
 	gather(hdr[:], c.Readable, 0)
 	typ := le.Uint32(hdr[0:]) &^ typeBarrier
 	sector := le.Uint64(hdr[8:])
 
+	r.op = opOf(typ)
 	st, n := d.execute(c, r, typ, sector)
 	*status = st
 	clear(r.bufs)
 	r.bufs = r.bufs[:0]
-	return uint32(n) + 1
+	return uint32(n) + 1, st
 }
 
 // startAsync starts a read, write or flush on aq and returns true, or
@@ -74,6 +77,7 @@ func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
 		}
 		r.bufs = writableData(r.bufs, c)
 		r.written = uint32(length) + 1
+		r.op, r.n = OpRead, length
 		err = aq.ReadAt(c.Head, r.bufs, off)
 	case TypeOut:
 		length := c.ReadLen - RequestHeaderSize
@@ -82,9 +86,11 @@ func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
 		}
 		r.bufs = readableData(r.bufs, c)
 		r.written = 1
+		r.op, r.n = OpWrite, length
 		err = aq.WriteAt(c.Head, r.bufs, off)
 	case TypeFlush:
 		r.written = 1
+		r.op, r.n = OpFlush, 0
 		err = aq.Flush(c.Head)
 	default:
 		return false
@@ -115,6 +121,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 			d.logRequestError("read failed", "sector", sector, "bytes", length, "err", err)
 			return StatusIOErr, 0
 		}
+		r.n = length
 		return StatusOK, length
 
 	case TypeOut:
@@ -130,6 +137,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 			d.logRequestError("write failed", "sector", sector, "bytes", length, "err", err)
 			return StatusIOErr, 0
 		}
+		r.n = length
 		return d.writeThrough(), 0
 
 	case TypeFlush:
@@ -145,13 +153,16 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 		copy(id[:], d.opts.Serial)
 		r.bufs = writableData(r.bufs, c)
 		scatter(r.bufs, id[:n])
+		r.n = n
 		return StatusOK, n
 
 	case TypeDiscard, TypeWriteZeroes:
 		if d.opts.ReadOnly {
 			return StatusIOErr, 0
 		}
-		return d.discardWriteZeroes(c, typ), 0
+		st, n := d.discardWriteZeroes(c, typ)
+		r.n = n
+		return st, 0
 
 	default:
 		return StatusUnsupp, 0
@@ -159,14 +170,15 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 }
 
 // discardWriteZeroes checks and runs a DISCARD or WRITE_ZEROES request,
-// in QEMU's order of checks (block/export/virtio-blk-handler.c).
-func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
+// in QEMU's order of checks (block/export/virtio-blk-handler.c), and
+// returns its status and, when it succeeded, the bytes of its range.
+func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) (byte, uint64) {
 	length := c.ReadLen - RequestHeaderSize
 	if length > DiscardSegmentSize { // more segments than max_*_seg (1)
-		return StatusUnsupp
+		return StatusUnsupp, 0
 	}
 	if length < DiscardSegmentSize {
-		return StatusIOErr
+		return StatusIOErr, 0
 	}
 	var seg [DiscardSegmentSize]byte
 	gather(seg[:], c.Readable, RequestHeaderSize)
@@ -178,31 +190,31 @@ func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
 		limit = d.opts.MaxWriteZeroesSectors
 	}
 	if sectors > limit || !d.rangeOK(sector, uint64(sectors)*SectorSize) {
-		return StatusIOErr
+		return StatusIOErr, 0
 	}
 	if flags&^DiscardFlagUnmap != 0 {
-		return StatusUnsupp
+		return StatusUnsupp, 0
 	}
 	if sectors == 0 {
-		return StatusOK
+		return StatusOK, 0
 	}
 	off, n := int64(sector*SectorSize), int64(sectors)*SectorSize
 	if typ == TypeDiscard {
 		if flags&DiscardFlagUnmap != 0 { // the spec reserves unmap for write zeroes
-			return StatusUnsupp
+			return StatusUnsupp, 0
 		}
 		if err := d.storage.Discard(off, n); err != nil {
 			d.logRequestError("discard failed", "sector", sector, "sectors", sectors, "err", err)
-			return errorStatus(err)
+			return errorStatus(err), 0
 		}
-		return StatusOK
+		return StatusOK, uint64(n)
 	}
 	unmap := flags&DiscardFlagUnmap != 0
 	if err := d.storage.WriteZeroes(off, n, unmap); err != nil {
 		d.logRequestError("write zeroes failed", "sector", sector, "sectors", sectors, "unmap", unmap, "err", err)
-		return errorStatus(err)
+		return errorStatus(err), 0
 	}
-	return d.writeThrough()
+	return d.writeThrough(), uint64(n)
 }
 
 // errorStatus maps a discard or write zeroes failure to a status: storage
