@@ -103,6 +103,8 @@ type SnapshotSpec struct {
 	Origin   string // volume, clone or snapshot to take it of
 	Name     string // the new snapshot's name
 	Writable bool   // a clone (writable) rather than a read-only snapshot
+
+	streamID [16]byte // a read-only snapshot's id when it is given (receive); zero: a new one
 }
 
 // CreateSnapshot makes name a point-in-time copy of origin (a volume, a
@@ -174,6 +176,11 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 			nv.rec.Kind = pebblemeta.KindClone
 			nv.rec.Layer = p.newLayerLocked(L)
 			p.heads[nv.rec.Layer] = nv
+		} else {
+			nv.rec.StreamID = s.streamID
+			if nv.rec.StreamID == ([16]byte{}) {
+				nv.rec.StreamID = newStreamID()
+			}
 		}
 		p.reaccountLocked(nv)
 		p.vols[s.Name] = nv

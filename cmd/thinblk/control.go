@@ -201,6 +201,7 @@ func spaceEvent(pool string, ev thin.Event) (name string, data map[string]any, o
 func startControl(ctx context.Context, pool *thin.Pool, ex *exports, path string, mode os.FileMode, f serveFlags) (*qmp.Server, func(), error) {
 	s := qmp.NewServer(qmp.Options{Logger: ex.log.With("control", path), Version: version})
 	stopEvents := registerPoolCommands(s, pool, ex)
+	registerStreamCommands(s, pool)
 	for _, qemu := range f.qemuQMP {
 		stopPauser := startPauser(pool, qemu, s.Emit, ex.log)
 		stopPrev := stopEvents
