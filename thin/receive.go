@@ -225,7 +225,7 @@ func (p *Pool) receiveBase(volume string, h *stream.Header) (base string, dirty 
 	if err := p.rangeLocked(v.rec.Layer, 0, math.MaxUint64, func(uint64, pebblemeta.Entry) { entries++ }); err != nil {
 		return "", false, err
 	}
-	return latest.rec.Name, entries > 0 || v.rec.Size != latest.rec.Size || v.rec.ReserveMode, nil
+	return latest.rec.Name, entries > 0 || v.rec.Size != latest.rec.Size, nil
 }
 
 // undoReceive removes what a failed receive made: the new volume (full

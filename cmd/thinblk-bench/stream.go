@@ -82,6 +82,6 @@ func printStream(w io.Writer, r bench.StreamResult) {
 	fmt.Fprintf(tw, "incremental, nothing changed\t%.3f\t\t\t\t\t[%s]\t\n", empty, secs(r.Empty))
 	tw.Flush()
 	fmt.Fprintf(w, "incremental / full time: %.3f (%.3f beyond the empty incremental's fixed cost) for %.3f of the blocks;\n"+
-		"received snapshots verified (SHA-256) and the destination checked: %v\n",
+		"received snapshots compared byte for byte and the destination checked: %v\n",
 		inc/full, (inc-empty)/full, float64(r.ChangedBlocks*r.BlockSize)/float64(r.Written), r.Verified)
 }

@@ -51,7 +51,7 @@ func TestStreamTarget(t *testing.T) {
 	if err := run(append(args, "--stream-repeat", "1"), &stdout, &stderr); err != nil {
 		t.Fatalf("run: %v\n%s", err, stderr.String())
 	}
-	for _, row := range []string{"full send | receive", "incremental, 1 blocks changed", "incremental, nothing changed", "verified (SHA-256) and the destination checked: true"} {
+	for _, row := range []string{"full send | receive", "incremental, 1 blocks changed", "incremental, nothing changed", "compared byte for byte and the destination checked: true"} {
 		if !strings.Contains(stdout.String(), row) {
 			t.Fatalf("table lacks %q:\n%s", row, stdout.String())
 		}
