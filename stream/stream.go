@@ -16,7 +16,8 @@
 //
 //	'H' header   flags(1: bit 0 incremental) block-size(4) volume-size(8)
 //	             id(16) base-id(16) data-blocks(8) provision-blocks(8)
-//	             discard-blocks(8) name-len(1) name base-len(1) base-name
+//	             discard-blocks(8) provisioned-data-blocks(8) name-len(1) name
+//	             base-len(1) base-name
 //	'D' data     first-block(8) count(4) flags(1: bit 0 provisioned) bytes:
 //	             the blocks' contents (the last block of the volume may be
 //	             short: the volume size is a multiple of 512)
@@ -116,6 +117,9 @@ type Header struct {
 	BaseID      ID     // incremental: the base snapshot's id
 	// Block totals of the data, provision and discard records.
 	DataBlocks, ProvisionBlocks, DiscardBlocks uint64
+	// ProvisionedDataBlocks are the data blocks that are provisioned too:
+	// once snapshotted, each needs a block reserved for its copy-on-write.
+	ProvisionedDataBlocks uint64
 }
 
 // Blocks is the volume's size in blocks (the last one may be partial).
@@ -151,6 +155,9 @@ func (h *Header) validate() error {
 		return errors.New("base id and name must be given exactly for an incremental stream")
 	}
 	n := h.Blocks()
+	if h.ProvisionedDataBlocks > h.DataBlocks {
+		return fmt.Errorf("%d provisioned data blocks of %d data blocks", h.ProvisionedDataBlocks, h.DataBlocks)
+	}
 	if h.DataBlocks > n || h.ProvisionBlocks > n-h.DataBlocks || h.DiscardBlocks > n-h.DataBlocks-h.ProvisionBlocks {
 		return fmt.Errorf("block counts %d data + %d provision + %d discard exceed the volume's %d blocks",
 			h.DataBlocks, h.ProvisionBlocks, h.DiscardBlocks, n)
@@ -172,6 +179,7 @@ func (h *Header) marshal() []byte {
 	b = binary.BigEndian.AppendUint64(b, h.DataBlocks)
 	b = binary.BigEndian.AppendUint64(b, h.ProvisionBlocks)
 	b = binary.BigEndian.AppendUint64(b, h.DiscardBlocks)
+	b = binary.BigEndian.AppendUint64(b, h.ProvisionedDataBlocks)
 	b = append(b, byte(len(h.Name)))
 	b = append(b, h.Name...)
 	b = append(b, byte(len(h.BaseName)))
@@ -179,7 +187,7 @@ func (h *Header) marshal() []byte {
 	return b
 }
 
-const headerFixed = 1 + 4 + 8 + 16 + 16 + 3*8
+const headerFixed = 1 + 4 + 8 + 16 + 16 + 4*8
 
 func unmarshalHeader(b []byte) (Header, error) {
 	var h Header
@@ -197,6 +205,7 @@ func unmarshalHeader(b []byte) (Header, error) {
 	h.DataBlocks = binary.BigEndian.Uint64(b[45:])
 	h.ProvisionBlocks = binary.BigEndian.Uint64(b[53:])
 	h.DiscardBlocks = binary.BigEndian.Uint64(b[61:])
+	h.ProvisionedDataBlocks = binary.BigEndian.Uint64(b[69:])
 	rest := b[headerFixed:]
 	name := func() (string, bool) {
 		if len(rest) < 1 || len(rest) < 1+int(rest[0]) {
@@ -230,6 +239,7 @@ type totals struct {
 	seq                    uint64 // next record's number
 	next                   uint64 // lowest block the next range may start at
 	data, provision, disc  uint64
+	provData               uint64
 	dataBytes, streamBytes uint64
 }
 
@@ -358,6 +368,11 @@ func (w *Writer) Data(first, count uint64, provisioned bool, data []byte) error 
 	binary.BigEndian.PutUint32(p[8:], uint32(count))
 	if provisioned {
 		p[12] = 1
+		if count > w.h.ProvisionedDataBlocks-w.t.provData {
+			w.err = fmt.Errorf("write data record: more provisioned data blocks than the header's %d", w.h.ProvisionedDataBlocks)
+			return w.err
+		}
+		w.t.provData += count
 	}
 	w.t.dataBytes += uint64(len(data))
 	return w.record(TypeData, p[:], data)
@@ -380,9 +395,9 @@ func (w *Writer) Close() error {
 		return w.err
 	}
 	w.closed = true
-	if w.t.data != w.h.DataBlocks || w.t.provision != w.h.ProvisionBlocks || w.t.disc != w.h.DiscardBlocks {
-		return fmt.Errorf("write end record: wrote %d data, %d provision, %d discard blocks; the header promised %d, %d, %d",
-			w.t.data, w.t.provision, w.t.disc, w.h.DataBlocks, w.h.ProvisionBlocks, w.h.DiscardBlocks)
+	if w.t.data != w.h.DataBlocks || w.t.provision != w.h.ProvisionBlocks || w.t.disc != w.h.DiscardBlocks || w.t.provData != w.h.ProvisionedDataBlocks {
+		return fmt.Errorf("write end record: wrote %d data (%d provisioned), %d provision, %d discard blocks; the header promised %d (%d), %d, %d",
+			w.t.data, w.t.provData, w.t.provision, w.t.disc, w.h.DataBlocks, w.h.ProvisionedDataBlocks, w.h.ProvisionBlocks, w.h.DiscardBlocks)
 	}
 	var p [endLen]byte
 	binary.BigEndian.PutUint64(p[:], w.t.seq)
@@ -515,6 +530,12 @@ func (r *Reader) Next() (Record, error) {
 		if err := r.t.check(&r.h, typ, rec.First, rec.Count); err != nil {
 			return rec, r.bad(typ, err.Error())
 		}
+		if rec.Provisioned {
+			if rec.Count > r.h.ProvisionedDataBlocks-r.t.provData {
+				return rec, r.bad(typ, fmt.Sprintf("more provisioned data blocks than the header's %d", r.h.ProvisionedDataBlocks))
+			}
+			r.t.provData += rec.Count
+		}
 		if want := r.h.blockBytes(rec.First, rec.Count); uint64(len(rec.Data)) != want {
 			return rec, r.bad(typ, fmt.Sprintf("%d bytes for %d blocks (want %d)", len(rec.Data), rec.Count, want))
 		}
@@ -534,7 +555,7 @@ func (r *Reader) Next() (Record, error) {
 		}
 		got := [4]uint64{binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:]), binary.BigEndian.Uint64(p[16:]), binary.BigEndian.Uint64(p[24:])}
 		want := [4]uint64{r.t.seq, r.t.data, r.t.provision, r.t.disc}
-		if got != want || r.t.data != r.h.DataBlocks || r.t.provision != r.h.ProvisionBlocks || r.t.disc != r.h.DiscardBlocks {
+		if got != want || r.t.data != r.h.DataBlocks || r.t.provision != r.h.ProvisionBlocks || r.t.disc != r.h.DiscardBlocks || r.t.provData != r.h.ProvisionedDataBlocks {
 			return rec, r.bad(typ, fmt.Sprintf("totals (records, data, provision, discard) %v; read %v; header %v",
 				got, want, [3]uint64{r.h.DataBlocks, r.h.ProvisionBlocks, r.h.DiscardBlocks}))
 		}

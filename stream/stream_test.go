@@ -15,7 +15,7 @@ import (
 func sample(t testing.TB) (b []byte, offsets []int) {
 	var buf bytes.Buffer
 	h := Header{Incremental: true, BlockSize: 4096, VolumeSize: 10*4096 + 512, Name: "s2", ID: ID{2}, BaseName: "s1", BaseID: ID{1},
-		DataBlocks: 3, ProvisionBlocks: 2, DiscardBlocks: 1}
+		DataBlocks: 3, ProvisionBlocks: 2, DiscardBlocks: 1, ProvisionedDataBlocks: 1}
 	offsets = append(offsets, len(magic)+2)
 	w, err := NewWriter(&buf, h)
 	if err != nil {

@@ -46,12 +46,18 @@ func (p *Pool) Receive(r io.Reader, volume string, o ReceiveOptions) (stream.Hea
 		}
 		return h, fmt.Errorf("receive %s: %w", volume, err)
 	}
-	p.holdForReceive(volume, 0)
+	// The snapshot ends the hold: what is left of it covers the
+	// reservations the snapshot makes (its provisioned blocks become
+	// shared), so that they cannot fail for space now.
 	err = p.CreateSnapshots([]SnapshotSpec{{Origin: volume, Name: h.Name, streamID: h.ID}})
 	if err != nil {
 		if uerr := p.undoReceive(volume, base); uerr != nil {
 			err = fmt.Errorf("%w; undoing it failed too: %v", err, uerr)
 		}
+		return h, fmt.Errorf("receive %s: %w", volume, err)
+	}
+	// The snapshot released what the hold had left beyond its needs.
+	if err := p.holdForReceive(volume, 0); err != nil {
 		return h, fmt.Errorf("receive %s: %w", volume, err)
 	}
 	return h, nil
@@ -70,7 +76,9 @@ func (p *Pool) startReceive(volume string, h *stream.Header, force bool) (string
 	if err := pebblemeta.ValidVolumeName(volume); err != nil {
 		return "", fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	need := h.DataBlocks + h.ProvisionBlocks
+	// Every data and provision block may need a block; once snapshotted,
+	// every provisioned data block needs one more reserved for its copy.
+	need := h.DataBlocks + h.ProvisionBlocks + h.ProvisionedDataBlocks
 	if !h.Incremental {
 		if err := p.receiveFits(volume, h, need); err != nil {
 			return "", err
@@ -161,11 +169,10 @@ func (p *Pool) holdForReceive(volume string, n uint64) error {
 			return fmt.Errorf("%w: the stream needs %d blocks (%d bytes), %d are free", ErrNoSpace, n, n*uint64(p.blockSize), free)
 		}
 	}
-	gaveBack := n < v.recvRes
 	v.recvRes = n
 	p.reaccountLocked(v)
-	if gaveBack {
-		p.spaceFreedLocked()
+	if n == 0 {
+		p.spaceFreedLocked() // what was held is free again: wake waiting writers
 	} else {
 		p.noteSpaceLocked()
 	}

@@ -78,6 +78,9 @@ func (p *Pool) Send(w io.Writer, snap string, o SendOptions) (stream.Header, err
 		switch r.typ {
 		case stream.TypeData:
 			pl.h.DataBlocks += r.count
+			if r.prov {
+				pl.h.ProvisionedDataBlocks += r.count
+			}
 		case stream.TypeProvision:
 			pl.h.ProvisionBlocks += r.count
 		case stream.TypeDiscard:

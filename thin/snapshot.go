@@ -165,6 +165,7 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		L, ok := frozenAt[s.Origin]
 		if !ok {
 			L = o.rec.Layer
+			o.recvRes = 0
 			if !p.frozenLocked(L) {
 				p.freezeLocked(o)
 			}
@@ -214,7 +215,9 @@ func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
 			frozen[s.Origin] = true
 			after := o.rec
 			after.Mapped, after.Provisioned, after.Reserved = 0, 0, 0
-			need += p.extraFor(&after) - o.extra - o.rec.Reserved
+			// A receive's hold (in o.extra) ends with the snapshot and
+			// covers its reservations first (receive.go).
+			need += p.extraFor(&after) - min(p.extraFor(&after), o.extra+o.rec.Reserved)
 		}
 		if s.Writable {
 			clone := pebblemeta.VolumeRecord{Kind: pebblemeta.KindClone, Size: o.rec.Size, ChainProv: o.rec.ChainProv}

@@ -411,3 +411,37 @@ func TestReceiveReservationHolds(t *testing.T) {
 	}
 	checkAccounting(t, p)
 }
+
+// Provisioned data blocks, once the received volume is snapshotted, need
+// a block each reserved for their copy-on-write: receive reserves those up
+// front too, so it never fails for space after writing.
+func TestReceiveReservesSnapshotCopies(t *testing.T) {
+	src, _, v := streamPools(t)
+	bs := int64(4 * kib)
+	if err := v.WriteZeroes(0, 10*bs, false); err != nil {
+		t.Fatal(err)
+	}
+	write(t, v, 0, pattern(int(10*bs), 4)) // provisioned and written
+	write(t, v, 20*bs, pattern(int(2*bs), 5))
+	if err := src.CreateSnapshot("vm", "s1", false); err != nil {
+		t.Fatal(err)
+	}
+	full := send(t, src, "s1", "")
+	tight, _ := newPool(t, 21, CreateOptions{})
+	if _, err := tight.Receive(bytes.NewReader(full), "vm", ReceiveOptions{}); !errors.Is(err, ErrNoSpace) || !strings.Contains(err.Error(), "needs 22 blocks") {
+		t.Fatalf("12 data blocks, 10 of them provisioned, into 21 blocks: %v", err)
+	}
+	untouched(t, tight, nil, space{})
+	exact, _ := newPool(t, 22, CreateOptions{})
+	if _, err := exact.Receive(bytes.NewReader(full), "vm", ReceiveOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sameVolume(t, src, "s1", exact, "vm")
+	checkExactSpace(t, exact)
+	if got := spaceOf(exact); got != (space{12 * uint64(bs), 10 * uint64(bs)}) {
+		t.Fatalf("allocated, reserved %v: want 12 blocks and the 10 copies", got)
+	}
+	// The promise holds: every provisioned block can be overwritten.
+	dv, _ := exact.Volume("vm")
+	write(t, dv, 0, pattern(int(10*bs), 6))
+}
