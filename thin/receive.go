@@ -76,6 +76,9 @@ func (p *Pool) startReceive(volume string, h *stream.Header, force bool) (string
 	if err := pebblemeta.ValidVolumeName(volume); err != nil {
 		return "", fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
+	if volume == h.Name {
+		return "", fmt.Errorf("%w: the volume cannot have the name of the snapshot the stream makes (%s)", ErrInvalid, h.Name)
+	}
 	// Every data and provision block may need a block; once snapshotted,
 	// every provisioned data block needs one more reserved for its copy.
 	need := h.DataBlocks + h.ProvisionBlocks + h.ProvisionedDataBlocks

@@ -337,6 +337,10 @@ func TestReceiveRefusesWrongBase(t *testing.T) {
 	if _, err := dst.Receive(bytes.NewReader(inc12), "vm", ReceiveOptions{}); !errors.Is(err, ErrVolumeExists) {
 		t.Fatalf("incremental applied twice: %v", err)
 	}
+	// A volume named like the stream's snapshot.
+	if _, err := dst.Receive(bytes.NewReader(full), "s1", ReceiveOptions{}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("volume named like the snapshot: %v", err)
+	}
 	// A full stream onto an existing volume.
 	if _, err := dst.Receive(bytes.NewReader(full), "vm", ReceiveOptions{}); !errors.Is(err, ErrVolumeExists) {
 		t.Fatalf("full stream onto a volume: %v", err)
