@@ -276,12 +276,12 @@ func (t *totals) check(h *Header, typ byte, first, count uint64) error {
 // increasing order and totals matching the header; Close writes the end
 // record.
 type Writer struct {
-	w      io.Writer
-	h      Header
-	t      totals
-	buf    []byte
-	err    error
-	closed bool
+	w       io.Writer
+	h       Header
+	t       totals
+	pending []byte // small records not written yet
+	err     error
+	closed  bool
 }
 
 // NewWriter writes the stream's opening and header.
@@ -309,34 +309,95 @@ func (w *Writer) record(typ byte, payload, data []byte) error {
 		return w.err
 	}
 	n := len(payload) + len(data)
-	b := w.buf[:0]
+	// Small records collect in pending and go out with the next data
+	// record (or at Close): one write per record would wake the reader
+	// for a few bytes each.
+	b := w.pending
+	at := len(b)
 	b = append(b, typ)
 	b = binary.BigEndian.AppendUint64(b, w.t.seq)
 	b = binary.BigEndian.AppendUint32(b, uint32(n))
 	b = append(b, payload...)
-	crc := crc32.Update(0, castagnoli, b)
+	crc := crc32.Update(0, castagnoli, b[at:])
 	crc = crc32.Update(crc, castagnoli, data)
-	// Header and payload go out first, the data as it is (no copy), then
-	// the checksum: three writes a buffered writer joins.
-	if _, err := w.w.Write(b); err != nil {
-		w.err = err
-		return err
-	}
 	if len(data) > 0 {
-		if _, err := w.w.Write(data); err != nil {
-			w.err = err
+		// The data goes out as it is (no copy into a buffer).
+		if err := w.write(b); err != nil {
 			return err
 		}
+		if err := w.write(data); err != nil {
+			return err
+		}
+		b = b[:0]
 	}
-	var tail [4]byte
-	binary.BigEndian.PutUint32(tail[:], crc)
-	if _, err := w.w.Write(tail[:]); err != nil {
-		w.err = err
-		return err
-	}
-	w.buf = b
+	b = binary.BigEndian.AppendUint32(b, crc)
+	w.pending = b
 	w.t.seq++
 	w.t.streamBytes += uint64(frameHead + n + frameTail)
+	if len(w.pending) >= 64<<10 {
+		return w.flush()
+	}
+	return nil
+}
+
+func (w *Writer) write(b []byte) error {
+	if w.err != nil {
+		return w.err
+	}
+	if _, err := w.w.Write(b); err != nil {
+		w.err = err
+	}
+	return w.err
+}
+
+func (w *Writer) flush() error {
+	if len(w.pending) == 0 {
+		return w.err
+	}
+	err := w.write(w.pending)
+	w.pending = w.pending[:0]
+	return err
+}
+
+// DataHeadroom and DataTailroom are the bytes a frame given to DataFrame
+// keeps free around its data, for the record's framing.
+const (
+	DataHeadroom = frameHead + dataHead
+	DataTailroom = frameTail
+)
+
+// DataFrame is Data for contents read into frame[DataHeadroom :
+// len(frame)-DataTailroom]: the record is framed in place and written
+// with one call, without copying the data.
+func (w *Writer) DataFrame(first, count uint64, provisioned bool, frame []byte) error {
+	if len(frame) < DataHeadroom+DataTailroom {
+		return fmt.Errorf("write data record: frame of %d bytes", len(frame))
+	}
+	data := frame[DataHeadroom : len(frame)-DataTailroom]
+	if err := w.checkData(first, count, provisioned, data); err != nil {
+		return err
+	}
+	if err := w.flush(); err != nil {
+		return err
+	}
+	h := frame[:0]
+	h = append(h, TypeData)
+	h = binary.BigEndian.AppendUint64(h, w.t.seq)
+	h = binary.BigEndian.AppendUint32(h, uint32(dataHead+len(data)))
+	h = binary.BigEndian.AppendUint64(h, first)
+	h = binary.BigEndian.AppendUint32(h, uint32(count))
+	var flags byte
+	if provisioned {
+		flags = 1
+	}
+	h = append(h, flags)
+	end := len(frame) - DataTailroom
+	binary.BigEndian.PutUint32(frame[end:], crc32.Checksum(frame[:end], castagnoli))
+	if err := w.write(frame); err != nil {
+		return err
+	}
+	w.t.seq++
+	w.t.streamBytes += uint64(len(frame))
 	return nil
 }
 
@@ -353,6 +414,23 @@ func (w *Writer) rangeRecord(typ byte, first, count uint64) error {
 // Data writes the contents of count blocks from first (at most
 // RunBlocks of them); data must be exactly their length.
 func (w *Writer) Data(first, count uint64, provisioned bool, data []byte) error {
+	if err := w.checkData(first, count, provisioned, data); err != nil {
+		return err
+	}
+	var p [dataHead]byte
+	binary.BigEndian.PutUint64(p[:], first)
+	binary.BigEndian.PutUint32(p[8:], uint32(count))
+	if provisioned {
+		p[12] = 1
+	}
+	return w.record(TypeData, p[:], data)
+}
+
+// checkData validates and counts a data record.
+func (w *Writer) checkData(first, count uint64, provisioned bool, data []byte) error {
+	if w.err != nil {
+		return w.err
+	}
 	if count > w.h.RunBlocks() {
 		return fmt.Errorf("write data record: %d blocks, at most %d in one", count, w.h.RunBlocks())
 	}
@@ -363,11 +441,7 @@ func (w *Writer) Data(first, count uint64, provisioned bool, data []byte) error 
 		w.err = fmt.Errorf("write data record: %d bytes for %d blocks from %d, want %d", len(data), count, first, want)
 		return w.err
 	}
-	var p [dataHead]byte
-	binary.BigEndian.PutUint64(p[:], first)
-	binary.BigEndian.PutUint32(p[8:], uint32(count))
 	if provisioned {
-		p[12] = 1
 		if count > w.h.ProvisionedDataBlocks-w.t.provData {
 			w.err = fmt.Errorf("write data record: more provisioned data blocks than the header's %d", w.h.ProvisionedDataBlocks)
 			return w.err
@@ -375,7 +449,7 @@ func (w *Writer) Data(first, count uint64, provisioned bool, data []byte) error 
 		w.t.provData += count
 	}
 	w.t.dataBytes += uint64(len(data))
-	return w.record(TypeData, p[:], data)
+	return nil
 }
 
 // Provision records blocks that are provisioned and not written.
@@ -404,7 +478,10 @@ func (w *Writer) Close() error {
 	binary.BigEndian.PutUint64(p[8:], w.t.data)
 	binary.BigEndian.PutUint64(p[16:], w.t.provision)
 	binary.BigEndian.PutUint64(p[24:], w.t.disc)
-	return w.record(TypeEnd, p[:], nil)
+	if err := w.record(TypeEnd, p[:], nil); err != nil {
+		return err
+	}
+	return w.flush()
 }
 
 // Reader reads and checks a stream.

@@ -11,31 +11,31 @@ import (
 )
 
 // sample writes a small stream with one record of every kind; offsets
-// gives where each record (header included) starts.
+// gives where each record (header included) starts, the end record left out.
 func sample(t testing.TB) (b []byte, offsets []int) {
 	var buf bytes.Buffer
 	h := Header{Incremental: true, BlockSize: 4096, VolumeSize: 10*4096 + 512, Name: "s2", ID: ID{2}, BaseName: "s1", BaseID: ID{1},
 		DataBlocks: 3, ProvisionBlocks: 2, DiscardBlocks: 1, ProvisionedDataBlocks: 1}
-	offsets = append(offsets, len(magic)+2)
 	w, err := NewWriter(&buf, h)
 	if err != nil {
 		t.Fatal(err)
 	}
-	step := func(err error) {
+	for _, err := range []error{
+		w.Data(1, 2, false, bytes.Repeat([]byte{0xab}, 2*4096)),
+		w.Provision(3, 2),
+		w.Discard(6, 1),
+		w.Data(10, 1, true, bytes.Repeat([]byte{0xcd}, 512)), // the short last block
+		w.Close(),
+	} {
 		if err != nil {
 			t.Fatal(err)
 		}
-		offsets = append(offsets, buf.Len())
 	}
-	offsets = append(offsets, buf.Len())
-	step(w.Data(1, 2, false, bytes.Repeat([]byte{0xab}, 2*4096)))
-	step(w.Provision(3, 2))
-	step(w.Discard(6, 1))
-	step(w.Data(10, 1, true, bytes.Repeat([]byte{0xcd}, 512))) // the short last block
-	if err := w.Close(); err != nil {
-		t.Fatal(err)
+	b = buf.Bytes()
+	for off := len(magic) + 2; off < len(b); off += frameHead + int(binary.BigEndian.Uint32(b[off+9:])) + frameTail {
+		offsets = append(offsets, off)
 	}
-	return buf.Bytes(), offsets[:len(offsets)-1]
+	return b, offsets[:len(offsets)-1]
 }
 
 func readAll(b []byte) (Header, []Record, error) {
@@ -227,4 +227,41 @@ func FuzzReader(f *testing.F) {
 			t.Fatal("accepted stream does not re-encode to the same bytes")
 		}
 	})
+}
+
+// DataFrame writes the same bytes as Data, framing the data in place.
+func TestDataFrameMatchesData(t *testing.T) {
+	want, _ := sample(t)
+	var buf bytes.Buffer
+	h := Header{Incremental: true, BlockSize: 4096, VolumeSize: 10*4096 + 512, Name: "s2", ID: ID{2}, BaseName: "s1", BaseID: ID{1},
+		DataBlocks: 3, ProvisionBlocks: 2, DiscardBlocks: 1, ProvisionedDataBlocks: 1}
+	w, err := NewWriter(&buf, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	frame := func(fill byte, n int) []byte {
+		f := make([]byte, DataHeadroom+n+DataTailroom)
+		for i := range n {
+			f[DataHeadroom+i] = fill
+		}
+		return f
+	}
+	for _, err := range []error{
+		w.DataFrame(1, 2, false, frame(0xab, 2*4096)),
+		w.Provision(3, 2),
+		w.Discard(6, 1),
+		w.DataFrame(10, 1, true, frame(0xcd, 512)),
+		w.Close(),
+	} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(buf.Bytes(), want) {
+		t.Fatal("DataFrame's stream differs from Data's")
+	}
+	w2, _ := NewWriter(io.Discard, h)
+	if err := w2.DataFrame(1, 2, false, frame(0, 4096)); err == nil {
+		t.Fatal("frame of the wrong length written")
+	}
 }

@@ -96,7 +96,9 @@ func (p *Pool) Send(w io.Writer, snap string, o SendOptions) (stream.Header, err
 	}
 	bs := uint64(p.blockSize)
 	total := pl.h.DataBytes()
-	buf := make([]byte, pl.h.RunBlocks()*bs)
+	// Blocks are read into a frame with room for the record around them:
+	// written with one call, not copied again.
+	buf := make([]byte, stream.DataHeadroom+pl.h.RunBlocks()*bs+stream.DataTailroom)
 	var sent uint64
 	err = pl.walk(func(r sendRun) error {
 		var err error
@@ -107,8 +109,9 @@ func (p *Pool) Send(w io.Writer, snap string, o SendOptions) (stream.Header, err
 			// walk above is a frozen picture, and the read holds the I/O
 			// gate, so a block freed meanwhile (the snapshot deleted) is an
 			// error here, never another volume's data.
-			if err = pl.vol.ReadAt([][]byte{buf[:n]}, int64(r.first*bs)); err == nil {
-				err = sw.Data(r.first, r.count, r.prov, buf[:n])
+			data := buf[stream.DataHeadroom : stream.DataHeadroom+n]
+			if err = pl.vol.ReadAt([][]byte{data}, int64(r.first*bs)); err == nil {
+				err = sw.DataFrame(r.first, r.count, r.prov, buf[:stream.DataHeadroom+n+stream.DataTailroom])
 			}
 			sent += n
 		case stream.TypeProvision:

@@ -9,7 +9,6 @@ package main
 // between that socket and its stdout or stdin.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -157,11 +156,7 @@ func registerStreamCommands(s *qmp.Server, pool *thin.Pool) {
 			return nil, fmt.Errorf("stream socket: %w", err)
 		}
 		defer c.Close()
-		bw := bufio.NewWriterSize(c, 256<<10)
-		h, err := pool.Send(bw, a.Snapshot, thin.SendOptions{Base: a.From})
-		if err == nil {
-			err = bw.Flush()
-		}
+		h, err := pool.Send(c, a.Snapshot, thin.SendOptions{Base: a.From})
 		return resultOf(h), err
 	})
 	s.Register("stream-receive", func(ctx context.Context, args json.RawMessage) (any, error) {
@@ -199,11 +194,9 @@ func runSend(args []string, stdout, stderr io.Writer) int {
 		if !ok {
 			return errors.New("this pool access cannot send")
 		}
-		bw := bufio.NewWriterSize(io.MultiWriter(stdout, pr), 256<<10)
-		res, err := st.Send(bw, pos[1], *from)
-		if err == nil {
-			err = bw.Flush()
-		}
+		// Unbuffered: the stream writer gathers small records itself and
+		// writes each data record whole.
+		res, err := st.Send(io.MultiWriter(stdout, pr), pos[1], *from)
 		pr.finish()
 		if err != nil {
 			return err
