@@ -158,6 +158,7 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		}
 		return map[string]int{"requests": ex.inFlight(a.Names...)}, nil
 	})
+	registerStreamCommands(s, pool)
 	dir := pool.Status().Pool.Dir
 	return pool.Watch(func(ev thin.Event) {
 		if name, data, ok := spaceEvent(dir, ev); ok {
@@ -201,7 +202,6 @@ func spaceEvent(pool string, ev thin.Event) (name string, data map[string]any, o
 func startControl(ctx context.Context, pool *thin.Pool, ex *exports, path string, mode os.FileMode, f serveFlags) (*qmp.Server, func(), error) {
 	s := qmp.NewServer(qmp.Options{Logger: ex.log.With("control", path), Version: version})
 	stopEvents := registerPoolCommands(s, pool, ex)
-	registerStreamCommands(s, pool)
 	for _, qemu := range f.qemuQMP {
 		stopPauser := startPauser(pool, qemu, s.Emit, ex.log)
 		stopPrev := stopEvents
