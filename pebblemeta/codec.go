@@ -325,6 +325,11 @@ type VolumeRecord struct {
 	ChainProv uint64
 	// ReserveMode guarantees the whole virtual size. Optional (absent: off).
 	ReserveMode bool
+	// StreamID identifies a read-only snapshot's contents across pools:
+	// send stamps it into a stream, receive gives the received snapshot
+	// the same one, so an incremental stream names its base by it.
+	// Optional (absent: zero, none given yet).
+	StreamID [16]byte
 }
 
 const volFlagReserveMode = 1
@@ -346,7 +351,7 @@ func AppendVolumeRecord(dst []byte, r VolumeRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.Reserved)
 	// Optional fields are written only when they differ from what their
 	// absence means, so older records and plain volumes keep their bytes.
-	tail := r.ChainProv != r.Provisioned || r.ReserveMode
+	tail := r.ChainProv != r.Provisioned || r.ReserveMode || r.StreamID != [16]byte{}
 	if r.Kind != KindVolume || r.Origin != "" || tail {
 		dst = binary.AppendUvarint(dst, uint64(r.Kind))
 		dst = binary.AppendUvarint(dst, uint64(len(r.Origin)))
@@ -359,6 +364,9 @@ func AppendVolumeRecord(dst []byte, r VolumeRecord) []byte {
 			flags |= volFlagReserveMode
 		}
 		dst = binary.AppendUvarint(dst, flags)
+	}
+	if r.StreamID != [16]byte{} {
+		dst = append(dst, r.StreamID[:]...)
 	}
 	return dst
 }
@@ -395,6 +403,16 @@ func DecodeVolumeRecord(v []byte) (VolumeRecord, error) {
 		rec.ChainProv = r.uvarint("chain provisioned", math.MaxUint64)
 		flags := r.uvarint("volume flags", volFlagReserveMode)
 		rec.ReserveMode = flags&volFlagReserveMode != 0
+	}
+	if r.err == nil && len(r.b) > 0 {
+		if len(r.b) < len(rec.StreamID) {
+			r.err = corruptf("volume record: stream id truncated")
+		} else {
+			r.b = r.b[copy(rec.StreamID[:], r.b):]
+			if rec.StreamID == [16]byte{} {
+				r.err = corruptf("volume record: zero stream id written")
+			}
+		}
 	}
 	if err := r.done("volume record"); err != nil {
 		return VolumeRecord{}, err

@@ -69,6 +69,19 @@ func TestRecordsRoundTrip(t *testing.T) {
 	if _, err := DecodeVolumeRecord(enc); !errors.Is(err, ErrCorrupt) {
 		t.Fatal("unknown record version accepted")
 	}
+	// A snapshot's stream id round-trips; a zero or short one is corrupt.
+	sv := VolumeRecord{Layer: 5, Size: 512, Kind: KindSnapshot, Origin: "vm1", ChainProv: 0, StreamID: [16]byte{1, 2, 3, 15: 9}}
+	senc := AppendVolumeRecord(nil, sv)
+	if gv, err := DecodeVolumeRecord(senc); err != nil || gv != sv {
+		t.Fatalf("snapshot record with stream id: %+v %v", gv, err)
+	}
+	if _, err := DecodeVolumeRecord(senc[:len(senc)-1]); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("truncated stream id accepted")
+	}
+	zid := append(senc[:len(senc)-16:len(senc)-16], make([]byte, 16)...)
+	if _, err := DecodeVolumeRecord(zid); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("zero stream id accepted")
+	}
 	// A record from before ZeroFrom existed decodes with nothing known zero.
 	old := AppendPoolRecord(nil, p)
 	old = old[:len(old)-1]
@@ -125,6 +138,7 @@ func FuzzRecords(f *testing.F) {
 	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindSnapshot, Origin: "vm1"}))
 	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindClone, Origin: "vm1", ChainProv: 3, ReserveMode: true}))
 	f.Add(AppendLayerRecord(nil, LayerRecord{Parent: 3, Frozen: true, Mapped: 9, Provisioned: 2, Reserved: 1}))
+	f.Add(AppendVolumeRecord(nil, VolumeRecord{Layer: 4, Size: 512, Kind: KindSnapshot, Origin: "vm1", StreamID: [16]byte{7, 1}}))
 	f.Fuzz(func(t *testing.T, v []byte) {
 		if l, err := DecodeLayerRecord(v); err == nil {
 			l2, err := DecodeLayerRecord(AppendLayerRecord(nil, l))

@@ -30,7 +30,8 @@
 //	"f"                  format version (newer formats are refused)
 //	"p"                  pool record: block size, size, policies, counters
 //	"v" NAME             volume record: head layer, size, mapped/provisioned/reserved/
-//	                     chain-provisioned counters, kind, origin, reserve mode
+//	                     chain-provisioned counters, kind, origin, reserve mode,
+//	                     a read-only snapshot's stream id (send.go)
 //	"m" LAYER(8) VB(8)   map entry: flags (mapped, provisioned) + physical block
 //	"b" CHUNK(8)         allocation bitmap, 4096 blocks (512 bytes) per key
 //

@@ -242,6 +242,7 @@ type volState struct {
 	deleted bool
 	handle  *Volume
 	extra   uint64 // blocks reserved for it beyond its head's reservation entries (reserve.go)
+	recvRes uint64 // of extra: blocks a stream being received into it still has reserved (receive.go)
 }
 
 // Pool is an open thin pool. It is safe for concurrent use.

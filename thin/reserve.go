@@ -59,7 +59,7 @@ func extraBlocks(r *pebblemeta.VolumeRecord, blockSize uint64) uint64 {
 // reaccountLocked brings v's extra reservation, and the pool's sum, up to
 // date with v's counters.
 func (p *Pool) reaccountLocked(v *volState) {
-	n := p.extraFor(&v.rec)
+	n := p.extraFor(&v.rec) + v.recvRes
 	p.extra = p.extra - v.extra + n
 	v.extra = n
 }

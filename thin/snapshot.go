@@ -103,6 +103,8 @@ type SnapshotSpec struct {
 	Origin   string // volume, clone or snapshot to take it of
 	Name     string // the new snapshot's name
 	Writable bool   // a clone (writable) rather than a read-only snapshot
+
+	streamID [16]byte // a read-only snapshot's id when it is given (receive); zero: a new one
 }
 
 // CreateSnapshot makes name a point-in-time copy of origin (a volume, a
@@ -163,6 +165,7 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		L, ok := frozenAt[s.Origin]
 		if !ok {
 			L = o.rec.Layer
+			o.recvRes = 0
 			if !p.frozenLocked(L) {
 				p.freezeLocked(o)
 			}
@@ -174,6 +177,11 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 			nv.rec.Kind = pebblemeta.KindClone
 			nv.rec.Layer = p.newLayerLocked(L)
 			p.heads[nv.rec.Layer] = nv
+		} else {
+			nv.rec.StreamID = s.streamID
+			if nv.rec.StreamID == ([16]byte{}) {
+				nv.rec.StreamID = newStreamID()
+			}
 		}
 		p.reaccountLocked(nv)
 		p.vols[s.Name] = nv
@@ -207,7 +215,9 @@ func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
 			frozen[s.Origin] = true
 			after := o.rec
 			after.Mapped, after.Provisioned, after.Reserved = 0, 0, 0
-			need += p.extraFor(&after) - o.extra - o.rec.Reserved
+			// A receive's hold (in o.extra) ends with the snapshot and
+			// covers its reservations first (receive.go).
+			need += p.extraFor(&after) - min(p.extraFor(&after), o.extra+o.rec.Reserved)
 		}
 		if s.Writable {
 			clone := pebblemeta.VolumeRecord{Kind: pebblemeta.KindClone, Size: o.rec.Size, ChainProv: o.rec.ChainProv}

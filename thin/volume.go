@@ -271,7 +271,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	layer := v.st.rec.Layer
 	first, last := uint64(off>>p.shift), uint64((off+n-1)>>p.shift)
 	plans := make([]writePlan, 0, last-first+1)
-	var need, fromRes uint64
+	var need, fromRes, fromRecv uint64
 	for vb := first; vb <= last; vb++ {
 		k := mapKey{layer, vb}
 		if f := p.filling[k]; f != nil {
@@ -304,9 +304,12 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if v.st.rec.ReserveMode {
 			f.fromReserve = true // every block the head lacks is reserved
 		}
-		if f.fromReserve {
+		switch {
+		case f.fromReserve:
 			fromRes++
-		} else {
+		case fromRecv < v.st.recvRes:
+			fromRecv++ // a receive reserved it: taken below, once allocated
+		default:
 			need++
 		}
 		plans = append(plans, writePlan{vb: vb, pblock: -1, f: f, cow: cow})
@@ -368,6 +371,12 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		f.done = make(chan struct{})
 		plans[i].pblock = int64(pb)
 		p.filling[mapKey{layer, plans[i].vb}] = f
+	}
+	if fromRecv > 0 {
+		// The allocated blocks now count in the bitmap: the reservation
+		// they came out of goes.
+		v.st.recvRes -= fromRecv
+		p.reaccountLocked(v.st)
 	}
 	if need > 0 {
 		p.noteSpaceLocked()
@@ -700,7 +709,9 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 			}
 		}
 	}
-	if need > p.freeLocked() {
+	// A receive's reservation covers what it provisions (receive.go).
+	fromRecv := min(need, v.st.recvRes)
+	if need-fromRecv > p.freeLocked() {
 		return nil, nil, ErrNoSpace
 	}
 	if len(cow) > 0 {
@@ -772,6 +783,10 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 					p.setLocked(v.st, vb, e, ne, false)
 				}
 			}
+		}
+		if fromRecv > 0 {
+			v.st.recvRes -= fromRecv
+			p.reaccountLocked(v.st)
 		}
 		if need > 0 {
 			p.noteSpaceLocked()

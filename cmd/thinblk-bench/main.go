@@ -63,8 +63,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&size, "size", "1G", "image size (K, M, G suffixes)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each case")
 	fs.StringVar(&cases, "cases", "all", "comma-separated case names or substrings (e.g. randread-4k-qd32-q1,write-1m); 'list' prints them")
-	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin,snapshot", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw), snapshot (snapshot creation time against mapped blocks)")
+	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin,snapshot,stream", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw), snapshot (snapshot creation time against mapped blocks), stream (send | receive against cp)")
 	snapF := addSnapFlags(fs)
+	streamF := addStreamFlags(fs)
 	var thinSpan string
 	fs.StringVar(&thinSpan, "thin-span", "1G", "bytes of the thin volume filled and then read and overwritten")
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
@@ -96,7 +97,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	c.targets = map[string]bool{}
 	for _, t := range strings.Split(targets, ",") {
 		switch t {
-		case "thinblk", "qsd", "fio", "thin", "snapshot":
+		case "thinblk", "qsd", "fio", "thin", "snapshot", "stream":
 			c.targets[t] = true
 		default:
 			return fmt.Errorf("--targets: unknown target %q", t)
@@ -125,13 +126,20 @@ func run(args []string, stdout, stderr io.Writer) error {
 		snaps, serr = measureSnapshots(ctx, c.dir, snapCfg, stderr)
 		err = errors.Join(err, serr)
 	}
+	var streamRes bench.StreamResult
+	if c.targets["stream"] && ctx.Err() == nil {
+		var serr error
+		if streamRes, serr = measureStream(ctx, c, streamF, stderr); serr != nil {
+			err = errors.Join(err, fmt.Errorf("stream: %w", serr))
+		}
+	}
 	if c.jsonOut {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
 		if jerr := enc.Encode(map[string]any{
 			"cache": c.cache, "qsd_aio": c.qsdAIO, "duration_s": c.duration.Seconds(),
 			"size_bytes": c.size, "repeat": c.repeat, "results": results, "thin": thin.json(),
-			"snapshot": snaps.json(),
+			"snapshot": snaps.json(), "stream": streamRes,
 		}); jerr != nil {
 			return jerr
 		}
@@ -144,6 +152,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		if c.targets["snapshot"] {
 			printSnapshots(stdout, snaps)
+		}
+		if c.targets["stream"] && len(streamRes.Full) > 0 {
+			printStream(stdout, streamRes)
 		}
 	}
 	return err

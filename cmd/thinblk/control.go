@@ -158,6 +158,7 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		}
 		return map[string]int{"requests": ex.inFlight(a.Names...)}, nil
 	})
+	registerStreamCommands(s, pool)
 	dir := pool.Status().Pool.Dir
 	return pool.Watch(func(ev thin.Event) {
 		if name, data, ok := spaceEvent(dir, ev); ok {

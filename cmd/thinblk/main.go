@@ -31,6 +31,8 @@ func commands() []command {
 		{"snapshot", "create, delete or list snapshots and clones", runSnapshot},
 		{"vm-snapshot", "snapshot a running VM's disks at one instant (QEMU paused)", runVMSnapshot},
 		{"status", "show a pool's space and its volumes", runStatus},
+		{"send", "write a snapshot (or its changes since another) as a stream to stdout", runSend},
+		{"receive", "create or update a volume from a stream on stdin", runReceive},
 		{"check", "verify a pool's metadata against its data file", runCheck},
 		{"version", "print the version", runVersion},
 	}
