@@ -962,8 +962,8 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	p.ioGate.Lock()
 	p.ioGate.Unlock()
 	punched := p.punchReleased(released)
-	p.ioGate.Lock() // no request still aims at a freed block
-	p.mu.Lock()
+	hold := p.holdExclusive() // no request still aims at a freed block
+	defer hold.release()
 	for _, r := range punched {
 		p.zeroed.setRun(r[0], r[1])
 	}
@@ -973,8 +973,6 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	released.grow(p.rec.SizeBlocks)
 	p.pendSpare = released
 	p.spaceFreedLocked()
-	p.mu.Unlock()
-	p.ioGate.Unlock()
 }
 
 // punchReleased punches the blocks of released (freed, their release
@@ -1393,16 +1391,15 @@ func (p *Pool) deleteVolume(name string) error {
 	defer p.flushMu.Unlock()
 	// Wait for requests in flight, so that no fill of this volume is
 	// pending; once deleted, no new request touches its map.
-	p.ioGate.Lock()
-	p.mu.Lock()
+	hold := p.holdExclusive()
+	defer hold.release()
+	hold.hook("delete")
 	v, ok := p.vols[name]
 	err := p.usableLocked()
 	if err == nil && !ok {
 		err = fmt.Errorf("delete volume %s: %w", name, ErrNoVolume)
 	}
 	if err != nil {
-		p.mu.Unlock()
-		p.ioGate.Unlock()
 		return err
 	}
 	layer := v.rec.Layer
@@ -1416,8 +1413,7 @@ func (p *Pool) deleteVolume(name string) error {
 		p.deadVols = append(p.deadVols, name)
 		p.metaDirty = true
 		dets, err := p.derefLayerLocked(layer)
-		p.mu.Unlock()
-		p.ioGate.Unlock()
+		hold.release()
 		if err == nil {
 			err = p.releaseDetached(dets)
 		}
@@ -1434,18 +1430,15 @@ func (p *Pool) deleteVolume(name string) error {
 	parent := p.parentLocked(layer)
 	det, rerr := p.detachLayerLocked(layer, true, name)
 	p.deadVols = append(p.deadVols, name)
-	p.mu.Unlock()
-	p.ioGate.Unlock()
+	hold.release()
 	if rerr == nil {
 		rerr = p.releaseDetached([]detachedLayer{det})
 	}
 	if rerr == nil && parent != 0 {
-		p.ioGate.Lock()
-		p.mu.Lock()
+		hold = p.holdExclusive()
 		var dets []detachedLayer
 		dets, rerr = p.derefLayerLocked(parent)
-		p.mu.Unlock()
-		p.ioGate.Unlock()
+		hold.release()
 		if rerr == nil {
 			rerr = p.releaseDetached(dets)
 		}
