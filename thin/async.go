@@ -260,9 +260,7 @@ func (q *AsyncQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 	if !started {
 		return errDeclined
 	}
-	if err == nil {
-		p.opSeq.Add(1)
-	}
+	p.opSeq.Add(1) // failed too (see Volume.WriteAt)
 	q.finished(tag, err)
 	return nil
 }

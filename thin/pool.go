@@ -38,6 +38,9 @@ var (
 	ErrInvalid       = errors.New("invalid argument")
 	ErrClosed        = errors.New("pool is closed")
 	ErrReadOnly      = errors.New("volume is a read-only snapshot")
+	// ErrFailed: a commit failed (the disk refused a write or a sync), so
+	// the pool refuses every request until it is opened again (see fail).
+	ErrFailed = errors.New("pool failed")
 )
 
 // NoSpacePolicy says what a write that needs a new block does when the pool
@@ -1039,8 +1042,10 @@ var (
 // work rather than diverge.
 func (p *Pool) fail(err error) error {
 	p.mu.Lock()
-	if p.failed == nil {
-		p.failed = fmt.Errorf("pool %s failed: %w", p.dir, err)
+	first := p.failed == nil
+	if first {
+		p.failed = fmt.Errorf("pool %s: %w (restart to recover from the last commit): %w", p.dir, ErrFailed, err)
+		p.notifyAsyncLocked(Event{Type: PoolFailed, Reason: err.Error()})
 	}
 	ferr := p.failed
 	p.mu.Unlock()
@@ -1119,6 +1124,9 @@ const (
 	SpaceAvailable
 	LowWater
 	AboveLowWater
+	// PoolFailed: a commit failed and the pool refuses every request
+	// until it is opened again; Reason says why.
+	PoolFailed
 )
 
 func (t EventType) String() string {
@@ -1139,6 +1147,8 @@ func (t EventType) String() string {
 		return "low-water"
 	case AboveLowWater:
 		return "above-low-water"
+	case PoolFailed:
+		return "pool-failed"
 	}
 	return fmt.Sprintf("EventType(%d)", int(t))
 }
@@ -1150,6 +1160,7 @@ type Event struct {
 	Volume string // empty for pool events
 	Size   uint64 // new size in bytes (volume or pool)
 	Free   uint64 // free bytes, for space events
+	Reason string // why, for PoolFailed
 }
 
 // Watch registers fn to be called after each committed volume or pool
@@ -1256,7 +1267,10 @@ func (p *Pool) grow(size uint64) error {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
 	if err := p.data.Sync(); err != nil {
-		return fmt.Errorf("grow pool %s: %w", p.dir, err)
+		// A failed fdatasync may have dropped other writes' dirty pages
+		// (and the next one succeeds regardless): as in a commit, only a
+		// restart from the last commit is sound.
+		return p.fail(fmt.Errorf("grow pool %s: %w", p.dir, err))
 	}
 	p.mu.Lock()
 	p.rec.SizeBlocks = n
@@ -1607,6 +1621,9 @@ type PoolStatus struct {
 	DataHostBytes    uint64 `json:"data_host_bytes"`
 	VolumeCount      int    `json:"volume_count"`
 	PendingMapWrites int    `json:"pending_map_changes"`
+	// Failed is why the pool refuses requests after a failed commit
+	// (empty while it serves); a restart recovers from the last commit.
+	Failed string `json:"failed,omitempty"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1674,6 +1691,7 @@ func (p *Pool) Status() Status {
 		DataHostBytes:    hostBytes,
 		VolumeCount:      len(p.vols),
 		PendingMapWrites: len(p.dirty),
+		Failed:           errString(p.failed),
 	}}
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
@@ -1718,4 +1736,11 @@ func IsPool(dir string) bool {
 		}
 	}
 	return true
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }

@@ -230,10 +230,13 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 		started, wait, err := v.writeGated(bufs, off, int64(n))
 		switch {
 		case started:
+			// Counted failed too: its data may have landed in place, and
+			// the next FLUSH must not skip the sync that makes what a
+			// read may have seen durable.
+			p.opSeq.Add(1)
 			if err != nil {
 				return err
 			}
-			p.opSeq.Add(1)
 			return p.backpressure()
 		case wait != nil:
 			<-wait
@@ -620,10 +623,10 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 	for {
 		started, wait, err := v.zeroGated(off, length, unmap)
 		if started {
+			p.opSeq.Add(1) // failed too (see WriteAt)
 			if err != nil {
 				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 			}
-			p.opSeq.Add(1)
 			return p.backpressure()
 		}
 		if wait != nil {

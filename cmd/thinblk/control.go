@@ -164,6 +164,10 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 			s.Emit(name, data)
 			return
 		}
+		if ev.Type == thin.PoolFailed {
+			s.Emit(eventPoolFailed, map[string]any{"pool": dir, "reason": ev.Reason})
+			return
+		}
 		data := map[string]any{"size": ev.Size}
 		if ev.Volume != "" {
 			data["name"] = ev.Volume
@@ -178,6 +182,8 @@ const (
 	eventOutOfSpace     = "BLOCK_POOL_OUT_OF_SPACE"    // {pool, volume, free_bytes}
 	eventSpaceAvailable = "BLOCK_POOL_SPACE_AVAILABLE" // {pool, free_bytes}
 	eventLowWater       = "BLOCK_POOL_LOW_WATER"       // {pool, free_bytes, below}
+	// A commit failed: the pool refuses every request until restarted.
+	eventPoolFailed = "BLOCK_POOL_FAILED" // {pool, reason}
 )
 
 // spaceEvent maps thin's space events to QMP events; ok is false for the
