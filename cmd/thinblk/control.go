@@ -164,8 +164,8 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 			s.Emit(name, data)
 			return
 		}
-		if ev.Type == thin.PoolFailed {
-			s.Emit(eventPoolFailed, map[string]any{"pool": dir, "reason": ev.Reason})
+		if name, data, ok := failureEvent(dir, ev); ok {
+			s.Emit(name, data)
 			return
 		}
 		data := map[string]any{"size": ev.Size}
@@ -185,6 +185,14 @@ const (
 	// A commit failed: the pool refuses every request until restarted.
 	eventPoolFailed = "BLOCK_POOL_FAILED" // {pool, reason}
 )
+
+// failureEvent maps thin's PoolFailed to BLOCK_POOL_FAILED.
+func failureEvent(pool string, ev thin.Event) (name string, data map[string]any, ok bool) {
+	if ev.Type != thin.PoolFailed {
+		return "", nil, false
+	}
+	return eventPoolFailed, map[string]any{"pool": pool, "reason": ev.Reason}, true
+}
 
 // spaceEvent maps thin's space events to QMP events; ok is false for the
 // other (volume and pool change) events.
