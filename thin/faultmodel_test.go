@@ -304,3 +304,100 @@ func (p *Pool) usable() error {
 	defer p.mu.Unlock()
 	return p.usableLocked()
 }
+
+// TestModelSnapshotsCrashPoints is TestModelSnapshots with crash clones
+// taken before every sync of some flushes', snapshots' and deletes'
+// commits and every punch of their release phases: each clone must open
+// clean and every volume it still has must hold values the model allows.
+func TestModelSnapshotsCrashPoints(t *testing.T) {
+	snapCrashPoints = true
+	defer func() { snapCrashPoints = false }()
+	faultTotals = faultStats{}
+	forModelSeeds(t, 400, runSnapModel)
+	t.Logf("%d crash clones checked", faultTotals.clones)
+	if !t.Failed() && faultTotals.clones == 0 {
+		t.Fatal("no crash clone taken")
+	}
+}
+
+// crashPoints takes crash clones of a snapshot model's machine.
+type crashPoints struct {
+	in     *injector
+	rng    *rand.Rand
+	mu     sync.Mutex
+	clones []*machine
+	on     bool
+}
+
+func newCrashPoints(m *machine, seed uint64) *crashPoints {
+	m.inj = &injector{}
+	return &crashPoints{in: m.inj, rng: rand.New(rand.NewPCG(seed, 9))}
+}
+
+func (c *crashPoints) arm(md *snapModel, op string) {
+	if c == nil || c.rng.IntN(3) != 0 {
+		return
+	}
+	switch op {
+	case "flush", "snapshot", "clone", "delete":
+	default:
+		return
+	}
+	c.on = true
+	m := md.m
+	c.in.setPoint(func(faultOp) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.clones) < 24 {
+			c.clones = append(c.clones, m.crash(c.rng))
+		}
+	})
+}
+
+// check lets the release phase end, then opens every clone taken so far.
+func (c *crashPoints) check(md *snapModel) {
+	md.t.Helper()
+	if c == nil {
+		return
+	}
+	if c.on {
+		settle(md.p)
+		c.in.setPoint(nil)
+		c.on = false
+	}
+	c.mu.Lock()
+	clones := c.clones
+	c.clones = nil
+	c.mu.Unlock()
+	faultTotals.clones += len(clones)
+	for i, m := range clones {
+		m.inj = nil
+		p, err := open(md.dir, quietOpts(), m.env())
+		if err != nil {
+			md.fatalf("crash clone %d: open: %v", i, err)
+		}
+		if err := p.Check(nil); err != nil {
+			md.fatalf("crash clone %d: check: %v", i, err)
+		}
+		for _, v := range md.vols {
+			h, err := p.Volume(v.name)
+			if errors.Is(err, ErrNoVolume) {
+				continue // a delete that committed
+			}
+			if err != nil {
+				md.fatalf("crash clone %d: %v", i, err)
+			}
+			buf := make([]byte, len(v.sectors)*mSector)
+			if err := h.ReadAt([][]byte{buf}, 0); err != nil {
+				md.fatalf("crash clone %d: read: %v", i, err)
+			}
+			for j := range v.sectors {
+				tag, err := decodeSector(buf[j*mSector:(j+1)*mSector], 0, uint64(j))
+				if err != nil || !slices.Contains(v.sectors[j].cands, tag) {
+					md.fatalf("crash clone %d: volume %s sector %d holds %d (%v); possible: %v", i, v.name, j, tag, err, v.sectors[j].cands)
+				}
+			}
+		}
+		p.abandon()
+	}
+}
