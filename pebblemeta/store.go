@@ -21,6 +21,9 @@ var (
 	ErrNewerFormat = errors.New("metadata store has a newer format")
 	// ErrExists: Create found a store already there.
 	ErrExists = errors.New("metadata store already exists")
+	// ErrStoreFailed: the store could not write or sync its log; it must
+	// not be used further (reopen it).
+	ErrStoreFailed = errors.New("metadata store failed")
 )
 
 // Options configure a Store.
@@ -83,8 +86,16 @@ func (p pebbleLogger) Fatalf(format string, args ...any) {
 	if p.l != nil {
 		p.l.Error(msg)
 	}
-	panic(msg) // Pebble requires Fatalf not to return
+	panic(fatalError(msg)) // Pebble requires Fatalf not to return
 }
+
+// fatalError is what Fatalf panics with. Pebble calls it on the
+// committing goroutine when the WAL cannot be written or synced (the disk
+// refused it); Batch.Commit turns that into an error, so that the pool
+// fails with a clear error instead of taking the process down.
+type fatalError string
+
+func (e fatalError) Error() string { return string(e) }
 
 func (o Options) pebbleOptions() *pebble.Options {
 	fs := o.FS
@@ -443,7 +454,22 @@ func (b *Batch) Commit(sync bool) error {
 	if sync {
 		opts = pebble.Sync
 	}
-	if err := b.b.Commit(opts); err != nil {
+	return commitBatch(b.b, opts)
+}
+
+func commitBatch(b *pebble.Batch, opts *pebble.WriteOptions) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			f, ok := p.(fatalError)
+			if !ok {
+				panic(p)
+			}
+			// Pebble's commit pipeline is unusable now: the caller must
+			// stop using the store (a thin pool fails).
+			err = fmt.Errorf("commit metadata batch: %w: %w", ErrStoreFailed, f)
+		}
+	}()
+	if err := b.Commit(opts); err != nil {
 		return fmt.Errorf("commit metadata batch: %w", err)
 	}
 	return nil

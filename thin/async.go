@@ -172,12 +172,20 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 	if !q.room(1, len(bufs)+blocks) || !p.ioGate.TryRLock() {
 		return errDeclined
 	}
+	// The gate passes to the request once its reads are submitted (the
+	// completion releases it); until then it is released on every exit,
+	// also when clearing the guest's buffers faults (see readGated).
+	handed := false
+	defer func() {
+		if !handed {
+			p.ioGate.RUnlock()
+		}
+	}()
 	s := &q.slots[tag]
 	s.off, s.pbs, s.nsegs = off, s.pbs[:0], 0
 	p.mu.Lock()
 	if v.startLocked() != nil {
 		p.mu.Unlock()
-		p.ioGate.RUnlock()
 		return errDeclined
 	}
 	layer := v.st.rec.Layer
@@ -185,13 +193,11 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 		vb := uint64(pos >> p.shift)
 		if p.filling[mapKey{layer, vb}] != nil {
 			p.mu.Unlock()
-			p.ioGate.RUnlock()
 			return errDeclined
 		}
 		e, _, err := p.resolveLocked(layer, vb)
 		if err != nil {
 			p.mu.Unlock()
-			p.ioGate.RUnlock()
 			return errDeclined
 		}
 		pb := int64(-1)
@@ -215,13 +221,14 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 	}
 	if s.nsegs == 0 {
 		p.ioGate.RUnlock()
+		handed = true
 		q.finished(tag, nil)
 		return nil
 	}
 	if !q.room(s.nsegs, 0) {
-		p.ioGate.RUnlock()
 		return errDeclined
 	}
+	handed = true
 	q.prepSegs(uring.OpReadv, tag, s)
 	return nil
 }
@@ -249,18 +256,11 @@ func (q *AsyncQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 	if over || !p.ioGate.TryRLock() {
 		return errDeclined
 	}
-	plans, wait, err := v.planWrite(off, n)
-	if wait != nil || err != nil {
-		p.ioGate.RUnlock()
+	started, _, err := v.writeGated(bufs, off, n)
+	if !started {
 		return errDeclined
 	}
-	err = v.doWrite(plans, bufs, off, n)
-	p.ioGate.RUnlock()
-	if err != nil {
-		err = fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
-	} else {
-		p.opSeq.Add(1)
-	}
+	p.opSeq.Add(1) // failed too (see Volume.WriteAt)
 	q.finished(tag, err)
 	return nil
 }

@@ -74,7 +74,21 @@ func (a *asyncIO) WriteAt(bufs [][]byte, off int64) error {
 // that path too.
 func TestModelAsync(t *testing.T) {
 	steps := envInt("THIN_MODEL_STEPS", 1000)
-	var started, declined int
+	started, declined := useAsyncModelIO(t)
+	for seed := 1; seed <= 3; seed++ {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
+	}
+	t.Logf("requests started asynchronously: %d, declined (served synchronously): %d", *started, *declined)
+	if *started < 3**declined || *started < steps/2 {
+		t.Fatalf("only %d requests went through the queue (%d declined)", *started, *declined)
+	}
+}
+
+// useAsyncModelIO routes the model's reads and writes through
+// asynchronous queues until the test ends, counting the requests the
+// queues started and declined.
+func useAsyncModelIO(t *testing.T) (started, declined *int) {
+	started, declined = new(int), new(int)
 	modelIO = func(md *model, v *Volume) volumeIO {
 		if md.asyncs == nil {
 			md.asyncs = map[*Volume]*asyncIO{}
@@ -89,19 +103,13 @@ func TestModelAsync(t *testing.T) {
 	modelClose = func(md *model) {
 		for _, a := range md.asyncs {
 			a.q.Close()
-			started += a.started
-			declined += a.declined
+			*started += a.started
+			*declined += a.declined
 		}
 		md.asyncs = nil
 	}
-	defer func() { modelIO, modelClose = nil, nil }()
-	for seed := 1; seed <= 3; seed++ {
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
-	}
-	t.Logf("requests started asynchronously: %d, declined (served synchronously): %d", started, declined)
-	if started < 3*declined || started < steps/2 {
-		t.Fatalf("only %d requests went through the queue (%d declined)", started, declined)
-	}
+	t.Cleanup(func() { modelIO, modelClose = nil, nil })
+	return started, declined
 }
 
 // realPool makes a pool on real files (io_uring on its data file).

@@ -147,6 +147,7 @@ func (d *crashData) crash(rng *rand.Rand) *crashData {
 type machine struct {
 	fs    *vfs.MemFS
 	files map[string]*crashData
+	inj   *injector // if set, the pools opened on it see its faults
 }
 
 func newMachine() *machine {
@@ -154,6 +155,22 @@ func newMachine() *machine {
 }
 
 func (m *machine) env() *env {
+	e := m.plainEnv()
+	if m.inj != nil {
+		open := e.openData
+		e.fs = m.inj.metaFS(m.fs)
+		e.openData = func(path string, create bool) (dataFile, error) {
+			d, err := open(path, create)
+			if err != nil {
+				return nil, err
+			}
+			return faultData{d, m.inj}, nil
+		}
+	}
+	return e
+}
+
+func (m *machine) plainEnv() *env {
 	return &env{fs: m.fs, openData: func(path string, create bool) (dataFile, error) {
 		f, ok := m.files[path]
 		switch {
@@ -179,6 +196,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 	n := &machine{
 		fs:    m.fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 30, RNG: rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64()))}),
 		files: map[string]*crashData{},
+		inj:   m.inj,
 	}
 	for k, f := range m.files {
 		n.files[k] = f.crash(rng)

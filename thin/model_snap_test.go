@@ -43,6 +43,7 @@ type snapModel struct {
 	nextTag uint64
 	nextVol int
 	log     []string
+	points  *crashPoints // TestModelSnapshotsCrashPoints'
 }
 
 func (md *snapModel) fatalf(format string, args ...any) {
@@ -147,6 +148,7 @@ func (md *snapModel) snapshot(o *snapVol, writable bool) {
 		}
 		return
 	}
+	md.points.check(md)
 	md.durable()
 	nv := &snapVol{name: name, writable: writable, prov: slices.Clone(o.prov), sectors: make([]modelSector, len(o.sectors))}
 	for i, s := range o.sectors {
@@ -232,6 +234,7 @@ func (md *snapModel) fillAndKeepPromises() {
 
 func (md *snapModel) crash() {
 	md.t.Helper()
+	md.points.check(md)
 	md.p.abandon()
 	md.p = nil
 	md.m = md.m.crash(md.rng)
@@ -278,8 +281,14 @@ func (md *snapModel) open() {
 
 func TestModelSnapshots(t *testing.T) { forModelSeeds(t, 600, runSnapModel) }
 
+// snapCrashPoints makes runSnapModel take crash clones inside commits.
+var snapCrashPoints bool
+
 func runSnapModel(t *testing.T, seed uint64, steps int) {
 	md := &snapModel{t: t, rng: rand.New(rand.NewPCG(seed, 7)), m: newMachine(), dir: "/pool", nextTag: 1}
+	if snapCrashPoints {
+		md.points = newCrashPoints(md.m, seed)
+	}
 	if err := create(md.dir, CreateOptions{Size: 96 * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
@@ -299,6 +308,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 		if err := md.p.CreateVolume(name, mVolBlks*mBlock); err != nil {
 			md.fatalf("create: %v", err)
 		}
+		md.points.check(md)
 		md.durable()
 		v := &snapVol{name: name, writable: true, sectors: make([]modelSector, mVolBlks*mPerBlk), prov: make([]bool, mVolBlks)}
 		for i := range v.sectors {
@@ -355,6 +365,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 			op = "crash"
 		}
 		md.log = append(md.log, fmt.Sprintf("%d:%s %s/%s %d+%d", step, op, v.name, any.name, first, n))
+		md.points.arm(md, op)
 		switch op {
 		case "write":
 			md.write(v, first, n)
@@ -366,6 +377,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 			if err := md.p.Flush(); err != nil {
 				md.fatalf("flush: %v", err)
 			}
+			md.points.check(md)
 			md.durable()
 		case "snapshot", "clone":
 			if len(md.vols) < 8 {
@@ -376,6 +388,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 				if err := md.p.DeleteVolume(any.name); err != nil {
 					md.fatalf("delete %s: %v", any.name, err)
 				}
+				md.points.check(md)
 				md.durable()
 				md.vols = slices.DeleteFunc(md.vols, func(x *snapVol) bool { return x == any })
 			}

@@ -59,6 +59,7 @@ type model struct {
 	nextTag uint64
 	log     []string
 	asyncs  map[*Volume]*asyncIO // TestModelAsync's queues
+	faults  *faultRun            // TestModelFaults' injection
 }
 
 // volumeIO is how the model reads and writes a volume.
@@ -132,6 +133,10 @@ func (md *model) fatalf(format string, args ...any) {
 
 func (md *model) vol(v *modelVol) *Volume {
 	h, err := md.p.Volume(v.name)
+	if err != nil && md.faulted(err, nil, 0, 0, 0) {
+		// A background commit met the fault: the pool restarted.
+		h, err = md.p.Volume(v.name)
+	}
 	if err != nil {
 		md.fatalf("volume %s: %v", v.name, err)
 	}
@@ -154,6 +159,9 @@ func (md *model) verify(v *modelVol, firstSector, n int) {
 	md.t.Helper()
 	buf := make([]byte, n*mSector)
 	if err := md.io(v).ReadAt([][]byte{buf}, int64(firstSector)*mSector); err != nil {
+		if md.faulted(err, nil, 0, 0, 0) {
+			return
+		}
 		md.fatalf("read %s: %v", v.name, err)
 	}
 	for i := range n {
@@ -212,12 +220,15 @@ func (md *model) write(v *modelVol, first, n int) {
 	cut := md.rng.IntN(len(buf)/mSector+1) * mSector
 	err := md.io(v).WriteAt([][]byte{buf[:cut], buf[cut:]}, int64(first)*mSector)
 	if need > md.free() {
-		if !errors.Is(err, ErrNoSpace) {
+		if !errors.Is(err, ErrNoSpace) && !md.faulted(err, nil, 0, 0, 0) {
 			md.fatalf("write needing %d blocks with %d free: %v, want ErrNoSpace", need, md.free(), err)
 		}
 		return
 	}
 	if err != nil {
+		if md.faulted(err, v, first, n, tag) {
+			return
+		}
 		md.fatalf("write: %v", err)
 	}
 	for i := range n {
@@ -248,13 +259,16 @@ func (md *model) zero(v *modelVol, first, n int, unmap, discard bool) {
 			}
 		}
 		if need > md.free() {
-			if !errors.Is(err, ErrNoSpace) {
+			if !errors.Is(err, ErrNoSpace) && !md.faulted(err, nil, 0, 0, 0) {
 				md.fatalf("provisioning %d blocks with %d free: %v, want ErrNoSpace", need, md.free(), err)
 			}
 			return
 		}
 	}
 	if err != nil {
+		if md.faulted(err, v, first, n, 0) {
+			return
+		}
 		md.fatalf("zero (unmap=%v): %v", unmap, err)
 	}
 	for i := range n {
@@ -274,7 +288,12 @@ func (md *model) zero(v *modelVol, first, n int, unmap, discard bool) {
 }
 
 func (md *model) flush() {
-	if err := md.p.Flush(); err != nil {
+	err := md.p.Flush()
+	md.checkClones()
+	if err != nil {
+		if md.faulted(err, nil, 0, 0, 0) {
+			return
+		}
 		md.fatalf("flush: %v", err)
 	}
 	for _, v := range md.vols {
@@ -291,6 +310,9 @@ func (md *model) open() {
 		md.fatalf("reopen: %v", err)
 	}
 	md.p = p
+	if md.faults != nil {
+		md.watchFailures()
+	}
 }
 
 // randomTuning sets the pool's internal knobs at random for a model test
@@ -326,6 +348,7 @@ func openForModel(dir string, rng *rand.Rand, m *machine) (*Pool, error) {
 }
 
 func (md *model) crash() {
+	md.checkClones() // against what may survive since the last flush
 	md.dropIO()
 	md.p.abandon()
 	md.p = nil
@@ -384,6 +407,9 @@ func envInt(name string, def int) int {
 
 func TestModel(t *testing.T) { forModelSeeds(t, 1000, runModel) }
 
+// modelFaults makes runModel inject disk faults (TestModelFaults).
+var modelFaults bool
+
 // forModelSeeds runs a model test once per seed: 3 seeds of defSteps
 // steps, or THIN_MODEL_SEEDS seeds from THIN_MODEL_SEED (replay: one seed)
 // of THIN_MODEL_STEPS steps.
@@ -405,6 +431,9 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		t.Fatal(err)
 	}
 	defer randomTuning(md.rng)()
+	if modelFaults {
+		md.startFaults(seed)
+	}
 	md.open()
 	defer func() {
 		md.dropIO()
@@ -468,6 +497,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			op = "crash"
 		}
 		md.log = append(md.log, fmt.Sprintf("%d:%s %s %d+%d", step, op, v.name, first, n))
+		md.armFaults(op)
 		switch op {
 		case "write":
 			md.write(v, first, n)
@@ -484,7 +514,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		case "grow":
 			if md.size < 48 {
 				md.size += 1 + uint64(md.rng.IntN(3))
-				if err := md.p.Grow(md.size * mBlock); err != nil {
+				if err := md.p.Grow(md.size * mBlock); err != nil && !md.faulted(err, nil, 0, 0, 0) {
 					md.fatalf("grow: %v", err)
 				}
 			}
@@ -493,6 +523,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		case "recreate":
 			// Delete and create again: durable at once, reads as zeros,
 			// its space back in the pool.
+			md.checkClones() // taken when the volume still held its data
 			if err := md.p.DeleteVolume(v.name); err != nil {
 				md.fatalf("delete: %v", err)
 			}
@@ -504,6 +535,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			}
 			clear(v.blocks)
 		}
+		md.endFaults()
 		md.verifyAccounting()
 		if step%25 == 0 {
 			for _, v := range md.vols {

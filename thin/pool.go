@@ -39,6 +39,9 @@ var (
 	ErrInvalid       = errors.New("invalid argument")
 	ErrClosed        = errors.New("pool is closed")
 	ErrReadOnly      = errors.New("volume is a read-only snapshot")
+	// ErrFailed: a commit failed (the disk refused a write or a sync), so
+	// the pool refuses every request until it is opened again (see fail).
+	ErrFailed = errors.New("pool failed")
 )
 
 // NoSpacePolicy says what a write that needs a new block does when the pool
@@ -970,8 +973,8 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	p.ioGate.Lock()
 	p.ioGate.Unlock()
 	punched := p.punchReleased(released)
-	p.ioGate.Lock() // no request still aims at a freed block
-	p.mu.Lock()
+	hold := p.holdExclusive() // no request still aims at a freed block
+	defer hold.release()
 	for _, r := range punched {
 		p.zeroed.setRun(r[0], r[1])
 	}
@@ -981,8 +984,6 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	released.grow(p.rec.SizeBlocks)
 	p.pendSpare = released
 	p.spaceFreedLocked()
-	p.mu.Unlock()
-	p.ioGate.Unlock()
 }
 
 // punchReleased punches the blocks of released (freed, their release
@@ -1049,8 +1050,10 @@ var (
 // work rather than diverge.
 func (p *Pool) fail(err error) error {
 	p.mu.Lock()
-	if p.failed == nil {
-		p.failed = fmt.Errorf("pool %s failed: %w", p.dir, err)
+	first := p.failed == nil
+	if first {
+		p.failed = fmt.Errorf("pool %s: %w (restart to recover from the last commit): %w", p.dir, ErrFailed, err)
+		p.notifyAsyncLocked(Event{Type: PoolFailed, Reason: err.Error()})
 	}
 	ferr := p.failed
 	p.mu.Unlock()
@@ -1131,6 +1134,9 @@ const (
 	SpaceAvailable
 	LowWater
 	AboveLowWater
+	// PoolFailed: a commit failed and the pool refuses every request
+	// until it is opened again; Reason says why.
+	PoolFailed
 )
 
 func (t EventType) String() string {
@@ -1151,6 +1157,8 @@ func (t EventType) String() string {
 		return "low-water"
 	case AboveLowWater:
 		return "above-low-water"
+	case PoolFailed:
+		return "pool-failed"
 	}
 	return fmt.Sprintf("EventType(%d)", int(t))
 }
@@ -1162,6 +1170,7 @@ type Event struct {
 	Volume string // empty for pool events
 	Size   uint64 // new size in bytes (volume or pool)
 	Free   uint64 // free bytes, for space events
+	Reason string // why, for PoolFailed
 }
 
 // Watch registers fn to be called after each committed volume or pool
@@ -1268,7 +1277,10 @@ func (p *Pool) grow(size uint64) error {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
 	if err := p.data.Sync(); err != nil {
-		return fmt.Errorf("grow pool %s: %w", p.dir, err)
+		// A failed fdatasync may have dropped other writes' dirty pages
+		// (and the next one succeeds regardless): as in a commit, only a
+		// restart from the last commit is sound.
+		return p.fail(fmt.Errorf("grow pool %s: %w", p.dir, err))
 	}
 	p.mu.Lock()
 	p.rec.SizeBlocks = n
@@ -1403,16 +1415,15 @@ func (p *Pool) deleteVolume(name string) error {
 	defer p.flushMu.Unlock()
 	// Wait for requests in flight, so that no fill of this volume is
 	// pending; once deleted, no new request touches its map.
-	p.ioGate.Lock()
-	p.mu.Lock()
+	hold := p.holdExclusive()
+	defer hold.release()
+	hold.hook("delete")
 	v, ok := p.vols[name]
 	err := p.usableLocked()
 	if err == nil && !ok {
 		err = fmt.Errorf("delete volume %s: %w", name, ErrNoVolume)
 	}
 	if err != nil {
-		p.mu.Unlock()
-		p.ioGate.Unlock()
 		return err
 	}
 	layer := v.rec.Layer
@@ -1426,8 +1437,7 @@ func (p *Pool) deleteVolume(name string) error {
 		p.deadVols = append(p.deadVols, name)
 		p.metaDirty = true
 		dets, err := p.derefLayerLocked(layer)
-		p.mu.Unlock()
-		p.ioGate.Unlock()
+		hold.release()
 		if err == nil {
 			err = p.releaseDetached(dets)
 		}
@@ -1444,18 +1454,15 @@ func (p *Pool) deleteVolume(name string) error {
 	parent := p.parentLocked(layer)
 	det, rerr := p.detachLayerLocked(layer, true, name)
 	p.deadVols = append(p.deadVols, name)
-	p.mu.Unlock()
-	p.ioGate.Unlock()
+	hold.release()
 	if rerr == nil {
 		rerr = p.releaseDetached([]detachedLayer{det})
 	}
 	if rerr == nil && parent != 0 {
-		p.ioGate.Lock()
-		p.mu.Lock()
+		hold = p.holdExclusive()
 		var dets []detachedLayer
 		dets, rerr = p.derefLayerLocked(parent)
-		p.mu.Unlock()
-		p.ioGate.Unlock()
+		hold.release()
 		if rerr == nil {
 			rerr = p.releaseDetached(dets)
 		}
@@ -1624,6 +1631,9 @@ type PoolStatus struct {
 	DataHostBytes    uint64 `json:"data_host_bytes"`
 	VolumeCount      int    `json:"volume_count"`
 	PendingMapWrites int    `json:"pending_map_changes"`
+	// Failed is why the pool refuses requests after a failed commit
+	// (empty while it serves); a restart recovers from the last commit.
+	Failed string `json:"failed,omitempty"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1691,6 +1701,7 @@ func (p *Pool) Status() Status {
 		DataHostBytes:    hostBytes,
 		VolumeCount:      len(p.vols),
 		PendingMapWrites: len(p.dirty),
+		Failed:           errString(p.failed),
 	}}
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
@@ -1735,4 +1746,11 @@ func IsPool(dir string) bool {
 		}
 	}
 	return true
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }

@@ -92,8 +92,9 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	}
 	// No fill in flight: a fill's reservation was counted under the mode
 	// it was planned in.
-	p.ioGate.Lock()
-	p.mu.Lock()
+	hold := p.holdExclusive()
+	defer hold.release()
+	hold.hook("reserve-mode")
 	err := p.usableLocked()
 	v := p.vols[name]
 	changed := false
@@ -122,8 +123,7 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 			p.spaceFreedLocked()
 		}
 	}
-	p.mu.Unlock()
-	p.ioGate.Unlock()
+	hold.release()
 	if err != nil {
 		return err
 	}

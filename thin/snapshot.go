@@ -132,8 +132,9 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		return err
 	}
 	// No request in flight: no fill can publish into a layer being frozen.
-	p.ioGate.Lock()
-	p.mu.Lock()
+	hold := p.holdExclusive()
+	defer hold.release()
+	hold.hook("snapshot")
 	err := p.usableLocked()
 	seen := map[string]bool{}
 	for _, s := range specs {
@@ -154,8 +155,6 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		err = p.snapshotSpaceLocked(specs)
 	}
 	if err != nil {
-		p.mu.Unlock()
-		p.ioGate.Unlock()
 		return err
 	}
 	frozenAt := map[string]uint64{}
@@ -189,8 +188,7 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		created = append(created, nv)
 	}
 	p.metaDirty = true
-	p.mu.Unlock()
-	p.ioGate.Unlock()
+	hold.release()
 	if err := p.commitLocked(); err != nil {
 		return err
 	}

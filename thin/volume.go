@@ -121,67 +121,67 @@ func (v *Volume) ReadAt(bufs [][]byte, off int64) error {
 	if err := v.checkRange("read", off, n); err != nil {
 		return err
 	}
-	p := v.p
-	bs := p.blockSize
 	var small [16]int64
 	for {
-		p.ioGate.RLock()
-		p.mu.Lock()
-		if err := v.startLocked(); err != nil {
-			p.mu.Unlock()
-			p.ioGate.RUnlock()
+		wait, err := v.readGated(bufs, off, int64(n), small[:0])
+		if wait == nil {
 			return err
 		}
-		layer := v.st.rec.Layer
-		pbs := small[:0]
-		var wait chan struct{}
-		var lerr error
-		for pos := off; pos < off+int64(n); pos = (pos>>p.shift + 1) << p.shift {
-			k := mapKey{layer, uint64(pos >> p.shift)}
-			if f := p.filling[k]; f != nil {
-				wait = f.done
-				break
-			}
-			e, _, err := p.resolveLocked(layer, k.vb)
-			if err != nil {
-				lerr = err
-				break
-			}
-			pb := int64(-1)
-			if e.Mapped() {
-				pb = int64(e.PBlock)
-			}
-			pbs = append(pbs, pb)
-		}
-		p.mu.Unlock()
-		if wait != nil {
-			p.ioGate.RUnlock()
-			<-wait
-			continue
-		}
-		if lerr != nil {
-			p.ioGate.RUnlock()
-			return fmt.Errorf("read volume %s: %w", v.name, lerr)
-		}
-		s := sg{bufs: bufs}
-		var err error
-		for i, pos := 0, off; pos < off+int64(n) && err == nil; i++ {
-			inBlk := pos & (bs - 1)
-			l := min(bs-inBlk, off+int64(n)-pos)
-			if pb := pbs[i]; pb < 0 {
-				err = s.next(l, func(b []byte, _ int64) error { clear(b); return nil })
-			} else {
-				base := pb<<p.shift + inBlk
-				err = s.next(l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
-			}
-			pos += l
-		}
-		p.ioGate.RUnlock()
-		if err != nil {
-			return fmt.Errorf("read volume %s at %d: %w", v.name, off, err)
-		}
-		return nil
+		<-wait
 	}
+}
+
+// readGated is one attempt of ReadAt under the I/O gate, which it releases
+// on every exit: also when filling the guest's buffers faults (a front-end
+// that shrank its memory), so that the next exclusive user of the gate (a
+// release phase, a snapshot) does not wait forever. A block being filled
+// returns its channel: wait for it, then try again.
+func (v *Volume) readGated(bufs [][]byte, off, n int64, pbs []int64) (chan struct{}, error) {
+	p := v.p
+	bs := p.blockSize
+	p.ioGate.RLock()
+	defer p.ioGate.RUnlock()
+	p.mu.Lock()
+	if err := v.startLocked(); err != nil {
+		p.mu.Unlock()
+		return nil, err
+	}
+	layer := v.st.rec.Layer
+	for pos := off; pos < off+n; pos = (pos>>p.shift + 1) << p.shift {
+		k := mapKey{layer, uint64(pos >> p.shift)}
+		if f := p.filling[k]; f != nil {
+			p.mu.Unlock()
+			return f.done, nil
+		}
+		e, _, err := p.resolveLocked(layer, k.vb)
+		if err != nil {
+			p.mu.Unlock()
+			return nil, fmt.Errorf("read volume %s: %w", v.name, err)
+		}
+		pb := int64(-1)
+		if e.Mapped() {
+			pb = int64(e.PBlock)
+		}
+		pbs = append(pbs, pb)
+	}
+	p.mu.Unlock()
+	s := sg{bufs: bufs}
+	var err error
+	for i, pos := 0, off; pos < off+n && err == nil; i++ {
+		inBlk := pos & (bs - 1)
+		l := min(bs-inBlk, off+n-pos)
+		if pb := pbs[i]; pb < 0 {
+			err = s.next(l, func(b []byte, _ int64) error { clear(b); return nil })
+		} else {
+			base := pb<<p.shift + inBlk
+			err = s.next(l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
+		}
+		pos += l
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read volume %s at %d: %w", v.name, off, err)
+	}
+	return nil, nil
 }
 
 type writePlan struct {
@@ -227,38 +227,47 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 	var deadline time.Time
 	for {
 		p.ioGate.RLock()
-		plans, wait, err := v.planWrite(off, int64(n))
-		if wait != nil {
-			p.ioGate.RUnlock()
+		started, wait, err := v.writeGated(bufs, off, int64(n))
+		switch {
+		case started:
+			// Counted failed too: its data may have landed in place, and
+			// the next FLUSH must not skip the sync that makes what a
+			// read may have seen durable.
+			p.opSeq.Add(1)
+			if err != nil {
+				return err
+			}
+			return p.backpressure()
+		case wait != nil:
 			<-wait
-			continue
-		}
-		if errors.Is(err, ErrNoSpace) {
-			p.ioGate.RUnlock()
+		case errors.Is(err, ErrNoSpace):
 			if err := p.waitForSpace(&deadline, "write", v.name); err != nil {
 				return err
 			}
-			continue
-		}
-		if err == errRaiseZero {
-			p.ioGate.RUnlock()
+		case err == errRaiseZero:
 			if err := p.commit(); err != nil {
 				return fmt.Errorf("write volume %s: %w", v.name, err)
 			}
-			continue
-		}
-		if err != nil {
-			p.ioGate.RUnlock()
+		default:
 			return err
 		}
-		err = v.doWrite(plans, bufs, off, int64(n))
-		p.ioGate.RUnlock()
-		if err != nil {
-			return fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
-		}
-		p.opSeq.Add(1)
-		return p.backpressure()
 	}
+}
+
+// writeGated plans and writes one request under the I/O gate, which the
+// caller took shared; it releases the gate on every exit, a fault on the
+// guest's buffers included (see readGated). started is false when the
+// request did not start: wait for wait, or planning failed with err.
+func (v *Volume) writeGated(bufs [][]byte, off, n int64) (started bool, wait chan struct{}, err error) {
+	defer v.p.ioGate.RUnlock()
+	plans, wait, err := v.planWrite(off, n)
+	if wait != nil || err != nil {
+		return false, wait, err
+	}
+	if err := v.doWrite(plans, bufs, off, n); err != nil {
+		return true, nil, fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
+	}
+	return true, nil, nil
 }
 
 func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
@@ -384,7 +393,39 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	return plans, nil, nil
 }
 
+// errAbandoned gives back the fills of a write that ended without
+// finishing its data (a fault on the guest's buffers).
+var errAbandoned = errors.New("write abandoned")
+
+// doWrite writes the planned blocks and publishes the new ones. The fills
+// are published or given back on every exit, also when copying from the
+// guest's buffers faults: requests waiting for them would wait forever.
 func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
+	fills := false
+	for _, pl := range plans {
+		fills = fills || pl.f != nil
+	}
+	done := false
+	if fills {
+		defer func() {
+			if !done {
+				v.publish(plans, errAbandoned)
+			}
+		}()
+	}
+	err := v.writeData(plans, bufs, off, n)
+	done = true
+	if !fills {
+		// Overwrites in place: nothing to publish. Set after the data is
+		// written, so that a commit that saw the flag clear cannot have
+		// missed this write (see commitLocked).
+		v.p.dataDirty.Store(true)
+		return err
+	}
+	return v.publish(plans, err)
+}
+
+func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error {
 	p := v.p
 	bs := p.blockSize
 	s := sg{bufs: bufs}
@@ -429,17 +470,16 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 		err = run.flush()
 	}
 	run.release()
+	return err
+}
+
+// publish maps the new blocks of a write (or gives them back when err is
+// set) and wakes the requests waiting for them.
+func (v *Volume) publish(plans []writePlan, err error) error {
+	p := v.p
 	// Set after the data is written, so that a commit that saw the flag
 	// clear cannot have missed this write (see commitLocked).
 	p.dataDirty.Store(true)
-	fills := false
-	for _, pl := range plans {
-		fills = fills || pl.f != nil
-	}
-	if !fills {
-		return err // overwrites in place: nothing to publish
-	}
-	// Publish the new blocks (or give them back on failure).
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	layer := v.st.rec.Layer
@@ -590,15 +630,19 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 	p := v.p
 	var deadline time.Time
 	for {
-		p.ioGate.RLock()
-		zeros, wait, err := v.planZeroes(off, length, unmap)
+		started, wait, err := v.zeroGated(off, length, unmap)
+		if started {
+			p.opSeq.Add(1) // failed too (see WriteAt)
+			if err != nil {
+				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+			}
+			return p.backpressure()
+		}
 		if wait != nil {
-			p.ioGate.RUnlock()
 			<-wait
 			continue
 		}
 		if cf, ok := err.(*cowFirst); ok {
-			p.ioGate.RUnlock()
 			for _, r := range cf.ranges {
 				if err := v.WriteAt([][]byte{make([]byte, r.n)}, r.off); err != nil {
 					return fmt.Errorf("%s on volume %s: copy shared block: %w", op, v.name, err)
@@ -607,27 +651,35 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			continue
 		}
 		if errors.Is(err, ErrNoSpace) {
-			p.ioGate.RUnlock()
 			if err := p.waitForSpace(&deadline, op, v.name); err != nil {
 				return err
 			}
 			continue
 		}
-		if err == nil && len(zeros) > 0 {
-			for _, z := range zeros {
-				if err = p.data.ZeroRange(z.off, z.n); err != nil {
-					break
-				}
-			}
-			p.dataDirty.Store(true)
-		}
-		p.ioGate.RUnlock()
-		if err != nil {
-			return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
-		}
-		p.opSeq.Add(1)
-		return p.backpressure()
+		return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 	}
+}
+
+// zeroGated plans a discard or write-zeroes and zeroes in place under the
+// I/O gate, which it releases on every exit. started is false when the
+// request did not start: wait for wait, or planning returned err.
+func (v *Volume) zeroGated(off, length int64, unmap bool) (started bool, wait chan struct{}, err error) {
+	p := v.p
+	p.ioGate.RLock()
+	defer p.ioGate.RUnlock()
+	zeros, wait, err := v.planZeroes(off, length, unmap)
+	if wait != nil || err != nil {
+		return false, wait, err
+	}
+	if len(zeros) > 0 {
+		for _, z := range zeros {
+			if err = p.data.ZeroRange(z.off, z.n); err != nil {
+				break
+			}
+		}
+		p.dataDirty.Store(true)
+	}
+	return true, nil, err
 }
 
 // cowFirst asks the caller to copy partially zeroed shared blocks into the

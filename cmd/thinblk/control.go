@@ -165,6 +165,10 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 			s.Emit(name, data)
 			return
 		}
+		if name, data, ok := failureEvent(dir, ev); ok {
+			s.Emit(name, data)
+			return
+		}
 		data := map[string]any{"size": ev.Size}
 		if ev.Volume != "" {
 			data["name"] = ev.Volume
@@ -179,7 +183,17 @@ const (
 	eventOutOfSpace     = "BLOCK_POOL_OUT_OF_SPACE"    // {pool, volume, free_bytes}
 	eventSpaceAvailable = "BLOCK_POOL_SPACE_AVAILABLE" // {pool, free_bytes}
 	eventLowWater       = "BLOCK_POOL_LOW_WATER"       // {pool, free_bytes, below}
+	// A commit failed: the pool refuses every request until restarted.
+	eventPoolFailed = "BLOCK_POOL_FAILED" // {pool, reason}
 )
+
+// failureEvent maps thin's PoolFailed to BLOCK_POOL_FAILED.
+func failureEvent(pool string, ev thin.Event) (name string, data map[string]any, ok bool) {
+	if ev.Type != thin.PoolFailed {
+		return "", nil, false
+	}
+	return eventPoolFailed, map[string]any{"pool": pool, "reason": ev.Reason}, true
+}
 
 // spaceEvent maps thin's space events to QMP events; ok is false for the
 // other (volume and pool change) events.
