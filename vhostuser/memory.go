@@ -76,6 +76,17 @@ func (m *guestMemory) userRange(uaddr, size uint64) ([]byte, error) {
 	return nil, fmt.Errorf("user address range [%#x,+%#x) outside guest memory", uaddr, size)
 }
 
+// userToGuest translates one of the front-end's virtual addresses into a
+// guest-physical address.
+func (m *guestMemory) userToGuest(uaddr uint64) (uint64, bool) {
+	for _, r := range m.regions {
+		if uaddr >= r.UserAddr && uaddr-r.UserAddr < r.Size {
+			return r.GuestPhysAddr + (uaddr - r.UserAddr), true
+		}
+	}
+	return 0, false
+}
+
 // with returns a new snapshot with r added, or an error if r overlaps an
 // existing region (in guest-physical or user address space).
 func (m *guestMemory) with(r *mappedRegion) (*guestMemory, error) {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -157,11 +158,16 @@ func TestRingStartsWhenEnabled(t *testing.T) {
 	if _, ok := dev.runningQueue(0); !ok {
 		t.Fatal("ring not running after SET_VRING_ENABLE 1")
 	}
-	// A new call fd restarts the running ring with it.
+	// A new call fd is handed to the running ring without stopping it
+	// (a stop would wait for every request in flight).
 	call := eventFd(t)
+	nEvents := len(dev.eventLog())
 	c.mustSend(ReqSetVringCall, EncodeU64(0), call)
-	if q, ok := dev.runningQueue(0); !ok || q.Call == nil {
+	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !sameFile(q.Call, call) {
 		t.Fatal("ring not running with the new call fd")
+	}
+	if ev := dev.eventLog()[nEvents:]; !slices.Equal(ev, []string{"call 0"}) {
+		t.Fatalf("device events after SET_VRING_CALL: %v, want only the swap", ev)
 	}
 	// The no-fd flag: a polled ring without a kick fd.
 	c.mustSend(ReqSetVringKick, EncodeU64(VringNoFd))
@@ -895,5 +901,124 @@ func waitServed(t *testing.T, path string) *Conn {
 			t.Fatal("server never served a new connection")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// sameFile reports whether a and b are the same open file.
+func sameFile(a, b *os.File) bool {
+	sa, err1 := a.Stat()
+	sb, err2 := b.Stat()
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+}
+
+// A ring the device fails to stop may still be using guest memory: the
+// session closes the connection and leaves the memory mapped rather than
+// change the memory table under it.
+func TestStopFailureClosesWithoutUnmapping(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		fail func(c *client)
+	}{
+		{"SET_MEM_TABLE", func(c *client) {
+			ram := newGuestRAM(c.t, 2*ramSize)
+			c.write(ReqSetMemTable, FlagNeedReply, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: 2 * ramSize, UserAddr: userBase}}), ram.file)
+		}},
+		{"REM_MEM_REG", func(c *client) {
+			c.write(ReqRemMemReg, FlagNeedReply, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 0, Size: ramSize, UserAddr: userBase}))
+		}},
+		{"GET_VRING_BASE", func(c *client) {
+			c.write(ReqGetVringBase, 0, VringState{Index: 0}.Encode())
+		}},
+		{"SET_VRING_ENABLE 0", func(c *client) {
+			c.write(ReqSetVringEnable, FlagNeedReply, VringState{Index: 0, Num: 0}.Encode())
+		}},
+		{"disconnect", func(c *client) { c.conn.Close() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := newFakeDevice()
+			ts := startServer(t, dev)
+			maps0 := guestMappings(t)
+			c := dial(t, ts.path)
+			c.negotiate(dev, true)
+			setupMem(t, c)
+			c.setupRing(t, 0, 128)
+			c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+			dev.mu.Lock()
+			dev.stopErr = errors.New("requests still in flight")
+			dev.mu.Unlock()
+			tc.fail(c)
+			if tc.name != "disconnect" {
+				c.expectClosed()
+			}
+			ts.log.waitLog(t, "a ring did not stop")
+			// The running queue still reads its ring: memory must be mapped
+			// (the test's own mapping plus the server's).
+			if got := guestMappings(t) - maps0; got < 2 {
+				t.Fatalf("%d guest mappings left: the server unmapped memory under a running ring", got)
+			}
+			if _, err := dev.guestRange(0, 0x1000, 8); err != nil {
+				t.Fatal(err)
+			}
+			dev.mu.Lock()
+			touch(dev.running[0].Used)
+			dev.stopErr = nil
+			dev.mu.Unlock()
+		})
+	}
+}
+
+// Messages that belong to a protocol feature are refused unless that
+// feature was negotiated (as rust-vmm's check_proto_feature does).
+func TestProtocolFeatureRequired(t *testing.T) {
+	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(sp[0])
+	backendFd := os.NewFile(uintptr(sp[1]), "backend")
+	defer backendFd.Close()
+	for _, tc := range []struct {
+		req     Request
+		bit     int
+		payload []byte
+		files   []*os.File
+		reply   bool // a request with a reply of its own: refused by closing
+	}{
+		{ReqResetDevice, ProtoResetDevice, nil, nil, false},
+		{ReqGetMaxMemSlots, ProtoConfigureMemSlots, nil, nil, true},
+		{ReqRemMemReg, ProtoConfigureMemSlots, EncodeSingleRegion(MemoryRegion{Size: ramSize, UserAddr: userBase}), nil, false},
+		{ReqGetConfig, ProtoConfig, ConfigSpace{Data: make([]byte, 8)}.Encode(), nil, true},
+		{ReqSetConfig, ProtoConfig, ConfigSpace{Offset: 20, Data: []byte{1}}.Encode(), nil, false},
+		{ReqSetBackendReqFd, ProtoBackendReq, nil, []*os.File{backendFd}, false},
+		{ReqSetStatus, ProtoStatus, EncodeU64(1), nil, false},
+		{ReqGetStatus, ProtoStatus, nil, nil, true},
+	} {
+		t.Run(tc.req.String(), func(t *testing.T) {
+			dev := newFakeDevice()
+			ts := startServer(t, dev)
+			c := dial(t, ts.path)
+			c.getU64(ReqGetFeatures)
+			// Everything offered but the feature under test.
+			c.mustSend(ReqSetProtocolFeatures, EncodeU64(OfferedProtocolFeatures&^(1<<tc.bit)))
+			c.ack = true
+			c.mustSend(ReqSetFeatures, EncodeU64(dev.features|1<<FeatureProtocolFeatures))
+			setupMem(t, c)
+			switch {
+			case tc.req == ReqGetConfig:
+				// QEMU reads an empty reply as a failed read.
+				c.write(tc.req, 0, tc.payload, tc.files...)
+				if m := c.read(tc.req); len(m.Payload) != 0 {
+					t.Fatalf("GET_CONFIG answered %d bytes without CONFIG", len(m.Payload))
+				}
+			case tc.reply:
+				c.write(tc.req, 0, tc.payload, tc.files...)
+				c.expectClosed()
+			default:
+				if err := c.send(tc.req, tc.payload, tc.files...); err == nil {
+					t.Fatalf("%v accepted without its protocol feature", tc.req)
+				}
+			}
+			ts.log.waitLog(t, "was not negotiated")
+		})
 	}
 }

@@ -18,25 +18,45 @@ type messageWriter interface {
 	Write(h Header, payload []byte, files ...*os.File) error
 }
 
-// vring is the front-end's view of one ring. It is kept apart from the
-// device's queue so that a ring can be stopped and restarted (memory
-// table change, new call fd) from the same state; an in-flight tracking
-// region (INFLIGHT_SHMFD) would be one more field here, handed to the
-// device at start.
+// vring is everything the session knows about one ring, kept apart from
+// the device's queue so that a ring can be stopped and restarted (memory
+// table change, reconnection, a new back-end process) from it alone: what
+// the front-end set (size, base, addresses, eventfds), where the ring areas
+// are while it runs, its part of the in-flight region and, for live
+// migration, its dirty log.
 type vring struct {
 	num     uint16 // ring size; 0 until SET_VRING_NUM
 	addr    VringAddr
 	addrSet bool
 	base    uint16 // available index to resume from
 
+	// While running: the ring areas in guest-physical address space (what
+	// a dirty log records) and in host memory (what the device uses).
+	descGPA, availGPA, usedGPA uint64
+	desc, avail, used          []byte
+
 	kick    *os.File
 	kickSet bool // SET_VRING_KICK received (kick may be nil: polled ring)
 	call    *os.File
 	errFd   *os.File
 
+	// inflight is this ring's queue region of the in-flight area
+	// (INFLIGHT_SHMFD); nil without one.
+	inflight *inflightRing
+	// dirty is where writes to guest memory are logged during live
+	// migration (LOG_SHMFD); nil while not logging.
+	dirty *ringDirtyLog
+
 	enabled bool
 	running bool // the device is serving this ring
+	// stuck: the device failed to stop the ring, so it may still touch
+	// guest memory; the connection is closed and the memory left mapped.
+	stuck bool
 }
+
+// ringDirtyLog is one ring's share of live migration's dirty log: room for
+// LOG_SHMFD, which this back-end does not offer yet.
+type ringDirtyLog struct{}
 
 func (r *vring) closeFiles() {
 	for _, f := range []**os.File{&r.kick, &r.call, &r.errFd} {
@@ -97,34 +117,39 @@ type handler struct {
 	hasReply bool
 	size     int // exact payload size; -1: checked by fn
 	fds      int // exact descriptor count; -1: checked by fn
+	// proto is the protocol feature the request belongs to: it is refused
+	// unless that feature was negotiated. noProto: always allowed.
+	proto int
 }
 
+const noProto = -1
+
 var handlers = map[Request]handler{
-	ReqGetFeatures:         {(*session).getFeatures, true, 0, 0},
-	ReqSetFeatures:         {(*session).setFeatures, false, 8, 0},
-	ReqSetOwner:            {(*session).setOwner, false, 0, 0},
-	ReqResetOwner:          {(*session).resetDevice, false, 0, 0},
-	ReqResetDevice:         {(*session).resetDevice, false, 0, 0},
-	ReqGetProtocolFeatures: {(*session).getProtocolFeatures, true, 0, 0},
-	ReqSetProtocolFeatures: {(*session).setProtocolFeatures, false, 8, 0},
-	ReqGetQueueNum:         {(*session).getQueueNum, true, 0, 0},
-	ReqGetMaxMemSlots:      {(*session).getMaxMemSlots, true, 0, 0},
-	ReqSetMemTable:         {(*session).setMemTable, false, -1, -1},
-	ReqAddMemReg:           {(*session).addMemReg, false, 8 + memoryRegionSize, 1},
-	ReqRemMemReg:           {(*session).remMemReg, false, 8 + memoryRegionSize, -1},
-	ReqSetVringNum:         {(*session).setVringNum, false, 8, 0},
-	ReqSetVringAddr:        {(*session).setVringAddr, false, vringAddrSize, 0},
-	ReqSetVringBase:        {(*session).setVringBase, false, 8, 0},
-	ReqGetVringBase:        {(*session).getVringBase, true, 8, 0},
-	ReqSetVringKick:        {(*session).setVringKick, false, 8, -1},
-	ReqSetVringCall:        {(*session).setVringCall, false, 8, -1},
-	ReqSetVringErr:         {(*session).setVringErr, false, 8, -1},
-	ReqSetVringEnable:      {(*session).setVringEnable, false, 8, 0},
-	ReqGetConfig:           {(*session).getConfig, true, -1, 0},
-	ReqSetConfig:           {(*session).setConfig, false, -1, 0},
-	ReqSetBackendReqFd:     {(*session).setBackendReqFd, false, 0, 1},
-	ReqSetStatus:           {(*session).setStatus, false, 8, 0},
-	ReqGetStatus:           {(*session).getStatus, true, 0, 0},
+	ReqGetFeatures:         {(*session).getFeatures, true, 0, 0, noProto},
+	ReqSetFeatures:         {(*session).setFeatures, false, 8, 0, noProto},
+	ReqSetOwner:            {(*session).setOwner, false, 0, 0, noProto},
+	ReqResetOwner:          {(*session).resetDevice, false, 0, 0, noProto},
+	ReqResetDevice:         {(*session).resetDevice, false, 0, 0, ProtoResetDevice},
+	ReqGetProtocolFeatures: {(*session).getProtocolFeatures, true, 0, 0, noProto},
+	ReqSetProtocolFeatures: {(*session).setProtocolFeatures, false, 8, 0, noProto},
+	ReqGetQueueNum:         {(*session).getQueueNum, true, 0, 0, noProto},
+	ReqGetMaxMemSlots:      {(*session).getMaxMemSlots, true, 0, 0, ProtoConfigureMemSlots},
+	ReqSetMemTable:         {(*session).setMemTable, false, -1, -1, noProto},
+	ReqAddMemReg:           {(*session).addMemReg, false, 8 + memoryRegionSize, 1, ProtoConfigureMemSlots},
+	ReqRemMemReg:           {(*session).remMemReg, false, 8 + memoryRegionSize, -1, ProtoConfigureMemSlots},
+	ReqSetVringNum:         {(*session).setVringNum, false, 8, 0, noProto},
+	ReqSetVringAddr:        {(*session).setVringAddr, false, vringAddrSize, 0, noProto},
+	ReqSetVringBase:        {(*session).setVringBase, false, 8, 0, noProto},
+	ReqGetVringBase:        {(*session).getVringBase, true, 8, 0, noProto},
+	ReqSetVringKick:        {(*session).setVringKick, false, 8, -1, noProto},
+	ReqSetVringCall:        {(*session).setVringCall, false, 8, -1, noProto},
+	ReqSetVringErr:         {(*session).setVringErr, false, 8, -1, noProto},
+	ReqSetVringEnable:      {(*session).setVringEnable, false, 8, 0, noProto},
+	ReqGetConfig:           {(*session).getConfig, true, -1, 0, ProtoConfig},
+	ReqSetConfig:           {(*session).setConfig, false, -1, 0, ProtoConfig},
+	ReqSetBackendReqFd:     {(*session).setBackendReqFd, false, 0, 1, ProtoBackendReq},
+	ReqSetStatus:           {(*session).setStatus, false, 8, 0, ProtoStatus},
+	ReqGetStatus:           {(*session).getStatus, true, 0, 0, ProtoStatus},
 }
 
 // dispatch handles one message and sends its reply or acknowledgement.
@@ -147,6 +172,8 @@ func (s *session) dispatch(m *Message) error {
 			// The front-end may wait for a reply we cannot give.
 			return fatalError{err}
 		}
+	case hd.proto != noProto && s.protocol&(1<<hd.proto) == 0:
+		err = fmt.Errorf("%v: its protocol feature (bit %d) was not negotiated", h.Request, hd.proto)
 	case hd.size >= 0 && len(m.Payload) != hd.size:
 		err = fmt.Errorf("%v: payload of %d bytes, want %d", h.Request, len(m.Payload), hd.size)
 	case hd.fds >= 0 && len(m.Files) != hd.fds:
@@ -207,7 +234,9 @@ func (s *session) setFeatures(m *Message) ([]byte, error) {
 	changed := v != s.features
 	if changed {
 		// Queues read the features at start: restart running ones.
-		s.stopAll()
+		if err := s.stopAll(); err != nil {
+			return nil, err
+		}
 	}
 	s.features = v
 	if v&(1<<FeatureProtocolFeatures) == 0 {
@@ -231,7 +260,9 @@ func (s *session) setOwner(*Message) ([]byte, error) { return nil, nil }
 // protocol features and the back-end channel belong to the connection and
 // stay.
 func (s *session) resetDevice(*Message) ([]byte, error) {
-	s.stopAll()
+	if err := s.stopAll(); err != nil {
+		return nil, err
+	}
 	for i := range s.rings {
 		s.rings[i].closeFiles()
 		s.rings[i] = vring{}
@@ -264,15 +295,19 @@ func (s *session) getMaxMemSlots(*Message) ([]byte, error) { return EncodeU64(Ma
 
 // changeMemory installs a new memory table: every running ring is
 // stopped first (so no queue touches memory that goes away), the old
-// regions in unmap are unmapped, and the rings are started again.
-func (s *session) changeMemory(mem *guestMemory, unmap []*mappedRegion) {
-	s.stopAll()
+// regions in unmap are unmapped, and the rings are started again. If a
+// ring does not stop, nothing changes and the error is fatal.
+func (s *session) changeMemory(mem *guestMemory, unmap []*mappedRegion) error {
+	if err := s.stopAll(); err != nil {
+		return err
+	}
 	s.mem = mem
 	for _, r := range unmap {
 		r.unmap()
 	}
 	s.log.Info("memory table changed", "regions", mem.len())
 	s.startReady()
+	return nil
 }
 
 func (s *session) setMemTable(m *Message) ([]byte, error) {
@@ -307,7 +342,12 @@ func (s *session) setMemTable(m *Message) ([]byte, error) {
 	if s.mem != nil {
 		old = s.mem.regions
 	}
-	s.changeMemory(&guestMemory{regions: mapped}, old)
+	if err := s.changeMemory(&guestMemory{regions: mapped}, old); err != nil {
+		for _, r := range mapped {
+			r.unmap()
+		}
+		return nil, err
+	}
 	return nil, nil
 }
 
@@ -325,7 +365,10 @@ func (s *session) addMemReg(m *Message) ([]byte, error) {
 		mr.unmap()
 		return nil, fmt.Errorf("ADD_MEM_REG: %w", err)
 	}
-	s.changeMemory(mem, nil)
+	if err := s.changeMemory(mem, nil); err != nil {
+		mr.unmap()
+		return nil, err
+	}
 	return nil, nil
 }
 
@@ -340,8 +383,7 @@ func (s *session) remMemReg(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("REM_MEM_REG: %w", err)
 	}
-	s.changeMemory(mem, []*mappedRegion{removed})
-	return nil, nil
+	return nil, s.changeMemory(mem, []*mappedRegion{removed})
 }
 
 func (s *session) setVringNum(m *Message) ([]byte, error) {
@@ -414,7 +456,9 @@ func (s *session) getVringBase(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, fatalError{err}
 	}
-	s.stopRing(idx)
+	if err := s.stopRing(idx); err != nil {
+		return nil, err
+	}
 	if r.kick != nil {
 		r.kick.Close()
 		r.kick = nil
@@ -453,7 +497,12 @@ func (s *session) setVringKick(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.stopRing(idx)
+	if err := s.stopRing(idx); err != nil {
+		if f != nil {
+			f.Close()
+		}
+		return nil, err
+	}
 	if r.kick != nil {
 		r.kick.Close()
 	}
@@ -467,16 +516,23 @@ func (s *session) setVringCall(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The device holds the call fd: a running ring restarts with the new one.
-	wasRunning := r.running
-	s.stopRing(idx)
+	// A running ring switches to the new fd without stopping: QEMU sends
+	// SET_VRING_CALL while the guest runs (interrupt masking), and a stop
+	// would wait for every request in flight on this goroutine.
+	if r.running {
+		if err := s.dev.SetQueueCall(idx, f); err != nil {
+			if f != nil {
+				f.Close()
+			}
+			return nil, fmt.Errorf("ring %d: new call fd: %w", idx, err)
+		}
+	}
+	// The device no longer signals the old fd once SetQueueCall returned
+	// (a signal under way holds its own reference).
 	if r.call != nil {
 		r.call.Close()
 	}
 	r.call = f
-	if wasRunning {
-		s.startRing(idx)
-	}
 	return nil, nil
 }
 
@@ -505,10 +561,9 @@ func (s *session) setVringEnable(m *Message) ([]byte, error) {
 	r.enabled = st.Num == 1
 	if r.enabled {
 		s.startRing(idx)
-	} else {
-		s.stopRing(idx)
+		return nil, nil
 	}
-	return nil, nil
+	return nil, s.stopRing(idx)
 }
 
 func (s *session) getConfig(m *Message) ([]byte, error) {
@@ -539,9 +594,6 @@ func (s *session) setConfig(m *Message) ([]byte, error) {
 }
 
 func (s *session) setBackendReqFd(m *Message) ([]byte, error) {
-	if s.protocol&(1<<ProtoBackendReq) == 0 {
-		return nil, errors.New("SET_BACKEND_REQ_FD: BACKEND_REQ was not negotiated")
-	}
 	b, err := newBackendChannel(m.Files[0], s.replyAck())
 	if err != nil {
 		return nil, fmt.Errorf("SET_BACKEND_REQ_FD: %w", err)
@@ -601,6 +653,10 @@ func (s *session) startRing(idx int) {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
 		return
 	}
+	// translateRing found each area inside a region: these succeed.
+	r.descGPA, _ = s.mem.userToGuest(r.addr.DescUser)
+	r.availGPA, _ = s.mem.userToGuest(r.addr.AvailUser)
+	r.usedGPA, _ = s.mem.userToGuest(r.addr.UsedUser)
 	q := virtio.QueueSetup{
 		Index: idx, Size: r.num,
 		Desc: desc, Avail: avail, Used: used,
@@ -613,31 +669,42 @@ func (s *session) startRing(idx int) {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
 		return
 	}
+	r.desc, r.avail, r.used = desc, avail, used
 	r.running = true
 	s.log.Info("ring started", "ring", idx, "size", r.num, "avail", r.base)
 }
 
 // stopRing stops ring idx if it runs and keeps the index to resume from.
-func (s *session) stopRing(idx int) {
+// A ring the device fails to stop may still touch guest memory: it is
+// marked stuck and the error is fatal, so that the connection is closed
+// with the memory left mapped instead of changed under running I/O.
+func (s *session) stopRing(idx int) error {
 	r := &s.rings[idx]
 	if !r.running {
-		return
+		return nil
 	}
 	last, err := s.dev.StopQueue(idx)
-	r.running = false
 	if err != nil {
-		s.log.Warn("ring stop failed", "ring", idx, "err", err)
-		return
+		r.stuck = true
+		return fatalError{fmt.Errorf("ring %d did not stop: %w", idx, err)}
 	}
+	r.running = false
+	r.desc, r.avail, r.used = nil, nil, nil
 	r.base = last
 	s.log.Info("ring stopped", "ring", idx, "avail", last)
+	return nil
 }
 
-// stopAll stops every running ring.
-func (s *session) stopAll() {
+// stopAll stops every running ring; the first failure is returned (fatal)
+// after trying the others.
+func (s *session) stopAll() error {
+	var first error
 	for i := range s.rings {
-		s.stopRing(i)
+		if err := s.stopRing(i); err != nil && first == nil {
+			first = err
+		}
 	}
+	return first
 }
 
 // startReady starts every ring that is ready.
@@ -649,15 +716,26 @@ func (s *session) startReady() {
 
 // close releases everything the connection holds: rings stopped, their
 // descriptors closed, the back-end channel closed, guest memory unmapped.
+// A ring that did not stop keeps its descriptors, and guest memory stays
+// mapped (leaked) for as long as the process lives: the device may still
+// use them.
 func (s *session) close() {
-	s.stopAll()
+	stuck := s.stopAll() != nil
 	for i := range s.rings {
+		if r := &s.rings[i]; r.running || r.stuck {
+			stuck = true
+			continue
+		}
 		s.rings[i].closeFiles()
 	}
 	if s.backend != nil {
 		s.dev.SetConfigChangeNotifier(nil)
 		s.backend.close()
 		s.backend = nil
+	}
+	if stuck {
+		s.log.Error("a ring did not stop: guest memory stays mapped and its descriptors open")
+		return
 	}
 	s.mem.unmapAll()
 	s.mem = nil
