@@ -114,10 +114,14 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	// sends longer chains.
 	const segsPerSlot = 4
 	backing := make([][]byte, segsPerSlot*(int(q.size)+1))
+	addrs := make([]uint64, segsPerSlot*(int(q.size)+1))
 	for i := range r.chains {
 		r.chains[i].segs = backing[i*segsPerSlot : i*segsPerSlot : (i+1)*segsPerSlot]
+		r.chains[i].addrs = addrs[i*segsPerSlot : i*segsPerSlot : (i+1)*segsPerSlot]
 	}
-	r.scratch.segs = backing[int(q.size)*segsPerSlot : int(q.size)*segsPerSlot : (int(q.size)+1)*segsPerSlot]
+	n := int(q.size)
+	r.scratch.segs = backing[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
+	r.scratch.addrs = addrs[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
 	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
 	if r.kick != nil {
 		fd, err := rawFd(r.kick)
@@ -393,6 +397,7 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		if r.journal != nil {
 			r.journal.Pushing(head)
 		}
+		r.q.logChain(&r.chains[head])
 		r.q.Push(head, written)
 		if r.journal != nil {
 			r.journal.Pushed(head, r.q.UsedIdx())
