@@ -116,6 +116,16 @@ func (m *guestMemory) without(desc MemoryRegion) (*guestMemory, *mappedRegion, e
 		desc.GuestPhysAddr, desc.Size, desc.UserAddr)
 }
 
+// end is the guest-physical address just past the highest region (0
+// without memory).
+func (m *guestMemory) end() uint64 {
+	if m.len() == 0 {
+		return 0
+	}
+	r := m.regions[len(m.regions)-1] // sorted by guest address
+	return r.GuestPhysAddr + r.Size
+}
+
 func (m *guestMemory) len() int {
 	if m == nil {
 		return 0

@@ -22,16 +22,16 @@ func TestNegotiation(t *testing.T) {
 	ts := startServer(t, dev)
 	c := dial(t, ts.path)
 
-	if got, want := c.getU64(ReqGetFeatures), dev.features|1<<FeatureProtocolFeatures; got != want {
+	if got, want := c.getU64(ReqGetFeatures), dev.features|1<<FeatureProtocolFeatures|1<<FeatureLogAll; got != want {
 		t.Errorf("GET_FEATURES = %#x, want %#x", got, want)
 	}
 	proto := c.getU64(ReqGetProtocolFeatures)
-	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus} {
+	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd} {
 		if proto&(1<<bit) == 0 {
 			t.Errorf("protocol feature %d not offered (%#x)", bit, proto)
 		}
 	}
-	if proto&(1<<ProtoInflightShmfd|1<<ProtoLogShmfd|1<<ProtoPagefault) != 0 {
+	if proto&(1<<ProtoInflightShmfd|1<<ProtoPagefault) != 0 {
 		t.Errorf("unsupported protocol features offered: %#x", proto)
 	}
 	c.mustSend(ReqSetProtocolFeatures, EncodeU64(proto))
@@ -293,7 +293,7 @@ func TestMemoryTableValidation(t *testing.T) {
 		"misaligned used ring":   {DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser + 2},
 		"descriptors outside":    {DescUser: userBase + 8*ramSize, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
 		"used ring straddling":   {DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: userBase + half - 64},
-		"logging flag":           {Flags: 1, DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
+		"unknown flag":           {Flags: 2, DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
 	} {
 		if err := c.send(ReqSetVringAddr, a.Encode()); err == nil {
 			t.Errorf("%s: SET_VRING_ADDR accepted", name)

@@ -11,7 +11,8 @@ import (
 
 // OfferedProtocolFeatures are the protocol features this back-end offers.
 const OfferedProtocolFeatures uint64 = 1<<ProtoMQ | 1<<ProtoReplyAck | 1<<ProtoConfig |
-	1<<ProtoBackendReq | 1<<ProtoConfigureMemSlots | 1<<ProtoResetDevice | 1<<ProtoStatus
+	1<<ProtoBackendReq | 1<<ProtoConfigureMemSlots | 1<<ProtoResetDevice | 1<<ProtoStatus |
+	1<<ProtoLogShmfd
 
 // messageWriter is where replies go (a *Conn; a recorder in fuzz tests).
 type messageWriter interface {
@@ -43,8 +44,9 @@ type vring struct {
 	// inflight is this ring's queue region of the in-flight area
 	// (INFLIGHT_SHMFD); nil without one.
 	inflight *inflightRing
-	// dirty is where writes to guest memory are logged during live
-	// migration (LOG_SHMFD); nil while not logging.
+	// dirty is where the ring's writes to guest memory are logged during
+	// live migration (LOG_SHMFD); the device gets it at start, and it
+	// follows LOG_ALL and SET_VRING_ADDR's log flag while the ring runs.
 	dirty *ringDirtyLog
 
 	enabled bool
@@ -53,10 +55,6 @@ type vring struct {
 	// guest memory; the connection is closed and the memory left mapped.
 	stuck bool
 }
-
-// ringDirtyLog is one ring's share of live migration's dirty log: room for
-// LOG_SHMFD, which this back-end does not offer yet.
-type ringDirtyLog struct{}
 
 func (r *vring) closeFiles() {
 	for _, f := range []**os.File{&r.kick, &r.call, &r.errFd} {
@@ -83,6 +81,7 @@ type session struct {
 	mem      *guestMemory
 	rings    []vring
 	backend  *backendChannel
+	dirty    *dirtyLog
 }
 
 func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
@@ -93,13 +92,18 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 	if n > int(VringIndexMask)+1 {
 		n = int(VringIndexMask) + 1
 	}
-	return &session{
+	s := &session{
 		log:     log,
 		dev:     dev,
 		out:     out,
-		offered: dev.Features() | 1<<FeatureProtocolFeatures,
+		offered: dev.Features() | 1<<FeatureProtocolFeatures | 1<<FeatureLogAll,
 		rings:   make([]vring, n),
+		dirty:   &dirtyLog{},
 	}
+	for i := range s.rings {
+		s.rings[i].dirty = &ringDirtyLog{log: s.dirty}
+	}
+	return s
 }
 
 func (s *session) replyAck() bool { return s.protocol&(1<<ProtoReplyAck) != 0 }
@@ -135,6 +139,8 @@ var handlers = map[Request]handler{
 	ReqGetQueueNum:         {(*session).getQueueNum, true, 0, 0, noProto},
 	ReqGetMaxMemSlots:      {(*session).getMaxMemSlots, true, 0, 0, ProtoConfigureMemSlots},
 	ReqSetMemTable:         {(*session).setMemTable, false, -1, -1, noProto},
+	ReqSetLogBase:          {(*session).setLogBase, true, logBaseSize, 1, ProtoLogShmfd},
+	ReqSetLogFd:            {(*session).setLogFd, false, 0, 1, ProtoLogShmfd},
 	ReqAddMemReg:           {(*session).addMemReg, false, 8 + memoryRegionSize, 1, ProtoConfigureMemSlots},
 	ReqRemMemReg:           {(*session).remMemReg, false, 8 + memoryRegionSize, -1, ProtoConfigureMemSlots},
 	ReqSetVringNum:         {(*session).setVringNum, false, 8, 0, noProto},
@@ -231,11 +237,20 @@ func (s *session) setFeatures(m *Message) ([]byte, error) {
 	if extra := v &^ s.offered; extra != 0 {
 		return nil, fmt.Errorf("features %#x were not offered", extra)
 	}
-	changed := v != s.features
+	// Queues read the features at start: restart running ones. LOG_ALL
+	// is the exception: a migration turns it on and off under running
+	// rings, and the rings' logs follow it without a restart.
+	changed := (v^s.features)&^(1<<FeatureLogAll) != 0
 	if changed {
-		// Queues read the features at start: restart running ones.
 		if err := s.stopAll(); err != nil {
 			return nil, err
+		}
+	}
+	if logAll := v&(1<<FeatureLogAll) != 0; logAll != (s.features&(1<<FeatureLogAll) != 0) {
+		s.dirty.setLogAll(logAll)
+		s.log.Info("dirty logging", "on", logAll)
+		if n := s.dirty.outside.Swap(0); n > 0 {
+			s.log.Error("writes outside the dirty log were not logged", "marks", n)
 		}
 	}
 	s.features = v
@@ -265,8 +280,9 @@ func (s *session) resetDevice(*Message) ([]byte, error) {
 	}
 	for i := range s.rings {
 		s.rings[i].closeFiles()
-		s.rings[i] = vring{}
+		s.rings[i] = vring{dirty: &ringDirtyLog{log: s.dirty}}
 	}
+	s.dirty.setLogAll(false)
 	s.features = 0
 	s.status = 0
 	s.log.Info("device reset")
@@ -298,6 +314,12 @@ func (s *session) getMaxMemSlots(*Message) ([]byte, error) { return EncodeU64(Ma
 // regions in unmap are unmapped, and the rings are started again. If a
 // ring does not stop, nothing changes and the error is fatal.
 func (s *session) changeMemory(mem *guestMemory, unmap []*mappedRegion) error {
+	if !s.dirty.covers(mem.end()) {
+		// The front-end grows its log before its memory table; a table
+		// the log cannot cover would lose dirty pages silently.
+		s.log.Error("memory table reaches beyond the dirty log: writes there are not logged",
+			"memory_end", fmt.Sprintf("%#x", mem.end()))
+	}
 	if err := s.stopAll(); err != nil {
 		return err
 	}
@@ -412,11 +434,19 @@ func (s *session) setVringAddr(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if r.running {
-		return nil, fmt.Errorf("ring %d: address change while running", idx)
+	if a.Flags&^VringFlagLog != 0 {
+		return nil, fmt.Errorf("ring %d: unknown address flags %#x", idx, a.Flags)
 	}
-	if a.Flags != 0 {
-		return nil, fmt.Errorf("ring %d: unsupported address flags %#x (dirty logging)", idx, a.Flags)
+	if r.running {
+		// A migration turns the used ring's logging on and off with the
+		// same addresses: that changes the log, not the ring.
+		same := a.DescUser == r.addr.DescUser && a.AvailUser == r.addr.AvailUser && a.UsedUser == r.addr.UsedUser
+		if !same {
+			return nil, fmt.Errorf("ring %d: address change while running", idx)
+		}
+		r.dirty.set(a)
+		r.addr = a
+		return nil, nil
 	}
 	if a.DescUser%16 != 0 || a.AvailUser%2 != 0 || a.UsedUser%4 != 0 {
 		return nil, fmt.Errorf("ring %d: misaligned ring addresses desc %#x avail %#x used %#x",
@@ -429,6 +459,7 @@ func (s *session) setVringAddr(m *Message) ([]byte, error) {
 		}
 	}
 	r.addr, r.addrSet = a, true
+	r.dirty.set(a)
 	return nil, nil
 }
 
@@ -664,6 +695,7 @@ func (s *session) startRing(idx int) {
 		Features:  s.features,
 		Mem:       s.mem,
 		Kick:      r.kick, Call: r.call,
+		DirtyLog: r.dirty,
 	}
 	if err := s.dev.StartQueue(q); err != nil {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
@@ -739,4 +771,34 @@ func (s *session) close() {
 	}
 	s.mem.unmapAll()
 	s.mem = nil
+	s.dirty.close()
+}
+
+// setLogBase maps the dirty log (SET_LOG_BASE with LOG_SHMFD). The
+// front-end waits for the reply; a log that cannot be used closes the
+// connection (the migration then fails: it must not go on without one).
+func (s *session) setLogBase(m *Message) ([]byte, error) {
+	lb, err := DecodeLogBase(m.Payload)
+	if err != nil {
+		return nil, fmt.Errorf("SET_LOG_BASE: %w", err)
+	}
+	if end := s.mem.end(); logBytesFor(end) > lb.MmapSize {
+		return nil, fmt.Errorf("SET_LOG_BASE: a log of %d bytes does not cover guest memory up to %#x (%d bytes needed)",
+			lb.MmapSize, end, logBytesFor(end))
+	}
+	mapping, bits, err := mapLog(lb, m.Files[0])
+	if err != nil {
+		return nil, fmt.Errorf("SET_LOG_BASE: %w", err)
+	}
+	s.dirty.replace(mapping, bits)
+	s.log.Info("dirty log mapped", "bytes", lb.MmapSize)
+	return EncodeU64(0), nil
+}
+
+// setLogFd keeps the eventfd that is signalled after the log is written.
+func (s *session) setLogFd(m *Message) ([]byte, error) {
+	f := m.Files[0]
+	m.Files[0] = nil
+	s.dirty.setCall(f)
+	return nil, nil
 }
