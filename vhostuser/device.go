@@ -6,8 +6,11 @@ import (
 	"github.com/thinblk/thinblk/virtio"
 )
 
-// Device is the virtio device behind a vhost-user back-end. The server
-// calls it from one goroutine (the connection's), never concurrently.
+// Device is the virtio device behind a vhost-user back-end. The queue
+// methods (StartQueue, StopQueue, SetQueueCall) are called by one
+// connection's goroutine at a time; during a live migration two front-ends
+// are connected, and ReadConfig and WriteConfig may then be called
+// concurrently.
 type Device interface {
 	// Features are the virtio device feature bits offered (including
 	// VERSION_1, EVENT_IDX, INDIRECT_DESC); the server adds

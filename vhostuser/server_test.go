@@ -546,16 +546,74 @@ func TestOversizedFrames(t *testing.T) {
 	}
 }
 
-func TestSecondConnectionRefused(t *testing.T) {
+// A live migration on one host connects a second front-end (the
+// destination's QEMU) to the socket while the first is served: it is
+// served too, each with its own memory table, but only one runs rings at a
+// time. A third connection is refused.
+func TestTwoFrontEnds(t *testing.T) {
 	dev := newFakeDevice()
 	ts := startServer(t, dev)
-	first := dial(t, ts.path)
-	first.getU64(ReqGetFeatures) // served: this one is the active connection
-	second := dial(t, ts.path)
-	second.expectClosed()
-	ts.log.waitLog(t, "refused a second front-end connection")
-	if got := first.getU64(ReqGetQueueNum); got != 2 {
-		t.Fatalf("first connection broken: %d", got)
+	src := dial(t, ts.path)
+	src.negotiate(dev, true)
+	srcRAM := setupMem(t, src)
+	src.setupRing(t, 0, 128)
+	src.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	if _, ok := dev.runningQueue(0); !ok {
+		t.Fatal("source ring not running")
+	}
+
+	// The destination connects and reads the config while the source runs.
+	dst := dial(t, ts.path)
+	dst.negotiate(dev, true)
+	ts.log.waitLog(t, "while another is served")
+	dst.write(ReqGetConfig, 0, ConfigSpace{Data: make([]byte, 8)}.Encode())
+	if m := dst.read(ReqGetConfig); len(m.Payload) != 12+8 {
+		t.Fatalf("destination's GET_CONFIG answered %d bytes", len(m.Payload))
+	}
+	third := dial(t, ts.path)
+	third.expectClosed()
+	ts.log.waitLog(t, "refused a third front-end connection")
+
+	// Its rings may not start while the source's run.
+	dstRAM := setupMem(t, dst)
+	dst.setupRing(t, 0, 128)
+	dst.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	ts.log.waitLog(t, "another front-end runs this device's rings")
+	// Which memory a running ring uses shows in a byte of its used ring.
+	srcRAM.mem[ringOff(0)+0x8000+100] = 0xaa
+	dstRAM.mem[ringOff(0)+0x8000+100] = 0xbb
+	usedMark := func() byte {
+		q, ok := dev.runningQueue(0)
+		if !ok {
+			return 0
+		}
+		return q.Used[100]
+	}
+	if m := usedMark(); m != 0xaa {
+		t.Fatalf("the running ring is not the source's (mark %#x)", m)
+	}
+
+	// The source stops (GET_VRING_BASE, as at the end of a migration);
+	// then the destination's ring starts, in the destination's memory.
+	src.write(ReqGetVringBase, 0, VringState{Index: 0}.Encode())
+	src.read(ReqGetVringBase)
+	dst.mustSend(ReqSetVringKick, EncodeU64(0), eventFd(t))
+	if m := usedMark(); m != 0xbb {
+		t.Fatalf("destination ring not running in its own memory (mark %#x)", m)
+	}
+	// Now the source may not restart its ring, and its going away leaves
+	// the destination's running.
+	src.mustSend(ReqSetVringKick, EncodeU64(0), eventFd(t))
+	src.conn.Close()
+	ts.log.waitLog(t, "front-end disconnected")
+	if m := usedMark(); m != 0xbb {
+		t.Fatalf("destination ring stopped when the source went away (mark %#x)", m)
+	}
+	// A new connection is accepted again (one slot is free).
+	next := dial(t, ts.path)
+	next.getU64(ReqGetFeatures)
+	if got := dst.getU64(ReqGetQueueNum); got != 2 {
+		t.Fatalf("destination connection broken: %d", got)
 	}
 }
 
@@ -866,16 +924,21 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 	}()
 	// The test's own memfds, eventfds and mappings are released by its
 	// cleanups at the end; count only what the server held.
-	// The server serves the next front-end only after releasing the last.
+	// A second front-end may connect while the first is served (a
+	// migration), so the next one is served even before the release:
+	// wait for it.
 	next := waitServed(t, ts.path)
 	defer next.Close()
+	ts.log.waitLog(t, "front-end disconnected")
 	// Left: the test's 2 mappings and 6 eventfds + 2 memfds, and both
 	// ends of the new connection.
-	if got, want := guestMappings(t)-maps0, 2; got != want {
-		t.Errorf("%d more guest mappings after disconnect, want %d (the test's own)", got, want)
-	}
-	if got, want := openFds(t)-fds0, 6+2+2; got != want {
-		t.Errorf("%d more descriptors after disconnect, want %d (the test's own)", got, want)
+	deadline := time.Now().Add(5 * time.Second)
+	for guestMappings(t)-maps0 != 2 || openFds(t)-fds0 != 6+2+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d more guest mappings and %d more descriptors after disconnect, want 2 and %d (the test's own)",
+				guestMappings(t)-maps0, openFds(t)-fds0, 6+2+2)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -82,6 +82,9 @@ type session struct {
 	rings    []vring
 	backend  *backendChannel
 	dirty    *dirtyLog
+	// share arbitrates the device with another front-end's session (a
+	// live migration's other end).
+	share *deviceShare
 }
 
 func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
@@ -99,6 +102,7 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 		offered: dev.Features() | 1<<FeatureProtocolFeatures | 1<<FeatureLogAll,
 		rings:   make([]vring, n),
 		dirty:   &dirtyLog{},
+		share:   newDeviceShare(dev),
 	}
 	for i := range s.rings {
 		s.rings[i].dirty = &ringDirtyLog{log: s.dirty}
@@ -633,7 +637,7 @@ func (s *session) setBackendReqFd(m *Message) ([]byte, error) {
 		s.backend.close()
 	}
 	s.backend = b
-	s.dev.SetConfigChangeNotifier(b.notifyConfigChange)
+	s.share.setNotifier(s, b.notifyConfigChange)
 	s.log.Info("back-end request channel set up")
 	return nil, nil
 }
@@ -697,8 +701,13 @@ func (s *session) startRing(idx int) {
 		Kick:      r.kick, Call: r.call,
 		DirtyLog: r.dirty,
 	}
+	if !s.share.acquireRings(s) {
+		s.log.Warn("ring not started: another front-end runs this device's rings (one at a time: a migration's destination starts once the source has stopped)", "ring", idx)
+		return
+	}
 	if err := s.dev.StartQueue(q); err != nil {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
+		s.releaseIfIdle()
 		return
 	}
 	r.desc, r.avail, r.used = desc, avail, used
@@ -724,7 +733,19 @@ func (s *session) stopRing(idx int) error {
 	r.desc, r.avail, r.used = nil, nil, nil
 	r.base = last
 	s.log.Info("ring stopped", "ring", idx, "avail", last)
+	s.releaseIfIdle()
 	return nil
+}
+
+// releaseIfIdle lets another front-end run the device's rings once none of
+// this session's runs (a stuck ring keeps them).
+func (s *session) releaseIfIdle() {
+	for i := range s.rings {
+		if s.rings[i].running || s.rings[i].stuck {
+			return
+		}
+	}
+	s.share.releaseRings(s)
 }
 
 // stopAll stops every running ring; the first failure is returned (fatal)
@@ -761,7 +782,7 @@ func (s *session) close() {
 		s.rings[i].closeFiles()
 	}
 	if s.backend != nil {
-		s.dev.SetConfigChangeNotifier(nil)
+		s.share.setNotifier(s, nil)
 		s.backend.close()
 		s.backend = nil
 	}
