@@ -90,6 +90,7 @@ type dirtyLog struct {
 	// for its memory table); logged, never written.
 	outside atomic.Uint64
 	call    *os.File // SET_LOG_FD: signalled after a mark
+	callFd  int      // call's descriptor, taken without os.File.Fd (which may make it blocking)
 
 	// Session goroutine only.
 	logAll bool
@@ -157,9 +158,17 @@ func (l *dirtyLog) covers(end uint64) bool {
 }
 
 func (l *dirtyLog) setCall(f *os.File) {
+	fd := -1
+	if f != nil {
+		// The eventfd's file description is shared with the front-end:
+		// leave its blocking mode alone.
+		if rc, err := f.SyscallConn(); err == nil {
+			rc.Control(func(u uintptr) { fd = int(u) })
+		}
+	}
 	l.mu.Lock()
 	old := l.call
-	l.call = f
+	l.call, l.callFd = f, fd
 	l.mu.Unlock()
 	if old != nil {
 		old.Close()
@@ -199,9 +208,9 @@ func (l *dirtyLog) mark(addr, size uint64) {
 		mask := uint32(0xffffffff) >> (31 - hi) &^ (1<<lo - 1)
 		atomic.OrUint32((*uint32)(unsafe.Pointer(&l.bits[w*4])), mask)
 	}
-	if l.call != nil {
-		var one = [8]byte{1}
-		_, _ = unix.Write(int(l.call.Fd()), one[:])
+	if l.callFd >= 0 && l.call != nil {
+		one := [8]byte{1}
+		_, _ = unix.Write(l.callFd, one[:])
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"os"
 	"slices"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // logFile is a memfd of size bytes for a dirty log, mapped in the test.
@@ -47,9 +49,21 @@ func TestDirtyLogOnRunningRings(t *testing.T) {
 	if !q.DirtyLog.Logging() {
 		t.Fatal("not logging after LOG_ALL")
 	}
+	// SET_LOG_FD: an eventfd signalled after marks.
+	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logCall := os.NewFile(uintptr(efd), "log-call")
+	defer logCall.Close()
+	c.mustSend(ReqSetLogFd, nil, logCall)
 	q.DirtyLog.LogWrite(0x5000, 0x2001) // pages 5, 6, 7
 	q.DirtyLog.LogWrite(0xfffff, 1)     // page 255, the last
 	q.DirtyLog.LogUsed(4, 8)            // page 0x18
+	var cnt [8]byte
+	if n, err := unix.Read(efd, cnt[:]); n != 8 || err != nil || cnt[0] == 0 {
+		t.Errorf("log fd not signalled after marks: %d bytes, %v", n, err)
+	}
 	want := map[int]bool{5: true, 6: true, 7: true, 255: true, 0x18: true}
 	for p := 0; p < 32*8; p++ {
 		if got := bits[p/8]&(1<<(p%8)) != 0; got != want[p] {
