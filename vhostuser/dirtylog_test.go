@@ -70,6 +70,16 @@ func TestDirtyLogOnRunningRings(t *testing.T) {
 			t.Errorf("page %d marked %v, want %v", p, got, want[p])
 		}
 	}
+	// A log address that is not the used ring's is used, with a warning.
+	odd := a
+	odd.LogGuest = 0x20000
+	c.mustSend(ReqSetVringAddr, odd.Encode())
+	ts.log.waitLog(t, "is not the used ring's guest address")
+	q.DirtyLog.LogUsed(0, 2)
+	if bits[0x20/8]&(1<<(0x20%8)) == 0 {
+		t.Error("used ring write not logged at log_guest_addr")
+	}
+	c.mustSend(ReqSetVringAddr, a.Encode())
 	// Another address while running is still refused.
 	moved := a
 	moved.UsedUser += 0x1000

@@ -448,6 +448,12 @@ func (s *session) setVringAddr(m *Message) ([]byte, error) {
 		if !same {
 			return nil, fmt.Errorf("ring %d: address change while running", idx)
 		}
+		if a.Flags&VringFlagLog != 0 && a.LogGuest != r.usedGPA {
+			// Logged where the front-end says; a mismatch means its
+			// log will not show the used ring's pages.
+			s.log.Warn("log_guest_addr is not the used ring's guest address", "ring", idx,
+				"log_guest_addr", fmt.Sprintf("%#x", a.LogGuest), "used", fmt.Sprintf("%#x", r.usedGPA))
+		}
 		r.dirty.set(a)
 		r.addr = a
 		return nil, nil
