@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -56,16 +55,31 @@ func migrate(t *testing.T, mon *qmp.Client, uri string) migrationStatus {
 // the destination, and a TCG guest takes long over 24 MiB.
 var migrationWriter = strings.Replace(fioWriter, "--size=24M", "--size=8M", 1)
 
+// migrationReader checks, in rounds, that four 8 MiB files of random data read back with the
+// checksums they were written with. Each round drops the page cache, reads one file into it
+// (the back-end writes those guest pages), waits two seconds and only then checksums the file
+// from the page cache. A migration that switches over in between and loses the back-end's
+// writes (no dirty log) leaves the destination with stale pages, which hold another file's
+// data (pages are recycled round to round): the checksum differs.
+const migrationReader = `(for f in 0 1 2 3; do dd if=/dev/urandom of=/mnt/d/r$f bs=1M count=8 conv=fsync 2>/dev/null
+		sha256sum < /mnt/d/r$f > /tmp/r$f.sum; done
+	i=0; while [ ! -e /tmp/stop ]; do
+		f=$((i % 4)); echo 3 > /proc/sys/vm/drop_caches; cat /mnt/d/r$f > /dev/null; sleep 2
+		sha256sum < /mnt/d/r$f | cmp -s - /tmp/r$f.sum || { echo "read round $i: r$f differs" >> /tmp/fail; break; }
+		i=$((i+1)); echo $i > /tmp/read.rounds
+	done; echo reads >> /tmp/finished) >/dev/null 2>&1 &`
+
 // guestIOErrors are the guest kernel's complaints about its disk that do not taint it: a
 // driver that saw a completion of a head it did not submit, failed requests, hung tasks.
 var guestIOErrors = regexp.MustCompile(`(?m)^.*(is not a head|I/O error|blk_update_request|blocked for more than|virtio_blk.*(error|fail)).*$`)
 
 // TestGuestLiveMigration: a guest with a thin volume on two queues runs verified writes (fio
-// with crc32c read-back, rounds without end) on XFS while it migrates between QEMUs on this
+// with crc32c read-back, rounds without end) and checksummed reads through the page cache
+// (migrationReader) on XFS while it migrates between QEMUs on this
 // host through the same thinblk socket: the destination QEMU (-incoming) connects while the
 // source still runs, and serve hands the rings over when the source stops its own. A snapshot
 // and a clone of the volume exist. Three hops, each to a new QEMU; after each the guest keeps
-// going on the destination (fio rounds advance), no verification fails, the guest kernel
+// going on the destination (fio and reader rounds advance), no verification fails, the guest kernel
 // reports no I/O trouble; at the end xfs_repair -n is clean. Before the hops, a migration to
 // `exec:cat > /dev/null` (QEMU refused it before dirty logging) completes and the source
 // continues. The downtimes are logged.
@@ -104,9 +118,16 @@ func TestGuestLiveMigration(t *testing.T) {
 			Dir: filepath.Join(dir, fmt.Sprintf("vm%d", n)), Images: e.images,
 			Disks: []DiskSpec{{Socket: sock, Queues: 2}},
 			Logf:  t.Logf,
+			// The kernel zeroes pages it allocates (Debian's default): a page read from
+			// disk into the page cache would then be written by the CPU just before the
+			// device fills it, and migrated again for that. Without, the device alone
+			// writes it, and only the dirty log tells QEMU to send it again.
+			KernelArgs: "init_on_alloc=0",
 		}}
 		if incoming != "" {
 			o.ExtraArgs = []string{"-incoming", incoming}
+			// StartVM waits for the agent through the whole migration.
+			o.BootTimeout = 5 * time.Minute
 		}
 		return o
 	}
@@ -132,34 +153,39 @@ func TestGuestLiveMigration(t *testing.T) {
 		t.Fatal(err)
 	}
 	sh(vm, 3*time.Minute, mkfsSmallXFS+" "+dev+" && mkdir -p /mnt/d && mount "+dev+" /mnt/d && rm -f /tmp/stop /tmp/fail /tmp/finished")
-	sh(vm, 20*time.Second, migrationWriter)
+	sh(vm, time.Minute, migrationWriter)
+	sh(vm, time.Minute, migrationReader)
 	for _, args := range [][]string{{"snapshot", "create", pool, "data", "snap"}, {"snapshot", "create", pool, "data", "clone", "--writable"}} {
 		if out, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
 			t.Fatalf("thinblk %v: %v\n%s", args, err, out)
 		}
 	}
-	rounds := func(vm *VM) int {
-		out := strings.TrimSpace(sh(vm, 20*time.Second, "cat /tmp/fail 2>/dev/null; cat /tmp/fio.rounds 2>/dev/null || echo 0"))
-		n, err := strconv.Atoi(out)
-		if err != nil {
+	// rounds returns how many rounds fio and the reader have finished (generous time limits:
+	// a TCG guest on a loaded host is slow to answer).
+	rounds := func(vm *VM) (fio, reads int) {
+		out := strings.TrimSpace(sh(vm, time.Minute, "cat /tmp/fail 2>/dev/null; echo $(cat /tmp/fio.rounds 2>/dev/null || echo 0) $(cat /tmp/read.rounds 2>/dev/null || echo 0)"))
+		if _, err := fmt.Sscanf(out, "%d %d", &fio, &reads); err != nil {
 			t.Fatalf("guest workload: %s", out)
 		}
-		return n
+		return fio, reads
 	}
-	// advances waits until fio finishes another round on vm, so the guest demonstrably
-	// does verified I/O where it runs now.
+	// advances waits until fio and the reader each finish another round on vm, so the guest
+	// demonstrably does verified I/O where it runs now.
 	advances := func(vm *VM, what string) {
 		t.Helper()
-		r0 := rounds(vm)
-		for deadline := time.Now().Add(90 * time.Second); rounds(vm) <= r0; time.Sleep(time.Second) {
+		f0, r0 := rounds(vm)
+		for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+			if f, r := rounds(vm); f > f0 && r > r0 {
+				return
+			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s: fio did not finish a round in 90s (at %d)\n%s", what, r0, b.LogTail(20))
+				t.Fatalf("%s: fio or the reader did not finish a round in 2 minutes (at %d and %d)\n%s", what, f0, r0, b.LogTail(20))
 			}
 		}
 	}
 	checkDmesg := func(vm *VM, what string) {
 		t.Helper()
-		if m := guestIOErrors.FindAllString(sh(vm, 20*time.Second, "dmesg"), 10); len(m) > 0 {
+		if m := guestIOErrors.FindAllString(sh(vm, time.Minute, "dmesg"), 10); len(m) > 0 {
 			t.Fatalf("%s: guest kernel reports disk trouble:\n%s", what, strings.Join(m, "\n"))
 		}
 	}
@@ -224,16 +250,21 @@ func TestGuestLiveMigration(t *testing.T) {
 	defer mon.Close()
 
 	g := newGuest(t, vm)
-	g.sh(t, 20*time.Second, "touch /tmp/stop")
-	for deadline := time.Now().Add(2 * time.Minute); !strings.Contains(g.sh(t, 20*time.Second, "cat /tmp/finished 2>/dev/null; true"), "fio"); time.Sleep(time.Second) {
+	g.sh(t, time.Minute, "touch /tmp/stop")
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		fin := g.sh(t, time.Minute, "cat /tmp/finished 2>/dev/null; true")
+		if strings.Contains(fin, "fio") && strings.Contains(fin, "reads") {
+			break
+		}
 		if time.Now().After(deadline) {
-			t.Fatal("fio did not stop")
+			t.Fatalf("the workload did not stop (finished: %q)", fin)
 		}
 	}
-	if fail := g.sh(t, 20*time.Second, "cat /tmp/fail 2>/dev/null; true"); fail != "" {
+	if fail := g.sh(t, time.Minute, "cat /tmp/fail 2>/dev/null; true"); fail != "" {
 		t.Fatalf("guest workload failed: %s", fail)
 	}
-	t.Logf("fio rounds, all verified: %d", rounds(vm))
+	f, r := rounds(vm)
+	t.Logf("rounds, all verified: fio %d, reads %d", f, r)
 	g.sh(t, 2*time.Minute, "umount /mnt/d")
 	g.repairClean(t, dev)
 	checkDmesg(vm, "at the end")
