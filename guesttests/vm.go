@@ -45,6 +45,8 @@ type VMOptions struct {
 	AgentTransport string
 	// ExtraArgs are appended to QEMU's command line (monitors, more ports: StartVMWithQMP).
 	ExtraArgs []string
+	// KernelArgs are appended to the guest kernel's command line.
+	KernelArgs string
 }
 
 // DiskSpec is one vhost-user-blk disk.
@@ -155,7 +157,7 @@ func startVM(ctx context.Context, o VMOptions, accel string) (*VM, error) {
 		"-kernel", o.Images.Kernel, "-initrd", o.Images.Initrd,
 		// no_timer_check: on a loaded host a TCG guest can fail the kernel's IO-APIC timer
 		// check and panic at boot ("IO-APIC + timer doesn't work!"), seen here.
-		"-append", "console=ttyS0 panic=-1 loglevel=4 no_timer_check",
+		"-append", strings.TrimSpace("console=ttyS0 panic=-1 loglevel=4 no_timer_check " + o.KernelArgs),
 		"-serial", "file:" + vm.ConsolePath,
 		"-device", "virtio-serial-pci,id=vser",
 		"-chardev", "socket,id=agent,server=on,wait=off,path=" + agentSock,

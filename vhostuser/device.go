@@ -1,9 +1,16 @@
 package vhostuser
 
-import "github.com/thinblk/thinblk/virtio"
+import (
+	"os"
 
-// Device is the virtio device behind a vhost-user back-end. The server
-// calls it from one goroutine (the connection's), never concurrently.
+	"github.com/thinblk/thinblk/virtio"
+)
+
+// Device is the virtio device behind a vhost-user back-end. The queue
+// methods (StartQueue, StopQueue, SetQueueCall) are called by one
+// connection's goroutine at a time; during a live migration two front-ends
+// are connected, and ReadConfig and WriteConfig may then be called
+// concurrently.
 type Device interface {
 	// Features are the virtio device feature bits offered (including
 	// VERSION_1, EVENT_IDX, INDIRECT_DESC); the server adds
@@ -23,6 +30,10 @@ type Device interface {
 	// StopQueue stops serving ring idx after the requests in flight have
 	// completed and returns the available index to resume from.
 	StopQueue(idx int) (lastAvail uint16, err error)
+	// SetQueueCall makes running ring idx interrupt the driver through
+	// call (nil: drop interrupts) from now on, without stopping it. When
+	// it returns the device no longer writes the old call fd.
+	SetQueueCall(idx int, call *os.File) error
 	// SetConfigChangeNotifier hands the device a function that tells the
 	// front-end its config space changed (e.g. capacity grew). nil
 	// disables it (the front-end disconnected). The function may be

@@ -23,6 +23,8 @@ func FuzzDecoders(f *testing.F) {
 	f.Add(ConfigSpace{Offset: 4, Data: []byte{1, 2, 3}}.Encode())
 	f.Add(ConfigSpace{Offset: 255, Data: []byte{1, 2}}.Encode())
 	f.Add(Inflight{MmapSize: 4096, NumQueues: 2, QueueSize: 128}.Encode())
+	f.Add(LogBase{MmapSize: 4096, MmapOffset: 8}.Encode())
+	f.Add(LogBase{MmapSize: 4096, MmapOffset: 3}.Encode())
 	f.Add([]byte{1, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0})
 	f.Add([]byte{9, 0, 0, 0, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
@@ -74,6 +76,14 @@ func FuzzDecoders(f *testing.F) {
 				t.Fatal("inflight does not round-trip")
 			}
 		}
+		if l, err := DecodeLogBase(b); err == nil {
+			if l.MmapSize == 0 || l.MmapSize > maxLogSize || l.MmapOffset%8 != 0 || l.MmapOffset > maxRegionSize {
+				t.Fatalf("log %+v accepted", l)
+			}
+			if back, _ := DecodeLogBase(l.Encode()); back != l {
+				t.Fatal("log base does not round-trip")
+			}
+		}
 		if v, err := DecodeU64(b); err == nil && binary.LittleEndian.Uint64(EncodeU64(v)) != v {
 			t.Fatal("u64 does not round-trip")
 		}
@@ -116,6 +126,12 @@ func fuzzSeed() []byte {
 	add(ReqAddMemReg, 1, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 1 << 20, Size: 0x1000, UserAddr: 0x100000}))
 	add(ReqGetConfig, 0, ConfigSpace{Offset: 0, Data: make([]byte, 8)}.Encode())
 	add(ReqRemMemReg, 0, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 0, Size: fuzzRAM, UserAddr: 0x10000}))
+	// A migration's dirty logging on the running ring, then off.
+	add(ReqSetLogBase, 1, LogBase{MmapSize: 64}.Encode())
+	add(ReqSetFeatures, 0, EncodeU64(1<<FeatureProtocolFeatures|1<<29|1<<32|1<<FeatureLogAll))
+	add(ReqSetVringAddr, 0, VringAddr{Index: 0, Flags: VringFlagLog, DescUser: 0x10000, AvailUser: 0x11000, UsedUser: 0x12000, LogGuest: 0x2000}.Encode())
+	add(ReqSetLogFd, 0x81, nil)
+	add(ReqSetFeatures, 0, EncodeU64(1<<FeatureProtocolFeatures|1<<29|1<<32))
 	add(ReqGetVringBase, 0, VringState{Index: 0}.Encode())
 	add(ReqResetDevice, 0, nil)
 	return b

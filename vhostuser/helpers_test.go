@@ -35,6 +35,7 @@ type fakeDevice struct {
 	notify   func() error
 	progress uint16 // added to LastAvail on stop, as if requests were served
 	startErr error
+	stopErr  error // StopQueue fails (the queue keeps running)
 	events   []string
 
 	configReads int
@@ -117,10 +118,27 @@ func (d *fakeDevice) StopQueue(idx int) (uint16, error) {
 	// The memory must still be mapped when a queue stops.
 	touch(q.Desc)
 	touch(q.Used)
+	if d.stopErr != nil {
+		d.events = append(d.events, fmt.Sprintf("stop %d failed", idx))
+		return 0, d.stopErr
+	}
 	delete(d.running, idx)
 	d.stops = append(d.stops, idx)
 	d.events = append(d.events, fmt.Sprintf("stop %d", idx))
 	return q.LastAvail + d.progress, nil
+}
+
+func (d *fakeDevice) SetQueueCall(idx int, call *os.File) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	q, ok := d.running[idx]
+	if !ok {
+		panic(fmt.Sprintf("call fd of queue %d set while not running", idx))
+	}
+	q.Call = call
+	d.running[idx] = q
+	d.events = append(d.events, fmt.Sprintf("call %d", idx))
+	return nil
 }
 
 func (d *fakeDevice) SetConfigChangeNotifier(notify func() error) {

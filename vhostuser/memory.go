@@ -76,6 +76,17 @@ func (m *guestMemory) userRange(uaddr, size uint64) ([]byte, error) {
 	return nil, fmt.Errorf("user address range [%#x,+%#x) outside guest memory", uaddr, size)
 }
 
+// userToGuest translates one of the front-end's virtual addresses into a
+// guest-physical address.
+func (m *guestMemory) userToGuest(uaddr uint64) (uint64, bool) {
+	for _, r := range m.regions {
+		if uaddr >= r.UserAddr && uaddr-r.UserAddr < r.Size {
+			return r.GuestPhysAddr + (uaddr - r.UserAddr), true
+		}
+	}
+	return 0, false
+}
+
 // with returns a new snapshot with r added, or an error if r overlaps an
 // existing region (in guest-physical or user address space).
 func (m *guestMemory) with(r *mappedRegion) (*guestMemory, error) {
@@ -103,6 +114,16 @@ func (m *guestMemory) without(desc MemoryRegion) (*guestMemory, *mappedRegion, e
 	}
 	return nil, nil, fmt.Errorf("no region at guest address %#x size %#x user address %#x",
 		desc.GuestPhysAddr, desc.Size, desc.UserAddr)
+}
+
+// end is the guest-physical address just past the highest region (0
+// without memory).
+func (m *guestMemory) end() uint64 {
+	if m.len() == 0 {
+		return 0
+	}
+	r := m.regions[len(m.regions)-1] // sorted by guest address
+	return r.GuestPhysAddr + r.Size
 }
 
 func (m *guestMemory) len() int {

@@ -10,7 +10,8 @@
 //	...
 //	err = srv.Serve(ctx) // until ctx is done or srv.Close is called
 //
-// One front-end is served at a time; when it disconnects, its rings are
+// One front-end is served at a time, or two during a live migration on one
+// host (only one of them runs rings); when one disconnects, its rings are
 // stopped, its memory unmapped and the next front-end is accepted.
 package vhostuser
 

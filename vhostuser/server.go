@@ -31,9 +31,11 @@ type ServerOptions struct {
 	Name string
 }
 
-// Server serves one Device to one vhost-user front-end at a time over a
-// unix socket. A second, concurrent connection is refused; after a
-// front-end disconnects the next one is accepted.
+// Server serves one Device over a unix socket to one vhost-user front-end,
+// or two during a live migration on one host (the source's QEMU and the
+// destination's): each has its own session and memory table, and only one
+// runs the device's rings at a time. A third concurrent connection is
+// refused; after a front-end disconnects the next one is accepted.
 type Server struct {
 	opts ServerOptions
 	dev  Device
@@ -41,8 +43,10 @@ type Server struct {
 	ln   *net.UnixListener
 	sock os.FileInfo // the socket file we created, to remove only ours
 
+	share *deviceShare
+
 	mu      sync.Mutex
-	active  *net.UnixConn // the front-end connection being served
+	active  map[*net.UnixConn]bool // the front-end connections being served
 	closed  bool
 	serving bool
 	done    chan struct{} // closed by Close
@@ -78,7 +82,8 @@ func Listen(opts ServerOptions, dev Device) (*Server, error) {
 		return nil, fmt.Errorf("vhost-user: %w", err)
 	}
 	log.Info("listening", "mode", fmt.Sprintf("%#o", opts.SocketMode.Perm()))
-	return &Server{opts: opts, dev: dev, log: log, ln: ln, sock: fi, done: make(chan struct{})}, nil
+	return &Server{opts: opts, dev: dev, log: log, ln: ln, sock: fi, done: make(chan struct{}),
+		share: newDeviceShare(dev), active: map[*net.UnixConn]bool{}}, nil
 }
 
 // Serve accepts front-end connections until ctx is done or Close is
@@ -120,17 +125,18 @@ func (s *Server) Serve(ctx context.Context) error {
 			uc.Close()
 			s.Close()
 			return nil
-		case s.active != nil:
+		case len(s.active) >= maxFrontEnds:
 			s.mu.Unlock()
-			s.log.Warn("refused a second front-end connection: one is already being served", peerAttrs(uc)...)
+			s.log.Warn("refused a third front-end connection: two are already being served (a migration's source and destination)", peerAttrs(uc)...)
 			uc.Close()
 			continue
 		}
-		s.active = uc
+		s.active[uc] = true
 		s.accepted.Add(1)
+		second := len(s.active) == 2
 		s.conns.Add(1)
 		s.mu.Unlock()
-		go s.serveConn(uc)
+		go s.serveConn(uc, second)
 	}
 }
 
@@ -152,12 +158,17 @@ func peerAttrs(uc *net.UnixConn) []any {
 
 // serveConn runs the protocol on one connection, then releases everything
 // the connection held so that the next front-end starts from scratch.
-func (s *Server) serveConn(uc *net.UnixConn) {
+func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 	defer s.conns.Done()
 	log := s.log.With(peerAttrs(uc)...)
-	log.Info("front-end connected")
+	if second {
+		log.Info("front-end connected while another is served (a live migration's other end)")
+	} else {
+		log.Info("front-end connected")
+	}
 	conn := NewConn(uc)
 	sess := newSession(log, s.dev, conn)
+	sess.share = s.share
 	defer func() {
 		if p := recover(); p != nil {
 			// A bug must not take down every other disk of the process.
@@ -167,7 +178,7 @@ func (s *Server) serveConn(uc *net.UnixConn) {
 		// Free the slot before the peer sees the close, so that a
 		// front-end reconnecting at once is not refused.
 		s.mu.Lock()
-		s.active = nil
+		delete(s.active, uc)
 		s.mu.Unlock()
 		conn.Close()
 	}()
@@ -204,13 +215,16 @@ func (s *Server) Close() error {
 		s.mu.Lock()
 		s.closed = true
 		close(s.done)
-		active := s.active
+		var active []*net.UnixConn
+		for uc := range s.active {
+			active = append(active, uc)
+		}
 		s.mu.Unlock()
 		if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			s.closeErr = fmt.Errorf("vhost-user: close listener: %w", err)
 		}
-		if active != nil {
-			active.Close()
+		for _, uc := range active {
+			uc.Close()
 		}
 		s.conns.Wait()
 		// Remove the socket only if it is still the one we created.
@@ -231,9 +245,10 @@ var _ io.Closer = (*Server)(nil)
 // one now included); after the first, each is a reconnection.
 func (s *Server) Connections() uint64 { return s.accepted.Load() }
 
-// Connected reports whether a front-end is connected now.
+// Connected reports whether a front-end is connected now (during a live
+// migration on one host, two are).
 func (s *Server) Connected() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.active != nil
+	return len(s.active) > 0
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,16 +22,16 @@ func TestNegotiation(t *testing.T) {
 	ts := startServer(t, dev)
 	c := dial(t, ts.path)
 
-	if got, want := c.getU64(ReqGetFeatures), dev.features|1<<FeatureProtocolFeatures; got != want {
+	if got, want := c.getU64(ReqGetFeatures), dev.features|1<<FeatureProtocolFeatures|1<<FeatureLogAll; got != want {
 		t.Errorf("GET_FEATURES = %#x, want %#x", got, want)
 	}
 	proto := c.getU64(ReqGetProtocolFeatures)
-	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus} {
+	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd} {
 		if proto&(1<<bit) == 0 {
 			t.Errorf("protocol feature %d not offered (%#x)", bit, proto)
 		}
 	}
-	if proto&(1<<ProtoInflightShmfd|1<<ProtoLogShmfd|1<<ProtoPagefault) != 0 {
+	if proto&(1<<ProtoInflightShmfd|1<<ProtoPagefault) != 0 {
 		t.Errorf("unsupported protocol features offered: %#x", proto)
 	}
 	c.mustSend(ReqSetProtocolFeatures, EncodeU64(proto))
@@ -157,11 +158,16 @@ func TestRingStartsWhenEnabled(t *testing.T) {
 	if _, ok := dev.runningQueue(0); !ok {
 		t.Fatal("ring not running after SET_VRING_ENABLE 1")
 	}
-	// A new call fd restarts the running ring with it.
+	// A new call fd is handed to the running ring without stopping it
+	// (a stop would wait for every request in flight).
 	call := eventFd(t)
+	nEvents := len(dev.eventLog())
 	c.mustSend(ReqSetVringCall, EncodeU64(0), call)
-	if q, ok := dev.runningQueue(0); !ok || q.Call == nil {
+	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !sameFile(q.Call, call) {
 		t.Fatal("ring not running with the new call fd")
+	}
+	if ev := dev.eventLog()[nEvents:]; !slices.Equal(ev, []string{"call 0"}) {
+		t.Fatalf("device events after SET_VRING_CALL: %v, want only the swap", ev)
 	}
 	// The no-fd flag: a polled ring without a kick fd.
 	c.mustSend(ReqSetVringKick, EncodeU64(VringNoFd))
@@ -287,7 +293,7 @@ func TestMemoryTableValidation(t *testing.T) {
 		"misaligned used ring":   {DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser + 2},
 		"descriptors outside":    {DescUser: userBase + 8*ramSize, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
 		"used ring straddling":   {DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: userBase + half - 64},
-		"logging flag":           {Flags: 1, DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
+		"unknown flag":           {Flags: 2, DescUser: good.DescUser, AvailUser: good.AvailUser, UsedUser: good.UsedUser},
 	} {
 		if err := c.send(ReqSetVringAddr, a.Encode()); err == nil {
 			t.Errorf("%s: SET_VRING_ADDR accepted", name)
@@ -540,16 +546,74 @@ func TestOversizedFrames(t *testing.T) {
 	}
 }
 
-func TestSecondConnectionRefused(t *testing.T) {
+// A live migration on one host connects a second front-end (the
+// destination's QEMU) to the socket while the first is served: it is
+// served too, each with its own memory table, but only one runs rings at a
+// time. A third connection is refused.
+func TestTwoFrontEnds(t *testing.T) {
 	dev := newFakeDevice()
 	ts := startServer(t, dev)
-	first := dial(t, ts.path)
-	first.getU64(ReqGetFeatures) // served: this one is the active connection
-	second := dial(t, ts.path)
-	second.expectClosed()
-	ts.log.waitLog(t, "refused a second front-end connection")
-	if got := first.getU64(ReqGetQueueNum); got != 2 {
-		t.Fatalf("first connection broken: %d", got)
+	src := dial(t, ts.path)
+	src.negotiate(dev, true)
+	srcRAM := setupMem(t, src)
+	src.setupRing(t, 0, 128)
+	src.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	if _, ok := dev.runningQueue(0); !ok {
+		t.Fatal("source ring not running")
+	}
+
+	// The destination connects and reads the config while the source runs.
+	dst := dial(t, ts.path)
+	dst.negotiate(dev, true)
+	ts.log.waitLog(t, "while another is served")
+	dst.write(ReqGetConfig, 0, ConfigSpace{Data: make([]byte, 8)}.Encode())
+	if m := dst.read(ReqGetConfig); len(m.Payload) != 12+8 {
+		t.Fatalf("destination's GET_CONFIG answered %d bytes", len(m.Payload))
+	}
+	third := dial(t, ts.path)
+	third.expectClosed()
+	ts.log.waitLog(t, "refused a third front-end connection")
+
+	// Its rings may not start while the source's run.
+	dstRAM := setupMem(t, dst)
+	dst.setupRing(t, 0, 128)
+	dst.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	ts.log.waitLog(t, "another front-end runs this device's rings")
+	// Which memory a running ring uses shows in a byte of its used ring.
+	srcRAM.mem[ringOff(0)+0x8000+100] = 0xaa
+	dstRAM.mem[ringOff(0)+0x8000+100] = 0xbb
+	usedMark := func() byte {
+		q, ok := dev.runningQueue(0)
+		if !ok {
+			return 0
+		}
+		return q.Used[100]
+	}
+	if m := usedMark(); m != 0xaa {
+		t.Fatalf("the running ring is not the source's (mark %#x)", m)
+	}
+
+	// The source stops (GET_VRING_BASE, as at the end of a migration);
+	// then the destination's ring starts, in the destination's memory.
+	src.write(ReqGetVringBase, 0, VringState{Index: 0}.Encode())
+	src.read(ReqGetVringBase)
+	dst.mustSend(ReqSetVringKick, EncodeU64(0), eventFd(t))
+	if m := usedMark(); m != 0xbb {
+		t.Fatalf("destination ring not running in its own memory (mark %#x)", m)
+	}
+	// Now the source may not restart its ring, and its going away leaves
+	// the destination's running.
+	src.mustSend(ReqSetVringKick, EncodeU64(0), eventFd(t))
+	src.conn.Close()
+	ts.log.waitLog(t, "front-end disconnected")
+	if m := usedMark(); m != 0xbb {
+		t.Fatalf("destination ring stopped when the source went away (mark %#x)", m)
+	}
+	// A new connection is accepted again (one slot is free).
+	next := dial(t, ts.path)
+	next.getU64(ReqGetFeatures)
+	if got := dst.getU64(ReqGetQueueNum); got != 2 {
+		t.Fatalf("destination connection broken: %d", got)
 	}
 }
 
@@ -860,16 +924,21 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 	}()
 	// The test's own memfds, eventfds and mappings are released by its
 	// cleanups at the end; count only what the server held.
-	// The server serves the next front-end only after releasing the last.
+	// A second front-end may connect while the first is served (a
+	// migration), so the next one is served even before the release:
+	// wait for it.
 	next := waitServed(t, ts.path)
 	defer next.Close()
+	ts.log.waitLog(t, "front-end disconnected")
 	// Left: the test's 2 mappings and 6 eventfds + 2 memfds, and both
 	// ends of the new connection.
-	if got, want := guestMappings(t)-maps0, 2; got != want {
-		t.Errorf("%d more guest mappings after disconnect, want %d (the test's own)", got, want)
-	}
-	if got, want := openFds(t)-fds0, 6+2+2; got != want {
-		t.Errorf("%d more descriptors after disconnect, want %d (the test's own)", got, want)
+	deadline := time.Now().Add(5 * time.Second)
+	for guestMappings(t)-maps0 != 2 || openFds(t)-fds0 != 6+2+2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d more guest mappings and %d more descriptors after disconnect, want 2 and %d (the test's own)",
+				guestMappings(t)-maps0, openFds(t)-fds0, 6+2+2)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -895,5 +964,124 @@ func waitServed(t *testing.T, path string) *Conn {
 			t.Fatal("server never served a new connection")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// sameFile reports whether a and b are the same open file.
+func sameFile(a, b *os.File) bool {
+	sa, err1 := a.Stat()
+	sb, err2 := b.Stat()
+	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+}
+
+// A ring the device fails to stop may still be using guest memory: the
+// session closes the connection and leaves the memory mapped rather than
+// change the memory table under it.
+func TestStopFailureClosesWithoutUnmapping(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		fail func(c *client)
+	}{
+		{"SET_MEM_TABLE", func(c *client) {
+			ram := newGuestRAM(c.t, 2*ramSize)
+			c.write(ReqSetMemTable, FlagNeedReply, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: 2 * ramSize, UserAddr: userBase}}), ram.file)
+		}},
+		{"REM_MEM_REG", func(c *client) {
+			c.write(ReqRemMemReg, FlagNeedReply, EncodeSingleRegion(MemoryRegion{GuestPhysAddr: 0, Size: ramSize, UserAddr: userBase}))
+		}},
+		{"GET_VRING_BASE", func(c *client) {
+			c.write(ReqGetVringBase, 0, VringState{Index: 0}.Encode())
+		}},
+		{"SET_VRING_ENABLE 0", func(c *client) {
+			c.write(ReqSetVringEnable, FlagNeedReply, VringState{Index: 0, Num: 0}.Encode())
+		}},
+		{"disconnect", func(c *client) { c.conn.Close() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dev := newFakeDevice()
+			ts := startServer(t, dev)
+			maps0 := guestMappings(t)
+			c := dial(t, ts.path)
+			c.negotiate(dev, true)
+			setupMem(t, c)
+			c.setupRing(t, 0, 128)
+			c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+			dev.mu.Lock()
+			dev.stopErr = errors.New("requests still in flight")
+			dev.mu.Unlock()
+			tc.fail(c)
+			if tc.name != "disconnect" {
+				c.expectClosed()
+			}
+			ts.log.waitLog(t, "a ring did not stop")
+			// The running queue still reads its ring: memory must be mapped
+			// (the test's own mapping plus the server's).
+			if got := guestMappings(t) - maps0; got < 2 {
+				t.Fatalf("%d guest mappings left: the server unmapped memory under a running ring", got)
+			}
+			if _, err := dev.guestRange(0, 0x1000, 8); err != nil {
+				t.Fatal(err)
+			}
+			dev.mu.Lock()
+			touch(dev.running[0].Used)
+			dev.stopErr = nil
+			dev.mu.Unlock()
+		})
+	}
+}
+
+// Messages that belong to a protocol feature are refused unless that
+// feature was negotiated (as rust-vmm's check_proto_feature does).
+func TestProtocolFeatureRequired(t *testing.T) {
+	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(sp[0])
+	backendFd := os.NewFile(uintptr(sp[1]), "backend")
+	defer backendFd.Close()
+	for _, tc := range []struct {
+		req     Request
+		bit     int
+		payload []byte
+		files   []*os.File
+		reply   bool // a request with a reply of its own: refused by closing
+	}{
+		{ReqResetDevice, ProtoResetDevice, nil, nil, false},
+		{ReqGetMaxMemSlots, ProtoConfigureMemSlots, nil, nil, true},
+		{ReqRemMemReg, ProtoConfigureMemSlots, EncodeSingleRegion(MemoryRegion{Size: ramSize, UserAddr: userBase}), nil, false},
+		{ReqGetConfig, ProtoConfig, ConfigSpace{Data: make([]byte, 8)}.Encode(), nil, true},
+		{ReqSetConfig, ProtoConfig, ConfigSpace{Offset: 20, Data: []byte{1}}.Encode(), nil, false},
+		{ReqSetBackendReqFd, ProtoBackendReq, nil, []*os.File{backendFd}, false},
+		{ReqSetStatus, ProtoStatus, EncodeU64(1), nil, false},
+		{ReqGetStatus, ProtoStatus, nil, nil, true},
+	} {
+		t.Run(tc.req.String(), func(t *testing.T) {
+			dev := newFakeDevice()
+			ts := startServer(t, dev)
+			c := dial(t, ts.path)
+			c.getU64(ReqGetFeatures)
+			// Everything offered but the feature under test.
+			c.mustSend(ReqSetProtocolFeatures, EncodeU64(OfferedProtocolFeatures&^(1<<tc.bit)))
+			c.ack = true
+			c.mustSend(ReqSetFeatures, EncodeU64(dev.features|1<<FeatureProtocolFeatures))
+			setupMem(t, c)
+			switch {
+			case tc.req == ReqGetConfig:
+				// QEMU reads an empty reply as a failed read.
+				c.write(tc.req, 0, tc.payload, tc.files...)
+				if m := c.read(tc.req); len(m.Payload) != 0 {
+					t.Fatalf("GET_CONFIG answered %d bytes without CONFIG", len(m.Payload))
+				}
+			case tc.reply:
+				c.write(tc.req, 0, tc.payload, tc.files...)
+				c.expectClosed()
+			default:
+				if err := c.send(tc.req, tc.payload, tc.files...); err == nil {
+					t.Fatalf("%v accepted without its protocol feature", tc.req)
+				}
+			}
+			ts.log.waitLog(t, "was not negotiated")
+		})
 	}
 }

@@ -11,31 +11,49 @@ import (
 
 // OfferedProtocolFeatures are the protocol features this back-end offers.
 const OfferedProtocolFeatures uint64 = 1<<ProtoMQ | 1<<ProtoReplyAck | 1<<ProtoConfig |
-	1<<ProtoBackendReq | 1<<ProtoConfigureMemSlots | 1<<ProtoResetDevice | 1<<ProtoStatus
+	1<<ProtoBackendReq | 1<<ProtoConfigureMemSlots | 1<<ProtoResetDevice | 1<<ProtoStatus |
+	1<<ProtoLogShmfd
 
 // messageWriter is where replies go (a *Conn; a recorder in fuzz tests).
 type messageWriter interface {
 	Write(h Header, payload []byte, files ...*os.File) error
 }
 
-// vring is the front-end's view of one ring. It is kept apart from the
-// device's queue so that a ring can be stopped and restarted (memory
-// table change, new call fd) from the same state; an in-flight tracking
-// region (INFLIGHT_SHMFD) would be one more field here, handed to the
-// device at start.
+// vring is everything the session knows about one ring, kept apart from
+// the device's queue so that a ring can be stopped and restarted (memory
+// table change, reconnection, a new back-end process) from it alone: what
+// the front-end set (size, base, addresses, eventfds), where the ring areas
+// are while it runs, its part of the in-flight region and, for live
+// migration, its dirty log.
 type vring struct {
 	num     uint16 // ring size; 0 until SET_VRING_NUM
 	addr    VringAddr
 	addrSet bool
 	base    uint16 // available index to resume from
 
+	// While running: the ring areas in guest-physical address space (what
+	// a dirty log records) and in host memory (what the device uses).
+	descGPA, availGPA, usedGPA uint64
+	desc, avail, used          []byte
+
 	kick    *os.File
 	kickSet bool // SET_VRING_KICK received (kick may be nil: polled ring)
 	call    *os.File
 	errFd   *os.File
 
+	// inflight is this ring's queue region of the in-flight area
+	// (INFLIGHT_SHMFD); nil without one.
+	inflight *inflightRing
+	// dirty is where the ring's writes to guest memory are logged during
+	// live migration (LOG_SHMFD); the device gets it at start, and it
+	// follows LOG_ALL and SET_VRING_ADDR's log flag while the ring runs.
+	dirty *ringDirtyLog
+
 	enabled bool
 	running bool // the device is serving this ring
+	// stuck: the device failed to stop the ring, so it may still touch
+	// guest memory; the connection is closed and the memory left mapped.
+	stuck bool
 }
 
 func (r *vring) closeFiles() {
@@ -63,6 +81,10 @@ type session struct {
 	mem      *guestMemory
 	rings    []vring
 	backend  *backendChannel
+	dirty    *dirtyLog
+	// share arbitrates the device with another front-end's session (a
+	// live migration's other end).
+	share *deviceShare
 }
 
 func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
@@ -73,13 +95,19 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 	if n > MaxRings {
 		n = MaxRings
 	}
-	return &session{
+	s := &session{
 		log:     log,
 		dev:     dev,
 		out:     out,
-		offered: dev.Features() | 1<<FeatureProtocolFeatures,
+		offered: dev.Features() | 1<<FeatureProtocolFeatures | 1<<FeatureLogAll,
 		rings:   make([]vring, n),
+		dirty:   &dirtyLog{},
+		share:   newDeviceShare(dev),
 	}
+	for i := range s.rings {
+		s.rings[i].dirty = &ringDirtyLog{log: s.dirty}
+	}
+	return s
 }
 
 func (s *session) replyAck() bool { return s.protocol&(1<<ProtoReplyAck) != 0 }
@@ -97,34 +125,41 @@ type handler struct {
 	hasReply bool
 	size     int // exact payload size; -1: checked by fn
 	fds      int // exact descriptor count; -1: checked by fn
+	// proto is the protocol feature the request belongs to: it is refused
+	// unless that feature was negotiated. noProto: always allowed.
+	proto int
 }
 
+const noProto = -1
+
 var handlers = map[Request]handler{
-	ReqGetFeatures:         {(*session).getFeatures, true, 0, 0},
-	ReqSetFeatures:         {(*session).setFeatures, false, 8, 0},
-	ReqSetOwner:            {(*session).setOwner, false, 0, 0},
-	ReqResetOwner:          {(*session).resetDevice, false, 0, 0},
-	ReqResetDevice:         {(*session).resetDevice, false, 0, 0},
-	ReqGetProtocolFeatures: {(*session).getProtocolFeatures, true, 0, 0},
-	ReqSetProtocolFeatures: {(*session).setProtocolFeatures, false, 8, 0},
-	ReqGetQueueNum:         {(*session).getQueueNum, true, 0, 0},
-	ReqGetMaxMemSlots:      {(*session).getMaxMemSlots, true, 0, 0},
-	ReqSetMemTable:         {(*session).setMemTable, false, -1, -1},
-	ReqAddMemReg:           {(*session).addMemReg, false, 8 + memoryRegionSize, 1},
-	ReqRemMemReg:           {(*session).remMemReg, false, 8 + memoryRegionSize, -1},
-	ReqSetVringNum:         {(*session).setVringNum, false, 8, 0},
-	ReqSetVringAddr:        {(*session).setVringAddr, false, vringAddrSize, 0},
-	ReqSetVringBase:        {(*session).setVringBase, false, 8, 0},
-	ReqGetVringBase:        {(*session).getVringBase, true, 8, 0},
-	ReqSetVringKick:        {(*session).setVringKick, false, 8, -1},
-	ReqSetVringCall:        {(*session).setVringCall, false, 8, -1},
-	ReqSetVringErr:         {(*session).setVringErr, false, 8, -1},
-	ReqSetVringEnable:      {(*session).setVringEnable, false, 8, 0},
-	ReqGetConfig:           {(*session).getConfig, true, -1, 0},
-	ReqSetConfig:           {(*session).setConfig, false, -1, 0},
-	ReqSetBackendReqFd:     {(*session).setBackendReqFd, false, 0, 1},
-	ReqSetStatus:           {(*session).setStatus, false, 8, 0},
-	ReqGetStatus:           {(*session).getStatus, true, 0, 0},
+	ReqGetFeatures:         {(*session).getFeatures, true, 0, 0, noProto},
+	ReqSetFeatures:         {(*session).setFeatures, false, 8, 0, noProto},
+	ReqSetOwner:            {(*session).setOwner, false, 0, 0, noProto},
+	ReqResetOwner:          {(*session).resetDevice, false, 0, 0, noProto},
+	ReqResetDevice:         {(*session).resetDevice, false, 0, 0, ProtoResetDevice},
+	ReqGetProtocolFeatures: {(*session).getProtocolFeatures, true, 0, 0, noProto},
+	ReqSetProtocolFeatures: {(*session).setProtocolFeatures, false, 8, 0, noProto},
+	ReqGetQueueNum:         {(*session).getQueueNum, true, 0, 0, noProto},
+	ReqGetMaxMemSlots:      {(*session).getMaxMemSlots, true, 0, 0, ProtoConfigureMemSlots},
+	ReqSetMemTable:         {(*session).setMemTable, false, -1, -1, noProto},
+	ReqSetLogBase:          {(*session).setLogBase, true, logBaseSize, 1, ProtoLogShmfd},
+	ReqSetLogFd:            {(*session).setLogFd, false, 0, 1, ProtoLogShmfd},
+	ReqAddMemReg:           {(*session).addMemReg, false, 8 + memoryRegionSize, 1, ProtoConfigureMemSlots},
+	ReqRemMemReg:           {(*session).remMemReg, false, 8 + memoryRegionSize, -1, ProtoConfigureMemSlots},
+	ReqSetVringNum:         {(*session).setVringNum, false, 8, 0, noProto},
+	ReqSetVringAddr:        {(*session).setVringAddr, false, vringAddrSize, 0, noProto},
+	ReqSetVringBase:        {(*session).setVringBase, false, 8, 0, noProto},
+	ReqGetVringBase:        {(*session).getVringBase, true, 8, 0, noProto},
+	ReqSetVringKick:        {(*session).setVringKick, false, 8, -1, noProto},
+	ReqSetVringCall:        {(*session).setVringCall, false, 8, -1, noProto},
+	ReqSetVringErr:         {(*session).setVringErr, false, 8, -1, noProto},
+	ReqSetVringEnable:      {(*session).setVringEnable, false, 8, 0, noProto},
+	ReqGetConfig:           {(*session).getConfig, true, -1, 0, ProtoConfig},
+	ReqSetConfig:           {(*session).setConfig, false, -1, 0, ProtoConfig},
+	ReqSetBackendReqFd:     {(*session).setBackendReqFd, false, 0, 1, ProtoBackendReq},
+	ReqSetStatus:           {(*session).setStatus, false, 8, 0, ProtoStatus},
+	ReqGetStatus:           {(*session).getStatus, true, 0, 0, ProtoStatus},
 }
 
 // dispatch handles one message and sends its reply or acknowledgement.
@@ -147,6 +182,8 @@ func (s *session) dispatch(m *Message) error {
 			// The front-end may wait for a reply we cannot give.
 			return fatalError{err}
 		}
+	case hd.proto != noProto && s.protocol&(1<<hd.proto) == 0:
+		err = fmt.Errorf("%v: its protocol feature (bit %d) was not negotiated", h.Request, hd.proto)
 	case hd.size >= 0 && len(m.Payload) != hd.size:
 		err = fmt.Errorf("%v: payload of %d bytes, want %d", h.Request, len(m.Payload), hd.size)
 	case hd.fds >= 0 && len(m.Files) != hd.fds:
@@ -204,10 +241,21 @@ func (s *session) setFeatures(m *Message) ([]byte, error) {
 	if extra := v &^ s.offered; extra != 0 {
 		return nil, fmt.Errorf("features %#x were not offered", extra)
 	}
-	changed := v != s.features
+	// Queues read the features at start: restart running ones. LOG_ALL
+	// is the exception: a migration turns it on and off under running
+	// rings, and the rings' logs follow it without a restart.
+	changed := (v^s.features)&^(1<<FeatureLogAll) != 0
 	if changed {
-		// Queues read the features at start: restart running ones.
-		s.stopAll()
+		if err := s.stopAll(); err != nil {
+			return nil, err
+		}
+	}
+	if logAll := v&(1<<FeatureLogAll) != 0; logAll != (s.features&(1<<FeatureLogAll) != 0) {
+		s.dirty.setLogAll(logAll)
+		s.log.Info("dirty logging", "on", logAll)
+		if n := s.dirty.outside.Swap(0); n > 0 {
+			s.log.Error("writes outside the dirty log were not logged", "marks", n)
+		}
 	}
 	s.features = v
 	if v&(1<<FeatureProtocolFeatures) == 0 {
@@ -231,11 +279,14 @@ func (s *session) setOwner(*Message) ([]byte, error) { return nil, nil }
 // protocol features and the back-end channel belong to the connection and
 // stay.
 func (s *session) resetDevice(*Message) ([]byte, error) {
-	s.stopAll()
+	if err := s.stopAll(); err != nil {
+		return nil, err
+	}
 	for i := range s.rings {
 		s.rings[i].closeFiles()
-		s.rings[i] = vring{}
+		s.rings[i] = vring{dirty: &ringDirtyLog{log: s.dirty}}
 	}
+	s.dirty.setLogAll(false)
 	s.features = 0
 	s.status = 0
 	s.log.Info("device reset")
@@ -264,15 +315,25 @@ func (s *session) getMaxMemSlots(*Message) ([]byte, error) { return EncodeU64(Ma
 
 // changeMemory installs a new memory table: every running ring is
 // stopped first (so no queue touches memory that goes away), the old
-// regions in unmap are unmapped, and the rings are started again.
-func (s *session) changeMemory(mem *guestMemory, unmap []*mappedRegion) {
-	s.stopAll()
+// regions in unmap are unmapped, and the rings are started again. If a
+// ring does not stop, nothing changes and the error is fatal.
+func (s *session) changeMemory(mem *guestMemory, unmap []*mappedRegion) error {
+	if !s.dirty.covers(mem.end()) {
+		// The front-end grows its log before its memory table; a table
+		// the log cannot cover would lose dirty pages silently.
+		s.log.Error("memory table reaches beyond the dirty log: writes there are not logged",
+			"memory_end", fmt.Sprintf("%#x", mem.end()))
+	}
+	if err := s.stopAll(); err != nil {
+		return err
+	}
 	s.mem = mem
 	for _, r := range unmap {
 		r.unmap()
 	}
 	s.log.Info("memory table changed", "regions", mem.len())
 	s.startReady()
+	return nil
 }
 
 func (s *session) setMemTable(m *Message) ([]byte, error) {
@@ -307,7 +368,12 @@ func (s *session) setMemTable(m *Message) ([]byte, error) {
 	if s.mem != nil {
 		old = s.mem.regions
 	}
-	s.changeMemory(&guestMemory{regions: mapped}, old)
+	if err := s.changeMemory(&guestMemory{regions: mapped}, old); err != nil {
+		for _, r := range mapped {
+			r.unmap()
+		}
+		return nil, err
+	}
 	return nil, nil
 }
 
@@ -325,7 +391,10 @@ func (s *session) addMemReg(m *Message) ([]byte, error) {
 		mr.unmap()
 		return nil, fmt.Errorf("ADD_MEM_REG: %w", err)
 	}
-	s.changeMemory(mem, nil)
+	if err := s.changeMemory(mem, nil); err != nil {
+		mr.unmap()
+		return nil, err
+	}
 	return nil, nil
 }
 
@@ -340,8 +409,7 @@ func (s *session) remMemReg(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("REM_MEM_REG: %w", err)
 	}
-	s.changeMemory(mem, []*mappedRegion{removed})
-	return nil, nil
+	return nil, s.changeMemory(mem, []*mappedRegion{removed})
 }
 
 func (s *session) setVringNum(m *Message) ([]byte, error) {
@@ -370,11 +438,25 @@ func (s *session) setVringAddr(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if r.running {
-		return nil, fmt.Errorf("ring %d: address change while running", idx)
+	if a.Flags&^VringFlagLog != 0 {
+		return nil, fmt.Errorf("ring %d: unknown address flags %#x", idx, a.Flags)
 	}
-	if a.Flags != 0 {
-		return nil, fmt.Errorf("ring %d: unsupported address flags %#x (dirty logging)", idx, a.Flags)
+	if r.running {
+		// A migration turns the used ring's logging on and off with the
+		// same addresses: that changes the log, not the ring.
+		same := a.DescUser == r.addr.DescUser && a.AvailUser == r.addr.AvailUser && a.UsedUser == r.addr.UsedUser
+		if !same {
+			return nil, fmt.Errorf("ring %d: address change while running", idx)
+		}
+		if a.Flags&VringFlagLog != 0 && a.LogGuest != r.usedGPA {
+			// Logged where the front-end says; a mismatch means its
+			// log will not show the used ring's pages.
+			s.log.Warn("log_guest_addr is not the used ring's guest address", "ring", idx,
+				"log_guest_addr", fmt.Sprintf("%#x", a.LogGuest), "used", fmt.Sprintf("%#x", r.usedGPA))
+		}
+		r.dirty.set(a)
+		r.addr = a
+		return nil, nil
 	}
 	if a.DescUser%16 != 0 || a.AvailUser%2 != 0 || a.UsedUser%4 != 0 {
 		return nil, fmt.Errorf("ring %d: misaligned ring addresses desc %#x avail %#x used %#x",
@@ -387,6 +469,7 @@ func (s *session) setVringAddr(m *Message) ([]byte, error) {
 		}
 	}
 	r.addr, r.addrSet = a, true
+	r.dirty.set(a)
 	return nil, nil
 }
 
@@ -414,7 +497,9 @@ func (s *session) getVringBase(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, fatalError{err}
 	}
-	s.stopRing(idx)
+	if err := s.stopRing(idx); err != nil {
+		return nil, err
+	}
 	if r.kick != nil {
 		r.kick.Close()
 		r.kick = nil
@@ -453,7 +538,12 @@ func (s *session) setVringKick(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.stopRing(idx)
+	if err := s.stopRing(idx); err != nil {
+		if f != nil {
+			f.Close()
+		}
+		return nil, err
+	}
 	if r.kick != nil {
 		r.kick.Close()
 	}
@@ -467,16 +557,23 @@ func (s *session) setVringCall(m *Message) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The device holds the call fd: a running ring restarts with the new one.
-	wasRunning := r.running
-	s.stopRing(idx)
+	// A running ring switches to the new fd without stopping: QEMU sends
+	// SET_VRING_CALL while the guest runs (interrupt masking), and a stop
+	// would wait for every request in flight on this goroutine.
+	if r.running {
+		if err := s.dev.SetQueueCall(idx, f); err != nil {
+			if f != nil {
+				f.Close()
+			}
+			return nil, fmt.Errorf("ring %d: new call fd: %w", idx, err)
+		}
+	}
+	// The device no longer signals the old fd once SetQueueCall returned
+	// (a signal under way holds its own reference).
 	if r.call != nil {
 		r.call.Close()
 	}
 	r.call = f
-	if wasRunning {
-		s.startRing(idx)
-	}
 	return nil, nil
 }
 
@@ -505,10 +602,9 @@ func (s *session) setVringEnable(m *Message) ([]byte, error) {
 	r.enabled = st.Num == 1
 	if r.enabled {
 		s.startRing(idx)
-	} else {
-		s.stopRing(idx)
+		return nil, nil
 	}
-	return nil, nil
+	return nil, s.stopRing(idx)
 }
 
 func (s *session) getConfig(m *Message) ([]byte, error) {
@@ -539,9 +635,6 @@ func (s *session) setConfig(m *Message) ([]byte, error) {
 }
 
 func (s *session) setBackendReqFd(m *Message) ([]byte, error) {
-	if s.protocol&(1<<ProtoBackendReq) == 0 {
-		return nil, errors.New("SET_BACKEND_REQ_FD: BACKEND_REQ was not negotiated")
-	}
 	b, err := newBackendChannel(m.Files[0], s.replyAck())
 	if err != nil {
 		return nil, fmt.Errorf("SET_BACKEND_REQ_FD: %w", err)
@@ -550,7 +643,7 @@ func (s *session) setBackendReqFd(m *Message) ([]byte, error) {
 		s.backend.close()
 	}
 	s.backend = b
-	s.dev.SetConfigChangeNotifier(b.notifyConfigChange)
+	s.share.setNotifier(s, b.notifyConfigChange)
 	s.log.Info("back-end request channel set up")
 	return nil, nil
 }
@@ -601,6 +694,10 @@ func (s *session) startRing(idx int) {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
 		return
 	}
+	// translateRing found each area inside a region: these succeed.
+	r.descGPA, _ = s.mem.userToGuest(r.addr.DescUser)
+	r.availGPA, _ = s.mem.userToGuest(r.addr.AvailUser)
+	r.usedGPA, _ = s.mem.userToGuest(r.addr.UsedUser)
 	q := virtio.QueueSetup{
 		Index: idx, Size: r.num,
 		Desc: desc, Avail: avail, Used: used,
@@ -608,36 +705,65 @@ func (s *session) startRing(idx int) {
 		Features:  s.features,
 		Mem:       s.mem,
 		Kick:      r.kick, Call: r.call,
+		DirtyLog: r.dirty,
+	}
+	if !s.share.acquireRings(s) {
+		s.log.Warn("ring not started: another front-end runs this device's rings (one at a time: a migration's destination starts once the source has stopped)", "ring", idx)
+		return
 	}
 	if err := s.dev.StartQueue(q); err != nil {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
+		s.releaseIfIdle()
 		return
 	}
+	r.desc, r.avail, r.used = desc, avail, used
 	r.running = true
 	s.log.Info("ring started", "ring", idx, "size", r.num, "avail", r.base)
 }
 
 // stopRing stops ring idx if it runs and keeps the index to resume from.
-func (s *session) stopRing(idx int) {
+// A ring the device fails to stop may still touch guest memory: it is
+// marked stuck and the error is fatal, so that the connection is closed
+// with the memory left mapped instead of changed under running I/O.
+func (s *session) stopRing(idx int) error {
 	r := &s.rings[idx]
 	if !r.running {
-		return
+		return nil
 	}
 	last, err := s.dev.StopQueue(idx)
-	r.running = false
 	if err != nil {
-		s.log.Warn("ring stop failed", "ring", idx, "err", err)
-		return
+		r.stuck = true
+		return fatalError{fmt.Errorf("ring %d did not stop: %w", idx, err)}
 	}
+	r.running = false
+	r.desc, r.avail, r.used = nil, nil, nil
 	r.base = last
 	s.log.Info("ring stopped", "ring", idx, "avail", last)
+	s.releaseIfIdle()
+	return nil
 }
 
-// stopAll stops every running ring.
-func (s *session) stopAll() {
+// releaseIfIdle lets another front-end run the device's rings once none of
+// this session's runs (a stuck ring keeps them).
+func (s *session) releaseIfIdle() {
 	for i := range s.rings {
-		s.stopRing(i)
+		if s.rings[i].running || s.rings[i].stuck {
+			return
+		}
 	}
+	s.share.releaseRings(s)
+}
+
+// stopAll stops every running ring; the first failure is returned (fatal)
+// after trying the others.
+func (s *session) stopAll() error {
+	var first error
+	for i := range s.rings {
+		if err := s.stopRing(i); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
 }
 
 // startReady starts every ring that is ready.
@@ -649,16 +775,57 @@ func (s *session) startReady() {
 
 // close releases everything the connection holds: rings stopped, their
 // descriptors closed, the back-end channel closed, guest memory unmapped.
+// A ring that did not stop keeps its descriptors, and guest memory stays
+// mapped (leaked) for as long as the process lives: the device may still
+// use them.
 func (s *session) close() {
-	s.stopAll()
+	stuck := s.stopAll() != nil
 	for i := range s.rings {
+		if r := &s.rings[i]; r.running || r.stuck {
+			stuck = true
+			continue
+		}
 		s.rings[i].closeFiles()
 	}
 	if s.backend != nil {
-		s.dev.SetConfigChangeNotifier(nil)
+		s.share.setNotifier(s, nil)
 		s.backend.close()
 		s.backend = nil
 	}
+	if stuck {
+		s.log.Error("a ring did not stop: guest memory stays mapped and its descriptors open")
+		return
+	}
 	s.mem.unmapAll()
 	s.mem = nil
+	s.dirty.close()
+}
+
+// setLogBase maps the dirty log (SET_LOG_BASE with LOG_SHMFD). The
+// front-end waits for the reply; a log that cannot be used closes the
+// connection (the migration then fails: it must not go on without one).
+func (s *session) setLogBase(m *Message) ([]byte, error) {
+	lb, err := DecodeLogBase(m.Payload)
+	if err != nil {
+		return nil, fmt.Errorf("SET_LOG_BASE: %w", err)
+	}
+	if end := s.mem.end(); logBytesFor(end) > lb.MmapSize {
+		return nil, fmt.Errorf("SET_LOG_BASE: a log of %d bytes does not cover guest memory up to %#x (%d bytes needed)",
+			lb.MmapSize, end, logBytesFor(end))
+	}
+	mapping, bits, err := mapLog(lb, m.Files[0])
+	if err != nil {
+		return nil, fmt.Errorf("SET_LOG_BASE: %w", err)
+	}
+	s.dirty.replace(mapping, bits)
+	s.log.Info("dirty log mapped", "bytes", lb.MmapSize)
+	return EncodeU64(0), nil
+}
+
+// setLogFd keeps the eventfd that is signalled after the log is written.
+func (s *session) setLogFd(m *Message) ([]byte, error) {
+	f := m.Files[0]
+	m.Files[0] = nil
+	s.dirty.setCall(f)
+	return nil, nil
 }

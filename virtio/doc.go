@@ -52,6 +52,27 @@ type QueueSetup struct {
 	// resubmits the heads it names before consuming the available ring,
 	// and keeps it up to date.
 	Inflight InflightLog
+	// DirtyLog, if not nil, is told about every write into guest memory
+	// (live migration); see DirtyLog.
+	DirtyLog DirtyLog
+}
+
+// DirtyLog records which guest pages the device wrote, so that a live
+// migration copies them again (vhost-user.rst, "Migration"). The queue
+// reports, after writing them: the device-writable buffers of every chain
+// it completes (a device writes nothing else of a chain), and every write
+// to the used ring (elements, index, flags, avail_event). It is called from
+// several goroutines at once.
+type DirtyLog interface {
+	// Logging reports whether writes are being logged now; it is asked on
+	// every completion, so it must be cheap. Logging may start and stop
+	// while the queue runs.
+	Logging() bool
+	// LogWrite marks guest-physical [addr, addr+size) as written.
+	LogWrite(addr, size uint64)
+	// LogUsed marks bytes [offset, offset+size) of the used ring as
+	// written (the transport knows where the ring is in guest memory).
+	LogUsed(offset, size uint64)
 }
 
 // InflightLog records which chains are in flight, so that a restarted

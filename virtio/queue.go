@@ -37,6 +37,7 @@ type Chain struct {
 	Err error
 
 	segs  [][]byte
+	addrs []uint64 // guest-physical address of each of segs, for dirty logging
 	nRead int
 }
 
@@ -47,12 +48,20 @@ func (c *Chain) reset(head uint16) {
 	c.Err = nil
 	clear(c.segs)
 	c.segs = c.segs[:0]
+	c.addrs = c.addrs[:0]
 	c.nRead = 0
 }
 
 func (c *Chain) finish() {
 	c.Readable = c.segs[:c.nRead:c.nRead]
 	c.Writable = c.segs[c.nRead:]
+}
+
+// logWritable reports the chain's device-writable buffers to log.
+func (c *Chain) logWritable(log DirtyLog) {
+	for i := c.nRead; i < len(c.segs); i++ {
+		log.LogWrite(c.addrs[i], uint64(len(c.segs[i])))
+	}
 }
 
 func badChain(format string, args ...any) error {
@@ -80,6 +89,7 @@ type Queue struct {
 	mem         Memory
 	eventIdx    bool
 	indirect    bool
+	dirty       DirtyLog // nil: the transport never logs
 
 	// consumer side
 	lastAvail   uint16
@@ -134,6 +144,7 @@ func NewQueue(s QueueSetup) (*Queue, error) {
 		mem:         s.Mem,
 		eventIdx:    eventIdx,
 		indirect:    s.Features&(1<<FeatureIndirectDesc) != 0,
+		dirty:       s.DirtyLog,
 		lastAvail:   s.LastAvail,
 		availShadow: s.LastAvail,
 	}
@@ -279,6 +290,7 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 				return badChain("descriptor %d: %v", idx, err)
 			}
 			c.segs = append(c.segs, buf)
+			c.addrs = append(c.addrs, addr)
 			if write {
 				c.WriteLen += uint64(length)
 			} else {
@@ -295,12 +307,32 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 
 // Push puts a completed chain on the used ring and publishes it.
 func (q *Queue) Push(head uint16, written uint32) {
-	e := q.used[ringStart+int(q.usedIdx&q.mask)*UsedElemSize:]
+	off := ringStart + int(q.usedIdx&q.mask)*UsedElemSize
+	e := q.used[off:]
 	le.PutUint32(e[0:], uint32(head))
 	le.PutUint32(e[4:], written)
 	q.usedIdx++
 	// The atomic store orders the element before the index.
 	Store16(q.used[ringIdx:], q.usedIdx)
+	// Logged after the writes: a migration that copies the page between
+	// our mark and our write would miss the write.
+	q.logUsed(off, UsedElemSize)
+	q.logUsed(ringIdx, 2)
+}
+
+// logUsed reports a write of size bytes at offset off of the used ring.
+func (q *Queue) logUsed(off, size int) {
+	if q.dirty != nil && q.dirty.Logging() {
+		q.dirty.LogUsed(uint64(off), uint64(size))
+	}
+}
+
+// logChain reports the device-writable buffers of c, which the device has
+// finished writing, before c goes on the used ring.
+func (q *Queue) logChain(c *Chain) {
+	if q.dirty != nil && q.dirty.Logging() {
+		c.logWritable(q.dirty)
+	}
 }
 
 // NeedsNotify reports whether the driver wants an interrupt for the chains
@@ -338,6 +370,7 @@ func NeedEvent(event, new, old uint16) bool {
 func (q *Queue) DisableNotify() {
 	if !q.eventIdx {
 		Store16(q.used[ringFlags:], UsedFlagNoNotify)
+		q.logUsed(ringFlags, 2)
 	}
 }
 
@@ -346,8 +379,11 @@ func (q *Queue) DisableNotify() {
 // the driver may have added a chain before it saw the request.
 func (q *Queue) EnableNotify() {
 	if q.eventIdx {
-		Store16(q.used[ringStart+UsedElemSize*int(q.size):], q.lastAvail)
+		off := ringStart + UsedElemSize*int(q.size)
+		Store16(q.used[off:], q.lastAvail)
+		q.logUsed(off, 2)
 	} else {
 		Store16(q.used[ringFlags:], 0)
+		q.logUsed(ringFlags, 2)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -49,8 +50,9 @@ type Runner struct {
 	journal InflightLog
 	log     *slog.Logger
 	kick    *os.File // kept alive while its descriptor is in use
-	call    *os.File
-	callFd  int
+	// call is where interrupts go; SetCall swaps it while the ring runs.
+	call      atomic.Pointer[callTarget]
+	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
 
 	// Consumer side (runner goroutine only).
 	scratch Chain
@@ -103,8 +105,6 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		journal: cfg.Setup.Inflight,
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
-		call:    cfg.Setup.Call,
-		callFd:  -1,
 		chains:  make([]Chain, q.size),
 		busy:    make([]bool, q.size),
 		done:    make(chan struct{}),
@@ -114,10 +114,14 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	// sends longer chains.
 	const segsPerSlot = 4
 	backing := make([][]byte, segsPerSlot*(int(q.size)+1))
+	addrs := make([]uint64, segsPerSlot*(int(q.size)+1))
 	for i := range r.chains {
 		r.chains[i].segs = backing[i*segsPerSlot : i*segsPerSlot : (i+1)*segsPerSlot]
+		r.chains[i].addrs = addrs[i*segsPerSlot : i*segsPerSlot : (i+1)*segsPerSlot]
 	}
-	r.scratch.segs = backing[int(q.size)*segsPerSlot : int(q.size)*segsPerSlot : (int(q.size)+1)*segsPerSlot]
+	n := int(q.size)
+	r.scratch.segs = backing[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
+	r.scratch.addrs = addrs[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
 	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
 	if r.kick != nil {
 		fd, err := rawFd(r.kick)
@@ -127,15 +131,47 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		}
 		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
 	}
-	if r.call != nil {
-		fd, err := rawFd(r.call)
-		if err != nil {
-			unix.Close(wake)
-			return nil, fmt.Errorf("queue %d: call eventfd: %w", cfg.Setup.Index, err)
+	r.writeCall = func(fd uintptr) bool {
+		if _, err := unix.Write(int(fd), one[:]); err != nil && err != unix.EAGAIN {
+			r.log.Warn("signal call eventfd", "err", err)
 		}
-		r.callFd = fd
+		return true
+	}
+	if err := r.SetCall(cfg.Setup.Call); err != nil {
+		unix.Close(wake)
+		return nil, fmt.Errorf("queue %d: %w", cfg.Setup.Index, err)
 	}
 	return r, nil
+}
+
+// callTarget is a call eventfd and the raw access used to write it.
+type callTarget struct {
+	f  *os.File
+	rc syscall.RawConn
+}
+
+// SetCall makes the runner interrupt the driver through f (nil: drop
+// interrupts) from now on; it may be called while the runner serves.
+// Writes go through f's RawConn, which holds a reference on the
+// descriptor for the duration of the write: the caller may close the old
+// file as soon as SetCall returns without a signal under way writing to
+// a closed (or reused) descriptor number. One interrupt is sent to the
+// new fd, in case a completion signalled the old one after the driver
+// stopped listening to it.
+func (r *Runner) SetCall(f *os.File) error {
+	if f == nil {
+		r.call.Store(nil)
+		return nil
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("call eventfd: %w", err)
+	}
+	old := r.call.Swap(&callTarget{f: f, rc: rc})
+	if old != nil {
+		r.signal()
+	}
+	return nil
 }
 
 // rawFd returns f's descriptor without os.File.Fd's possible side effect
@@ -361,6 +397,7 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		if r.journal != nil {
 			r.journal.Pushing(head)
 		}
+		r.q.logChain(&r.chains[head])
 		r.q.Push(head, written)
 		if r.journal != nil {
 			r.journal.Pushed(head, r.q.UsedIdx())
@@ -440,13 +477,13 @@ func (r *Runner) notifySafely() {
 }
 
 func (r *Runner) signal() {
-	if r.callFd < 0 {
+	t := r.call.Load()
+	if t == nil {
 		return
 	}
-	if _, err := unix.Write(r.callFd, one[:]); err != nil && err != unix.EAGAIN {
-		r.log.Warn("signal call eventfd", "err", err)
-	}
-	runtime.KeepAlive(r.call)
+	// An error means the transport closed the file after swapping it
+	// out; the new fd has had its interrupt.
+	_ = t.rc.Write(r.writeCall)
 }
 
 // InFlight is the number of chains popped and not yet completed.

@@ -5,10 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
@@ -431,5 +434,43 @@ func TestRunnerResubmitsInflight(t *testing.T) {
 	}
 	if len(j.inflight) != 0 {
 		t.Fatalf("log still holds %v", j.inflight)
+	}
+}
+
+// SetCall moves interrupts to a new call eventfd while requests are in
+// flight; the old one may be closed as soon as SetCall returns.
+func TestRunnerSetCallWhileRunning(t *testing.T) {
+	h := newRunner(t, 8, allFeat&^(1<<virtio.FeatureEventIdx), true, nil)
+	h.d.AddChain(h.d.AllocBuf(16, false, nil))
+	h.d.KickNow()
+	c := <-h.chains
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCall := os.NewFile(uintptr(fd), "call2")
+	defer newCall.Close()
+	if err := h.r.SetCall(newCall); err != nil {
+		t.Fatal(err)
+	}
+	h.d.CallCount() // the swap's own interrupt, if any, went to the new fd
+	var buf [8]byte
+	unix.Read(fd, buf[:])
+	h.r.Complete(c.Head, 0)
+	if n := h.d.CallCount(); n != 0 {
+		t.Fatalf("old call fd signalled %d times after the swap", n)
+	}
+	if _, err := unix.Read(fd, buf[:]); err != nil {
+		t.Fatalf("new call fd not signalled: %v", err)
+	}
+	// A nil call fd drops interrupts.
+	if err := h.r.SetCall(nil); err != nil {
+		t.Fatal(err)
+	}
+	h.d.AddChain(h.d.AllocBuf(16, false, nil))
+	h.d.KickNow()
+	h.r.Complete((<-h.chains).Head, 0)
+	if _, err := unix.Read(fd, buf[:]); err != unix.EAGAIN {
+		t.Fatalf("interrupt after SetCall(nil): %v", err)
 	}
 }

@@ -25,6 +25,9 @@ type backend struct {
 type serveOpts struct {
 	queues   int
 	readOnly bool
+	// queueSize is the largest ring thinblk accepts (0: its default);
+	// qemu-storage-daemon accepts up to 1024 anyway.
+	queueSize int
 	// resize, if not nil, is set by the back-end's start function to a
 	// function that grows the disk to newSize bytes while serving.
 	resize *func(newSize int64) error

@@ -59,7 +59,7 @@ const driverFeatures = 1<<virtio.FeatureVersion1 | 1<<virtio.FeatureEventIdx |
 
 // driverProtocolFeatures are the protocol features it uses.
 const driverProtocolFeatures = 1<<vhostuser.ProtoMQ | 1<<vhostuser.ProtoReplyAck |
-	1<<vhostuser.ProtoConfig
+	1<<vhostuser.ProtoConfig | 1<<vhostuser.ProtoLogShmfd
 
 // Disk is a connected vhost-user-blk device.
 type Disk struct {
@@ -85,6 +85,8 @@ type Disk struct {
 	backendConn   *vhostuser.Conn
 	backendDone   chan struct{}
 	configChanged chan struct{}
+
+	dirtyLog *DirtyLog // StartDirtyLog's, unmapped at Close
 }
 
 // Dial connects to the back-end at socketPath and sets up the device. The
@@ -502,5 +504,8 @@ func (d *Disk) teardown() {
 	}
 	if d.mem != nil {
 		d.mem.close()
+	}
+	if d.dirtyLog != nil {
+		d.dirtyLog.close()
 	}
 }

@@ -37,7 +37,7 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 		grow.size.Store(disk.Size())
 		storage = grow
 	}
-	dev, err := blk.New(storage, blk.Options{NumQueues: o.queues, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
+	dev, err := blk.New(storage, blk.Options{NumQueues: o.queues, QueueSize: o.queueSize, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
 	if err != nil {
 		disk.Close()
 		t.Fatalf("blk.New: %v", err)

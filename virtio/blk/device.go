@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
+	"os"
 	"sync"
 	"sync/atomic"
 
@@ -298,6 +299,16 @@ func (d *Device) StopQueue(idx int) (uint16, error) {
 	d.queues[idx] = nil
 	d.log.Debug("queue stopped", "queue", idx, "last_avail", last)
 	return last, nil
+}
+
+// SetQueueCall implements vhostuser.Device.
+func (d *Device) SetQueueCall(idx int, call *os.File) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if idx < 0 || idx >= len(d.queues) || d.queues[idx] == nil || d.queues[idx].stopped {
+		return fmt.Errorf("virtio-blk: queue %d: %w", idx, ErrNotStarted)
+	}
+	return d.queues[idx].runner.SetCall(call)
 }
 
 // Drain stops taking requests on every queue, waits for those in flight

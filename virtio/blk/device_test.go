@@ -6,9 +6,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -739,5 +742,57 @@ func TestDrainFlushes(t *testing.T) {
 	}
 	if last, err := h.dev.StopQueue(0); err != nil || last != 1 {
 		t.Fatalf("StopQueue after Drain: %d, %v", last, err)
+	}
+}
+
+// A new call fd reaches a queue with requests held in the storage at
+// once, and their completions interrupt through it.
+func TestSetQueueCallWithRequestsHeld(t *testing.T) {
+	fs := newFileStorage(t, diskSize)
+	s := slowStorage{fs, make(chan struct{})}
+	dev, err := blk.New(s, blk.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	mem := virtiotest.NewMemory(memBase, memSize)
+	d := virtiotest.NewDriver(mem, 16, allFeat)
+	if err := d.WithEventfds(); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := dev.SetQueueCall(0, nil); !errors.Is(err, blk.ErrNotStarted) {
+		t.Fatalf("SetQueueCall on a queue not started: %v", err)
+	}
+	if err := dev.StartQueue(d.Setup(0)); err != nil {
+		t.Fatal(err)
+	}
+	d.AddChain(d.AllocBuf(16, false, header(blk.TypeIn, 0)), d.AllocBuf(512, true, nil), d.AllocBuf(1, true, nil))
+	d.KickNow()
+	for dev.InFlight() != 1 {
+		d.WaitCall(1)
+	}
+	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		t.Fatal(err)
+	}
+	call := os.NewFile(uintptr(fd), "call2")
+	defer call.Close()
+	if err := dev.SetQueueCall(0, call); err != nil {
+		t.Fatal(err)
+	}
+	d.CallCount()
+	var buf [8]byte
+	unix.Read(fd, buf[:])
+	close(s.gate)
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	if n, err := unix.Poll(pfd, 5000); n != 1 || err != nil {
+		t.Fatalf("no interrupt on the new call fd (%d, %v)", n, err)
+	}
+	if _, ok := d.PopUsed(); !ok {
+		t.Fatal("request not completed")
+	}
+	if n := d.CallCount(); n != 0 {
+		t.Fatalf("old call fd signalled %d times", n)
 	}
 }
