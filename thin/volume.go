@@ -163,6 +163,9 @@ func (v *Volume) ReadAt(bufs [][]byte, off int64) error {
 			p.ioGate.RUnlock()
 			return fmt.Errorf("read volume %s: %w", v.name, lerr)
 		}
+		if t := p.trace.Load(); t != nil {
+			p.traceRead(t, v.name, "read", off, int64(n), pbs)
+		}
 		s := sg{bufs: bufs}
 		var err error
 		for i, pos := 0, off; pos < off+int64(n) && err == nil; i++ {
@@ -371,6 +374,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	}
 	if need > 0 {
 		p.noteSpaceLocked()
+	}
+	if t := p.trace.Load(); t != nil {
+		p.traceWrite(t, v.name, off, n, plans)
 	}
 	return plans, nil, nil
 }

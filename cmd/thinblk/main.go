@@ -32,6 +32,7 @@ func commands() []command {
 		{"vm-snapshot", "snapshot a running VM's disks at one instant (QEMU paused)", runVMSnapshot},
 		{"status", "show a pool's space and its volumes", runStatus},
 		{"check", "verify a pool's metadata against its data file", runCheck},
+		{"trace-check", "check a request trace (serve --trace): every read returned the last data written", runTraceCheck},
 		{"version", "print the version", runVersion},
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/virtio/blk/blktrace"
 )
 
 const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
@@ -34,6 +35,7 @@ type serveFlags struct {
 	queueSize  int
 	serial     string
 	logLevel   string
+	trace      string
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
@@ -58,6 +60,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return exitFor(err)
@@ -85,7 +88,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if f.pool != "" {
 		serve = servePool
 	}
-	if err := serve(ctx, f, logger); err != nil {
+	var trace *blktrace.Log
+	if f.trace != "" {
+		if trace, err = blktrace.Create(f.trace); err != nil {
+			return fail(stderr, "serve", err)
+		}
+		logger.Warn("tracing every request: slow, for debugging", "file", f.trace)
+	}
+	err = serve(ctx, f, trace, logger)
+	if trace != nil {
+		err = errors.Join(err, trace.Close())
+	}
+	if err != nil {
 		return fail(stderr, "serve", err)
 	}
 	return 0
@@ -146,7 +160,7 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
-func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
+func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
 	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
 	if err != nil {
 		return err
@@ -156,7 +170,11 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	if serial == "" {
 		serial = baseSerial(f.raw)
 	}
-	dev, err := blk.New(disk, blk.Options{
+	var storage blk.Storage = disk
+	if trace != nil {
+		storage = trace.Wrap(serial, disk)
+	}
+	dev, err := blk.New(storage, blk.Options{
 		ReadOnly:  f.readOnly,
 		NumQueues: f.queues,
 		QueueSize: f.queueSize,
