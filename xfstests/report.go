@@ -87,6 +87,8 @@ type Report struct {
 	Differences []Difference `json:"differences,omitempty"`
 	// Rates are each test's failures per back-end over the repetitions.
 	Rates []Rate `json:"rates,omitempty"`
+	// LeftOut names the repetitions an interrupt cut short (not in Runs or Rates).
+	LeftOut []string `json:"left_out,omitempty"`
 }
 
 // Rate is how often one test failed on one back-end over the runs that ran it (a notrun
@@ -112,6 +114,9 @@ func (r Rate) String() string {
 // OK reports whether every back-end's run passed and thinblk did no worse than the
 // reference on any test.
 func (r *Report) OK() bool {
+	if len(r.LeftOut) > 0 {
+		return false
+	}
 	for i := range r.Runs {
 		if !r.Runs[i].OK() {
 			return false
@@ -359,6 +364,9 @@ func (r *Report) WriteTable(w io.Writer) {
 func (r *Report) writeRates(w io.Writer) {
 	backends := r.backends()
 	fmt.Fprintf(w, "failure rates over %d repetitions:\n", r.Repeat)
+	if len(r.LeftOut) > 0 {
+		fmt.Fprintf(w, "interrupted, left out: %s\n", strings.Join(r.LeftOut, " "))
+	}
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	fmt.Fprint(tw, "TEST")
 	for _, b := range backends {

@@ -334,6 +334,20 @@ func TestRunRepeatedFailureRates(t *testing.T) {
 		t.Fatalf("report.json: %v %s", err, data)
 	}
 
+	// An interrupt leaves the repetition it cut short out of the rates.
+	ctx, cancel := context.WithCancel(context.Background())
+	cut := RunRepeated(ctx, "xfs", []string{"generic/001"}, []string{"thinblk", "qsd"}, 3,
+		func(ctx context.Context, kind string, n int) BackendRun {
+			if n == 2 && kind == "qsd" {
+				cancel()
+				return BackendRun{Results: []Result{{Test: "generic/001", Outcome: Fail, Reason: "interrupted"}}, Error: "interrupted"}
+			}
+			return BackendRun{Results: []Result{{Test: "generic/001", Outcome: Pass}}}
+		})
+	if len(cut.Runs) != 3 || fmt.Sprint(cut.LeftOut) != "[qsd#2]" || cut.Rates[1].Runs != 1 || cut.Rates[1].Failures != 0 || cut.OK() {
+		t.Errorf("interrupted: runs %d, left out %v, rates %+v, ok %v", len(cut.Runs), cut.LeftOut, cut.Rates, cut.OK())
+	}
+
 	// Once is the old report: no rates, one column per back-end.
 	once := RunRepeated(context.Background(), "xfs", []string{"generic/001"}, []string{"qsd"}, 1,
 		func(ctx context.Context, kind string, n int) BackendRun {

@@ -69,6 +69,12 @@ func RunRepeated(ctx context.Context, fstyp string, tests, backends []string, re
 			}
 			run := runBackend(ctx, kind, n)
 			run.Backend, run.Repeat = kind, n
+			if rep.Repeat > 1 && ctx.Err() != nil {
+				// Cut short by the interrupt: its test did not fail, it was stopped.
+				// The repetitions that ended count; this one is left out of the rates.
+				rep.LeftOut = append(rep.LeftOut, run.Label())
+				continue
+			}
 			rep.Runs = append(rep.Runs, run)
 		}
 	}
