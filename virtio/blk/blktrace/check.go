@@ -67,6 +67,46 @@ type pending struct {
 type diskModel struct {
 	sectors map[int64]*sectorState
 	open    map[uint64]*pending
+	// zeroing holds the discards and write-zeroes in flight (few, but
+	// possibly huge: not counted per sector).
+	zeroing map[uint64]*pending
+}
+
+// zeroingAt reports whether a discard or write-zeroes of sector s is in
+// flight.
+func (d *diskModel) zeroingAt(s int64) bool {
+	for _, z := range d.zeroing {
+		if s >= z.off && s < z.off+z.n {
+			return true
+		}
+	}
+	return false
+}
+
+// each calls fn for every sector of [off, off+n) the model holds.
+func (d *diskModel) each(off, n int64, fn func(s int64, st *sectorState)) {
+	if n/blk.SectorSize <= int64(len(d.sectors)) {
+		for s := off; s < off+n; s += blk.SectorSize {
+			if st := d.sectors[s]; st != nil {
+				fn(s, st)
+			}
+		}
+		return
+	}
+	for s, st := range d.sectors {
+		if s >= off && s < off+n {
+			fn(s, st)
+		}
+	}
+}
+
+// landed records a completed change of the sector: sum is its content,
+// or unknown (racy) when the change failed or overlapped another one in
+// time (another change completed after this one started, or is still in
+// flight), since which landed last cannot be told.
+func (st *sectorState) landed(id, seq, startSeq uint64, sum uint32, ok, zeroing bool) {
+	st.racy = !ok || st.doneSeq > startSeq || st.inflight > 0 || zeroing
+	st.writer, st.doneSeq, st.sum = id, seq, sum
 }
 
 // Check replays a trace whose disks started out all zeros (new volumes or
@@ -109,7 +149,7 @@ func Check(r io.Reader, limit int) (*CheckResult, error) {
 		}
 		d := disks[f[4]]
 		if d == nil {
-			d = &diskModel{sectors: map[int64]*sectorState{}, open: map[uint64]*pending{}}
+			d = &diskModel{sectors: map[int64]*sectorState{}, open: map[uint64]*pending{}, zeroing: map[uint64]*pending{}}
 			disks[f[4]] = d
 		}
 		op := f[5]
@@ -134,10 +174,12 @@ func Check(r io.Reader, limit int) (*CheckResult, error) {
 				}
 			}
 			d.open[id] = p
-			if modifies(op) {
+			if op == "write" {
 				for s := off; s < off+n; s += blk.SectorSize {
 					d.state(s).inflight++
 				}
+			} else if modifies(op) {
+				d.zeroing[id] = p
 			}
 		case "D":
 			p := d.open[id]
@@ -146,7 +188,7 @@ func Check(r io.Reader, limit int) (*CheckResult, error) {
 			}
 			delete(d.open, id)
 			if f[6] == "declined" {
-				undo(d, p)
+				undo(d, id, p)
 				continue
 			}
 			res.Requests++
@@ -164,6 +206,10 @@ func Check(r io.Reader, limit int) (*CheckResult, error) {
 				for i, s := 0, p.off; s < p.off+p.n && i < len(sums); i, s = i+1, s+blk.SectorSize {
 					st := d.sectors[s]
 					want, writer, wdone := zeroCRC, uint64(0), uint64(0)
+					if d.zeroingAt(s) {
+						res.Ambiguous++
+						continue
+					}
 					if st != nil {
 						if st.inflight > 0 || st.racy || st.doneSeq > p.startSeq {
 							res.Ambiguous++
@@ -181,23 +227,23 @@ func Check(r io.Reader, limit int) (*CheckResult, error) {
 							Writer: writer, WriterDone: wdone, ReadStart: p.startSeq, ReadDone: seq})
 					}
 				}
-			case modifies(p.op):
+			case p.op == "write":
 				for i, s := 0, p.off; s < p.off+p.n; i, s = i+1, s+blk.SectorSize {
 					st := d.state(s)
 					st.inflight--
-					if !ok {
-						st.racy = true // a failed write leaves the sector unknown
-						continue
+					sum := zeroCRC
+					if i < len(p.sums) {
+						sum = p.sums[i]
 					}
-					// Another write to the sector completed after this one
-					// started: which landed last is unknown.
-					st.racy = st.doneSeq > p.startSeq || st.inflight > 0
-					st.writer, st.doneSeq = id, seq
-					st.sum = zeroCRC
-					if p.op == "write" && i < len(p.sums) {
-						st.sum = p.sums[i]
-					}
+					st.landed(id, seq, p.startSeq, sum, ok, d.zeroingAt(s))
 				}
+			case modifies(p.op):
+				delete(d.zeroing, id)
+				// A discard can cover the whole disk (mkfs): only sectors written
+				// before need an update, the rest read as zeros already.
+				d.each(p.off, p.n, func(s int64, st *sectorState) {
+					st.landed(id, seq, p.startSeq, zeroCRC, ok, d.zeroingAt(s))
+				})
 			}
 		default:
 			return nil, bad("event kind")
@@ -219,8 +265,9 @@ func modifies(op string) bool {
 }
 
 // undo forgets a declined request (it is started again, synchronously).
-func undo(d *diskModel, p *pending) {
-	if modifies(p.op) {
+func undo(d *diskModel, id uint64, p *pending) {
+	delete(d.zeroing, id)
+	if p.op == "write" {
 		for s := p.off; s < p.off+p.n; s += blk.SectorSize {
 			d.state(s).inflight--
 		}

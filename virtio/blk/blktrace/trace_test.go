@@ -131,13 +131,19 @@ func TestCheckConcurrency(t *testing.T) {
 		"9 0 S 5 d read 0 1024",
 		"10 0 D 5 d read ok aa,bb", // 0 checked (aa), 512 racy: skipped
 		"11 0 S 6 d read 1024 512",
-		"12 0 D 6 d read ok 12345", // never written: want zeros
+		"12 0 D 6 d read ok 12345",        // never written: want zeros
+		"13 0 S 7 d discard 0 4294967296", // 4 GiB, as mkfs discards: not walked per sector
+		"14 0 S 8 d read 0 512",
+		"15 0 D 8 d read ok aa", // the discard is in flight: skipped
+		"16 0 D 7 d discard ok",
+		"17 0 S 9 d read 0 1024",
+		"18 0 D 9 d read ok z*2", // discarded: zeros, both checked
 	}, "\n")
 	res, err := Check(strings.NewReader(trace), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Sectors != 2 || res.Ambiguous != 2 || res.Bad != 1 || res.Mismatches[0].Sector != 1024 || res.Mismatches[0].Want != z {
+	if res.Sectors != 4 || res.Ambiguous != 3 || res.Bad != 1 || res.Mismatches[0].Sector != 1024 || res.Mismatches[0].Want != z {
 		t.Errorf("%+v", res)
 	}
 	for _, bad := range []string{"1 0 D 9 d read ok z", "x", "1 0 S 1 d write 0 99999999999 z", "1 0 S 1 d write 3 512 aa", "1 0 S 1 d write 0 512 q*2"} {
