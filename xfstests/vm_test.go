@@ -55,7 +55,7 @@ func TestGuestFakeCheck(t *testing.T) {
 	rep := RunSuite(ctx, SuiteOptions{
 		XfstestsDir: fakeTree(t), OutDir: out, FSTYP: "xfs",
 		Tests:    []string{"generic/100", "generic/001", "generic/002"},
-		Backends: []string{"thinblk", "qsd"}, ThinblkBin: thinblk, Image: im,
+		Backends: []string{"thinblk", "qsd", "file"}, ThinblkBin: thinblk, Image: im,
 		VolumeSize: "8G", PoolSize: "1G", Queues: 2, MemoryMB: 1024, CPUs: 2,
 		TestTimeout: 5 * time.Minute, Progress: &progress, Logf: t.Logf,
 	})
@@ -63,7 +63,7 @@ func TestGuestFakeCheck(t *testing.T) {
 	var table bytes.Buffer
 	rep.WriteTable(&table)
 	t.Logf("summary:\n%s", table.String())
-	if len(rep.Runs) != 2 {
+	if len(rep.Runs) != 3 {
 		t.Fatalf("runs: %+v", rep.Runs)
 	}
 	for _, run := range rep.Runs {

@@ -32,7 +32,8 @@
 //	--fstyp T              xfs or ext4 (default xfs)
 //	--tests "A B"          tests to run (space or comma separated)
 //	--group G              an xfstests group (from the tree's tests/*/group.list)
-//	--backend B            thinblk, qsd or both (default both)
+//	--backend B            thinblk, qsd, both (default: thinblk,qsd), file (QEMU's own
+//	                       virtio-blk-pci on sparse raw files, no vhost-user), or a list: thinblk,qsd,file
 //	--out DIR              run directory (default _build/xfstests/FSTYP-YYYYmmdd-HHMMSS)
 //	--expected FILE        expected-failures file (default: the repository's for FSTYP)
 //	--test-timeout D       longest time one test may run (default 10m)
@@ -90,7 +91,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fstyp       = fs.String("fstyp", "xfs", "xfs or ext4")
 		tests       = fs.String("tests", "", "tests to run, space or comma separated")
 		group       = fs.String("group", "", "xfstests group to run")
-		backend     = fs.String("backend", "both", "thinblk, qsd or both")
+		backend     = fs.String("backend", "both", "thinblk, qsd, both (thinblk,qsd) or file (QEMU's own virtio-blk on a raw file), or a comma-separated list")
 		out         = fs.String("out", "", "run directory (default _build/xfstests/FSTYP-TIME)")
 		expected    = fs.String("expected", "", "expected-failures file (default: the repository's for FSTYP)")
 		testTimeout = fs.Duration("test-timeout", 10*time.Minute, "longest time one test may run")
@@ -139,13 +140,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	var backends []string
-	switch *backend {
-	case "both":
-		backends = []string{"thinblk", "qsd"}
-	case "thinblk", "qsd":
-		backends = []string{*backend}
-	default:
-		return usage("--backend: want thinblk, qsd or both")
+	for _, b := range strings.Split(*backend, ",") {
+		switch b {
+		case "both":
+			backends = append(backends, "thinblk", "qsd")
+		case "thinblk", "qsd", "file":
+			backends = append(backends, b)
+		default:
+			return usage("--backend: want thinblk, qsd, file or both, or a comma-separated list")
+		}
 	}
 	if *tests != "" && *group != "" {
 		return usage("--tests and --group exclude each other")
