@@ -50,7 +50,8 @@ func TestGuestFakeCheck(t *testing.T) {
 	out := filepath.Join(guesttests.BuildDir(root), "xfstests-vmtest", t.Name())
 	_ = os.RemoveAll(out)
 	var progress bytes.Buffer
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	// Three guests, one after the other (about a minute each on a quiet machine).
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	rep := RunSuite(ctx, SuiteOptions{
 		XfstestsDir: fakeTree(t), OutDir: out, FSTYP: "xfs",
