@@ -201,13 +201,15 @@ func (t *storage) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQu
 	inner, err := as.OpenQueue(depth, func(cs []blk.Completion) {
 		for _, c := range cs {
 			if int(c.Tag) < len(q.reqs) {
-				r := &q.reqs[c.Tag]
+				q.mu.Lock()
+				r := q.reqs[c.Tag]
+				q.reqs[c.Tag].bufs = nil
+				q.mu.Unlock()
 				var data [][]byte
 				if r.op == "read" {
 					data = r.bufs
 				}
 				t.done(r.id, r.op, c.Err, data)
-				r.bufs = nil
 			}
 		}
 		done(cs)
@@ -226,8 +228,11 @@ type asyncReq struct {
 }
 
 type queue struct {
-	t    *storage
-	q    blk.AsyncQueue
+	t *storage
+	q blk.AsyncQueue
+	// mu orders a request's record (the submitter's) before its completion
+	// (the storage's goroutine, which may run before the submitter returns).
+	mu   sync.Mutex
 	reqs []asyncReq
 }
 
@@ -241,11 +246,15 @@ func (q *queue) begin(tag uint16, op string, off int64, bufs [][]byte, data bool
 	if data {
 		traced = bufs
 	}
-	r := &q.reqs[tag]
-	r.id, r.op, r.bufs = q.t.start(op, off, length(bufs), traced), op, bufs
+	id := q.t.start(op, off, length(bufs), traced)
+	q.mu.Lock()
+	q.reqs[tag] = asyncReq{id: id, op: op, bufs: bufs}
+	q.mu.Unlock()
 	if err := run(); err != nil {
-		q.t.l.line("D %d %s %s declined", r.id, q.t.disk, op)
-		r.bufs = nil
+		q.t.l.line("D %d %s %s declined", id, q.t.disk, op)
+		q.mu.Lock()
+		q.reqs[tag].bufs = nil
+		q.mu.Unlock()
 		return err
 	}
 	return nil
