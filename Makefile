@@ -60,12 +60,13 @@ FSTYP   ?= xfs
 TESTS   ?=
 GROUP   ?=
 BACKEND ?= both
+REPEAT  ?= 1
 XFSTESTS_ARGS ?=
 xfstests: deps build
-	@test -n "$(XFSTESTS_DIR)" || { echo "usage: make xfstests XFSTESTS_DIR=DIR [FSTYP=xfs|ext4] [TESTS=\"generic/001 xfs/011\" | GROUP=quick] [BACKEND=thinblk|qsd|both]"; exit 2; }
+	@test -n "$(XFSTESTS_DIR)" || { echo "usage: make xfstests XFSTESTS_DIR=DIR [FSTYP=xfs|ext4] [TESTS=\"generic/001 xfs/011\" | GROUP=quick] [BACKEND=thinblk|qsd|both] [REPEAT=N]"; exit 2; }
 	$(BIN)/thinblk-xfstests --install-packages --xfstests $(XFSTESTS_DIR) --fstyp $(FSTYP) \
 		$(if $(TESTS),--tests "$(TESTS)") $(if $(GROUP),--group $(GROUP)) \
-		--backend $(BACKEND) --thinblk $(BIN)/thinblk $(XFSTESTS_ARGS)
+		--backend $(BACKEND) --repeat $(REPEAT) --thinblk $(BIN)/thinblk $(XFSTESTS_ARGS)
 
 # thinblk-agent runs inside test guests and thinblk-xfstests needs this checkout: not installed.
 install: build

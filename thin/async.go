@@ -207,6 +207,9 @@ func (q *AsyncQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
 		s.pbs = append(s.pbs, pb)
 	}
 	p.mu.Unlock()
+	if t := p.trace.Load(); t != nil {
+		p.traceRead(t, v.name, "read-async", off, n, s.pbs)
+	}
 	c := cursor{bufs: bufs}
 	bs := p.blockSize
 	for i, pos := 0, off; pos < off+n; i++ {

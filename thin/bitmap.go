@@ -2,7 +2,9 @@ package thin
 
 import (
 	"encoding/binary"
+	"fmt"
 	"math/bits"
+	"strings"
 )
 
 // chunkBlocks is how many blocks one persisted bitmap chunk covers (512
@@ -203,4 +205,18 @@ func (b *bitmap) runs(fn func(first, n uint64) bool) {
 	if n > 0 {
 		fn(start, n)
 	}
+}
+
+// String lists the set bits as runs (FIRST or FIRST-LAST), for traces.
+func (b *bitmap) String() string {
+	var parts []string
+	b.runs(func(first, n uint64) bool {
+		if n == 1 {
+			parts = append(parts, fmt.Sprint(first))
+		} else {
+			parts = append(parts, fmt.Sprintf("%d-%d", first, first+n-1))
+		}
+		return true
+	})
+	return strings.Join(parts, ",")
 }

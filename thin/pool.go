@@ -294,8 +294,11 @@ type Pool struct {
 	// file before they became reusable, so they read as zeros like
 	// never-written ones. Memory only: after a restart freed blocks are
 	// padded again. See punchReleased.
-	zeroed       *bitmap
-	noPunch      atomic.Bool // the data file cannot punch holes
+	zeroed  *bitmap
+	noPunch atomic.Bool // the data file cannot punch holes
+	// trace, when set (SetTrace), gets the blocks every request resolved
+	// to; off, it costs a nil check.
+	trace        atomic.Pointer[TraceFunc]
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -973,6 +976,9 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	p.ioGate.Lock()
 	p.ioGate.Unlock()
 	punched := p.punchReleased(released)
+	if t := p.trace.Load(); t != nil {
+		(*t)("", fmt.Sprintf("release blocks %s punched %v", released.String(), punched))
+	}
 	hold := p.holdExclusive() // no request still aims at a freed block
 	defer hold.release()
 	for _, r := range punched {

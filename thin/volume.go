@@ -165,6 +165,9 @@ func (v *Volume) readGated(bufs [][]byte, off, n int64, pbs []int64) (chan struc
 		pbs = append(pbs, pb)
 	}
 	p.mu.Unlock()
+	if t := p.trace.Load(); t != nil {
+		p.traceRead(t, v.name, "read", off, n, pbs)
+	}
 	s := sg{bufs: bufs}
 	var err error
 	for i, pos := 0, off; pos < off+n && err == nil; i++ {
@@ -389,6 +392,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	}
 	if need > 0 {
 		p.noteSpaceLocked()
+	}
+	if t := p.trace.Load(); t != nil {
+		p.traceWrite(t, v.name, off, n, plans)
 	}
 	return plans, nil, nil
 }

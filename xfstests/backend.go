@@ -21,7 +21,7 @@ const (
 
 // BackendSetup describes the disks of one back-end's run.
 type BackendSetup struct {
-	Kind       string // "thinblk" or "qsd"
+	Kind       string // "thinblk", "qsd" or "file" (QEMU's own virtio-blk on a raw file)
 	Dir        string // the back-end's directory under the run directory
 	ThinblkBin string
 	// VolumeSize is the virtual size of TEST and SCRATCH; PoolSize the thin pool's real size
@@ -79,6 +79,21 @@ func StartDisks(ctx context.Context, s BackendSetup) (*Disks, error) {
 			return nil, err
 		}
 		d.Test.Serial, d.Scratch.Serial = TestVolume, ScratchVolume
+	case "file":
+		// QEMU's own virtio-blk on sparse raw files: no vhost-user back-end at all, the
+		// reference for "the guest kernel does this on any disk".
+		size, err := parseSize(s.VolumeSize)
+		if err != nil {
+			return nil, err
+		}
+		for _, disk := range []*Disk{&d.Test, &d.Scratch} {
+			disk.File = strings.TrimSuffix(disk.Socket, ".sock") + ".raw"
+			disk.File = filepath.Join(s.Dir, filepath.Base(disk.File))
+			disk.Socket = ""
+			if err := sparseFile(disk.File, size); err != nil {
+				return nil, err
+			}
+		}
 	case "qsd":
 		size, err := parseSize(s.VolumeSize)
 		if err != nil {
@@ -110,9 +125,23 @@ func StartDisks(ctx context.Context, s BackendSetup) (*Disks, error) {
 			d.procs = append(d.procs, b)
 		}
 	default:
-		return nil, fmt.Errorf("back-end %q: want thinblk or qsd", s.Kind)
+		return nil, fmt.Errorf("back-end %q: want thinblk, qsd or file", s.Kind)
 	}
 	return d, nil
+}
+
+// sparseFile creates (or empties) a sparse file of size bytes.
+func sparseFile(path string, size int64) error {
+	_ = os.Remove(path)
+	f, err := os.Create(path)
+	if err == nil {
+		err = f.Truncate(size)
+		f.Close()
+	}
+	if err != nil {
+		return fmt.Errorf("raw image: %w", err)
+	}
+	return nil
 }
 
 // Stop stops the back-end processes (SIGTERM: in-flight I/O finishes, data is synced).

@@ -24,7 +24,8 @@
 //     makes the TEST filesystem, runs check and powers off.
 //   - StartDisks makes the storage: a thin pool whose real size is below the two volumes'
 //     virtual sizes, served by `thinblk serve` with 2 queues, or two sparse raw files of the
-//     same virtual size behind qemu-storage-daemon. After the thinblk run, CheckPool runs
+//     same virtual size behind qemu-storage-daemon, or (kind "file") the same files served by
+//     QEMU's own virtio-blk-pci, with no vhost-user back-end at all. After the thinblk run, CheckPool runs
 //     `thinblk check` and checks the accounting of `thinblk status --json`.
 //   - Report holds every back-end's run and the tests whose outcomes differ; it writes JSON,
 //     JUnit XML (expected failures as skipped) and the terminal table. OK is false on any

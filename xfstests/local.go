@@ -21,6 +21,8 @@ type LocalLauncher struct {
 	ResultBase string
 	// Args go before the test names (e.g. "-g", "quick" with no tests).
 	Args []string
+	// Env is added to check's environment.
+	Env []string
 }
 
 // Start implements Launcher.
@@ -38,7 +40,7 @@ func (l *LocalLauncher) Start(ctx context.Context, session int, tests []string, 
 	argv := append(append([]string{filepath.Join(l.Dir, "check")}, l.Args...), tests...)
 	cmd := exec.Command("bash", argv...)
 	cmd.Dir = l.Dir
-	cmd.Env = append(os.Environ(), "HOST_OPTIONS="+l.ConfigPath, "RESULT_BASE="+l.ResultBase)
+	cmd.Env = append(append(os.Environ(), l.Env...), "HOST_OPTIONS="+l.ConfigPath, "RESULT_BASE="+l.ResultBase)
 	cmd.Stdout, cmd.Stderr = out, out
 	// Own process group: a hang is ended by killing the whole group, the test's children too.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -31,8 +31,10 @@ type Session interface {
 // RunOptions configure Run.
 type RunOptions struct {
 	Backend string
-	FSTYP   string
-	Tests   []string
+	// Repeat is which repetition this run is (0: the only one); progress lines show it.
+	Repeat int
+	FSTYP  string
+	Tests  []string
 	// TestTimeout bounds one test; past it the session is killed, the test is reported
 	// failed, and the run goes on with the tests left in a new session (StopOnHang: stops).
 	TestTimeout time.Duration
@@ -79,7 +81,7 @@ func Run(ctx context.Context, l Launcher, o RunOptions) BackendRun {
 	if o.Progress == nil {
 		o.Progress = io.Discard
 	}
-	run := BackendRun{Backend: o.Backend, FSTYP: o.FSTYP, Started: now()}
+	run := BackendRun{Backend: o.Backend, Repeat: o.Repeat, FSTYP: o.FSTYP, Started: now()}
 	done := map[string]bool{}
 	remaining := append([]string(nil), o.Tests...)
 	for len(remaining) > 0 && ctx.Err() == nil {
@@ -96,7 +98,7 @@ func Run(ctx context.Context, l Launcher, o RunOptions) BackendRun {
 			}
 			done[r.Test] = true
 			got = append(got, r)
-			fmt.Fprintln(o.Progress, progressLine(o.Backend, r))
+			fmt.Fprintln(o.Progress, progressLine(run.Label(), r))
 		})
 		sp := &syncParser{p: p, raw: o.RawLog}
 		sess, err := l.Start(ctx, run.Sessions, remaining, sp)
@@ -159,7 +161,7 @@ func Run(ctx context.Context, l Launcher, o RunOptions) BackendRun {
 					r.Expected, r.ExpectedReason = true, e.Reason
 				}
 				run.Results = append(run.Results, r)
-				fmt.Fprintln(o.Progress, progressLine(o.Backend, r))
+				fmt.Fprintln(o.Progress, progressLine(run.Label(), r))
 			}
 			remaining = nil
 		}
@@ -206,8 +208,8 @@ func watch(ctx context.Context, sess Session, sp *syncParser, limit, every time.
 	}
 }
 
-func progressLine(backend string, r Result) string {
-	s := fmt.Sprintf("%-8s %-12s %-6s %5.0fs", backend, r.Test, r.Outcome, r.Time.Seconds())
+func progressLine(label string, r Result) string {
+	s := fmt.Sprintf("%-8s %-12s %-6s %5.0fs", label, r.Test, r.Outcome, r.Time.Seconds())
 	switch {
 	case r.Outcome == NotRun:
 		s += "  " + r.Reason
@@ -220,19 +222,25 @@ func progressLine(backend string, r Result) string {
 }
 
 // copyFailureFiles copies a failed test's artefacts from check's result directory to
-// outDir/failures and returns the copies' paths.
+// outDir/failures and returns the copies' paths: its .out.bad, .full and .dmesg, and the
+// files a test leaves beside them under its own name, such as fsx's operation logs
+// (112.2.fsxops: what `fsx --replay-ops` replays) and their .full logs.
 func copyFailureFiles(resultBase, outDir, test string) []string {
 	if resultBase == "" || outDir == "" {
 		return nil
 	}
 	var out []string
-	for _, ext := range []string{".out.bad", ".full", ".dmesg"} {
-		src := filepath.Join(resultBase, test+ext)
+	srcs, _ := filepath.Glob(filepath.Join(resultBase, test+".*"))
+	for _, src := range srcs {
+		name := strings.TrimPrefix(src, filepath.Join(resultBase, test))
+		if name == ".notrun" {
+			continue
+		}
 		data, err := os.ReadFile(src)
 		if err != nil {
 			continue
 		}
-		dst := filepath.Join(outDir, "failures", test+ext)
+		dst := filepath.Join(outDir, "failures", test+name)
 		if err := writeFile(dst, data); err == nil {
 			out = append(out, dst)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -259,5 +260,106 @@ func TestLists(t *testing.T) {
 	m, err := ParseExpected(strings.NewReader("# c\ngeneric/091  fsx mismatch | evidence: fails on qsd\n"))
 	if err != nil || m["generic/091"].Evidence != "fails on qsd" || m["generic/091"].Reason != "fsx mismatch" {
 		t.Errorf("parse expected: %v %+v", err, m)
+	}
+}
+
+// A test that fails only sometimes, repeated on two back-ends: each back-end's failure rate,
+// which repetitions failed, their fsx operation logs kept per repetition, and the verdict
+// (failing on thinblk in some runs while the reference never fails is a difference).
+func TestRunRepeatedFailureRates(t *testing.T) {
+	out := t.TempDir()
+	every := map[string]string{"thinblk": "2", "qsd": ""} // thinblk fails runs 2 and 4
+	rep := RunRepeated(context.Background(), "xfs", []string{"generic/001", "generic/007"}, []string{"thinblk", "qsd"}, 4,
+		func(ctx context.Context, kind string, n int) BackendRun {
+			dir := RepeatDir(out, kind, n)
+			l := localLauncher(t, dir)
+			l.Env = []string{"FAKE_FLAKY_STATE=" + filepath.Join(out, kind+".count"), "FAKE_FLAKY_EVERY=" + every[kind]}
+			return Run(ctx, l, RunOptions{Backend: kind, Repeat: n, FSTYP: "xfs", Tests: []string{"generic/001", "generic/007"},
+				TestTimeout: time.Minute, ResultBase: l.ResultBase, OutDir: dir})
+		})
+	if len(rep.Runs) != 8 || rep.Repeat != 4 {
+		t.Fatalf("%d runs, repeat %d", len(rep.Runs), rep.Repeat)
+	}
+	// The back-ends take turns.
+	for i, run := range rep.Runs {
+		if want := []string{"thinblk", "qsd"}[i%2]; run.Backend != want || run.Repeat != i/2+1 {
+			t.Errorf("run %d is %s, want %s#%d", i, run.Label(), want, i/2+1)
+		}
+	}
+	rates := map[string]Rate{}
+	for _, r := range rep.Rates {
+		rates[r.Test+" "+r.Backend] = r
+	}
+	if len(rep.Rates) != 4 {
+		t.Errorf("rates %+v", rep.Rates)
+	}
+	if r := rates["generic/007 thinblk"]; r.Runs != 4 || r.Failures != 2 || r.FailureRate != 0.5 || fmt.Sprint(r.FailedIn) != "[2 4]" {
+		t.Errorf("thinblk 007 rate %+v", r)
+	}
+	if r := rates["generic/007 qsd"]; r.Runs != 4 || r.Failures != 0 || r.FailureRate != 0 {
+		t.Errorf("qsd 007 rate %+v", r)
+	}
+	if r := rates["generic/001 thinblk"]; r.Runs != 4 || r.Failures != 0 {
+		t.Errorf("thinblk 001 rate %+v", r)
+	}
+	if len(rep.Differences) != 1 || rep.Differences[0].Outcomes["thinblk"] != Fail || rep.Differences[0].Outcomes["qsd"] != Pass {
+		t.Errorf("differences %+v", rep.Differences)
+	}
+	if rep.OK() {
+		t.Error("thinblk failing 2 of 4 runs of a test the reference always passes counts as OK")
+	}
+	// Each failing repetition keeps its own fsx operation log and .full.
+	for _, n := range []int{2, 4} {
+		data, err := os.ReadFile(filepath.Join(RepeatDir(out, "thinblk", n), "failures", "generic", "007.1.fsxops"))
+		if err != nil || !strings.Contains(string(data), fmt.Sprintf("(run %d)", n)) {
+			t.Errorf("repetition %d's fsxops: %q %v", n, data, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(RepeatDir(out, "thinblk", 1), "failures")); !os.IsNotExist(err) {
+		t.Errorf("passing repetition 1 has failure files: %v", err)
+	}
+	var table bytes.Buffer
+	rep.WriteTable(&table)
+	for _, want := range []string{"failure rates over 4 repetitions", "2/4 fail (50%) #2,#4", "0/4 fail (0%)", "thinblk#3: 2 pass", "RESULT: FAILED"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, table.String())
+		}
+	}
+	if err := rep.WriteJSON(filepath.Join(out, "report.json")); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	data, _ := os.ReadFile(filepath.Join(out, "report.json"))
+	if err := json.Unmarshal(data, &back); err != nil || back.Repeat != 4 || len(back.Rates) != 4 || back.Runs[3].Repeat != 2 {
+		t.Fatalf("report.json: %v %s", err, data)
+	}
+
+	// An interrupt leaves the repetition it cut short out of the rates.
+	ctx, cancel := context.WithCancel(context.Background())
+	cut := RunRepeated(ctx, "xfs", []string{"generic/001"}, []string{"thinblk", "qsd"}, 3,
+		func(ctx context.Context, kind string, n int) BackendRun {
+			if n == 2 && kind == "qsd" {
+				cancel()
+				return BackendRun{Results: []Result{{Test: "generic/001", Outcome: Fail, Reason: "interrupted"}}, Error: "interrupted"}
+			}
+			return BackendRun{Results: []Result{{Test: "generic/001", Outcome: Pass}}}
+		})
+	if len(cut.Runs) != 3 || fmt.Sprint(cut.LeftOut) != "[qsd#2]" || cut.Rates[1].Runs != 1 || cut.Rates[1].Failures != 0 || cut.OK() {
+		t.Errorf("interrupted: runs %d, left out %v, rates %+v, ok %v", len(cut.Runs), cut.LeftOut, cut.Rates, cut.OK())
+	}
+
+	// Once is the old report: no rates, one column per back-end.
+	once := RunRepeated(context.Background(), "xfs", []string{"generic/001"}, []string{"qsd"}, 1,
+		func(ctx context.Context, kind string, n int) BackendRun {
+			if n != 0 {
+				t.Errorf("single run numbered %d", n)
+			}
+			return BackendRun{Results: []Result{{Test: "generic/001", Outcome: Pass}}}
+		})
+	if once.Repeat != 1 || once.Rates != nil || once.Runs[0].Backend != "qsd" || !once.OK() {
+		t.Errorf("single run %+v", once)
+	}
+	if RepeatDir(out, "qsd", 0) != filepath.Join(out, "qsd") {
+		t.Errorf("single run's directory %s", RepeatDir(out, "qsd", 0))
 	}
 }

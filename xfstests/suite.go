@@ -28,8 +28,11 @@ type SuiteOptions struct {
 	TestTimeout          time.Duration
 	StopOnHang           bool
 	Expected             map[string]ExpectedFailure
-	Progress             io.Writer
-	Logf                 func(format string, args ...any)
+	// Repeat runs the tests that many times on each back-end (0 or 1: once), each time on new
+	// disks in a new guest, to measure failure rates of tests that fail only sometimes.
+	Repeat   int
+	Progress io.Writer
+	Logf     func(format string, args ...any)
 }
 
 // DefaultConfig is the xfstests configuration for fstyp on the guest's disks.
@@ -38,24 +41,57 @@ func DefaultConfig(fstyp string) Config {
 		Extra: map[string]string{"USE_KMEMLEAK": "no"}}
 }
 
-// RunSuite runs the tests on every back-end and returns the report (differences filled).
+// RunSuite runs the tests on every back-end (o.Repeat times) and returns the report
+// (differences and, when repeated, failure rates filled).
 func RunSuite(ctx context.Context, o SuiteOptions) *Report {
 	if o.Logf == nil {
 		o.Logf = func(string, ...any) {}
 	}
-	rep := &Report{FSTYP: o.FSTYP, Tests: o.Tests}
-	for _, kind := range o.Backends {
-		if ctx.Err() != nil {
-			break
+	return RunRepeated(ctx, o.FSTYP, o.Tests, o.Backends, o.Repeat, func(ctx context.Context, kind string, rep int) BackendRun {
+		return runOne(ctx, o, kind, rep, RepeatDir(o.OutDir, kind, rep))
+	})
+}
+
+// RunRepeated calls runBackend for each back-end, repeat times (at least once), and returns
+// the report with differences and failure rates. The back-ends take turns (thinblk, qsd,
+// thinblk, qsd, ...), so that a machine whose load changes during the run weighs on both
+// alike. rep is 0 for a single run and counts from 1 when repeated.
+func RunRepeated(ctx context.Context, fstyp string, tests, backends []string, repeat int, runBackend func(ctx context.Context, kind string, rep int) BackendRun) *Report {
+	rep := &Report{FSTYP: fstyp, Tests: tests, Repeat: max(repeat, 1)}
+	for i := 1; i <= rep.Repeat; i++ {
+		for _, kind := range backends {
+			if ctx.Err() != nil {
+				break
+			}
+			n := 0
+			if rep.Repeat > 1 {
+				n = i
+			}
+			run := runBackend(ctx, kind, n)
+			run.Backend, run.Repeat = kind, n
+			if rep.Repeat > 1 && ctx.Err() != nil {
+				// Cut short by the interrupt: its test did not fail, it was stopped.
+				// The repetitions that ended count; this one is left out of the rates.
+				rep.LeftOut = append(rep.LeftOut, run.Label())
+				continue
+			}
+			rep.Runs = append(rep.Runs, run)
 		}
-		rep.Runs = append(rep.Runs, runOne(ctx, o, kind))
 	}
 	rep.Compare()
 	return rep
 }
 
-func runOne(ctx context.Context, o SuiteOptions, kind string) BackendRun {
-	dir := filepath.Join(o.OutDir, kind)
+// RepeatDir is a back-end's directory in the run directory: OUT/KIND for a single run,
+// OUT/KIND/repN for repetition N.
+func RepeatDir(outDir, kind string, rep int) string {
+	if rep == 0 {
+		return filepath.Join(outDir, kind)
+	}
+	return filepath.Join(outDir, kind, fmt.Sprintf("rep%d", rep))
+}
+
+func runOne(ctx context.Context, o SuiteOptions, kind string, rep int, dir string) BackendRun {
 	failed := func(err error) BackendRun {
 		return BackendRun{Backend: kind, FSTYP: o.FSTYP, Started: time.Now(), Error: err.Error()}
 	}
@@ -81,7 +117,7 @@ func runOne(ctx context.Context, o SuiteOptions, kind string) BackendRun {
 		MemoryMB: o.MemoryMB, CPUs: o.CPUs, Logf: o.Logf,
 	}
 	run := Run(ctx, l, RunOptions{
-		Backend: kind, FSTYP: o.FSTYP, Tests: o.Tests, TestTimeout: o.TestTimeout, StopOnHang: o.StopOnHang,
+		Backend: kind, Repeat: rep, FSTYP: o.FSTYP, Tests: o.Tests, TestTimeout: o.TestTimeout, StopOnHang: o.StopOnHang,
 		ResultBase: resultBase, OutDir: dir, Expected: o.Expected, Progress: o.Progress, RawLog: raw,
 	})
 	if !disks.Alive() && run.Error == "" {

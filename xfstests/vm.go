@@ -48,9 +48,11 @@ func EnsureGuestImage(ctx context.Context, repo, outDir string) (GuestImage, err
 // its disks by slot, never by probing order.
 const FirstDiskSlot = 0x10
 
-// Disk is one vhost-user-blk disk of the guest.
+// Disk is one disk of the guest: a vhost-user-blk socket, or (File set) a raw file that
+// QEMU serves itself with its own virtio-blk-pci device.
 type Disk struct {
 	Socket string
+	File   string
 	// Serial, when set, must be the serial the guest reads (thinblk reports the volume
 	// name; qemu-storage-daemon reports "vhost_user_blk" for every disk, so it is left empty).
 	Serial string
@@ -207,6 +209,14 @@ func (l *VMLauncher) Start(ctx context.Context, session int, tests []string, out
 	}
 	for i, d := range []Disk{l.Test, l.Scratch} {
 		q := max(d.Queues, 1)
+		if d.File != "" {
+			// cache=none,aio=io_uring: O_DIRECT on the host file, as the other back-ends'
+			// requests reach it without QEMU's page cache in between.
+			argv = append(argv,
+				"-drive", fmt.Sprintf("file=%s,format=raw,if=none,id=disk%d,cache=none,aio=io_uring", qemuEscape(d.File), i),
+				"-device", fmt.Sprintf("virtio-blk-pci,drive=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))
+			continue
+		}
 		argv = append(argv,
 			"-chardev", fmt.Sprintf("socket,id=disk%d,path=%s", i, qemuEscape(d.Socket)),
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=disk%d,num-queues=%d,addr=0x%x", i, q, FirstDiskSlot+i))

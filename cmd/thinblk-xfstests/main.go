@@ -32,11 +32,16 @@
 //	--fstyp T              xfs or ext4 (default xfs)
 //	--tests "A B"          tests to run (space or comma separated)
 //	--group G              an xfstests group (from the tree's tests/*/group.list)
-//	--backend B            thinblk, qsd or both (default both)
+//	--backend B            thinblk, qsd, both (default: thinblk,qsd), file (QEMU's own
+//	                       virtio-blk-pci on sparse raw files, no vhost-user), or a list: thinblk,qsd,file
 //	--out DIR              run directory (default _build/xfstests/FSTYP-YYYYmmdd-HHMMSS)
 //	--expected FILE        expected-failures file (default: the repository's for FSTYP)
 //	--test-timeout D       longest time one test may run (default 10m)
 //	--stop-on-hang         stop the run after a hung test instead of going on
+//	--repeat N             run the tests N times on each back-end, each time on new disks in a
+//	                       new guest, the back-ends taking turns; the summary, report.json
+//	                       and summary.txt give each test's failure rate per back-end, and
+//	                       each repetition's files are under RUNDIR/BACKEND/repN
 //	--volume-size S        virtual size of TEST and SCRATCH (default 10G)
 //	--pool-size S          real size of the thin pool (default 12G: less than 2 volumes)
 //	--queues N             virtqueues per disk (default 2)
@@ -86,11 +91,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fstyp       = fs.String("fstyp", "xfs", "xfs or ext4")
 		tests       = fs.String("tests", "", "tests to run, space or comma separated")
 		group       = fs.String("group", "", "xfstests group to run")
-		backend     = fs.String("backend", "both", "thinblk, qsd or both")
+		backend     = fs.String("backend", "both", "thinblk, qsd, both (thinblk,qsd) or file (QEMU's own virtio-blk on a raw file), or a comma-separated list")
 		out         = fs.String("out", "", "run directory (default _build/xfstests/FSTYP-TIME)")
 		expected    = fs.String("expected", "", "expected-failures file (default: the repository's for FSTYP)")
 		testTimeout = fs.Duration("test-timeout", 10*time.Minute, "longest time one test may run")
 		stopOnHang  = fs.Bool("stop-on-hang", false, "stop after a hung test instead of going on")
+		repeat      = fs.Int("repeat", 1, "run the tests N times on each back-end (new disks and guest each time) and print failure rates")
 		volSize     = fs.String("volume-size", "10G", "virtual size of TEST and SCRATCH")
 		poolSize    = fs.String("pool-size", "12G", "real size of the thin pool")
 		queues      = fs.Int("queues", 2, "virtqueues per disk")
@@ -119,6 +125,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *fstyp != "xfs" && *fstyp != "ext4" {
 		return usage("--fstyp: want xfs or ext4")
 	}
+	if *repeat < 1 {
+		return usage("--repeat: want 1 or more")
+	}
 	if *list {
 		l, err := xfstests.DefaultList(*fstyp)
 		if err != nil {
@@ -131,13 +140,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	var backends []string
-	switch *backend {
-	case "both":
-		backends = []string{"thinblk", "qsd"}
-	case "thinblk", "qsd":
-		backends = []string{*backend}
-	default:
-		return usage("--backend: want thinblk, qsd or both")
+	for _, b := range strings.Split(*backend, ",") {
+		switch b {
+		case "both":
+			backends = append(backends, "thinblk", "qsd")
+		case "thinblk", "qsd", "file":
+			backends = append(backends, b)
+		default:
+			return usage("--backend: want thinblk, qsd, file or both, or a comma-separated list")
+		}
 	}
 	if *tests != "" && *group != "" {
 		return usage("--tests and --group exclude each other")
@@ -229,12 +240,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "thinblk-xfstests:", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "thinblk-xfstests: %d %s tests on %s; results in %s\n", len(selected), *fstyp, strings.Join(backends, " and "), outDir)
+	times := ""
+	if *repeat > 1 {
+		times = fmt.Sprintf(", %d times each (back-ends taking turns)", *repeat)
+	}
+	fmt.Fprintf(stdout, "thinblk-xfstests: %d %s tests on %s%s; results in %s\n", len(selected), *fstyp, strings.Join(backends, " and "), times, outDir)
 	rep := xfstests.RunSuite(ctx, xfstests.SuiteOptions{
 		XfstestsDir: xdir, OutDir: outDir, FSTYP: *fstyp, Tests: selected, Backends: backends,
 		ThinblkBin: bin, Image: im, VolumeSize: *volSize, PoolSize: *poolSize, Queues: *queues,
 		MemoryMB: *memory, CPUs: *cpus, TestTimeout: *testTimeout, StopOnHang: *stopOnHang,
-		Expected: exp, Progress: stdout, Logf: logf,
+		Expected: exp, Repeat: *repeat, Progress: stdout, Logf: logf,
 	})
 	return finish(rep, outDir, stdout, stderr)
 }

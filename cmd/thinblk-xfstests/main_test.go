@@ -20,6 +20,7 @@ func TestUsageErrors(t *testing.T) {
 		{"--xfstests", fake, "--backend", "lvm"},
 		{"--xfstests", t.TempDir()}, // no check there
 		{"--xfstests", fake, "extra"},
+		{"--xfstests", fake, "--repeat", "0"},
 	} {
 		var stdout, stderr bytes.Buffer
 		t.Setenv("XFSTESTS_DIR", "")

@@ -11,6 +11,7 @@ import (
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/virtio/blk/blktrace"
 )
 
 // exportOptions are the per-disk settings shared by every export of a pool.
@@ -20,6 +21,7 @@ type exportOptions struct {
 	queues     int
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
+	trace      *blktrace.Log
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -152,7 +154,11 @@ func (e *exports) start(name string) error {
 			readOnly = v.Kind == "snapshot"
 		}
 	}
-	dev, err := blk.New(volumeStorage{vol}, blk.Options{
+	var storage blk.Storage = volumeStorage{vol}
+	if e.opts.trace != nil {
+		storage = e.opts.trace.Wrap(name, storage)
+	}
+	dev, err := blk.New(storage, blk.Options{
 		ReadOnly:  readOnly,
 		NumQueues: e.opts.queues,
 		QueueSize: e.opts.queueSize,

@@ -34,6 +34,7 @@ func commands() []command {
 		{"send", "write a snapshot (or its changes since another) as a stream to stdout", runSend},
 		{"receive", "create or update a volume from a stream on stdin", runReceive},
 		{"check", "verify a pool's metadata against its data file", runCheck},
+		{"trace-check", "check a request trace (serve --trace): every read returned the last data written", runTraceCheck},
 		{"version", "print the version", runVersion},
 	}
 }

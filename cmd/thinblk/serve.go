@@ -15,6 +15,7 @@ import (
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/virtio/blk/blktrace"
 )
 
 const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
@@ -49,6 +50,7 @@ type serveFlags struct {
 	// that shutdown began; no-ops unless $NOTIFY_SOCKET is set.
 	ready    func(status string)
 	stopping func()
+	trace    string
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
@@ -74,6 +76,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
+	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return exitFor(err)
@@ -102,7 +105,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if f.pool != "" {
 		serve = servePool
 	}
-	if err := serve(ctx, f, logger); err != nil {
+	var trace *blktrace.Log
+	if f.trace != "" {
+		if trace, err = blktrace.Create(f.trace); err != nil {
+			return fail(stderr, "serve", err)
+		}
+		logger.Warn("tracing every request: slow, for debugging", "file", f.trace)
+	}
+	err = serve(ctx, f, trace, logger)
+	if trace != nil {
+		err = errors.Join(err, trace.Close())
+	}
+	if err != nil {
 		return fail(stderr, "serve", err)
 	}
 	return 0
@@ -168,7 +182,7 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
-func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
+func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
 	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
 	if err != nil {
 		return err
@@ -178,7 +192,11 @@ func serveRaw(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	if serial == "" {
 		serial = baseSerial(f.raw)
 	}
-	dev, err := blk.New(disk, blk.Options{
+	var storage blk.Storage = disk
+	if trace != nil {
+		storage = trace.Wrap(serial, disk)
+	}
+	dev, err := blk.New(storage, blk.Options{
 		ReadOnly:  f.readOnly,
 		NumQueues: f.queues,
 		QueueSize: f.queueSize,

@@ -9,15 +9,24 @@ import (
 	"path/filepath"
 
 	"github.com/thinblk/thinblk/thin"
+	"github.com/thinblk/thinblk/virtio/blk/blktrace"
 )
 
 // servePool exports every volume of the pool until ctx is cancelled, then
 // closes the exports (in-flight requests finish), commits the pool's
 // metadata and releases it.
-func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
+func servePool(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
 	pool, err := thin.Open(f.pool, thin.OpenOptions{Logger: logger})
 	if err != nil {
 		return err
+	}
+	if trace != nil {
+		pool.SetTrace(func(vol, text string) {
+			if vol == "" {
+				vol = "pool"
+			}
+			trace.Note(vol, text)
+		})
 	}
 	sockDir := f.socketDir
 	if sockDir == "" {
@@ -30,7 +39,7 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	mode, _ := parseMode(f.socketMode)
 	ex, err := startExports(ctx, pool, exportOptions{
 		socketDir: sockDir, socketMode: mode, queues: f.queues, queueSize: f.queueSize,
-		noUring: f.noUring,
+		noUring: f.noUring, trace: trace,
 	}, logger)
 	if err != nil {
 		pool.Close()
