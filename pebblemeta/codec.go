@@ -17,6 +17,7 @@ const (
 	kindLayer  = 'l' // "l" layer(8): a layer's parent, frozen flag and counters (snapshots)
 	kindMap    = 'm' // "m" layer(8) vblock(8): one block-map entry
 	kindBitmap = 'b' // "b" chunk(8): one chunk of the allocation bitmap
+	kindSpare  = 's' // "s" chunk(8): one chunk of the spare set (free blocks kept host-allocated)
 )
 
 var (
@@ -185,6 +186,20 @@ func AppendBitmapKey(dst []byte, idx uint64) []byte {
 func ParseBitmapKey(k []byte) (uint64, error) {
 	if len(k) != 9 || k[0] != kindBitmap {
 		return 0, corruptf("bitmap key %x", k)
+	}
+	return binary.BigEndian.Uint64(k[1:]), nil
+}
+
+// AppendSpareKey appends the key of spare-set chunk idx (same layout as
+// the allocation bitmap's).
+func AppendSpareKey(dst []byte, idx uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(dst, kindSpare), idx)
+}
+
+// ParseSpareKey is the inverse of AppendSpareKey.
+func ParseSpareKey(k []byte) (uint64, error) {
+	if len(k) != 9 || k[0] != kindSpare {
+		return 0, corruptf("spare key %x", k)
 	}
 	return binary.BigEndian.Uint64(k[1:]), nil
 }

@@ -256,6 +256,11 @@ func (q *AsyncQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
 	}
 	err = v.doWrite(plans, bufs, off, n)
 	p.ioGate.RUnlock()
+	if isHostNoSpace(err) {
+		// Nothing was published; the synchronous path retries it as the
+		// no-space policy says.
+		return errDeclined
+	}
 	if err != nil {
 		err = fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
 	} else {

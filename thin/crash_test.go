@@ -82,6 +82,10 @@ func (d *crashData) ZeroRange(off, n int64) error {
 // its old bytes until a Sync, as with any unsynced write.
 func (d *crashData) PunchHole(off, n int64) error { return d.ZeroRange(off, n) }
 
+// Allocate changes nothing: the crash model has no host space to run out
+// of (hostLimitData adds that).
+func (d *crashData) Allocate(off, n int64) error { return nil }
+
 func (d *crashData) Sync() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -24,6 +24,12 @@ type dataFile interface {
 	// PunchHole makes [off, off+n) read as zeros and gives its space
 	// back to the host; errors.ErrUnsupported where it cannot.
 	PunchHole(off, n int64) error
+	// Allocate makes the host allocate [off, off+n) without changing
+	// what it reads (fallocate with KEEP_SIZE), so that later writes
+	// there need no new host space; an error wrapping unix.ENOSPC when
+	// the host file system cannot, errors.ErrUnsupported where it has no
+	// such call.
+	Allocate(off, n int64) error
 	// Sync makes every completed write durable (fdatasync).
 	Sync() error
 	Truncate(size int64) error
@@ -110,6 +116,37 @@ func (d *osDataFile) PunchHole(off, n int64) error {
 			return fmt.Errorf("punch hole in %s: %w", d.f.Name(), err)
 		}
 	}
+}
+
+func (d *osDataFile) Allocate(off, n int64) error {
+	for {
+		err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_KEEP_SIZE, off, n)
+		switch {
+		case err == nil:
+			return nil
+		case err == unix.EINTR:
+			continue
+		case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS):
+			return fmt.Errorf("allocate %d+%d in %s: %w (%w)", off, n, d.f.Name(), errors.ErrUnsupported, err)
+		default:
+			return fmt.Errorf("allocate %d+%d in %s: %w", off, n, d.f.Name(), err)
+		}
+	}
+}
+
+// hostFree is the space left on the data file's file system for this
+// process (statfs: available blocks, or free blocks for root, who may use
+// the reserved ones), and its total size.
+func (d *osDataFile) hostFree() (free, total uint64, err error) {
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(d.f.Fd()), &st); err != nil {
+		return 0, 0, err
+	}
+	avail := st.Bavail
+	if os.Geteuid() == 0 {
+		avail = st.Bfree
+	}
+	return avail * uint64(st.Bsize), st.Blocks * uint64(st.Bsize), nil
 }
 
 var zeroBlock = make([]byte, 1<<20)

@@ -232,6 +232,7 @@ type fill struct {
 	ancLayer    uint64           // the ancestor layer whose entry this fill overrides (0: none)
 	anc         pebblemeta.Entry // that entry
 	fromReserve bool             // the block comes out of a reservation (see reserve.go)
+	spare       bool             // the block was a spare (host.go)
 	zero        bool             // the block was never written: no padding needed
 	flags       uint8            // the provisioned bit the new entry keeps
 }
@@ -289,8 +290,15 @@ type Pool struct {
 	// file before they became reusable, so they read as zeros like
 	// never-written ones. Memory only: after a restart freed blocks are
 	// padded again. See punchReleased.
-	zeroed       *bitmap
-	noPunch      atomic.Bool // the data file cannot punch holes
+	zeroed  *bitmap
+	noPunch atomic.Bool // the data file cannot punch holes
+	// Host backing of reservations (host.go).
+	spare        *bitmap             // free blocks kept host-allocated for reservations
+	backing      *bitmap             // free blocks being host-allocated to become spares
+	spareWant    uint64              // spares operations in progress are about to reserve
+	spareChunks  map[uint64]struct{} // spare-set chunks to persist
+	thick        bool                // the whole data store is host-allocated: no spares needed
+	noAlloc      atomic.Bool         // the data file cannot allocate ahead
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -307,6 +315,7 @@ type Pool struct {
 	filling      map[mapKey]*fill
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
 	outOfSpace   bool          // a request found no space, and none appeared since
+	hostOut      bool          // a request found the host file system full, and it has not had space since
 	belowLow     bool
 	failed       error
 	closed       bool
@@ -405,6 +414,18 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
+	p.spare = newBitmap(p.rec.SizeBlocks)
+	p.backing = newBitmap(p.rec.SizeBlocks)
+	p.spareChunks = map[uint64]struct{}{}
+	err = p.store.SpareChunks(func(idx uint64, bits []byte) error {
+		if !p.spare.loadChunk(idx, bits) {
+			return fmt.Errorf("%w: spare set chunk %d", pebblemeta.ErrCorrupt, idx)
+		}
+		return nil
+	})
+	if err != nil {
+		return fail(err)
+	}
 	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
 		if !p.alloc.loadChunk(idx, bits) {
 			return fmt.Errorf("%w: allocation bitmap chunk %d", pebblemeta.ErrCorrupt, idx)
@@ -442,6 +463,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.closing = make(chan struct{})
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	p.openSpares()
 	go p.background()
 	return p, nil
 }
@@ -487,6 +509,7 @@ func (p *Pool) metaPending() bool {
 
 func (p *Pool) metaPendingLocked() bool {
 	return len(p.dirty) > 0 || p.metaDirty || len(p.dirtyVols) > 0 || len(p.dirtyChunks) > 0 || len(p.dirtyLayers) > 0 ||
+		len(p.spareChunks) > 0 || p.spareExcessLocked() ||
 		p.pend.count > 0 // freed blocks a commit has yet to make reusable
 }
 
@@ -592,21 +615,6 @@ func (p *Pool) spaceFreedLocked() {
 func (p *Pool) notifyAsyncLocked(ev Event) {
 	p.events = append(p.events, ev)
 	go p.deliver()
-}
-
-// allocLocked takes a clear block of the bitmap; zero says whether it
-// reads as zeros (never written, or punched since it was freed).
-func (p *Pool) allocLocked() (b uint64, zero, ok bool) {
-	b, ok = p.alloc.findClear(p.cursor)
-	if !ok {
-		return 0, false, false
-	}
-	p.alloc.set(b)
-	p.cursor = b + 1
-	p.dirtyChunks[b/chunkBlocks] = struct{}{}
-	zero = b >= p.zeroMark || p.zeroed.test(b)
-	p.zeroed.clear(b)
-	return b, zero, true
 }
 
 // freeLocked releases a block whose map entry was removed: it becomes
@@ -861,6 +869,7 @@ func (p *Pool) commitCutLocked() error {
 		p.durableSeq = seq
 		return nil
 	}
+	p.trimSparesLocked()
 	b := p.store.NewBatch()
 	for k, e := range p.dirty {
 		b.SetEntry(k.layer, k.vb, e)
@@ -897,6 +906,12 @@ func (p *Pool) commitCutLocked() error {
 		buf = p.alloc.appendChunk(buf[:0], idx, exclude...)
 		b.SetBitmapChunk(idx, buf)
 	}
+	// Blocks being filled from spares stay spares on disk: after a crash
+	// their reservations are back, and so must their spares be.
+	for idx := range p.spareChunks {
+		buf = p.spare.appendChunkOr(buf[:0], idx, p.inflight)
+		b.SetSpareChunk(idx, buf)
+	}
 	b.SetPool(p.rec)
 	cutZero := p.rec.ZeroFrom
 	p.committing = p.dirty
@@ -917,6 +932,7 @@ func (p *Pool) commitCutLocked() error {
 	p.deadLayerRec = nil
 	p.dirtyLayers = map[uint64]struct{}{}
 	p.dirtyChunks = map[uint64]struct{}{}
+	p.spareChunks = map[uint64]struct{}{}
 	p.metaDirty = false
 	p.mu.Unlock()
 
@@ -961,13 +977,17 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	// punching. Later ones cannot reach it.
 	p.ioGate.Lock()
 	p.ioGate.Unlock()
-	punched := p.punchReleased(released)
+	keep := p.sparesFromReleased(released)
+	punched := p.punchReleased(released, keep)
 	p.ioGate.Lock() // no request still aims at a freed block
 	p.mu.Lock()
 	for _, r := range punched {
 		p.zeroed.setRun(r[0], r[1])
 	}
 	p.alloc.andNot(released)
+	for _, b := range keep {
+		p.setSpareLocked(b)
+	}
 	p.pendOld = nil
 	released.reset()
 	released.grow(p.rec.SizeBlocks)
@@ -994,9 +1014,18 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 // padding and keep their host space until then (a delete of a big
 // fragmented volume would otherwise hold them up for minutes). With 50 ms
 // a trim of 600 MiB of written data was cut short on a loaded machine.
-func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
+func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 	if p.noPunch.Load() {
 		return nil
+	}
+	if len(keep) > 0 {
+		// Blocks that become spares keep their host space.
+		rest := newBitmap(released.size)
+		rest.or(released)
+		for _, b := range keep {
+			rest.clear(b)
+		}
+		released = rest
 	}
 	var punched [][2]uint64
 	deadline := time.Now().Add(punchBudget)
@@ -1152,6 +1181,9 @@ type Event struct {
 	Volume string // empty for pool events
 	Size   uint64 // new size in bytes (volume or pool)
 	Free   uint64 // free bytes, for space events
+	// Host is set on space events about the data file's host file
+	// system rather than the pool (Free is then the host's free bytes).
+	Host bool
 }
 
 // Watch registers fn to be called after each committed volume or pool
@@ -1266,6 +1298,8 @@ func (p *Pool) grow(size uint64) error {
 	p.pend.grow(n)
 	p.inflight.grow(n)
 	p.zeroed.grow(n)
+	p.spare.grow(n)
+	p.backing.grow(n)
 	if p.pendSpare != nil {
 		p.pendSpare.grow(n)
 	}
@@ -1335,6 +1369,9 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
+	var hb hostBacking
+	defer hb.done(p)
+again:
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -1364,6 +1401,12 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 		free := p.freeLocked()
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s to %d: %w: reserve mode needs %d more blocks reserved, %d are free", name, size, ErrNoSpace, need, free)
+	} else if !p.enoughSparesLocked(&hb, need) {
+		p.mu.Unlock()
+		if err := p.backSpares(&hb, need); err != nil {
+			return fmt.Errorf("resize volume %s to %d: %w", name, size, err)
+		}
+		goto again
 	}
 	v.rec.Size = size
 	p.reaccountLocked(v)

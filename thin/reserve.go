@@ -90,6 +90,9 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
+	var hb hostBacking
+	defer hb.done(p)
+again:
 	// No fill in flight: a fill's reservation was counted under the mode
 	// it was planned in.
 	p.ioGate.Lock()
@@ -107,9 +110,14 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	default:
 		r := v.rec
 		r.ReserveMode = on
-		if need := p.reserveNeedLocked(v, r); need > p.freeLocked() {
+		need := p.reserveNeedLocked(v, r)
+		if need > p.freeLocked() {
 			err = fmt.Errorf("reserve mode of %s: %w: it needs %d more blocks reserved, %d are free",
 				name, ErrNoSpace, need, p.freeLocked())
+			break
+		}
+		if !p.enoughSparesLocked(&hb, need) {
+			err = &hostNeed{spares: need}
 			break
 		}
 		v.rec.ReserveMode = on
@@ -124,6 +132,12 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	}
 	p.mu.Unlock()
 	p.ioGate.Unlock()
+	if h, ok := err.(*hostNeed); ok {
+		if err := p.backFor(&hb, h); err != nil {
+			return fmt.Errorf("reserve mode of %s: %w", name, err)
+		}
+		goto again
+	}
 	if err != nil {
 		return err
 	}

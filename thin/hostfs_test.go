@@ -1,0 +1,242 @@
+package thin
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Tests on a real, small host file system (a tmpfs of limited size): the
+// provisioning promise must hold when another file fills the host.
+
+// mountSmallFS mounts a tmpfs of size bytes on a new directory. Mounting
+// needs root (CI runs as root); elsewhere the test is skipped, and says so.
+func mountSmallFS(t *testing.T, size int64) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
+		t.Fatalf("mount tmpfs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+// hostFiller fills a host file system with a file of its own and frees
+// that space again, like another tenant of the host.
+type hostFiller struct {
+	t    *testing.T
+	path string
+}
+
+// fill writes until the host file system is full (ENOSPC).
+func (h *hostFiller) fill() {
+	h.t.Helper()
+	f, err := os.OpenFile(h.path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer f.Close()
+	buf := bytes.Repeat([]byte{0xee}, 64<<10)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			if !errors.Is(err, unix.ENOSPC) {
+				h.t.Fatalf("fill host: %v", err)
+			}
+			break
+		}
+	}
+	// Small writes to use up the last partial pages.
+	for {
+		if _, err := f.Write(buf[:4096]); err != nil {
+			break
+		}
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(h.path, &st); err != nil {
+		h.t.Fatal(err)
+	}
+	if st.Bfree != 0 {
+		h.t.Fatalf("host not full after filling: %d blocks free", st.Bfree)
+	}
+}
+
+// free gives n bytes back to the host.
+func (h *hostFiller) free(n int64) {
+	h.t.Helper()
+	fi, err := os.Stat(h.path)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := os.Truncate(h.path, max(0, fi.Size()-n)); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// writeVerify writes a pattern to every 4 KiB block of [off, off+n) of v
+// and reads it back: the promise says none of it may fail.
+func writeVerify(t *testing.T, v *Volume, off, n int64, seed byte) {
+	t.Helper()
+	for pos := off; pos < off+n; pos += 4 * kib {
+		want := pattern(4*kib, seed+byte(pos>>12))
+		if err := v.WriteAt([][]byte{want}, pos); err != nil {
+			t.Fatalf("write %s at %d (promised space, host full): %v", v.Name(), pos, err)
+		}
+		if got := read(t, v, pos, 4*kib); !bytes.Equal(got, want) {
+			t.Fatalf("read back %s at %d: wrong data", v.Name(), pos)
+		}
+	}
+}
+
+func openHostPool(t *testing.T, fsSize int64, poolBlocks uint64, co CreateOptions) (*Pool, *hostFiller) {
+	t.Helper()
+	mnt := mountSmallFS(t, fsSize)
+	dir := filepath.Join(mnt, "pool")
+	co.BlockSize = 4 * kib
+	co.Size = poolBlocks * 4 * kib
+	if err := Create(dir, co); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p, &hostFiller{t: t, path: filepath.Join(mnt, "other-tenant")}
+}
+
+// sameSpace compares what a refused operation must not change.
+func sameSpace(t *testing.T, before, after Status) {
+	t.Helper()
+	b, a := before.Pool, after.Pool
+	if b.AllocatedBytes != a.AllocatedBytes || b.ReservedBytes != a.ReservedBytes || b.FreeBytes != a.FreeBytes ||
+		fmt.Sprint(before.Volumes) != fmt.Sprint(after.Volumes) {
+		t.Fatalf("a refused operation changed the pool:\n%+v\n%+v", before, after)
+	}
+}
+
+// TestHostFullKeepsPromise: a pool over-committed on a 24 MiB tmpfs. What
+// was provisioned, what a snapshot reserved for copy-on-write and what
+// reserve mode reserved can all be written after another file filled the
+// host; a provision, a snapshot and reserve mode on that the host cannot
+// back are refused up front and change nothing; an unprovisioned write on
+// the full host fails with ErrNoSpace (the error policy) and works again
+// once the host has space.
+func TestHostFullKeepsPromise(t *testing.T) {
+	p, host := openHostPool(t, 24<<20, 8192, CreateOptions{}) // 32 MiB pool
+	v := mustVolume(t, p, "v", 4<<20)
+	u := mustVolume(t, p, "u", 4<<20)
+	w := mustVolume(t, p, "w", 1<<20)
+	// 1 MiB written and then provisioned, 1 MiB provisioned only.
+	write(t, v, 0, pattern(1<<20, 1))
+	if err := v.WriteZeroes(0, 2<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetReserveMode("w", true); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, p)
+	host.fill()
+
+	writeVerify(t, v, 0, 2<<20, 10)
+	writeVerify(t, w, 0, 1<<20, 20)
+	// Unprovisioned space on a full host follows the error policy.
+	err := u.WriteAt([][]byte{pattern(64*kib, 3)}, 0)
+	if !errors.Is(err, ErrNoSpace) || !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("unprovisioned write on a full host: %v, want ErrNoSpace (host ENOSPC)", err)
+	}
+	// What the host cannot back is refused up front.
+	before := p.Status()
+	if err := u.WriteZeroes(0, 1<<20, false); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("provisioning on a full host: %v, want ErrNoSpace", err)
+	}
+	sameSpace(t, before, p.Status())
+	if err := p.CreateSnapshot("v", "s", false); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("snapshot needing host space on a full host: %v, want ErrNoSpace", err)
+	}
+	sameSpace(t, before, p.Status())
+	if err := p.SetReserveMode("u", true); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("reserve mode on a full host: %v, want ErrNoSpace", err)
+	}
+	sameSpace(t, before, p.Status())
+	if len(p.Volumes()) != 3 {
+		t.Fatalf("volumes %v", p.Volumes())
+	}
+	checkAccounting(t, p)
+
+	// The host frees space: the snapshot reserves its copies on the host,
+	// the host fills again, and every provisioned block is still writable
+	// (copy on write from the spares); the snapshot keeps the old data.
+	host.free(4 << 20)
+	if err := u.WriteAt([][]byte{pattern(64*kib, 3)}, 0); err != nil {
+		t.Fatalf("unprovisioned write after the host freed space: %v", err)
+	}
+	if err := p.CreateSnapshot("v", "s", false); err != nil {
+		t.Fatal(err)
+	}
+	host.fill()
+	writeVerify(t, v, 0, 2<<20, 30)
+	s, _ := p.Volume("s")
+	for pos := int64(0); pos < 2<<20; pos += 4 * kib {
+		if got := read(t, s, pos, 4*kib); !bytes.Equal(got, pattern(4*kib, 10+byte(pos>>12))) {
+			t.Fatalf("snapshot changed at %d", pos)
+		}
+	}
+	checkAccounting(t, p)
+}
+
+// TestHostFullQueuePolicy: with the queue policy an unprovisioned write on
+// a full host waits, and completes once the host has space again, without
+// a restart.
+func TestHostFullQueuePolicy(t *testing.T) {
+	p, host := openHostPool(t, 16<<20, 8192, CreateOptions{NoSpace: NoSpaceQueue, NoSpaceTimeout: time.Minute})
+	u := mustVolume(t, p, "u", 4<<20)
+	var events []Event
+	evc := make(chan Event, 16)
+	stop := p.Watch(func(ev Event) {
+		if ev.Host {
+			evc <- ev
+		}
+	})
+	defer stop()
+	host.fill()
+	done := make(chan error, 1)
+	go func() { done <- u.WriteAt([][]byte{pattern(256*kib, 5)}, 0) }()
+	select {
+	case err := <-done:
+		t.Fatalf("write on a full host with the queue policy returned at once: %v", err)
+	case <-time.After(time.Second):
+	}
+	host.free(2 << 20)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("queued write after the host freed space: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("queued write did not resume after the host freed space")
+	}
+	if got := read(t, u, 0, 256*kib); !bytes.Equal(got, pattern(256*kib, 5)) {
+		t.Fatal("queued write's data wrong")
+	}
+	for len(events) < 2 {
+		select {
+		case ev := <-evc:
+			events = append(events, ev)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("host space events: %+v, want out-of-space then space-available", events)
+		}
+	}
+	if events[0].Type != OutOfSpace || events[1].Type != SpaceAvailable {
+		t.Fatalf("host space events: %+v", events)
+	}
+	checkAccounting(t, p)
+}
