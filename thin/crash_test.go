@@ -151,6 +151,7 @@ func (d *crashData) crash(rng *rand.Rand) *crashData {
 type machine struct {
 	fs    *vfs.MemFS
 	files map[string]*crashData
+	host  *hostSpace // nil: the data file's host has no limit
 }
 
 func newMachine() *machine {
@@ -174,6 +175,9 @@ func (m *machine) env() *env {
 		case !ok:
 			return nil, fs.ErrNotExist
 		}
+		if m.host != nil {
+			return &hostLimitData{dataFile: f, h: m.host}, nil
+		}
 		return f, nil
 	}}
 }
@@ -183,6 +187,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 	n := &machine{
 		fs:    m.fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 30, RNG: rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64()))}),
 		files: map[string]*crashData{},
+		host:  m.host.crash(rng),
 	}
 	for k, f := range m.files {
 		n.files[k] = f.crash(rng)

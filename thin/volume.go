@@ -732,11 +732,11 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 	if need > p.freeLocked() {
 		return nil, nil, ErrNoSpace
 	}
-	if len(cow) > 0 {
-		return nil, nil, &cowFirst{cow}
-	}
 	if h := p.zeroesHostNeedLocked(unmap, need, existing, hb); h != nil {
 		return nil, nil, h
+	}
+	if len(cow) > 0 {
+		return nil, nil, &cowFirst{cow}
 	}
 	hole := pebblemeta.Entry{Flags: pebblemeta.FlagHole}
 	if unmap {
