@@ -297,6 +297,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	if leaked > 0 {
 		bad("%d blocks are allocated in the bitmap but owned by no map entry (leaked)", leaked)
 	}
+	p.checkHost(st, rec, owned, extra, bad)
 	if len(ce.Problems) > 0 {
 		return ce
 	}

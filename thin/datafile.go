@@ -1,10 +1,12 @@
 package thin
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -147,6 +149,48 @@ func (d *osDataFile) hostFree() (free, total uint64, err error) {
 		avail = st.Bfree
 	}
 	return avail * uint64(st.Bsize), st.Blocks * uint64(st.Bsize), nil
+}
+
+// fsIocFiemap is FS_IOC_FIEMAP (_IOWR('f', 11, struct fiemap)).
+const fsIocFiemap = 0xC020660B
+
+// hostAllocated reports whether every byte of [off, off+n) is allocated
+// on the host (FIEMAP; unwritten extents count), errors.ErrUnsupported
+// where the file system has no FIEMAP (tmpfs).
+func (d *osDataFile) hostAllocated(off, n int64) (bool, error) {
+	const extents = 32
+	const extSize = 56
+	buf := make([]byte, 32+extents*extSize)
+	pos, end := off, off+n
+	for pos < end {
+		clear(buf)
+		binary.NativeEndian.PutUint64(buf[0:], uint64(pos))
+		binary.NativeEndian.PutUint64(buf[8:], uint64(end-pos))
+		binary.NativeEndian.PutUint32(buf[24:], extents)
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0])))
+		if e != 0 {
+			if e == unix.EOPNOTSUPP || e == unix.ENOTTY {
+				return false, fmt.Errorf("fiemap %s: %w (%w)", d.f.Name(), errors.ErrUnsupported, e)
+			}
+			return false, fmt.Errorf("fiemap %s: %w", d.f.Name(), e)
+		}
+		mapped := binary.NativeEndian.Uint32(buf[20:])
+		if mapped == 0 {
+			return false, nil
+		}
+		for i := range int(mapped) {
+			x := buf[32+i*extSize:]
+			logical, length := int64(binary.NativeEndian.Uint64(x[0:])), int64(binary.NativeEndian.Uint64(x[16:]))
+			if logical > pos {
+				return false, nil // a hole before this extent
+			}
+			pos = max(pos, logical+length)
+			if pos >= end {
+				return true, nil
+			}
+		}
+	}
+	return true, nil
 }
 
 var zeroBlock = make([]byte, 1<<20)

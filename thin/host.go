@@ -3,6 +3,7 @@ package thin
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"slices"
 	"time"
 
@@ -530,4 +531,84 @@ func (p *Pool) hostSpaceBack() {
 		p.log.Info("host file system has space again", "pool", p.dir, "host_free_bytes", free)
 	}
 	p.mu.Unlock()
+}
+
+// checkHost verifies the promise against the host in the committed state
+// (Check): the spare set holds no owned block and covers every
+// reservation, and where the data file can tell (FIEMAP), spares and
+// provisioned mapped blocks are allocated on the host.
+func (p *Pool) checkHost(st *pebblemeta.View, rec pebblemeta.PoolRecord, owned *bitmap, extra uint64, bad func(string, ...any)) {
+	p.mu.Lock()
+	backed := p.hostBackedLocked()
+	p.mu.Unlock()
+	if !backed {
+		return
+	}
+	spare := newBitmap(rec.SizeBlocks)
+	err := st.SpareChunks(func(idx uint64, bits []byte) error {
+		if !spare.loadChunk(idx, bits) {
+			bad("spare set chunk %d is malformed or marks blocks beyond the pool", idx)
+		}
+		return nil
+	})
+	if err != nil {
+		bad("spare set: %v", err)
+		return
+	}
+	var ownedSpares int
+	for w := range spare.words {
+		ownedSpares += bits.OnesCount64(spare.words[w] & owned.words[w])
+	}
+	if ownedSpares > 0 {
+		bad("%d spare blocks are owned by map entries", ownedSpares)
+	}
+	if need := rec.Reserved + extra; spare.count < need {
+		bad("%d blocks are reserved but only %d spare blocks are host-allocated for them (the host could not back %d)",
+			need, spare.count, need-spare.count)
+	}
+	hd, ok := p.data.(interface {
+		hostAllocated(off, n int64) (bool, error)
+	})
+	if !ok {
+		return
+	}
+	var unalloc uint64
+	var probe func(first, n uint64) bool
+	probe = func(first, n uint64) bool {
+		ok, err := hd.hostAllocated(int64(first)<<p.shift, int64(n)<<p.shift)
+		if errors.Is(err, errors.ErrUnsupported) {
+			return false
+		}
+		if err != nil {
+			bad("host allocation of blocks %d+%d: %v", first, n, err)
+			return false
+		}
+		if !ok && n == 1 {
+			unalloc++
+		} else if !ok {
+			for b := first; b < first+n; b++ { // which ones
+				probe(b, 1)
+			}
+		}
+		return true
+	}
+	spare.runs(probe)
+	if unalloc > 0 {
+		bad("%d spare blocks are not allocated on the host", unalloc)
+	}
+	unalloc = 0
+	err = st.AllMap(func(layer, vb uint64, e pebblemeta.Entry) error {
+		if e.Mapped() && e.Provisioned() && e.PBlock < rec.SizeBlocks {
+			if !probe(e.PBlock, 1) {
+				return pebblemeta.ErrStop
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, pebblemeta.ErrStop) {
+		bad("walk provisioned blocks: %v", err)
+	}
+	if unalloc > 0 {
+		bad("%d provisioned mapped blocks are not allocated on the host", unalloc)
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -239,4 +240,76 @@ func TestHostFullQueuePolicy(t *testing.T) {
 		t.Fatalf("host space events: %+v", events)
 	}
 	checkAccounting(t, p)
+}
+
+// TestHostAllocatedFiemap: Check's probe of host allocation on the test
+// directory's file system (ext4 here; fallocated extents are unwritten
+// and must count).
+func TestHostAllocatedFiemap(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f")
+	df, err := openOSDataFile(path, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer df.Close()
+	d := df.(*osDataFile)
+	if err := d.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.hostAllocated(0, 4096); errors.Is(err, errors.ErrUnsupported) {
+		t.Skipf("no FIEMAP on the test directory's file system: %v", err)
+	}
+	if err := d.Allocate(128<<10, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.WriteAt(pattern(4096, 1), 512<<10); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		off, n int64
+		want   bool
+	}{{128 << 10, 64 << 10, true}, {132 << 10, 4 << 10, true}, {0, 4 << 10, false}, {128 << 10, 128 << 10, false},
+		{120 << 10, 16 << 10, false}, {512 << 10, 4 << 10, true}} {
+		got, err := d.hostAllocated(c.off, c.n)
+		if err != nil || got != c.want {
+			t.Errorf("hostAllocated(%d, %d) = %v, %v; want %v", c.off, c.n, got, err, c.want)
+		}
+	}
+}
+
+// TestCheckFindsUnbackedPromises: Check reports a provisioned block and a
+// spare whose host space went away behind the pool's back.
+func TestCheckFindsUnbackedPromises(t *testing.T) {
+	p, _ := newPool(t, 64, CreateOptions{})
+	d, ok := p.data.(*osDataFile)
+	if !ok {
+		t.Fatal("pool data file is not a file")
+	}
+	if _, err := d.hostAllocated(0, 4096); errors.Is(err, errors.ErrUnsupported) {
+		t.Skipf("no FIEMAP on the test directory's file system: %v", err)
+	}
+	v := mustVolume(t, p, "v", 16*bs4k)
+	write(t, v, 0, pattern(2*bs4k, 1))
+	if err := v.WriteZeroes(0, 4*bs4k, false); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, p)
+	p.mu.Lock()
+	e, _, err := p.resolveLocked(v.st.rec.Layer, 0)
+	spare, ok := p.spare.findSet(0)
+	p.mu.Unlock()
+	if err != nil || !e.Mapped() || !ok {
+		t.Fatalf("entry %+v (%v), spare %v", e, err, ok)
+	}
+	for _, b := range []uint64{e.PBlock, spare} {
+		if err := d.PunchHole(int64(b)*bs4k, bs4k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = p.Check(nil)
+	var ce *CheckError
+	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "1 spare blocks are not allocated on the host") ||
+		!strings.Contains(err.Error(), "1 provisioned mapped blocks are not allocated on the host") {
+		t.Fatalf("check after punching a provisioned block and a spare: %v %+v", err, ce)
+	}
 }
