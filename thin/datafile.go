@@ -144,11 +144,15 @@ func (d *osDataFile) hostFree() (free, total uint64, err error) {
 	if err := unix.Fstatfs(int(d.f.Fd()), &st); err != nil {
 		return 0, 0, err
 	}
-	avail := st.Bavail
+	return statfsFree(&st), st.Blocks * uint64(st.Bsize), nil
+}
+
+// statfsFree is the space a file system has left for this process.
+func statfsFree(st *unix.Statfs_t) uint64 {
 	if os.Geteuid() == 0 {
-		avail = st.Bfree
+		return st.Bfree * uint64(st.Bsize) // root may use the reserved blocks
 	}
-	return avail * uint64(st.Bsize), st.Blocks * uint64(st.Bsize), nil
+	return st.Bavail * uint64(st.Bsize)
 }
 
 // fsIocFiemap is FS_IOC_FIEMAP (_IOWR('f', 11, struct fiemap)).

@@ -612,3 +612,61 @@ func (p *Pool) checkHost(st *pebblemeta.View, rec pebblemeta.PoolRecord, owned *
 		bad("%d provisioned mapped blocks are not allocated on the host", unalloc)
 	}
 }
+
+// hostShortfall is how much of the pool's free space the host could not
+// back: the pool may still need size - dataHost bytes of new host space
+// (its free blocks, and the holes of partly written ones), the host has
+// hostFree.
+func hostShortfall(size, dataHost, hostFree, poolFree uint64) uint64 {
+	if dataHost+hostFree >= size {
+		return 0
+	}
+	return min(poolFree, size-dataHost-hostFree)
+}
+
+// noteHostSpace looks at the host's free space (background ticker): it
+// logs, and tells watchers (LowWater/AboveLowWater events with Host set),
+// when it crosses the pool's low-water mark, and logs when the host has
+// no space left for a block.
+func (p *Pool) noteHostSpace() {
+	free, _, ok := p.hostFreeBytes()
+	if !ok {
+		return
+	}
+	p.mu.Lock()
+	full := free < uint64(p.blockSize)
+	if full != p.hostFull {
+		p.hostFull = full
+		if full {
+			p.log.Error("the data file's host file system is full: writes to unprovisioned space follow the no-space policy until it has space",
+				"pool", p.dir, "host_free_bytes", free, "no_space", NoSpacePolicy(p.rec.NoSpace).String())
+		} else {
+			p.log.Info("the data file's host file system has space again", "pool", p.dir, "host_free_bytes", free)
+		}
+	}
+	if p.rec.LowWaterPPM != 0 {
+		low := p.lowWaterBlocks() * uint64(p.blockSize)
+		if below := free < low; below != p.hostLow {
+			p.hostLow = below
+			if below {
+				p.log.Warn("host file system free space fell below the pool's low-water mark", "pool", p.dir,
+					"host_free_bytes", free, "low_water_bytes", low)
+				p.notifyAsyncLocked(Event{Type: LowWater, Free: free, Host: true})
+			} else {
+				p.log.Info("host file system free space is above the pool's low-water mark again", "pool", p.dir, "host_free_bytes", free)
+				p.notifyAsyncLocked(Event{Type: AboveLowWater, Free: free, Host: true})
+			}
+		}
+	}
+	p.mu.Unlock()
+}
+
+// HostFree is the free space of the file system holding dir (for this
+// process: root may use the reserved blocks), to size a pool for it.
+func HostFree(dir string) (uint64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return statfsFree(&st), nil
+}

@@ -198,7 +198,7 @@ func TestHostFullKeepsPromise(t *testing.T) {
 // a full host waits, and completes once the host has space again, without
 // a restart.
 func TestHostFullQueuePolicy(t *testing.T) {
-	p, host := openHostPool(t, 16<<20, 8192, CreateOptions{NoSpace: NoSpaceQueue, NoSpaceTimeout: time.Minute})
+	p, host := openHostPool(t, 16<<20, 8192, CreateOptions{NoSpace: NoSpaceQueue, NoSpaceTimeout: time.Minute, LowWater: 0.1})
 	u := mustVolume(t, p, "u", 4<<20)
 	var events []Event
 	evc := make(chan Event, 16)
@@ -209,6 +209,11 @@ func TestHostFullQueuePolicy(t *testing.T) {
 	})
 	defer stop()
 	host.fill()
+	p.noteHostSpace() // the background ticker's look (off in tests)
+	st := p.Status().Pool
+	if st.HostFreeBytes >= 4*kib || !st.HostBelowLowWater || st.HostUnbackedBytes != st.FreeBytes {
+		t.Fatalf("status on a full host: %+v", st)
+	}
 	done := make(chan error, 1)
 	go func() { done <- u.WriteAt([][]byte{pattern(256*kib, 5)}, 0) }()
 	select {
@@ -228,16 +233,18 @@ func TestHostFullQueuePolicy(t *testing.T) {
 	if got := read(t, u, 0, 256*kib); !bytes.Equal(got, pattern(256*kib, 5)) {
 		t.Fatal("queued write's data wrong")
 	}
-	for len(events) < 2 {
+	host.free(8 << 20)
+	p.noteHostSpace()
+	for len(events) < 4 {
 		select {
 		case ev := <-evc:
 			events = append(events, ev)
 		case <-time.After(5 * time.Second):
-			t.Fatalf("host space events: %+v, want out-of-space then space-available", events)
+			t.Fatalf("host space events: %+v, want four", events)
 		}
 	}
-	if events[0].Type != OutOfSpace || events[1].Type != SpaceAvailable {
-		t.Fatalf("host space events: %+v", events)
+	if events[0].Type != LowWater || events[1].Type != OutOfSpace || events[2].Type != SpaceAvailable || events[3].Type != AboveLowWater {
+		t.Fatalf("host space events: %+v, want low-water, out-of-space, space-available, above-low-water", events)
 	}
 	checkAccounting(t, p)
 }

@@ -316,6 +316,8 @@ type Pool struct {
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
 	outOfSpace   bool          // a request found no space, and none appeared since
 	hostOut      bool          // a request found the host file system full, and it has not had space since
+	hostLow      bool          // the host's free space was below the low-water mark at the last look
+	hostFull     bool          // the host had no space for a block at the last look
 	belowLow     bool
 	failed       error
 	closed       bool
@@ -464,6 +466,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
 	p.openSpares()
+	p.noteHostSpace()
 	go p.background()
 	return p, nil
 }
@@ -483,6 +486,7 @@ func (p *Pool) background() {
 		case <-p.closing:
 			return
 		case <-tick:
+			p.noteHostSpace()
 		case <-p.kick:
 		}
 		if !p.metaPending() {
@@ -1654,9 +1658,19 @@ type PoolStatus struct {
 	// DataHostBytes is the space the data file takes on the host file
 	// system: freed blocks are punched out of it, so it follows
 	// allocated_bytes (0 when unknown).
-	DataHostBytes    uint64 `json:"data_host_bytes"`
-	VolumeCount      int    `json:"volume_count"`
-	PendingMapWrites int    `json:"pending_map_changes"`
+	DataHostBytes uint64 `json:"data_host_bytes"`
+	// The data file's host file system (host.go): its free space (0 when
+	// unknown, or for a preallocated pool, which needs none), how much of
+	// the pool's free space it could not back now (over-commitment:
+	// writes to unprovisioned space may fail, by the no-space policy,
+	// when it runs out), and reservations without a host-allocated spare
+	// (only when the host could not back them at open; Check fails then).
+	HostFreeBytes         uint64 `json:"host_free_bytes"`
+	HostUnbackedBytes     uint64 `json:"host_unbacked_bytes"`
+	ReservedUnbackedBytes uint64 `json:"reserved_unbacked_bytes"`
+	HostBelowLowWater     bool   `json:"host_below_low_water"`
+	VolumeCount           int    `json:"volume_count"`
+	PendingMapWrites      int    `json:"pending_map_changes"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1699,6 +1713,7 @@ func (p *Pool) Status() Status {
 	if d, ok := p.data.(interface{ hostBytes() (uint64, error) }); ok {
 		hostBytes, _ = d.hostBytes()
 	}
+	hostFree, _, hostKnown := p.hostFreeBytes()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	bs := uint64(p.blockSize)
@@ -1725,6 +1740,12 @@ func (p *Pool) Status() Status {
 		VolumeCount:      len(p.vols),
 		PendingMapWrites: len(p.dirty),
 	}}
+	if hostKnown {
+		s.Pool.HostFreeBytes = hostFree
+		s.Pool.HostUnbackedBytes = hostShortfall(p.rec.SizeBlocks*bs, hostBytes, hostFree, free*bs)
+		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
+	}
+	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
 		vs := VolumeStatus{

@@ -153,7 +153,7 @@ func TestSnapshotWithoutSpaceIsRefused(t *testing.T) {
 	if !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("snapshot needing 8 blocks with 7 free: %v, want ErrNoSpace", err)
 	}
-	if after := p.Status(); fmt.Sprint(after) != fmt.Sprint(before) || fmt.Sprint(p.Volumes()) != fmt.Sprint(names) {
+	if after := p.Status(); fmt.Sprint(withoutHost(after)) != fmt.Sprint(withoutHost(before)) || fmt.Sprint(p.Volumes()) != fmt.Sprint(names) {
 		t.Fatalf("a refused snapshot changed the pool:\n%+v\n%+v", before, after)
 	}
 	// A group is refused as a whole too, even when one member would fit.
@@ -408,4 +408,10 @@ func checkPromise(t *testing.T, p *Pool, host *hostSpace, rng *rand.Rand) {
 		t.Fatal(err)
 	}
 	checkAccounting(t, p)
+}
+
+// withoutHost drops what the host's other tenants change from a status.
+func withoutHost(s Status) Status {
+	s.Pool.HostFreeBytes, s.Pool.HostUnbackedBytes, s.Pool.HostBelowLowWater = 0, 0, false
+	return s
 }

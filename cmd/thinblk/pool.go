@@ -116,7 +116,17 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, "pool create", err)
 	}
 	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], units.HumanBytes(o.Size), units.HumanBytes(uint64(o.BlockSize)))
+	if free, err := thin.HostFree(pos[0]); err == nil && free < o.Size {
+		warnHost(stderr, o.Size-free, free)
+	}
 	return 0
+}
+
+// warnHost warns that the pool is over-committed on its host file system.
+func warnHost(w io.Writer, unbacked, hostFree uint64) {
+	fmt.Fprintf(w, "warning: the host file system has %s free: %s of the pool's free space is not backed by it; "+
+		"writes to unprovisioned space follow the no-space policy when it fills (provisioned and reserved space stays backed)\n",
+		units.HumanBytes(hostFree), units.HumanBytes(unbacked))
 }
 
 func runPoolGrow(args []string, stdout, stderr io.Writer) int {
@@ -139,6 +149,9 @@ func runPoolGrow(args []string, stdout, stderr io.Writer) int {
 			return err
 		}
 		fmt.Fprintf(stdout, "pool %s is now %s\n", pos[0], units.HumanBytes(n))
+		if st, err := ops.Status(); err == nil && st.Pool.HostUnbackedBytes > 0 {
+			warnHost(stderr, st.Pool.HostUnbackedBytes, st.Pool.HostFreeBytes)
+		}
 		return nil
 	})
 }
@@ -348,6 +361,17 @@ func printStatus(w io.Writer, st thin.Status) {
 	}
 	if p.BelowLowWater {
 		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
+	}
+	if p.HostFreeBytes > 0 || p.HostUnbackedBytes > 0 {
+		fmt.Fprintf(w, "host file system: free %s; pool free space it could not back: %s\n",
+			units.HumanBytes(p.HostFreeBytes), units.HumanBytes(p.HostUnbackedBytes))
+	}
+	if p.HostBelowLowWater {
+		fmt.Fprintf(w, "WARNING: the host file system's free space is below the pool's low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
+	}
+	if p.ReservedUnbackedBytes > 0 {
+		fmt.Fprintf(w, "WARNING: %s of reserved space has no host-allocated spare: promised writes may fail if the host fills up\n",
+			units.HumanBytes(p.ReservedUnbackedBytes))
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "VOLUME\tKIND\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t RESERVED FOR")
