@@ -670,3 +670,58 @@ func HostFree(dir string) (uint64, error) {
 	}
 	return statfsFree(&st), nil
 }
+
+// allocateHead host-allocates every mapped block of a volume's head
+// before reserve mode goes on: the volume may then overwrite any of them,
+// and a block's bytes its first write did not cover may be holes on the
+// host. The caller holds flushMu, so the committed map is stable; what
+// is pending is taken under the lock, and headUnallocatedLocked catches
+// blocks mapped meanwhile. hb.allocated records what was allocated.
+func (p *Pool) allocateHead(layer uint64, hb *hostBacking) error {
+	if !p.hostBacked() {
+		return nil
+	}
+	var blocks []uint64
+	err := p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
+		if e.Mapped() {
+			blocks = append(blocks, e.PBlock)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	h := p.headUnallocatedLocked(layer, hb)
+	p.mu.Unlock()
+	if h != nil {
+		blocks = append(blocks, h.blocks...)
+	}
+	return p.backFor(hb, &hostNeed{blocks: blocks})
+}
+
+// headUnallocatedLocked asks for the pending mapped blocks of layer that
+// allocateHead has not allocated yet, or returns nil.
+func (p *Pool) headUnallocatedLocked(layer uint64, hb *hostBacking) *hostNeed {
+	if !p.hostBackedLocked() {
+		return nil
+	}
+	var h hostNeed
+	for k, e := range p.dirty {
+		if k.layer == layer && e.Mapped() {
+			if _, ok := hb.allocated[e.PBlock]; !ok {
+				h.blocks = append(h.blocks, e.PBlock)
+			}
+		}
+	}
+	if len(h.blocks) == 0 {
+		return nil
+	}
+	return &h
+}
+
+func (p *Pool) hostBacked() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hostBackedLocked()
+}

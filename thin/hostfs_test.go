@@ -320,3 +320,34 @@ func TestCheckFindsUnbackedPromises(t *testing.T) {
 		t.Fatalf("check after punching a provisioned block and a spare: %v %+v", err, ce)
 	}
 }
+
+// TestHostReserveModeFillsHoles: a volume of 64 KiB blocks whose first
+// writes covered 4 KiB of each (the rest of such a block is a hole on the
+// host) goes into reserve mode; after the host fills up, every byte of the
+// volume can still be written.
+func TestHostReserveModeFillsHoles(t *testing.T) {
+	mnt := mountSmallFS(t, 16<<20)
+	dir := filepath.Join(mnt, "pool")
+	if err := Create(dir, CreateOptions{Size: 32 << 20, BlockSize: 64 * kib}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	v := mustVolume(t, p, "v", 2<<20)
+	for off := int64(0); off < 1<<20; off += 64 * kib {
+		write(t, v, off, pattern(4*kib, byte(off>>16)))
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetReserveMode("v", true); err != nil {
+		t.Fatal(err)
+	}
+	host := &hostFiller{t: t, path: filepath.Join(mnt, "other-tenant")}
+	host.fill()
+	writeVerify(t, v, 0, 2<<20, 40)
+	checkAccounting(t, p)
+}

@@ -92,6 +92,19 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	}
 	var hb hostBacking
 	defer hb.done(p)
+	if on {
+		p.mu.Lock()
+		var layer uint64
+		if v := p.vols[name]; v != nil && !v.rec.ReserveMode && v.rec.Kind != pebblemeta.KindSnapshot {
+			layer = v.rec.Layer
+		}
+		p.mu.Unlock()
+		if layer != 0 {
+			if err := p.allocateHead(layer, &hb); err != nil {
+				return fmt.Errorf("reserve mode of %s: %w", name, err)
+			}
+		}
+	}
 again:
 	// No fill in flight: a fill's reservation was counted under the mode
 	// it was planned in.
@@ -118,6 +131,10 @@ again:
 		}
 		if !p.enoughSparesLocked(&hb, need) {
 			err = &hostNeed{spares: need}
+			break
+		}
+		if h := p.headUnallocatedLocked(v.rec.Layer, &hb); on && h != nil {
+			err = h
 			break
 		}
 		v.rec.ReserveMode = on
