@@ -226,7 +226,14 @@ type PoolRecord struct {
 	// zeros in the data file. Optional on decode (absent: SizeBlocks, i.e.
 	// nothing known).
 	ZeroFrom uint64
+	// Flags: PoolPreallocated. Optional on decode (absent: 0), and
+	// encoded only when set, so older readers open pools without them.
+	Flags uint64
 }
+
+// PoolPreallocated marks a pool whose whole data file is allocated on the
+// host (thin's CreateOptions.Preallocate): no block is ever punched.
+const PoolPreallocated = 1
 
 // AppendPoolRecord appends the encoding of r.
 func AppendPoolRecord(dst []byte, r PoolRecord) []byte {
@@ -240,6 +247,9 @@ func AppendPoolRecord(dst []byte, r PoolRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.Allocated)
 	dst = binary.AppendUvarint(dst, r.Reserved)
 	dst = binary.AppendUvarint(dst, r.ZeroFrom)
+	if r.Flags != 0 {
+		dst = binary.AppendUvarint(dst, r.Flags)
+	}
 	return dst
 }
 
@@ -311,6 +321,12 @@ func DecodePoolRecord(v []byte) (PoolRecord, error) {
 	p.ZeroFrom = p.SizeBlocks
 	if r.err == nil && len(r.b) > 0 {
 		p.ZeroFrom = r.uvarint("zero mark", math.MaxUint64)
+	}
+	if r.err == nil && len(r.b) > 0 {
+		p.Flags = r.uvarint("pool flags", math.MaxUint64)
+		if p.Flags == 0 {
+			r.err = corruptf("pool flags: encoded zero")
+		}
 	}
 	if err := r.done("pool record"); err != nil {
 		return PoolRecord{}, err

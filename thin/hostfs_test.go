@@ -31,6 +31,25 @@ func mountSmallFS(t *testing.T, size int64) string {
 	return dir
 }
 
+// metaElsewhere moves a new pool's metadata directory off the small host
+// file system (a symlink stays in its place): these tests are about the
+// data file, and Pebble's commit fails fatally (it panics) when its log
+// cannot grow on a full file system, a separate problem.
+func metaElsewhere(t *testing.T, dir string) {
+	t.Helper()
+	meta := filepath.Join(dir, metaName)
+	dst := filepath.Join(t.TempDir(), metaName)
+	if err := os.CopyFS(dst, os.DirFS(meta)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(meta); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(dst, meta); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // hostFiller fills a host file system with a file of its own and frees
 // that space again, like another tenant of the host.
 type hostFiller struct {
@@ -106,6 +125,7 @@ func openHostPool(t *testing.T, fsSize int64, poolBlocks uint64, co CreateOption
 	if err := Create(dir, co); err != nil {
 		t.Fatal(err)
 	}
+	metaElsewhere(t, dir)
 	p, err := Open(dir, quietOpts())
 	if err != nil {
 		t.Fatal(err)
@@ -331,6 +351,7 @@ func TestHostReserveModeFillsHoles(t *testing.T) {
 	if err := Create(dir, CreateOptions{Size: 32 << 20, BlockSize: 64 * kib}); err != nil {
 		t.Fatal(err)
 	}
+	metaElsewhere(t, dir)
 	p, err := Open(dir, quietOpts())
 	if err != nil {
 		t.Fatal(err)
@@ -350,4 +371,55 @@ func TestHostReserveModeFillsHoles(t *testing.T) {
 	host.fill()
 	writeVerify(t, v, 0, 2<<20, 40)
 	checkAccounting(t, p)
+}
+
+// TestPreallocatedPool: pool create --preallocate allocates the whole data
+// file on a 24 MiB tmpfs; another file then fills the host, yet writes to
+// unprovisioned space succeed, discards give nothing back to the host (no
+// punching), and the flag survives a reopen. A preallocated pool larger
+// than the host's free space is refused and leaves nothing behind.
+func TestPreallocatedPool(t *testing.T) {
+	mnt := mountSmallFS(t, 24<<20)
+	dir := filepath.Join(mnt, "pool")
+	if err := Create(dir, CreateOptions{Size: 16 << 20, BlockSize: 64 * kib, Preallocate: true}); err != nil {
+		t.Fatal(err)
+	}
+	metaElsewhere(t, dir)
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := p.Status().Pool
+	if !st.Preallocated || st.DataHostBytes < 16<<20 || st.HostFreeBytes != 0 || st.HostUnbackedBytes != 0 {
+		t.Fatalf("preallocated pool status: %+v", st)
+	}
+	host := &hostFiller{t: t, path: filepath.Join(mnt, "other-tenant")}
+	host.fill()
+	v := mustVolume(t, p, "v", 32<<20)
+	writeVerify(t, v, 0, 8<<20, 50)
+	if err := v.Discard(0, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, p)
+	if got := p.Status().Pool.DataHostBytes; got < 16<<20 {
+		t.Fatalf("a discard punched a preallocated pool: data file takes %d bytes", got)
+	}
+	writeVerify(t, v, 8<<20, 8<<20, 60)
+	p.Close()
+	if p, err = Open(dir, quietOpts()); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if !p.Status().Pool.Preallocated {
+		t.Fatal("preallocated flag lost on reopen")
+	}
+	checkAccounting(t, p)
+	host.free(4 << 20)
+	dir2 := filepath.Join(mnt, "big")
+	if err := Create(dir2, CreateOptions{Size: 64 << 20, Preallocate: true}); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("preallocating 64 MiB on a host with 4 MiB free: %v, want ErrNoSpace", err)
+	}
+	if IsPool(dir2) {
+		t.Fatal("a refused preallocated pool left its files")
+	}
 }

@@ -88,6 +88,10 @@ type CreateOptions struct {
 	NoSpace        NoSpacePolicy // default NoSpaceError
 	NoSpaceTimeout time.Duration // for NoSpaceQueue; default 60s
 	LowWater       float64       // warn when free space falls below this fraction of the pool; 0 = off
+	// Preallocate allocates the whole data file on the host at creation
+	// (and what Grow adds): pool space is then always host space, and
+	// freed blocks are never punched (their host space stays the pool's).
+	Preallocate bool
 }
 
 // OpenOptions configure an opened pool.
@@ -176,6 +180,11 @@ func create(dir string, o CreateOptions, e *env) error {
 	if err := df.Truncate(int64(o.Size)); err != nil {
 		return fail(err)
 	}
+	if o.Preallocate {
+		if err := df.Allocate(0, int64(o.Size)); err != nil {
+			return fail(fmt.Errorf("preallocate the data file: %w", hostError(err, o.Size/uint64(o.BlockSize))))
+		}
+	}
 	if err := df.Sync(); err != nil {
 		return fail(err)
 	}
@@ -186,6 +195,9 @@ func create(dir string, o CreateOptions, e *env) error {
 		NoSpaceTimeout: uint64(o.NoSpaceTimeout),
 		LowWaterPPM:    uint32(math.Round(o.LowWater * 1e6)),
 		NextLayer:      1,
+	}
+	if o.Preallocate {
+		rec.Flags |= pebblemeta.PoolPreallocated
 	}
 	st, err := pebblemeta.Create(fs.PathJoin(dir, metaName), rec, pebblemeta.Options{FS: fs})
 	if err != nil {
@@ -410,6 +422,12 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		// A grow that extended the file but crashed before committing.
 		p.log.Warn("data file larger than the pool; the extra space is unused until the pool grows",
 			"pool", dir, "file_bytes", size, "pool_bytes", want)
+	}
+	if p.rec.Flags&pebblemeta.PoolPreallocated != 0 {
+		// Every block is host space already: no spares, and no punching
+		// (it would give the host what the pool must keep).
+		p.thick = true
+		p.noPunch.Store(true)
 	}
 	p.zeroDurable, p.zeroMark = p.rec.ZeroFrom, p.rec.ZeroFrom
 	p.alloc = newBitmap(p.rec.SizeBlocks)
@@ -1293,6 +1311,12 @@ func (p *Pool) grow(size uint64) error {
 	if err := p.data.Truncate(int64(size)); err != nil {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
+	if p.thick {
+		off := int64(cur) * p.blockSize
+		if err := p.data.Allocate(off, int64(size)-off); err != nil {
+			return fmt.Errorf("grow pool %s: preallocate: %w", p.dir, hostError(err, n-cur))
+		}
+	}
 	if err := p.data.Sync(); err != nil {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
@@ -1669,8 +1693,11 @@ type PoolStatus struct {
 	HostUnbackedBytes     uint64 `json:"host_unbacked_bytes"`
 	ReservedUnbackedBytes uint64 `json:"reserved_unbacked_bytes"`
 	HostBelowLowWater     bool   `json:"host_below_low_water"`
-	VolumeCount           int    `json:"volume_count"`
-	PendingMapWrites      int    `json:"pending_map_changes"`
+	// Preallocated: the whole data file is allocated on the host (pool
+	// create --preallocate); the host cannot run out under it.
+	Preallocated     bool `json:"preallocated"`
+	VolumeCount      int  `json:"volume_count"`
+	PendingMapWrites int  `json:"pending_map_changes"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1746,6 +1773,7 @@ func (p *Pool) Status() Status {
 		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
 	}
 	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
+	s.Pool.Preallocated = p.thick
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
 		vs := VolumeStatus{
