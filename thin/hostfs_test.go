@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -422,4 +423,67 @@ func TestPreallocatedPool(t *testing.T) {
 	if IsPool(dir2) {
 		t.Fatal("a refused preallocated pool left its files")
 	}
+}
+
+// TestDataOnBlockDevice: a pool whose data is a loop device over a file
+// of old bytes. A partial first write never shows those bytes, a discard
+// goes down to the device (the loop's file gives its space back to the
+// host), the host space fields are empty (it cannot run out), and Check
+// is clean.
+func TestDataOnBlockDevice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("loop devices need root")
+	}
+	backing := filepath.Join(t.TempDir(), "disk.img")
+	if err := os.WriteFile(backing, bytes.Repeat([]byte{0xab}, 32<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", backing).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	defer exec.Command("losetup", "-d", dev).Run()
+	dir := filepath.Join(t.TempDir(), "pool")
+	if err := Create(dir, CreateOptions{Size: 64 << 20, BlockSize: 64 * kib, DataDevice: dev}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("pool larger than its device: %v, want ErrInvalid", err)
+	}
+	if err := Create(dir, CreateOptions{Size: 16 << 20, BlockSize: 64 * kib, DataDevice: dev}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	st := p.Status().Pool
+	if st.DataDevice != dev || st.HostFreeBytes != 0 || st.HostUnbackedBytes != 0 || st.Preallocated {
+		t.Fatalf("status of a pool on %s: %+v", dev, st)
+	}
+	v := mustVolume(t, p, "v", 32<<20)
+	write(t, v, 4096, pattern(512, 1))
+	want := make([]byte, 64*kib)
+	copy(want[4096:], pattern(512, 1))
+	if got := read(t, v, 0, 64*kib); !bytes.Equal(got, want) {
+		t.Fatal("a partial first write on a device shows the device's old bytes")
+	}
+	writeVerify(t, v, 64*kib, 8<<20, 70)
+	if err := v.WriteZeroes(16<<20, 1<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	var before unix.Stat_t
+	unix.Stat(backing, &before)
+	if err := v.Discard(0, 9<<20); err != nil {
+		t.Fatal(err)
+	}
+	checkAccounting(t, p)
+	var after unix.Stat_t
+	unix.Stat(backing, &after)
+	if after.Blocks*512 > before.Blocks*512-4<<20 {
+		t.Fatalf("discard not passed down: the loop's file takes %d bytes, before %d", after.Blocks*512, before.Blocks*512)
+	}
+	if got := read(t, v, 0, 64*kib); !bytes.Equal(got, make([]byte, 64*kib)) {
+		t.Fatal("discarded block does not read as zeros")
+	}
+	writeVerify(t, v, 0, 1<<20, 80) // reuses discarded (punched) blocks
 }

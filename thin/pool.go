@@ -88,6 +88,13 @@ type CreateOptions struct {
 	NoSpace        NoSpacePolicy // default NoSpaceError
 	NoSpaceTimeout time.Duration // for NoSpaceQueue; default 60s
 	LowWater       float64       // warn when free space falls below this fraction of the pool; 0 = off
+	// DataDevice, when set, is a block device (an LVM logical volume, a
+	// partition, a loop device) holding the pool's data instead of a
+	// file: DIR/thinblk.data becomes a symlink to it. It must be at least
+	// Size bytes. Its space is the pool's, so the host cannot run out
+	// under it; freed blocks are discarded on it (zeroed by unmapping)
+	// when it supports that.
+	DataDevice string
 	// Preallocate allocates the whole data file on the host at creation
 	// (and what Grow adds): pool space is then always host space, and
 	// freed blocks are never punched (their host space stays the pool's).
@@ -167,6 +174,16 @@ func create(dir string, o CreateOptions, e *env) error {
 	}
 	defer lock.Close()
 	dataPath := fs.PathJoin(dir, dataName)
+	if o.DataDevice != "" {
+		fi, err := os.Stat(o.DataDevice)
+		if err != nil || fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
+			return fmt.Errorf("create pool %s: %w: data device %s is not a block device (%v)", dir, ErrInvalid, o.DataDevice, err)
+		}
+		abs, _ := filepath.Abs(o.DataDevice)
+		if err := os.Symlink(abs, dataPath); err != nil {
+			return fmt.Errorf("create pool %s: %w", dir, err)
+		}
+	}
 	df, err := e.openData(dataPath, true)
 	if err != nil {
 		return fmt.Errorf("create pool %s: data file: %w", dir, err)
@@ -198,6 +215,9 @@ func create(dir string, o CreateOptions, e *env) error {
 	}
 	if o.Preallocate {
 		rec.Flags |= pebblemeta.PoolPreallocated
+	}
+	if o.DataDevice != "" {
+		rec.ZeroFrom = rec.SizeBlocks // a device may hold anything: pad every first write
 	}
 	st, err := pebblemeta.Create(fs.PathJoin(dir, metaName), rec, pebblemeta.Options{FS: fs})
 	if err != nil {
@@ -422,6 +442,9 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		// A grow that extended the file but crashed before committing.
 		p.log.Warn("data file larger than the pool; the extra space is unused until the pool grows",
 			"pool", dir, "file_bytes", size, "pool_bytes", want)
+	}
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		p.thick = true // a device's space is all the pool's; punching discards on it
 	}
 	if p.rec.Flags&pebblemeta.PoolPreallocated != 0 {
 		// Every block is host space already: no spares, and no punching
@@ -1321,6 +1344,10 @@ func (p *Pool) grow(size uint64) error {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
 	p.mu.Lock()
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		// The device's new part may hold anything: pad first writes there.
+		p.rec.ZeroFrom, p.zeroDurable, p.zeroMark = n, n, n
+	}
 	p.rec.SizeBlocks = n
 	p.alloc.grow(n)
 	p.pend.grow(n)
@@ -1695,9 +1722,11 @@ type PoolStatus struct {
 	HostBelowLowWater     bool   `json:"host_below_low_water"`
 	// Preallocated: the whole data file is allocated on the host (pool
 	// create --preallocate); the host cannot run out under it.
-	Preallocated     bool `json:"preallocated"`
-	VolumeCount      int  `json:"volume_count"`
-	PendingMapWrites int  `json:"pending_map_changes"`
+	Preallocated bool `json:"preallocated"`
+	// DataDevice is the block device holding the data, if any.
+	DataDevice       string `json:"data_device,omitempty"`
+	VolumeCount      int    `json:"volume_count"`
+	PendingMapWrites int    `json:"pending_map_changes"`
 }
 
 // VolumeStatus is one volume in Status.
@@ -1773,7 +1802,10 @@ func (p *Pool) Status() Status {
 		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
 	}
 	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
-	s.Pool.Preallocated = p.thick
+	s.Pool.Preallocated = p.rec.Flags&pebblemeta.PoolPreallocated != 0
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		s.Pool.DataDevice, _ = filepath.EvalSymlinks(filepath.Join(p.dir, dataName))
+	}
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
 		vs := VolumeStatus{

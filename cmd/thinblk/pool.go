@@ -79,12 +79,13 @@ func runPool(args []string, stdout, stderr io.Writer) int {
 }
 
 func runPoolCreate(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue|pause] [--no-space-timeout 60s] [--low-water 10%] [--preallocate]", stderr)
+	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue|pause] [--no-space-timeout 60s] [--low-water 10%] [--preallocate] [--data-device DEV]", stderr)
 	size := fs.String("size", "", "pool size (data space), e.g. 20G; a multiple of the block size")
 	blockSize := fs.String("block-size", "64K", "allocation unit: a power of two from 4K to 16M")
 	noSpace := fs.String("no-space", "error", "when a write finds no free space: error (fail at once), queue (wait for space up to --no-space-timeout) or pause (wait for space however long; serve --qemu-qmp pauses the VM meanwhile)")
 	noSpaceTimeout := fs.Duration("no-space-timeout", 60*time.Second, "how long a queued write waits for space before it fails")
 	lowWater := fs.String("low-water", "10%", "log and flag the pool when free space falls below this share of it")
+	dataDevice := fs.String("data-device", "", "keep the pool's data on this block device (LV, partition, loop device) instead of a file; DIR/thinblk.data links to it")
 	prealloc := fs.Bool("preallocate", false, "allocate the whole data file on the host now (thick): the host can never be full under the pool; freed blocks are not punched")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
@@ -113,12 +114,12 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 	if o.LowWater, err = units.ParsePercent(*lowWater); err != nil {
 		return usageError(stderr, "pool create", fmt.Errorf("--low-water %w", err))
 	}
-	o.Preallocate = *prealloc
+	o.Preallocate, o.DataDevice = *prealloc, *dataDevice
 	if err := thin.Create(pos[0], o); err != nil {
 		return fail(stderr, "pool create", err)
 	}
 	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], units.HumanBytes(o.Size), units.HumanBytes(uint64(o.BlockSize)))
-	if free, err := thin.HostFree(pos[0]); err == nil && free < o.Size && !o.Preallocate {
+	if free, err := thin.HostFree(pos[0]); err == nil && free < o.Size && !o.Preallocate && o.DataDevice == "" {
 		warnHost(stderr, o.Size-free, free)
 	}
 	return 0
@@ -360,6 +361,9 @@ func printStatus(w io.Writer, st thin.Status) {
 		units.HumanBytes(p.FreeBytes), units.HumanBytes(uint64(p.BlockSize)), p.NoSpace)
 	if p.Preallocated {
 		fmt.Fprintf(w, "preallocated: the whole data file is allocated on the host\n")
+	}
+	if p.DataDevice != "" {
+		fmt.Fprintf(w, "data on block device %s\n", p.DataDevice)
 	}
 	if p.DataHostBytes > 0 {
 		fmt.Fprintf(w, "data file takes %s on the host, metadata %s\n", units.HumanBytes(p.DataHostBytes), units.HumanBytes(p.MetadataBytes))
