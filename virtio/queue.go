@@ -157,6 +157,11 @@ func (q *Queue) Size() uint16 { return q.size }
 // GET_VRING_BASE reports once all popped chains are pushed.
 func (q *Queue) LastAvail() uint16 { return q.lastAvail }
 
+// resume makes the consumer continue at avail index idx.
+func (q *Queue) resume(idx uint16) {
+	q.lastAvail, q.availShadow = idx, idx
+}
+
 // UsedIdx is the next used index the device will publish.
 func (q *Queue) UsedIdx() uint16 { return q.usedIdx }
 

@@ -255,13 +255,29 @@ func (r *Runner) afterDrain() {
 }
 
 // resubmit hands the handler the chains an earlier back-end left in
-// flight, as its inflight log names them. It returns false if the log
-// names a head that cannot be in flight (the ring then counts as broken).
+// flight, as its inflight log names them, oldest first, and resumes the
+// available ring after them: every entry before used index + their number
+// was taken, and is either completed or one of them. It returns false if
+// the log cannot be used (the ring then counts as broken).
 func (r *Runner) resubmit() bool {
 	if r.journal == nil {
 		return true
 	}
-	for _, head := range r.journal.Pending(r.q.UsedIdx()) {
+	used := r.q.UsedIdx()
+	pending, err := r.journal.Pending(used)
+	if err == nil && len(pending) > int(r.q.size) {
+		err = fmt.Errorf("inflight log names %d heads for a ring of %d", len(pending), r.q.size)
+	}
+	if err != nil {
+		r.log.Error("virtqueue broken, no longer served", "err", r.q.fail(err))
+		return false
+	}
+	resume := used + uint16(len(pending))
+	if resume != r.q.LastAvail() {
+		r.log.Info("resuming after the requests the inflight log names", "used", used, "in_flight", len(pending), "avail", resume, "base_given", r.q.LastAvail())
+	}
+	r.q.resume(resume)
+	for _, head := range pending {
 		r.mu.Lock()
 		if int(head) >= len(r.busy) || r.busy[head] {
 			r.mu.Unlock()
