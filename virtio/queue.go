@@ -300,12 +300,18 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 
 // Push puts a completed chain on the used ring and publishes it.
 func (q *Queue) Push(head uint16, written uint32) {
-	e := q.used[ringStart+int(q.usedIdx&q.mask)*UsedElemSize:]
-	le.PutUint32(e[0:], uint32(head))
-	le.PutUint32(e[4:], written)
+	q.putUsed(head, written)
 	q.usedIdx++
 	// The atomic store orders the element before the index.
 	Store16(q.used[ringIdx:], q.usedIdx)
+}
+
+// putUsed writes the used element for head at the next used index
+// without publishing it.
+func (q *Queue) putUsed(head uint16, written uint32) {
+	e := q.used[ringStart+int(q.usedIdx&q.mask)*UsedElemSize:]
+	le.PutUint32(e[0:], uint32(head))
+	le.PutUint32(e[4:], written)
 }
 
 // NeedsNotify reports whether the driver wants an interrupt for the chains

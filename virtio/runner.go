@@ -75,6 +75,28 @@ type Runner struct {
 	wakeFd   int // eventfd that interrupts the wait; -1 once closed
 }
 
+// Points of the request path where a crash hook runs (SetCrashHook).
+const (
+	// CrashFetched: a chain was taken from the available ring (and
+	// recorded in the in-flight log) but its request has not started.
+	CrashFetched = "fetched"
+	// CrashUsedElement: the request is done (data written) and its used
+	// element written, but the used index not yet published.
+	CrashUsedElement = "used-element"
+	// CrashUsedIndex: the used index that includes the request is
+	// published, but the in-flight log not yet updated.
+	CrashUsedIndex = "used-index"
+)
+
+// crashHook, if set, runs at the crash points; set before queues start.
+var crashHook func(point string)
+
+// SetCrashHook makes hook run at each crash point (CrashFetched, ...), on
+// the goroutine that reached it. It exists for crash-recovery tests (a
+// hook that kills the process); without one each point costs a nil check.
+// Call it before any queue starts.
+func SetCrashHook(hook func(point string)) { crashHook = hook }
+
 // one is the eventfd increment written to signal the driver.
 var one = [8]byte{1}
 
@@ -322,6 +344,9 @@ func (r *Runner) drain() bool {
 		if r.journal != nil {
 			r.journal.Popped(head)
 		}
+		if crashHook != nil {
+			crashHook(CrashFetched)
+		}
 		// Swap rather than copy so that both keep their own segment
 		// storage.
 		r.chains[head], r.scratch = r.scratch, r.chains[head]
@@ -409,7 +434,14 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		if r.journal != nil {
 			r.journal.Pushing(head)
 		}
+		if crashHook != nil {
+			r.q.putUsed(head, written)
+			crashHook(CrashUsedElement)
+		}
 		r.q.Push(head, written)
+		if crashHook != nil {
+			crashHook(CrashUsedIndex)
+		}
 		if r.journal != nil {
 			r.journal.Pushed(head, r.q.UsedIdx())
 		}

@@ -30,7 +30,7 @@ func servePool(ctx context.Context, f serveFlags, logger *slog.Logger) error {
 	mode, _ := parseMode(f.socketMode)
 	ex, err := startExports(ctx, pool, exportOptions{
 		socketDir: sockDir, socketMode: mode, queues: f.queues, queueSize: f.queueSize,
-		noUring: f.noUring,
+		noUring: f.noUring, noInflight: f.noInflight,
 	}, logger)
 	if err != nil {
 		pool.Close()
