@@ -455,6 +455,31 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 	return check && !r.faulted && r.q.NeedsNotify()
 }
 
+// Withdraw gives head back without completing it: its request gave up
+// (it waited in the storage while the queue stops) having changed nothing
+// and written nothing to the driver. It stays recorded in the inflight
+// log and is resubmitted when the ring starts again; Stop no longer waits
+// for it. Only a runner with a log may withdraw: without one the request
+// would be lost to the driver.
+func (r *Runner) Withdraw(head uint16) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		r.log.Error("request withdrawn without an inflight log: the driver never sees it complete", "head", head)
+	} else {
+		r.log.Info("request withdrawn; it runs again when the ring starts", "head", head)
+	}
+	if int(head) >= len(r.busy) || !r.busy[head] {
+		return
+	}
+	r.busy[head] = false
+	r.inflight--
+	if r.inflight == 0 && r.idle != nil {
+		close(r.idle)
+		r.idle = nil
+	}
+}
+
 // Abandon gives up on head without touching the rings, after guest memory
 // became inaccessible while serving it (see RecoverFault). The queue stops
 // being served; Stop no longer waits for head.

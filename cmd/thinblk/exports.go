@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -57,6 +58,24 @@ func (v volumeStorage) Geometry() blk.Geometry {
 		OptimalIOSize:      v.BlockSize(),
 		DiscardGranularity: v.BlockSize(),
 	}
+}
+
+// WriteAtOrWithdraw and WriteZeroesOrWithdraw make a write waiting for
+// space withdrawable (blk.WithdrawableStorage): a stopping ring answers at
+// once, the write runs again when the ring starts.
+func (v volumeStorage) WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan struct{}) error {
+	return withdrawnErr(v.Volume.WriteAtOrWithdraw(bufs, off, withdraw))
+}
+
+func (v volumeStorage) WriteZeroesOrWithdraw(off, length int64, unmap bool, withdraw <-chan struct{}) error {
+	return withdrawnErr(v.Volume.WriteZeroesOrWithdraw(off, length, unmap, withdraw))
+}
+
+func withdrawnErr(err error) error {
+	if errors.Is(err, thin.ErrWithdrawn) {
+		return fmt.Errorf("%w: %w", blk.ErrWithdrawn, err)
+	}
+	return err
 }
 
 // OpenQueue serves reads and writes through the volume's io_uring queue

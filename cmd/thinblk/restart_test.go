@@ -370,3 +370,146 @@ func reconnect(t *testing.T, disk *frontend.Disk, sock string, p *serveProc) boo
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// A guest write waiting for space (pause policy) while later requests on
+// its queue complete: the ring can be stopped at once (GET_VRING_BASE, as
+// QEMU's `stop` sends it), serve can be stopped (SIGTERM) or killed
+// (SIGKILL) and the pool grown offline; when the ring starts again the
+// write runs again and completes exactly once, its data on the volume.
+func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
+	bin := buildThinblk(t)
+	const block = 64 << 10
+	for _, how := range []string{"stop", "sigterm", "kill"} {
+		t.Run(how, func(t *testing.T) {
+			dir := t.TempDir()
+			pool := filepath.Join(dir, "pool")
+			// 16 blocks of 64 KiB.
+			mustThinblk(t, "pool", "create", pool, "--size", "1M", "--no-space", "pause")
+			mustThinblk(t, "volume", "create", pool, "disk0", "--size", "4M")
+			args := []string{pool, "--socket-dir", dir, "--queues", "2"}
+			sock := filepath.Join(dir, "disk0.sock")
+			p := startServeEnv(t, bin, nil, args...)
+			waitForSocket(t, sock)
+			disk := dialDisk(t, sock)
+			defer disk.Close()
+			for i := range 16 {
+				if _, err := disk.WriteAt(bytes.Repeat([]byte{byte(i)}, block), int64(i*block)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The waiting write, then reads of mapped blocks behind it.
+			q := disk.Queue(0)
+			mem := disk.Memory()
+			newReq := func(typ uint32, b uint64, fill byte) *frontend.Req {
+				r, err := q.NewReq(2)
+				if err != nil {
+					t.Fatal(err)
+				}
+				buf, err := mem.Alloc(block, 4096)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range buf.Bytes {
+					buf.Bytes[i] = fill
+				}
+				r.Type, r.Sector, r.Data, r.Indirect = typ, b*block/blk.SectorSize, []frontend.Buffer{buf}, true
+				return r
+			}
+			w := newReq(blk.TypeOut, 20, 0xee)
+			reads := []*frontend.Req{newReq(blk.TypeIn, 3, 0), newReq(blk.TypeIn, 7, 0), newReq(blk.TypeIn, 11, 0)}
+			if err := q.Submit(w); err != nil {
+				t.Fatal(err)
+			}
+			waitLog(t, p, "request waits for space")
+			if err := q.Submit(reads...); err != nil {
+				t.Fatal(err)
+			}
+			got := map[*frontend.Req]int{}
+			var done []*frontend.Req
+			for len(got) < len(reads) {
+				var err error
+				if done, err = q.Wait(done[:0], 20*time.Second); err != nil {
+					t.Fatal(err)
+				}
+				for _, r := range done {
+					got[r]++
+				}
+			}
+			if got[w] != 0 {
+				t.Fatal("the write completed although the pool is full")
+			}
+			for i, r := range reads {
+				if r.Status != blk.StatusOK || r.Data[0].Bytes[0] != byte([]int{3, 7, 11}[i]) {
+					t.Fatalf("read %d: status %d data %#x", i, r.Status, r.Data[0].Bytes[0])
+				}
+			}
+			switch how {
+			case "stop":
+				start := time.Now()
+				last, err := disk.StopQueue(0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Logf("GET_VRING_BASE answered in %v with a write waiting for space (avail %d)", time.Since(start).Round(time.Millisecond), last)
+				if want := q.AvailIdx(); last != want {
+					t.Errorf("GET_VRING_BASE = %d, want %d (the withdrawn write counts as taken)", last, want)
+				}
+				waitLog(t, p, "request withdrawn")
+				mustThinblk(t, "pool", "grow", pool, "--size", "2M")
+			case "sigterm":
+				p.cmd.Process.Signal(syscall.SIGTERM)
+				select {
+				case <-p.exited:
+				case <-time.After(20 * time.Second):
+					t.Fatalf("serve did not exit after SIGTERM with a write waiting for space\n%s", p.logs)
+				}
+				if !p.cmd.ProcessState.Success() {
+					t.Fatalf("serve: %v\n%s", p.cmd.ProcessState, p.logs)
+				}
+				mustThinblk(t, "pool", "grow", pool, "--size", "2M")
+				p = startServeEnv(t, bin, nil, args...)
+			case "kill":
+				p.cmd.Process.Kill()
+				<-p.exited
+				mustThinblk(t, "pool", "grow", pool, "--size", "2M")
+				p = startServeEnv(t, bin, nil, args...)
+			}
+			reconnect(t, disk, sock, p)
+			var err error
+			if done, err = q.Wait(done[:0], 20*time.Second); err != nil {
+				t.Fatalf("the waiting write: %v\n%s", err, p.logs)
+			}
+			if len(done) != 1 || done[0] != w || w.Status != blk.StatusOK {
+				t.Fatalf("completions after restart: %d (write status %d)", len(done), w.Status)
+			}
+			if _, err := q.Wait(done[:0], time.Second); err == nil {
+				t.Fatal("a request completed twice")
+			}
+			buf := make([]byte, block)
+			if _, err := disk.ReadAt(buf, 20*block); err != nil || !bytes.Equal(buf, bytes.Repeat([]byte{0xee}, block)) {
+				t.Fatalf("the waiting write's data is not on the volume (%v)", err)
+			}
+			if err := disk.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			disk.Close()
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			<-p.exited
+			if out := mustThinblk(t, "check", pool, "--quiet"); !strings.Contains(out, "clean") {
+				t.Errorf("check: %q", out)
+			}
+		})
+	}
+}
+
+// waitLog waits until serve's log says s.
+func waitLog(t *testing.T, p *serveProc, s string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(p.logs.String(), s) {
+		if time.Now().After(deadline) {
+			t.Fatalf("serve's log never said %q:\n%s", s, p.logs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

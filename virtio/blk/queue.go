@@ -29,6 +29,11 @@ type queue struct {
 	// taken yet (each taker checks notifyPending first).
 	waiting atomic.Int32
 
+	// withdraw is closed when the queue stops, to withdraw the requests
+	// waiting without bound in the storage (WithdrawableStorage); nil
+	// without an in-flight log, where a withdrawn request would be lost.
+	withdraw chan struct{}
+
 	// Guarded by Device.mu.
 	stopped   bool
 	lastAvail uint16
@@ -43,6 +48,8 @@ type request struct {
 	typ     uint32
 	status  *byte
 	written uint32
+	// withdraw is the queue's (see queue.withdraw).
+	withdraw <-chan struct{}
 }
 
 func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
@@ -52,10 +59,14 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		work:  make(chan *virtio.Chain, s.Size),
 		reqs:  make([]request, s.Size),
 	}
+	if _, ok := d.storage.(WithdrawableStorage); ok && s.Inflight != nil {
+		q.withdraw = make(chan struct{})
+	}
 	const bufsPerSlot = 4
 	backing := make([][]byte, bufsPerSlot*int(s.Size))
 	for i := range q.reqs {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
+		q.reqs[i].withdraw = q.withdraw
 	}
 	var afterDrain func()
 	if as, ok := d.storage.(AsyncStorage); ok && !d.opts.SyncOnly {
@@ -125,7 +136,11 @@ func (q *queue) handle(c *virtio.Chain) {
 	if q.notifyPending.Load() && q.notifyPending.Swap(false) {
 		q.runner.Notify()
 	}
-	written := q.dev.serve(c, &q.reqs[c.Head])
+	written, withdrawn := q.dev.serve(c, &q.reqs[c.Head])
+	if withdrawn {
+		q.runner.Withdraw(c.Head)
+		return
+	}
 	q.complete(c.Head, written)
 }
 
@@ -248,6 +263,13 @@ func (q *queue) writeThroughLater(tag uint16) {
 func (q *queue) stop(ctx context.Context) (uint16, error) {
 	if q.stopped {
 		return q.lastAvail, nil
+	}
+	if q.withdraw != nil {
+		select {
+		case <-q.withdraw:
+		default:
+			close(q.withdraw)
+		}
 	}
 	last, err := q.runner.Stop(ctx)
 	if err != nil {

@@ -17,26 +17,29 @@ const typeBarrier = 1 << 31
 // readable bytes, the status the last writable byte; for reads the data is
 // every writable byte before the status, for writes every readable byte
 // after the header.
-func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
+//
+// withdrawn reports a request given up while it waited (ErrWithdrawn): it
+// has no status and must not be completed.
+func (d *Device) serve(c *virtio.Chain, r *request) (written uint32, withdrawn bool) {
 	status := statusByte(c)
 	if c.Err != nil {
 		d.logRequestError("malformed descriptor chain", "head", c.Head, "err", c.Err)
 		if status == nil {
-			return 0
+			return 0, false
 		}
 		// Best effort: the last writable byte is where a well-formed
 		// request keeps its status.
 		*status = StatusIOErr
-		return 1
+		return 1, false
 	}
 	if status == nil {
 		d.logRequestError("request without a writable status byte", "head", c.Head)
-		return 0
+		return 0, false
 	}
 	if c.ReadLen < RequestHeaderSize {
 		d.logRequestError("request header too short", "head", c.Head, "bytes", c.ReadLen)
 		*status = StatusIOErr
-		return 1
+		return 1, false
 	}
 	var hdr [RequestHeaderSize]byte
 	gather(hdr[:], c.Readable, 0)
@@ -44,11 +47,18 @@ func (d *Device) serve(c *virtio.Chain, r *request) uint32 {
 	sector := le.Uint64(hdr[8:])
 
 	st, n := d.execute(c, r, typ, sector)
-	*status = st
 	clear(r.bufs)
 	r.bufs = r.bufs[:0]
-	return uint32(n) + 1
+	if st == statusWithdrawn {
+		return 0, true
+	}
+	*status = st
+	return uint32(n) + 1, false
 }
+
+// statusWithdrawn is execute's answer for a withdrawn request; never
+// written to a driver.
+const statusWithdrawn = 0xff
 
 // startAsync starts a read, write or flush on aq and returns true, or
 // returns false for requests the workers serve synchronously: every other
@@ -126,7 +136,16 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 			return StatusOK, 0
 		}
 		r.bufs = readableData(r.bufs, c)
-		if err := d.storage.WriteAt(r.bufs, int64(sector*SectorSize)); err != nil {
+		var err error
+		if ws, ok := d.storage.(WithdrawableStorage); ok && r.withdraw != nil {
+			err = ws.WriteAtOrWithdraw(r.bufs, int64(sector*SectorSize), r.withdraw)
+		} else {
+			err = d.storage.WriteAt(r.bufs, int64(sector*SectorSize))
+		}
+		if errors.Is(err, ErrWithdrawn) {
+			return statusWithdrawn, 0
+		}
+		if err != nil {
 			d.logRequestError("write failed", "sector", sector, "bytes", length, "err", err)
 			return StatusIOErr, 0
 		}
@@ -151,7 +170,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 		if d.opts.ReadOnly {
 			return StatusIOErr, 0
 		}
-		return d.discardWriteZeroes(c, typ), 0
+		return d.discardWriteZeroes(c, r, typ), 0
 
 	default:
 		return StatusUnsupp, 0
@@ -160,7 +179,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 
 // discardWriteZeroes checks and runs a DISCARD or WRITE_ZEROES request,
 // in QEMU's order of checks (block/export/virtio-blk-handler.c).
-func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
+func (d *Device) discardWriteZeroes(c *virtio.Chain, r *request, typ uint32) byte {
 	length := c.ReadLen - RequestHeaderSize
 	if length > DiscardSegmentSize { // more segments than max_*_seg (1)
 		return StatusUnsupp
@@ -198,7 +217,16 @@ func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) byte {
 		return StatusOK
 	}
 	unmap := flags&DiscardFlagUnmap != 0
-	if err := d.storage.WriteZeroes(off, n, unmap); err != nil {
+	var err error
+	if ws, ok := d.storage.(WithdrawableStorage); ok && r.withdraw != nil {
+		err = ws.WriteZeroesOrWithdraw(off, n, unmap, r.withdraw)
+	} else {
+		err = d.storage.WriteZeroes(off, n, unmap)
+	}
+	if errors.Is(err, ErrWithdrawn) {
+		return statusWithdrawn
+	}
+	if err != nil {
 		d.logRequestError("write zeroes failed", "sector", sector, "sectors", sectors, "unmap", unmap, "err", err)
 		return errorStatus(err)
 	}
