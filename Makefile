@@ -14,7 +14,7 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 
 export THINBLK_BUILD := $(BUILD)
 
-.PHONY: all build deps modules images test lint bench demo xfstests clean
+.PHONY: all build deps modules images test lint bench demo xfstests clean soak-restart
 
 all: build
 
@@ -40,6 +40,12 @@ lint:
 # of the VM tests explicitly.
 test: deps images lint
 	$(GO) test -count=1 -timeout $(GOTEST_TIMEOUT) ./...
+
+# Soak: `thinblk serve` SIGKILLed KILLS times (and restarted) under a guest running verified
+# fio; the last line says kills survived, guest errors, fio runs verified and the longest stall.
+KILLS ?= 100
+soak-restart: deps images
+	THINBLK_SOAK_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestServeKilled/fio' -v ./guesttests
 
 bench: deps build
 	$(BIN)/thinblk-bench --thinblk $(BIN)/thinblk --dir $(BUILD)/bench $(BENCH_ARGS)
