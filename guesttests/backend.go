@@ -42,6 +42,8 @@ type BackendOptions struct {
 	// ExtraArgs are appended to the back-end's command line (flags with no field here,
 	// such as serve's --qemu-qmp).
 	ExtraArgs []string
+	// Env is added to the back-end's environment (e.g. THINBLK_TEST_CRASH_AT).
+	Env []string
 }
 
 // Backend is a running back-end process.
@@ -100,6 +102,9 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 	}
 	b := &Backend{Opts: o, exited: make(chan struct{})}
 	cmd := exec.Command(argv[0], argv[1:]...)
+	if len(o.Env) > 0 {
+		cmd.Env = append(os.Environ(), o.Env...)
+	}
 	if o.LogPath != "" {
 		f, err := os.Create(o.LogPath)
 		if err != nil {

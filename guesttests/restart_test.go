@@ -48,11 +48,11 @@ func TestGuestServeKilled(t *testing.T) {
 	pools := map[string]string{}
 	backends := map[string]*Backend{}
 	socks := filepath.Join(dir, "socks")
-	start := func(t *testing.T, s poolSpec, n int) *Backend {
+	start := func(t *testing.T, s poolSpec, n int, env ...string) *Backend {
 		t.Helper()
 		b, err := StartBackend(ctx, BackendOptions{
 			Kind: ThinPool, Image: pools[s.name], Socket: filepath.Join(socks, s.name, s.vol+".sock"), Queues: s.queues,
-			LogPath: filepath.Join(dir, fmt.Sprintf("%s-backend-%d.log", s.name, n)), ThinblkBin: e.thinblk, ExtraArgs: extra,
+			LogPath: filepath.Join(dir, fmt.Sprintf("%s-backend-%d.log", s.name, n)), ThinblkBin: e.thinblk, ExtraArgs: extra, Env: env,
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -84,13 +84,13 @@ func TestGuestServeKilled(t *testing.T) {
 	}
 	t.Cleanup(vm.Kill)
 	g := newGuest(t, vm)
-	kill := func(t *testing.T, s poolSpec, n int, between func()) {
+	kill := func(t *testing.T, s poolSpec, n int, between func(), env ...string) {
 		t.Helper()
 		backends[s.name].Kill()
 		if between != nil {
 			between()
 		}
-		backends[s.name] = start(t, s, n)
+		backends[s.name] = start(t, s, n, env...)
 	}
 	guestClean := func(t *testing.T) {
 		t.Helper()
@@ -119,19 +119,40 @@ func TestGuestServeKilled(t *testing.T) {
 		if n, err := strconv.Atoi(os.Getenv("THINBLK_SOAK_KILLS")); err == nil && n > 0 {
 			kills = n
 		}
+		// Each process is armed to kill itself at a random point of the request path after
+		// a random number of requests (so that requests are in flight: the guest is slow
+		// under TCG, and a kill from outside mostly finds none); one that has not died after
+		// a few seconds is killed from outside.
+		points := []string{"fetched", "used-element", "used-index"}
+		arm := func() string {
+			return fmt.Sprintf("THINBLK_TEST_CRASH_AT=%s:%d", points[rng.IntN(len(points))], 50+rng.IntN(3000))
+		}
+		kill(t, s, 0, nil, arm())
 		var longest time.Duration
 		for i := 1; i <= kills; i++ {
-			time.Sleep(time.Duration(1000+rng.IntN(2500)) * time.Millisecond)
+			b := backends[s.name]
+			select {
+			case <-b.exited:
+			case <-time.After(time.Duration(2000+rng.IntN(3000)) * time.Millisecond):
+			}
 			if out := g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"); strings.TrimSpace(out) != "" {
 				t.Fatalf("fio failed (run %s) after %d kills:\n%s", strings.TrimSpace(out), i-1, g.sh(t, 20*time.Second, "cat /tmp/fio.log /tmp/fio.out.*"))
 			}
 			killed := time.Now()
-			kill(t, s, i, nil)
+			how := "from outside"
+			if !b.Alive() {
+				how = "at its crash point"
+			}
+			var env []string
+			if i < kills {
+				env = append(env, arm())
+			}
+			kill(t, s, i, nil, env...)
 			// The stall: until the new process serves the rings again.
 			waitBackendLog(t, backends[s.name], "ring started")
 			stall := time.Since(killed)
 			longest = max(longest, stall)
-			t.Logf("kill %d of serve under fio: rings served again after %v", i, stall.Round(time.Millisecond))
+			t.Logf("kill %d of serve under fio (%s): rings served again after %v", i, how, stall.Round(time.Millisecond))
 		}
 		g.sh(t, 20*time.Second, "touch /tmp/fio.stop")
 		var rc string
