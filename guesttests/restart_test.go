@@ -92,11 +92,16 @@ func TestGuestServeKilled(t *testing.T) {
 		}
 		backends[s.name] = start(t, s, n, env...)
 	}
-	guestClean := func(t *testing.T) {
+	// guestClean checks the guest kernel reported no I/O trouble; it returns how many lines
+	// did.
+	guestClean := func(t *testing.T) int {
 		t.Helper()
-		if out := g.sh(t, 20*time.Second, "dmesg | grep -E 'is not a head|I/O error|blocked for more than' || true"); strings.TrimSpace(out) != "" {
-			t.Errorf("guest kernel log:\n%s", out)
+		out := strings.TrimSpace(g.sh(t, 20*time.Second, "dmesg | grep -E 'is not a head|I/O error|blocked for more than' || true"))
+		if out == "" {
+			return 0
 		}
+		t.Errorf("guest kernel log:\n%s", out)
+		return len(strings.Split(out, "\n"))
 	}
 
 	t.Run("fio", func(t *testing.T) {
@@ -171,9 +176,9 @@ func TestGuestServeKilled(t *testing.T) {
 			data, _ := os.ReadFile(filepath.Join(dir, fmt.Sprintf("%s-backend-%d.log", s.name, i)))
 			resubmitted += strings.Count(string(data), "resubmitting request left in flight")
 		}
-		t.Logf("SOAK: kills survived %d/%d, guest errors 0, fio runs verified %s, requests resubmitted %d, longest stall %v",
-			kills, kills, runs, resubmitted, longest.Round(time.Millisecond))
-		guestClean(t)
+		guestErrors := guestClean(t)
+		t.Logf("SOAK: kills survived %d/%d, guest errors %d, fio runs verified %s, requests resubmitted %d, longest stall %v",
+			kills, kills, guestErrors, runs, resubmitted, longest.Round(time.Millisecond))
 		t.Logf("fio survived %d kills of serve", kills)
 	})
 
