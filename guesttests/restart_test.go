@@ -166,7 +166,7 @@ func TestGuestServeKilled(t *testing.T) {
 			rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"))
 			time.Sleep(time.Second)
 		}
-		out := g.sh(t, 20*time.Second, "cat /tmp/fio.log /tmp/fio.runs /tmp/fio.out.* 2>/dev/null")
+		out := g.sh(t, 20*time.Second, "cat /tmp/fio.log /tmp/fio.runs /tmp/fio.out.* 2>/dev/null; ps; true")
 		if rc != "0" || strings.Contains(out, "verify") && strings.Contains(out, "bad") {
 			t.Fatalf("fio (rc %q) after %d kills:\n%s", rc, kills, out)
 		}
