@@ -388,9 +388,7 @@ type Inflight struct {
 	QueueSize  uint16
 }
 
-// inflightSize is the size of QEMU's VhostUserInflight, with the 4 bytes
-// of padding that align it to 8 (QEMU 7.2 sends 24 bytes).
-const inflightSize = 24
+const inflightSize = 20
 
 func (f Inflight) Encode() []byte {
 	b := make([]byte, inflightSize)

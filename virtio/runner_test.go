@@ -331,7 +331,7 @@ func newFakeJournal() *fakeJournal {
 	return &fakeJournal{inflight: map[uint16]uint64{}, lastBatch: -1}
 }
 
-func (j *fakeJournal) Pending(usedIdx uint16) ([]uint16, error) {
+func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.lastBatch >= 0 && usedIdx != j.usedIdx {
@@ -343,8 +343,7 @@ func (j *fakeJournal) Pending(usedIdx uint16) ([]uint16, error) {
 		heads = append(heads, h)
 	}
 	slices.SortFunc(heads, func(a, b uint16) int { return cmp.Compare(j.inflight[a], j.inflight[b]) })
-	j.usedIdx = usedIdx
-	return heads, nil
+	return heads
 }
 
 func (j *fakeJournal) Popped(head uint16) {
@@ -400,7 +399,7 @@ func TestRunnerResubmitsInflight(t *testing.T) {
 	cancel()
 	r1.Stop(ctx)
 
-	s.LastAvail = 1 // what QEMU sends after a crash: the used index
+	s.LastAvail = 3
 	var got []uint16
 	var mu sync.Mutex
 	var r2 *virtio.Runner
