@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,7 +40,10 @@ func startQSD(t *testing.T) string {
 	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, err := os.Stat(path); err == nil {
+		// The socket file appears at bind, before listen: wait until a
+		// connection is accepted (a stat alone raced with listen).
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
 			return path
 		}
 		select {
