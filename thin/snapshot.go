@@ -131,9 +131,6 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
-	var hb hostBacking
-	defer hb.done(p)
-again:
 	// No request in flight: no fill can publish into a layer being frozen.
 	hold := p.holdExclusive()
 	defer hold.release()
@@ -155,16 +152,9 @@ again:
 		seen[s.Name] = true
 	}
 	if err == nil {
-		err = p.snapshotSpaceLocked(specs, &hb)
+		err = p.snapshotSpaceLocked(specs)
 	}
 	if err != nil {
-		if h, ok := err.(*hostNeed); ok {
-			hold.release()
-			if err := p.backFor(&hb, h); err != nil {
-				return fmt.Errorf("create snapshot of %s: %w", specs[0].Origin, err)
-			}
-			goto again
-		}
 		return err
 	}
 	frozenAt := map[string]uint64{}
@@ -214,7 +204,7 @@ again:
 // block it then shares (every block, in reserve mode) minus the
 // reservation entries it freezes, and each clone one for every
 // provisioned block it shares.
-func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec, hb *hostBacking) error {
+func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
 	var need uint64
 	frozen := map[string]bool{}
 	for _, s := range specs {
@@ -239,9 +229,6 @@ func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec, hb *hostBacking) error 
 		}
 		return fmt.Errorf("create snapshot %v: %w: it must reserve %d blocks (%d bytes) for copy-on-write of provisioned shared blocks, %d are free",
 			names, ErrNoSpace, need, need*uint64(p.blockSize), free)
-	}
-	if !p.enoughSparesLocked(hb, need) {
-		return &hostNeed{spares: need}
 	}
 	return nil
 }
