@@ -66,7 +66,7 @@ const migrationReader = `(for f in 0 1 2 3; do dd if=/dev/urandom of=/mnt/d/r$f 
 	i=0; while [ ! -e /tmp/stop ]; do
 		f=$((i % 4)); echo 3 > /proc/sys/vm/drop_caches; cat /mnt/d/r$f > /dev/null; sleep 2
 		sha256sum < /mnt/d/r$f | cmp -s - /tmp/r$f.sum || { echo "read round $i: r$f differs" >> /tmp/fail; break; }
-		i=$((i+1)); echo $i > /tmp/read.rounds
+		i=$((i+1)); echo $i > /tmp/read.rounds.new; mv /tmp/read.rounds.new /tmp/read.rounds
 	done; echo reads >> /tmp/finished) >/dev/null 2>&1 &`
 
 // guestIOErrors are the guest kernel's complaints about its disk that do not taint it: a

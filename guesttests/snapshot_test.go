@@ -125,11 +125,12 @@ func copyFile(t *testing.T, from, to guest, path string) {
 const (
 	// fio rewrites a 24 MiB file in rounds of random, mixed-size direct writes, each
 	// verified by reading back (crc32c headers); verify_fatal stops at the first mismatch.
+	// The round count is renamed into place: a reader must never see it empty.
 	fioWriter = `(i=0; while [ ! -e /tmp/stop ]; do
 		fio --name=v --filename=/mnt/d/fio.dat --size=24M --rw=randwrite --bssplit=4k/50:64k/50 \
 			--direct=1 --ioengine=libaio --iodepth=4 --verify=crc32c --verify_fatal=1 --do_verify=1 \
 			--output=/tmp/fio.out || { echo "fio round $i failed: $(tail -n 5 /tmp/fio.out)" >> /tmp/fail; break; }
-		i=$((i+1)); echo $i > /tmp/fio.rounds
+		i=$((i+1)); echo $i > /tmp/fio.rounds.new; mv /tmp/fio.rounds.new /tmp/fio.rounds
 	done; echo fio >> /tmp/finished) >/dev/null 2>&1 &`
 	// The file writer creates 512 KiB files of random data one after another, each
 	// fsynced; only then is its checksum appended to /tmp/done, so every line there names
