@@ -27,7 +27,10 @@ const (
 
 // Errors callers can test for with errors.Is.
 var (
-	ErrNoSpace       = errors.New("no space left in the thin pool")
+	ErrNoSpace = errors.New("no space left in the thin pool")
+	// ErrWithdrawn: a request waiting for space gave up because its caller
+	// withdrew it; it changed nothing.
+	ErrWithdrawn     = errors.New("request withdrawn while waiting for space")
 	ErrNotPool       = errors.New("not a thinblk pool")
 	ErrPoolExists    = errors.New("a thinblk pool already exists there")
 	ErrLocked        = errors.New("pool is in use by another opener")
@@ -1068,8 +1071,9 @@ func (p *Pool) fail(err error) error {
 }
 
 // waitForSpace is called when a request found no space. It returns nil
-// when the request should retry, ErrNoSpace when it should fail.
-func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
+// when the request should retry, ErrNoSpace when it should fail, and
+// ErrWithdrawn if withdraw (nil: never) is closed while it waits.
+func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, withdraw <-chan struct{}) error {
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -1103,8 +1107,12 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 			p.log.Warn("thin pool out of space: request waits for space (pause policy)", "pool", p.dir, "volume", volume, "op", what)
 		}
 		defer p.waitingForSpace(volume)()
-		<-ch
-		return nil
+		select {
+		case <-ch:
+			return nil
+		case <-withdraw:
+			return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
+		}
 	}
 	if deadline.IsZero() {
 		*deadline = time.Now().Add(timeout)
@@ -1118,6 +1126,8 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
 	select {
 	case <-ch:
 		return nil
+	case <-withdraw:
+		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
 	case <-t.C:
 		p.log.Warn("thin pool out of space: queued request timed out", "pool", p.dir, "volume", volume, "op", what)
 		return fmt.Errorf("%s on volume %s: %w (waited %v)", what, volume, ErrNoSpace, timeout)

@@ -29,6 +29,9 @@ type ServerOptions struct {
 	Logger *slog.Logger
 	// Name identifies the device in log lines.
 	Name string
+	// NoInflight withholds INFLIGHT_SHMFD: requests in flight when the
+	// process dies are then lost to the guest (for comparison and tests).
+	NoInflight bool
 }
 
 // Server serves one Device over a unix socket to one vhost-user front-end,
@@ -169,6 +172,9 @@ func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 	conn := NewConn(uc)
 	sess := newSession(log, s.dev, conn)
 	sess.share = s.share
+	if s.opts.NoInflight {
+		sess.offeredProto &^= 1 << ProtoInflightShmfd
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			// A bug must not take down every other disk of the process.

@@ -26,12 +26,12 @@ func TestNegotiation(t *testing.T) {
 		t.Errorf("GET_FEATURES = %#x, want %#x", got, want)
 	}
 	proto := c.getU64(ReqGetProtocolFeatures)
-	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd} {
+	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd, ProtoInflightShmfd} {
 		if proto&(1<<bit) == 0 {
 			t.Errorf("protocol feature %d not offered (%#x)", bit, proto)
 		}
 	}
-	if proto&(1<<ProtoInflightShmfd|1<<ProtoPagefault) != 0 {
+	if proto&(1<<ProtoPagefault) != 0 {
 		t.Errorf("unsupported protocol features offered: %#x", proto)
 	}
 	c.mustSend(ReqSetProtocolFeatures, EncodeU64(proto))
@@ -45,7 +45,7 @@ func TestNegotiation(t *testing.T) {
 	if err := c.send(ReqSetFeatures, EncodeU64(1<<40)); err == nil {
 		t.Error("SET_FEATURES with a feature not offered succeeded")
 	}
-	if err := c.send(ReqSetProtocolFeatures, EncodeU64(1<<ProtoInflightShmfd)); err == nil {
+	if err := c.send(ReqSetProtocolFeatures, EncodeU64(1<<ProtoPagefault)); err == nil {
 		t.Error("SET_PROTOCOL_FEATURES with a feature not offered succeeded")
 	}
 	c.mustSend(ReqSetOwner, nil)

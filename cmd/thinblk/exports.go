@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -22,6 +23,7 @@ type exportOptions struct {
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
 	trace      *blktrace.Log
+	noInflight bool // INFLIGHT_SHMFD not offered
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -58,6 +60,24 @@ func (v volumeStorage) Geometry() blk.Geometry {
 		OptimalIOSize:      v.BlockSize(),
 		DiscardGranularity: v.BlockSize(),
 	}
+}
+
+// WriteAtOrWithdraw and WriteZeroesOrWithdraw make a write waiting for
+// space withdrawable (blk.WithdrawableStorage): a stopping ring answers at
+// once, the write runs again when the ring starts.
+func (v volumeStorage) WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan struct{}) error {
+	return withdrawnErr(v.Volume.WriteAtOrWithdraw(bufs, off, withdraw))
+}
+
+func (v volumeStorage) WriteZeroesOrWithdraw(off, length int64, unmap bool, withdraw <-chan struct{}) error {
+	return withdrawnErr(v.Volume.WriteZeroesOrWithdraw(off, length, unmap, withdraw))
+}
+
+func withdrawnErr(err error) error {
+	if errors.Is(err, thin.ErrWithdrawn) {
+		return fmt.Errorf("%w: %w", blk.ErrWithdrawn, err)
+	}
+	return err
 }
 
 // OpenQueue serves reads and writes through the volume's io_uring queue
@@ -174,6 +194,7 @@ func (e *exports) start(name string) error {
 		SocketMode: e.opts.socketMode,
 		Logger:     log,
 		Name:       name,
+		NoInflight: e.opts.noInflight,
 	}, dev)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
