@@ -159,6 +159,26 @@ func peerAttrs(uc *net.UnixConn) []any {
 	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
 }
 
+// peerHungUp reports whether the front-end closed its end of uc (or uc is
+// closed), without reading from it: the session's own goroutine may be
+// reading at the same time.
+func peerHungUp(uc *net.UnixConn) bool {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	if err := rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(pfd, 0); err == nil && n > 0 {
+			gone = pfd[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+		}
+	}); err != nil {
+		return true
+	}
+	return gone
+}
+
 // serveConn runs the protocol on one connection, then releases everything
 // the connection held so that the next front-end starts from scratch.
 func (s *Server) serveConn(uc *net.UnixConn, second bool) {
@@ -172,6 +192,7 @@ func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 	conn := NewConn(uc)
 	sess := newSession(log, s.dev, conn)
 	sess.share = s.share
+	sess.peerGone = func() bool { return peerHungUp(uc) }
 	if s.opts.NoInflight {
 		sess.offeredProto &^= 1 << ProtoInflightShmfd
 	}

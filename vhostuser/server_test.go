@@ -646,6 +646,59 @@ func TestReconnect(t *testing.T) {
 	ts.log.waitLog(t, "front-end disconnected")
 }
 
+// A front-end that reconnects at once (QEMU after a back-end restart, or
+// after its own socket error) may set its rings up while the server still
+// tears the old session down: the old session's socket is closed, but its
+// rings wait for the requests they serve. The new session's rings must
+// start once the old ones have stopped, not be refused as if a second
+// front-end (a migration's other end) wanted them.
+func TestReconnectWhileOldSessionStops(t *testing.T) {
+	dev := newFakeDevice()
+	ts := startServer(t, dev)
+	old := dial(t, ts.path)
+	old.negotiate(dev, true)
+	setupMem(t, old)
+	for i := range 2 {
+		old.setupRing(t, i, 128)
+		old.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+	}
+	if dev.numRunning() != 2 {
+		t.Fatal("rings not running")
+	}
+	gate := make(chan struct{})
+	dev.mu.Lock()
+	dev.stopGate = gate
+	dev.mu.Unlock()
+	old.conn.Close()
+	ts.log.waitLog(t, "front-end disconnected")
+
+	next := dial(t, ts.path)
+	next.negotiate(dev, true)
+	ram := setupMem(t, next)
+	for i := range 2 {
+		ram.mem[ringOff(i)+0x8000+100] = 0xcc
+	}
+	// The old rings' requests finish a little later.
+	release := time.AfterFunc(300*time.Millisecond, func() { close(gate) })
+	defer release.Stop()
+	for i := range 2 {
+		next.setupRing(t, i, 128)
+		next.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+	}
+	waitFor(t, "the new connection's rings running", func() bool {
+		for i := range 2 {
+			q, ok := dev.runningQueue(i)
+			if !ok || q.Used[100] != 0xcc {
+				return false
+			}
+		}
+		return true
+	})
+	if strings.Contains(ts.log.String(), "another front-end runs this device's rings") {
+		t.Error("the reconnected front-end's rings were refused as a second front-end's")
+	}
+}
+
 func TestConfigChangeNotifier(t *testing.T) {
 	dev := newFakeDevice()
 	ts := startServer(t, dev)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync/atomic"
 
 	"github.com/thinblk/thinblk/virtio"
 )
@@ -90,6 +91,18 @@ type session struct {
 	// share arbitrates the device with another front-end's session (a
 	// live migration's other end).
 	share *deviceShare
+	// closing is set when the connection is being torn down; peerGone
+	// reports whether the front-end closed its end (nil: never). Either
+	// makes the session ending: a new session waits for its rings instead
+	// of being refused (see deviceShare.acquireRings).
+	closing  atomic.Bool
+	peerGone func() bool
+}
+
+// ending reports whether the session's front-end is gone or going, so
+// that its rings are about to stop. Safe from any goroutine.
+func (s *session) ending() bool {
+	return s.closing.Load() || s.peerGone != nil && s.peerGone()
 }
 
 func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
@@ -800,6 +813,7 @@ func (s *session) startReady() {
 // mapped (leaked) for as long as the process lives: the device may still
 // use them.
 func (s *session) close() {
+	s.closing.Store(true)
 	stuck := s.stopAll() != nil
 	for i := range s.rings {
 		if r := &s.rings[i]; r.running || r.stuck {
