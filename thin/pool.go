@@ -124,9 +124,12 @@ type OpenOptions struct {
 type env struct {
 	fs       vfs.FS
 	openData func(path string, create bool) (dataFile, error)
+	// bootID names the boot the page cache belongs to (see intent.go);
+	// crash tests give each simulated power cut a new one.
+	bootID func() string
 }
 
-var osEnv = &env{fs: vfs.Default, openData: openOSDataFile}
+var osEnv = &env{fs: vfs.Default, openData: openOSDataFile, bootID: bootID}
 
 // Create makes a new, empty pool in dir (created if missing; it must not
 // already hold a pool).
@@ -315,6 +318,8 @@ type Pool struct {
 	cache        *mapCache                   // committed entries by region; bounded
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
+	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
+	intentErrLog time.Time  // when an intent log failure was last logged
 	filling      map[mapKey]*fill
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
 	outOfSpace   bool          // a request found no space, and none appeared since
@@ -457,6 +462,13 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.closing = make(chan struct{})
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	boot := ""
+	if e.bootID != nil {
+		boot = e.bootID()
+	}
+	if err := p.replayIntent(fs, boot); err != nil {
+		return fail(err)
+	}
 	go p.background()
 	return p, nil
 }
@@ -536,6 +548,10 @@ func (p *Pool) Close() error {
 	// Wait for requests in flight.
 	p.ioGate.Lock()
 	defer p.ioGate.Unlock()
+	if err == nil && p.intent != nil {
+		// Everything is committed: nothing is left to replay.
+		err = p.intent.retire()
+	}
 	if e := p.store.Close(); err == nil {
 		err = e
 	}
@@ -759,6 +775,9 @@ func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry, ancPro
 // writable sharer of it has a reservation of its own (see reserve.go).
 func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
 	p.dirty[mapKey{layer, vb}] = e
+	if p.intent != nil {
+		p.intent.add(mapKey{layer, vb}, e)
+	}
 	var scratch pebblemeta.LayerRecord
 	mc, prc, rc := &scratch.Mapped, &scratch.Provisioned, &scratch.Reserved
 	poolRes := &p.rec.Reserved
@@ -933,6 +952,16 @@ func (p *Pool) commitCutLocked() error {
 	p.dirtyLayers = map[uint64]struct{}{}
 	p.dirtyChunks = map[uint64]struct{}{}
 	p.metaDirty = false
+	// The changes of this cut are in the batch; the log starts over for
+	// the ones after it, and the old file goes once the batch is durable.
+	var oldIntent *intentLog
+	if p.intent != nil && p.intent.failed == nil {
+		var err error
+		if oldIntent, err = p.intent.rotate(); err != nil {
+			p.intent.failed = err
+			p.log.Error("intent log cannot be rotated: a kill of this process loses the map changes after the last commit", "pool", p.dir, "err", err)
+		}
+	}
 	p.mu.Unlock()
 
 	var err error
@@ -949,6 +978,11 @@ func (p *Pool) commitCutLocked() error {
 		return p.fail(err)
 	}
 	p.commits.Observe(time.Since(began))
+	if oldIntent != nil {
+		if err := oldIntent.retire(); err != nil {
+			p.log.Warn("intent log of a committed cut not removed", "pool", p.dir, "err", err)
+		}
+	}
 	p.mu.Lock()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {

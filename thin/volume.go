@@ -521,6 +521,9 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 	if len(p.dirty) >= p.opts.MaxPending {
 		p.kickCommit()
 	}
+	// Before the write completes: its mapping must outlive a kill of
+	// this process, as its data in the page cache does.
+	p.intentWriteLocked()
 	return err
 }
 
@@ -868,5 +871,6 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 	if len(p.dirty) >= p.opts.MaxPending {
 		p.kickCommit()
 	}
+	p.intentWriteLocked()
 	return zeros, nil, nil
 }
