@@ -160,6 +160,7 @@ func (m *machine) env() *env {
 	if m.inj != nil {
 		open := e.openData
 		e.fs = m.inj.metaFS(m.fs)
+		e.intentFS = m.fs
 		e.openData = func(path string, create bool) (dataFile, error) {
 			d, err := open(path, create)
 			if err != nil {

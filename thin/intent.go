@@ -245,6 +245,8 @@ func (p *Pool) replayIntent(fs vfs.FS, boot string) error {
 	}
 	if applied > 0 {
 		p.log.Info("map changes completed before the process ended replayed from the intent log", "pool", p.dir, "changes", applied, "dropped", dropped)
+		// The data they map is in the page cache, not yet synced: the
+		// commit syncs it (open set dataDirty) before the mappings.
 		if err := p.commitLocked(); err != nil {
 			return fmt.Errorf("commit the replayed intent log: %w", err)
 		}

@@ -127,6 +127,10 @@ type env struct {
 	// bootID names the boot the page cache belongs to (see intent.go);
 	// crash tests give each simulated power cut a new one.
 	bootID func() string
+	// intentFS is where the intent log lives; nil: fs. Fault tests keep
+	// it off the fault-injecting fs, whose points are Pebble's and the
+	// data file's.
+	intentFS vfs.FS
 }
 
 var osEnv = &env{fs: vfs.Default, openData: openOSDataFile, bootID: bootID}
@@ -462,11 +466,19 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.closing = make(chan struct{})
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	// A process before this one may have left written data in the page
+	// cache, unsynced (a kill): the first FLUSH must sync it even when
+	// this process wrote nothing yet.
+	p.dataDirty.Store(true)
 	boot := ""
 	if e.bootID != nil {
 		boot = e.bootID()
 	}
-	if err := p.replayIntent(fs, boot); err != nil {
+	ifs := fs
+	if e.intentFS != nil {
+		ifs = e.intentFS
+	}
+	if err := p.replayIntent(ifs, boot); err != nil {
 		return fail(err)
 	}
 	go p.background()
