@@ -330,10 +330,19 @@ func TestGuestQSDKilledSoak(t *testing.T) {
 		survived = i
 	}
 	g.sh(t, 20*time.Second, "touch /tmp/fio.stop")
-	deadline := time.Now().Add(5 * time.Minute)
+	// As in TestGuestServeKilled: wait while the disk completes requests.
 	rc := ""
+	stat := "cat /sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/stat"
+	lastStat, progressed := "", time.Now()
+	deadline := time.Now().Add(20 * time.Minute)
 	for rc == "" && time.Now().Before(deadline) {
 		rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"))
+		if st := strings.Join(strings.Fields(g.sh(t, 20*time.Second, stat)), " "); st != lastStat {
+			lastStat, progressed = st, time.Now()
+		} else if time.Since(progressed) > 90*time.Second {
+			t.Logf("no I/O completed for 90 s after the last kill (disk stat %s: field 9 is requests in flight)", st)
+			break
+		}
 		time.Sleep(2 * time.Second)
 	}
 	guestErrors := errLines()
