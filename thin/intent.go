@@ -122,9 +122,10 @@ func (l *intentLog) write() error {
 
 // rotate starts the next generation and returns the old one, still open,
 // for retire once its cut is durable. Records queued and not written
-// belong to the old generation: they are written there first.
+// (requests write theirs before they complete, under the pool lock that
+// the cut holds) are dropped: their changes are in the cut.
 func (l *intentLog) rotate() (old *intentLog, err error) {
-	l.write()
+	l.buf = l.buf[:0]
 	n, err := openIntent(l.fs, l.dir, l.boot, l.gen+1)
 	if err != nil {
 		return nil, err

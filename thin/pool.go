@@ -323,6 +323,7 @@ type Pool struct {
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
 	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
+	intentSkip   bool       // map changes of a management operation: it commits before returning
 	intentErrLog time.Time  // when an intent log failure was last logged
 	filling      map[mapKey]*fill
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
@@ -787,7 +788,7 @@ func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry, ancPro
 // writable sharer of it has a reservation of its own (see reserve.go).
 func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
 	p.dirty[mapKey{layer, vb}] = e
-	if p.intent != nil {
+	if p.intent != nil && !p.intentSkip {
 		p.intent.add(mapKey{layer, vb}, e)
 	}
 	var scratch pebblemeta.LayerRecord
