@@ -9,11 +9,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/uring"
-	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-var _ blk.AsyncStorage = (*Disk)(nil)
+var _ blockdev.AsyncStorage = (*Disk)(nil)
 
 // errSyncPath tells the device to serve a request synchronously.
 var errSyncPath = errors.New("rawdisk: request not suited to io_uring")
@@ -25,10 +25,10 @@ const stopTag = 1 << 32
 // probeUring reports whether this process may use io_uring.
 func probeUring() error { return uring.Probe() }
 
-// OpenQueue implements blk.AsyncStorage with one io_uring per queue: the
+// OpenQueue implements blockdev.AsyncStorage with one io_uring per queue: the
 // caller's goroutine fills and submits it, a reaper goroutine collects
 // completions and hands them to done in batches.
-func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+func (d *Disk) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
 	if d.uringErr != nil {
 		return nil, fmt.Errorf("rawdisk: io_uring unavailable (%w): %w", d.uringErr, errors.ErrUnsupported)
 	}
@@ -46,7 +46,7 @@ func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue
 		done:   done,
 		slots:  make([]uringSlot, depth),
 		cqes:   make([]uring.CQE, 0, depth+1),
-		batch:  make([]blk.Completion, 0, depth+1),
+		batch:  make([]blockdev.Completion, 0, depth+1),
 		exited: make(chan struct{}),
 	}
 	go q.reap()
@@ -57,7 +57,7 @@ func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue
 type uringQueue struct {
 	d    *Disk
 	ring *uring.Ring
-	done func([]blk.Completion)
+	done func([]blockdev.Completion)
 
 	// Submission side (the caller's goroutine).
 	slots  []uringSlot
@@ -70,7 +70,7 @@ type uringQueue struct {
 
 	// Reaper goroutine.
 	cqes   []uring.CQE
-	batch  []blk.Completion
+	batch  []blockdev.Completion
 	exited chan struct{}
 }
 
@@ -148,7 +148,7 @@ func (q *uringQueue) prep(op uint8, addr uintptr, length uint32, off uint64, fla
 	return nil
 }
 
-// Submit implements blk.AsyncQueue.
+// Submit implements blockdev.AsyncQueue.
 func (q *uringQueue) Submit() {
 	if q.broken {
 		return
@@ -165,12 +165,12 @@ func (q *uringQueue) Submit() {
 // failUnsubmitted completes the entries the kernel has not consumed with
 // err. They stay published, but nothing submits them any more.
 func (q *uringQueue) failUnsubmitted(err error) {
-	var failed []blk.Completion
+	var failed []blockdev.Completion
 	q.ring.Unsubmitted(func(tag uint64) {
 		if tag == stopTag {
 			return
 		}
-		failed = append(failed, blk.Completion{Tag: uint16(tag), Err: fmt.Errorf("rawdisk: %w", err)})
+		failed = append(failed, blockdev.Completion{Tag: uint16(tag), Err: fmt.Errorf("rawdisk: %w", err)})
 		q.slots[uint16(tag)].bufs = nil
 	})
 	q.inflight.Add(-int64(len(failed)))
@@ -179,7 +179,7 @@ func (q *uringQueue) failUnsubmitted(err error) {
 	}
 }
 
-// Close implements blk.AsyncQueue.
+// Close implements blockdev.AsyncQueue.
 func (q *uringQueue) Close() error {
 	q.closing.Store(true)
 	if !q.broken {
@@ -218,7 +218,7 @@ func (q *uringQueue) reap() {
 				continue
 			}
 			tag := uint16(c.UserData)
-			q.batch = append(q.batch, blk.Completion{Tag: tag, Err: q.finish(&q.slots[tag], c.Res)})
+			q.batch = append(q.batch, blockdev.Completion{Tag: tag, Err: q.finish(&q.slots[tag], c.Res)})
 		}
 		if len(q.batch) > 0 {
 			n := len(q.batch)

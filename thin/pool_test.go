@@ -13,11 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/pebblemeta"
-	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-var _ blk.Storage = (*Volume)(nil)
+var _ blockdev.Storage = (*Volume)(nil)
 
 const kib = 1024
 

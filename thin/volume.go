@@ -13,7 +13,7 @@ import (
 	"github.com/thinblk/thinblk/pebblemeta"
 )
 
-// Volume is a thin volume of a pool. It implements blk.Storage and is
+// Volume is a thin volume of a pool. It implements blockdev.Storage and is
 // safe for concurrent use.
 type Volume struct {
 	p    *Pool

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -51,8 +52,8 @@ type export struct {
 // guests discard in units that really free space.
 type volumeStorage struct{ *thin.Volume }
 
-func (v volumeStorage) Geometry() blk.Geometry {
-	return blk.Geometry{
+func (v volumeStorage) Geometry() blockdev.Geometry {
+	return blockdev.Geometry{
 		LogicalBlockSize:   blk.SectorSize,
 		PhysicalBlockSize:  4096,
 		OptimalIOSize:      v.BlockSize(),
@@ -61,13 +62,13 @@ func (v volumeStorage) Geometry() blk.Geometry {
 }
 
 // OpenQueue serves reads and writes through the volume's io_uring queue
-// (blk.AsyncStorage); the completions only change type.
-func (v volumeStorage) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
-	batch := make([]blk.Completion, 0, depth)
+// (blockdev.AsyncStorage); the completions only change type.
+func (v volumeStorage) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
+	batch := make([]blockdev.Completion, 0, depth)
 	q, err := v.Volume.OpenQueue(depth, func(cs []thin.Completion) {
 		batch = batch[:0]
 		for _, c := range cs {
-			batch = append(batch, blk.Completion{Tag: c.Tag, Err: c.Err})
+			batch = append(batch, blockdev.Completion{Tag: c.Tag, Err: c.Err})
 		}
 		done(batch)
 	})
@@ -154,7 +155,7 @@ func (e *exports) start(name string) error {
 			readOnly = v.Kind == "snapshot"
 		}
 	}
-	var storage blk.Storage = volumeStorage{vol}
+	var storage blockdev.Storage = volumeStorage{vol}
 	if e.opts.trace != nil {
 		storage = e.opts.trace.Wrap(name, storage)
 	}
