@@ -252,19 +252,6 @@ func TestNoUringOption(t *testing.T) {
 	}
 }
 
-func TestSkipBytes(t *testing.T) {
-	a, b, c := []byte("abc"), []byte("defgh"), []byte("ij")
-	for _, tc := range []struct {
-		n    int
-		want string
-	}{{0, "abcdefghij"}, {2, "cdefghij"}, {3, "defghij"}, {7, "hij"}, {10, ""}} {
-		got := bytes.Join(skipBytes([][]byte{a, b, c}, tc.n), nil)
-		if string(got) != tc.want {
-			t.Errorf("skip %d: %q, want %q", tc.n, got, tc.want)
-		}
-	}
-}
-
 // TestAsyncNoAllocs: a request through the ring allocates nothing once its
 // slot has seen its longest chain.
 func TestAsyncNoAllocs(t *testing.T) {
