@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/blockdev"
 )
 
 // asyncIO serves one request at a time through a volume's AsyncQueue, as
@@ -16,15 +18,15 @@ import (
 // calls. It counts both, so tests can tell that the queue did the work.
 type asyncIO struct {
 	v                 *Volume
-	q                 *AsyncQueue
-	done              chan Completion
+	q                 blockdev.AsyncQueue
+	done              chan blockdev.Completion
 	started, declined int
 }
 
 func openAsyncIO(t testing.TB, v *Volume) *asyncIO {
 	t.Helper()
-	a := &asyncIO{v: v, done: make(chan Completion, 64)}
-	q, err := v.OpenQueue(8, func(cs []Completion) {
+	a := &asyncIO{v: v, done: make(chan blockdev.Completion, 64)}
+	q, err := v.OpenQueue(8, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			a.done <- c
 		}
@@ -297,8 +299,8 @@ func asyncWorker(v *Volume, base int64, blocks int, bs int64, depth int, seed ui
 		syncResult error
 	}
 	reqs := make([]req, depth)
-	done := make(chan Completion, depth)
-	q, err := v.OpenQueue(depth, func(cs []Completion) {
+	done := make(chan blockdev.Completion, depth)
+	q, err := v.OpenQueue(depth, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			done <- c
 		}
@@ -308,7 +310,7 @@ func asyncWorker(v *Volume, base int64, blocks int, bs int64, depth int, seed ui
 	}
 	defer q.Close()
 	busy := map[int64]bool{} // blocks with a request in flight
-	finish := func(c Completion) error {
+	finish := func(c blockdev.Completion) error {
 		r := &reqs[c.Tag]
 		if c.Err != nil {
 			return c.Err
@@ -425,8 +427,8 @@ func TestAsyncCloseWaitsAndPoolClose(t *testing.T) {
 	p := realPool(t, 16, 4*kib, quietOpts())
 	v := mustVolume(t, p, "v", 64*kib)
 	var mu sync.Mutex
-	var got []Completion
-	q, err := v.OpenQueue(4, func(cs []Completion) {
+	var got []blockdev.Completion
+	q, err := v.OpenQueue(4, func(cs []blockdev.Completion) {
 		mu.Lock()
 		got = append(got, cs...)
 		mu.Unlock()
@@ -463,7 +465,7 @@ func TestAsyncCloseWaitsAndPoolClose(t *testing.T) {
 			t.Fatalf("write %d not there", i)
 		}
 	}
-	q2, err := v.OpenQueue(2, func([]Completion) { t.Error("completion after the pool closed") })
+	q2, err := v.OpenQueue(2, func([]blockdev.Completion) { t.Error("completion after the pool closed") })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/vio"
 	"github.com/thinblk/thinblk/pebblemeta"
 )
@@ -31,6 +32,22 @@ func (v *Volume) Size() uint64 { return v.size.Load() }
 // BlockSize is the pool's allocation unit, the granularity in which
 // discard releases space.
 func (v *Volume) BlockSize() uint32 { return uint32(v.p.blockSize) }
+
+var (
+	_ blockdev.AsyncStorage     = (*Volume)(nil)
+	_ blockdev.GeometryReporter = (*Volume)(nil)
+)
+
+// Geometry publishes the pool's block size as the discard granularity, so
+// that guests discard in units that really free space.
+func (v *Volume) Geometry() blockdev.Geometry {
+	return blockdev.Geometry{
+		LogicalBlockSize:   blockdev.SectorSize,
+		PhysicalBlockSize:  4096,
+		OptimalIOSize:      v.BlockSize(),
+		DiscardGranularity: v.BlockSize(),
+	}
+}
 
 func (v *Volume) checkRange(op string, off int64, n int) error {
 	if off < 0 || n < 0 || off%512 != 0 || n%512 != 0 || uint64(off)+uint64(n) > v.Size() {
@@ -62,36 +79,20 @@ func (v *Volume) writableLocked() error {
 	return nil
 }
 
-// sg walks a scatter-gather list front to back.
-type sg struct {
-	bufs [][]byte
-	i, o int
-}
-
 var errShortBuffers = errors.New("buffers shorter than the request")
 
-// next hands the following length bytes to fn, piece by piece; rel is the
-// offset of the piece inside those length bytes.
-func (s *sg) next(length int64, fn func(b []byte, rel int64) error) error {
-	var rel int64
-	for length > 0 {
-		for s.i < len(s.bufs) && s.o == len(s.bufs[s.i]) {
-			s.i++
-			s.o = 0
-		}
-		if s.i == len(s.bufs) {
+// eachPiece hands the next length bytes of c to fn, piece by piece; rel is
+// the offset of the piece inside those length bytes.
+func eachPiece(c *vio.Cursor, length int64, fn func(b []byte, rel int64) error) error {
+	for rel := int64(0); rel < length; {
+		b := c.Next(length - rel)
+		if len(b) == 0 {
 			return errShortBuffers
-		}
-		b := s.bufs[s.i][s.o:]
-		if int64(len(b)) > length {
-			b = b[:length]
 		}
 		if err := fn(b, rel); err != nil {
 			return err
 		}
-		s.o += len(b)
 		rel += int64(len(b))
-		length -= int64(len(b))
 	}
 	return nil
 }
@@ -168,16 +169,16 @@ func (v *Volume) readGated(bufs [][]byte, off, n int64, pbs []int64) (chan struc
 	if t := p.trace.Load(); t != nil {
 		p.traceRead(t, v.name, "read", off, n, pbs)
 	}
-	s := sg{bufs: bufs}
+	s := vio.NewCursor(bufs)
 	var err error
 	for i, pos := 0, off; pos < off+n && err == nil; i++ {
 		inBlk := pos & (bs - 1)
 		l := min(bs-inBlk, off+n-pos)
 		if pb := pbs[i]; pb < 0 {
-			err = s.next(l, func(b []byte, _ int64) error { clear(b); return nil })
+			err = eachPiece(&s, l, func(b []byte, _ int64) error { clear(b); return nil })
 		} else {
 			base := pb<<p.shift + inBlk
-			err = s.next(l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
+			err = eachPiece(&s, l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
 		}
 		pos += l
 	}
@@ -434,7 +435,7 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error {
 	p := v.p
 	bs := p.blockSize
-	s := sg{bufs: bufs}
+	s := vio.NewCursor(bufs)
 	run := wrun{d: p.data}
 	var err error
 	pos := off
@@ -449,7 +450,7 @@ func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error
 				buf := p.getBlockBuf()
 				err = readFull(p.data, buf, pl.cow<<p.shift)
 				if err == nil {
-					err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+					err = eachPiece(&s, l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
 				}
 				if err == nil {
 					_, err = p.data.WriteAt(buf, base)
@@ -460,14 +461,14 @@ func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error
 				// owner left behind never show.
 				buf := p.getBlockBuf()
 				clear(buf)
-				err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+				err = eachPiece(&s, l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
 				if err == nil {
 					_, err = p.data.WriteAt(buf, base)
 				}
 				putBlockBuf(buf)
 			} else {
 				at := base + inBlk
-				err = s.next(l, func(b []byte, rel int64) error { return run.add(b, at+rel) })
+				err = eachPiece(&s, l, func(b []byte, rel int64) error { return run.add(b, at+rel) })
 			}
 		}
 		pos += l

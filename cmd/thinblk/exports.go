@@ -48,36 +48,6 @@ type export struct {
 	served chan struct{} // closed when Serve returns
 }
 
-// volumeStorage adds the pool's block size as the discard granularity, so
-// guests discard in units that really free space.
-type volumeStorage struct{ *thin.Volume }
-
-func (v volumeStorage) Geometry() blockdev.Geometry {
-	return blockdev.Geometry{
-		LogicalBlockSize:   blk.SectorSize,
-		PhysicalBlockSize:  4096,
-		OptimalIOSize:      v.BlockSize(),
-		DiscardGranularity: v.BlockSize(),
-	}
-}
-
-// OpenQueue serves reads and writes through the volume's io_uring queue
-// (blockdev.AsyncStorage); the completions only change type.
-func (v volumeStorage) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
-	batch := make([]blockdev.Completion, 0, depth)
-	q, err := v.Volume.OpenQueue(depth, func(cs []thin.Completion) {
-		batch = batch[:0]
-		for _, c := range cs {
-			batch = append(batch, blockdev.Completion{Tag: c.Tag, Err: c.Err})
-		}
-		done(batch)
-	})
-	if err != nil {
-		return nil, err
-	}
-	return q, nil
-}
-
 func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log *slog.Logger) (*exports, error) {
 	e := &exports{
 		pool: pool, opts: opts, log: log, ctx: ctx,
@@ -155,7 +125,7 @@ func (e *exports) start(name string) error {
 			readOnly = v.Kind == "snapshot"
 		}
 	}
-	var storage blockdev.Storage = volumeStorage{vol}
+	var storage blockdev.Storage = vol
 	if e.opts.trace != nil {
 		storage = e.opts.trace.Wrap(name, storage)
 	}
