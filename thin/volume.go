@@ -49,6 +49,14 @@ func (v *Volume) Geometry() blockdev.Geometry {
 	}
 }
 
+// ReadOnly reports whether the volume refuses changes (a snapshot), so
+// that its device is exported read-only.
+func (v *Volume) ReadOnly() bool {
+	v.p.mu.Lock()
+	defer v.p.mu.Unlock()
+	return v.st.rec.Kind == pebblemeta.KindSnapshot
+}
+
 func (v *Volume) checkRange(op string, off int64, n int) error {
 	if off < 0 || n < 0 || off%512 != 0 || n%512 != 0 || uint64(off)+uint64(n) > v.Size() {
 		return fmt.Errorf("%s on volume %s at %d+%d: %w: out of range or not sector aligned (size %d)",

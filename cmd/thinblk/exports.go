@@ -119,12 +119,7 @@ func (e *exports) start(name string) error {
 	}
 	log := e.log.With("volume", name)
 	// Snapshots are read-only; volumes and clones are writable.
-	readOnly := false
-	for _, v := range e.pool.Status().Volumes {
-		if v.Name == name {
-			readOnly = v.Kind == "snapshot"
-		}
-	}
+	readOnly := vol.ReadOnly()
 	var storage blockdev.Storage = vol
 	if e.opts.trace != nil {
 		storage = e.opts.trace.Wrap(name, storage)
