@@ -143,11 +143,12 @@ func TestAsyncAgainstModelOnRealPool(t *testing.T) {
 	const bs = 16 * kib
 	o := quietOpts()
 	o.MaxPending = 8
-	p := realPool(t, 24, bs, o)
 	// Raise the zero mark often, so that both padded and unpadded first
 	// writes happen.
-	defer func(old uint64) { zeroStep = old }(zeroStep)
-	zeroStep = 2
+	tune := defaultTuning()
+	tune.zeroStep = 2
+	o.tuning = &tune
+	p := realPool(t, 24, bs, o)
 	const volSize = 32 * bs
 	v := mustVolume(t, p, "v", volSize)
 	a := openAsyncIO(t, v)

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -203,13 +202,6 @@ type writePlan struct {
 	cow    int64 // >= 0: the shared block the new one copies (the rest of a partial write)
 }
 
-// zeroStep is how far ahead of the highest allocated block ZeroFrom is
-// raised at once. The raise starts halfway to the mark, so allocation
-// has zeroStep/2 blocks (1 GiB of 64 KiB blocks; half a second of 4 KiB
-// writes at 30k IOPS) for a background commit to make it durable. After
-// a crash, first partial writes to up to zeroStep blocks are padded.
-var zeroStep uint64 = 1 << 15 // a variable so that tests raise it often
-
 var errRaiseZero = errors.New("zero mark must be raised first")
 
 var blockBufs sync.Pool
@@ -351,7 +343,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			// caller commit and retry. Only a new pool's first write, or
 			// allocation outrunning the background raise below, gets here.
 			p.alloc.clear(pb)
-			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+zeroStep))
+			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+p.tune.zeroStep))
 			p.metaDirty = true
 			ok = false
 			err = errRaiseZero
@@ -376,10 +368,10 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
 		f.zero = zero
-		if pb+zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
+		if pb+p.tune.zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
 			// Halfway to the mark: raise it in a background commit now,
 			// so that allocation never waits for a commit to pass it.
-			p.rec.ZeroFrom = min(p.rec.SizeBlocks, p.zeroDurable+zeroStep)
+			p.rec.ZeroFrom = min(p.rec.SizeBlocks, p.zeroDurable+p.tune.zeroStep)
 			p.metaDirty = true
 			p.kickCommit()
 		}
@@ -444,7 +436,7 @@ func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error
 	p := v.p
 	bs := p.blockSize
 	s := vio.NewCursor(bufs)
-	run := wrun{d: p.data}
+	run := wrun{d: p.data, max: p.tune.writeRunMax}
 	var err error
 	pos := off
 	for _, pl := range plans {
@@ -534,20 +526,8 @@ type wrun struct {
 	d        dataFile
 	iov      *[][]byte // from iovPool, once needed
 	off, end int64
+	max      int64 // tuning.writeRunMax
 }
-
-// writeRunMax bounds a vectored write: runs are cut where the data file
-// offset crosses a multiple of it. By default nothing is cut, so the data
-// file sees the writes a raw image would for the same guest requests. The
-// host page cache sizes its folios by the write, and on Linux 6.18 ext4
-// each small buffered write costs in proportion to its folio's size
-// (ext4_block_write_begin walks all of the folio's buffers): with data
-// written in runs of 64 KiB, 128 KiB, 256 KiB and 1 MiB, a random 4 KiB
-// read took 1.3-1.5, 1.28, 1.28 and 1.06 us of CPU, an overwrite 2.5-3.2,
-// 3.3, 3.8 and 5.7 us (BenchmarkCoalesce). Cutting at 64 KiB would make
-// overwrites after large writes cheaper and reads dearer than on a raw
-// image; thinblk leaves that trade to the kernel, as a raw image does.
-var writeRunMax int64 = math.MaxInt64 // a variable so that tests change it
 
 var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
 
@@ -557,7 +537,7 @@ func (r *wrun) add(b []byte, at int64) error {
 	if r.iov == nil {
 		r.iov = iovPool.Get().(*[][]byte)
 	}
-	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == vio.MaxIOV || at/writeRunMax != r.off/writeRunMax) {
+	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == vio.MaxIOV || at/r.max != r.off/r.max) {
 		if err := r.flush(); err != nil {
 			return err
 		}
