@@ -1,10 +1,12 @@
 // Package blk implements a virtio-blk device: request parsing and
-// validation, status codes, config space, and dispatch to a Storage.
+// validation, status codes, config space, and dispatch to a Storage (the
+// contract in internal/blockdev, which rawdisk and thin implement).
 //
 // A Device (New) serves the queues a vhost-user server starts on it; each
 // queue has a virtio.Runner that pops descriptor chains and a pool of
 // workers that execute them against the Storage, many in flight at once.
-// Storage that also implements AsyncStorage (rawdisk, with io_uring) gets
+// Storage that also implements AsyncStorage (rawdisk and thin volumes, on
+// internal/uring's engine) gets
 // reads, writes and flushes without workers: the runner starts every such
 // request of a pass over the available ring and submits them as one batch,
 // and the storage's completion goroutine puts them on the used ring,
