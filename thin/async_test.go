@@ -3,7 +3,6 @@ package thin
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
@@ -75,11 +74,8 @@ func (a *asyncIO) WriteAt(bufs [][]byte, off int64) error {
 // does their I/O), so the ordering rules are checked across crashes for
 // that path too.
 func TestModelAsync(t *testing.T) {
-	steps := envInt("THIN_MODEL_STEPS", 1000)
 	started, declined := useAsyncModelIO(t)
-	for seed := 1; seed <= 3; seed++ {
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
-	}
+	steps := forModelSeeds(t, 1000, runModel)
 	t.Logf("requests started asynchronously: %d, declined (served synchronously): %d", *started, *declined)
 	if *started < 3**declined || *started < steps/2 {
 		t.Fatalf("only %d requests went through the queue (%d declined)", *started, *declined)

@@ -244,18 +244,12 @@ func (md *snapModel) crash() {
 		md.fatalf("check after crash: %v", err)
 	}
 	for _, v := range md.vols {
-		buf := make([]byte, mVolBlks*mBlock)
-		if err := md.vol(v).ReadAt([][]byte{buf}, 0); err != nil {
-			md.fatalf("read after crash: %v", err)
+		tags, err := survivingTags(md.vol(v), allowedValues{name: v.name, sectors: v.sectors})
+		if err != nil {
+			md.fatalf("after crash: %v", err)
 		}
-		for i := range v.sectors {
-			s := &v.sectors[i]
-			tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], 0, uint64(i))
-			if err != nil || !slices.Contains(s.cands, tag) {
-				md.fatalf("after crash volume %s sector %d holds tag %d (%v); possible: %v", v.name, i, tag, err, s.cands)
-			}
-			s.cur = tag
-			s.cands = append(s.cands[:0], tag)
+		for i, tag := range tags {
+			v.sectors[i] = modelSector{cur: tag, cands: append(v.sectors[i].cands[:0], tag)}
 		}
 		// Provisioning since the last commit may be lost: adopt the pool's.
 		md.p.mu.Lock()

@@ -7,7 +7,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -357,18 +356,12 @@ func (md *model) crash() {
 	}
 	md.size = md.p.Status().Pool.SizeBytes / mBlock
 	for _, v := range md.vols {
-		buf := make([]byte, mVolBlks*mBlock)
-		if err := md.io(v).ReadAt([][]byte{buf}, 0); err != nil {
-			md.fatalf("read after crash: %v", err)
+		tags, err := survivingTags(md.io(v), allowedValues{name: v.name, idx: v.idx, sectors: v.sectors})
+		if err != nil {
+			md.fatalf("after crash: %v", err)
 		}
-		for i := range v.sectors {
-			s := &v.sectors[i]
-			tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], v.idx, uint64(i))
-			if err != nil || !slices.Contains(s.cands, tag) {
-				md.fatalf("after crash volume %s sector %d holds tag %d (%v); possible: %v", v.name, i, tag, err, s.cands)
-			}
-			s.cur = tag
-			s.cands = append(s.cands[:0], tag)
+		for i, tag := range tags {
+			v.sectors[i] = modelSector{cur: tag, cands: append(v.sectors[i].cands[:0], tag)}
 		}
 		// Which blocks survived as mapped or provisioned is the pool's
 		// choice among committed states; adopt it (Check vouched for it).
@@ -410,9 +403,9 @@ var modelFaults bool
 
 // forModelSeeds runs a model test once per seed: 3 seeds of defSteps
 // steps, or THIN_MODEL_SEEDS seeds from THIN_MODEL_SEED (replay: one seed)
-// of THIN_MODEL_STEPS steps.
-func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint64, steps int)) {
-	steps := envInt("THIN_MODEL_STEPS", defSteps)
+// of THIN_MODEL_STEPS steps. It returns the steps per seed.
+func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint64, steps int)) (steps int) {
+	steps = envInt("THIN_MODEL_STEPS", defSteps)
 	seeds := envInt("THIN_MODEL_SEEDS", 3)
 	first := 1
 	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
@@ -421,6 +414,7 @@ func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint6
 	for seed := first; seed < first+seeds; seed++ {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { run(t, uint64(seed), steps) })
 	}
+	return steps
 }
 
 func runModel(t *testing.T, seed uint64, steps int) {
