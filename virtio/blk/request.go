@@ -3,6 +3,7 @@ package blk
 import (
 	"errors"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -19,7 +20,7 @@ const typeBarrier = 1 << 31
 // every writable byte before the status, for writes every readable byte
 // after the header.
 //
-// withdrawn reports a request given up while it waited (ErrWithdrawn): it
+// withdrawn reports a request given up while it waited (blockdev.ErrWithdrawn): it
 // has no status and must not be completed.
 func (d *Device) serve(c *virtio.Chain, r *request) (written uint32, st byte, withdrawn bool) {
 	r.op, r.n = OpOther, 0
@@ -67,7 +68,7 @@ const statusWithdrawn = 0xff
 // returns false for requests the workers serve synchronously: every other
 // type, anything malformed or out of range (the synchronous path reports
 // those), writes while the write cache is off, and whatever aq declines.
-func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
+func (d *Device) startAsync(aq blockdev.AsyncQueue, c *virtio.Chain, r *request) bool {
 	if c.Err != nil || len(c.Writable) == 0 || c.ReadLen < RequestHeaderSize {
 		return false
 	}
@@ -144,12 +145,12 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 		}
 		r.bufs = readableData(r.bufs, c)
 		var err error
-		if ws, ok := d.storage.(WithdrawableStorage); ok && r.withdraw != nil {
+		if ws, ok := d.storage.(blockdev.WithdrawableStorage); ok && r.withdraw != nil {
 			err = ws.WriteAtOrWithdraw(r.bufs, int64(sector*SectorSize), r.withdraw)
 		} else {
 			err = d.storage.WriteAt(r.bufs, int64(sector*SectorSize))
 		}
-		if errors.Is(err, ErrWithdrawn) {
+		if errors.Is(err, blockdev.ErrWithdrawn) {
 			return statusWithdrawn, 0
 		}
 		if err != nil {
@@ -230,12 +231,12 @@ func (d *Device) discardWriteZeroes(c *virtio.Chain, r *request, typ uint32) (by
 	}
 	unmap := flags&DiscardFlagUnmap != 0
 	var err error
-	if ws, ok := d.storage.(WithdrawableStorage); ok && r.withdraw != nil {
+	if ws, ok := d.storage.(blockdev.WithdrawableStorage); ok && r.withdraw != nil {
 		err = ws.WriteZeroesOrWithdraw(off, n, unmap, r.withdraw)
 	} else {
 		err = d.storage.WriteZeroes(off, n, unmap)
 	}
-	if errors.Is(err, ErrWithdrawn) {
+	if errors.Is(err, blockdev.ErrWithdrawn) {
 		return statusWithdrawn, 0
 	}
 	if err != nil {
