@@ -44,6 +44,7 @@ type snapModel struct {
 	nextVol int
 	log     []string
 	points  *crashPoints // TestModelSnapshotsCrashPoints'
+	tune    *tuning      // the pool's, at random
 }
 
 func (md *snapModel) fatalf(format string, args ...any) {
@@ -266,7 +267,7 @@ func (md *snapModel) crash() {
 }
 
 func (md *snapModel) open() {
-	p, err := openForModel(md.dir, md.rng, md.m)
+	p, err := openForModel(md.dir, md.rng, md.m, md.tune)
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}
@@ -286,7 +287,7 @@ func runSnapModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: 96 * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
-	defer randomTuning(md.rng)()
+	md.tune = randomTuning(md.rng)
 	md.open()
 	defer func() {
 		if md.p != nil {

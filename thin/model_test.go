@@ -59,6 +59,7 @@ type model struct {
 	log     []string
 	asyncs  map[*Volume]*asyncIO // TestModelAsync's queues
 	faults  *faultRun            // TestModelFaults' injection
+	tune    *tuning              // the pool's, at random
 }
 
 // volumeIO is how the model reads and writes a volume.
@@ -304,7 +305,7 @@ func (md *model) flush() {
 }
 
 func (md *model) open() {
-	p, err := openForModel(md.dir, md.rng, md.m)
+	p, err := openForModel(md.dir, md.rng, md.m, md.tune)
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}
@@ -314,33 +315,30 @@ func (md *model) open() {
 	}
 }
 
-// randomTuning sets the pool's internal knobs at random for a model test
-// and returns what restores them: small ranges take the store-iterating
+// randomTuning picks a model test pool's internal limits at random: small
+// ranges take the store-iterating
 // path of rangeLocked too, the zero mark is raised often, and vectored
 // writes are cut at a block, at two, or not at all, and freed blocks are
 // punched a few at a time, or (no time budget) not at all: reused with
 // zero padding.
-func randomTuning(rng *rand.Rand) (restore func()) {
-	oldRange, oldZero, oldRun := rangeLookupMax, zeroStep, writeRunMax
-	oldBudget, oldChunk := punchBudget, punchChunk
-	rangeLookupMax = uint64(rng.IntN(6))
-	zeroStep = uint64(rng.IntN(4))
-	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
-	punchChunk = 1 + uint64(rng.IntN(3))
+func randomTuning(rng *rand.Rand) *tuning {
+	t := defaultTuning()
+	t.rangeLookupMax = uint64(rng.IntN(6))
+	t.zeroStep = uint64(rng.IntN(4))
+	t.writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
+	t.punchChunk = 1 + uint64(rng.IntN(3))
 	if rng.IntN(2) == 0 {
-		punchBudget = -time.Second
+		t.punchBudget = -time.Second
 	}
-	return func() {
-		rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun
-		punchBudget, punchChunk = oldBudget, oldChunk
-	}
+	return &t
 }
 
 // openForModel opens a model test's pool with random small limits: they
 // make implicit commits (and cache evictions) happen between flushes, so
 // crashes also land after them.
-func openForModel(dir string, rng *rand.Rand, m *machine) (*Pool, error) {
+func openForModel(dir string, rng *rand.Rand, m *machine, tune *tuning) (*Pool, error) {
 	o := quietOpts()
+	o.tuning = tune
 	o.MaxPending = 1 + rng.IntN(48)
 	o.MapCacheEntries = rng.IntN(64) - 8
 	return open(dir, o, m.env())
@@ -424,7 +422,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: md.size * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
-	defer randomTuning(md.rng)()
+	md.tune = randomTuning(md.rng)
 	if modelFaults {
 		md.startFaults(seed)
 	}

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/sdnotify"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
@@ -204,7 +205,7 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 	if serial == "" {
 		serial = baseSerial(f.raw)
 	}
-	var storage blk.Storage = disk
+	var storage blockdev.Storage = disk
 	if trace != nil {
 		storage = trace.Wrap(serial, disk)
 	}
