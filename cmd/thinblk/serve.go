@@ -11,7 +11,9 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/thinblk/thinblk/internal/nulldisk"
 	"github.com/thinblk/thinblk/internal/sdnotify"
+	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -19,7 +21,8 @@ import (
 )
 
 const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
-       thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]`
+       thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]
+       thinblk serve --null SIZE --socket PATH [--queues N]     (no I/O: the path's ceiling)`
 
 // defaultQueues is what a serve offers without --queues: every ring a
 // vhost-user front-end can address (ring indices are 8 bits). QEMU's
@@ -36,6 +39,7 @@ type serveFlags struct {
 	qmp        string
 	qemuQMP    []string // --qemu-qmp: monitors of VMs the pause policy stops and resumes
 	raw        string
+	null       string // --null SIZE: a disk that does no I/O (nulldisk)
 	socket     string
 	socketMode string
 	readOnly   bool
@@ -57,7 +61,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	var f serveFlags
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
-	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.null, "null", "", "serve a disk of `SIZE` (K, M, G, T suffixes) that does no I/O: reads leave the buffers as they are, writes are dropped; shows what the vhost-user path carries on this machine")
+	fs.StringVar(&f.socket, "socket", "", "with --raw or --null: unix socket `PATH` QEMU connects to")
 	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
 	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
 	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
@@ -82,7 +87,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return exitFor(err)
 	}
 	switch {
-	case len(pos) == 1 && f.raw == "":
+	case len(pos) == 1 && f.raw == "" && f.null == "":
 		f.pool = pos[0]
 	case len(pos) > 0:
 		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
@@ -123,6 +128,17 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 }
 
 func (f *serveFlags) validate() error {
+	if f.null != "" {
+		if f.raw != "" || f.pool != "" {
+			return errors.New("--null serves no file: give it alone, without --raw or a pool")
+		}
+		if _, err := f.nullSize(); err != nil {
+			return err
+		}
+		// From here on a null disk is validated like a raw image.
+		defer func(raw string) { f.raw = raw }(f.raw)
+		f.raw = f.null
+	}
 	switch {
 	case f.pool == "" && f.raw == "":
 		return errors.New("give a pool directory, or --raw FILE")
@@ -164,6 +180,15 @@ func (f *serveFlags) validate() error {
 	return nil
 }
 
+// nullSize is --null's size.
+func (f *serveFlags) nullSize() (uint64, error) {
+	n, err := units.ParseSize(f.null)
+	if err != nil || n == 0 || n%blk.SectorSize != 0 {
+		return 0, fmt.Errorf("--null %q: want a positive size, a multiple of 512 bytes (K, M, G, T suffixes)", f.null)
+	}
+	return n, nil
+}
+
 func parseMode(s string) (os.FileMode, error) {
 	m, err := strconv.ParseUint(s, 8, 32)
 	if err != nil || m > 0o777 {
@@ -183,18 +208,34 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
 func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
-	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
-	if err != nil {
-		return err
+	var storage blk.Storage
+	var serial, image, uring string
+	if f.null != "" {
+		size, _ := f.nullSize() // validated
+		disk, err := nulldisk.New(size)
+		if err != nil {
+			return err
+		}
+		storage, serial, image, uring = disk, "null", "null", "none"
+	} else {
+		disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
+		if err != nil {
+			return err
+		}
+		defer disk.Close()
+		serial, image = baseSerial(f.raw), f.raw
+		storage = disk
+		u, uringErr := disk.Uring()
+		if uringErr != nil && !f.noUring {
+			logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
+		}
+		uring = fmt.Sprint(u)
 	}
-	defer disk.Close()
-	serial := f.serial
-	if serial == "" {
-		serial = baseSerial(f.raw)
+	if f.serial != "" {
+		serial = f.serial
 	}
-	var storage blk.Storage = disk
 	if trace != nil {
-		storage = trace.Wrap(serial, disk)
+		storage = trace.Wrap(serial, storage)
 	}
 	dev, err := blk.New(storage, blk.Options{
 		ReadOnly:  f.readOnly,
@@ -227,12 +268,8 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 		}
 		defer stopMetrics()
 	}
-	uring, uringErr := disk.Uring()
-	if uringErr != nil && !f.noUring {
-		logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
-	}
-	f.ready("serving " + f.raw + " on " + f.socket)
-	logger.Info("serving", "image", f.raw, "io_uring", uring, "socket", f.socket, "bytes", disk.Size(),
+	f.ready("serving " + image + " on " + f.socket)
+	logger.Info("serving", "image", image, "io_uring", uring, "socket", f.socket, "bytes", storage.Size(),
 		"read_only", f.readOnly, "queues", f.queues)
 	serveErr := srv.Serve(ctx)
 	// Serve returns when ctx is cancelled (signal) or on a fatal error.
