@@ -37,6 +37,7 @@ type config struct {
 	cache             string
 	qsdAIO            string
 	jsonOut           bool
+	svg               string
 	repeat            int
 	thinSpan          int64
 	// thinblkArgs are extra flags for the thinblk target's serve (after the
@@ -71,6 +72,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
 	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
+	fs.StringVar(&c.svg, "svg", "", "also draw the thinblk, qsd, null and fio results (IOPS and p99 latency per case) as an SVG chart in `FILE`")
 	fs.IntVar(&c.repeat, "repeat", 1, "run each case this many times per target and keep the median (by IOPS)")
 	var thinblkArgs string
 	fs.StringVar(&thinblkArgs, "thinblk-args", "", "extra flags for the thinblk target's serve, space-separated (they override the bench's own, e.g. \"--queues 256\")")
@@ -119,6 +121,13 @@ func run(args []string, stdout, stderr io.Writer) error {
 	var thin thinReport
 	if c.deviceTargets() || c.targets["thin"] {
 		results, thin, err = measure(ctx, c, stderr)
+	}
+	if c.svg != "" && len(results) > 0 {
+		if cerr := writeChart(c, results); cerr != nil {
+			err = errors.Join(err, cerr)
+		} else {
+			fmt.Fprintf(stderr, "chart written to %s\n", c.svg)
+		}
 	}
 	var snaps snapReport
 	if c.targets["snapshot"] && ctx.Err() == nil {
@@ -172,6 +181,36 @@ func (c config) deviceTargets() bool {
 		}
 	}
 	return false
+}
+
+// writeChart draws results into c.svg (bench.WriteChart), titled with
+// what a reader needs to compare runs: the date, the load, the repeats.
+func writeChart(c config, results []bench.Result) error {
+	var cases, targets []string
+	for _, bc := range c.cases {
+		cases = append(cases, bc.Name())
+	}
+	for _, t := range deviceTargets {
+		if c.targets[t] {
+			targets = append(targets, t)
+		}
+	}
+	load := ""
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			load = ", load average " + f[0]
+		}
+	}
+	title := fmt.Sprintf("thinblk-bench %s: median of %d x %s per cell, cache=%s%s", time.Now().UTC().Format("2006-01-02 15:04 UTC"), c.repeat, c.duration, c.cache, load)
+	f, err := os.Create(c.svg)
+	if err != nil {
+		return fmt.Errorf("--svg: %w", err)
+	}
+	if err := bench.WriteChart(f, title, cases, targets, results); err != nil {
+		f.Close()
+		return fmt.Errorf("--svg: %w", err)
+	}
+	return f.Close()
 }
 
 func parseSize(s string) (int64, error) {

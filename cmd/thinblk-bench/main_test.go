@@ -67,7 +67,8 @@ func TestRunAllTargets(t *testing.T) {
 	}
 	var stdout, stderr bytes.Buffer
 	err = run([]string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
-		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets, "--json"}, &stdout, &stderr)
+		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets, "--json",
+		"--svg", filepath.Join(dir, "bench.svg")}, &stdout, &stderr)
 	if err != nil {
 		t.Fatalf("run: %v\n%s", err, stderr.String())
 	}
@@ -97,6 +98,20 @@ func TestRunAllTargets(t *testing.T) {
 	}
 	if !got["thinblk"] || !got["fio"] || !got["null"] || strings.Contains(targets, "qsd") && !got["qsd"] {
 		t.Fatalf("targets measured: %v\n%s", got, stderr.String())
+	}
+	// The chart holds every measured target's series (its legend entry in
+	// both panels) and the case.
+	svg, err := os.ReadFile(filepath.Join(dir, "bench.svg"))
+	if err != nil {
+		t.Fatalf("chart: %v", err)
+	}
+	for _, want := range []string{">thinblk serve --raw<", ">thinblk serve --null (no I/O)<", ">fio on the host file<"} {
+		if n := strings.Count(string(svg), want); n != 2 {
+			t.Errorf("chart has %d of %q, want 2", n, want)
+		}
+	}
+	if !strings.Contains(string(svg), "randread-4k-qd32-q1") {
+		t.Errorf("chart lacks the case")
 	}
 }
 
