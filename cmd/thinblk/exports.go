@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
@@ -21,6 +22,7 @@ type exportOptions struct {
 	queues     int
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
+	poll       time.Duration
 	trace      *blktrace.Log
 }
 
@@ -165,6 +167,7 @@ func (e *exports) start(name string) error {
 		Serial:    baseSerial(name),
 		Logger:    log,
 		SyncOnly:  e.opts.noUring,
+		Poll:      e.opts.poll,
 	})
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
