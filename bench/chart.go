@@ -38,7 +38,7 @@ var chartLabels = map[string]string{
 // WriteChart draws results as an SVG: IOPS above, p99 latency below, one
 // column per case (in the order of cases) and one mark per target (in the
 // order of targets), both on log scales so that a 1 MiB case and a QD128
-// case read on one chart. Cells without a result (missing, failed) are
+// case read on one chart; the legend is in the upper panel. Cells without a result (missing, failed) are
 // left out.
 func WriteChart(w io.Writer, title string, cases []string, targets []string, results []Result) error {
 	if len(cases) == 0 || len(targets) == 0 {
@@ -50,7 +50,7 @@ func WriteChart(w io.Writer, title string, cases []string, targets []string, res
 			by[[2]string{r.Target, r.Case}] = r
 		}
 	}
-	panel := func(ylabel string, value func(Result) float64) (*plot.Plot, error) {
+	panel := func(ylabel string, legend bool, value func(Result) float64) (*plot.Plot, error) {
 		p := plot.New()
 		p.Y.Label.Text = ylabel
 		p.Y.Scale = plot.LogScale{}
@@ -60,7 +60,10 @@ func WriteChart(w io.Writer, title string, cases []string, targets []string, res
 		p.X.Tick.Label.XAlign = draw.XRight
 		p.X.Tick.Label.YAlign = draw.YCenter
 		p.Add(plotter.NewGrid())
-		p.Legend.Top = true
+		p.Legend.Top, p.Legend.Left = true, true
+		p.Legend.Padding = vg.Millimeter
+		p.Legend.ThumbnailWidth = vg.Centimeter
+		p.Legend.XOffs = vg.Millimeter * 2
 		lo, hi := math.Inf(1), math.Inf(-1)
 		for ti, t := range targets {
 			var xys plotter.XYs
@@ -90,22 +93,27 @@ func WriteChart(w io.Writer, title string, cases []string, targets []string, res
 			if label == "" {
 				label = t
 			}
-			p.Legend.Add(label, s)
+			if legend {
+				p.Legend.Add(label, s)
+			}
 		}
 		if lo > hi {
 			return nil, fmt.Errorf("chart: no results to draw for %s", ylabel)
 		}
-		// Room for the legend above the highest mark.
-		p.Y.Min, p.Y.Max = lo/2, hi*8
+		p.Y.Min, p.Y.Max = lo/2, hi*2
+		if legend {
+			// Room for the legend above the highest mark.
+			p.Y.Max = hi * 4
+		}
 		p.X.Min, p.X.Max = -0.6, float64(len(cases))-0.4
 		return p, nil
 	}
-	iops, err := panel("IOPS (log scale; higher is better)", func(r Result) float64 { return r.IOPS })
+	iops, err := panel("IOPS (log scale; higher is better)", true, func(r Result) float64 { return r.IOPS })
 	if err != nil {
 		return err
 	}
 	iops.Title.Text = title
-	p99, err := panel("p99 latency, us (log scale; lower is better)", func(r Result) float64 { return r.P99Us })
+	p99, err := panel("p99 latency, us (log scale; lower is better)", false, func(r Result) float64 { return r.P99Us })
 	if err != nil {
 		return err
 	}

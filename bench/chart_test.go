@@ -45,19 +45,19 @@ func TestWriteChart(t *testing.T) {
 		}
 	}
 	for _, tg := range targets {
-		if n := strings.Count(svg, ">"+chartLabels[tg]+"<"); n != 2 {
-			t.Errorf("legend entry %q appears %d times, want 2 (one per panel)", chartLabels[tg], n)
+		if n := strings.Count(svg, ">"+chartLabels[tg]+"<"); n != 1 {
+			t.Errorf("legend entry %q appears %d times, want 1", chartLabels[tg], n)
 		}
 	}
 	// Marks: circles (thinblk), rings (null) are drawn as arcs; count the
-	// marks of one colour instead. thinblk: 2 cases x 2 panels + 2 legend
-	// marks; qsd: 1 case x 2 panels + 2 legend marks.
+	// marks of one colour instead. thinblk: 2 cases x 2 panels + 1 legend
+	// mark; qsd: 1 case x 2 panels + 1 legend mark.
 	count := func(tg string) int {
 		r, g, b, _ := chartStyles[tg].color.RGBA()
 		return strings.Count(svg, fmt.Sprintf("fill:#%02X%02X%02X", r>>8, g>>8, b>>8))
 	}
-	if thin, qsd := count("thinblk"), count("qsd"); thin != 6 || qsd != 4 {
-		t.Errorf("filled marks: thinblk %d (want 6), qsd %d (want 4: its failed cell left out)", thin, qsd)
+	if thin, qsd := count("thinblk"), count("qsd"); thin != 5 || qsd != 3 {
+		t.Errorf("filled marks: thinblk %d (want 5), qsd %d (want 3: its failed cell left out)", thin, qsd)
 	}
 	if err := WriteChart(io.Discard, "", nil, targets, results); err == nil {
 		t.Errorf("no error without cases")
