@@ -198,10 +198,10 @@ func writeChart(c config, results []bench.Result) error {
 	load := ""
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		if f := strings.Fields(string(b)); len(f) > 0 {
-			load = ", load average " + f[0]
+			load = ", load " + f[0]
 		}
 	}
-	title := fmt.Sprintf("thinblk-bench %s: median of %d x %s per cell, cache=%s%s", time.Now().UTC().Format("2006-01-02 15:04 UTC"), c.repeat, c.duration, c.cache, load)
+	title := fmt.Sprintf("%s: median of %d x %s, %s%s", time.Now().UTC().Format("2006-01-02 15:04 UTC"), c.repeat, c.duration, c.cache, load)
 	f, err := os.Create(c.svg)
 	if err != nil {
 		return fmt.Errorf("--svg: %w", err)
