@@ -350,8 +350,19 @@ func TestRunnerPolls(t *testing.T) {
 			if u := h.waitUsed(t, 1); u[0].Len != 3 {
 				t.Fatalf("used %+v", u)
 			}
-			// After the poll time the runner sleeps and asks for kicks.
-			time.Sleep(2 * poll)
+			// After the poll time the runner sleeps and asks for kicks
+			// again (waited for: a loaded machine may run it late).
+			kicksOn := func() bool {
+				if feat&(1<<virtio.FeatureEventIdx) != 0 {
+					return h.d.AvailEvent() == h.d.AvailIdx()
+				}
+				return h.d.UsedFlags()&virtio.UsedFlagNoNotify == 0
+			}
+			for deadline := time.Now().Add(10 * time.Second); !kicksOn(); time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("kicks still off 10 s after the last chain (poll time %v)", poll)
+				}
+			}
 			old = h.d.AvailIdx()
 			h.d.AddChain(buf)
 			if !h.d.NeedKick(old) {

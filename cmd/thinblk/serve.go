@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/nulldisk"
 	"github.com/thinblk/thinblk/internal/sdnotify"
 	"github.com/thinblk/thinblk/internal/units"
@@ -60,46 +61,9 @@ type serveFlags struct {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	var f serveFlags
-	fs := newFlagSet("serve", serveSynopsis, stderr)
-	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
-	fs.StringVar(&f.null, "null", "", "serve a disk of `SIZE` (K, M, G, T suffixes) that does no I/O: reads leave the buffers as they are, writes are dropped; shows what the vhost-user path carries on this machine")
-	fs.StringVar(&f.socket, "socket", "", "with --raw or --null: unix socket `PATH` QEMU connects to")
-	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
-	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
-	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
-		path, err := parseSocketFlag("--qemu-qmp", s)
-		if err == nil {
-			f.qemuQMP = append(f.qemuQMP, path)
-		}
-		return err
-	})
-	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
-	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
-	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
-	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
-	fs.IntVar(&f.pollUs, "poll-us", 0, "after a queue's last request, keep looking at its ring for this many `MICROSECONDS` before sleeping: saves the guest's kick and the back-end's wake-up when requests follow closely, at the cost of a CPU spinning meanwhile (0: never poll)")
-	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
-	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
-	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
-	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
-	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
-	}
-	switch {
-	case len(pos) == 1 && f.raw == "" && f.null == "":
-		f.pool = pos[0]
-	case len(pos) > 0:
-		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
-		fs.Usage()
-		return 2
-	}
-	if err := f.validate(); err != nil {
-		fmt.Fprintln(stderr, "thinblk serve:", err)
-		return 2
+	f, code, ok := parseServeFlags(args, stderr)
+	if !ok {
+		return code
 	}
 	logger, err := newLogger(stderr, f.logLevel)
 	if err != nil {
@@ -128,6 +92,52 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, "serve", err)
 	}
 	return 0
+}
+
+// parseServeFlags parses and checks serve's arguments. When ok is false,
+// usage or the error has been printed and code is the exit status.
+func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, ok bool) {
+	fs := newFlagSet("serve", serveSynopsis, stderr)
+	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
+	fs.StringVar(&f.null, "null", "", "serve a disk of `SIZE` (K, M, G, T suffixes) that does no I/O: reads leave the buffers as they are, writes are dropped; shows what the vhost-user path carries on this machine")
+	fs.StringVar(&f.socket, "socket", "", "with --raw or --null: unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
+	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
+	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
+		path, err := parseSocketFlag("--qemu-qmp", s)
+		if err == nil {
+			f.qemuQMP = append(f.qemuQMP, path)
+		}
+		return err
+	})
+	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
+	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
+	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
+	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
+	fs.IntVar(&f.pollUs, "poll-us", 0, "after a queue's last request, keep looking at its ring for this many `MICROSECONDS` before sleeping: saves the guest's kick and the back-end's wake-up when requests follow closely, at the cost of a CPU spinning meanwhile (0: never poll)")
+	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
+	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
+	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
+	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return f, exitFor(err), false
+	}
+	switch {
+	case len(pos) == 1 && f.raw == "" && f.null == "":
+		f.pool = pos[0]
+	case len(pos) > 0:
+		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
+		fs.Usage()
+		return f, 2, false
+	}
+	if err := f.validate(); err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return f, 2, false
+	}
+	return f, 0, true
 }
 
 func (f *serveFlags) validate() error {
@@ -183,6 +193,9 @@ func (f *serveFlags) validate() error {
 	if _, err := parseMode(f.socketMode); err != nil {
 		return err
 	}
+	if _, err := newLogger(io.Discard, f.logLevel); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -217,7 +230,7 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
 func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
-	var storage blk.Storage
+	var storage blockdev.Storage
 	var serial, image, uring string
 	if f.null != "" {
 		size, _ := f.nullSize() // validated

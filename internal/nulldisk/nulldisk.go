@@ -9,7 +9,7 @@ package nulldisk
 import (
 	"fmt"
 
-	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/internal/blockdev"
 )
 
 // Disk is a null disk of a fixed size.
@@ -17,13 +17,13 @@ type Disk struct{ size uint64 }
 
 // New returns a null disk of size bytes (a positive multiple of 512).
 func New(size uint64) (*Disk, error) {
-	if size == 0 || size%blk.SectorSize != 0 {
-		return nil, fmt.Errorf("null disk size %d: want a positive multiple of %d", size, blk.SectorSize)
+	if size == 0 || size%blockdev.SectorSize != 0 {
+		return nil, fmt.Errorf("null disk size %d: want a positive multiple of %d", size, blockdev.SectorSize)
 	}
 	return &Disk{size: size}, nil
 }
 
-var _ blk.AsyncStorage = (*Disk)(nil)
+var _ blockdev.AsyncStorage = (*Disk)(nil)
 
 func (d *Disk) Size() uint64                                    { return d.size }
 func (d *Disk) ReadAt(bufs [][]byte, off int64) error           { return nil }
@@ -35,16 +35,16 @@ func (d *Disk) WriteZeroes(off, length int64, unmap bool) error { return nil }
 // OpenQueue returns a queue that completes, in Submit, every request
 // started since the last Submit: on the submitter's goroutine, in the same
 // pass over the ring, so that a request costs no hand-off at all.
-func (d *Disk) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+func (d *Disk) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
 	if depth < 1 || depth > 1<<16 {
 		return nil, fmt.Errorf("null disk queue depth %d: want 1 to 65536", depth)
 	}
-	return &queue{done: done, batch: make([]blk.Completion, 0, depth)}, nil
+	return &queue{done: done, batch: make([]blockdev.Completion, 0, depth)}, nil
 }
 
 type queue struct {
-	done  func([]blk.Completion)
-	batch []blk.Completion
+	done  func([]blockdev.Completion)
+	batch []blockdev.Completion
 }
 
 func (q *queue) start(tag uint16) error {
@@ -53,7 +53,7 @@ func (q *queue) start(tag uint16) error {
 		// that the caller serves it synchronously.
 		return fmt.Errorf("null disk queue full (%d requests)", cap(q.batch))
 	}
-	q.batch = append(q.batch, blk.Completion{Tag: tag})
+	q.batch = append(q.batch, blockdev.Completion{Tag: tag})
 	return nil
 }
 
