@@ -7,7 +7,8 @@ BUILD     := $(CURDIR)/_build
 BIN       := $(BUILD)/bin
 IMAGES    := $(BUILD)/images
 GOTEST_TIMEOUT ?= 40m
-# Extra arguments for the benchmark command, e.g. BENCH_ARGS="--duration 5s".
+# Extra arguments for the benchmark command, e.g. BENCH_ARGS="--duration 5s". The chart of
+# the run goes to _build/bench/bench.svg.
 BENCH_ARGS ?=
 
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -58,7 +59,8 @@ soak-restart-qsd: deps images
 	THINBLK_SOAK_QSD_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestQSDKilledSoak' -v ./guesttests
 
 bench: deps build
-	$(BIN)/thinblk-bench --thinblk $(BIN)/thinblk --dir $(BUILD)/bench $(BENCH_ARGS)
+	mkdir -p $(BUILD)/bench
+	$(BIN)/thinblk-bench --thinblk $(BIN)/thinblk --dir $(BUILD)/bench --svg $(BUILD)/bench/bench.svg $(BENCH_ARGS)
 
 demo: deps images
 	$(GO) run ./guesttests/cmd/demo --build $(BUILD)

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,12 @@ type RunnerConfig struct {
 	// minimum: the queue size). See Queue.SetMaxIndirect.
 	MaxIndirect int
 	Logger      *slog.Logger
+	// Poll, if positive, keeps the runner looking at the available ring
+	// for this long after the last chain it took, with kicks left off,
+	// before it sleeps on the kick eventfd: a driver that sends its next
+	// request within that time skips its kick, and the runner its
+	// wake-up. It spins a CPU meanwhile (see PollRing).
+	Poll time.Duration
 }
 
 // PollInterval is how often a queue without a kick eventfd looks at its
@@ -50,6 +57,7 @@ type Runner struct {
 	journal InflightLog
 	log     *slog.Logger
 	kick    *os.File // kept alive while its descriptor is in use
+	poll    time.Duration
 	// call is where interrupts go; SetCall swaps it while the ring runs.
 	call      atomic.Pointer[callTarget]
 	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
@@ -127,6 +135,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		journal: cfg.Setup.Inflight,
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
+		poll:    cfg.Poll,
 		chains:  make([]Chain, q.size),
 		busy:    make([]bool, q.size),
 		done:    make(chan struct{}),
@@ -252,11 +261,17 @@ func (r *Runner) run() {
 	for !r.stopping.Load() {
 		q.DisableNotify()
 		for {
+			before := q.LastAvail()
 			ok := r.drain()
 			r.afterDrain()
 			if !ok {
 				r.Notify()
 				return
+			}
+			// Poll only after a pass that found work: a wake-up that
+			// finds none (a kick already served) goes back to sleep.
+			if r.poll > 0 && q.LastAvail() != before && r.pollRing() {
+				continue
 			}
 			q.EnableNotify()
 			// The driver may have added chains before it saw
@@ -271,6 +286,27 @@ func (r *Runner) run() {
 			return
 		}
 		r.wait()
+	}
+}
+
+// pollRing announces the pass's completions, then watches the available
+// ring for up to r.poll, kicks still off. It returns true as soon as the
+// driver adds a chain, false when the time is up or the runner stops.
+func (r *Runner) pollRing() bool {
+	r.Notify()
+	deadline := time.Now().Add(r.poll)
+	for i := 0; ; i++ {
+		if r.q.HasAvail() {
+			return true
+		}
+		// A clock read costs about as much as 20 looks at the ring.
+		if i%32 == 31 {
+			if r.stopping.Load() || time.Now().After(deadline) {
+				return false
+			}
+			// Let the completion goroutine run if it waits for this P.
+			runtime.Gosched()
+		}
 	}
 }
 

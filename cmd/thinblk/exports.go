@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/thin"
@@ -22,6 +23,7 @@ type exportOptions struct {
 	queues     int
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
+	poll       time.Duration
 	trace      *blktrace.Log
 	noInflight bool // INFLIGHT_SHMFD not offered
 }
@@ -132,6 +134,7 @@ func (e *exports) start(name string) error {
 		Serial:    baseSerial(name),
 		Logger:    log,
 		SyncOnly:  e.opts.noUring,
+		Poll:      e.opts.poll,
 	})
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)

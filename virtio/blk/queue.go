@@ -106,6 +106,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		AfterDrain:  afterDrain,
 		MaxIndirect: d.opts.QueueSize,
 		Logger:      d.log,
+		Poll:        d.opts.Poll,
 	})
 	if err != nil {
 		if q.async != nil {
