@@ -280,7 +280,7 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 	t0 = time.Now()
-	if _, err := m.waitMigration(cctx, "pre-switchover"); err != nil {
+	if err := m.catchUp(cctx, res); err != nil {
 		return nil, err
 	}
 	m.logf("migrate: QEMU moved the VM's memory in %v; the VM is paused", since(t0))
@@ -312,6 +312,48 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 	m.logf("migrate: completed: the VM runs on the destination; downtime %v", res.Downtime)
 	m.dropSnapshots()
 	return res, nil
+}
+
+// catchUp streams the volumes' changes in rounds while QEMU moves the
+// VM's memory (which takes seconds: the guest keeps writing), so that at
+// pre-switchover only the writes of the last round's time are left for
+// the downtime. It returns once QEMU paused the VM there.
+func (m *migration) catchUp(ctx context.Context, res *Result) error {
+	last := time.Now()
+	for {
+		var st migrateStatus
+		if err := m.srcQEMU.Execute(ctx, "query-migrate", nil, &st); err != nil {
+			return fmt.Errorf("source QEMU: %w", err)
+		}
+		switch st.Status {
+		case "pre-switchover":
+			return nil
+		case "failed", "cancelled", "cancelling", "completed":
+			return fmt.Errorf("QEMU's migration %s before pre-switchover: %s", st.Status, st.ErrorDesc)
+		}
+		if time.Since(last) >= time.Second {
+			last = time.Now()
+			m.logf("migrate: QEMU %s: %s of %s RAM sent, %s remaining", st.Status,
+				human(uint64(st.RAM.Transferred)), human(uint64(st.RAM.Total)), human(uint64(st.RAM.Remaining)))
+		}
+		t0 := time.Now()
+		n, err := m.round(ctx, m.last())
+		if err != nil {
+			return fmt.Errorf("round %d: %w", res.Rounds+1, err)
+		}
+		res.Rounds++
+		if n > 64<<10 {
+			m.logf("migrate: round %d (QEMU migrating): %s changed, sent in %v", res.Rounds, human(n), since(t0))
+		}
+		if d := time.Since(t0); d < 100*time.Millisecond {
+			// Nothing much changes in less: do not spin snapshots.
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(100*time.Millisecond - d):
+			}
+		}
+	}
 }
 
 // last is the newest migration snapshot's name suffix.
@@ -456,7 +498,7 @@ func (l dirListener) Close() error {
 
 // accept waits for the serve's connection, or for its command to fail
 // before connecting.
-func accept(ctx context.Context, ln net.Listener, done <-chan error) (net.Conn, error) {
+func accept(ctx context.Context, ln net.Listener, done chan error) (net.Conn, error) {
 	type accepted struct {
 		c   net.Conn
 		err error
@@ -470,12 +512,22 @@ func accept(ctx context.Context, ln net.Listener, done <-chan error) (net.Conn, 
 	case a := <-ch:
 		return a.c, a.err
 	case err := <-done:
+		if err == nil {
+			// A short stream: written whole and answered before the
+			// accept was seen; the connection waits in the backlog with
+			// its bytes (closing the listener now would drop it).
+			done <- err // for the caller, who waits for the answer
+			select {
+			case a := <-ch:
+				return a.c, a.err
+			case <-ctx.Done():
+				ln.Close()
+				return nil, errors.New("answered, but its connection never came")
+			}
+		}
 		ln.Close()
 		if a := <-ch; a.c != nil {
 			a.c.Close()
-		}
-		if err == nil {
-			err = errors.New("returned without connecting")
 		}
 		return nil, err
 	case <-ctx.Done():
