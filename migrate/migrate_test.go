@@ -213,6 +213,15 @@ type testVM struct {
 // startVM runs QEMU on the pool's volumes, with a second monitor for the
 // test's eyes (QEMU serves one client per monitor socket).
 func startVM(t *testing.T, dir string, p *testPool, incoming string, volumes ...string) (*testVM, error) {
+	var socks []string
+	for _, v := range volumes {
+		socks = append(socks, filepath.Join(p.socks, v+".sock"))
+	}
+	return startQEMU(t, dir, incoming, socks...)
+}
+
+// startQEMU runs QEMU with the vhost-user-blk sockets as disks.
+func startQEMU(t *testing.T, dir string, incoming string, socks ...string) (*testVM, error) {
 	vm := &testVM{qmp: filepath.Join(dir, "q.sock"), log: &bytes.Buffer{}, exit: make(chan struct{})}
 	watch := filepath.Join(dir, "w.sock")
 	args := []string{
@@ -221,9 +230,9 @@ func startVM(t *testing.T, dir string, p *testPool, incoming string, volumes ...
 		"-qmp", "unix:" + vm.qmp + ",server=on,wait=off",
 		"-qmp", "unix:" + watch + ",server=on,wait=off",
 	}
-	for i, v := range volumes {
+	for i, sock := range socks {
 		args = append(args,
-			"-chardev", fmt.Sprintf("socket,id=d%d,path=%s", i, filepath.Join(p.socks, v+".sock")),
+			"-chardev", fmt.Sprintf("socket,id=d%d,path=%s", i, sock),
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=d%d", i))
 	}
 	if incoming != "" {
