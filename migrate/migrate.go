@@ -27,6 +27,7 @@ import (
 
 	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/qmp"
+	"github.com/thinblk/thinblk/stream"
 )
 
 // Endpoint is one side: the serve holding the pool and the QEMU.
@@ -428,13 +429,13 @@ func (m *migration) transfer(ctx context.Context, volume, snap, base string) (ui
 	}()
 	actx, cancel := m.step(ctx)
 	defer cancel()
-	in, err := accept(actx, sendLn, sendDone)
+	in, err := stream.Accept(actx, sendLn, sendDone)
 	if err != nil {
 		recvLn.Close()
 		<-recvDone
 		return 0, fmt.Errorf("source stream-send: %w", err)
 	}
-	out, err := accept(actx, recvLn, recvDone)
+	out, err := stream.Accept(actx, recvLn, recvDone)
 	if err != nil {
 		in.Close()
 		<-sendDone
@@ -494,49 +495,6 @@ func (l dirListener) Close() error {
 	err := l.Listener.Close()
 	os.RemoveAll(l.dir)
 	return err
-}
-
-// accept waits for the serve's connection, or for its command to fail
-// before connecting.
-func accept(ctx context.Context, ln net.Listener, done chan error) (net.Conn, error) {
-	type accepted struct {
-		c   net.Conn
-		err error
-	}
-	ch := make(chan accepted, 1)
-	go func() {
-		c, err := ln.Accept()
-		ch <- accepted{c, err}
-	}()
-	select {
-	case a := <-ch:
-		return a.c, a.err
-	case err := <-done:
-		if err == nil {
-			// A short stream: written whole and answered before the
-			// accept was seen; the connection waits in the backlog with
-			// its bytes (closing the listener now would drop it).
-			done <- err // for the caller, who waits for the answer
-			select {
-			case a := <-ch:
-				return a.c, a.err
-			case <-ctx.Done():
-				ln.Close()
-				return nil, errors.New("answered, but its connection never came")
-			}
-		}
-		ln.Close()
-		if a := <-ch; a.c != nil {
-			a.c.Close()
-		}
-		return nil, err
-	case <-ctx.Done():
-		ln.Close()
-		if a := <-ch; a.c != nil {
-			a.c.Close()
-		}
-		return nil, fmt.Errorf("no connection: %w", ctx.Err())
-	}
 }
 
 type migrateStatus struct {

@@ -94,28 +94,19 @@ func (r remoteOps) viaSocket(cmd string, args func(sock string) any, copyData fu
 		// broken pipe on either side ends it.
 		done <- r.c.Execute(context.Background(), cmd, args(sock), &res)
 	}()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
-		}
-	}()
-	select {
-	case err := <-done: // it failed before connecting (no such snapshot, ...)
-		if err == nil {
-			err = fmt.Errorf("%s returned without connecting", cmd)
-		}
-		return res, err
-	case c := <-accepted:
-		cerr := copyData(c)
-		c.Close()
-		err := <-done
-		if err == nil && cerr != nil {
-			err = cerr
-		}
+	// No timeout on the stream, but serve connects at once or fails.
+	actx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := stream.Accept(actx, ln, done)
+	if err != nil {
 		return res, err
 	}
+	cerr := copyData(c)
+	c.Close()
+	if err := <-done; err != nil {
+		return res, err
+	}
+	return res, cerr
 }
 
 func (r remoteOps) Send(w io.Writer, snap, base string) (streamResult, error) {
