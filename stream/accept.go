@@ -54,4 +54,3 @@ func Accept(ctx context.Context, ln net.Listener, done chan error) (net.Conn, er
 		return nil, fmt.Errorf("no connection: %w", ctx.Err())
 	}
 }
-
