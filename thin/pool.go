@@ -113,7 +113,8 @@ type OpenOptions struct {
 	// is started regardless; default 65536. Bounds memory.
 	MaxPending int
 
-	env *env // tests: crashable file systems
+	env    *env    // tests: crashable file systems
+	tuning *tuning // tests: internal limits (nil: defaultTuning)
 }
 
 // env is where a pool's files live: the real file system, or in tests a
@@ -258,6 +259,7 @@ type Pool struct {
 	blockSize int64
 	shift     uint
 	opts      OpenOptions
+	tune      tuning
 
 	// flushMu serialises commits and management operations.
 	flushMu sync.Mutex
@@ -365,7 +367,10 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open pool %s: %w (%v)", dir, ErrLocked, err)
 	}
-	p := &Pool{dir: dir, log: o.Logger, lock: lock, opts: o}
+	p := &Pool{dir: dir, log: o.Logger, lock: lock, opts: o, tune: defaultTuning()}
+	if o.tuning != nil {
+		p.tune = *o.tuning
+	}
 	fail := func(err error) (*Pool, error) {
 		if p.store != nil {
 			p.store.Close()
@@ -681,15 +686,10 @@ func (p *Pool) validLocked(k mapKey, e pebblemeta.Entry) error {
 	return nil
 }
 
-// rangeLookupMax is the range length (in blocks) up to which rangeLocked
-// looks blocks up one by one instead of iterating the store (a variable
-// so that tests drive both paths).
-var rangeLookupMax uint64 = 64
-
 // rangeLocked calls fn for every existing entry of layer in [first, last],
 // in no particular order.
 func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebblemeta.Entry)) error {
-	if last-first < rangeLookupMax {
+	if last-first < p.tune.rangeLookupMax {
 		for vb := first; ; vb++ {
 			e, err := p.lookupLocked(mapKey{layer, vb})
 			if err != nil {
@@ -1014,7 +1014,7 @@ func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 		return nil
 	}
 	var punched [][2]uint64
-	deadline := time.Now().Add(punchBudget)
+	deadline := time.Now().Add(p.tune.punchBudget)
 	released.runs(func(first, n uint64) bool {
 		// A long run goes in pieces: one punch holds the file's inode
 		// lock (every write to the data file waits) for as long as it
@@ -1025,7 +1025,7 @@ func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 					"pool", p.dir, "punched_runs", len(punched))
 				return false
 			}
-			c := min(n, punchChunk)
+			c := min(n, p.tune.punchChunk)
 			err := p.data.PunchHole(int64(first)<<p.shift, int64(c)<<p.shift)
 			if err != nil {
 				if errors.Is(err, errors.ErrUnsupported) {
@@ -1043,13 +1043,6 @@ func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
 	})
 	return punched
 }
-
-// punchBudget bounds the time one commit spends punching freed blocks,
-// punchChunk the blocks one punch call takes.
-var (
-	punchBudget        = time.Second
-	punchChunk  uint64 = 256
-)
 
 // fail marks the pool failed after a commit error: the on-disk state is
 // still the previous commit but memory has moved on, so it refuses further
