@@ -224,18 +224,24 @@ func TestGuestMigrateWhileWaitingForSpace(t *testing.T) {
 	if err := mon.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + migSock}, nil); err != nil {
 		t.Fatal(err)
 	}
-	// Give the migration time to reach its switch-over, where it waits for the requests.
-	time.Sleep(15 * time.Second)
-	// QEMU's monitor blocks while its switch-over waits for the rings to stop; a migration
-	// that completed here would have moved the guest with its writes still waiting.
-	{
+	// Wait until the migration reaches its switch-over: QEMU's monitor then blocks while the
+	// rings stop, which waits for the guest's requests. A migration that completed here would
+	// have moved the guest with its writes still waiting.
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
 		var st migrationStatus
-		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		qctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		err := mon.Execute(qctx, "query-migrate", nil, &st)
 		cancel()
-		t.Logf("before the pool grows: migration %q (%v)", st.Status, err)
-		if err == nil && st.Status == "completed" {
+		if err != nil {
+			t.Logf("QEMU's monitor does not answer: the switch-over waits for the rings (%v)", err)
+			break
+		}
+		if st.Status == "completed" {
 			t.Fatal("the migration completed while the guest's writes waited for space")
+		}
+		if (st.Status != "setup" && st.Status != "active") || time.Now().After(deadline) {
+			t.Logf("before the pool grows: migration %q", st.Status)
+			break
 		}
 	}
 	start := time.Now()
