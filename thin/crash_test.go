@@ -148,6 +148,7 @@ type machine struct {
 	fs    *vfs.MemFS
 	files map[string]*crashData
 	inj   *injector // if set, the pools opened on it see its faults
+	boot  int       // which boot: a power cut starts the next one
 }
 
 func newMachine() *machine {
@@ -159,6 +160,7 @@ func (m *machine) env() *env {
 	if m.inj != nil {
 		open := e.openData
 		e.fs = m.inj.metaFS(m.fs)
+		e.intentFS = m.fs
 		e.openData = func(path string, create bool) (dataFile, error) {
 			d, err := open(path, create)
 			if err != nil {
@@ -171,7 +173,8 @@ func (m *machine) env() *env {
 }
 
 func (m *machine) plainEnv() *env {
-	return &env{fs: m.fs, openData: func(path string, create bool) (dataFile, error) {
+	boot := fmt.Sprintf("boot-%d", m.boot)
+	return &env{fs: m.fs, bootID: func() string { return boot }, openData: func(path string, create bool) (dataFile, error) {
 		f, ok := m.files[path]
 		switch {
 		case create && ok:
@@ -197,6 +200,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 		fs:    m.fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 30, RNG: rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64()))}),
 		files: map[string]*crashData{},
 		inj:   m.inj,
+		boot:  m.boot + 1,
 	}
 	for k, f := range m.files {
 		n.files[k] = f.crash(rng)

@@ -75,6 +75,28 @@ type Runner struct {
 	wakeFd   int // eventfd that interrupts the wait; -1 once closed
 }
 
+// Points of the request path where a crash hook runs (SetCrashHook).
+const (
+	// CrashFetched: a chain was taken from the available ring (and
+	// recorded in the in-flight log) but its request has not started.
+	CrashFetched = "fetched"
+	// CrashUsedElement: the request is done (data written) and its used
+	// element written, but the used index not yet published.
+	CrashUsedElement = "used-element"
+	// CrashUsedIndex: the used index that includes the request is
+	// published, but the in-flight log not yet updated.
+	CrashUsedIndex = "used-index"
+)
+
+// crashHook, if set, runs at the crash points; set before queues start.
+var crashHook func(point string)
+
+// SetCrashHook makes hook run at each crash point (CrashFetched, ...), on
+// the goroutine that reached it. It exists for crash-recovery tests (a
+// hook that kills the process); without one each point costs a nil check.
+// Call it before any queue starts.
+func SetCrashHook(hook func(point string)) { crashHook = hook }
+
 // one is the eventfd increment written to signal the driver.
 var one = [8]byte{1}
 
@@ -259,13 +281,29 @@ func (r *Runner) afterDrain() {
 }
 
 // resubmit hands the handler the chains an earlier back-end left in
-// flight, as its inflight log names them. It returns false if the log
-// names a head that cannot be in flight (the ring then counts as broken).
+// flight, as its inflight log names them, oldest first, and resumes the
+// available ring after them: every entry before used index + their number
+// was taken, and is either completed or one of them. It returns false if
+// the log cannot be used (the ring then counts as broken).
 func (r *Runner) resubmit() bool {
 	if r.journal == nil {
 		return true
 	}
-	for _, head := range r.journal.Pending(r.q.UsedIdx()) {
+	used := r.q.UsedIdx()
+	pending, err := r.journal.Pending(used)
+	if err == nil && len(pending) > int(r.q.size) {
+		err = fmt.Errorf("inflight log names %d heads for a ring of %d", len(pending), r.q.size)
+	}
+	if err != nil {
+		r.log.Error("virtqueue broken, no longer served", "err", r.q.fail(err))
+		return false
+	}
+	resume := used + uint16(len(pending))
+	if resume != r.q.LastAvail() {
+		r.log.Info("resuming after the requests the inflight log names", "used", used, "in_flight", len(pending), "avail", resume, "base_given", r.q.LastAvail())
+	}
+	r.q.resume(resume)
+	for _, head := range pending {
 		r.mu.Lock()
 		if int(head) >= len(r.busy) || r.busy[head] {
 			r.mu.Unlock()
@@ -309,6 +347,9 @@ func (r *Runner) drain() bool {
 		r.inflight++
 		if r.journal != nil {
 			r.journal.Popped(head)
+		}
+		if crashHook != nil {
+			crashHook(CrashFetched)
 		}
 		// Swap rather than copy so that both keep their own segment
 		// storage.
@@ -398,7 +439,14 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 			r.journal.Pushing(head)
 		}
 		r.q.logChain(&r.chains[head])
+		if crashHook != nil {
+			r.q.putUsed(head, written)
+			crashHook(CrashUsedElement)
+		}
 		r.q.Push(head, written)
+		if crashHook != nil {
+			crashHook(CrashUsedIndex)
+		}
 		if r.journal != nil {
 			r.journal.Pushed(head, r.q.UsedIdx())
 		}
@@ -410,6 +458,31 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		r.idle = nil
 	}
 	return check && !r.faulted && r.q.NeedsNotify()
+}
+
+// Withdraw gives head back without completing it: its request gave up
+// (it waited in the storage while the queue stops) having changed nothing
+// and written nothing to the driver. It stays recorded in the inflight
+// log and is resubmitted when the ring starts again; Stop no longer waits
+// for it. Only a runner with a log may withdraw: without one the request
+// would be lost to the driver.
+func (r *Runner) Withdraw(head uint16) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		r.log.Error("request withdrawn without an inflight log: the driver never sees it complete", "head", head)
+	} else {
+		r.log.Info("request withdrawn; it runs again when the ring starts", "head", head)
+	}
+	if int(head) >= len(r.busy) || !r.busy[head] {
+		return
+	}
+	r.busy[head] = false
+	r.inflight--
+	if r.inflight == 0 && r.idle != nil {
+		close(r.idle)
+		r.idle = nil
+	}
 }
 
 // Abandon gives up on head without touching the rings, after guest memory

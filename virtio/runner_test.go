@@ -331,7 +331,7 @@ func newFakeJournal() *fakeJournal {
 	return &fakeJournal{inflight: map[uint16]uint64{}, lastBatch: -1}
 }
 
-func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
+func (j *fakeJournal) Pending(usedIdx uint16) ([]uint16, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.lastBatch >= 0 && usedIdx != j.usedIdx {
@@ -343,7 +343,8 @@ func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
 		heads = append(heads, h)
 	}
 	slices.SortFunc(heads, func(a, b uint16) int { return cmp.Compare(j.inflight[a], j.inflight[b]) })
-	return heads
+	j.usedIdx = usedIdx
+	return heads, nil
 }
 
 func (j *fakeJournal) Popped(head uint16) {
@@ -399,7 +400,7 @@ func TestRunnerResubmitsInflight(t *testing.T) {
 	cancel()
 	r1.Stop(ctx)
 
-	s.LastAvail = 3
+	s.LastAvail = 1 // what QEMU sends after a crash: the used index
 	var got []uint16
 	var mu sync.Mutex
 	var r2 *virtio.Runner

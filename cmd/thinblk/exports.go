@@ -23,6 +23,7 @@ type exportOptions struct {
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
 	trace      *blktrace.Log
+	noInflight bool // INFLIGHT_SHMFD not offered
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -140,6 +141,7 @@ func (e *exports) start(name string) error {
 		SocketMode: e.opts.socketMode,
 		Logger:     log,
 		Name:       name,
+		NoInflight: e.opts.noInflight,
 	}, dev)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)

@@ -42,6 +42,7 @@ type serveFlags struct {
 	readOnly   bool
 	direct     bool
 	noUring    bool
+	noInflight bool
 	queues     int
 	queueSize  int
 	serial     string
@@ -61,6 +62,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	logger, err := newLogger(stderr, f.logLevel)
 	if err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return 2
+	}
+	if err := setCrashPoint(os.Getenv(crashEnv), logger); err != nil {
 		fmt.Fprintln(stderr, "thinblk serve:", err)
 		return 2
 	}
@@ -107,6 +112,7 @@ func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, o
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
 	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
+	fs.BoolVar(&f.noInflight, "no-inflight", false, "do not offer in-flight tracking (INFLIGHT_SHMFD): requests in flight when serve dies are then lost to the guest (for comparison)")
 	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
@@ -225,6 +231,7 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 		SocketMode: mode,
 		Logger:     logger,
 		Name:       serial,
+		NoInflight: f.noInflight,
 	}, dev)
 	if err != nil {
 		return err
