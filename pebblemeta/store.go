@@ -362,6 +362,18 @@ func (s *View) BitmapChunks(fn func(idx uint64, bits []byte) error) error {
 	})
 }
 
+// SpareChunks calls fn for every stored spare-set chunk in index order.
+// bits is only valid during the call. Older pools have none.
+func (s *View) SpareChunks(fn func(idx uint64, bits []byte) error) error {
+	return s.iterate([]byte{kindSpare}, []byte{kindSpare + 1}, func(k, v []byte) error {
+		idx, err := ParseSpareKey(k)
+		if err != nil {
+			return err
+		}
+		return fn(idx, v)
+	})
+}
+
 // Batch collects changes that commit atomically. Not safe for concurrent
 // use.
 type Batch struct {
@@ -439,6 +451,12 @@ func (b *Batch) DeleteLayerRecord(layer uint64) {
 func (b *Batch) SetBitmapChunk(idx uint64, bits []byte) {
 	var kb [9]byte
 	b.set(AppendBitmapKey(kb[:0], idx), bits)
+}
+
+// SetSpareChunk stores one spare-set chunk.
+func (b *Batch) SetSpareChunk(idx uint64, bits []byte) {
+	var kb [9]byte
+	b.set(AppendSpareKey(kb[:0], idx), bits)
 }
 
 // Len is the encoded size of the batch in bytes.

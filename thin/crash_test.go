@@ -82,6 +82,10 @@ func (d *crashData) ZeroRange(off, n int64) error {
 // its old bytes until a Sync, as with any unsynced write.
 func (d *crashData) PunchHole(off, n int64) error { return d.ZeroRange(off, n) }
 
+// Allocate changes nothing: the crash model has no host space to run out
+// of (hostLimitData adds that).
+func (d *crashData) Allocate(off, n int64) error { return nil }
+
 func (d *crashData) Sync() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -147,7 +151,8 @@ func (d *crashData) crash(rng *rand.Rand) *crashData {
 type machine struct {
 	fs    *vfs.MemFS
 	files map[string]*crashData
-	inj   *injector // if set, the pools opened on it see its faults
+	inj   *injector  // if set, the pools opened on it see its faults
+	host  *hostSpace // nil: the data file's host has no limit
 }
 
 func newMachine() *machine {
@@ -187,6 +192,9 @@ func (m *machine) plainEnv() *env {
 		case !ok:
 			return nil, fs.ErrNotExist
 		}
+		if m.host != nil {
+			return &hostLimitData{dataFile: f, h: m.host}, nil
+		}
 		return f, nil
 	}}
 }
@@ -197,6 +205,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 		fs:    m.fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 30, RNG: rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64()))}),
 		files: map[string]*crashData{},
 		inj:   m.inj,
+		host:  m.host.crash(rng),
 	}
 	for k, f := range m.files {
 		n.files[k] = f.crash(rng)

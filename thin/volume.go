@@ -243,6 +243,13 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 			return p.backpressure()
 		case wait != nil:
 			<-wait
+		case isHostNoSpace(err):
+			// Nothing was published, but pieces written in place may have
+			// landed: counted, as a failed write is.
+			p.opSeq.Add(1)
+			if err := p.waitForHostSpace(&deadline, "write", v.name, err); err != nil {
+				return err
+			}
 		case errors.Is(err, ErrNoSpace):
 			if err := p.waitForSpace(&deadline, "write", v.name); err != nil {
 				return err
@@ -268,6 +275,11 @@ func (v *Volume) writeGated(bufs [][]byte, off, n int64) (started bool, wait cha
 		return false, wait, err
 	}
 	if err := v.doWrite(plans, bufs, off, n); err != nil {
+		if isHostNoSpace(err) {
+			// The host file system is full: nothing was published, and the
+			// caller retries as the no-space policy says.
+			return false, nil, hostError(err, uint64(len(plans)))
+		}
 		return true, nil, fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
 	}
 	return true, nil, nil
@@ -335,13 +347,13 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if f == nil {
 			continue
 		}
-		pb, zero, ok := p.allocLocked()
+		pb, zero, spare, ok := p.allocLocked(f.fromReserve)
 		if ok && pb >= p.zeroDurable {
 			// Writing here would break the committed promise that blocks
 			// from ZeroFrom on were never written: raise it and let the
 			// caller commit and retry. Only a new pool's first write, or
 			// allocation outrunning the background raise below, gets here.
-			p.alloc.clear(pb)
+			p.unallocLocked(pb, spare)
 			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+zeroStep))
 			p.metaDirty = true
 			ok = false
@@ -352,7 +364,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			// metadata): undo this request's allocations and fail it.
 			for _, q := range plans[:i] {
 				if q.f != nil {
-					p.alloc.clear(q.f.pblock)
+					p.unallocLocked(q.f.pblock, q.f.spare)
 					p.inflight.clear(q.f.pblock)
 					if q.f.fromReserve {
 						p.inflightRes--
@@ -363,10 +375,15 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			if err == errRaiseZero {
 				return nil, nil, err
 			}
+			if p.backing.count > 0 || p.spareWant > 0 || p.releasingLocked() {
+				// The free blocks are spares being backed for a
+				// reservation about to be made (host.go).
+				return nil, nil, ErrNoSpace
+			}
 			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
-		f.zero = zero
+		f.zero, f.spare = zero, spare
 		if pb+zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
 			// Halfway to the mark: raise it in a background commit now,
 			// so that allocation never waits for a commit to pass it.
@@ -500,7 +517,7 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 			p.inflightRes--
 		}
 		if err != nil {
-			p.alloc.clear(f.pblock)
+			p.unallocLocked(f.pblock, f.spare)
 		} else {
 			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.flags, PBlock: f.pblock}
 			p.setLocked(v.st, pl.vb, f.prev, e, f.ancProv)
@@ -509,6 +526,9 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 			}
 		}
 		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
+		if f.spare {
+			p.spareChunks[f.pblock/chunkBlocks] = struct{}{} // persisted as a spare while in flight
+		}
 		close(f.done)
 	}
 	if len(p.dirty) >= p.opts.MaxPending {
@@ -635,8 +655,10 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 	}
 	p := v.p
 	var deadline time.Time
+	var hb hostBacking
+	defer hb.done(p)
 	for {
-		started, wait, err := v.zeroGated(off, length, unmap)
+		started, wait, err := v.zeroGated(off, length, unmap, &hb)
 		if started {
 			p.opSeq.Add(1) // failed too (see WriteAt)
 			if err != nil {
@@ -646,6 +668,17 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 		}
 		if wait != nil {
 			<-wait
+			continue
+		}
+		if h, ok := err.(*hostNeed); ok {
+			if err := p.backFor(&hb, h); err != nil {
+				if !errors.Is(err, ErrNoSpace) {
+					return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+				}
+				if err := p.waitForHostSpace(&deadline, op, v.name, err); err != nil {
+					return err
+				}
+			}
 			continue
 		}
 		if cf, ok := err.(*cowFirst); ok {
@@ -669,11 +702,11 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 // zeroGated plans a discard or write-zeroes and zeroes in place under the
 // I/O gate, which it releases on every exit. started is false when the
 // request did not start: wait for wait, or planning returned err.
-func (v *Volume) zeroGated(off, length int64, unmap bool) (started bool, wait chan struct{}, err error) {
+func (v *Volume) zeroGated(off, length int64, unmap bool, hb *hostBacking) (started bool, wait chan struct{}, err error) {
 	p := v.p
 	p.ioGate.RLock()
 	defer p.ioGate.RUnlock()
-	zeros, wait, err := v.planZeroes(off, length, unmap)
+	zeros, wait, err := v.planZeroes(off, length, unmap, hb)
 	if wait != nil || err != nil {
 		return false, wait, err
 	}
@@ -699,7 +732,7 @@ func (c *cowFirst) Error() string { return "shared blocks must be copied first" 
 // with a snapshot (found in an ancestor layer) are never zeroed in place:
 // whole ones get a hole (discard) or a reservation (provision) in the
 // head, partial ones are copied first (cowFirst).
-func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struct{}, error) {
+func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]zeroOp, chan struct{}, error) {
 	p := v.p
 	bs := p.blockSize
 	p.mu.Lock()
@@ -771,6 +804,9 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 	fromRecv := min(need, v.st.recvRes)
 	if need-fromRecv > p.freeLocked() {
 		return nil, nil, ErrNoSpace
+	}
+	if h := p.zeroesHostNeedLocked(unmap, need, existing, hb); h != nil {
+		return nil, nil, h
 	}
 	if len(cow) > 0 {
 		return nil, nil, &cowFirst{cow}
