@@ -279,10 +279,10 @@ func (p *Pool) backFor(hb *hostBacking, h *hostNeed) error {
 		hb.done(p)
 		return p.backSpares(hb, h.spares)
 	}
-	if h.spares > 0 {
-		return p.backSpares(hb, 0) // asked for already; others took them
-	}
-	return nil
+	// Asked for already (others took them), or reservations made without
+	// spares fall short: top the spares up to what is reserved. Returning
+	// without doing so would have the caller plan, and ask, again forever.
+	return p.backSpares(hb, 0)
 }
 
 // backSpares host-allocates free blocks until the pool's spares cover its

@@ -269,6 +269,7 @@ type fill struct {
 	anc         pebblemeta.Entry // that entry
 	fromReserve bool             // the block comes out of a reservation (see reserve.go)
 	spare       bool             // the block was a spare (host.go)
+	fromRecv    bool             // a receive's hold reserved it; its spare backs it (receive.go)
 	zero        bool             // the block was never written: no padding needed
 	flags       uint8            // the provisioned bit the new entry keeps
 }

@@ -333,6 +333,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			fromRes++
 		case fromRecv < v.st.recvRes:
 			fromRecv++ // a receive reserved it: taken below, once allocated
+			f.fromRecv = true
 		default:
 			need++
 		}
@@ -347,7 +348,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if f == nil {
 			continue
 		}
-		pb, zero, spare, ok := p.allocLocked(f.fromReserve)
+		pb, zero, spare, ok := p.allocLocked(f.fromReserve || f.fromRecv)
 		if ok && pb >= p.zeroDurable {
 			// Writing here would break the committed promise that blocks
 			// from ZeroFrom on were never written: raise it and let the
@@ -805,7 +806,8 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 	if need-fromRecv > p.freeLocked() {
 		return nil, nil, ErrNoSpace
 	}
-	if h := p.zeroesHostNeedLocked(unmap, need, existing, hb); h != nil {
+	// The receive's reservation has its spares already (holdForReceive).
+	if h := p.zeroesHostNeedLocked(unmap, need-fromRecv, existing, hb); h != nil {
 		return nil, nil, h
 	}
 	if len(cow) > 0 {
