@@ -70,39 +70,7 @@ func (b *bitmap) clear(i uint64) {
 
 // findClear returns a clear bit at or after from (wrapping around), or
 // false when every bit is set.
-func (b *bitmap) findClear(from uint64) (uint64, bool) {
-	if b.count >= b.size {
-		return 0, false
-	}
-	if from >= b.size {
-		from = 0
-	}
-	nchunks := (b.size + chunkBlocks - 1) / chunkBlocks
-	start := from / chunkBlocks
-	for n := uint64(0); n <= nchunks; n++ {
-		c := (start + n) % nchunks
-		if uint64(b.chunkCount[c]) == chunkBlocks {
-			continue
-		}
-		lo := c * chunkBlocks
-		if n == 0 {
-			lo = from
-		}
-		hi := min((c+1)*chunkBlocks, b.size)
-		for i := lo; i < hi; {
-			w := b.words[i/64] | (uint64(1)<<(i%64) - 1) // ignore bits below i
-			if w != ^uint64(0) {
-				j := i/64*64 + uint64(bits.TrailingZeros64(^w))
-				if j < hi {
-					return j, true
-				}
-				break
-			}
-			i = (i/64 + 1) * 64
-		}
-	}
-	return 0, false
-}
+func (b *bitmap) findClear(from uint64) (uint64, bool) { return b.findClearExcept(from) }
 
 // or sets every bit set in o (of no larger size).
 func (b *bitmap) or(o *bitmap) {
@@ -255,9 +223,6 @@ func (b *bitmap) String() string {
 // findClearExcept is findClear over the union of b and others (same
 // size): a block clear in all of them. Full chunks of b are skipped.
 func (b *bitmap) findClearExcept(from uint64, others ...*bitmap) (uint64, bool) {
-	if len(others) == 0 {
-		return b.findClear(from)
-	}
 	if b.count >= b.size {
 		return 0, false
 	}
