@@ -184,3 +184,52 @@ func newHostLimitedPool(t *testing.T, blocks uint64) (*Pool, *hostSpace) {
 	t.Cleanup(func() { p.Close() })
 	return p, host
 }
+
+// TestSpareSetLeavesOutFreshFills: a commit cut while a write fills a
+// fresh block (not a spare) must not persist that block as a spare. The
+// spare set is persisted with the blocks being filled from spares (their
+// reservations come back after a crash), and only those: the fresh block's
+// map entry commits later in a batch that does not rewrite the spare chunk,
+// which left "spare blocks are owned by map entries" on disk (TestModel
+// failed so after a crash, when a background commit landed mid-write).
+func TestSpareSetLeavesOutFreshFills(t *testing.T) {
+	p, _ := newHostLimitedPool(t, 64)
+	v := mustVolume(t, p, "v", 32*bs4k)
+	if err := v.WriteZeroes(0, 4*bs4k, false); err != nil { // 4 reservations, 4 spares
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// A write to unprovisioned block 10 is planned: a fresh block, in flight.
+	plans, wait, err := v.planWrite(10*bs4k, bs4k)
+	if err == errRaiseZero { // a new pool's first blocks above the zero mark
+		if err := p.commit(); err != nil {
+			t.Fatal(err)
+		}
+		plans, wait, err = v.planWrite(10*bs4k, bs4k)
+	}
+	if err != nil || wait != nil {
+		t.Fatalf("plan: %v %v", err, wait)
+	}
+	if plans[0].f == nil || plans[0].f.spare {
+		t.Fatalf("block 10 should take a fresh block, got %+v", plans[0])
+	}
+	// Meanwhile a write into the provisioned range takes a spare (its
+	// chunk of the spare set is rewritten) and a commit cuts.
+	if err := v.WriteAt([][]byte{pattern(bs4k, 1)}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.doWrite(plans, [][]byte{pattern(bs4k, 2)}, 10*bs4k, bs4k); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Check(nil); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -338,6 +338,7 @@ type Pool struct {
 	backing      *bitmap             // free blocks being host-allocated to become spares
 	spareWant    uint64              // spares operations in progress are about to reserve
 	spareChunks  map[uint64]struct{} // spare-set chunks to persist
+	spareFills   *bitmap             // in flight blocks taken from spares: persisted as spares until published
 	thick        bool                // the whole data store is host-allocated: no spares needed
 	noAlloc      atomic.Bool         // the data file cannot allocate ahead
 	vols         map[string]*volState
@@ -469,6 +470,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.alloc = newBitmap(p.rec.SizeBlocks)
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
+	p.spareFills = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
 	p.spare = newBitmap(p.rec.SizeBlocks)
 	p.backing = newBitmap(p.rec.SizeBlocks)
@@ -965,9 +967,11 @@ func (p *Pool) commitCutLocked() error {
 		b.SetBitmapChunk(idx, buf)
 	}
 	// Blocks being filled from spares stay spares on disk: after a crash
-	// their reservations are back, and so must their spares be.
+	// their reservations are back, and so must their spares be. Only
+	// those: a fresh block in flight is not a spare, and its entry may
+	// commit in a later batch that does not rewrite this chunk.
 	for idx := range p.spareChunks {
-		buf = p.spare.appendChunkOr(buf[:0], idx, p.inflight)
+		buf = p.spare.appendChunkOr(buf[:0], idx, p.spareFills)
 		b.SetSpareChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
@@ -1381,6 +1385,7 @@ func (p *Pool) grow(size uint64) error {
 	p.alloc.grow(n)
 	p.pend.grow(n)
 	p.inflight.grow(n)
+	p.spareFills.grow(n)
 	p.zeroed.grow(n)
 	p.spare.grow(n)
 	p.backing.grow(n)

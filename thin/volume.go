@@ -367,6 +367,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 				if q.f != nil {
 					p.unallocLocked(q.f.pblock, q.f.spare)
 					p.inflight.clear(q.f.pblock)
+					p.spareFills.clear(q.f.pblock)
 					if q.f.fromReserve {
 						p.inflightRes--
 					}
@@ -394,6 +395,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		}
 		p.zeroMark = max(p.zeroMark, pb+1)
 		p.inflight.set(pb)
+		if spare {
+			p.spareFills.set(pb)
+		}
 		if f.fromReserve {
 			p.inflightRes++
 		}
@@ -514,6 +518,7 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 		}
 		delete(p.filling, mapKey{layer, pl.vb})
 		p.inflight.clear(f.pblock)
+		p.spareFills.clear(f.pblock)
 		if f.fromReserve {
 			p.inflightRes--
 		}
