@@ -1146,13 +1146,46 @@ func (p *Pool) fail(err error) error {
 	return ferr
 }
 
-// waitForSpace is called when a request found no space. It returns nil
-// when the request should retry, ErrNoSpace when it should fail.
-func (p *Pool) waitForSpace(deadline *time.Time, what, volume string) error {
+// noSpace is the ErrNoSpace of a request's planning, with the signal of
+// space freed as it was then: space freed since (a release phase that
+// ended after the plan) means plan again, not apply the no-space policy.
+type noSpace struct{ seen chan struct{} }
+
+func (*noSpace) Error() string { return ErrNoSpace.Error() }
+func (*noSpace) Unwrap() error { return ErrNoSpace }
+
+func (p *Pool) noSpaceLocked() error { return &noSpace{seen: p.spaceCh} }
+
+// spaceFreedSince reports whether space was freed after the plan that
+// failed with cause (a *noSpace; false for any other error).
+func spaceFreedSince(cause error) bool {
+	var ns *noSpace
+	if !errors.As(cause, &ns) {
+		return false
+	}
+	select {
+	case <-ns.seen:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitForSpace is called when a request's plan found no space (cause). It
+// returns nil when the request should plan again, ErrNoSpace when it
+// should fail.
+func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause error) error {
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
 		return err
+	}
+	if spaceFreedSince(cause) {
+		// Space was freed after the plan (a release phase ended):
+		// without this a request would fail, or wait for the next
+		// release, although the space it needs is there.
+		p.mu.Unlock()
+		return nil
 	}
 	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
 	policy := NoSpacePolicy(p.rec.NoSpace)

@@ -251,7 +251,7 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 				return err
 			}
 		case errors.Is(err, ErrNoSpace):
-			if err := p.waitForSpace(&deadline, "write", v.name); err != nil {
+			if err := p.waitForSpace(&deadline, "write", v.name, err); err != nil {
 				return err
 			}
 		case err == errRaiseZero:
@@ -340,7 +340,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		plans = append(plans, writePlan{vb: vb, pblock: -1, f: f, cow: cow})
 	}
 	if need > p.freeLocked() {
-		return nil, nil, ErrNoSpace
+		return nil, nil, p.noSpaceLocked()
 	}
 	var err error
 	for i := range plans {
@@ -380,7 +380,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			if p.backing.count > 0 || p.spareWant > 0 || p.releasingLocked() {
 				// The free blocks are spares being backed for a
 				// reservation about to be made (host.go).
-				return nil, nil, ErrNoSpace
+				return nil, nil, p.noSpaceLocked()
 			}
 			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
@@ -696,7 +696,7 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			continue
 		}
 		if errors.Is(err, ErrNoSpace) {
-			if err := p.waitForSpace(&deadline, op, v.name); err != nil {
+			if err := p.waitForSpace(&deadline, op, v.name, err); err != nil {
 				return err
 			}
 			continue
@@ -809,7 +809,7 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 	// A receive's reservation covers what it provisions (receive.go).
 	fromRecv := min(need, v.st.recvRes)
 	if need-fromRecv > p.freeLocked() {
-		return nil, nil, ErrNoSpace
+		return nil, nil, p.noSpaceLocked()
 	}
 	// The receive's reservation has its spares already (holdForReceive).
 	if h := p.zeroesHostNeedLocked(unmap, need-fromRecv, existing, hb); h != nil {
