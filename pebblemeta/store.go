@@ -37,6 +37,12 @@ type Options struct {
 	CacheSize int64
 	// Logger receives Pebble's log lines (default: discarded).
 	Logger *slog.Logger
+	// Headroom is host space, in bytes, that Open keeps allocated for the
+	// store and gives up to Pebble when the file system is full
+	// (headroom.go); 0: none. OnHeadroomUsed is called when some of it
+	// was given up (on Pebble's writing goroutine: it must be quick).
+	Headroom       int64
+	OnHeadroomUsed func()
 }
 
 // Store is the Pebble-backed metadata of one pool: keys, values and
@@ -45,6 +51,8 @@ type Store struct {
 	View // reads see the latest committed batch
 	db   *pebble.DB
 	fs   vfs.FS
+
+	headroom *headroom
 }
 
 // View reads the store: the live one (Store) or a frozen point in time
@@ -153,6 +161,12 @@ func Open(dir string, o Options) (*Store, error) {
 	if _, err := po.FS.Stat(dir); err != nil {
 		return nil, fmt.Errorf("open metadata store %s: %w", dir, ErrNoStore)
 	}
+	h := newHeadroom(po.FS, dir, o.Headroom, o.OnHeadroomUsed)
+	if h != nil {
+		// Opening replays the log into a new table: the headroom may be
+		// needed already.
+		po.FS = vfs.OnDiskFull(po.FS, h.release)
+	}
 	po.ErrorIfNotExists = true
 	db, err := pebble.Open(dir, po)
 	if errors.Is(err, pebble.ErrDBDoesNotExist) {
@@ -161,7 +175,7 @@ func Open(dir string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metadata store %s: %w", dir, err)
 	}
-	s := &Store{View: View{r: db}, db: db, fs: po.FS}
+	s := &Store{View: View{r: db}, db: db, fs: po.FS, headroom: h}
 	v, closer, err := db.Get(formatKey)
 	if err != nil {
 		db.Close()

@@ -4,9 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"path/filepath"
 	"slices"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"golang.org/x/sys/unix"
 
 	"github.com/thinblk/thinblk/pebblemeta"
@@ -348,6 +350,9 @@ func (p *Pool) backSpares(hb *hostBacking, n uint64) error {
 
 // allocateBlocks host-allocates the given pool blocks, run by run.
 func (p *Pool) allocateBlocks(blocks []uint64) error {
+	if len(blocks) > 0 && !p.restoreHeadroom() {
+		return errHeadroomShort
+	}
 	bs := slices.Clone(blocks)
 	slices.Sort(bs)
 	for _, r := range blockRuns(bs) {
@@ -458,6 +463,9 @@ func isHostNoSpace(err error) bool { return errors.Is(err, unix.ENOSPC) }
 // (NoSpacePause; the OutOfSpace event, with Host set, lets serve pause
 // the VM). nil means retry.
 func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause error) error {
+	if errors.Is(cause, errHeadroomShort) && p.restoreHeadroom() {
+		return nil // the host had space for the headroom again: retry
+	}
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -513,6 +521,9 @@ func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause 
 			t.Stop()
 			return nil
 		case <-t.C:
+		}
+		if !p.restoreHeadroom() {
+			continue // the metadata's headroom comes back first
 		}
 		if free, _, ok := p.hostFreeBytes(); !ok || free >= uint64(p.blockSize) {
 			p.hostSpaceBack()
@@ -629,6 +640,7 @@ func hostShortfall(size, dataHost, hostFree, poolFree uint64) uint64 {
 // when it crosses the pool's low-water mark, and logs when the host has
 // no space left for a block.
 func (p *Pool) noteHostSpace() {
+	p.restoreHeadroom()
 	free, _, ok := p.hostFreeBytes()
 	if !ok {
 		return
@@ -725,3 +737,90 @@ func (p *Pool) hostBacked() bool {
 	defer p.mu.Unlock()
 	return p.hostBackedLocked()
 }
+
+// The metadata's headroom (pebblemeta/headroom.go). Every commit needs
+// host space for the metadata store (Pebble's log, flushes and
+// compactions), also one that only maps a provisioned block written: on a
+// full host it would fail, and a failed commit fails the pool, promised
+// writes included. So the store keeps headroom allocated on its file
+// system and gives it up to Pebble on ENOSPC. Where the data file shares
+// that file system, the pool then gives no new host space to data (first
+// writes to unprovisioned blocks, new spares) until the headroom is back:
+// those follow the no-space policy as on a full host, so that what the
+// pool freed for its metadata is not eaten by its own data. Promised
+// writes need no new host space and go on.
+
+// Headroom by default: 1/16 of the metadata's file system, within these.
+const (
+	minMetaHeadroom = 1 << 20
+	maxMetaHeadroom = 64 << 20
+)
+
+// metaHeadroom is the headroom to keep for the store in metaDir: none on
+// a file system other than the real one (tests' in-memory ones).
+func metaHeadroom(fs vfs.FS, metaDir string, opt int64) int64 {
+	if opt < 0 || fs != vfs.Default {
+		return 0
+	}
+	if opt > 0 {
+		return opt
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(metaDir, &st); err != nil {
+		return minMetaHeadroom
+	}
+	return DefaultMetaHeadroom(st.Blocks * uint64(st.Bsize))
+}
+
+// DefaultMetaHeadroom is the metadata headroom a pool keeps on a file
+// system of fsBytes.
+func DefaultMetaHeadroom(fsBytes uint64) int64 {
+	return int64(min(maxMetaHeadroom, max(minMetaHeadroom, fsBytes/16)))
+}
+
+// openHeadroom allocates the headroom at Open and notes whether the data
+// file shares its file system.
+func (p *Pool) openHeadroom() {
+	var ms, ds unix.Stat_t
+	if unix.Stat(filepath.Join(p.dir, metaName), &ms) == nil && unix.Stat(filepath.Join(p.dir, dataName), &ds) == nil {
+		p.metaShared = ms.Dev == ds.Dev && !p.thick
+	}
+	if err := p.store.RestoreHeadroom(); err != nil {
+		p.log.Error("the metadata store has not all its headroom on the host: writes that need new host space follow the no-space policy until it has",
+			"pool", p.dir, "err", err)
+	}
+}
+
+// headroomUsed is called (on Pebble's writing goroutine) when the
+// metadata store used some of its headroom.
+func (p *Pool) headroomUsed() {
+	// Also during Open, before p.store is set: only log.
+	p.headroomUses.Add(1)
+	p.log.Error("the metadata's host file system is full: the metadata store used some of its headroom; writes that need new host space follow the no-space policy until it is restored",
+		"pool", p.dir)
+}
+
+// dataHeadroomShort reports whether new host space for data must wait for
+// the metadata's headroom to be restored.
+func (p *Pool) dataHeadroomShort() bool {
+	return p.metaShared && p.store.HeadroomShort()
+}
+
+// restoreHeadroom tries to restore the headroom; it reports whether data
+// may take new host space (there was nothing to restore, or it is back).
+func (p *Pool) restoreHeadroom() bool {
+	if !p.store.HeadroomShort() {
+		return true
+	}
+	if err := p.store.RestoreHeadroom(); err != nil {
+		return !p.metaShared
+	}
+	have, _ := p.store.Headroom()
+	p.log.Info("the metadata store's headroom is restored on the host", "pool", p.dir, "headroom_bytes", have)
+	return true
+}
+
+// errHeadroomShort refuses new host space to data while the metadata's
+// headroom is short: like the host's ENOSPC, it follows the no-space
+// policy.
+var errHeadroomShort = fmt.Errorf("%w: the host file system filled up and the metadata store's headroom is not restored yet (%w)", ErrNoSpace, unix.ENOSPC)

@@ -487,3 +487,148 @@ func TestDataOnBlockDevice(t *testing.T) {
 	}
 	writeVerify(t, v, 0, 1<<20, 80) // reuses discarded (punched) blocks
 }
+
+// TestHostFullMetadataHeadroom: the metadata on the same small host file
+// system as the data (a 24 MiB tmpfs). After another file filled the host,
+// every provisioned block is written over and over, each write committed
+// (FLUSH), and the pool is reopened on the full host in between: the
+// commits (Pebble's log beyond its preallocation, the flush of the log at
+// open) need host space for the metadata store, which takes it from the
+// headroom the pool keeps, and none fails. A write to unprovisioned space
+// follows the no-space policy meanwhile (it must not eat what the
+// metadata needs), and works once the host has space again and the
+// headroom is restored. With no headroom (MetaHeadroom -1) the same
+// sequence fails the pool: "pebble: fatal commit error ... no space left
+// on device".
+func TestHostFullMetadataHeadroom(t *testing.T) {
+	for _, headroom := range []int64{-1, 0} {
+		t.Run(fmt.Sprint("headroom=", headroom), func(t *testing.T) {
+			err := fullHostCommits(t, headroom)
+			if headroom < 0 {
+				if err == nil {
+					t.Fatal("without headroom the commits on the full host succeeded: the test does not exercise the metadata's need for space")
+				}
+				t.Logf("without headroom: %v", err)
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// openWithin opens a pool, or gives up after d: then it frees the host
+// (Pebble's open waits for space to flush its log, for ever) and
+// reports that.
+func openWithin(dir string, o OpenOptions, d time.Duration, host *hostFiller) (*Pool, error) {
+	type opened struct {
+		p   *Pool
+		err error
+	}
+	ch := make(chan opened, 1)
+	go func() {
+		p, err := Open(dir, o)
+		ch <- opened{p, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.p, r.err
+	case <-time.After(d):
+		os.Remove(host.path)
+		if r := <-ch; r.p != nil {
+			r.p.Close()
+		}
+		return nil, fmt.Errorf("open did not return within %v (it returned once the host had space)", d)
+	}
+}
+
+func fullHostCommits(t *testing.T, headroom int64) error {
+	mnt := mountSmallFS(t, 24<<20)
+	dir := filepath.Join(mnt, "pool")
+	if err := Create(dir, CreateOptions{BlockSize: 4 * kib, Size: 8192 * 4 * kib}); err != nil {
+		t.Fatal(err)
+	}
+	o := quietOpts()
+	o.MetaHeadroom = headroom
+	p, err := Open(dir, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if p != nil {
+			p.Close()
+		}
+	}()
+	st := p.Status().Pool
+	if headroom == 0 && (st.MetaHeadroomWantBytes != (24<<20)/16 || st.MetaHeadroomBytes != st.MetaHeadroomWantBytes) {
+		t.Fatalf("metadata headroom %d of %d, want 1/16 of the 24 MiB host", st.MetaHeadroomBytes, st.MetaHeadroomWantBytes)
+	}
+	host := &hostFiller{t: t, path: filepath.Join(mnt, "other-tenant")}
+	v := mustVolume(t, p, "v", 4<<20)
+	mustVolume(t, p, "u", 4<<20)
+	if err := v.WriteZeroes(0, 2<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	host.fill()
+	const rounds = 8
+	for round := range rounds {
+		if round == 2 {
+			// A restart on the full host: Pebble flushes its log at open.
+			uses := p.headroomUses.Load()
+			p.Close()
+			if p, err = openWithin(dir, o, 10*time.Second, host); err != nil {
+				return fmt.Errorf("reopen on the full host: %w", err)
+			}
+			p.headroomUses.Add(uses)
+			v, _ = p.Volume("v")
+			host.fill() // what the old log gave back
+
+		}
+		for pos := int64(0); pos < 2<<20; pos += 4 * kib {
+			if err := v.WriteAt([][]byte{pattern(4*kib, byte(round)+byte(pos>>12))}, pos); err != nil {
+				return fmt.Errorf("round %d: provisioned write at %d on the full host: %w", round, pos, err)
+			}
+			if err := v.Flush(); err != nil {
+				return fmt.Errorf("round %d: flush after the write at %d on the full host: %w", round, pos, err)
+			}
+		}
+	}
+	for pos := int64(0); pos < 2<<20; pos += 4 * kib {
+		if got := read(t, v, pos, 4*kib); !bytes.Equal(got, pattern(4*kib, rounds-1+byte(pos>>12))) {
+			t.Fatalf("read back at %d: wrong data", pos)
+		}
+	}
+	st = p.Status().Pool
+	t.Logf("the metadata store used its headroom %d times; %d of %d bytes left", p.headroomUses.Load(), st.MetaHeadroomBytes, st.MetaHeadroomWantBytes)
+	if p.headroomUses.Load() == 0 {
+		t.Fatal("the metadata store used none of its headroom: the test does not exercise it")
+	}
+	u, _ := p.Volume("u")
+	// A piece of headroom given up, its space taken by the other tenant:
+	// data gets no new host space until the headroom is back.
+	pieces, _ := filepath.Glob(filepath.Join(dir, metaName, "thinblk-headroom.*"))
+	if len(pieces) == 0 {
+		t.Fatal("no piece of headroom left")
+	}
+	if err := os.Remove(pieces[0]); err != nil {
+		t.Fatal(err)
+	}
+	host.fill()
+	if err := p.store.RestoreHeadroom(); err == nil {
+		t.Fatal("headroom restored on a full host")
+	}
+	err = u.WriteAt([][]byte{pattern(4*kib, 3)}, 0)
+	if !errors.Is(err, errHeadroomShort) || !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("unprovisioned write while the metadata's headroom is short: %v, want the headroom's no-space", err)
+	}
+	if err := os.Remove(host.path); err != nil {
+		t.Fatal(err)
+	}
+	write(t, u, 0, pattern(4*kib, 3))
+	if st = p.Status().Pool; st.MetaHeadroomBytes != st.MetaHeadroomWantBytes {
+		t.Fatalf("headroom not restored once the host had space: %d of %d", st.MetaHeadroomBytes, st.MetaHeadroomWantBytes)
+	}
+	checkAccounting(t, p)
+	return nil
+}

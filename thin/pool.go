@@ -123,6 +123,11 @@ type OpenOptions struct {
 	// MaxPending is how many map changes may wait for a commit before one
 	// is started regardless; default 65536. Bounds memory.
 	MaxPending int
+	// MetaHeadroom is host space, in bytes, kept for the metadata store
+	// and given up to it when its file system is full (host.go); 0: the
+	// default, 1/16 of that file system, from 1 MiB to 64 MiB; negative:
+	// none.
+	MetaHeadroom int64
 
 	env *env // tests: crashable file systems
 }
@@ -340,6 +345,8 @@ type Pool struct {
 	spareChunks  map[uint64]struct{} // spare-set chunks to persist
 	spareFills   *bitmap             // in flight blocks taken from spares: persisted as spares until published
 	thick        bool                // the whole data store is host-allocated: no spares needed
+	metaShared   bool                // the metadata's file system holds the data file too
+	headroomUses atomic.Int64        // times the metadata store used some of its headroom
 	noAlloc      atomic.Bool         // the data file cannot allocate ahead
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
@@ -421,7 +428,8 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open pool %s: %w", dir, err)
 	}
-	p.store, err = pebblemeta.Open(fs.PathJoin(dir, metaName), pebblemeta.Options{FS: fs, CacheSize: o.CacheSize, Logger: o.Logger})
+	p.store, err = pebblemeta.Open(fs.PathJoin(dir, metaName), pebblemeta.Options{FS: fs, CacheSize: o.CacheSize, Logger: o.Logger,
+		Headroom: metaHeadroom(fs, fs.PathJoin(dir, metaName), o.MetaHeadroom), OnHeadroomUsed: p.headroomUsed})
 	if err != nil {
 		if errors.Is(err, pebblemeta.ErrNoStore) {
 			err = fmt.Errorf("%w: %v", ErrNotPool, err)
@@ -521,6 +529,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.closing = make(chan struct{})
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	p.openHeadroom()
 	p.openSpares()
 	p.noteHostSpace()
 	go p.background()
@@ -1782,6 +1791,11 @@ type PoolStatus struct {
 	HostUnbackedBytes     uint64 `json:"host_unbacked_bytes"`
 	ReservedUnbackedBytes uint64 `json:"reserved_unbacked_bytes"`
 	HostBelowLowWater     bool   `json:"host_below_low_water"`
+	// The metadata store's headroom on its file system (host.go): held
+	// now and wanted. Less held than wanted: that file system filled up
+	// and the pool gives no new host space to data until it is restored.
+	MetaHeadroomBytes     uint64 `json:"metadata_headroom_bytes"`
+	MetaHeadroomWantBytes uint64 `json:"metadata_headroom_want_bytes"`
 	// Preallocated: the whole data file is allocated on the host (pool
 	// create --preallocate); the host cannot run out under it.
 	Preallocated bool `json:"preallocated"`
@@ -1868,6 +1882,8 @@ func (p *Pool) Status() Status {
 		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
 	}
 	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
+	have, want := p.store.Headroom()
+	s.Pool.MetaHeadroomBytes, s.Pool.MetaHeadroomWantBytes = uint64(have), uint64(want)
 	s.Pool.Preallocated = p.rec.Flags&pebblemeta.PoolPreallocated != 0
 	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
 		s.Pool.DataDevice, _ = filepath.EvalSymlinks(filepath.Join(p.dir, dataName))

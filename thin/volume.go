@@ -342,6 +342,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 	if need > p.freeLocked() {
 		return nil, nil, p.noSpaceLocked()
 	}
+	if need > 0 && p.dataHeadroomShort() {
+		return nil, nil, errHeadroomShort
+	}
 	var err error
 	for i := range plans {
 		f := plans[i].f

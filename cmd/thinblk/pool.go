@@ -378,6 +378,10 @@ func printStatus(w io.Writer, st thin.Status) {
 	if p.HostBelowLowWater {
 		fmt.Fprintf(w, "WARNING: the host file system's free space is below the pool's low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
 	}
+	if p.MetaHeadroomBytes < p.MetaHeadroomWantBytes {
+		fmt.Fprintf(w, "WARNING: the metadata's host file system filled up: metadata headroom %s of %s; writes that need new host space follow the no-space policy until it is restored\n",
+			units.HumanBytes(p.MetaHeadroomBytes), units.HumanBytes(p.MetaHeadroomWantBytes))
+	}
 	if p.ReservedUnbackedBytes > 0 {
 		fmt.Fprintf(w, "WARNING: %s of reserved space has no host-allocated spare: promised writes may fail if the host fills up\n",
 			units.HumanBytes(p.ReservedUnbackedBytes))
