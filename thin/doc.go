@@ -225,5 +225,10 @@
 // reservations, that no spare is owned, and with FIEMAP that spares and
 // provisioned mapped blocks are allocated on the host. A write that gets
 // ENOSPC from the host follows the no-space policy like a full pool.
+//
+// Commits need host space too (Pebble's log, flushes, compactions), also
+// those of promised writes: the metadata store keeps headroom on its file
+// system and gives it up to Pebble on ENOSPC; until it is restored, data
+// sharing that file system gets no new host space (no-space policy).
 
 package thin
