@@ -186,7 +186,10 @@ func (p *Pool) sparesFromReleased(released *bitmap) []uint64 {
 	if len(keep) == 0 {
 		return nil
 	}
-	if err := p.allocateBlocks(keep); err != nil {
+	// Released blocks were written: what they need on the host is at most
+	// their holes, so the metadata's headroom does not hold this back
+	// (a reserved write would need new host space instead).
+	if err := p.allocateRuns(keep); err != nil {
 		p.log.Warn("released blocks could not be host-allocated as spares for reservations", "pool", p.dir, "err", err)
 		return nil
 	}
@@ -353,6 +356,12 @@ func (p *Pool) allocateBlocks(blocks []uint64) error {
 	if len(blocks) > 0 && !p.restoreHeadroom() {
 		return errHeadroomShort
 	}
+	return p.allocateRuns(blocks)
+}
+
+// allocateRuns host-allocates blocks whatever the metadata's headroom:
+// for blocks that are allocated already but for holes.
+func (p *Pool) allocateRuns(blocks []uint64) error {
 	bs := slices.Clone(blocks)
 	slices.Sort(bs)
 	for _, r := range blockRuns(bs) {
