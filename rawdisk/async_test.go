@@ -10,7 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/internal/blockdev"
 )
 
 // completions collects an async queue's completions for a test.
@@ -26,7 +26,7 @@ func newCompletions() *completions {
 	return c
 }
 
-func (c *completions) done(batch []blk.Completion) {
+func (c *completions) done(batch []blockdev.Completion) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, x := range batch {
@@ -61,7 +61,7 @@ func (c *completions) wait(t *testing.T, n int) map[uint16]error {
 	return got
 }
 
-func openAsync(t *testing.T, path string, opts Options, depth int) (*Disk, blk.AsyncQueue, *completions) {
+func openAsync(t *testing.T, path string, opts Options, depth int) (*Disk, blockdev.AsyncQueue, *completions) {
 	t.Helper()
 	d, err := Open(path, opts)
 	if err != nil {
@@ -215,7 +215,7 @@ func TestAsyncCloseWaitsForInFlight(t *testing.T) {
 	defer d.Close()
 	var mu sync.Mutex
 	completed := 0
-	q, err := d.OpenQueue(32, func(b []blk.Completion) {
+	q, err := d.OpenQueue(32, func(b []blockdev.Completion) {
 		time.Sleep(time.Millisecond) // a slow consumer
 		mu.Lock()
 		completed += len(b)
@@ -247,21 +247,8 @@ func TestNoUringOption(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if _, err := d.OpenQueue(4, func([]blk.Completion) {}); !errors.Is(err, errors.ErrUnsupported) {
+	if _, err := d.OpenQueue(4, func([]blockdev.Completion) {}); !errors.Is(err, errors.ErrUnsupported) {
 		t.Fatalf("OpenQueue with NoUring: %v, want ErrUnsupported", err)
-	}
-}
-
-func TestSkipBytes(t *testing.T) {
-	a, b, c := []byte("abc"), []byte("defgh"), []byte("ij")
-	for _, tc := range []struct {
-		n    int
-		want string
-	}{{0, "abcdefghij"}, {2, "cdefghij"}, {3, "defghij"}, {7, "hij"}, {10, ""}} {
-		got := bytes.Join(skipBytes([][]byte{a, b, c}, tc.n), nil)
-		if string(got) != tc.want {
-			t.Errorf("skip %d: %q, want %q", tc.n, got, tc.want)
-		}
 	}
 }
 

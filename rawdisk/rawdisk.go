@@ -1,9 +1,9 @@
-// Package rawdisk is a blk.Storage over a raw image file or block device:
+// Package rawdisk is a blockdev.Storage over a raw image file or block device:
 // vectored pread/pwrite, fdatasync for FLUSH, punch-hole for DISCARD and
 // WRITE_ZEROES with unmap, zero-range for WRITE_ZEROES without unmap.
 //
 // Where the kernel allows io_uring (checked once, at Open), the disk is
-// also a blk.AsyncStorage: each virtqueue gets its own ring, filled and
+// also a blockdev.AsyncStorage: each virtqueue gets its own ring, filled and
 // submitted in batches by the queue's runner and drained by one reaper
 // goroutine (READV, WRITEV, FSYNC with DATASYNC). A synchronous system
 // call per request costs a goroutine and, for blocking I/O, an OS thread
@@ -19,8 +19,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/vio"
-	"github.com/thinblk/thinblk/virtio/blk"
 )
 
 // Options control how the image is opened.
@@ -45,11 +45,11 @@ type Disk struct {
 	readOnly bool
 	direct   bool
 	isBlock  bool
-	geometry blk.Geometry
+	geometry blockdev.Geometry
 }
 
-var _ blk.Storage = (*Disk)(nil)
-var _ blk.GeometryReporter = (*Disk)(nil)
+var _ blockdev.Storage = (*Disk)(nil)
+var _ blockdev.GeometryReporter = (*Disk)(nil)
 
 // ErrReadOnly is returned for writes to a read-only disk.
 var ErrReadOnly = errors.New("read-only disk")
@@ -110,13 +110,13 @@ func (d *Disk) probe() error {
 	default:
 		return errors.New("not a regular file or block device")
 	}
-	size &^= blk.SectorSize - 1
+	size &^= blockdev.SectorSize - 1
 	if size == 0 {
 		return errors.New("image is smaller than one 512-byte sector")
 	}
 	d.size = size
-	d.geometry = blk.Geometry{
-		LogicalBlockSize:   blk.SectorSize,
+	d.geometry = blockdev.Geometry{
+		LogicalBlockSize:   blockdev.SectorSize,
 		PhysicalBlockSize:  physical,
 		DiscardGranularity: physical,
 	}
@@ -134,7 +134,7 @@ func (d *Disk) Close() error { return d.f.Close() }
 func (d *Disk) Size() uint64 { return d.size }
 
 // Geometry reports block sizes for the device's config space.
-func (d *Disk) Geometry() blk.Geometry { return d.geometry }
+func (d *Disk) Geometry() blockdev.Geometry { return d.geometry }
 
 // ReadAt reads consecutive bytes at off into bufs.
 func (d *Disk) ReadAt(bufs [][]byte, off int64) error {

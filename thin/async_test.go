@@ -3,12 +3,13 @@ package thin
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/blockdev"
 )
 
 // asyncIO serves one request at a time through a volume's AsyncQueue, as
@@ -16,15 +17,15 @@ import (
 // calls. It counts both, so tests can tell that the queue did the work.
 type asyncIO struct {
 	v                 *Volume
-	q                 *AsyncQueue
-	done              chan Completion
+	q                 blockdev.AsyncQueue
+	done              chan blockdev.Completion
 	started, declined int
 }
 
 func openAsyncIO(t testing.TB, v *Volume) *asyncIO {
 	t.Helper()
-	a := &asyncIO{v: v, done: make(chan Completion, 64)}
-	q, err := v.OpenQueue(8, func(cs []Completion) {
+	a := &asyncIO{v: v, done: make(chan blockdev.Completion, 64)}
+	q, err := v.OpenQueue(8, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			a.done <- c
 		}
@@ -73,11 +74,8 @@ func (a *asyncIO) WriteAt(bufs [][]byte, off int64) error {
 // does their I/O), so the ordering rules are checked across crashes for
 // that path too.
 func TestModelAsync(t *testing.T) {
-	steps := envInt("THIN_MODEL_STEPS", 1000)
 	started, declined := useAsyncModelIO(t)
-	for seed := 1; seed <= 3; seed++ {
-		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { runModel(t, uint64(seed), steps) })
-	}
+	steps := forModelSeeds(t, 1000, runModel)
 	t.Logf("requests started asynchronously: %d, declined (served synchronously): %d", *started, *declined)
 	if *started < 3**declined || *started < steps/2 {
 		t.Fatalf("only %d requests went through the queue (%d declined)", *started, *declined)
@@ -141,11 +139,12 @@ func TestAsyncAgainstModelOnRealPool(t *testing.T) {
 	const bs = 16 * kib
 	o := quietOpts()
 	o.MaxPending = 8
-	p := realPool(t, 24, bs, o)
 	// Raise the zero mark often, so that both padded and unpadded first
 	// writes happen.
-	defer func(old uint64) { zeroStep = old }(zeroStep)
-	zeroStep = 2
+	tune := defaultTuning()
+	tune.zeroStep = 2
+	o.tuning = &tune
+	p := realPool(t, 24, bs, o)
 	const volSize = 32 * bs
 	v := mustVolume(t, p, "v", volSize)
 	a := openAsyncIO(t, v)
@@ -297,8 +296,8 @@ func asyncWorker(v *Volume, base int64, blocks int, bs int64, depth int, seed ui
 		syncResult error
 	}
 	reqs := make([]req, depth)
-	done := make(chan Completion, depth)
-	q, err := v.OpenQueue(depth, func(cs []Completion) {
+	done := make(chan blockdev.Completion, depth)
+	q, err := v.OpenQueue(depth, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			done <- c
 		}
@@ -308,7 +307,7 @@ func asyncWorker(v *Volume, base int64, blocks int, bs int64, depth int, seed ui
 	}
 	defer q.Close()
 	busy := map[int64]bool{} // blocks with a request in flight
-	finish := func(c Completion) error {
+	finish := func(c blockdev.Completion) error {
 		r := &reqs[c.Tag]
 		if c.Err != nil {
 			return c.Err
@@ -425,8 +424,8 @@ func TestAsyncCloseWaitsAndPoolClose(t *testing.T) {
 	p := realPool(t, 16, 4*kib, quietOpts())
 	v := mustVolume(t, p, "v", 64*kib)
 	var mu sync.Mutex
-	var got []Completion
-	q, err := v.OpenQueue(4, func(cs []Completion) {
+	var got []blockdev.Completion
+	q, err := v.OpenQueue(4, func(cs []blockdev.Completion) {
 		mu.Lock()
 		got = append(got, cs...)
 		mu.Unlock()
@@ -463,7 +462,7 @@ func TestAsyncCloseWaitsAndPoolClose(t *testing.T) {
 			t.Fatalf("write %d not there", i)
 		}
 	}
-	q2, err := v.OpenQueue(2, func([]Completion) { t.Error("completion after the pool closed") })
+	q2, err := v.OpenQueue(2, func([]blockdev.Completion) { t.Error("completion after the pool closed") })
 	if err != nil {
 		t.Fatal(err)
 	}

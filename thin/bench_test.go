@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/uring"
 )
 
@@ -279,7 +280,7 @@ func benchAsyncThin(b *testing.B, write bool) {
 	p, v := benchPool(b)
 	mapAll(b, p, v)
 	done := make(chan uint16, 64)
-	q, err := v.OpenQueue(32, func(cs []Completion) {
+	q, err := v.OpenQueue(32, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			if c.Err != nil {
 				b.Error(c.Err)

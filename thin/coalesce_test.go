@@ -101,16 +101,16 @@ func firstDiff(a, b []byte) int {
 // TestCoalesceWritesAndReadsBack writes runs of new, reused and mapped
 // blocks with odd scatter-gather lists and checks every byte.
 func TestCoalesceWritesAndReadsBack(t *testing.T) {
-	defer func(old int64) { writeRunMax = old }(writeRunMax)
 	for _, max := range []int64{64 * kib, 256 * kib, 1 << 40} {
-		writeRunMax = max
-		t.Run(fmt.Sprintf("runs of at most %d", max), testCoalesceReadBack)
+		t.Run(fmt.Sprintf("runs of at most %d", max), func(t *testing.T) { testCoalesceReadBack(t, max) })
 	}
 }
 
-func testCoalesceReadBack(t *testing.T) {
+func testCoalesceReadBack(t *testing.T, writeRunMax int64) {
 	const bs = 64 * kib
-	p, _ := newPool(t, 64, CreateOptions{BlockSize: bs})
+	tune := defaultTuning()
+	tune.writeRunMax = writeRunMax
+	p, _ := newTunedPool(t, 64, CreateOptions{BlockSize: bs}, &tune)
 	const size = 48 * bs
 	v := mustVolume(t, p, "v", size)
 	img := make([]byte, size)
@@ -193,7 +193,6 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 		}
 		cd.reset()
 	}
-	defer func(old int64) { writeRunMax = old }(writeRunMax)
 	cd.reset() // the default first: runs are not cut
 	// 16 fresh blocks, allocated one after the other: 16 pieces, 18 with
 	// the buffer boundaries inside blocks.
@@ -214,7 +213,7 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 	check("1500 buffers", 2, 1500)
 	// Runs are cut where the data file offset crosses a multiple of
 	// writeRunMax.
-	writeRunMax = 256 * kib
+	p.tune.writeRunMax = 256 * kib // only this goroutine writes
 	p.mu.Lock()
 	e, _, err := p.resolveLocked(v.st.rec.Layer, 0)
 	p.mu.Unlock()
@@ -223,12 +222,12 @@ func TestCoalesceOneCallPerRun(t *testing.T) {
 	}
 	for _, c := range []struct{ off, iovs int64 }{{0, 16}, {1024, 17}} {
 		at := int64(e.PBlock)*bs + c.off // the blocks are consecutive (above)
-		cuts := (at+1<<20-1)/writeRunMax - at/writeRunMax
+		cuts := (at+1<<20-1)/(256*kib) - at/(256*kib)
 		writeV(t, v, img, c.off, [][]byte{pattern(1<<20, byte(c.off))})
 		check(fmt.Sprintf("1 MiB at %d, runs of at most 256 KiB", c.off), 1+cuts, c.iovs)
 	}
 	// Cut at 64 KiB: a vectored write per block, whatever the buffers.
-	writeRunMax = 64 * kib
+	p.tune.writeRunMax = 64 * kib
 	writeV(t, v, img, 0, split(pattern(1<<20, 7), 100000, 500000, 512, 512))
 	check("1 MiB in 5 buffers, runs of at most 64 KiB", 16, 20)
 	verify(t, v, img)
@@ -267,11 +266,10 @@ func TestCoalesceNoAllocs(t *testing.T) {
 // process's CPU time (the kernel's included), less swayed than ns/op by
 // other load on a shared machine.
 func BenchmarkCoalesce(b *testing.B) {
-	defer func(old int64) { writeRunMax = old }(writeRunMax)
 	for _, max := range []int64{64 * kib, 128 * kib, 256 * kib, 1 << 20} {
 		b.Run(fmt.Sprintf("run=%dK", max>>10), func(b *testing.B) {
-			writeRunMax = max
 			p, v := benchPool(b)
+			p.tune.writeRunMax = max // before the first write
 			buf := [][]byte{pattern(1<<20, 1)}
 			for off := int64(0); off < benchBlocks*64*kib; off += 1 << 20 {
 				if err := v.WriteAt(buf, off); err != nil {

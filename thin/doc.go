@@ -11,7 +11,7 @@
 //	thin.Create(dir, thin.CreateOptions{Size: 20 << 30})     // once
 //	p, err := thin.Open(dir, thin.OpenOptions{Logger: log}) // exclusive
 //	p.CreateVolume("vm1", 100<<30)
-//	v, _ := p.Volume("vm1") // *Volume implements blk.Storage
+//	v, _ := p.Volume("vm1") // *Volume implements blockdev.Storage
 //	v.WriteAt(bufs, off); v.Flush(); ...
 //	p.Status(); p.Check(progress); p.Grow(size); p.Watch(fn); p.Close()
 //

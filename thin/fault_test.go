@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/qmp"
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -29,7 +30,16 @@ import (
 // abandons that request; the pool must not be left with its I/O gate or a
 // block fill held: the faulted connection stops, the other volumes keep
 // serving, snapshots and commits work, and Check is clean.
+//
+// The device serves a volume through its asynchronous queue when it can
+// (as thinblk serve does); the synchronous path faults on the same
+// buffers, and both must let go of the gate and the fills.
 func TestGuestMemoryShrunkUnderIO(t *testing.T) {
+	t.Run("async", func(t *testing.T) { testGuestMemoryShrunkUnderIO(t, false) })
+	t.Run("sync", func(t *testing.T) { testGuestMemoryShrunkUnderIO(t, true) })
+}
+
+func testGuestMemoryShrunkUnderIO(t *testing.T, syncOnly bool) {
 	p, _ := newPool(t, 256, CreateOptions{})
 	va := mustVolume(t, p, "a", 64*mBlock)
 	vb := mustVolume(t, p, "b", 64*mBlock)
@@ -57,7 +67,7 @@ func TestGuestMemoryShrunkUnderIO(t *testing.T) {
 	}
 	defer d.Close()
 	var logs syncLog
-	dev, err := blk.New(va, blk.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	dev, err := blk.New(va, blk.Options{SyncOnly: syncOnly, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -183,7 +193,7 @@ func TestGuestMemoryFaultAsyncQueue(t *testing.T) {
 	if err := p.CreateSnapshot("a", "base", false); err != nil {
 		t.Fatal(err)
 	}
-	q, err := v.OpenQueue(4, func([]Completion) {})
+	q, err := v.OpenQueue(4, func([]blockdev.Completion) {})
 	if err != nil {
 		t.Skipf("no asynchronous queue here: %v", err)
 	}

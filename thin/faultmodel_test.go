@@ -72,16 +72,13 @@ type faultRun struct {
 	rng      *rand.Rand // the faults' choices, apart from the model's
 	armed    bool
 	handled  bool // the step's operation saw the fault
-	points   bool
-	mu       sync.Mutex
-	clones   []*machine
-	cloneRng *rand.Rand
+	clones   *crashClones
 	failures atomic.Int64 // PoolFailed events seen
 }
 
 func (md *model) startFaults(seed uint64) {
 	in := &injector{}
-	md.faults = &faultRun{in: in, rng: rand.New(rand.NewPCG(seed, 7)), cloneRng: rand.New(rand.NewPCG(seed, 8))}
+	md.faults = &faultRun{in: in, rng: rand.New(rand.NewPCG(seed, 7)), clones: &crashClones{in: in, rng: rand.New(rand.NewPCG(seed, 8))}}
 	md.m.inj = in
 }
 
@@ -105,15 +102,7 @@ func (md *model) armFaults(op string) {
 		return
 	}
 	if op == "flush" && f.rng.IntN(3) == 0 {
-		f.points = true
-		m := md.m
-		f.in.setPoint(func(faultOp) {
-			f.mu.Lock()
-			defer f.mu.Unlock()
-			if len(f.clones) < 24 {
-				f.clones = append(f.clones, m.crash(f.cloneRng))
-			}
-		})
+		f.clones.arm(md.m)
 	}
 	if f.rng.IntN(100) < 20 {
 		f.armed = true
@@ -128,11 +117,7 @@ func (md *model) endFaults() {
 	if f == nil {
 		return
 	}
-	if f.points {
-		settle(md.p) // the release phase's punches are crash points too
-		f.in.setPoint(nil)
-		f.points = false
-	}
+	f.clones.disarm(md.p)
 	fired := f.in.firedOps()
 	if len(fired) > 0 && !f.handled {
 		settle(md.p) // a background commit that met the fault has ended
@@ -170,11 +155,7 @@ func (md *model) faulted(err error, v *modelVol, first, n int, tag uint64) bool 
 	f.handled = true
 	faultTotals.fired++
 	md.log = append(md.log, fmt.Sprintf("fault fired: %v: %v", fired, err))
-	if f.points {
-		settle(md.p)
-		f.in.setPoint(nil)
-		f.points = false
-	}
+	f.clones.disarm(md.p)
 	f.in.disarm()
 	settle(md.p) // a background commit that met the fault too has ended
 	if v != nil {
@@ -261,41 +242,15 @@ func (md *model) adoptBlocks(v *modelVol) {
 // must be clean and hold, per sector, a value the model allows.
 func (md *model) checkClones() {
 	md.t.Helper()
-	f := md.faults
-	if f == nil {
+	if md.faults == nil {
 		return
 	}
-	f.mu.Lock()
-	clones := f.clones
-	f.clones = nil
-	f.mu.Unlock()
-	faultTotals.clones += len(clones)
-	for i, m := range clones {
-		m.inj = nil
-		p, err := open(md.dir, quietOpts(), m.env())
-		if err != nil {
-			md.fatalf("crash clone %d: open: %v", i, err)
-		}
-		if err := p.Check(nil); err != nil {
-			md.fatalf("crash clone %d: check: %v", i, err)
-		}
-		for _, v := range md.vols {
-			h, err := p.Volume(v.name)
-			if err != nil {
-				md.fatalf("crash clone %d: %v", i, err)
-			}
-			buf := make([]byte, len(v.sectors)*mSector)
-			if err := h.ReadAt([][]byte{buf}, 0); err != nil {
-				md.fatalf("crash clone %d: read: %v", i, err)
-			}
-			for j := range v.sectors {
-				tag, err := decodeSector(buf[j*mSector:(j+1)*mSector], v.idx, uint64(j))
-				if err != nil || !slices.Contains(v.sectors[j].cands, tag) {
-					md.fatalf("crash clone %d: volume %s sector %d holds %d (%v); possible: %v", i, v.name, j, tag, err, v.sectors[j].cands)
-				}
-			}
-		}
-		p.abandon()
+	var vols []allowedValues
+	for _, v := range md.vols {
+		vols = append(vols, allowedValues{name: v.name, idx: v.idx, sectors: v.sectors})
+	}
+	if err := md.faults.clones.check(md.dir, vols); err != nil {
+		md.fatalf("%v", err)
 	}
 }
 
@@ -320,18 +275,17 @@ func TestModelSnapshotsCrashPoints(t *testing.T) {
 	}
 }
 
-// crashPoints takes crash clones of a snapshot model's machine.
+// crashPoints takes crash clones of a snapshot model's machine at some
+// flushes, snapshots, clones and deletes.
 type crashPoints struct {
-	in     *injector
 	rng    *rand.Rand
-	mu     sync.Mutex
-	clones []*machine
-	on     bool
+	clones *crashClones
 }
 
 func newCrashPoints(m *machine, seed uint64) *crashPoints {
 	m.inj = &injector{}
-	return &crashPoints{in: m.inj, rng: rand.New(rand.NewPCG(seed, 9))}
+	rng := rand.New(rand.NewPCG(seed, 9))
+	return &crashPoints{rng: rng, clones: &crashClones{in: m.inj, rng: rng}}
 }
 
 func (c *crashPoints) arm(md *snapModel, op string) {
@@ -340,11 +294,40 @@ func (c *crashPoints) arm(md *snapModel, op string) {
 	}
 	switch op {
 	case "flush", "snapshot", "clone", "delete":
-	default:
+		c.clones.arm(md.m)
+	}
+}
+
+// check lets the release phase end, then opens every clone taken so far.
+func (c *crashPoints) check(md *snapModel) {
+	md.t.Helper()
+	if c == nil {
 		return
 	}
+	c.clones.disarm(md.p)
+	var vols []allowedValues
+	for _, v := range md.vols {
+		// A volume may be missing: a delete that committed.
+		vols = append(vols, allowedValues{name: v.name, sectors: v.sectors, mayBeGone: true})
+	}
+	if err := c.clones.check(md.dir, vols); err != nil {
+		md.fatalf("%v", err)
+	}
+}
+
+// crashClones takes crash clones of a model's machine while armed: at
+// every crash point of its injector (before every sync of a commit and
+// every punch of its release phase), at most 24 between checks.
+type crashClones struct {
+	in     *injector
+	rng    *rand.Rand // where each clone's unsynced writes stop
+	on     bool
+	mu     sync.Mutex // the crash points run on the pool's goroutines
+	clones []*machine
+}
+
+func (c *crashClones) arm(m *machine) {
 	c.on = true
-	m := md.m
 	c.in.setPoint(func(faultOp) {
 		c.mu.Lock()
 		defer c.mu.Unlock()
@@ -354,50 +337,80 @@ func (c *crashPoints) arm(md *snapModel, op string) {
 	})
 }
 
-// check lets the release phase end, then opens every clone taken so far.
-func (c *crashPoints) check(md *snapModel) {
-	md.t.Helper()
-	if c == nil {
+// disarm lets p's release phase end (its punches are crash points too)
+// and stops taking clones.
+func (c *crashClones) disarm(p *Pool) {
+	if !c.on {
 		return
 	}
-	if c.on {
-		settle(md.p)
-		c.in.setPoint(nil)
-		c.on = false
-	}
+	settle(p)
+	c.in.setPoint(nil)
+	c.on = false
+}
+
+// allowedValues is what a model allows a volume to hold after a crash.
+type allowedValues struct {
+	name      string
+	idx       uint64 // the volume's tag space (decodeSector)
+	sectors   []modelSector
+	mayBeGone bool
+}
+
+// check opens every clone taken since the last call: each must open and
+// be clean, and each volume of vols hold values the model allows.
+func (c *crashClones) check(dir string, vols []allowedValues) error {
 	c.mu.Lock()
 	clones := c.clones
 	c.clones = nil
 	c.mu.Unlock()
 	faultTotals.clones += len(clones)
 	for i, m := range clones {
-		m.inj = nil
-		p, err := open(md.dir, quietOpts(), m.env())
-		if err != nil {
-			md.fatalf("crash clone %d: open: %v", i, err)
+		if err := checkClone(dir, m, vols); err != nil {
+			return fmt.Errorf("crash clone %d: %w", i, err)
 		}
-		if err := p.Check(nil); err != nil {
-			md.fatalf("crash clone %d: check: %v", i, err)
-		}
-		for _, v := range md.vols {
-			h, err := p.Volume(v.name)
-			if errors.Is(err, ErrNoVolume) {
-				continue // a delete that committed
-			}
-			if err != nil {
-				md.fatalf("crash clone %d: %v", i, err)
-			}
-			buf := make([]byte, len(v.sectors)*mSector)
-			if err := h.ReadAt([][]byte{buf}, 0); err != nil {
-				md.fatalf("crash clone %d: read: %v", i, err)
-			}
-			for j := range v.sectors {
-				tag, err := decodeSector(buf[j*mSector:(j+1)*mSector], 0, uint64(j))
-				if err != nil || !slices.Contains(v.sectors[j].cands, tag) {
-					md.fatalf("crash clone %d: volume %s sector %d holds %d (%v); possible: %v", i, v.name, j, tag, err, v.sectors[j].cands)
-				}
-			}
-		}
-		p.abandon()
 	}
+	return nil
+}
+
+func checkClone(dir string, m *machine, vols []allowedValues) error {
+	m.inj = nil
+	p, err := open(dir, quietOpts(), m.env())
+	if err != nil {
+		return fmt.Errorf("open: %w", err)
+	}
+	defer p.abandon()
+	if err := p.Check(nil); err != nil {
+		return fmt.Errorf("check: %w", err)
+	}
+	for _, v := range vols {
+		h, err := p.Volume(v.name)
+		if v.mayBeGone && errors.Is(err, ErrNoVolume) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if _, err := survivingTags(h, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// survivingTags reads a volume whole and returns each sector's tag, or an
+// error naming the first sector whose value the model does not allow.
+func survivingTags(h volumeIO, v allowedValues) ([]uint64, error) {
+	buf := make([]byte, len(v.sectors)*mSector)
+	if err := h.ReadAt([][]byte{buf}, 0); err != nil {
+		return nil, fmt.Errorf("read %s: %w", v.name, err)
+	}
+	tags := make([]uint64, len(v.sectors))
+	for i, s := range v.sectors {
+		tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], v.idx, uint64(i))
+		if err != nil || !slices.Contains(s.cands, tag) {
+			return nil, fmt.Errorf("volume %s sector %d holds tag %d (%v); possible: %v", v.name, i, tag, err, s.cands)
+		}
+		tags[i] = tag
+	}
+	return tags, nil
 }

@@ -7,7 +7,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -60,6 +59,7 @@ type model struct {
 	log     []string
 	asyncs  map[*Volume]*asyncIO // TestModelAsync's queues
 	faults  *faultRun            // TestModelFaults' injection
+	tune    *tuning              // the pool's, at random
 }
 
 // volumeIO is how the model reads and writes a volume.
@@ -305,7 +305,7 @@ func (md *model) flush() {
 }
 
 func (md *model) open() {
-	p, err := openForModel(md.dir, md.rng, md.m)
+	p, err := openForModel(md.dir, md.rng, md.m, md.tune)
 	if err != nil {
 		md.fatalf("reopen: %v", err)
 	}
@@ -315,33 +315,30 @@ func (md *model) open() {
 	}
 }
 
-// randomTuning sets the pool's internal knobs at random for a model test
-// and returns what restores them: small ranges take the store-iterating
+// randomTuning picks a model test pool's internal limits at random: small
+// ranges take the store-iterating
 // path of rangeLocked too, the zero mark is raised often, and vectored
 // writes are cut at a block, at two, or not at all, and freed blocks are
 // punched a few at a time, or (no time budget) not at all: reused with
 // zero padding.
-func randomTuning(rng *rand.Rand) (restore func()) {
-	oldRange, oldZero, oldRun := rangeLookupMax, zeroStep, writeRunMax
-	oldBudget, oldChunk := punchBudget, punchChunk
-	rangeLookupMax = uint64(rng.IntN(6))
-	zeroStep = uint64(rng.IntN(4))
-	writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
-	punchChunk = 1 + uint64(rng.IntN(3))
+func randomTuning(rng *rand.Rand) *tuning {
+	t := defaultTuning()
+	t.rangeLookupMax = uint64(rng.IntN(6))
+	t.zeroStep = uint64(rng.IntN(4))
+	t.writeRunMax = []int64{mBlock, 2 * mBlock, math.MaxInt64}[rng.IntN(3)]
+	t.punchChunk = 1 + uint64(rng.IntN(3))
 	if rng.IntN(2) == 0 {
-		punchBudget = -time.Second
+		t.punchBudget = -time.Second
 	}
-	return func() {
-		rangeLookupMax, zeroStep, writeRunMax = oldRange, oldZero, oldRun
-		punchBudget, punchChunk = oldBudget, oldChunk
-	}
+	return &t
 }
 
 // openForModel opens a model test's pool with random small limits: they
 // make implicit commits (and cache evictions) happen between flushes, so
 // crashes also land after them.
-func openForModel(dir string, rng *rand.Rand, m *machine) (*Pool, error) {
+func openForModel(dir string, rng *rand.Rand, m *machine, tune *tuning) (*Pool, error) {
 	o := quietOpts()
+	o.tuning = tune
 	o.MaxPending = 1 + rng.IntN(48)
 	o.MapCacheEntries = rng.IntN(64) - 8
 	return open(dir, o, m.env())
@@ -359,18 +356,12 @@ func (md *model) crash() {
 	}
 	md.size = md.p.Status().Pool.SizeBytes / mBlock
 	for _, v := range md.vols {
-		buf := make([]byte, mVolBlks*mBlock)
-		if err := md.io(v).ReadAt([][]byte{buf}, 0); err != nil {
-			md.fatalf("read after crash: %v", err)
+		tags, err := survivingTags(md.io(v), allowedValues{name: v.name, idx: v.idx, sectors: v.sectors})
+		if err != nil {
+			md.fatalf("after crash: %v", err)
 		}
-		for i := range v.sectors {
-			s := &v.sectors[i]
-			tag, err := decodeSector(buf[i*mSector:(i+1)*mSector], v.idx, uint64(i))
-			if err != nil || !slices.Contains(s.cands, tag) {
-				md.fatalf("after crash volume %s sector %d holds tag %d (%v); possible: %v", v.name, i, tag, err, s.cands)
-			}
-			s.cur = tag
-			s.cands = append(s.cands[:0], tag)
+		for i, tag := range tags {
+			v.sectors[i] = modelSector{cur: tag, cands: append(v.sectors[i].cands[:0], tag)}
 		}
 		// Which blocks survived as mapped or provisioned is the pool's
 		// choice among committed states; adopt it (Check vouched for it).
@@ -412,9 +403,9 @@ var modelFaults bool
 
 // forModelSeeds runs a model test once per seed: 3 seeds of defSteps
 // steps, or THIN_MODEL_SEEDS seeds from THIN_MODEL_SEED (replay: one seed)
-// of THIN_MODEL_STEPS steps.
-func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint64, steps int)) {
-	steps := envInt("THIN_MODEL_STEPS", defSteps)
+// of THIN_MODEL_STEPS steps. It returns the steps per seed.
+func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint64, steps int)) (steps int) {
+	steps = envInt("THIN_MODEL_STEPS", defSteps)
 	seeds := envInt("THIN_MODEL_SEEDS", 3)
 	first := 1
 	if s := envInt("THIN_MODEL_SEED", 0); s != 0 {
@@ -423,6 +414,7 @@ func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint6
 	for seed := first; seed < first+seeds; seed++ {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { run(t, uint64(seed), steps) })
 	}
+	return steps
 }
 
 func runModel(t *testing.T, seed uint64, steps int) {
@@ -430,7 +422,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 	if err := create(md.dir, CreateOptions{Size: md.size * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
 		t.Fatal(err)
 	}
-	defer randomTuning(md.rng)()
+	md.tune = randomTuning(md.rng)
 	if modelFaults {
 		md.startFaults(seed)
 	}

@@ -129,7 +129,8 @@ type OpenOptions struct {
 	// none.
 	MetaHeadroom int64
 
-	env *env // tests: crashable file systems
+	env    *env    // tests: crashable file systems
+	tuning *tuning // tests: internal limits (nil: defaultTuning)
 }
 
 // env is where a pool's files live: the real file system, or in tests a
@@ -297,6 +298,7 @@ type Pool struct {
 	blockSize int64
 	shift     uint
 	opts      OpenOptions
+	tune      tuning
 
 	// flushMu serialises commits and management operations.
 	flushMu sync.Mutex
@@ -417,7 +419,10 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open pool %s: %w (%v)", dir, ErrLocked, err)
 	}
-	p := &Pool{dir: dir, log: o.Logger, lock: lock, opts: o}
+	p := &Pool{dir: dir, log: o.Logger, lock: lock, opts: o, tune: defaultTuning()}
+	if o.tuning != nil {
+		p.tune = *o.tuning
+	}
 	fail := func(err error) (*Pool, error) {
 		if p.store != nil {
 			p.store.Close()
@@ -746,15 +751,10 @@ func (p *Pool) validLocked(k mapKey, e pebblemeta.Entry) error {
 	return nil
 }
 
-// rangeLookupMax is the range length (in blocks) up to which rangeLocked
-// looks blocks up one by one instead of iterating the store (a variable
-// so that tests drive both paths).
-var rangeLookupMax uint64 = 64
-
 // rangeLocked calls fn for every existing entry of layer in [first, last],
 // in no particular order.
 func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebblemeta.Entry)) error {
-	if last-first < rangeLookupMax {
+	if last-first < p.tune.rangeLookupMax {
 		for vb := first; ; vb++ {
 			e, err := p.lookupLocked(mapKey{layer, vb})
 			if err != nil {
@@ -1102,7 +1102,7 @@ func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 		released = rest
 	}
 	var punched [][2]uint64
-	deadline := time.Now().Add(punchBudget)
+	deadline := time.Now().Add(p.tune.punchBudget)
 	released.runs(func(first, n uint64) bool {
 		// A long run goes in pieces: one punch holds the file's inode
 		// lock (every write to the data file waits) for as long as it
@@ -1113,7 +1113,7 @@ func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 					"pool", p.dir, "punched_runs", len(punched))
 				return false
 			}
-			c := min(n, punchChunk)
+			c := min(n, p.tune.punchChunk)
 			err := p.data.PunchHole(int64(first)<<p.shift, int64(c)<<p.shift)
 			if err != nil {
 				if errors.Is(err, errors.ErrUnsupported) {
@@ -1131,13 +1131,6 @@ func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 	})
 	return punched
 }
-
-// punchBudget bounds the time one commit spends punching freed blocks,
-// punchChunk the blocks one punch call takes.
-var (
-	punchBudget        = time.Second
-	punchChunk  uint64 = 256
-)
 
 // fail marks the pool failed after a commit error: the on-disk state is
 // still the previous commit but memory has moved on, so it refuses further

@@ -13,11 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/pebblemeta"
-	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-var _ blk.Storage = (*Volume)(nil)
+var _ blockdev.Storage = (*Volume)(nil)
 
 const kib = 1024
 
@@ -28,6 +28,12 @@ func quietOpts() OpenOptions {
 // newPool creates and opens a pool of blocks 4 KiB blocks on real files.
 func newPool(t testing.TB, blocks uint64, co CreateOptions) (*Pool, string) {
 	t.Helper()
+	return newTunedPool(t, blocks, co, nil)
+}
+
+// newTunedPool is newPool with the internal limits tune (nil: defaults).
+func newTunedPool(t testing.TB, blocks uint64, co CreateOptions, tune *tuning) (*Pool, string) {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), "pool")
 	if co.BlockSize == 0 {
 		co.BlockSize = 4 * kib
@@ -36,7 +42,9 @@ func newPool(t testing.TB, blocks uint64, co CreateOptions) (*Pool, string) {
 	if err := Create(dir, co); err != nil {
 		t.Fatal(err)
 	}
-	p, err := Open(dir, quietOpts())
+	o := quietOpts()
+	o.tuning = tune
+	p, err := Open(dir, o)
 	if err != nil {
 		t.Fatal(err)
 	}

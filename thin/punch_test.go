@@ -47,10 +47,10 @@ func dataBytes(t *testing.T, dir string) int64 {
 // their release is durable, and a partial write to a reused block reads
 // zeros around it, never the previous owner's bytes.
 func TestFreedBlocksArePunched(t *testing.T) {
-	defer func(old uint64) { punchChunk = old }(punchChunk)
-	punchChunk = 5 // long runs go in pieces
+	tune := defaultTuning()
+	tune.punchChunk = 5 // long runs go in pieces
 	const blocks = 64
-	p, dir := newPool(t, blocks, CreateOptions{BlockSize: 64 * kib})
+	p, dir := newTunedPool(t, blocks, CreateOptions{BlockSize: 64 * kib}, &tune)
 	a := mustVolume(t, p, "a", blocks*64*kib)
 	old := pattern(blocks*64*kib, 9)
 	write(t, a, 0, old)
@@ -106,16 +106,16 @@ func TestFreedBlocksArePunched(t *testing.T) {
 // has a background commit raise it, so that no write waits for a commit
 // to pass it.
 func TestZeroMarkRaisedAhead(t *testing.T) {
-	defer func(old uint64) { zeroStep = old }(zeroStep)
-	zeroStep = 64
-	p, _ := newPool(t, 1000, CreateOptions{})
+	tune := defaultTuning()
+	tune.zeroStep = 64
+	p, _ := newTunedPool(t, 1000, CreateOptions{}, &tune)
 	v := mustVolume(t, p, "v", 1000*4*kib)
 	buf := pattern(4*kib, 1)
 	write(t, v, 0, buf) // a new pool's first write raises the mark itself
 	p.mu.Lock()
 	start := p.zeroDurable
 	p.mu.Unlock()
-	if start < zeroStep {
+	if start < tune.zeroStep {
 		t.Fatalf("zero mark %d after the first write", start)
 	}
 	// Up to just below the mark, past its halfway point.
@@ -240,10 +240,10 @@ func TestPunchWaitsForReadsInFlight(t *testing.T) {
 // TestPunchBudget: when punching runs out of time, the blocks left are
 // released unpunched (reused with padding), never lost or marked zero.
 func TestPunchBudget(t *testing.T) {
-	defer func(old time.Duration) { punchBudget = old }(punchBudget)
-	punchBudget = -time.Second // nothing gets punched
+	tune := defaultTuning()
+	tune.punchBudget = -time.Second // nothing gets punched
 	const blocks = 16
-	p, dir := newPool(t, blocks, CreateOptions{BlockSize: 64 * kib})
+	p, dir := newTunedPool(t, blocks, CreateOptions{BlockSize: 64 * kib}, &tune)
 	a := mustVolume(t, p, "a", blocks*64*kib)
 	write(t, a, 0, pattern(blocks*64*kib, 1))
 	if err := p.Flush(); err != nil {

@@ -155,6 +155,9 @@ func TestReadOnlySnapshotRefusesChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !s.ReadOnly() || v.ReadOnly() {
+		t.Fatalf("ReadOnly: snapshot %v, volume %v", s.ReadOnly(), v.ReadOnly())
+	}
 	for what, err := range map[string]error{
 		"write":        s.WriteAt([][]byte{make([]byte, 512)}, 0),
 		"discard":      s.Discard(0, 4*kib),

@@ -4,16 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/vio"
 	"github.com/thinblk/thinblk/pebblemeta"
 )
 
-// Volume is a thin volume of a pool. It implements blk.Storage and is
+// Volume is a thin volume of a pool. It implements blockdev.Storage and is
 // safe for concurrent use.
 type Volume struct {
 	p    *Pool
@@ -31,6 +31,30 @@ func (v *Volume) Size() uint64 { return v.size.Load() }
 // BlockSize is the pool's allocation unit, the granularity in which
 // discard releases space.
 func (v *Volume) BlockSize() uint32 { return uint32(v.p.blockSize) }
+
+var (
+	_ blockdev.AsyncStorage     = (*Volume)(nil)
+	_ blockdev.GeometryReporter = (*Volume)(nil)
+)
+
+// Geometry publishes the pool's block size as the discard granularity, so
+// that guests discard in units that really free space.
+func (v *Volume) Geometry() blockdev.Geometry {
+	return blockdev.Geometry{
+		LogicalBlockSize:   blockdev.SectorSize,
+		PhysicalBlockSize:  4096,
+		OptimalIOSize:      v.BlockSize(),
+		DiscardGranularity: v.BlockSize(),
+	}
+}
+
+// ReadOnly reports whether the volume refuses changes (a snapshot), so
+// that its device is exported read-only.
+func (v *Volume) ReadOnly() bool {
+	v.p.mu.Lock()
+	defer v.p.mu.Unlock()
+	return v.st.rec.Kind == pebblemeta.KindSnapshot
+}
 
 func (v *Volume) checkRange(op string, off int64, n int) error {
 	if off < 0 || n < 0 || off%512 != 0 || n%512 != 0 || uint64(off)+uint64(n) > v.Size() {
@@ -62,36 +86,20 @@ func (v *Volume) writableLocked() error {
 	return nil
 }
 
-// sg walks a scatter-gather list front to back.
-type sg struct {
-	bufs [][]byte
-	i, o int
-}
-
 var errShortBuffers = errors.New("buffers shorter than the request")
 
-// next hands the following length bytes to fn, piece by piece; rel is the
-// offset of the piece inside those length bytes.
-func (s *sg) next(length int64, fn func(b []byte, rel int64) error) error {
-	var rel int64
-	for length > 0 {
-		for s.i < len(s.bufs) && s.o == len(s.bufs[s.i]) {
-			s.i++
-			s.o = 0
-		}
-		if s.i == len(s.bufs) {
+// eachPiece hands the next length bytes of c to fn, piece by piece; rel is
+// the offset of the piece inside those length bytes.
+func eachPiece(c *vio.Cursor, length int64, fn func(b []byte, rel int64) error) error {
+	for rel := int64(0); rel < length; {
+		b := c.Next(length - rel)
+		if len(b) == 0 {
 			return errShortBuffers
-		}
-		b := s.bufs[s.i][s.o:]
-		if int64(len(b)) > length {
-			b = b[:length]
 		}
 		if err := fn(b, rel); err != nil {
 			return err
 		}
-		s.o += len(b)
 		rel += int64(len(b))
-		length -= int64(len(b))
 	}
 	return nil
 }
@@ -168,16 +176,16 @@ func (v *Volume) readGated(bufs [][]byte, off, n int64, pbs []int64) (chan struc
 	if t := p.trace.Load(); t != nil {
 		p.traceRead(t, v.name, "read", off, n, pbs)
 	}
-	s := sg{bufs: bufs}
+	s := vio.NewCursor(bufs)
 	var err error
 	for i, pos := 0, off; pos < off+n && err == nil; i++ {
 		inBlk := pos & (bs - 1)
 		l := min(bs-inBlk, off+n-pos)
 		if pb := pbs[i]; pb < 0 {
-			err = s.next(l, func(b []byte, _ int64) error { clear(b); return nil })
+			err = eachPiece(&s, l, func(b []byte, _ int64) error { clear(b); return nil })
 		} else {
 			base := pb<<p.shift + inBlk
-			err = s.next(l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
+			err = eachPiece(&s, l, func(b []byte, rel int64) error { return readFull(p.data, b, base+rel) })
 		}
 		pos += l
 	}
@@ -193,13 +201,6 @@ type writePlan struct {
 	f      *fill // non-nil: a new block, filled by this write
 	cow    int64 // >= 0: the shared block the new one copies (the rest of a partial write)
 }
-
-// zeroStep is how far ahead of the highest allocated block ZeroFrom is
-// raised at once. The raise starts halfway to the mark, so allocation
-// has zeroStep/2 blocks (1 GiB of 64 KiB blocks; half a second of 4 KiB
-// writes at 30k IOPS) for a background commit to make it durable. After
-// a crash, first partial writes to up to zeroStep blocks are padded.
-var zeroStep uint64 = 1 << 15 // a variable so that tests raise it often
 
 var errRaiseZero = errors.New("zero mark must be raised first")
 
@@ -358,7 +359,7 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			// caller commit and retry. Only a new pool's first write, or
 			// allocation outrunning the background raise below, gets here.
 			p.unallocLocked(pb, spare)
-			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+zeroStep))
+			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+p.tune.zeroStep))
 			p.metaDirty = true
 			ok = false
 			err = errRaiseZero
@@ -389,10 +390,10 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
 		f.zero, f.spare = zero, spare
-		if pb+zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
+		if pb+p.tune.zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
 			// Halfway to the mark: raise it in a background commit now,
 			// so that allocation never waits for a commit to pass it.
-			p.rec.ZeroFrom = min(p.rec.SizeBlocks, p.zeroDurable+zeroStep)
+			p.rec.ZeroFrom = min(p.rec.SizeBlocks, p.zeroDurable+p.tune.zeroStep)
 			p.metaDirty = true
 			p.kickCommit()
 		}
@@ -459,8 +460,8 @@ func (v *Volume) doWrite(plans []writePlan, bufs [][]byte, off, n int64) error {
 func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error {
 	p := v.p
 	bs := p.blockSize
-	s := sg{bufs: bufs}
-	run := wrun{d: p.data}
+	s := vio.NewCursor(bufs)
+	run := wrun{d: p.data, max: p.tune.writeRunMax}
 	var err error
 	pos := off
 	for _, pl := range plans {
@@ -474,7 +475,7 @@ func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error
 				buf := p.getBlockBuf()
 				err = readFull(p.data, buf, pl.cow<<p.shift)
 				if err == nil {
-					err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+					err = eachPiece(&s, l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
 				}
 				if err == nil {
 					_, err = p.data.WriteAt(buf, base)
@@ -485,14 +486,14 @@ func (v *Volume) writeData(plans []writePlan, bufs [][]byte, off, n int64) error
 				// owner left behind never show.
 				buf := p.getBlockBuf()
 				clear(buf)
-				err = s.next(l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
+				err = eachPiece(&s, l, func(b []byte, rel int64) error { copy(buf[inBlk+rel:], b); return nil })
 				if err == nil {
 					_, err = p.data.WriteAt(buf, base)
 				}
 				putBlockBuf(buf)
 			} else {
 				at := base + inBlk
-				err = s.next(l, func(b []byte, rel int64) error { return run.add(b, at+rel) })
+				err = eachPiece(&s, l, func(b []byte, rel int64) error { return run.add(b, at+rel) })
 			}
 		}
 		pos += l
@@ -554,20 +555,8 @@ type wrun struct {
 	d        dataFile
 	iov      *[][]byte // from iovPool, once needed
 	off, end int64
+	max      int64 // tuning.writeRunMax
 }
-
-// writeRunMax bounds a vectored write: runs are cut where the data file
-// offset crosses a multiple of it. By default nothing is cut, so the data
-// file sees the writes a raw image would for the same guest requests. The
-// host page cache sizes its folios by the write, and on Linux 6.18 ext4
-// each small buffered write costs in proportion to its folio's size
-// (ext4_block_write_begin walks all of the folio's buffers): with data
-// written in runs of 64 KiB, 128 KiB, 256 KiB and 1 MiB, a random 4 KiB
-// read took 1.3-1.5, 1.28, 1.28 and 1.06 us of CPU, an overwrite 2.5-3.2,
-// 3.3, 3.8 and 5.7 us (BenchmarkCoalesce). Cutting at 64 KiB would make
-// overwrites after large writes cheaper and reads dearer than on a raw
-// image; thinblk leaves that trade to the kernel, as a raw image does.
-var writeRunMax int64 = math.MaxInt64 // a variable so that tests change it
 
 var iovPool = sync.Pool{New: func() any { s := make([][]byte, 0, 64); return &s }}
 
@@ -577,7 +566,7 @@ func (r *wrun) add(b []byte, at int64) error {
 	if r.iov == nil {
 		r.iov = iovPool.Get().(*[][]byte)
 	}
-	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == vio.MaxIOV || at/writeRunMax != r.off/writeRunMax) {
+	if len(*r.iov) > 0 && (at != r.end || len(*r.iov) == vio.MaxIOV || at/r.max != r.off/r.max) {
 		if err := r.flush(); err != nil {
 			return err
 		}

@@ -22,8 +22,68 @@ import (
 type guestAgent struct {
 	path string
 	conn net.Conn
-	r    *bufio.Reader
+	pb   pushback      // conn, after what sync read ahead and put back
+	in   cappedReader  // pb, through a per-command budget
+	r    *bufio.Reader // in
 	dec  *json.Decoder
+}
+
+// replyBudget bounds what one command reads from the agent, bytes sync
+// reads again after garbage included. Its replies are a few bytes; the
+// guest is not trusted, and a stream of stale or hostile bytes must end
+// the command, not grow the host's memory or spin until the deadline.
+const replyBudget = 1 << 20
+
+var errReplyTooLong = fmt.Errorf("more than %d bytes without the reply", replyBudget)
+
+// cappedReader reads from r until left runs out, then fails.
+type cappedReader struct {
+	r    io.Reader
+	left int
+}
+
+func (c *cappedReader) Read(p []byte) (int, error) {
+	if c.left <= 0 {
+		return 0, errReplyTooLong
+	}
+	if len(p) > c.left {
+		p = p[:c.left]
+	}
+	n, err := c.r.Read(p)
+	c.left -= n
+	return n, err
+}
+
+// pushback reads pending, then r.
+type pushback struct {
+	pending []byte
+	r       io.Reader
+}
+
+func (p *pushback) Read(b []byte) (int, error) {
+	if len(p.pending) > 0 {
+		n := copy(b, p.pending)
+		p.pending = p.pending[n:]
+		return n, nil
+	}
+	return p.r.Read(b)
+}
+
+func newGuestAgent(path string, conn net.Conn) *guestAgent {
+	a := &guestAgent{path: path, conn: conn, pb: pushback{r: conn}}
+	a.in.r = &a.pb
+	a.r = bufio.NewReader(&a.in)
+	return a
+}
+
+// unread puts back what ahead (a decoder's read-ahead of a.r) and a.r
+// hold, in front of what is still to be read, without nesting readers.
+func (a *guestAgent) unread(ahead io.Reader) {
+	b, _ := io.ReadAll(ahead)
+	buffered, _ := a.r.Peek(a.r.Buffered())
+	b = append(b, buffered...)
+	a.pb.pending = append(b, a.pb.pending...)
+	a.r.Reset(&a.in)
 }
 
 func dialAgent(ctx context.Context, path string) (*guestAgent, error) {
@@ -42,7 +102,7 @@ func dialAgent(ctx context.Context, path string) (*guestAgent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("guest agent %s: %w", path, err)
 	}
-	a := &guestAgent{path: path, conn: c, r: bufio.NewReader(c)}
+	a := newGuestAgent(path, c)
 	if err := a.sync(ctx); err != nil {
 		c.Close()
 		return nil, err
@@ -56,6 +116,7 @@ func (a *guestAgent) close() { a.conn.Close() }
 func (a *guestAgent) sync(ctx context.Context) error {
 	timeout := timeLeft(ctx)
 	defer a.bind(ctx)()
+	a.in.left = replyBudget
 	id := rand.Int64N(1 << 52) // JSON numbers stay exact below 2^53
 	// A leading 0xFF makes the agent drop a half-read request of a client
 	// that went away mid-message.
@@ -78,12 +139,13 @@ func (a *guestAgent) sync(ctx context.Context) error {
 			return nil
 		}
 		var syntax *json.SyntaxError
-		if err != nil && !errors.As(err, &syntax) {
+		var wrongType *json.UnmarshalTypeError
+		if err != nil && !errors.As(err, &syntax) && !errors.As(err, &wrongType) {
 			return a.readErr(ctx, "guest-sync-delimited", timeout, err)
 		}
 		// A stale reply or garbage: look for the next delimiter, starting
 		// with what the decoder read ahead.
-		a.r = bufio.NewReader(io.MultiReader(dec.Buffered(), a.r))
+		a.unread(dec.Buffered())
 	}
 }
 
@@ -123,12 +185,14 @@ func (a *guestAgent) run(ctx context.Context, cmd string, args, result any) erro
 		// An earlier call failed mid-read (a json.Decoder keeps its read
 		// error) and a late reply may still come: start over with a sync,
 		// which skips it.
-		a.r = bufio.NewReader(a.conn)
+		a.pb.pending = nil
+		a.r.Reset(&a.in)
 		if err := a.sync(ctx); err != nil {
 			return err
 		}
 	}
 	defer a.bind(ctx)()
+	a.in.left = replyBudget
 	req := map[string]any{"execute": cmd}
 	if args != nil {
 		req["arguments"] = args

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"unicode"
 )
 
 //go:embed lists/default.txt expected/*.txt
@@ -48,27 +49,50 @@ func AppliesTo(test, fstyp string) bool {
 func ParseList(r io.Reader) ([]ListEntry, error) {
 	var out []ListEntry
 	seen := map[string]bool{}
+	err := eachLine(r, func(n int, test, reason string) error {
+		reason = strings.TrimSpace(reason)
+		if reason == "" {
+			return fmt.Errorf("line %d: %s has no reason", n, test)
+		}
+		if seen[test] {
+			return fmt.Errorf("line %d: %s listed twice", n, test)
+		}
+		seen[test] = true
+		out = append(out, ListEntry{Test: test, Reason: reason})
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// eachLine calls fn with each entry line's number, test name and the rest of the line,
+// skipping blank and comment ('#') lines; a line that does not start with a test name and a
+// blank is an error.
+func eachLine(r io.Reader, fn func(n int, test, rest string) error) error {
 	sc := bufio.NewScanner(r)
-	for n := 1; sc.Scan(); n++ {
+	n := 1
+	for ; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		test, reason, _ := strings.Cut(line, " ")
-		reason = strings.TrimSpace(reason)
-		if !testNameRE.MatchString(test) {
-			return nil, fmt.Errorf("line %d: %q is not a test name", n, test)
+		test, rest := line, ""
+		if i := strings.IndexFunc(line, unicode.IsSpace); i >= 0 {
+			test, rest = line[:i], line[i:]
 		}
-		if reason == "" {
-			return nil, fmt.Errorf("line %d: %s has no reason", n, test)
+		if m := testNameRE.FindStringSubmatch(test); m == nil || m[1] != test {
+			return fmt.Errorf("line %d: %q is not a test name", n, test)
 		}
-		if seen[test] {
-			return nil, fmt.Errorf("line %d: %s listed twice", n, test)
+		if err := fn(n, test, rest); err != nil {
+			return err
 		}
-		seen[test] = true
-		out = append(out, ListEntry{Test: test, Reason: reason})
 	}
-	return out, sc.Err()
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("line %d: %w", n, err)
+	}
+	return nil
 }
 
 // ExpectedFailure is a test that fails for a reason outside thinblk, with the evidence.
@@ -80,27 +104,22 @@ type ExpectedFailure struct {
 // entry without evidence that the failure is not thinblk's is refused.
 func ParseExpected(r io.Reader) (map[string]ExpectedFailure, error) {
 	out := map[string]ExpectedFailure{}
-	sc := bufio.NewScanner(r)
-	for n := 1; sc.Scan(); n++ {
-		line := strings.TrimSpace(sc.Text())
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		test, rest, _ := strings.Cut(line, " ")
-		if !testNameRE.MatchString(test) {
-			return nil, fmt.Errorf("line %d: %q is not a test name", n, test)
-		}
+	err := eachLine(r, func(n int, test, rest string) error {
 		reason, evidence, ok := strings.Cut(rest, "| evidence:")
 		reason, evidence = strings.TrimSpace(reason), strings.TrimSpace(evidence)
 		if !ok || reason == "" || evidence == "" {
-			return nil, fmt.Errorf("line %d: %s: want \"TEST reason | evidence: ...\"", n, test)
+			return fmt.Errorf("line %d: %s: want \"TEST reason | evidence: ...\"", n, test)
 		}
 		if _, dup := out[test]; dup {
-			return nil, fmt.Errorf("line %d: %s listed twice", n, test)
+			return fmt.Errorf("line %d: %s listed twice", n, test)
 		}
 		out[test] = ExpectedFailure{Test: test, Reason: reason, Evidence: evidence}
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
-	return out, sc.Err()
+	return out, nil
 }
 
 // LoadExpected reads the expected failures for fstyp: from path when set, else the file

@@ -1,12 +1,8 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 )
@@ -54,21 +50,8 @@ func TestRunAllTargets(t *testing.T) {
 	if _, err := exec.LookPath("fio"); err != nil {
 		t.Fatalf("fio not installed: %v", err)
 	}
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "thinblk")
-	if out, err := exec.Command(goBin, "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
-		t.Fatalf("build thinblk: %v\n%s", err, out)
-	}
-	var stdout, stderr bytes.Buffer
-	err = run([]string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
-		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets, "--json"}, &stdout, &stderr)
-	if err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
+	bin := buildThinblk(t, dir)
 	var doc struct {
 		Results []struct {
 			Target, Case string
@@ -76,9 +59,8 @@ func TestRunAllTargets(t *testing.T) {
 			Error        string
 		}
 	}
-	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
-		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
-	}
+	stderr := runJSON(t, []string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
+		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets}, &doc)
 	got := map[string]bool{}
 	for _, r := range doc.Results {
 		if r.Error != "" || r.IOPS <= 0 || r.Case != "randread-4k-qd32-q1" {
@@ -87,28 +69,15 @@ func TestRunAllTargets(t *testing.T) {
 		got[r.Target] = true
 	}
 	if !got["thinblk"] || !got["fio"] || strings.Contains(targets, "qsd") && !got["qsd"] {
-		t.Fatalf("targets measured: %v\n%s", got, stderr.String())
+		t.Fatalf("targets measured: %v\n%s", got, stderr)
 	}
 }
 
 // TestThinTarget runs the thin-volume comparison at a tiny size and checks
 // every row was measured on both sides and the metadata cost was read.
 func TestThinTarget(t *testing.T) {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "thinblk")
-	if out, err := exec.Command(goBin, "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
-		t.Fatalf("build thinblk: %v\n%s", err, out)
-	}
-	var stdout, stderr bytes.Buffer
-	err = run([]string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--thin-span", "8M", "--duration", "300ms",
-		"--targets", "thin", "--json"}, &stdout, &stderr)
-	if err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
+	bin := buildThinblk(t, dir)
 	var doc struct {
 		Thin struct {
 			Rows []struct {
@@ -121,15 +90,14 @@ func TestThinTarget(t *testing.T) {
 			MappedBlocks uint64 `json:"mapped_blocks"`
 		}
 	}
-	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
-		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
-	}
+	stderr := runJSON(t, []string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--thin-span", "8M", "--duration", "300ms",
+		"--targets", "thin"}, &doc)
 	if len(doc.Thin.Rows) != 3 {
-		t.Fatalf("%d thin rows, want 3\n%s", len(doc.Thin.Rows), stdout.String())
+		t.Fatalf("%d thin rows, want 3: %+v", len(doc.Thin.Rows), doc.Thin.Rows)
 	}
 	for i, r := range doc.Thin.Rows {
 		if r.Raw.IOPS <= 0 || r.Thin.IOPS <= 0 || r.Ratio <= 0 {
-			t.Errorf("row %+v not measured\n%s", r, stderr.String())
+			t.Errorf("row %+v not measured\n%s", r, stderr)
 		}
 		// The allocating row is also compared with a sparse raw file.
 		if sparse := r.RawSparse.IOPS > 0 && r.RatioSparse > 0; sparse != (i == 2) {

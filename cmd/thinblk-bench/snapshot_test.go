@@ -1,8 +1,7 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
+	"io"
 	"strings"
 	"testing"
 )
@@ -27,10 +26,6 @@ func TestParseCount(t *testing.T) {
 func TestSnapshotTarget(t *testing.T) {
 	dir := t.TempDir()
 	args := []string{"--dir", dir, "--targets", "snapshot", "--snap-sizes", "1k,5k", "--snap-samples", "2", "--snap-block-size", "4K"}
-	var stdout, stderr bytes.Buffer
-	if err := run(append(args, "--json"), &stdout, &stderr); err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
 	var doc struct {
 		Snapshot []struct {
 			Mapped     uint64    `json:"mapped_blocks"`
@@ -43,9 +38,7 @@ func TestSnapshotTarget(t *testing.T) {
 			Error      string
 		}
 	}
-	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
-		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
-	}
+	runJSON(t, args, &doc)
 	if len(doc.Snapshot) != 2 || doc.Snapshot[0].Mapped != 1000 || doc.Snapshot[1].Mapped != 5000 {
 		t.Fatalf("rows %+v", doc.Snapshot)
 	}
@@ -55,17 +48,13 @@ func TestSnapshotTarget(t *testing.T) {
 			t.Errorf("row %+v", r)
 		}
 	}
-	stdout.Reset()
-	if err := run(append(args, "--snap-delete-max", "0"), &stdout, &stderr); err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
-	out := stdout.String()
+	out, _ := runOK(t, append(args, "--snap-delete-max", "0")...)
 	if !strings.Contains(out, "snapshot creation against mapped blocks") || !strings.Contains(out, "\n           1000  ") ||
 		!strings.Contains(out, "\n           5000  ") {
 		t.Fatalf("table:\n%s", out)
 	}
 	for _, bad := range []string{"--snap-sizes=1x", "--snap-block-size=3K", "--snap-samples=0", "--snap-check-max=z"} {
-		if err := run([]string{"--dir", dir, "--targets", "snapshot", bad}, &stdout, &stderr); err == nil {
+		if err := run([]string{"--dir", dir, "--targets", "snapshot", bad}, io.Discard, io.Discard); err == nil {
 			t.Errorf("%s accepted", bad)
 		}
 	}

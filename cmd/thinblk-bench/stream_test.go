@@ -1,11 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"encoding/json"
-	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 )
@@ -14,20 +9,9 @@ import (
 // every timing sampled, the received snapshots verified, the table
 // printed (the timings themselves are not asserted: the machine is shared).
 func TestStreamTarget(t *testing.T) {
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "thinblk")
-	if out, err := exec.Command(goBin, "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
-		t.Fatalf("build thinblk: %v\n%s", err, out)
-	}
+	bin := buildThinblk(t, dir)
 	args := []string{"--thinblk", bin, "--dir", dir, "--targets", "stream", "--stream-size", "8M", "--stream-repeat", "2"}
-	var stdout, stderr bytes.Buffer
-	if err := run(append(args, "--json"), &stdout, &stderr); err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
 	var doc struct {
 		Stream struct {
 			Full, Copy, CopySync, Incr, Empty []int64
@@ -36,9 +20,7 @@ func TestStreamTarget(t *testing.T) {
 			Verified                          bool
 		}
 	}
-	if err := json.Unmarshal(stdout.Bytes(), &doc); err != nil {
-		t.Fatalf("JSON output: %v\n%s", err, stdout.String())
-	}
+	runJSON(t, args, &doc)
 	s := doc.Stream
 	if len(s.Full) != 2 || len(s.Copy) != 2 || len(s.Incr) != 2 || len(s.Empty) != 2 || !s.Verified {
 		t.Fatalf("stream result %+v", s)
@@ -47,13 +29,10 @@ func TestStreamTarget(t *testing.T) {
 	if s.ChangedBlocks != 1 || s.FullBytes < 8<<20 || s.IncrBytes < 64<<10 || s.IncrBytes > 80<<10 {
 		t.Fatalf("stream sizes %+v", s)
 	}
-	stdout.Reset()
-	if err := run(append(args, "--stream-repeat", "1"), &stdout, &stderr); err != nil {
-		t.Fatalf("run: %v\n%s", err, stderr.String())
-	}
+	table, _ := runOK(t, append(args, "--stream-repeat", "1")...)
 	for _, row := range []string{"full send | receive", "incremental, 1 blocks changed", "incremental, nothing changed", "compared byte for byte and the destination checked: true"} {
-		if !strings.Contains(stdout.String(), row) {
-			t.Fatalf("table lacks %q:\n%s", row, stdout.String())
+		if !strings.Contains(table, row) {
+			t.Fatalf("table lacks %q:\n%s", row, table)
 		}
 	}
 }

@@ -4,11 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -29,35 +26,17 @@ func TestServeNeverTouchesCompletedBuffers(t *testing.T) {
 	bin := buildThinblk(t)
 	const volSize = 32 << 20
 	t.Run("pool", func(t *testing.T) {
-		dir := filepath.Join(t.TempDir(), "pool")
-		mustThinblk(t, "pool", "create", dir, "--size", "48M", "--block-size", "64K")
-		mustThinblk(t, "volume", "create", dir, "disk0", "--size", fmt.Sprint(volSize))
-		sockDir := filepath.Join(t.TempDir(), "socks")
-		cmd, logs := startServe(t, bin, dir, "--queues", "2", "--socket-dir", sockDir)
-		sock := filepath.Join(sockDir, "disk0.sock")
-		waitForSocket(t, sock)
-		paintAndCheck(t, sock, volSize, logs.String)
-		cmd.Process.Signal(syscall.SIGTERM)
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("serve exit: %v\n%s", err, logs)
-		}
-		if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		s := serveNewPool(t, bin, []string{"--size", "48M", "--block-size", "64K"}, volSize, "--queues", "2")
+		paintAndCheck(t, s.sock, volSize, s.logs.String)
+		s.stop(t)
+		if out := mustThinblk(t, "check", s.dir, "--quiet"); !strings.Contains(out, "clean") {
 			t.Errorf("check: %q", out)
 		}
 	})
 	t.Run("raw", func(t *testing.T) {
-		dir := t.TempDir()
-		img := filepath.Join(dir, "disk.img")
-		if err := os.WriteFile(img, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(img, volSize); err != nil {
-			t.Fatal(err)
-		}
-		sock := filepath.Join(dir, "disk.sock")
-		_, logs := startServe(t, bin, "--raw", img, "--socket", sock, "--queues", "2")
-		waitForSocket(t, sock)
-		paintAndCheck(t, sock, volSize, logs.String)
+		s := serveNewImage(t, bin, volSize, "--queues", "2")
+		paintAndCheck(t, s.sock, volSize, s.logs.String)
+		s.stop(t)
 	})
 }
 

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -45,36 +46,6 @@ type export struct {
 	dev    *blk.Device
 	srv    *vhostuser.Server
 	served chan struct{} // closed when Serve returns
-}
-
-// volumeStorage adds the pool's block size as the discard granularity, so
-// guests discard in units that really free space.
-type volumeStorage struct{ *thin.Volume }
-
-func (v volumeStorage) Geometry() blk.Geometry {
-	return blk.Geometry{
-		LogicalBlockSize:   blk.SectorSize,
-		PhysicalBlockSize:  4096,
-		OptimalIOSize:      v.BlockSize(),
-		DiscardGranularity: v.BlockSize(),
-	}
-}
-
-// OpenQueue serves reads and writes through the volume's io_uring queue
-// (blk.AsyncStorage); the completions only change type.
-func (v volumeStorage) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
-	batch := make([]blk.Completion, 0, depth)
-	q, err := v.Volume.OpenQueue(depth, func(cs []thin.Completion) {
-		batch = batch[:0]
-		for _, c := range cs {
-			batch = append(batch, blk.Completion{Tag: c.Tag, Err: c.Err})
-		}
-		done(batch)
-	})
-	if err != nil {
-		return nil, err
-	}
-	return q, nil
 }
 
 func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log *slog.Logger) (*exports, error) {
@@ -148,13 +119,8 @@ func (e *exports) start(name string) error {
 	}
 	log := e.log.With("volume", name)
 	// Snapshots are read-only; volumes and clones are writable.
-	readOnly := false
-	for _, v := range e.pool.Status().Volumes {
-		if v.Name == name {
-			readOnly = v.Kind == "snapshot"
-		}
-	}
-	var storage blk.Storage = volumeStorage{vol}
+	readOnly := vol.ReadOnly()
+	var storage blockdev.Storage = vol
 	if e.opts.trace != nil {
 		storage = e.opts.trace.Wrap(name, storage)
 	}

@@ -31,7 +31,7 @@ import (
 // metricsServe is a `thinblk serve ... --metrics ADDR` process.
 type metricsServe struct {
 	cmd    *exec.Cmd
-	logs   string // its stderr, in a file (read while it runs)
+	logs   *lockedBuffer
 	client *http.Client
 	base   string // URL without the path
 }
@@ -40,31 +40,14 @@ type metricsServe struct {
 // for the metrics listener, and returns how to scrape it.
 func startMetricsServe(t *testing.T, bin, sock string, args ...string) *metricsServe {
 	t.Helper()
-	logs := filepath.Join(t.TempDir(), "serve.log")
-	f, err := os.Create(logs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
-	cmd.Stderr = f
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
+	cmd, logs := startServe(t, bin, args...)
 	waitForSocket(t, sock)
 	s := &metricsServe{cmd: cmd, logs: logs}
 	addrRE := regexp.MustCompile(`msg="serving metrics" addr=(\S+)`)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		b, _ := os.ReadFile(logs)
-		if m := addrRE.FindSubmatch(b); m != nil {
-			addr := string(m[1])
+		if m := addrRE.FindStringSubmatch(logs.String()); m != nil {
+			addr := m[1]
 			if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 				s.client = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 					return (&net.Dialer{}).DialContext(ctx, "unix", path)
@@ -76,7 +59,7 @@ func startMetricsServe(t *testing.T, bin, sock string, args ...string) *metricsS
 			return s
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("serve did not log its metrics address:\n%s", b)
+			t.Fatalf("serve did not log its metrics address:\n%s", logs)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -305,13 +288,7 @@ func checkNative(t *testing.T, fams map[string]*dto.MetricFamily, volume string)
 func TestServeMetricsRaw(t *testing.T) {
 	bin := buildThinblk(t)
 	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 64<<20); err != nil {
-		t.Fatal(err)
-	}
+	img := newImage(t, dir, 64<<20)
 	sock := filepath.Join(dir, "disk.sock")
 	s := startMetricsServe(t, bin, sock, "--raw", img, "--socket", sock, "--metrics", "127.0.0.1:0")
 	fams := s.scrape(t)

@@ -52,9 +52,9 @@ func notifySocket(t *testing.T) (string, func(cmd *exec.Cmd, exited <-chan struc
 }
 
 // startNotifyingServe runs serve with NOTIFY_SOCKET set; exited closes when it ends.
-func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exec.Cmd, <-chan struct{}, *strings.Builder) {
+func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exec.Cmd, <-chan struct{}, *lockedBuffer) {
 	t.Helper()
-	logs := new(strings.Builder)
+	logs := new(lockedBuffer)
 	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stderr = logs
@@ -71,7 +71,7 @@ func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exe
 }
 
 // expectStopping sends SIGTERM and wants STOPPING=1, then a clean exit.
-func expectStopping(t *testing.T, cmd *exec.Cmd, exited <-chan struct{}, next func(*exec.Cmd, <-chan struct{}) string, logs *strings.Builder) {
+func expectStopping(t *testing.T, cmd *exec.Cmd, exited <-chan struct{}, next func(*exec.Cmd, <-chan struct{}) string, logs *lockedBuffer) {
 	t.Helper()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -138,10 +138,7 @@ func TestServeNotifiesReadyWhenPoolSocketsListen(t *testing.T) {
 // on SIGTERM.
 func TestServeNotifiesReadyRaw(t *testing.T) {
 	bin := buildThinblk(t)
-	img := filepath.Join(t.TempDir(), "disk.img")
-	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	img := newImage(t, t.TempDir(), 1<<20)
 	sock := filepath.Join(t.TempDir(), "disk.sock")
 	notify, next := notifySocket(t)
 	cmd, exited, logs := startNotifyingServe(t, bin, notify, "--raw", img, "--socket", sock)

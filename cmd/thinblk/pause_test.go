@@ -27,23 +27,9 @@ type vmsEvents struct {
 // after timeout. Other events are kept in seen.
 func (e *vmsEvents) wait(name string, timeout time.Duration) map[string]any {
 	e.t.Helper()
-	deadline := time.After(timeout)
-	for {
-		select {
-		case ev, ok := <-e.c.Events():
-			if !ok {
-				e.t.Fatalf("connection closed while waiting for %s", name)
-			}
-			e.seen = append(e.seen, ev)
-			if ev.Event == name {
-				var data map[string]any
-				json.Unmarshal(ev.Data, &data)
-				return data
-			}
-		case <-deadline:
-			e.t.Fatalf("no %s event within %v (seen: %v)", name, timeout, e.names())
-		}
-	}
+	var data map[string]any
+	json.Unmarshal(e.waitAny(timeout, name).Data, &data)
+	return data
 }
 
 // waitAny returns the next event with one of the names.
@@ -113,18 +99,47 @@ func vmsDial(t *testing.T, path string) *qmp.Client {
 	}
 }
 
-// The pause policy with a real QEMU: a writer (the Go front-end, on its
-// own volume) fills the pool; serve reports the low-water crossing and
-// the out-of-space, stops the VM (QEMU's STOP), and once `pool grow`
-// makes room it reports the space, resumes the VM (RESUME) and the
-// waiting write completes. A VM paused by someone else is left paused.
-func TestServePausePolicyStopsQEMU(t *testing.T) {
+// needQEMU fails a test that needs QEMU where it is missing, unless VM tests are opted out.
+func needQEMU(t *testing.T) {
+	t.Helper()
 	if os.Getenv("THINBLK_SKIP_VM") == "1" {
 		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
 	}
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Fatalf("qemu-system-x86_64 not found (set THINBLK_SKIP_VM=1 to opt out): %v", err)
 	}
+}
+
+// startQEMU runs a firmware-only VM (TCG) with a QMP monitor on each of qmpSocks and, unless
+// disk is "", the vhost-user-blk disk on that socket; it returns once the last monitor's
+// socket exists and kills the VM when the test ends.
+func startQEMU(t *testing.T, disk string, qmpSocks ...string) {
+	t.Helper()
+	args := []string{"-accel", "tcg", "-nodefaults", "-display", "none", "-m", "32"}
+	if disk != "" {
+		args = []string{"-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
+			"-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-numa", "node,memdev=mem",
+			"-chardev", "socket,id=d0,path=" + disk, "-device", "vhost-user-blk-pci,chardev=d0"}
+	}
+	for _, s := range qmpSocks {
+		args = append(args, "-qmp", "unix:"+s+",server=on,wait=off")
+	}
+	qemu := exec.Command("qemu-system-x86_64", args...)
+	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := qemu.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { qemu.Process.Kill(); qemu.Wait() })
+	waitForSocket(t, qmpSocks[len(qmpSocks)-1])
+}
+
+// The pause policy with a real QEMU: a writer (the Go front-end, on its
+// own volume) fills the pool; serve reports the low-water crossing and
+// the out-of-space, stops the VM (QEMU's STOP), and once `pool grow`
+// makes room it reports the space, resumes the VM (RESUME) and the
+// waiting write completes. A VM paused by someone else is left paused.
+func TestServePausePolicyStopsQEMU(t *testing.T) {
+	needQEMU(t)
 	bin := buildThinblk(t)
 	tmp := t.TempDir()
 	dir := filepath.Join(tmp, "pool")
@@ -138,25 +153,8 @@ func TestServePausePolicyStopsQEMU(t *testing.T) {
 	_, logs := startServe(t, bin, dir, "--qemu-qmp", "unix:"+qmpSock, "--qemu-qmp", qmpB)
 	waitForSocket(t, filepath.Join(dir, "vm.sock"))
 	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
-
-	qemu := exec.Command("qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-		"-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-numa", "node,memdev=mem",
-		"-chardev", "socket,id=d0,path="+filepath.Join(dir, "vm.sock"), "-device", "vhost-user-blk-pci,chardev=d0",
-		"-qmp", "unix:"+qmpSock+",server=on,wait=off", "-qmp", "unix:"+watchSock+",server=on,wait=off")
-	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := qemu.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { qemu.Process.Kill(); qemu.Wait() })
-	qemuB := exec.Command("qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "32",
-		"-qmp", "unix:"+qmpB+",server=on,wait=off", "-qmp", "unix:"+watchB+",server=on,wait=off")
-	qemuB.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := qemuB.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { qemuB.Process.Kill(); qemuB.Wait() })
-	waitForSocket(t, watchSock)
-	waitForSocket(t, watchB)
+	startQEMU(t, filepath.Join(dir, "vm.sock"), qmpSock, watchSock)
+	startQEMU(t, "", qmpB, watchB)
 	watch := &vmsEvents{t: t, c: vmsDial(t, watchSock)}
 	watchOther := &vmsEvents{t: t, c: vmsDial(t, watchB)}
 	ctl := &vmsEvents{t: t, c: vmsDial(t, filepath.Join(dir, "qmp.sock"))}

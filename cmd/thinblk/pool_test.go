@@ -7,30 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 )
-
-// thinblk runs the CLI in-process and returns stdout, stderr and the code.
-func thinblk(t *testing.T, args ...string) (string, string, int) {
-	t.Helper()
-	var stdout, stderr bytes.Buffer
-	code := run(args, &stdout, &stderr)
-	return stdout.String(), stderr.String(), code
-}
-
-func mustThinblk(t *testing.T, args ...string) string {
-	t.Helper()
-	out, errOut, code := thinblk(t, args...)
-	if code != 0 {
-		t.Fatalf("thinblk %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
-	}
-	return out
-}
 
 func statusJSON(t *testing.T, dir string) thin.Status {
 	t.Helper()
@@ -105,13 +87,8 @@ func TestPoolBadInput(t *testing.T) {
 
 func TestServePoolDataPath(t *testing.T) {
 	bin := buildThinblk(t)
-	dir := filepath.Join(t.TempDir(), "pool")
-	mustThinblk(t, "pool", "create", dir, "--size", "32M")
-	mustThinblk(t, "volume", "create", dir, "disk0", "--size", "1G")
-	sockDir := filepath.Join(t.TempDir(), "run", "thinblk") // created by serve
-	cmd, logs := startServe(t, bin, dir, "--queues", "2", "--socket-dir", sockDir)
-	sock := filepath.Join(sockDir, "disk0.sock")
-	waitForSocket(t, sock)
+	s := serveNewPool(t, bin, []string{"--size", "32M"}, 1<<30, "--queues", "2")
+	dir, sock, logs := s.dir, s.sock, s.logs
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -137,10 +114,7 @@ func TestServePoolDataPath(t *testing.T) {
 		t.Fatalf("read back: %v, equal=%v", err, bytes.Equal(got, data))
 	}
 	disk.Close()
-	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("serve exit: %v\n%s", err, logs)
-	}
+	s.stop(t)
 	// After a clean stop the pool is consistent and holds the data.
 	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
 		t.Errorf("check: %q", out)
@@ -215,10 +189,7 @@ func TestServePoolOnlineManagement(t *testing.T) {
 	if _, errOut, code := thinblk(t, "check", dir); code == 0 || !strings.Contains(errOut, "stop 'thinblk serve'") {
 		t.Errorf("check while serving: exit %d, %q", code, errOut)
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("serve exit: %v\n%s", err, logs)
-	}
+	stopServe(t, cmd, logs)
 	if _, err := os.Stat(filepath.Join(dir, "control")); !os.IsNotExist(err) {
 		t.Error("control record left behind after exit")
 	}
@@ -300,10 +271,7 @@ func TestServePoolSnapshots(t *testing.T) {
 	}
 	mustThinblk(t, "snapshot", "delete", dir, "snap1")
 	mustThinblk(t, "snapshot", "delete", dir, "clone1")
-	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("serve exit: %v\n%s", err, logs)
-	}
+	stopServe(t, cmd, logs)
 	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
 		t.Errorf("check: %q", out)
 	}

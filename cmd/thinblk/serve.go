@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/sdnotify"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
@@ -54,44 +55,9 @@ type serveFlags struct {
 }
 
 func runServe(args []string, stdout, stderr io.Writer) int {
-	var f serveFlags
-	fs := newFlagSet("serve", serveSynopsis, stderr)
-	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
-	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
-	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
-	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
-	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
-		path, err := parseSocketFlag("--qemu-qmp", s)
-		if err == nil {
-			f.qemuQMP = append(f.qemuQMP, path)
-		}
-		return err
-	})
-	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
-	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
-	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
-	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
-	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
-	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
-	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
-	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
-	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
-	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
-	}
-	switch {
-	case len(pos) == 1 && f.raw == "":
-		f.pool = pos[0]
-	case len(pos) > 0:
-		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
-		fs.Usage()
-		return 2
-	}
-	if err := f.validate(); err != nil {
-		fmt.Fprintln(stderr, "thinblk serve:", err)
-		return 2
+	f, code, ok := parseServeFlags(args, stderr)
+	if !ok {
+		return code
 	}
 	logger, err := newLogger(stderr, f.logLevel)
 	if err != nil {
@@ -120,6 +86,50 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, "serve", err)
 	}
 	return 0
+}
+
+// parseServeFlags parses and checks serve's arguments. When ok is false,
+// usage or the error has been printed and code is the exit status.
+func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, ok bool) {
+	fs := newFlagSet("serve", serveSynopsis, stderr)
+	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
+	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
+	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
+	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
+		path, err := parseSocketFlag("--qemu-qmp", s)
+		if err == nil {
+			f.qemuQMP = append(f.qemuQMP, path)
+		}
+		return err
+	})
+	fs.StringVar(&f.socketMode, "socket-mode", "0600", "permissions of the socket file (octal)")
+	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
+	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
+	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
+	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
+	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
+	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&f.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics: HOST:PORT (TCP) or unix:PATH")
+	fs.StringVar(&f.trace, "trace", "", "debug: log every request (range, sector CRCs; for a pool, the blocks it resolved to) to `FILE`; `thinblk trace-check FILE` checks it")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return f, exitFor(err), false
+	}
+	switch {
+	case len(pos) == 1 && f.raw == "":
+		f.pool = pos[0]
+	case len(pos) > 0:
+		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
+		fs.Usage()
+		return f, 2, false
+	}
+	if err := f.validate(); err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return f, 2, false
+	}
+	return f, 0, true
 }
 
 func (f *serveFlags) validate() error {
@@ -161,6 +171,9 @@ func (f *serveFlags) validate() error {
 	if _, err := parseMode(f.socketMode); err != nil {
 		return err
 	}
+	if _, err := newLogger(io.Discard, f.logLevel); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -192,7 +205,7 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 	if serial == "" {
 		serial = baseSerial(f.raw)
 	}
-	var storage blk.Storage = disk
+	var storage blockdev.Storage = disk
 	if trace != nil {
 		storage = trace.Wrap(serial, disk)
 	}

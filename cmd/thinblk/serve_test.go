@@ -14,47 +14,6 @@ import (
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 )
 
-// buildThinblk builds this command once per test binary.
-func buildThinblk(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "thinblk")
-	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
-// startServe runs `thinblk serve` and waits for its socket.
-func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *bytes.Buffer) {
-	t.Helper()
-	var logs bytes.Buffer
-	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
-	return cmd, &logs
-}
-
-func waitForSocket(t *testing.T, path string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("socket %s did not appear", path)
-}
-
 func TestServeRawRoundTripAndSIGTERM(t *testing.T) {
 	bin := buildThinblk(t)
 	for _, extra := range [][]string{nil, {"--no-uring"}, {"--direct"}} {
@@ -65,17 +24,8 @@ func TestServeRawRoundTripAndSIGTERM(t *testing.T) {
 }
 
 func testServeRaw(t *testing.T, bin string, extra []string) {
-	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 8<<20); err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(dir, "disk.sock")
-	cmd, logs := startServe(t, bin, append([]string{"--raw", img, "--socket", sock, "--queues", "2", "--serial", "tb-serial"}, extra...)...)
-	waitForSocket(t, sock)
+	s := serveNewImage(t, bin, 8<<20, append([]string{"--queues", "2", "--serial", "tb-serial"}, extra...)...)
+	sock, img := s.sock, s.img
 	if fi, _ := os.Stat(sock); fi.Mode().Perm() != 0o600 {
 		t.Errorf("socket mode %v, want 0600", fi.Mode().Perm())
 	}
@@ -84,7 +34,7 @@ func testServeRaw(t *testing.T, bin string, extra []string) {
 	defer cancel()
 	disk, err := frontend.Dial(ctx, sock, frontend.Options{NumQueues: 2})
 	if err != nil {
-		t.Fatalf("dial: %v\nlogs:\n%s", err, logs)
+		t.Fatalf("dial: %v\nlogs:\n%s", err, s.logs)
 	}
 	if disk.Capacity() != 8<<20 {
 		t.Errorf("capacity %d, want %d", disk.Capacity(), 8<<20)
@@ -98,19 +48,7 @@ func testServeRaw(t *testing.T, bin string, extra []string) {
 	}
 	// SIGTERM with the front-end still connected: the acknowledged write
 	// must be in the file, the socket gone, and the exit status 0.
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("serve exited with %v after SIGTERM\nlogs:\n%s", err, logs)
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatalf("serve did not exit after SIGTERM\nlogs:\n%s", logs)
-	}
+	s.stop(t)
 	disk.Close()
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Errorf("socket still there after exit: %v", err)
@@ -168,8 +106,7 @@ func TestServeMissingImage(t *testing.T) {
 func TestServeRefusesLiveSocket(t *testing.T) {
 	bin := buildThinblk(t)
 	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
-	os.WriteFile(img, make([]byte, 1<<20), 0o600)
+	img := newImage(t, dir, 1<<20)
 	sock := filepath.Join(dir, "disk.sock")
 	first, _ := startServe(t, bin, "--raw", img, "--socket", sock)
 	waitForSocket(t, sock)

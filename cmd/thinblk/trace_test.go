@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,19 +22,10 @@ func TestServeTrace(t *testing.T) {
 	bin := buildThinblk(t)
 	const size = 16 << 20
 	t.Run("pool", func(t *testing.T) {
-		dir := filepath.Join(t.TempDir(), "pool")
-		mustThinblk(t, "pool", "create", dir, "--size", "32M", "--block-size", "64K")
-		mustThinblk(t, "volume", "create", dir, "disk0", "--size", fmt.Sprint(size))
 		trace := filepath.Join(t.TempDir(), "trace")
-		sockDir := filepath.Join(t.TempDir(), "socks")
-		cmd, logs := startServe(t, bin, dir, "--queues", "2", "--socket-dir", sockDir, "--trace", trace)
-		sock := filepath.Join(sockDir, "disk0.sock")
-		waitForSocket(t, sock)
-		driveTraced(t, sock, size)
-		cmd.Process.Signal(syscall.SIGTERM)
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("serve exit: %v\n%s", err, logs)
-		}
+		s := serveNewPool(t, bin, []string{"--size", "32M", "--block-size", "64K"}, size, "--queues", "2", "--trace", trace)
+		driveTraced(t, s.sock, size)
+		s.stop(t)
 		text := checkTrace(t, trace)
 		for _, want := range []string{" N disk0 write ", "+new", " N disk0 read-async ", " S 1 disk0 "} {
 			if !strings.Contains(text, want) {
@@ -44,23 +34,10 @@ func TestServeTrace(t *testing.T) {
 		}
 	})
 	t.Run("raw", func(t *testing.T) {
-		dir := t.TempDir()
-		img := filepath.Join(dir, "disk.img")
-		if err := os.WriteFile(img, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(img, size); err != nil {
-			t.Fatal(err)
-		}
-		trace := filepath.Join(dir, "trace")
-		sock := filepath.Join(dir, "disk.sock")
-		cmd, logs := startServe(t, bin, "--raw", img, "--socket", sock, "--queues", "2", "--serial", "raw0", "--trace", trace)
-		waitForSocket(t, sock)
-		driveTraced(t, sock, size)
-		cmd.Process.Signal(syscall.SIGTERM)
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("serve exit: %v\n%s", err, logs)
-		}
+		trace := filepath.Join(t.TempDir(), "trace")
+		s := serveNewImage(t, bin, size, "--queues", "2", "--serial", "raw0", "--trace", trace)
+		driveTraced(t, s.sock, size)
+		s.stop(t)
 		checkTrace(t, trace)
 	})
 }

@@ -2,27 +2,17 @@ package main
 
 import (
 	"context"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"github.com/thinblk/thinblk/qmp"
 )
 
 // vm-snapshot as a user runs it: against a real `thinblk serve` and a real
 // QEMU (TCG, firmware only) whose disk is the pool's volume. The
 // orchestration's failure paths are tested in package vmsnap.
 func TestVMSnapshotCLI(t *testing.T) {
-	if os.Getenv("THINBLK_SKIP_VM") == "1" {
-		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Fatalf("qemu-system-x86_64 not found (set THINBLK_SKIP_VM=1 to opt out): %v", err)
-	}
+	needQEMU(t)
 	bin := buildThinblk(t)
 	tmp := t.TempDir()
 	dir := filepath.Join(tmp, "pool")
@@ -33,30 +23,10 @@ func TestVMSnapshotCLI(t *testing.T) {
 	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
 
 	qmpSock, watchSock := filepath.Join(tmp, "q.sock"), filepath.Join(tmp, "w.sock")
-	qemu := exec.Command("qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-		"-object", "memory-backend-memfd,id=mem,size=64M,share=on", "-numa", "node,memdev=mem",
-		"-chardev", "socket,id=d0,path="+filepath.Join(dir, "vm.sock"), "-device", "vhost-user-blk-pci,chardev=d0",
-		"-qmp", "unix:"+qmpSock+",server=on,wait=off", "-qmp", "unix:"+watchSock+",server=on,wait=off")
-	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := qemu.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { qemu.Process.Kill(); qemu.Wait() })
-	waitForSocket(t, watchSock)
+	startQEMU(t, filepath.Join(dir, "vm.sock"), qmpSock, watchSock)
+	watch := vmsDial(t, watchSock)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	var watch *qmp.Client
-	var err error
-	for { // QEMU binds the socket a moment before it listens
-		if watch, err = qmp.Dial(ctx, watchSock); err == nil || ctx.Err() != nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer watch.Close()
 	running := func() bool {
 		var st struct{ Running bool }
 		if err := watch.Execute(ctx, "query-status", nil, &st); err != nil {

@@ -41,20 +41,9 @@ func Vectored(bufs [][]byte, off int64, op func([][]byte, int64) (int, error), i
 			return io.ErrShortWrite
 		}
 		off += int64(n)
-		for n > 0 && len(bufs) > 0 {
-			if n >= len(bufs[0]) {
-				n -= len(bufs[0])
-				bufs = bufs[1:]
-				continue
-			}
-			// A partial buffer: continue with its tail. This copies the
-			// remaining slice headers once, only on the rare short path.
-			rest := make([][]byte, len(bufs))
-			copy(rest, bufs)
-			rest[0] = rest[0][n:]
-			bufs = rest
-			n = 0
-		}
+		c := NewCursor(bufs)
+		c.Skip(int64(n))
+		bufs = c.Rest()
 	}
 	return nil
 }

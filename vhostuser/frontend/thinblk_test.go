@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -30,7 +31,7 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 		logOut = os.Stderr
 	}
 	logger := slog.New(slog.NewTextHandler(logOut, nil))
-	var storage blk.Storage = disk
+	var storage blockdev.Storage = disk
 	var grow *growable
 	if o.resize != nil {
 		grow = &growable{Disk: disk}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/virtio/blk"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
@@ -18,11 +19,11 @@ import (
 // countingAsync counts what reaches a storage's asynchronous queues, to
 // show which path the device took.
 type countingAsync struct {
-	blk.AsyncStorage
+	blockdev.AsyncStorage
 	reads, writes, flushes atomic.Int64
 }
 
-func (c *countingAsync) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+func (c *countingAsync) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
 	q, err := c.AsyncStorage.OpenQueue(depth, done)
 	if err != nil {
 		return nil, err
@@ -31,7 +32,7 @@ func (c *countingAsync) OpenQueue(depth int, done func([]blk.Completion)) (blk.A
 }
 
 type countingQueue struct {
-	blk.AsyncQueue
+	blockdev.AsyncQueue
 	c *countingAsync
 }
 
@@ -210,17 +211,17 @@ type heldAsync struct {
 
 type heldQueue struct {
 	s    *heldAsync
-	done func([]blk.Completion)
-	next []blk.Completion
+	done func([]blockdev.Completion)
+	next []blockdev.Completion
 	wg   sync.WaitGroup
 }
 
-func (s *heldAsync) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
+func (s *heldAsync) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
 	return &heldQueue{s: s, done: done}, nil
 }
 
 func (q *heldQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
-	q.next = append(q.next, blk.Completion{Tag: tag, Err: q.s.fileStorage.ReadAt(bufs, off)})
+	q.next = append(q.next, blockdev.Completion{Tag: tag, Err: q.s.fileStorage.ReadAt(bufs, off)})
 	return nil
 }
 
@@ -299,14 +300,14 @@ type orderedAsync struct {
 
 type orderedQueue struct {
 	s       *orderedAsync
-	done    func([]blk.Completion)
-	next    []blk.Completion
-	batches chan []blk.Completion
+	done    func([]blockdev.Completion)
+	next    []blockdev.Completion
+	batches chan []blockdev.Completion
 	exited  chan struct{}
 }
 
-func (s *orderedAsync) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
-	q := &orderedQueue{s: s, done: done, batches: make(chan []blk.Completion, depth), exited: make(chan struct{})}
+func (s *orderedAsync) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
+	q := &orderedQueue{s: s, done: done, batches: make(chan []blockdev.Completion, depth), exited: make(chan struct{})}
 	go func() {
 		defer close(q.exited)
 		n := 0
@@ -339,12 +340,12 @@ func (s *orderedAsync) Flush() error {
 }
 
 func (q *orderedQueue) ReadAt(tag uint16, bufs [][]byte, off int64) error {
-	q.next = append(q.next, blk.Completion{Tag: tag, Err: q.s.fileStorage.ReadAt(bufs, off)})
+	q.next = append(q.next, blockdev.Completion{Tag: tag, Err: q.s.fileStorage.ReadAt(bufs, off)})
 	return nil
 }
 
 func (q *orderedQueue) WriteAt(tag uint16, bufs [][]byte, off int64) error {
-	q.next = append(q.next, blk.Completion{Tag: tag, Err: q.s.fileStorage.WriteAt(bufs, off)})
+	q.next = append(q.next, blockdev.Completion{Tag: tag, Err: q.s.fileStorage.WriteAt(bufs, off)})
 	return nil
 }
 

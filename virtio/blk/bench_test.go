@@ -4,6 +4,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio/blk"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
 )
@@ -63,7 +64,7 @@ func (b *batch) round(tb testing.TB) {
 func TestRoundTripDoesNotAllocate(t *testing.T) {
 	for _, storage := range []string{"sync", "io_uring"} {
 		t.Run(storage, func(t *testing.T) {
-			var s blk.Storage = newFileStorage(t, diskSize)
+			var s blockdev.Storage = newFileStorage(t, diskSize)
 			if storage == "io_uring" {
 				s = openRawdisk(t, diskSize)
 			}

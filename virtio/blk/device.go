@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -65,10 +66,10 @@ type Options struct {
 // Device is a virtio-blk device over a Storage. It implements
 // vhostuser.Device.
 type Device struct {
-	storage         Storage
+	storage         blockdev.Storage
 	opts            Options
 	log             *slog.Logger
-	geom            Geometry
+	geom            blockdev.Geometry
 	sectorsPerBlock uint64
 	features        uint64
 
@@ -88,7 +89,7 @@ type Device struct {
 }
 
 // New returns a device serving storage.
-func New(storage Storage, opts Options) (*Device, error) {
+func New(storage blockdev.Storage, opts Options) (*Device, error) {
 	if storage == nil {
 		return nil, errors.New("virtio-blk: no storage")
 	}
@@ -119,8 +120,8 @@ func New(storage Storage, opts Options) (*Device, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	geom := Geometry{LogicalBlockSize: SectorSize}
-	if g, ok := storage.(GeometryReporter); ok {
+	geom := blockdev.Geometry{LogicalBlockSize: SectorSize}
+	if g, ok := storage.(blockdev.GeometryReporter); ok {
 		geom = g.Geometry()
 	}
 	if geom.LogicalBlockSize == 0 {

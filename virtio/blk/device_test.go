@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
@@ -39,7 +40,7 @@ func TestNewRejectsBadOptions(t *testing.T) {
 }
 
 func TestFeaturesAndConfig(t *testing.T) {
-	s := geomStorage{newFileStorage(t, diskSize), blk.Geometry{
+	s := geomStorage{newFileStorage(t, diskSize), blockdev.Geometry{
 		LogicalBlockSize: 512, PhysicalBlockSize: 4096, OptimalIOSize: 65536, DiscardGranularity: 65536,
 	}}
 	dev, err := blk.New(s, blk.Options{NumQueues: 2, QueueSize: 128})

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -20,7 +21,7 @@ import (
 
 var _ vhostuser.Device = (*blk.Device)(nil)
 
-// fileStorage is a minimal file-backed blk.Storage for tests.
+// fileStorage is a minimal file-backed blockdev.Storage for tests.
 type fileStorage struct {
 	f       *os.File
 	size    atomic.Uint64
@@ -109,10 +110,10 @@ func (s *fileStorage) WriteZeroes(off, length int64, unmap bool) error {
 // geomStorage adds a geometry to fileStorage.
 type geomStorage struct {
 	*fileStorage
-	g blk.Geometry
+	g blockdev.Geometry
 }
 
-func (g geomStorage) Geometry() blk.Geometry { return g.g }
+func (g geomStorage) Geometry() blockdev.Geometry { return g.g }
 
 const (
 	diskSize = 64 << 20 // as QEMU's vhost-user-blk-test
@@ -130,7 +131,7 @@ type harness struct {
 	mu      []sync.Mutex
 }
 
-func newHarness(t testing.TB, storage blk.Storage, opts blk.Options, ringSize uint16, features uint64) *harness {
+func newHarness(t testing.TB, storage blockdev.Storage, opts blk.Options, ringSize uint16, features uint64) *harness {
 	t.Helper()
 	dev, err := blk.New(storage, opts)
 	if err != nil {

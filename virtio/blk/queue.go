@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -21,7 +22,7 @@ type queue struct {
 	reqs   []request // per head: scratch that survives between requests
 	// async, if not nil, runs reads, writes and flushes without workers:
 	// the runner starts them, the storage's goroutine completes them.
-	async AsyncQueue
+	async blockdev.AsyncQueue
 	wg    sync.WaitGroup
 	// notifyPending: completions were put on the used ring without an
 	// interrupt check.
@@ -74,7 +75,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
 	}
 	afterDrain := func() { q.passStart = 0 }
-	if as, ok := d.storage.(AsyncStorage); ok && !d.opts.SyncOnly {
+	if as, ok := d.storage.(blockdev.AsyncStorage); ok && !d.opts.SyncOnly {
 		aq, err := as.OpenQueue(int(s.Size), q.asyncDone)
 		if err != nil {
 			d.log.Info("storage serves this queue synchronously", "queue", s.Index, "reason", err)
@@ -200,7 +201,7 @@ func (q *queue) startAsync(c *virtio.Chain) (started bool) {
 
 // asyncDone completes a batch of asynchronous requests and interrupts the
 // driver once for all of them. It runs on the storage's goroutine.
-func (q *queue) asyncDone(batch []Completion) {
+func (q *queue) asyncDone(batch []blockdev.Completion) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	done := now() // one clock read for the batch
 	for _, cpl := range batch {
@@ -214,7 +215,7 @@ func (q *queue) asyncDone(batch []Completion) {
 	q.runner.Notify()
 }
 
-func (q *queue) finishAsync(cpl Completion, done time.Duration) {
+func (q *queue) finishAsync(cpl blockdev.Completion, done time.Duration) {
 	defer q.dev.inflight.Add(-1)
 	defer func() {
 		if err := virtio.RecoverFault(recover()); err != nil {

@@ -3,6 +3,7 @@ package blk
 import (
 	"errors"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -57,7 +58,7 @@ func (d *Device) serve(c *virtio.Chain, r *request) (uint32, byte) {
 // returns false for requests the workers serve synchronously: every other
 // type, anything malformed or out of range (the synchronous path reports
 // those), writes while the write cache is off, and whatever aq declines.
-func (d *Device) startAsync(aq AsyncQueue, c *virtio.Chain, r *request) bool {
+func (d *Device) startAsync(aq blockdev.AsyncQueue, c *virtio.Chain, r *request) bool {
 	if c.Err != nil || len(c.Writable) == 0 || c.ReadLen < RequestHeaderSize {
 		return false
 	}

@@ -34,6 +34,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -102,14 +103,14 @@ func (l *Log) Note(disk, text string) {
 
 // Wrap returns s with every request traced under the name disk. The result
 // serves asynchronous queues when s does, and reports s's geometry.
-func (l *Log) Wrap(disk string, s blk.Storage) blk.Storage {
+func (l *Log) Wrap(disk string, s blockdev.Storage) blockdev.Storage {
 	return &storage{l: l, disk: disk, s: s}
 }
 
 type storage struct {
 	l    *Log
 	disk string
-	s    blk.Storage
+	s    blockdev.Storage
 }
 
 func (t *storage) start(op string, off, n int64, bufs [][]byte) uint64 {
@@ -183,22 +184,22 @@ func (t *storage) WriteZeroes(off, n int64, unmap bool) error {
 	return err
 }
 
-func (t *storage) Geometry() blk.Geometry {
-	if g, ok := t.s.(blk.GeometryReporter); ok {
+func (t *storage) Geometry() blockdev.Geometry {
+	if g, ok := t.s.(blockdev.GeometryReporter); ok {
 		return g.Geometry()
 	}
-	return blk.Geometry{}
+	return blockdev.Geometry{}
 }
 
 // OpenQueue traces the asynchronous requests of s's queue; without one
 // (s is not asynchronous) the device serves everything synchronously.
-func (t *storage) OpenQueue(depth int, done func([]blk.Completion)) (blk.AsyncQueue, error) {
-	as, ok := t.s.(blk.AsyncStorage)
+func (t *storage) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
+	as, ok := t.s.(blockdev.AsyncStorage)
 	if !ok {
 		return nil, fmt.Errorf("trace: storage has no asynchronous queues: %w", errors.ErrUnsupported)
 	}
 	q := &queue{t: t, reqs: make([]asyncReq, depth)}
-	inner, err := as.OpenQueue(depth, func(cs []blk.Completion) {
+	inner, err := as.OpenQueue(depth, func(cs []blockdev.Completion) {
 		for _, c := range cs {
 			if int(c.Tag) < len(q.reqs) {
 				q.mu.Lock()
@@ -229,7 +230,7 @@ type asyncReq struct {
 
 type queue struct {
 	t *storage
-	q blk.AsyncQueue
+	q blockdev.AsyncQueue
 	// mu orders a request's record (the submitter's) before its completion
 	// (the storage's goroutine, which may run before the submitter returns).
 	mu   sync.Mutex

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/thinblk/thinblk/virtio/blk"
+	"github.com/thinblk/thinblk/internal/blockdev"
 )
 
 // memStorage is a disk in memory; lose, when set, makes a write return
@@ -54,10 +54,10 @@ func TestTraceAndCheck(t *testing.T) {
 	l := New(&out, nil)
 	mem := &memStorage{b: make([]byte, 1<<20)}
 	s := l.Wrap("vol", mem)
-	if _, ok := s.(blk.AsyncStorage); !ok {
+	if _, ok := s.(blockdev.AsyncStorage); !ok {
 		t.Fatal("traced storage does not offer asynchronous queues")
 	}
-	if _, err := s.(blk.AsyncStorage).OpenQueue(4, nil); !errors.Is(err, errors.ErrUnsupported) {
+	if _, err := s.(blockdev.AsyncStorage).OpenQueue(4, nil); !errors.Is(err, errors.ErrUnsupported) {
 		t.Errorf("queue of a synchronous storage: %v", err)
 	}
 	// A write split over two buffers, a read back, a discard, zeroes and a

@@ -1,32 +1,14 @@
-// Package blk implements a virtio-blk device: request parsing and
-// validation, status codes, config space, and dispatch to a Storage.
-//
-// A Device (New) serves the queues a vhost-user server starts on it; each
-// queue has a virtio.Runner that pops descriptor chains and a pool of
-// workers that execute them against the Storage, many in flight at once.
-// Storage that also implements AsyncStorage (rawdisk, with io_uring) gets
-// reads, writes and flushes without workers: the runner starts every such
-// request of a pass over the available ring and submits them as one batch,
-// and the storage's completion goroutine puts them on the used ring,
-// interrupting the driver once per batch.
-// Requests follow QEMU's block/export/virtio-blk-handler.c:
-//
-//   - header: the first 16 readable bytes; status: the last writable byte;
-//     data: the readable bytes after the header (OUT, DISCARD,
-//     WRITE_ZEROES) or the writable bytes before the status (IN, GET_ID),
-//     laid out over descriptors in any way.
-//   - UNSUPP: unknown types (and GET_LIFETIME, SECURE_ERASE), more than one
-//     discard/write-zeroes segment, reserved segment flags, the unmap flag
-//     on DISCARD.
-//   - IOERR: lengths not a multiple of 512, a start not aligned to the
-//     logical block, ranges beyond the capacity, more than 2 GiB in one
-//     read/write or more than the advertised sectors in one discard/write
-//     zeroes segment, writes to a read-only device, storage errors, and
-//     malformed chains (written to their last writable byte, if any).
-//   - The used length is the number of bytes written: data plus status.
-package blk
+// Package blockdev is the contract between a block device and the storage
+// behind it: what virtio/blk calls, and what rawdisk and thin implement.
+// It holds only interfaces and small value types, so that every side can
+// import it without importing another.
+package blockdev
 
-// Storage is what a virtio-blk device reads and writes. The device checks
+// SectorSize is the unit of every offset and length a device passes to
+// Storage.
+const SectorSize = 512
+
+// Storage is what a block device reads and writes. The device checks
 // every request before it reaches Storage: offsets and lengths are multiples
 // of 512 bytes and lie inside Size(). Implementations must be safe for
 // concurrent use: requests from several queues and many in flight per queue
@@ -35,7 +17,7 @@ package blk
 // The buffers passed to ReadAt and WriteAt are guest memory (mapped outside
 // the Go heap, shared with the guest, which may change it concurrently);
 // they must not be retained after the call returns. An error makes the
-// request fail with VIRTIO_BLK_S_IOERR.
+// request fail (VIRTIO_BLK_S_IOERR for a virtio-blk device).
 type Storage interface {
 	// Size is the capacity in bytes, a multiple of 512. It may grow while
 	// serving (the device then announces a config change).
@@ -93,7 +75,7 @@ type AsyncStorage interface {
 // Completion is the outcome of one asynchronous request.
 type Completion struct {
 	Tag uint16
-	Err error // nil, or why the request failed (VIRTIO_BLK_S_IOERR)
+	Err error // nil, or why the request failed
 }
 
 // AsyncQueue starts requests asynchronously. Its methods are called from
