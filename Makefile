@@ -7,7 +7,8 @@ BUILD     := $(CURDIR)/_build
 BIN       := $(BUILD)/bin
 IMAGES    := $(BUILD)/images
 GOTEST_TIMEOUT ?= 40m
-# Extra arguments for the benchmark command, e.g. BENCH_ARGS="--duration 5s".
+# Extra arguments for the benchmark command, e.g. BENCH_ARGS="--duration 5s". The chart of
+# the run goes to _build/bench/bench.svg.
 BENCH_ARGS ?=
 
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -20,7 +21,7 @@ DESTDIR   ?=
 BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps modules images test lint bench demo xfstests install clean
+.PHONY: all build deps modules images test lint bench demo xfstests install clean soak-restart soak-restart-qsd
 
 all: build
 
@@ -47,8 +48,19 @@ lint:
 test: deps images lint
 	$(GO) test -count=1 -timeout $(GOTEST_TIMEOUT) ./...
 
+# Soak: `thinblk serve` SIGKILLed KILLS times (and restarted) under a guest running verified
+# fio; the last line says kills survived, guest errors, fio runs verified and the longest stall.
+KILLS ?= 100
+soak-restart: deps images
+	THINBLK_SOAK_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestServeKilled/fio' -v ./guesttests
+
+# The same soak against qemu-storage-daemon (no in-flight tracking), for comparison.
+soak-restart-qsd: deps images
+	THINBLK_SOAK_QSD_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestQSDKilledSoak' -v ./guesttests
+
 bench: deps build
-	$(BIN)/thinblk-bench --thinblk $(BIN)/thinblk --dir $(BUILD)/bench $(BENCH_ARGS)
+	mkdir -p $(BUILD)/bench
+	$(BIN)/thinblk-bench --thinblk $(BIN)/thinblk --dir $(BUILD)/bench --svg $(BUILD)/bench/bench.svg $(BENCH_ARGS)
 
 demo: deps images
 	$(GO) run ./guesttests/cmd/demo --build $(BUILD)

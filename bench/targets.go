@@ -111,6 +111,15 @@ func StartThinblk(bin, file, sock string, queues int, direct bool, extra ...stri
 	return startServer("thinblk", sock, argv)
 }
 
+// StartNull runs `thinblk serve --null SIZE --socket SOCK --queues N`: the
+// same vhost-user path and device as StartThinblk with a disk that does no
+// I/O, the ceiling of what the back-end and the driver carry here.
+func StartNull(bin, sock string, size int64, queues int, extra ...string) (*Server, error) {
+	argv := []string{bin, "serve", "--null", strconv.FormatInt(size, 10), "--socket", sock, "--queues", strconv.Itoa(queues), "--log-level", "warn"}
+	argv = append(argv, extra...)
+	return startServer("null", sock, argv)
+}
+
 // QSDOptions pick qemu-storage-daemon's I/O path.
 type QSDOptions struct {
 	Direct bool   // cache.direct=on (O_DIRECT)

@@ -46,6 +46,8 @@ type BackendOptions struct {
 	// rest: `serve --raw IMAGE --socket SOCKET`, or `serve POOL` (Socket must then be in the
 	// pool directory). Queues, ReadOnly and Serial are ignored.
 	Bare bool
+	// Env is added to the back-end's environment (e.g. THINBLK_TEST_CRASH_AT).
+	Env []string
 }
 
 // Backend is a running back-end process.
@@ -111,6 +113,9 @@ func StartBackend(ctx context.Context, o BackendOptions) (*Backend, error) {
 	}
 	b := &Backend{Opts: o, exited: make(chan struct{})}
 	cmd := exec.Command(argv[0], argv[1:]...)
+	if len(o.Env) > 0 {
+		cmd.Env = append(os.Environ(), o.Env...)
+	}
 	if o.LogPath != "" {
 		f, err := os.Create(o.LogPath)
 		if err != nil {

@@ -140,53 +140,16 @@ func TestGuestLiveMigration(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sh := func(vm *VM, timeout time.Duration, script string) string {
-		t.Helper()
-		res, err := vm.Run(ctx, timeout, script)
-		if err != nil || res.TimedOut || res.ExitCode != 0 {
-			t.Fatalf("guest script %q: %v (exit %v):\n%s%s\n%s", script, err, res.ExitCode, res.Stdout, res.Stderr, tail(vm.Diagnostics(), 20))
-		}
-		return string(res.Stdout)
-	}
+	w := migrationWatch{t: t, ctx: ctx, b: b}
+	advances, checkDmesg := w.advances, w.checkDmesg
 	dev, err := vm.DiskDevice(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sh(vm, 3*time.Minute, mkfsSmallXFS+" "+dev+" && mkdir -p /mnt/d && mount "+dev+" /mnt/d && rm -f /tmp/stop /tmp/fail /tmp/finished")
-	sh(vm, time.Minute, migrationWriter)
-	sh(vm, time.Minute, migrationReader)
+	w.startWorkload(vm, dev)
 	for _, args := range [][]string{{"snapshot", "create", pool, "data", "snap"}, {"snapshot", "create", pool, "data", "clone", "--writable"}} {
 		if out, err := ThinblkCmd(ctx, e.thinblk, args...); err != nil {
 			t.Fatalf("thinblk %v: %v\n%s", args, err, out)
-		}
-	}
-	// rounds returns how many rounds fio and the reader have finished (generous time limits:
-	// a TCG guest on a loaded host is slow to answer).
-	rounds := func(vm *VM) (fio, reads int) {
-		out := strings.TrimSpace(sh(vm, time.Minute, "cat /tmp/fail 2>/dev/null; echo $(cat /tmp/fio.rounds 2>/dev/null || echo 0) $(cat /tmp/read.rounds 2>/dev/null || echo 0)"))
-		if _, err := fmt.Sscanf(out, "%d %d", &fio, &reads); err != nil {
-			t.Fatalf("guest workload: %s", out)
-		}
-		return fio, reads
-	}
-	// advances waits until fio and the reader each finish another round on vm, so the guest
-	// demonstrably does verified I/O where it runs now.
-	advances := func(vm *VM, what string) {
-		t.Helper()
-		f0, r0 := rounds(vm)
-		for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
-			if f, r := rounds(vm); f > f0 && r > r0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: fio or the reader did not finish a round in 2 minutes (at %d and %d)\n%s", what, f0, r0, b.LogTail(20))
-			}
-		}
-	}
-	checkDmesg := func(vm *VM, what string) {
-		t.Helper()
-		if m := guestIOErrors.FindAllString(sh(vm, time.Minute, "dmesg"), 10); len(m) > 0 {
-			t.Fatalf("%s: guest kernel reports disk trouble:\n%s", what, strings.Join(m, "\n"))
 		}
 	}
 	advances(vm, "before migrating")
@@ -249,6 +212,75 @@ func TestGuestLiveMigration(t *testing.T) {
 	}
 	defer mon.Close()
 
+	w.finish(vm, dev)
+	if log := b.LogTail(400); strings.Contains(log, "refused") || strings.Contains(log, "ring not started") {
+		t.Errorf("serve refused a front-end or a ring during the migrations:\n%s", log)
+	}
+}
+
+// migrationWatch runs and watches the migration tests' guest workload: fio
+// with verification and migrationReader on XFS, in rounds.
+type migrationWatch struct {
+	t   *testing.T
+	ctx context.Context
+	b   *Backend // whose log a failure shows
+}
+
+func (w migrationWatch) sh(vm *VM, timeout time.Duration, script string) string {
+	w.t.Helper()
+	res, err := vm.Run(w.ctx, timeout, script)
+	if err != nil || res.TimedOut || res.ExitCode != 0 {
+		w.t.Fatalf("guest script %q: %v (exit %v):\n%s%s\n%s", script, err, res.ExitCode, res.Stdout, res.Stderr, tail(vm.Diagnostics(), 20))
+	}
+	return string(res.Stdout)
+}
+
+// startWorkload makes XFS on dev and starts fio and the reader.
+func (w migrationWatch) startWorkload(vm *VM, dev string) {
+	w.t.Helper()
+	w.sh(vm, 3*time.Minute, mkfsSmallXFS+" "+dev+" && mkdir -p /mnt/d && mount "+dev+" /mnt/d && rm -f /tmp/stop /tmp/fail /tmp/finished")
+	w.sh(vm, time.Minute, migrationWriter)
+	w.sh(vm, time.Minute, migrationReader)
+}
+
+// rounds returns how many rounds fio and the reader have finished (generous time limits:
+// a TCG guest on a loaded host is slow to answer).
+func (w migrationWatch) rounds(vm *VM) (fio, reads int) {
+	w.t.Helper()
+	out := strings.TrimSpace(w.sh(vm, time.Minute, "cat /tmp/fail 2>/dev/null; echo $(cat /tmp/fio.rounds 2>/dev/null || echo 0) $(cat /tmp/read.rounds 2>/dev/null || echo 0)"))
+	if _, err := fmt.Sscanf(out, "%d %d", &fio, &reads); err != nil {
+		w.t.Fatalf("guest workload: %s", out)
+	}
+	return fio, reads
+}
+
+// advances waits until fio and the reader each finish another round on vm, so the guest
+// demonstrably does verified I/O where it runs now.
+func (w migrationWatch) advances(vm *VM, what string) {
+	w.t.Helper()
+	f0, r0 := w.rounds(vm)
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		if f, r := w.rounds(vm); f > f0 && r > r0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("%s: fio or the reader did not finish a round in 2 minutes (at %d and %d)\n%s", what, f0, r0, w.b.LogTail(20))
+		}
+	}
+}
+
+func (w migrationWatch) checkDmesg(vm *VM, what string) {
+	w.t.Helper()
+	if m := guestIOErrors.FindAllString(w.sh(vm, time.Minute, "dmesg"), 10); len(m) > 0 {
+		w.t.Fatalf("%s: guest kernel reports disk trouble:\n%s", what, strings.Join(m, "\n"))
+	}
+}
+
+// finish stops the workload, requires every round verified, xfs_repair -n clean, no
+// disk trouble in the guest kernel's log, and shuts the guest down.
+func (w migrationWatch) finish(vm *VM, dev string) {
+	t := w.t
+	t.Helper()
 	g := newGuest(t, vm)
 	g.sh(t, time.Minute, "touch /tmp/stop")
 	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
@@ -263,15 +295,12 @@ func TestGuestLiveMigration(t *testing.T) {
 	if fail := g.sh(t, time.Minute, "cat /tmp/fail 2>/dev/null; true"); fail != "" {
 		t.Fatalf("guest workload failed: %s", fail)
 	}
-	f, r := rounds(vm)
+	f, r := w.rounds(vm)
 	t.Logf("rounds, all verified: fio %d, reads %d", f, r)
 	g.sh(t, 2*time.Minute, "umount /mnt/d")
 	g.repairClean(t, dev)
-	checkDmesg(vm, "at the end")
-	if err := g.shutdown(t, ctx); err != nil {
+	w.checkDmesg(vm, "at the end")
+	if err := g.shutdown(t, w.ctx); err != nil {
 		t.Fatal(err)
-	}
-	if log := b.LogTail(400); strings.Contains(log, "refused") || strings.Contains(log, "ring not started") {
-		t.Errorf("serve refused a front-end or a ring during the migrations:\n%s", log)
 	}
 }

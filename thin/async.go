@@ -50,6 +50,10 @@ type asyncQueue struct {
 // OpenQueue returns an asynchronous queue for up to depth requests in
 // flight, tagged 0 to depth-1. done receives completions in batches, on a
 // goroutine of the queue's; the slice is reused once done returns.
+// A write waiting for space can be withdrawn (a ring stopping answers at
+// once; the write runs again when the ring starts).
+var _ blockdev.WithdrawableStorage = (*Volume)(nil)
+
 func (v *Volume) OpenQueue(depth int, done func([]blockdev.Completion)) (blockdev.AsyncQueue, error) {
 	p := v.p
 	q := &asyncQueue{v: v, p: p}

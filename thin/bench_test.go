@@ -165,6 +165,40 @@ func BenchmarkAllocWrite4KFlush32(b *testing.B) {
 	}
 }
 
+// BenchmarkAllocWrite4K: allocating writes with no FLUSH, where the
+// intent log (a write system call per allocating write, intent.go) is the
+// whole difference to BenchmarkAllocWrite4KNoIntent, the same without it.
+func BenchmarkAllocWrite4K(b *testing.B)         { benchAllocWrite(b, true) }
+func BenchmarkAllocWrite4KNoIntent(b *testing.B) { benchAllocWrite(b, false) }
+
+func benchAllocWrite(b *testing.B, intent bool) {
+	p, v := benchPool(b)
+	if !intent {
+		p.mu.Lock()
+		p.intent = nil
+		p.mu.Unlock()
+	}
+	buf := [][]byte{pattern(4*kib, 3)}
+	order := rand.New(rand.NewPCG(1, 1)).Perm(benchBlocks)
+	next := 0
+	b.SetBytes(4 * kib)
+	b.ResetTimer()
+	for range b.N {
+		if next == len(order) {
+			b.StopTimer()
+			v.Discard(0, benchBlocks*64*kib)
+			p.Flush()
+			settle(p)
+			next = 0
+			b.StartTimer()
+		}
+		if err := v.WriteAt(buf, int64(order[next])*64*kib); err != nil {
+			b.Fatal(err)
+		}
+		next++
+	}
+}
+
 func BenchmarkAllocWrite4KFlush32Raw(b *testing.B) {
 	f := rawFile(b)
 	buf := pattern(4*kib, 3)

@@ -153,6 +153,7 @@ type machine struct {
 	files map[string]*crashData
 	inj   *injector  // if set, the pools opened on it see its faults
 	host  *hostSpace // nil: the data file's host has no limit
+	boot  int        // which boot: a power cut starts the next one
 }
 
 func newMachine() *machine {
@@ -164,6 +165,7 @@ func (m *machine) env() *env {
 	if m.inj != nil {
 		open := e.openData
 		e.fs = m.inj.metaFS(m.fs)
+		e.intentFS = m.fs
 		e.openData = func(path string, create bool) (dataFile, error) {
 			d, err := open(path, create)
 			if err != nil {
@@ -176,7 +178,8 @@ func (m *machine) env() *env {
 }
 
 func (m *machine) plainEnv() *env {
-	return &env{fs: m.fs, openData: func(path string, create bool) (dataFile, error) {
+	boot := fmt.Sprintf("boot-%d", m.boot)
+	return &env{fs: m.fs, bootID: func() string { return boot }, openData: func(path string, create bool) (dataFile, error) {
 		f, ok := m.files[path]
 		switch {
 		case create && ok:
@@ -206,6 +209,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 		files: map[string]*crashData{},
 		inj:   m.inj,
 		host:  m.host.crash(rng),
+		boot:  m.boot + 1,
 	}
 	for k, f := range m.files {
 		n.files[k] = f.crash(rng)

@@ -16,7 +16,8 @@
 //	p.Status(); p.Check(progress); p.Grow(size); p.Watch(fn); p.Close()
 //
 // A pool directory holds thinblk.data (the blocks), thinblk.meta/ (Pebble)
-// and thinblk.lock (held while open; a second opener gets ErrLocked).
+// and thinblk.lock (held while open; a second opener gets ErrLocked), and
+// while open thinblk.intent.N (intent.go).
 //
 // Management operations (CreateVolume, ResizeVolume, DeleteVolume, Grow)
 // are durable when they return. Watch callbacks then see them in commit
@@ -84,8 +85,10 @@
 // never reused before its release is durable, so after a crash no old map
 // can point at another volume's new data; the I/O gate (a RWMutex held
 // shared by every request) also guarantees that no read or write still
-// aimed at the freed block lands after it was handed out. A crash loses at
-// most the changes after the last commit; Flush returns only after a
+// aimed at the freed block lands after it was handed out. A power loss
+// loses at most the changes after the last commit; a killed process loses
+// none that completed (the intent log, intent.go, replayed on the same
+// boot); Flush returns only after a
 // commit that began after every request completed before it. A commit
 // error fails the pool (every later request errors) rather than letting
 // memory and disk diverge.

@@ -470,8 +470,9 @@ func isHostNoSpace(err error) bool { return errors.Is(err, unix.ENOSPC) }
 // waits until the host has space for a block again (polled) or the pool
 // frees space, up to NoSpaceTimeout (NoSpaceQueue) or for ever
 // (NoSpacePause; the OutOfSpace event, with Host set, lets serve pause
-// the VM). nil means retry.
-func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause error) error {
+// the VM). nil means retry; ErrWithdrawn if withdraw (nil: never) is
+// closed while it waits.
+func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause error, withdraw <-chan struct{}) error {
 	if errors.Is(cause, errHeadroomShort) && p.restoreHeadroom() {
 		return nil // the host had space for the headroom again: retry
 	}
@@ -529,6 +530,9 @@ func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause 
 		case <-ch:
 			t.Stop()
 			return nil
+		case <-withdraw:
+			t.Stop()
+			return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
 		case <-t.C:
 		}
 		if !p.restoreHeadroom() {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/latency"
 	"github.com/thinblk/thinblk/pebblemeta"
 )
@@ -27,7 +28,10 @@ const (
 
 // Errors callers can test for with errors.Is.
 var (
-	ErrNoSpace       = errors.New("no space left in the thin pool")
+	ErrNoSpace = errors.New("no space left in the thin pool")
+	// ErrWithdrawn: a request waiting for space gave up because its caller
+	// withdrew it; it changed nothing.
+	ErrWithdrawn     = fmt.Errorf("request withdrawn while waiting for space: %w", blockdev.ErrWithdrawn)
 	ErrNotPool       = errors.New("not a thinblk pool")
 	ErrPoolExists    = errors.New("a thinblk pool already exists there")
 	ErrLocked        = errors.New("pool is in use by another opener")
@@ -138,9 +142,16 @@ type OpenOptions struct {
 type env struct {
 	fs       vfs.FS
 	openData func(path string, create bool) (dataFile, error)
+	// bootID names the boot the page cache belongs to (see intent.go);
+	// crash tests give each simulated power cut a new one.
+	bootID func() string
+	// intentFS is where the intent log lives; nil: fs. Fault tests keep
+	// it off the fault-injecting fs, whose points are Pebble's and the
+	// data file's.
+	intentFS vfs.FS
 }
 
-var osEnv = &env{fs: vfs.Default, openData: openOSDataFile}
+var osEnv = &env{fs: vfs.Default, openData: openOSDataFile, bootID: bootID}
 
 // Create makes a new, empty pool in dir (created if missing; it must not
 // already hold a pool).
@@ -363,6 +374,9 @@ type Pool struct {
 	cache        *mapCache                   // committed entries by region; bounded
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
+	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
+	intentSkip   bool       // map changes of a management operation: it commits before returning
+	intentErrLog time.Time  // when an intent log failure was last logged
 	filling      map[mapKey]*fill
 	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
 	outOfSpace   bool          // a request found no space, and none appeared since
@@ -537,6 +551,21 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.openHeadroom()
 	p.openSpares()
 	p.noteHostSpace()
+	// A process before this one may have left written data in the page
+	// cache, unsynced (a kill): the first FLUSH must sync it even when
+	// this process wrote nothing yet.
+	p.dataDirty.Store(true)
+	boot := ""
+	if e.bootID != nil {
+		boot = e.bootID()
+	}
+	ifs := fs
+	if e.intentFS != nil {
+		ifs = e.intentFS
+	}
+	if err := p.replayIntent(ifs, boot); err != nil {
+		return fail(err)
+	}
 	go p.background()
 	return p, nil
 }
@@ -618,6 +647,10 @@ func (p *Pool) Close() error {
 	// Wait for requests in flight.
 	p.ioGate.Lock()
 	defer p.ioGate.Unlock()
+	if err == nil && p.intent != nil {
+		// Everything is committed: nothing is left to replay.
+		err = p.intent.retire()
+	}
 	if e := p.store.Close(); err == nil {
 		err = e
 	}
@@ -821,6 +854,9 @@ func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry, ancPro
 // writable sharer of it has a reservation of its own (see reserve.go).
 func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
 	p.dirty[mapKey{layer, vb}] = e
+	if p.intent != nil && !p.intentSkip {
+		p.intent.add(mapKey{layer, vb}, e)
+	}
 	var scratch pebblemeta.LayerRecord
 	mc, prc, rc := &scratch.Mapped, &scratch.Provisioned, &scratch.Reserved
 	poolRes := &p.rec.Reserved
@@ -1005,6 +1041,16 @@ func (p *Pool) commitCutLocked() error {
 	p.dirtyChunks = map[uint64]struct{}{}
 	p.spareChunks = map[uint64]struct{}{}
 	p.metaDirty = false
+	// The changes of this cut are in the batch; the log starts over for
+	// the ones after it, and the old file goes once the batch is durable.
+	var oldIntent *intentLog
+	if p.intent != nil && p.intent.failed == nil {
+		var err error
+		if oldIntent, err = p.intent.rotate(); err != nil {
+			p.intent.failed = err
+			p.log.Error("intent log cannot be rotated: a kill of this process loses the map changes after the last commit", "pool", p.dir, "err", err)
+		}
+	}
 	p.mu.Unlock()
 
 	var err error
@@ -1021,6 +1067,11 @@ func (p *Pool) commitCutLocked() error {
 		return p.fail(err)
 	}
 	p.commits.Observe(time.Since(began))
+	if oldIntent != nil {
+		if err := oldIntent.retire(); err != nil {
+			p.log.Warn("intent log of a committed cut not removed", "pool", p.dir, "err", err)
+		}
+	}
 	p.mu.Lock()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
@@ -1175,8 +1226,9 @@ func spaceFreedSince(cause error) bool {
 
 // waitForSpace is called when a request's plan found no space (cause). It
 // returns nil when the request should plan again, ErrNoSpace when it
-// should fail.
-func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause error) error {
+// should fail, and ErrWithdrawn if withdraw (nil: never) is closed while
+// it waits.
+func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause error, withdraw <-chan struct{}) error {
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -1217,8 +1269,12 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause erro
 			p.log.Warn("thin pool out of space: request waits for space (pause policy)", "pool", p.dir, "volume", volume, "op", what)
 		}
 		defer p.waitingForSpace(volume)()
-		<-ch
-		return nil
+		select {
+		case <-ch:
+			return nil
+		case <-withdraw:
+			return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
+		}
 	}
 	if deadline.IsZero() {
 		*deadline = time.Now().Add(timeout)
@@ -1232,6 +1288,8 @@ func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause erro
 	select {
 	case <-ch:
 		return nil
+	case <-withdraw:
+		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
 	case <-t.C:
 		p.log.Warn("thin pool out of space: queued request timed out", "pool", p.dir, "volume", volume, "op", what)
 		return fmt.Errorf("%s on volume %s: %w (waited %v)", what, volume, ErrNoSpace, timeout)

@@ -478,6 +478,10 @@ func (p *Pool) pruneLayerLocked(L uint64) error {
 			}{vb, e})
 		}
 	}
+	// Part of a delete, committed before it returns: not for the intent
+	// log (a partial prune must not be replayed).
+	p.intentSkip = true
+	defer func() { p.intentSkip = false }()
 	for _, d := range dead {
 		p.setEntryLocked(L, d.vb, d.e, pebblemeta.Entry{}, false)
 		if d.e.Mapped() {
@@ -617,6 +621,10 @@ func (p *Pool) dropLayerLocked(L, child uint64) error {
 	if err != nil {
 		return fmt.Errorf("drop layer %d: %w", L, err)
 	}
+	// Part of a delete, committed before it returns: not for the intent
+	// log (a partial merge must not be replayed).
+	p.intentSkip = true
+	defer func() { p.intentSkip = false }()
 	for _, m := range moves {
 		// The block changes owner: the pool counters stay, the child's grow.
 		// The child read this entry through L, so what decides the block

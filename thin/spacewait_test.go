@@ -31,7 +31,7 @@ func TestNoSpaceRecheckAfterRelease(t *testing.T) {
 	p.ioGate.RUnlock()
 	settle(p) // the release ends before the request applies the policy
 	var deadline time.Time
-	if err := p.waitForSpace(&deadline, "write", "v", err); err != nil {
+	if err := p.waitForSpace(&deadline, "write", "v", err, nil); err != nil {
 		t.Fatalf("no-space policy after the space was released: %v, want a retry", err)
 	}
 	write(t, v, 32*bs4k, pattern(4*bs4k, 2))

@@ -220,6 +220,13 @@ func putBlockBuf(b []byte) { blockBufs.Put(&b) }
 // a block reserved by provisioning takes its reservation and never fails
 // for lack of space. Allocation is all or nothing per request.
 func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
+	return v.WriteAtOrWithdraw(bufs, off, nil)
+}
+
+// WriteAtOrWithdraw is WriteAt that, while it waits for space, gives up
+// when withdraw is closed: it then returns an error wrapping ErrWithdrawn,
+// having written nothing.
+func (v *Volume) WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan struct{}) error {
 	n := totalLen(bufs)
 	if err := v.checkRange("write", off, n); err != nil {
 		return err
@@ -248,11 +255,11 @@ func (v *Volume) WriteAt(bufs [][]byte, off int64) error {
 			// Nothing was published, but pieces written in place may have
 			// landed: counted, as a failed write is.
 			p.opSeq.Add(1)
-			if err := p.waitForHostSpace(&deadline, "write", v.name, err); err != nil {
+			if err := p.waitForHostSpace(&deadline, "write", v.name, err, withdraw); err != nil {
 				return err
 			}
 		case errors.Is(err, ErrNoSpace):
-			if err := p.waitForSpace(&deadline, "write", v.name, err); err != nil {
+			if err := p.waitForSpace(&deadline, "write", v.name, err, withdraw); err != nil {
 				return err
 			}
 		case err == errRaiseZero:
@@ -544,6 +551,9 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 	if len(p.dirty) >= p.opts.MaxPending {
 		p.kickCommit()
 	}
+	// Before the write completes: its mapping must outlive a kill of
+	// this process, as its data in the page cache does.
+	p.intentWriteLocked()
 	return err
 }
 
@@ -623,7 +633,7 @@ func (v *Volume) Flush() error {
 // Discard releases the whole blocks of [off, off+length) and zeroes the
 // rest; afterwards the range reads as zeros.
 func (v *Volume) Discard(off, length int64) error {
-	return v.zeroes("discard", off, length, true)
+	return v.zeroes("discard", off, length, true, nil)
 }
 
 // WriteZeroes makes [off, off+length) read as zeros. With unmap it is
@@ -632,16 +642,24 @@ func (v *Volume) Discard(off, length int64) error {
 // fail for lack of space; when the pool cannot cover the whole range it
 // fails and changes nothing.
 func (v *Volume) WriteZeroes(off, length int64, unmap bool) error {
+	return v.WriteZeroesOrWithdraw(off, length, unmap, nil)
+}
+
+// WriteZeroesOrWithdraw is WriteZeroes that, while it waits for space,
+// gives up when withdraw is closed (an error wrapping ErrWithdrawn). What
+// it did before waiting (copying shared blocks into the head) leaves the
+// volume's contents as they were.
+func (v *Volume) WriteZeroesOrWithdraw(off, length int64, unmap bool, withdraw <-chan struct{}) error {
 	op := "write-zeroes"
 	if unmap {
 		op = "write-zeroes-unmap"
 	}
-	return v.zeroes(op, off, length, unmap)
+	return v.zeroes(op, off, length, unmap, withdraw)
 }
 
 type zeroOp struct{ off, n int64 }
 
-func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
+func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-chan struct{}) error {
 	if length < 0 || length > 1<<62 {
 		return fmt.Errorf("%s on volume %s: %w: length %d", op, v.name, ErrInvalid, length)
 	}
@@ -673,7 +691,7 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 				if !errors.Is(err, ErrNoSpace) {
 					return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 				}
-				if err := p.waitForHostSpace(&deadline, op, v.name, err); err != nil {
+				if err := p.waitForHostSpace(&deadline, op, v.name, err, withdraw); err != nil {
 					return err
 				}
 			}
@@ -688,7 +706,7 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool) error {
 			continue
 		}
 		if errors.Is(err, ErrNoSpace) {
-			if err := p.waitForSpace(&deadline, op, v.name, err); err != nil {
+			if err := p.waitForSpace(&deadline, op, v.name, err, withdraw); err != nil {
 				return err
 			}
 			continue
@@ -888,5 +906,6 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 	if len(p.dirty) >= p.opts.MaxPending {
 		p.kickCommit()
 	}
+	p.intentWriteLocked()
 	return zeros, nil, nil
 }

@@ -137,6 +137,10 @@ func (l *dirtyLog) replace(mapping, bits []byte) {
 	}
 }
 
+// migrating reports whether LOG_ALL is negotiated (a live migration is
+// under way). Session goroutine only.
+func (l *dirtyLog) migrating() bool { return l.logAll }
+
 // setLogAll records whether LOG_ALL is negotiated. Turning it off drops
 // the bitmap: the front-end frees its log then and sends a new one before
 // logging again.

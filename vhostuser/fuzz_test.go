@@ -94,7 +94,11 @@ func FuzzDecoders(f *testing.F) {
 type discardWriter struct{ t *testing.T }
 
 func (w discardWriter) Write(h Header, payload []byte, files ...*os.File) error {
-	if !h.IsReply() || len(payload) > MaxPayload || len(files) != 0 {
+	wantFiles := 0
+	if h.Request == ReqGetInflightFd {
+		wantFiles = 1
+	}
+	if !h.IsReply() || len(payload) > MaxPayload || len(files) != wantFiles {
 		w.t.Fatalf("bad reply %+v (%d bytes, %d fds)", h, len(payload), len(files))
 	}
 	return nil
@@ -117,6 +121,7 @@ func fuzzSeed() []byte {
 	add(ReqSetProtocolFeatures, 0, EncodeU64(OfferedProtocolFeatures))
 	add(ReqSetFeatures, 0, EncodeU64(1<<FeatureProtocolFeatures|1<<29|1<<32))
 	add(ReqSetMemTable, 1, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: fuzzRAM, UserAddr: 0x10000}}))
+	add(ReqGetInflightFd, 0, Inflight{NumQueues: 2, QueueSize: 64}.Encode())
 	add(ReqSetVringNum, 0, VringState{Index: 0, Num: 64}.Encode())
 	add(ReqSetVringBase, 0, VringState{Index: 0, Num: 5}.Encode())
 	add(ReqSetVringAddr, 0, VringAddr{Index: 0, DescUser: 0x10000, AvailUser: 0x11000, UsedUser: 0x12000}.Encode())

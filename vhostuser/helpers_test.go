@@ -36,6 +36,9 @@ type fakeDevice struct {
 	progress uint16 // added to LastAvail on stop, as if requests were served
 	startErr error
 	stopErr  error // StopQueue fails (the queue keeps running)
+	// stopGate, when set, holds StopQueue until it is closed (requests
+	// still being served when the ring stops).
+	stopGate chan struct{}
 	events   []string
 
 	configReads int
@@ -109,6 +112,12 @@ func (d *fakeDevice) StartQueue(q virtio.QueueSetup) error {
 }
 
 func (d *fakeDevice) StopQueue(idx int) (uint16, error) {
+	d.mu.Lock()
+	gate := d.stopGate
+	d.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	q, ok := d.running[idx]

@@ -388,7 +388,9 @@ type Inflight struct {
 	QueueSize  uint16
 }
 
-const inflightSize = 20
+// inflightSize is the size of QEMU's VhostUserInflight, with the 4 bytes
+// of padding that align it to 8 (QEMU 7.2 sends 24 bytes).
+const inflightSize = 24
 
 func (f Inflight) Encode() []byte {
 	b := make([]byte, inflightSize)

@@ -29,6 +29,9 @@ type ServerOptions struct {
 	Logger *slog.Logger
 	// Name identifies the device in log lines.
 	Name string
+	// NoInflight withholds INFLIGHT_SHMFD: requests in flight when the
+	// process dies are then lost to the guest (for comparison and tests).
+	NoInflight bool
 }
 
 // Server serves one Device over a unix socket to one vhost-user front-end,
@@ -156,6 +159,26 @@ func peerAttrs(uc *net.UnixConn) []any {
 	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
 }
 
+// peerHungUp reports whether the front-end closed its end of uc (or uc is
+// closed), without reading from it: the session's own goroutine may be
+// reading at the same time.
+func peerHungUp(uc *net.UnixConn) bool {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	gone := false
+	if err := rc.Control(func(fd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(pfd, 0); err == nil && n > 0 {
+			gone = pfd[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0
+		}
+	}); err != nil {
+		return true
+	}
+	return gone
+}
+
 // serveConn runs the protocol on one connection, then releases everything
 // the connection held so that the next front-end starts from scratch.
 func (s *Server) serveConn(uc *net.UnixConn, second bool) {
@@ -169,6 +192,10 @@ func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 	conn := NewConn(uc)
 	sess := newSession(log, s.dev, conn)
 	sess.share = s.share
+	sess.peerGone = func() bool { return peerHungUp(uc) }
+	if s.opts.NoInflight {
+		sess.offeredProto &^= 1 << ProtoInflightShmfd
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			// A bug must not take down every other disk of the process.

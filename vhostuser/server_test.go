@@ -26,12 +26,12 @@ func TestNegotiation(t *testing.T) {
 		t.Errorf("GET_FEATURES = %#x, want %#x", got, want)
 	}
 	proto := c.getU64(ReqGetProtocolFeatures)
-	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd} {
+	for _, bit := range []int{ProtoMQ, ProtoReplyAck, ProtoConfig, ProtoBackendReq, ProtoConfigureMemSlots, ProtoResetDevice, ProtoStatus, ProtoLogShmfd, ProtoInflightShmfd} {
 		if proto&(1<<bit) == 0 {
 			t.Errorf("protocol feature %d not offered (%#x)", bit, proto)
 		}
 	}
-	if proto&(1<<ProtoInflightShmfd|1<<ProtoPagefault) != 0 {
+	if proto&(1<<ProtoPagefault) != 0 {
 		t.Errorf("unsupported protocol features offered: %#x", proto)
 	}
 	c.mustSend(ReqSetProtocolFeatures, EncodeU64(proto))
@@ -45,7 +45,7 @@ func TestNegotiation(t *testing.T) {
 	if err := c.send(ReqSetFeatures, EncodeU64(1<<40)); err == nil {
 		t.Error("SET_FEATURES with a feature not offered succeeded")
 	}
-	if err := c.send(ReqSetProtocolFeatures, EncodeU64(1<<ProtoInflightShmfd)); err == nil {
+	if err := c.send(ReqSetProtocolFeatures, EncodeU64(1<<ProtoPagefault)); err == nil {
 		t.Error("SET_PROTOCOL_FEATURES with a feature not offered succeeded")
 	}
 	c.mustSend(ReqSetOwner, nil)
@@ -644,6 +644,59 @@ func TestReconnect(t *testing.T) {
 		waitFor(t, "rings stopped after disconnect", func() bool { return dev.numRunning() == 0 && dev.notifier() == nil })
 	}
 	ts.log.waitLog(t, "front-end disconnected")
+}
+
+// A front-end that reconnects at once (QEMU after a back-end restart, or
+// after its own socket error) may set its rings up while the server still
+// tears the old session down: the old session's socket is closed, but its
+// rings wait for the requests they serve. The new session's rings must
+// start once the old ones have stopped, not be refused as if a second
+// front-end (a migration's other end) wanted them.
+func TestReconnectWhileOldSessionStops(t *testing.T) {
+	dev := newFakeDevice()
+	ts := startServer(t, dev)
+	old := dial(t, ts.path)
+	old.negotiate(dev, true)
+	setupMem(t, old)
+	for i := range 2 {
+		old.setupRing(t, i, 128)
+		old.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+	}
+	if dev.numRunning() != 2 {
+		t.Fatal("rings not running")
+	}
+	gate := make(chan struct{})
+	dev.mu.Lock()
+	dev.stopGate = gate
+	dev.mu.Unlock()
+	old.conn.Close()
+	ts.log.waitLog(t, "front-end disconnected")
+
+	next := dial(t, ts.path)
+	next.negotiate(dev, true)
+	ram := setupMem(t, next)
+	for i := range 2 {
+		ram.mem[ringOff(i)+0x8000+100] = 0xcc
+	}
+	// The old rings' requests finish a little later.
+	release := time.AfterFunc(300*time.Millisecond, func() { close(gate) })
+	defer release.Stop()
+	for i := range 2 {
+		next.setupRing(t, i, 128)
+		next.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+	}
+	waitFor(t, "the new connection's rings running", func() bool {
+		for i := range 2 {
+			q, ok := dev.runningQueue(i)
+			if !ok || q.Used[100] != 0xcc {
+				return false
+			}
+		}
+		return true
+	})
+	if strings.Contains(ts.log.String(), "another front-end runs this device's rings") {
+		t.Error("the reconnected front-end's rings were refused as a second front-end's")
+	}
 }
 
 func TestConfigChangeNotifier(t *testing.T) {

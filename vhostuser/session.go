@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync/atomic"
 
 	"github.com/thinblk/thinblk/virtio"
 )
@@ -12,7 +13,7 @@ import (
 // OfferedProtocolFeatures are the protocol features this back-end offers.
 const OfferedProtocolFeatures uint64 = 1<<ProtoMQ | 1<<ProtoReplyAck | 1<<ProtoConfig |
 	1<<ProtoBackendReq | 1<<ProtoConfigureMemSlots | 1<<ProtoResetDevice | 1<<ProtoStatus |
-	1<<ProtoLogShmfd
+	1<<ProtoLogShmfd | 1<<ProtoInflightShmfd
 
 // messageWriter is where replies go (a *Conn; a recorder in fuzz tests).
 type messageWriter interface {
@@ -74,17 +75,34 @@ type session struct {
 	dev Device
 	out messageWriter
 
-	offered  uint64 // virtio features offered (with PROTOCOL_FEATURES)
-	features uint64 // acknowledged by SET_FEATURES
-	protocol uint64 // acknowledged by SET_PROTOCOL_FEATURES
-	status   uint8
-	mem      *guestMemory
-	rings    []vring
-	backend  *backendChannel
-	dirty    *dirtyLog
+	offered      uint64 // virtio features offered (with PROTOCOL_FEATURES)
+	features     uint64 // acknowledged by SET_FEATURES
+	offeredProto uint64 // protocol features offered
+	protocol     uint64 // acknowledged by SET_PROTOCOL_FEATURES
+	status       uint8
+	mem          *guestMemory
+	rings        []vring
+	backend      *backendChannel
+	inflight     *inflightArea // the in-flight area (INFLIGHT_SHMFD), if any
+	// replyFile is a descriptor a handler sends with its reply (and the
+	// session closes after sending).
+	replyFile *os.File
+	dirty     *dirtyLog
 	// share arbitrates the device with another front-end's session (a
 	// live migration's other end).
 	share *deviceShare
+	// closing is set when the connection is being torn down; peerGone
+	// reports whether the front-end closed its end (nil: never). Either
+	// makes the session ending: a new session waits for its rings instead
+	// of being refused (see deviceShare.acquireRings).
+	closing  atomic.Bool
+	peerGone func() bool
+}
+
+// ending reports whether the session's front-end is gone or going, so
+// that its rings are about to stop. Safe from any goroutine.
+func (s *session) ending() bool {
+	return s.closing.Load() || s.peerGone != nil && s.peerGone()
 }
 
 func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
@@ -96,13 +114,14 @@ func newSession(log *slog.Logger, dev Device, out messageWriter) *session {
 		n = MaxRings
 	}
 	s := &session{
-		log:     log,
-		dev:     dev,
-		out:     out,
-		offered: dev.Features() | 1<<FeatureProtocolFeatures | 1<<FeatureLogAll,
-		rings:   make([]vring, n),
-		dirty:   &dirtyLog{},
-		share:   newDeviceShare(dev),
+		log:          log,
+		dev:          dev,
+		out:          out,
+		offered:      dev.Features() | 1<<FeatureProtocolFeatures | 1<<FeatureLogAll,
+		offeredProto: OfferedProtocolFeatures,
+		rings:        make([]vring, n),
+		dirty:        &dirtyLog{},
+		share:        newDeviceShare(dev),
 	}
 	for i := range s.rings {
 		s.rings[i].dirty = &ringDirtyLog{log: s.dirty}
@@ -160,6 +179,8 @@ var handlers = map[Request]handler{
 	ReqSetBackendReqFd:     {(*session).setBackendReqFd, false, 0, 1, ProtoBackendReq},
 	ReqSetStatus:           {(*session).setStatus, false, 8, 0, ProtoStatus},
 	ReqGetStatus:           {(*session).getStatus, true, 0, 0, ProtoStatus},
+	ReqGetInflightFd:       {(*session).getInflightFd, true, inflightSize, 0, ProtoInflightShmfd},
+	ReqSetInflightFd:       {(*session).setInflightFd, false, inflightSize, 1, ProtoInflightShmfd},
 }
 
 // dispatch handles one message and sends its reply or acknowledgement.
@@ -191,6 +212,12 @@ func (s *session) dispatch(m *Message) error {
 	default:
 		reply, err = hd.fn(s, m)
 	}
+	var replyFiles []*os.File
+	if f := s.replyFile; f != nil {
+		s.replyFile = nil
+		defer f.Close()
+		replyFiles = []*os.File{f}
+	}
 	var fe fatalError
 	if errors.As(err, &fe) {
 		return err
@@ -204,7 +231,7 @@ func (s *session) dispatch(m *Message) error {
 			}
 			return err
 		}
-		return s.reply(h, reply)
+		return s.reply(h, reply, replyFiles...)
 	}
 	if err != nil {
 		s.log.Warn("request failed", "request", h.Request.String(), "err", err)
@@ -219,8 +246,8 @@ func (s *session) dispatch(m *Message) error {
 	return nil
 }
 
-func (s *session) reply(h Header, payload []byte) error {
-	if err := s.out.Write(Header{Request: h.Request, Flags: FlagReply}, payload); err != nil {
+func (s *session) reply(h Header, payload []byte, files ...*os.File) error {
+	if err := s.out.Write(Header{Request: h.Request, Flags: FlagReply}, payload, files...); err != nil {
 		return fmt.Errorf("reply to %v: %w", h.Request, err)
 	}
 	return nil
@@ -287,6 +314,7 @@ func (s *session) resetDevice(*Message) ([]byte, error) {
 		s.rings[i] = vring{dirty: &ringDirtyLog{log: s.dirty}}
 	}
 	s.dirty.setLogAll(false)
+	s.setInflightArea(nil)
 	s.features = 0
 	s.status = 0
 	s.log.Info("device reset")
@@ -294,12 +322,12 @@ func (s *session) resetDevice(*Message) ([]byte, error) {
 }
 
 func (s *session) getProtocolFeatures(*Message) ([]byte, error) {
-	return EncodeU64(OfferedProtocolFeatures), nil
+	return EncodeU64(s.offeredProto), nil
 }
 
 func (s *session) setProtocolFeatures(m *Message) ([]byte, error) {
 	v, _ := DecodeU64(m.Payload)
-	if extra := v &^ OfferedProtocolFeatures; extra != 0 {
+	if extra := v &^ s.offeredProto; extra != 0 {
 		return nil, fmt.Errorf("protocol features %#x were not offered", extra)
 	}
 	s.protocol = v
@@ -421,10 +449,7 @@ func (s *session) setVringNum(m *Message) ([]byte, error) {
 	if r.running {
 		return nil, fmt.Errorf("ring %d: size change while running", idx)
 	}
-	max := s.dev.MaxQueueSize()
-	if max > virtio.MaxQueueSize {
-		max = virtio.MaxQueueSize
-	}
+	max := s.maxQueueSize()
 	if st.Num == 0 || st.Num&(st.Num-1) != 0 || st.Num > uint32(max) {
 		return nil, fmt.Errorf("ring %d: size %d is not a power of two in 1..%d", idx, st.Num, max)
 	}
@@ -706,10 +731,19 @@ func (s *session) startRing(idx int) {
 		Mem:       s.mem,
 		Kick:      r.kick, Call: r.call,
 		DirtyLog: r.dirty,
+		// Session goroutine only, as is StopQueue.
+		Migrating: s.dirty.migrating,
 	}
 	if !s.share.acquireRings(s) {
 		s.log.Warn("ring not started: another front-end runs this device's rings (one at a time: a migration's destination starts once the source has stopped)", "ring", idx)
 		return
+	}
+	if r.inflight != nil {
+		if err := r.inflight.check(r.num); err != nil {
+			s.log.Warn("ring not started", "ring", idx, "err", err)
+			return
+		}
+		q.Inflight = r.inflight
 	}
 	if err := s.dev.StartQueue(q); err != nil {
 		s.log.Warn("ring not started", "ring", idx, "err", err)
@@ -779,6 +813,7 @@ func (s *session) startReady() {
 // mapped (leaked) for as long as the process lives: the device may still
 // use them.
 func (s *session) close() {
+	s.closing.Store(true)
 	stuck := s.stopAll() != nil
 	for i := range s.rings {
 		if r := &s.rings[i]; r.running || r.stuck {
@@ -796,6 +831,7 @@ func (s *session) close() {
 		s.log.Error("a ring did not stop: guest memory stays mapped and its descriptors open")
 		return
 	}
+	s.setInflightArea(nil)
 	s.mem.unmapAll()
 	s.mem = nil
 	s.dirty.close()
@@ -828,4 +864,75 @@ func (s *session) setLogFd(m *Message) ([]byte, error) {
 	m.Files[0] = nil
 	s.dirty.setCall(f)
 	return nil, nil
+}
+
+// getInflightFd (GET_INFLIGHT_FD) makes a new, empty in-flight area for
+// the queues and queue size the front-end asks for and hands it over; the
+// front-end keeps it and gives it back with SET_INFLIGHT_FD, to this
+// process or the next one. The session uses it from now on.
+func (s *session) getInflightFd(m *Message) ([]byte, error) {
+	in, _ := DecodeInflight(m.Payload)
+	if err := validateInflight(in, len(s.rings), s.maxQueueSize(), false); err != nil {
+		return nil, fatalError{fmt.Errorf("GET_INFLIGHT_FD: %w", err)}
+	}
+	if s.anyRunning() {
+		return nil, fatalError{errors.New("GET_INFLIGHT_FD while rings run")}
+	}
+	a, f, err := createInflightArea(int(in.NumQueues), in.QueueSize)
+	if err != nil {
+		return nil, fatalError{fmt.Errorf("GET_INFLIGHT_FD: %w", err)}
+	}
+	s.setInflightArea(a)
+	s.replyFile = f
+	in.MmapSize, in.MmapOffset = uint64(len(a.mapping)), 0
+	s.log.Info("in-flight area created", "queues", in.NumQueues, "queue_size", in.QueueSize, "bytes", in.MmapSize)
+	return in.Encode(), nil
+}
+
+// setInflightFd (SET_INFLIGHT_FD) maps the area the front-end kept. Its
+// contents are checked when each ring starts.
+func (s *session) setInflightFd(m *Message) ([]byte, error) {
+	in, _ := DecodeInflight(m.Payload)
+	if err := validateInflight(in, len(s.rings), s.maxQueueSize(), true); err != nil {
+		return nil, fmt.Errorf("SET_INFLIGHT_FD: %w", err)
+	}
+	if s.anyRunning() {
+		return nil, errors.New("SET_INFLIGHT_FD while rings run")
+	}
+	a, err := mapInflightArea(in, m.Files[0])
+	if err != nil {
+		return nil, fmt.Errorf("SET_INFLIGHT_FD: %w", err)
+	}
+	s.setInflightArea(a)
+	s.log.Info("in-flight area set", "queues", in.NumQueues, "queue_size", in.QueueSize)
+	return nil, nil
+}
+
+// setInflightArea replaces the in-flight area (nil: none) and hands each
+// ring its queue region. Rings are stopped.
+func (s *session) setInflightArea(a *inflightArea) {
+	if s.inflight != nil {
+		s.inflight.unmap()
+	}
+	s.inflight = a
+	for i := range s.rings {
+		s.rings[i].inflight = nil
+		if a != nil && i < len(a.queues) {
+			s.rings[i].inflight = a.queues[i]
+		}
+	}
+}
+
+func (s *session) anyRunning() bool {
+	for i := range s.rings {
+		if s.rings[i].running {
+			return true
+		}
+	}
+	return false
+}
+
+// maxQueueSize is the largest ring accepted.
+func (s *session) maxQueueSize() int {
+	return min(s.dev.MaxQueueSize(), virtio.MaxQueueSize)
 }

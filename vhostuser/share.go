@@ -3,6 +3,7 @@ package vhostuser
 import (
 	"errors"
 	"sync"
+	"time"
 )
 
 // maxFrontEnds is how many front-ends one device serves at once: a live
@@ -20,23 +21,56 @@ type deviceShare struct {
 	dev Device
 
 	mu        sync.Mutex
-	ringOwner *session // the session with rings running, or nil
+	ringOwner *session      // the session with rings running, or nil
+	released  chan struct{} // closed (and replaced) when ringOwner is released
 	notifiers map[*session]func() error
 }
 
+// endingOwnerWait bounds how long a new session waits for the rings of a
+// session whose front-end is gone: its rings stop once the requests they
+// serve complete (those waiting for space are withdrawn, or drained during
+// a migration), which takes as long as the slowest storage request.
+const endingOwnerWait = 30 * time.Second
+
 func newDeviceShare(dev Device) *deviceShare {
-	return &deviceShare{dev: dev, notifiers: map[*session]func() error{}}
+	return &deviceShare{dev: dev, notifiers: map[*session]func() error{}, released: make(chan struct{})}
 }
 
-// acquireRings lets s run rings unless another session does.
+// acquireRings lets s run rings unless another session does. A session
+// whose front-end has gone (its socket closed, as when QEMU reconnects at
+// once after a back-end restart or a socket error) is ending: s waits for
+// it to stop its rings, up to endingOwnerWait, instead of being refused as
+// a second front-end running rings at the same time.
 func (d *deviceShare) acquireRings(s *session) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.ringOwner != nil && d.ringOwner != s {
-		return false
+	deadline := time.Now().Add(endingOwnerWait)
+	logged := false
+	for {
+		d.mu.Lock()
+		owner, released := d.ringOwner, d.released
+		if owner == nil || owner == s {
+			d.ringOwner = s
+			d.mu.Unlock()
+			if logged {
+				s.log.Info("the previous front-end's session stopped its rings: this one runs them")
+			}
+			return true
+		}
+		d.mu.Unlock()
+		wait := time.Until(deadline)
+		if !owner.ending() || wait <= 0 {
+			return false
+		}
+		if !logged {
+			logged = true
+			s.log.Info("waiting for the previous front-end's session to stop its rings (its socket is closed)")
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-released:
+		case <-t.C:
+		}
+		t.Stop()
 	}
-	d.ringOwner = s
-	return true
 }
 
 // releaseRings frees the device's rings for another session; s calls it
@@ -46,6 +80,8 @@ func (d *deviceShare) releaseRings(s *session) {
 	defer d.mu.Unlock()
 	if d.ringOwner == s {
 		d.ringOwner = nil
+		close(d.released)
+		d.released = make(chan struct{})
 	}
 }
 

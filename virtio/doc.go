@@ -50,8 +50,13 @@ type QueueSetup struct {
 	// Inflight, if not nil, is a log of the requests in flight kept where
 	// it survives the back-end (vhost-user INFLIGHT_SHMFD). The runner
 	// resubmits the heads it names before consuming the available ring,
-	// and keeps it up to date.
+	// resumes the available ring after them (at the used index plus their
+	// number: LastAvail is then ignored), and keeps the log up to date.
 	Inflight InflightLog
+	// Migrating, if not nil, reports at stop whether a live migration is
+	// under way: requests must then complete rather than be withdrawn
+	// into the in-flight log, which does not travel to the destination.
+	Migrating func() bool
 	// DirtyLog, if not nil, is told about every write into guest memory
 	// (live migration); see DirtyLog.
 	DirtyLog DirtyLog
@@ -77,14 +82,16 @@ type DirtyLog interface {
 
 // InflightLog records which chains are in flight, so that a restarted
 // back-end can finish them (vhost-user.rst, "Inflight I/O tracking"). The
-// runner calls it from one goroutine at a time.
+// runner calls it from one goroutine at a time, and never between
+// Pushing and Pushed of one head for another head.
 type InflightLog interface {
 	// Pending returns the heads that were in flight when the previous
-	// back-end stopped, oldest first. usedIdx is the used ring's index
-	// now, for reconciling a batch that was published but not yet cleared
-	// from the log.
-	Pending(usedIdx uint16) []uint16
-	// Popped records head as taken from the available ring.
+	// back-end stopped, oldest first, after repairing a batch that was
+	// published on the used ring (whose index is usedIdx now) but not yet
+	// cleared from the log. An error means the log cannot be trusted.
+	Pending(usedIdx uint16) ([]uint16, error)
+	// Popped records head as taken from the available ring, before its
+	// request starts.
 	Popped(head uint16)
 	// Pushing is called just before head is put on the used ring, Pushed
 	// just after the used index that includes it was published.

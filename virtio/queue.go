@@ -168,6 +168,11 @@ func (q *Queue) Size() uint16 { return q.size }
 // GET_VRING_BASE reports once all popped chains are pushed.
 func (q *Queue) LastAvail() uint16 { return q.lastAvail }
 
+// resume makes the consumer continue at avail index idx.
+func (q *Queue) resume(idx uint16) {
+	q.lastAvail, q.availShadow = idx, idx
+}
+
 // UsedIdx is the next used index the device will publish.
 func (q *Queue) UsedIdx() uint16 { return q.usedIdx }
 
@@ -308,9 +313,7 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 // Push puts a completed chain on the used ring and publishes it.
 func (q *Queue) Push(head uint16, written uint32) {
 	off := ringStart + int(q.usedIdx&q.mask)*UsedElemSize
-	e := q.used[off:]
-	le.PutUint32(e[0:], uint32(head))
-	le.PutUint32(e[4:], written)
+	q.putUsed(head, written)
 	q.usedIdx++
 	// The atomic store orders the element before the index.
 	Store16(q.used[ringIdx:], q.usedIdx)
@@ -333,6 +336,14 @@ func (q *Queue) logChain(c *Chain) {
 	if q.dirty != nil && q.dirty.Logging() {
 		c.logWritable(q.dirty)
 	}
+}
+
+// putUsed writes the used element for head at the next used index
+// without publishing it.
+func (q *Queue) putUsed(head uint16, written uint32) {
+	e := q.used[ringStart+int(q.usedIdx&q.mask)*UsedElemSize:]
+	le.PutUint32(e[0:], uint32(head))
+	le.PutUint32(e[4:], written)
 }
 
 // NeedsNotify reports whether the driver wants an interrupt for the chains

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,12 @@ type RunnerConfig struct {
 	// minimum: the queue size). See Queue.SetMaxIndirect.
 	MaxIndirect int
 	Logger      *slog.Logger
+	// Poll, if positive, keeps the runner looking at the available ring
+	// for this long after the last chain it took, with kicks left off,
+	// before it sleeps on the kick eventfd: a driver that sends its next
+	// request within that time skips its kick, and the runner its
+	// wake-up. It spins a CPU meanwhile (see PollRing).
+	Poll time.Duration
 }
 
 // PollInterval is how often a queue without a kick eventfd looks at its
@@ -50,6 +57,7 @@ type Runner struct {
 	journal InflightLog
 	log     *slog.Logger
 	kick    *os.File // kept alive while its descriptor is in use
+	poll    time.Duration
 	// call is where interrupts go; SetCall swaps it while the ring runs.
 	call      atomic.Pointer[callTarget]
 	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
@@ -74,6 +82,28 @@ type Runner struct {
 	wakeMu   sync.Mutex
 	wakeFd   int // eventfd that interrupts the wait; -1 once closed
 }
+
+// Points of the request path where a crash hook runs (SetCrashHook).
+const (
+	// CrashFetched: a chain was taken from the available ring (and
+	// recorded in the in-flight log) but its request has not started.
+	CrashFetched = "fetched"
+	// CrashUsedElement: the request is done (data written) and its used
+	// element written, but the used index not yet published.
+	CrashUsedElement = "used-element"
+	// CrashUsedIndex: the used index that includes the request is
+	// published, but the in-flight log not yet updated.
+	CrashUsedIndex = "used-index"
+)
+
+// crashHook, if set, runs at the crash points; set before queues start.
+var crashHook func(point string)
+
+// SetCrashHook makes hook run at each crash point (CrashFetched, ...), on
+// the goroutine that reached it. It exists for crash-recovery tests (a
+// hook that kills the process); without one each point costs a nil check.
+// Call it before any queue starts.
+func SetCrashHook(hook func(point string)) { crashHook = hook }
 
 // one is the eventfd increment written to signal the driver.
 var one = [8]byte{1}
@@ -105,6 +135,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		journal: cfg.Setup.Inflight,
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
+		poll:    cfg.Poll,
 		chains:  make([]Chain, q.size),
 		busy:    make([]bool, q.size),
 		done:    make(chan struct{}),
@@ -230,11 +261,17 @@ func (r *Runner) run() {
 	for !r.stopping.Load() {
 		q.DisableNotify()
 		for {
+			before := q.LastAvail()
 			ok := r.drain()
 			r.afterDrain()
 			if !ok {
 				r.Notify()
 				return
+			}
+			// Poll only after a pass that found work: a wake-up that
+			// finds none (a kick already served) goes back to sleep.
+			if r.poll > 0 && q.LastAvail() != before && r.pollRing() {
+				continue
 			}
 			q.EnableNotify()
 			// The driver may have added chains before it saw
@@ -252,6 +289,27 @@ func (r *Runner) run() {
 	}
 }
 
+// pollRing announces the pass's completions, then watches the available
+// ring for up to r.poll, kicks still off. It returns true as soon as the
+// driver adds a chain, false when the time is up or the runner stops.
+func (r *Runner) pollRing() bool {
+	r.Notify()
+	deadline := time.Now().Add(r.poll)
+	for i := 0; ; i++ {
+		if r.q.HasAvail() {
+			return true
+		}
+		// A clock read costs about as much as 20 looks at the ring.
+		if i%32 == 31 {
+			if r.stopping.Load() || time.Now().After(deadline) {
+				return false
+			}
+			// Let the completion goroutine run if it waits for this P.
+			runtime.Gosched()
+		}
+	}
+}
+
 func (r *Runner) afterDrain() {
 	if r.after != nil {
 		r.after()
@@ -259,13 +317,29 @@ func (r *Runner) afterDrain() {
 }
 
 // resubmit hands the handler the chains an earlier back-end left in
-// flight, as its inflight log names them. It returns false if the log
-// names a head that cannot be in flight (the ring then counts as broken).
+// flight, as its inflight log names them, oldest first, and resumes the
+// available ring after them: every entry before used index + their number
+// was taken, and is either completed or one of them. It returns false if
+// the log cannot be used (the ring then counts as broken).
 func (r *Runner) resubmit() bool {
 	if r.journal == nil {
 		return true
 	}
-	for _, head := range r.journal.Pending(r.q.UsedIdx()) {
+	used := r.q.UsedIdx()
+	pending, err := r.journal.Pending(used)
+	if err == nil && len(pending) > int(r.q.size) {
+		err = fmt.Errorf("inflight log names %d heads for a ring of %d", len(pending), r.q.size)
+	}
+	if err != nil {
+		r.log.Error("virtqueue broken, no longer served", "err", r.q.fail(err))
+		return false
+	}
+	resume := used + uint16(len(pending))
+	if resume != r.q.LastAvail() {
+		r.log.Info("resuming after the requests the inflight log names", "used", used, "in_flight", len(pending), "avail", resume, "base_given", r.q.LastAvail())
+	}
+	r.q.resume(resume)
+	for _, head := range pending {
 		r.mu.Lock()
 		if int(head) >= len(r.busy) || r.busy[head] {
 			r.mu.Unlock()
@@ -309,6 +383,9 @@ func (r *Runner) drain() bool {
 		r.inflight++
 		if r.journal != nil {
 			r.journal.Popped(head)
+		}
+		if crashHook != nil {
+			crashHook(CrashFetched)
 		}
 		// Swap rather than copy so that both keep their own segment
 		// storage.
@@ -398,7 +475,14 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 			r.journal.Pushing(head)
 		}
 		r.q.logChain(&r.chains[head])
+		if crashHook != nil {
+			r.q.putUsed(head, written)
+			crashHook(CrashUsedElement)
+		}
 		r.q.Push(head, written)
+		if crashHook != nil {
+			crashHook(CrashUsedIndex)
+		}
 		if r.journal != nil {
 			r.journal.Pushed(head, r.q.UsedIdx())
 		}
@@ -410,6 +494,31 @@ func (r *Runner) complete(head uint16, written uint32, check bool) bool {
 		r.idle = nil
 	}
 	return check && !r.faulted && r.q.NeedsNotify()
+}
+
+// Withdraw gives head back without completing it: its request gave up
+// (it waited in the storage while the queue stops) having changed nothing
+// and written nothing to the driver. It stays recorded in the inflight
+// log and is resubmitted when the ring starts again; Stop no longer waits
+// for it. Only a runner with a log may withdraw: without one the request
+// would be lost to the driver.
+func (r *Runner) Withdraw(head uint16) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.journal == nil {
+		r.log.Error("request withdrawn without an inflight log: the driver never sees it complete", "head", head)
+	} else {
+		r.log.Info("request withdrawn; it runs again when the ring starts", "head", head)
+	}
+	if int(head) >= len(r.busy) || !r.busy[head] {
+		return
+	}
+	r.busy[head] = false
+	r.inflight--
+	if r.inflight == 0 && r.idle != nil {
+		close(r.idle)
+		r.idle = nil
+	}
 }
 
 // Abandon gives up on head without touching the rings, after guest memory

@@ -26,6 +26,12 @@ type runnerHarness struct {
 
 func newRunner(t *testing.T, size uint16, features uint64, eventfds bool, handle func(r *virtio.Runner, c *virtio.Chain)) *runnerHarness {
 	t.Helper()
+	return newPollingRunner(t, size, features, eventfds, 0, handle)
+}
+
+// newPollingRunner is newRunner with RunnerConfig.Poll set.
+func newPollingRunner(t *testing.T, size uint16, features uint64, eventfds bool, poll time.Duration, handle func(r *virtio.Runner, c *virtio.Chain)) *runnerHarness {
+	t.Helper()
 	mem := virtiotest.NewMemory(memBase, memSize)
 	h := &runnerHarness{d: virtiotest.NewDriver(mem, size, features), chains: make(chan *virtio.Chain, size)}
 	if eventfds {
@@ -36,6 +42,7 @@ func newRunner(t *testing.T, size uint16, features uint64, eventfds bool, handle
 	var err error
 	h.r, err = virtio.NewRunner(virtio.RunnerConfig{
 		Setup: h.d.Setup(0),
+		Poll:  poll,
 		Handle: func(c *virtio.Chain) {
 			if handle != nil {
 				handle(h.r, c)
@@ -257,8 +264,21 @@ func TestRunnerHeadReusedInFlight(t *testing.T) {
 // served.
 func TestRunnerKickSuppressionStress(t *testing.T) {
 	for name, feat := range map[string]uint64{"event idx": allFeat, "flags": 1 << virtio.FeatureVersion1} {
-		t.Run(name, func(t *testing.T) {
-			h := newRunner(t, 16, feat, true, func(r *virtio.Runner, c *virtio.Chain) {
+		for _, poll := range []time.Duration{0, 20 * time.Microsecond} {
+			t.Run(fmt.Sprintf("%s/poll=%v", name, poll), func(t *testing.T) {
+				kickSuppressionStress(t, feat, poll)
+			})
+		}
+	}
+}
+
+// kickSuppressionStress sends bursts, kicking only when the ring asks for
+// it, and completes out of order: no chain may be left unserved (with
+// polling: also when the poll window ends just as a chain arrives).
+func kickSuppressionStress(t *testing.T, feat uint64, poll time.Duration) {
+	{
+		{
+			h := newPollingRunner(t, 16, feat, true, poll, func(r *virtio.Runner, c *virtio.Chain) {
 				go r.Complete(c.Head, 0) // complete elsewhere, in any order
 			})
 			buf := h.d.AllocBuf(16, false, nil)
@@ -297,6 +317,59 @@ func TestRunnerKickSuppressionStress(t *testing.T) {
 				}
 			}
 			t.Logf("%d chains, %d kicks", total, kicks)
+		}
+	}
+}
+
+// TestRunnerPolls: with Poll set, the runner serves chains the driver adds
+// without kicking while it polls, and asks for kicks again once the poll
+// time is up. Without polling the unkicked chain would wait forever.
+func TestRunnerPolls(t *testing.T) {
+	for name, feat := range map[string]uint64{"event idx": allFeat, "flags": 1 << virtio.FeatureVersion1} {
+		t.Run(name, func(t *testing.T) {
+			const poll = 300 * time.Millisecond
+			h := newPollingRunner(t, 8, feat, true, poll, func(r *virtio.Runner, c *virtio.Chain) {
+				r.Complete(c.Head, 3)
+			})
+			buf := h.d.AllocBuf(16, false, nil)
+			old := h.d.AvailIdx()
+			h.d.AddChain(buf)
+			if !h.d.NeedKick(old) {
+				t.Fatalf("first chain: no kick asked for")
+			}
+			h.d.KickNow()
+			start := time.Now()
+			h.waitUsed(t, 1)
+			// Within the poll time: no kick asked for, none sent, served.
+			old = h.d.AvailIdx()
+			h.d.AddChain(buf)
+			kick := h.d.NeedKick(old)
+			if time.Since(start) < poll/2 && kick {
+				t.Errorf("kick asked for %v after the last chain, while polling for %v", time.Since(start), poll)
+			}
+			if u := h.waitUsed(t, 1); u[0].Len != 3 {
+				t.Fatalf("used %+v", u)
+			}
+			// After the poll time the runner sleeps and asks for kicks
+			// again (waited for: a loaded machine may run it late).
+			kicksOn := func() bool {
+				if feat&(1<<virtio.FeatureEventIdx) != 0 {
+					return h.d.AvailEvent() == h.d.AvailIdx()
+				}
+				return h.d.UsedFlags()&virtio.UsedFlagNoNotify == 0
+			}
+			for deadline := time.Now().Add(10 * time.Second); !kicksOn(); time.Sleep(10 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("kicks still off 10 s after the last chain (poll time %v)", poll)
+				}
+			}
+			old = h.d.AvailIdx()
+			h.d.AddChain(buf)
+			if !h.d.NeedKick(old) {
+				t.Fatalf("no kick asked for after the poll time")
+			}
+			h.d.KickNow()
+			h.waitUsed(t, 1)
 		})
 	}
 }
@@ -331,7 +404,7 @@ func newFakeJournal() *fakeJournal {
 	return &fakeJournal{inflight: map[uint16]uint64{}, lastBatch: -1}
 }
 
-func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
+func (j *fakeJournal) Pending(usedIdx uint16) ([]uint16, error) {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	if j.lastBatch >= 0 && usedIdx != j.usedIdx {
@@ -343,7 +416,8 @@ func (j *fakeJournal) Pending(usedIdx uint16) []uint16 {
 		heads = append(heads, h)
 	}
 	slices.SortFunc(heads, func(a, b uint16) int { return cmp.Compare(j.inflight[a], j.inflight[b]) })
-	return heads
+	j.usedIdx = usedIdx
+	return heads, nil
 }
 
 func (j *fakeJournal) Popped(head uint16) {
@@ -399,7 +473,7 @@ func TestRunnerResubmitsInflight(t *testing.T) {
 	cancel()
 	r1.Stop(ctx)
 
-	s.LastAvail = 3
+	s.LastAvail = 1 // what QEMU sends after a crash: the used index
 	var got []uint16
 	var mu sync.Mutex
 	var r2 *virtio.Runner

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -283,6 +284,22 @@ func (vm *testVM) status(t *testing.T) Status {
 
 // events returns the names of the events received so far (waiting a
 // moment for stragglers).
+// expectNothingDone checks what a failed Take leaves: the VM running, QEMU's events within
+// settle exactly want (none: never stopped; STOP, RESUME: stopped and resumed) and the pool
+// holding its one volume only.
+func expectNothingDone(t *testing.T, vm *testVM, p *testPool, settle time.Duration, want ...string) {
+	t.Helper()
+	if st := vm.status(t); !st.Running {
+		t.Errorf("VM is %s", st.Status)
+	}
+	if ev := events(vm.monitor, settle); !slices.Equal(ev, want) {
+		t.Errorf("QEMU events %v, want %v", ev, want)
+	}
+	if vols := p.volumes(t); len(vols) != 1 {
+		t.Errorf("volumes: %v", vols)
+	}
+}
+
 func events(c *qmp.Client, settle time.Duration) []string {
 	var names []string
 	t := time.NewTimer(settle)

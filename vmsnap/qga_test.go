@@ -98,15 +98,7 @@ func TestTakeFreezeRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "disabled") || !strings.Contains(err.Error(), "the VM runs on") {
 		t.Fatalf("Take: %v", err)
 	}
-	if st := vm.status(t); !st.Running {
-		t.Errorf("VM is %s", st.Status)
-	}
-	if ev := events(vm.monitor, time.Second); len(ev) != 0 {
-		t.Errorf("QEMU events %v, want none", ev)
-	}
-	if vols := p.volumes(t); len(vols) != 1 {
-		t.Errorf("volumes: %v", vols)
-	}
+	expectNothingDone(t, vm, p, time.Second)
 	if _, err := os.Stat(filepath.Join(dir, "qga.log")); err != nil {
 		t.Logf("no agent log: %v", err)
 	}

@@ -131,15 +131,7 @@ func TestTakeMissingVolume(t *testing.T) {
 	if !errors.As(err, &qe) {
 		t.Errorf("error %v does not carry thinblk's QMP error", err)
 	}
-	if st := vm.status(t); !st.Running {
-		t.Errorf("VM is %s after the failure", st.Status)
-	}
-	if ev := events(vm.monitor, 2*time.Second); !slices.Equal(ev, []string{"STOP", "RESUME"}) {
-		t.Errorf("QEMU events %v, want [STOP RESUME]", ev)
-	}
-	if vols := p.volumes(t); len(vols) != 1 {
-		t.Errorf("volumes after the failure: %v", vols)
-	}
+	expectNothingDone(t, vm, p, 2*time.Second, "STOP", "RESUME")
 }
 
 // --freeze with no agent in the guest: a clear error within the timeout,
@@ -162,15 +154,7 @@ func TestTakeFreezeWithoutAgent(t *testing.T) {
 	if took > 15*time.Second {
 		t.Errorf("Take took %v with a 3s timeout", took)
 	}
-	if st := vm.status(t); !st.Running {
-		t.Errorf("VM is %s", st.Status)
-	}
-	if ev := events(vm.monitor, time.Second); len(ev) != 0 {
-		t.Errorf("QEMU events %v, want none (the VM must not have been stopped)", ev)
-	}
-	if vols := p.volumes(t); len(vols) != 1 {
-		t.Errorf("volumes: %v", vols)
-	}
+	expectNothingDone(t, vm, p, time.Second)
 	// The agent socket itself missing is an error too, not a hang.
 	_, err = Take(context.Background(), Options{
 		QEMU: vm.qmp, Thinblk: p.qmp, Volumes: []string{"vm1"}, Name: "x",
@@ -243,15 +227,7 @@ func TestTakeCancelled(t *testing.T) {
 	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("cancelled Take returned after %v", took)
 	}
-	if st := vm.status(t); !st.Running {
-		t.Errorf("VM is %s", st.Status)
-	}
-	if ev := events(vm.monitor, time.Second); len(ev) != 0 {
-		t.Errorf("QEMU events %v, want none", ev)
-	}
-	if vols := p.volumes(t); len(vols) != 1 {
-		t.Errorf("volumes: %v", vols)
-	}
+	expectNothingDone(t, vm, p, time.Second)
 }
 
 // Stop stops a running VM and leaves a paused one alone; Cont resumes.

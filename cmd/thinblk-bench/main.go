@@ -37,6 +37,7 @@ type config struct {
 	cache             string
 	qsdAIO            string
 	jsonOut           bool
+	svg               string
 	repeat            int
 	thinSpan          int64
 	// thinblkArgs are extra flags for the thinblk target's serve (after the
@@ -63,7 +64,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&size, "size", "1G", "image size (K, M, G suffixes)")
 	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each case")
 	fs.StringVar(&cases, "cases", "all", "comma-separated case names or substrings (e.g. randread-4k-qd32-q1,write-1m); 'list' prints them")
-	fs.StringVar(&targets, "targets", "thinblk,qsd,fio,thin,snapshot,stream", "targets to run: thinblk (serve --raw), qsd, fio, thin (a thin volume compared with serve --raw), snapshot (snapshot creation time against mapped blocks), stream (send | receive against cp)")
+	fs.StringVar(&targets, "targets", "thinblk,qsd,null,fio,thin,snapshot,stream", "targets to run: thinblk (serve --raw), qsd, null (serve --null: no I/O, the vhost-user path's and the driver's ceiling), fio, thin (a thin volume compared with serve --raw), snapshot (snapshot creation time against mapped blocks), stream (send | receive against cp)")
 	snapF := addSnapFlags(fs)
 	streamF := addStreamFlags(fs)
 	var thinSpan string
@@ -71,6 +72,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&c.cache, "cache", "direct", "direct: thinblk --direct, QSD cache.direct=on, fio --direct=1; buffered: all through the page cache")
 	fs.StringVar(&c.qsdAIO, "qsd-aio", "io_uring", "qemu-storage-daemon aio= (io_uring, threads, native)")
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
+	fs.StringVar(&c.svg, "svg", "", "also draw the thinblk, qsd, null and fio results (IOPS and p99 latency per case) as an SVG chart in `FILE`")
 	fs.IntVar(&c.repeat, "repeat", 1, "run each case this many times per target and keep the median (by IOPS)")
 	var thinblkArgs string
 	fs.StringVar(&thinblkArgs, "thinblk-args", "", "extra flags for the thinblk target's serve, space-separated (they override the bench's own, e.g. \"--queues 256\")")
@@ -97,7 +99,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	c.targets = map[string]bool{}
 	for _, t := range strings.Split(targets, ",") {
 		switch t {
-		case "thinblk", "qsd", "fio", "thin", "snapshot", "stream":
+		case "thinblk", "qsd", "null", "fio", "thin", "snapshot", "stream":
 			c.targets[t] = true
 		default:
 			return fmt.Errorf("--targets: unknown target %q", t)
@@ -117,8 +119,15 @@ func run(args []string, stdout, stderr io.Writer) error {
 	defer stop()
 	var results []bench.Result
 	var thin thinReport
-	if c.targets["thinblk"] || c.targets["qsd"] || c.targets["fio"] || c.targets["thin"] {
+	if c.deviceTargets() || c.targets["thin"] {
 		results, thin, err = measure(ctx, c, stderr)
+	}
+	if c.svg != "" && len(results) > 0 {
+		if cerr := writeChart(c, results); cerr != nil {
+			err = errors.Join(err, cerr)
+		} else {
+			fmt.Fprintf(stderr, "chart written to %s\n", c.svg)
+		}
 	}
 	var snaps snapReport
 	if c.targets["snapshot"] && ctx.Err() == nil {
@@ -144,7 +153,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return jerr
 		}
 	} else {
-		if c.targets["thinblk"] || c.targets["qsd"] || c.targets["fio"] {
+		if c.deviceTargets() {
 			printTable(stdout, c, results)
 		}
 		if c.targets["thin"] {
@@ -158,6 +167,50 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	return err
+}
+
+// deviceTargets are the targets measured case by case, in the order they
+// alternate and appear in the table.
+var deviceTargets = []string{"thinblk", "qsd", "null", "fio"}
+
+// deviceTargets reports whether any of them was selected.
+func (c config) deviceTargets() bool {
+	for _, t := range deviceTargets {
+		if c.targets[t] {
+			return true
+		}
+	}
+	return false
+}
+
+// writeChart draws results into c.svg (bench.WriteChart), titled with
+// what a reader needs to compare runs: the date, the load, the repeats.
+func writeChart(c config, results []bench.Result) error {
+	var cases, targets []string
+	for _, bc := range c.cases {
+		cases = append(cases, bc.Name())
+	}
+	for _, t := range deviceTargets {
+		if c.targets[t] {
+			targets = append(targets, t)
+		}
+	}
+	load := ""
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			load = ", load " + f[0]
+		}
+	}
+	title := fmt.Sprintf("%s: median of %d x %s, %s%s", time.Now().UTC().Format("2006-01-02 15:04 UTC"), c.repeat, c.duration, c.cache, load)
+	f, err := os.Create(c.svg)
+	if err != nil {
+		return fmt.Errorf("--svg: %w", err)
+	}
+	if err := bench.WriteChart(f, title, cases, targets, results); err != nil {
+		f.Close()
+		return fmt.Errorf("--svg: %w", err)
+	}
+	return f.Close()
 }
 
 func parseSize(s string) (int64, error) {
@@ -220,16 +273,19 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 	// that each case runs on every target back to back: on a shared
 	// machine the load then drifts less between the columns of a row.
 	servers := map[string]*bench.Server{}
-	for _, target := range []string{"thinblk", "qsd"} {
+	for _, target := range []string{"thinblk", "qsd", "null"} {
 		if !c.targets[target] {
 			continue
 		}
 		sock := filepath.Join(c.dir, target+".sock")
 		var srv *bench.Server
 		var err error
-		if target == "thinblk" {
+		switch target {
+		case "thinblk":
 			srv, err = bench.StartThinblk(c.thinblk, img, sock, queues, direct, c.thinblkArgs...)
-		} else {
+		case "null":
+			srv, err = bench.StartNull(c.thinblk, sock, c.size, queues, c.thinblkArgs...)
+		default:
 			bin, lerr := exec.LookPath(c.qsd)
 			if lerr != nil {
 				err = lerr
@@ -251,7 +307,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 		runs := map[string][]bench.Result{}
 		failed := map[string]error{}
 		for rep := 0; rep < c.repeat; rep++ {
-			for _, target := range []string{"thinblk", "qsd", "fio"} {
+			for _, target := range deviceTargets {
 				if ctx.Err() != nil {
 					return results, thin, errors.Join(append(errs, ctx.Err())...)
 				}
@@ -277,7 +333,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 				runs[target] = append(runs[target], r)
 			}
 		}
-		for _, target := range []string{"thinblk", "qsd", "fio"} {
+		for _, target := range deviceTargets {
 			if len(runs[target]) > 0 || failed[target] != nil {
 				results = append(results, record(log, target, bc, median(runs[target]), failed[target]))
 			}
@@ -344,40 +400,64 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	}
 	fmt.Fprintf(w, "\nmedian of %d run(s) per cell; cache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
 		c.repeat, c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
-	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds\n\n")
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "case\tthinblk IOPS\tmean\tp99\tcpu/op\tqsd IOPS\tmean\tp99\tcpu/op\tfio IOPS\tmean\tp99\tthinblk/qsd\tthinblk/fio\t")
-	cell := func(r bench.Result, ok, cpu bool) string {
-		s := ""
-		switch {
-		case !ok:
-			s = "-\t-\t-"
-		case r.Err != "":
-			s = "error\t-\t-"
-		default:
-			s = fmt.Sprintf("%.0f\t%.1f\t%.1f", r.IOPS, r.MeanUs, r.P99Us)
+	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds;\ndrv/op: the front-end driver's (this process's) CPU time per request; null: serve --null, no I/O\n\n")
+	var shown []string
+	for _, t := range deviceTargets {
+		if c.targets[t] {
+			shown = append(shown, t)
 		}
-		if cpu {
-			if ok && r.ServerCPUUs > 0 {
-				s += fmt.Sprintf("\t%.1f", r.ServerCPUUs)
-			} else {
-				s += "\t-"
-			}
-		}
-		return s
 	}
-	ratio := func(a, b bench.Result, aok, bok bool) string {
-		if !aok || !bok || a.Err != "" || b.Err != "" || b.IOPS == 0 {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "case\t")
+	for _, t := range shown {
+		fmt.Fprintf(tw, "%s IOPS\tmean\tp99\t", t)
+		if t != "fio" {
+			fmt.Fprint(tw, "cpu/op\tdrv/op\t")
+		}
+	}
+	ratios := [][2]string{{"thinblk", "qsd"}, {"thinblk", "fio"}, {"thinblk", "null"}}
+	for _, rt := range ratios {
+		if c.targets[rt[0]] && c.targets[rt[1]] {
+			fmt.Fprintf(tw, "%s/%s\t", rt[0], rt[1])
+		}
+	}
+	fmt.Fprintln(tw)
+	us := func(v float64) string {
+		if v <= 0 {
 			return "-"
 		}
-		return fmt.Sprintf("%.2f", a.IOPS/b.IOPS)
+		return fmt.Sprintf("%.1f", v)
 	}
 	for _, bc := range c.cases {
 		rs := by[bc.Name()]
-		t, tok := rs["thinblk"]
-		q, qok := rs["qsd"]
-		f, fok := rs["fio"]
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t\n", bc.Name(), cell(t, tok, true), cell(q, qok, true), cell(f, fok, false), ratio(t, q, tok, qok), ratio(t, f, tok, fok))
+		fmt.Fprintf(tw, "%s\t", bc.Name())
+		for _, t := range shown {
+			r, ok := rs[t]
+			switch {
+			case !ok:
+				fmt.Fprint(tw, "-\t-\t-\t")
+			case r.Err != "":
+				fmt.Fprint(tw, "error\t-\t-\t")
+			default:
+				fmt.Fprintf(tw, "%.0f\t%.1f\t%.1f\t", r.IOPS, r.MeanUs, r.P99Us)
+			}
+			if t != "fio" {
+				fmt.Fprintf(tw, "%s\t%s\t", us(r.ServerCPUUs), us(r.DriverCPUUs))
+			}
+		}
+		for _, rt := range ratios {
+			if !c.targets[rt[0]] || !c.targets[rt[1]] {
+				continue
+			}
+			a, aok := rs[rt[0]]
+			b, bok := rs[rt[1]]
+			if !aok || !bok || a.Err != "" || b.Err != "" || b.IOPS == 0 {
+				fmt.Fprint(tw, "-\t")
+			} else {
+				fmt.Fprintf(tw, "%.2f\t", a.IOPS/b.IOPS)
+			}
+		}
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
 }

@@ -1,10 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/thinblk/thinblk/bench"
 )
 
 func TestParseSize(t *testing.T) {
@@ -40,12 +44,12 @@ func TestSelectCases(t *testing.T) {
 // TestRunAllTargets builds thinblk and runs one short case on every target
 // end to end, with JSON output.
 func TestRunAllTargets(t *testing.T) {
-	targets := "thinblk,qsd,fio"
+	targets := "thinblk,qsd,null,fio"
 	if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
 		if os.Getenv("THINBLK_SKIP_QSD") != "1" {
 			t.Fatalf("qemu-storage-daemon not installed (THINBLK_SKIP_QSD=1 leaves it out): %v", err)
 		}
-		targets = "thinblk,fio"
+		targets = "thinblk,null,fio"
 	}
 	if _, err := exec.LookPath("fio"); err != nil {
 		t.Fatalf("fio not installed: %v", err)
@@ -57,19 +61,41 @@ func TestRunAllTargets(t *testing.T) {
 			Target, Case string
 			IOPS         float64
 			Error        string
+			ServerCPU    float64 `json:"server_cpu_us_per_op"`
+			DriverCPU    float64 `json:"driver_cpu_us_per_op"`
 		}
 	}
 	stderr := runJSON(t, []string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
-		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets}, &doc)
+		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets,
+		"--svg", filepath.Join(dir, "bench.svg")}, &doc)
 	got := map[string]bool{}
 	for _, r := range doc.Results {
 		if r.Error != "" || r.IOPS <= 0 || r.Case != "randread-4k-qd32-q1" {
 			t.Errorf("result %+v", r)
 		}
+		// The null target serves from the same binary, so it must at least
+		// report the driver's cost like the other back-ends.
+		if r.Target == "null" && (r.ServerCPU <= 0 && r.DriverCPU <= 0) {
+			t.Errorf("null result without CPU figures: %+v", r)
+		}
 		got[r.Target] = true
 	}
-	if !got["thinblk"] || !got["fio"] || strings.Contains(targets, "qsd") && !got["qsd"] {
+	if !got["thinblk"] || !got["fio"] || !got["null"] || strings.Contains(targets, "qsd") && !got["qsd"] {
 		t.Fatalf("targets measured: %v\n%s", got, stderr)
+	}
+	// The chart holds every measured target's series (its legend entry)
+	// and the case.
+	svg, err := os.ReadFile(filepath.Join(dir, "bench.svg"))
+	if err != nil {
+		t.Fatalf("chart: %v", err)
+	}
+	for _, want := range []string{">thinblk serve --raw<", ">thinblk serve --null (no I/O)<", ">fio on the host file<"} {
+		if n := strings.Count(string(svg), want); n != 1 {
+			t.Errorf("chart has %d of %q, want 1", n, want)
+		}
+	}
+	if !strings.Contains(string(svg), "randread-4k-qd32-q1") {
+		t.Errorf("chart lacks the case")
 	}
 }
 
@@ -110,5 +136,47 @@ func TestThinTarget(t *testing.T) {
 	// 8 MiB filled in 64 KiB blocks.
 	if doc.Thin.MappedBlocks != 128 {
 		t.Errorf("mapped blocks after fill: %d, want 128", doc.Thin.MappedBlocks)
+	}
+}
+
+// TestPrintTableNull: the null target gets its own columns and the
+// thinblk/null ratio, between qemu-storage-daemon's and fio's.
+func TestPrintTableNull(t *testing.T) {
+	c := config{cases: []bench.Case{{Op: bench.RandRead, BlockSize: 4096, QueueDepth: 32, Queues: 1}},
+		targets: map[string]bool{"thinblk": true, "qsd": true, "null": true, "fio": true}, repeat: 1, cache: "direct"}
+	name := c.cases[0].Name()
+	var out bytes.Buffer
+	printTable(&out, c, []bench.Result{
+		{Target: "thinblk", Case: name, IOPS: 1000, MeanUs: 32, P99Us: 50, ServerCPUUs: 3, DriverCPUUs: 2},
+		{Target: "qsd", Case: name, IOPS: 500, MeanUs: 64, P99Us: 90},
+		{Target: "null", Case: name, IOPS: 4000, MeanUs: 8, P99Us: 12, ServerCPUUs: 0.5, DriverCPUUs: 1.5},
+		{Target: "fio", Case: name, IOPS: 2000, MeanUs: 16, P99Us: 20},
+	})
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	header, row := strings.Fields(lines[len(lines)-2]), strings.Fields(lines[len(lines)-1])
+	want := map[string]string{"null IOPS": "4000", "thinblk/qsd": "2.00", "thinblk/fio": "0.50", "thinblk/null": "0.25"}
+	// Header cells may hold a space ("null IOPS"): map them by position.
+	cols := []string{}
+	for i := 0; i < len(header); i++ {
+		if header[i] != "case" && i+1 < len(header) && header[i+1] == "IOPS" {
+			cols = append(cols, header[i]+" IOPS")
+			i++
+			continue
+		}
+		cols = append(cols, header[i])
+	}
+	if len(cols) != len(row) {
+		t.Fatalf("%d columns, %d cells:\n%s", len(cols), len(row), out.String())
+	}
+	for i, col := range cols {
+		if w, ok := want[col]; ok {
+			if row[i] != w {
+				t.Errorf("%s = %s, want %s\n%s", col, row[i], w, out.String())
+			}
+			delete(want, col)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("columns missing: %v\n%s", want, out.String())
 	}
 }

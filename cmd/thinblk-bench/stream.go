@@ -27,7 +27,7 @@ type streamFlags struct {
 
 func addStreamFlags(fs *flag.FlagSet) *streamFlags {
 	f := &streamFlags{}
-	fs.StringVar(&f.size, "stream-size", "256M", "stream target: bytes written into the sent volume in 64 KiB blocks (the issue's figure: 2G)")
+	fs.StringVar(&f.size, "stream-size", "2G", "stream target: bytes written into the sent volume in 64 KiB blocks (the issue's figure)")
 	fs.Float64Var(&f.changed, "stream-changed", 0.01, "stream target: share of the written blocks rewritten before the incremental stream")
 	fs.BoolVar(&f.keep, "stream-keep", false, "stream target: keep the pools under DIR")
 	fs.IntVar(&f.repeat, "stream-repeat", 3, "stream target: time cp and each stream this many times, alternating, and report medians")

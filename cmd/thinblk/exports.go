@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/thin"
@@ -22,7 +23,9 @@ type exportOptions struct {
 	queues     int
 	queueSize  int
 	noUring    bool // every request through a worker (synchronous I/O)
+	poll       time.Duration
 	trace      *blktrace.Log
+	noInflight bool // INFLIGHT_SHMFD not offered
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -131,6 +134,7 @@ func (e *exports) start(name string) error {
 		Serial:    baseSerial(name),
 		Logger:    log,
 		SyncOnly:  e.opts.noUring,
+		Poll:      e.opts.poll,
 	})
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
@@ -140,6 +144,7 @@ func (e *exports) start(name string) error {
 		SocketMode: e.opts.socketMode,
 		Logger:     log,
 		Name:       name,
+		NoInflight: e.opts.noInflight,
 	}, dev)
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)

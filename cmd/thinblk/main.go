@@ -33,6 +33,7 @@ func commands() []command {
 		{"status", "show a pool's space and its volumes", runStatus},
 		{"send", "write a snapshot (or its changes since another) as a stream to stdout", runSend},
 		{"receive", "create or update a volume from a stream on stdin", runReceive},
+		{"migrate", "move a running VM and its volumes to another pool, serve and QEMU", runMigrate},
 		{"check", "verify a pool's metadata against its data file", runCheck},
 		{"trace-check", "check a request trace (serve --trace): every read returned the last data written", runTraceCheck},
 		{"version", "print the version", runVersion},

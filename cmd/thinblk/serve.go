@@ -10,9 +10,12 @@ import (
 	"os/signal"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
+	"github.com/thinblk/thinblk/internal/nulldisk"
 	"github.com/thinblk/thinblk/internal/sdnotify"
+	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/rawdisk"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -20,7 +23,8 @@ import (
 )
 
 const serveSynopsis = `serve DIR [--socket-dir DIR] [--queues N] [flags]     (every volume of a pool)
-       thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]`
+       thinblk serve --raw FILE --socket PATH [--read-only] [--queues N] [flags]
+       thinblk serve --null SIZE --socket PATH [--queues N]     (no I/O: the path's ceiling)`
 
 // defaultQueues is what a serve offers without --queues: every ring a
 // vhost-user front-end can address (ring indices are 8 bits). QEMU's
@@ -37,11 +41,14 @@ type serveFlags struct {
 	qmp        string
 	qemuQMP    []string // --qemu-qmp: monitors of VMs the pause policy stops and resumes
 	raw        string
+	null       string // --null SIZE: a disk that does no I/O (nulldisk)
 	socket     string
 	socketMode string
 	readOnly   bool
 	direct     bool
 	noUring    bool
+	noInflight bool
+	pollUs     int
 	queues     int
 	queueSize  int
 	serial     string
@@ -61,6 +68,10 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	}
 	logger, err := newLogger(stderr, f.logLevel)
 	if err != nil {
+		fmt.Fprintln(stderr, "thinblk serve:", err)
+		return 2
+	}
+	if err := setCrashPoint(os.Getenv(crashEnv), logger); err != nil {
 		fmt.Fprintln(stderr, "thinblk serve:", err)
 		return 2
 	}
@@ -93,7 +104,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, ok bool) {
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	fs.StringVar(&f.raw, "raw", "", "serve this raw image `FILE` (or block device)")
-	fs.StringVar(&f.socket, "socket", "", "with --raw: unix socket `PATH` QEMU connects to")
+	fs.StringVar(&f.null, "null", "", "serve a disk of `SIZE` (K, M, G, T suffixes) that does no I/O: reads leave the buffers as they are, writes are dropped; shows what the vhost-user path carries on this machine")
+	fs.StringVar(&f.socket, "socket", "", "with --raw or --null: unix socket `PATH` QEMU connects to")
 	fs.StringVar(&f.socketDir, "socket-dir", "", "with a pool: directory of the per-volume sockets NAME.sock (default: the pool directory)")
 	fs.StringVar(&f.qmp, "qmp", "", "with a pool: QMP control socket `unix:PATH` (default: unix:DIR/qmp.sock)")
 	fs.Func("qemu-qmp", "with a pool whose no-space policy is pause: QEMU monitor `unix:PATH` of a VM to stop while the pool is out of space and resume after (repeat for each VM on the pool)", func(s string) error {
@@ -107,6 +119,8 @@ func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, o
 	fs.BoolVar(&f.readOnly, "read-only", false, "export the disk read-only (VIRTIO_BLK_F_RO)")
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
 	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
+	fs.BoolVar(&f.noInflight, "no-inflight", false, "do not offer in-flight tracking (INFLIGHT_SHMFD): requests in flight when serve dies are then lost to the guest (for comparison)")
+	fs.IntVar(&f.pollUs, "poll-us", 0, "after a queue's last request, keep looking at its ring for this many `MICROSECONDS` before sleeping: saves the guest's kick and the back-end's wake-up when requests follow closely, at the cost of a CPU spinning meanwhile (0: never poll)")
 	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
 	fs.StringVar(&f.serial, "serial", "", "disk serial number reported to the guest (up to 20 bytes; default: the file's base name)")
@@ -118,7 +132,7 @@ func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, o
 		return f, exitFor(err), false
 	}
 	switch {
-	case len(pos) == 1 && f.raw == "":
+	case len(pos) == 1 && f.raw == "" && f.null == "":
 		f.pool = pos[0]
 	case len(pos) > 0:
 		fmt.Fprintf(stderr, "thinblk serve: unexpected argument %q\n", pos[len(pos)-1])
@@ -133,6 +147,17 @@ func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, o
 }
 
 func (f *serveFlags) validate() error {
+	if f.null != "" {
+		if f.raw != "" || f.pool != "" {
+			return errors.New("--null serves no file: give it alone, without --raw or a pool")
+		}
+		if _, err := f.nullSize(); err != nil {
+			return err
+		}
+		// From here on a null disk is validated like a raw image.
+		defer func(raw string) { f.raw = raw }(f.raw)
+		f.raw = f.null
+	}
 	switch {
 	case f.pool == "" && f.raw == "":
 		return errors.New("give a pool directory, or --raw FILE")
@@ -148,6 +173,9 @@ func (f *serveFlags) validate() error {
 		return errors.New("--socket-dir is for a pool; use --socket with --raw")
 	case f.pool != "" && (f.readOnly || f.serial != ""):
 		return errors.New("--read-only and --serial are for --raw (a pool's volumes are read-write, their serial is the volume name)")
+	}
+	if f.pollUs < 0 || f.pollUs > 1_000_000 {
+		return fmt.Errorf("--poll-us %d: must be 0 to 1000000", f.pollUs)
 	}
 	if f.queues < 1 || f.queues > vhostuser.MaxRings {
 		return fmt.Errorf("--queues %d: must be 1 to %d", f.queues, vhostuser.MaxRings)
@@ -177,6 +205,18 @@ func (f *serveFlags) validate() error {
 	return nil
 }
 
+// poll is --poll-us as a duration.
+func (f *serveFlags) poll() time.Duration { return time.Duration(f.pollUs) * time.Microsecond }
+
+// nullSize is --null's size.
+func (f *serveFlags) nullSize() (uint64, error) {
+	n, err := units.ParseSize(f.null)
+	if err != nil || n == 0 || n%blk.SectorSize != 0 {
+		return 0, fmt.Errorf("--null %q: want a positive size, a multiple of 512 bytes (K, M, G, T suffixes)", f.null)
+	}
+	return n, nil
+}
+
 func parseMode(s string) (os.FileMode, error) {
 	m, err := strconv.ParseUint(s, 8, 32)
 	if err != nil || m > 0o777 {
@@ -196,18 +236,34 @@ func newLogger(w io.Writer, level string) (*slog.Logger, error) {
 // serveRaw exports one raw image until ctx is cancelled, then stops taking
 // requests, lets those in flight finish, flushes and removes the socket.
 func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *slog.Logger) error {
-	disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
-	if err != nil {
-		return err
+	var storage blockdev.Storage
+	var serial, image, uring string
+	if f.null != "" {
+		size, _ := f.nullSize() // validated
+		disk, err := nulldisk.New(size)
+		if err != nil {
+			return err
+		}
+		storage, serial, image, uring = disk, "null", "null", "none"
+	} else {
+		disk, err := rawdisk.Open(f.raw, rawdisk.Options{ReadOnly: f.readOnly, Direct: f.direct, NoUring: f.noUring})
+		if err != nil {
+			return err
+		}
+		defer disk.Close()
+		serial, image = baseSerial(f.raw), f.raw
+		storage = disk
+		u, uringErr := disk.Uring()
+		if uringErr != nil && !f.noUring {
+			logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
+		}
+		uring = fmt.Sprint(u)
 	}
-	defer disk.Close()
-	serial := f.serial
-	if serial == "" {
-		serial = baseSerial(f.raw)
+	if f.serial != "" {
+		serial = f.serial
 	}
-	var storage blockdev.Storage = disk
 	if trace != nil {
-		storage = trace.Wrap(serial, disk)
+		storage = trace.Wrap(serial, storage)
 	}
 	dev, err := blk.New(storage, blk.Options{
 		ReadOnly:  f.readOnly,
@@ -215,6 +271,7 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 		QueueSize: f.queueSize,
 		Serial:    serial,
 		Logger:    logger,
+		Poll:      f.poll(),
 	})
 	if err != nil {
 		return err
@@ -225,6 +282,7 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 		SocketMode: mode,
 		Logger:     logger,
 		Name:       serial,
+		NoInflight: f.noInflight,
 	}, dev)
 	if err != nil {
 		return err
@@ -240,12 +298,8 @@ func serveRaw(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *sl
 		}
 		defer stopMetrics()
 	}
-	uring, uringErr := disk.Uring()
-	if uringErr != nil && !f.noUring {
-		logger.Warn("io_uring unavailable; using synchronous I/O", "err", uringErr)
-	}
-	f.ready("serving " + f.raw + " on " + f.socket)
-	logger.Info("serving", "image", f.raw, "io_uring", uring, "socket", f.socket, "bytes", disk.Size(),
+	f.ready("serving " + image + " on " + f.socket)
+	logger.Info("serving", "image", image, "io_uring", uring, "socket", f.socket, "bytes", storage.Size(),
 		"read_only", f.readOnly, "queues", f.queues)
 	serveErr := srv.Serve(ctx)
 	// Serve returns when ctx is cancelled (signal) or on a fatal error.

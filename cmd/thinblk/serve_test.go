@@ -79,6 +79,11 @@ func TestServeFlagErrors(t *testing.T) {
 		{[]string{"serve", "--raw", "x", "--socket", "s", "--socket-mode", "999"}, "octal"},
 		{[]string{"serve", "--raw", "x", "--socket", "s", "--serial", strings.Repeat("s", 21)}, "longer than 20"},
 		{[]string{"serve", "--raw", "x", "--socket", "s", "extra"}, "unexpected argument"},
+		{[]string{"serve", "--null", "1G", "--raw", "x", "--socket", "s"}, "--null serves no file"},
+		{[]string{"serve", "--null", "1G", "pooldir"}, "unexpected argument"},
+		{[]string{"serve", "--null", "1000", "--socket", "s"}, "multiple of 512"},
+		{[]string{"serve", "--null", "1G"}, "--socket PATH is required"},
+		{[]string{"serve", "--raw", "x", "--socket", "s", "--poll-us", "-1"}, "--poll-us -1: must be 0 to 1000000"},
 		{[]string{"nonsense"}, "unknown command"},
 	} {
 		var stdout, stderr bytes.Buffer

@@ -43,7 +43,7 @@ func servePool(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *s
 	mode, _ := parseMode(f.socketMode)
 	ex, err := startExports(ctx, pool, exportOptions{
 		socketDir: sockDir, socketMode: mode, queues: f.queues, queueSize: f.queueSize,
-		noUring: f.noUring, trace: trace,
+		noUring: f.noUring, poll: f.poll(), trace: trace, noInflight: f.noInflight,
 	}, logger)
 	if err != nil {
 		pool.Close()

@@ -18,6 +18,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -93,28 +94,19 @@ func (r remoteOps) viaSocket(cmd string, args func(sock string) any, copyData fu
 		// broken pipe on either side ends it.
 		done <- r.c.Execute(context.Background(), cmd, args(sock), &res)
 	}()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err == nil {
-			accepted <- c
-		}
-	}()
-	select {
-	case err := <-done: // it failed before connecting (no such snapshot, ...)
-		if err == nil {
-			err = fmt.Errorf("%s returned without connecting", cmd)
-		}
-		return res, err
-	case c := <-accepted:
-		cerr := copyData(c)
-		c.Close()
-		err := <-done
-		if err == nil && cerr != nil {
-			err = cerr
-		}
+	// No timeout on the stream, but serve connects at once or fails.
+	actx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := stream.Accept(actx, ln, done)
+	if err != nil {
 		return res, err
 	}
+	cerr := copyData(c)
+	c.Close()
+	if err := <-done; err != nil {
+		return res, err
+	}
+	return res, cerr
 }
 
 func (r remoteOps) Send(w io.Writer, snap, base string) (streamResult, error) {
@@ -137,41 +129,51 @@ func (r remoteOps) Receive(rd io.Reader, volume string, force bool) (streamResul
 }
 
 // registerStreamCommands puts stream-send and stream-receive on serve's
-// control socket: serve connects to the caller's unix socket and writes
-// or reads the stream there.
+// control socket: serve connects to the caller's socket and writes or
+// reads the stream there.
 func registerStreamCommands(s *qmp.Server, pool *thin.Pool) {
-	dial := func(ctx context.Context, sock string) (net.Conn, error) {
-		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		var d net.Dialer
-		return d.DialContext(ctx, "unix", sock)
+	s.Register("stream-send", streamHandler(func(c net.Conn, a streamSendArgs) (stream.Header, error) {
+		return pool.Send(c, a.Snapshot, thin.SendOptions{Base: a.From})
+	}))
+	s.Register("stream-receive", streamHandler(func(c net.Conn, a streamReceiveArgs) (stream.Header, error) {
+		return pool.Receive(c, a.Volume, thin.ReceiveOptions{Force: a.Force})
+	}))
+}
+
+func (a streamSendArgs) socket() string    { return a.Socket }
+func (a streamReceiveArgs) socket() string { return a.Socket }
+
+// streamHandler is the one path of both stream commands: decode the
+// arguments, connect to the caller's socket, run the stream over it, close
+// it, answer with the stream's header.
+func streamHandler[A interface{ socket() string }](run func(net.Conn, A) (stream.Header, error)) qmp.Handler {
+	return func(ctx context.Context, args json.RawMessage) (any, error) {
+		var a A
+		if err := qmp.DecodeArgs(args, &a); err != nil {
+			return nil, err
+		}
+		c, err := dialStream(ctx, a.socket())
+		if err != nil {
+			return nil, fmt.Errorf("stream socket: %w", err)
+		}
+		defer c.Close()
+		h, err := run(c, a)
+		return resultOf(h), err
 	}
-	s.Register("stream-send", func(ctx context.Context, args json.RawMessage) (any, error) {
-		var a streamSendArgs
-		if err := qmp.DecodeArgs(args, &a); err != nil {
-			return nil, err
-		}
-		c, err := dial(ctx, a.Socket)
-		if err != nil {
-			return nil, fmt.Errorf("stream socket: %w", err)
-		}
-		defer c.Close()
-		h, err := pool.Send(c, a.Snapshot, thin.SendOptions{Base: a.From})
-		return resultOf(h), err
-	})
-	s.Register("stream-receive", func(ctx context.Context, args json.RawMessage) (any, error) {
-		var a streamReceiveArgs
-		if err := qmp.DecodeArgs(args, &a); err != nil {
-			return nil, err
-		}
-		c, err := dial(ctx, a.Socket)
-		if err != nil {
-			return nil, fmt.Errorf("stream socket: %w", err)
-		}
-		defer c.Close()
-		h, err := pool.Receive(c, a.Volume, thin.ReceiveOptions{Force: a.Force})
-		return resultOf(h), err
-	})
+}
+
+// dialStream connects to a stream's socket: a unix socket's path (or
+// unix:PATH), or tcp:HOST:PORT for a peer on another machine (thinblk
+// migrate --stream-host).
+func dialStream(ctx context.Context, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	network, address := "unix", strings.TrimPrefix(addr, "unix:")
+	if hostPort, ok := strings.CutPrefix(addr, "tcp:"); ok {
+		network, address = "tcp", hostPort
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, address)
 }
 
 func runSend(args []string, stdout, stderr io.Writer) int {

@@ -4,6 +4,8 @@
 // import it without importing another.
 package blockdev
 
+import "errors"
+
 // SectorSize is the unit of every offset and length a device passes to
 // Storage.
 const SectorSize = 512
@@ -39,6 +41,24 @@ type Storage interface {
 	// space.
 	WriteZeroes(off, length int64, unmap bool) error
 }
+
+// WithdrawableStorage is Storage whose writes may wait without bound (a
+// thin pool out of space). When a queue that has an in-flight log stops,
+// its requests waiting that way are withdrawn instead of waited for: they
+// give up having changed nothing, are not completed, stay recorded in the
+// log, and run again when the queue starts (in this process or the next).
+type WithdrawableStorage interface {
+	Storage
+	// WriteAtOrWithdraw is WriteAt; while it waits, closing withdraw makes
+	// it return an error wrapping ErrWithdrawn with nothing written.
+	WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan struct{}) error
+	// WriteZeroesOrWithdraw is WriteZeroes, withdrawn the same way.
+	WriteZeroesOrWithdraw(off, length int64, unmap bool, withdraw <-chan struct{}) error
+}
+
+// ErrWithdrawn is what WithdrawableStorage returns (wrapped) for a
+// withdrawn request.
+var ErrWithdrawn = errors.New("virtio-blk: request withdrawn while waiting")
 
 // Geometry describes storage limits that the device publishes in its config
 // space. Storage may implement GeometryReporter; otherwise defaults apply.

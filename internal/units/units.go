@@ -50,6 +50,10 @@ func ParseSize(s string) (uint64, error) {
 	if v >= math.MaxUint64/2 {
 		return 0, fmt.Errorf("size %q is too large", s)
 	}
+	// A fraction of a byte is a typo ("1.5" meant 1.5G?), not a request to round down.
+	if v != math.Trunc(v) {
+		return 0, fmt.Errorf("size %q is not a whole number of bytes", s)
+	}
 	return uint64(v), nil
 }
 

@@ -13,7 +13,7 @@ func TestParseSize(t *testing.T) {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, in := range []string{"", "G", "-1G", "abc", "1X", "99999999999999999999", "20000000P", "NaN"} {
+	for _, in := range []string{"", "G", "-1G", "abc", "1X", "99999999999999999999", "20000000P", "NaN", "1.5", "0.3K"} {
 		if got, err := ParseSize(in); err == nil {
 			t.Errorf("ParseSize(%q) = %d, want an error", in, got)
 		}

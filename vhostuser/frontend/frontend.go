@@ -59,7 +59,7 @@ const driverFeatures = 1<<virtio.FeatureVersion1 | 1<<virtio.FeatureEventIdx |
 
 // driverProtocolFeatures are the protocol features it uses.
 const driverProtocolFeatures = 1<<vhostuser.ProtoMQ | 1<<vhostuser.ProtoReplyAck |
-	1<<vhostuser.ProtoConfig | 1<<vhostuser.ProtoLogShmfd
+	1<<vhostuser.ProtoConfig | 1<<vhostuser.ProtoLogShmfd | 1<<vhostuser.ProtoInflightShmfd
 
 // Disk is a connected vhost-user-blk device.
 type Disk struct {
@@ -78,6 +78,12 @@ type Disk struct {
 
 	rr     atomic.Uint32
 	closed bool
+
+	// The in-flight area (INFLIGHT_SHMFD) the back-end handed out: kept,
+	// like QEMU keeps it, across reconnections to restarted back-ends.
+	inflightFile *os.File
+	inflight     vhostuser.Inflight
+	reconnects   int
 
 	// ctrl serializes control-channel exchanges (RefreshConfig may run
 	// while a config-change notification is handled).
@@ -193,6 +199,9 @@ func (d *Disk) negotiate() error {
 	if err = d.readConfig(); err != nil {
 		return err
 	}
+	if err = d.setInflight(); err != nil {
+		return err
+	}
 	regions := []vhostuser.MemoryRegion{{GuestPhysAddr: 0, Size: d.mem.Size(), UserAddr: d.mem.Base(), MmapOffset: 0}}
 	return d.send(vhostuser.ReqSetMemTable, vhostuser.EncodeMemTable(regions), d.mem.file)
 }
@@ -217,6 +226,34 @@ func (d *Disk) readConfig() error {
 	return nil
 }
 
+// setInflight hands the back-end the in-flight area, asking it for one
+// first if this driver has none yet (as QEMU does when a device starts).
+func (d *Disk) setInflight() error {
+	if d.protoFeatures&(1<<vhostuser.ProtoInflightShmfd) == 0 {
+		return nil
+	}
+	if d.inflightFile == nil {
+		req := vhostuser.Inflight{NumQueues: uint16(d.opts.NumQueues), QueueSize: d.opts.QueueSize}
+		msg, err := d.callFiles(vhostuser.ReqGetInflightFd, req.Encode())
+		if err != nil {
+			return err
+		}
+		in, err := vhostuser.DecodeInflight(msg.Payload)
+		if err != nil || len(msg.Files) != 1 || in.MmapSize == 0 {
+			msg.CloseFiles()
+			return fmt.Errorf("GET_INFLIGHT_FD reply: %v, %d descriptors, %d bytes", err, len(msg.Files), in.MmapSize)
+		}
+		d.inflightFile, msg.Files[0] = msg.Files[0], nil
+		in.NumQueues, in.QueueSize = req.NumQueues, req.QueueSize
+		d.inflight = in
+	}
+	return d.send(vhostuser.ReqSetInflightFd, d.inflight.Encode(), d.inflightFile)
+}
+
+// Inflight reports the in-flight area this driver keeps for the back-end
+// (zero without INFLIGHT_SHMFD).
+func (d *Disk) Inflight() vhostuser.Inflight { return d.inflight }
+
 func (d *Disk) setupQueues() error {
 	eventIdx := d.features&(1<<virtio.FeatureEventIdx) != 0
 	for i := 0; i < d.opts.NumQueues; i++ {
@@ -236,6 +273,16 @@ func (d *Disk) setupQueues() error {
 		if q.call, err = newEventfd(); err != nil {
 			return err
 		}
+	}
+	return d.startRings()
+}
+
+// startRings sends each ring's set-up and enables it. A ring resumes at
+// its used index, as QEMU resumes one whose back-end went away: with an
+// in-flight area the back-end finds the requests taken after it there.
+func (d *Disk) startRings() error {
+	for i, q := range d.queues {
+		r := q.ring
 		idx := uint32(i)
 		steps := []struct {
 			req     vhostuser.Request
@@ -243,7 +290,7 @@ func (d *Disk) setupQueues() error {
 			file    *os.File
 		}{
 			{vhostuser.ReqSetVringNum, vhostuser.VringState{Index: idx, Num: uint32(r.size)}.Encode(), nil},
-			{vhostuser.ReqSetVringBase, vhostuser.VringState{Index: idx, Num: 0}.Encode(), nil},
+			{vhostuser.ReqSetVringBase, vhostuser.VringState{Index: idx, Num: uint32(r.usedIdx())}.Encode(), nil},
 			{vhostuser.ReqSetVringAddr, vhostuser.VringAddr{
 				Index:     idx,
 				DescUser:  d.mem.Base() + r.desc.Addr,
@@ -271,6 +318,48 @@ func (d *Disk) setupQueues() error {
 			}
 		}
 	}
+	return nil
+}
+
+// Reconnect connects to a (restarted) back-end at socketPath and sets the
+// device up again as QEMU does after its back-end went away: the same
+// features, the in-flight area it kept, the same guest memory and rings,
+// each resuming at its used index. Requests in flight stay submitted;
+// their completions arrive as usual. The old connection is closed first.
+func (d *Disk) Reconnect(ctx context.Context, socketPath string) error {
+	if d.closed {
+		return errors.New("disk closed")
+	}
+	d.uc.Close()
+	if d.backendConn != nil {
+		d.backendConn.Close()
+		<-d.backendDone
+		d.backendConn = nil
+	}
+	var dialer net.Dialer
+	c, err := dialer.DialContext(ctx, "unix", socketPath)
+	if err != nil {
+		return fmt.Errorf("reconnect to vhost-user back-end: %w", err)
+	}
+	d.ctrl.Lock()
+	d.uc = c.(*net.UnixConn)
+	d.conn = vhostuser.NewConn(d.uc)
+	d.ctrl.Unlock()
+	if dl, ok := ctx.Deadline(); ok {
+		d.uc.SetDeadline(dl)
+	}
+	features := d.features
+	if err := d.negotiate(); err != nil {
+		return fmt.Errorf("vhost-user negotiation with %s: %w", socketPath, err)
+	}
+	if d.features != features {
+		return fmt.Errorf("back-end at %s negotiated features %#x, before %#x", socketPath, d.features, features)
+	}
+	if err := d.startRings(); err != nil {
+		return fmt.Errorf("vhost-user queue set-up with %s: %w", socketPath, err)
+	}
+	d.uc.SetDeadline(time.Time{})
+	d.reconnects++
 	return nil
 }
 
@@ -356,6 +445,7 @@ func (d *Disk) send(req vhostuser.Request, payload []byte, files ...*os.File) er
 	if err != nil {
 		return err
 	}
+	msg.CloseFiles()
 	v, err := vhostuser.DecodeU64(msg.Payload)
 	if err != nil {
 		return fmt.Errorf("%v acknowledgement: %w", req, err)
@@ -368,6 +458,14 @@ func (d *Disk) send(req vhostuser.Request, payload []byte, files ...*os.File) er
 
 // call sends a request that has a reply and returns the reply.
 func (d *Disk) call(req vhostuser.Request, payload []byte) (vhostuser.Message, error) {
+	msg, err := d.callFiles(req, payload)
+	msg.CloseFiles()
+	return msg, err
+}
+
+// callFiles is call for replies that carry descriptors (the caller closes
+// them).
+func (d *Disk) callFiles(req vhostuser.Request, payload []byte) (vhostuser.Message, error) {
 	d.ctrl.Lock()
 	defer d.ctrl.Unlock()
 	d.deadline()
@@ -377,13 +475,14 @@ func (d *Disk) call(req vhostuser.Request, payload []byte) (vhostuser.Message, e
 	return d.readReply(req)
 }
 
+// readReply reads the reply to req; its descriptors are the caller's.
 func (d *Disk) readReply(req vhostuser.Request) (vhostuser.Message, error) {
 	msg, err := d.conn.Read()
 	if err != nil {
 		return msg, fmt.Errorf("read %v reply: %w", req, err)
 	}
-	msg.CloseFiles()
 	if msg.Header.Request != req || !msg.Header.IsReply() {
+		msg.CloseFiles()
 		return msg, fmt.Errorf("%v: unexpected reply %v (flags %#x)", req, msg.Header.Request, msg.Header.Flags)
 	}
 	return msg, nil
@@ -507,5 +606,8 @@ func (d *Disk) teardown() {
 	}
 	if d.dirtyLog != nil {
 		d.dirtyLog.close()
+	}
+	if d.inflightFile != nil {
+		d.inflightFile.Close()
 	}
 }

@@ -232,6 +232,15 @@ func (q *Queue) submitLocked(reqs []*Req) error {
 	return err
 }
 
+// AvailIdx is the number of chains the driver made available so far
+// (modulo 2^16): what the back-end reports from GET_VRING_BASE once it
+// took them all.
+func (q *Queue) AvailIdx() uint16 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.ring.availIdx
+}
+
 // Free is the number of free descriptors.
 func (q *Queue) Free() int {
 	q.mu.Lock()

@@ -10,6 +10,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
@@ -61,6 +62,9 @@ type Options struct {
 	// write is flushed before it completes. The driver may change it
 	// (CONFIG_WCE).
 	WriteThrough bool
+	// Poll is how long each queue keeps looking at its ring after the
+	// last request before it sleeps (virtio.RunnerConfig.Poll; 0: never).
+	Poll time.Duration
 }
 
 // Device is a virtio-blk device over a Storage. It implements

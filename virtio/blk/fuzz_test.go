@@ -135,7 +135,7 @@ func FuzzRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c := fuzzChain(data)
 		var r request
-		written, _ := d.serve(c, &r)
+		written, _, _ := d.serve(c, &r)
 		if uint64(written) > c.WriteLen {
 			t.Fatalf("reported %d written of %d writable", written, c.WriteLen)
 		}

@@ -39,6 +39,12 @@ type queue struct {
 	// a clock read costs 0.1-0.2 us here, once per pass instead of per
 	// request. Runner goroutine only.
 	passStart time.Duration
+	// withdraw is closed when the queue stops, to withdraw the requests
+	// waiting without bound in the storage (blockdev.WithdrawableStorage); nil
+	// without an in-flight log, where a withdrawn request would be lost.
+	withdraw chan struct{}
+	// migrating is QueueSetup.Migrating: no withdrawal while it is true.
+	migrating func() bool
 
 	// Guarded by Device.mu.
 	stopped   bool
@@ -59,6 +65,8 @@ type request struct {
 	start time.Duration
 	op    Op
 	n     uint64
+	// withdraw is the queue's (see queue.withdraw).
+	withdraw <-chan struct{}
 }
 
 func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
@@ -69,10 +77,15 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		work:  make(chan *virtio.Chain, s.Size),
 		reqs:  make([]request, s.Size),
 	}
+	if _, ok := d.storage.(blockdev.WithdrawableStorage); ok && s.Inflight != nil {
+		q.withdraw = make(chan struct{})
+		q.migrating = s.Migrating
+	}
 	const bufsPerSlot = 4
 	backing := make([][]byte, bufsPerSlot*int(s.Size))
 	for i := range q.reqs {
 		q.reqs[i].bufs = backing[i*bufsPerSlot : i*bufsPerSlot : (i+1)*bufsPerSlot]
+		q.reqs[i].withdraw = q.withdraw
 	}
 	afterDrain := func() { q.passStart = 0 }
 	if as, ok := d.storage.(blockdev.AsyncStorage); ok && !d.opts.SyncOnly {
@@ -93,6 +106,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		AfterDrain:  afterDrain,
 		MaxIndirect: d.opts.QueueSize,
 		Logger:      d.log,
+		Poll:        d.opts.Poll,
 	})
 	if err != nil {
 		if q.async != nil {
@@ -150,7 +164,11 @@ func (q *queue) handle(c *virtio.Chain) {
 		q.runner.Notify()
 	}
 	r := &q.reqs[c.Head]
-	written, st := q.dev.serve(c, r)
+	written, st, withdrawn := q.dev.serve(c, r)
+	if withdrawn {
+		q.runner.Withdraw(c.Head)
+		return
+	}
 	// Counted before the driver can see the completion, so that what it
 	// saw complete is always in the counts.
 	q.stats.record(r.op, st, r.n, now()-r.start)
@@ -279,6 +297,15 @@ func (q *queue) writeThroughLater(tag uint16) {
 func (q *queue) stop(ctx context.Context) (uint16, error) {
 	if q.stopped {
 		return q.lastAvail, nil
+	}
+	if q.withdraw != nil && (q.migrating == nil || !q.migrating()) {
+		select {
+		case <-q.withdraw:
+		default:
+			close(q.withdraw)
+		}
+	} else if q.withdraw != nil {
+		q.dev.log.Info("queue stops for a live migration: requests waiting for space are completed first", "queue", q.index)
 	}
 	last, err := q.runner.Stop(ctx)
 	if err != nil {

@@ -19,27 +19,30 @@ const typeBarrier = 1 << 31
 // readable bytes, the status the last writable byte; for reads the data is
 // every writable byte before the status, for writes every readable byte
 // after the header.
-func (d *Device) serve(c *virtio.Chain, r *request) (uint32, byte) {
+//
+// withdrawn reports a request given up while it waited (blockdev.ErrWithdrawn): it
+// has no status and must not be completed.
+func (d *Device) serve(c *virtio.Chain, r *request) (written uint32, st byte, withdrawn bool) {
 	r.op, r.n = OpOther, 0
 	status := statusByte(c)
 	if c.Err != nil {
 		d.logRequestError("malformed descriptor chain", "head", c.Head, "err", c.Err)
 		if status == nil {
-			return 0, StatusIOErr
+			return 0, StatusIOErr, false
 		}
 		// Best effort: the last writable byte is where a well-formed
 		// request keeps its status.
 		*status = StatusIOErr
-		return 1, StatusIOErr
+		return 1, StatusIOErr, false
 	}
 	if status == nil {
 		d.logRequestError("request without a writable status byte", "head", c.Head)
-		return 0, StatusIOErr
+		return 0, StatusIOErr, false
 	}
 	if c.ReadLen < RequestHeaderSize {
 		d.logRequestError("request header too short", "head", c.Head, "bytes", c.ReadLen)
 		*status = StatusIOErr
-		return 1, StatusIOErr
+		return 1, StatusIOErr, false
 	}
 	var hdr [RequestHeaderSize]byte
 	gather(hdr[:], c.Readable, 0)
@@ -48,11 +51,18 @@ func (d *Device) serve(c *virtio.Chain, r *request) (uint32, byte) {
 
 	r.op = opOf(typ)
 	st, n := d.execute(c, r, typ, sector)
-	*status = st
 	clear(r.bufs)
 	r.bufs = r.bufs[:0]
-	return uint32(n) + 1, st
+	if st == statusWithdrawn {
+		return 0, st, true
+	}
+	*status = st
+	return uint32(n) + 1, st, false
 }
+
+// statusWithdrawn is execute's answer for a withdrawn request; never
+// written to a driver.
+const statusWithdrawn = 0xff
 
 // startAsync starts a read, write or flush on aq and returns true, or
 // returns false for requests the workers serve synchronously: every other
@@ -134,7 +144,16 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 			return StatusOK, 0
 		}
 		r.bufs = readableData(r.bufs, c)
-		if err := d.storage.WriteAt(r.bufs, int64(sector*SectorSize)); err != nil {
+		var err error
+		if ws, ok := d.storage.(blockdev.WithdrawableStorage); ok && r.withdraw != nil {
+			err = ws.WriteAtOrWithdraw(r.bufs, int64(sector*SectorSize), r.withdraw)
+		} else {
+			err = d.storage.WriteAt(r.bufs, int64(sector*SectorSize))
+		}
+		if errors.Is(err, blockdev.ErrWithdrawn) {
+			return statusWithdrawn, 0
+		}
+		if err != nil {
 			d.logRequestError("write failed", "sector", sector, "bytes", length, "err", err)
 			return StatusIOErr, 0
 		}
@@ -161,7 +180,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 		if d.opts.ReadOnly {
 			return StatusIOErr, 0
 		}
-		st, n := d.discardWriteZeroes(c, typ)
+		st, n := d.discardWriteZeroes(c, r, typ)
 		r.n = n
 		return st, 0
 
@@ -173,7 +192,7 @@ func (d *Device) execute(c *virtio.Chain, r *request, typ uint32, sector uint64)
 // discardWriteZeroes checks and runs a DISCARD or WRITE_ZEROES request,
 // in QEMU's order of checks (block/export/virtio-blk-handler.c), and
 // returns its status and, when it succeeded, the bytes of its range.
-func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) (byte, uint64) {
+func (d *Device) discardWriteZeroes(c *virtio.Chain, r *request, typ uint32) (byte, uint64) {
 	length := c.ReadLen - RequestHeaderSize
 	if length > DiscardSegmentSize { // more segments than max_*_seg (1)
 		return StatusUnsupp, 0
@@ -211,7 +230,16 @@ func (d *Device) discardWriteZeroes(c *virtio.Chain, typ uint32) (byte, uint64) 
 		return StatusOK, uint64(n)
 	}
 	unmap := flags&DiscardFlagUnmap != 0
-	if err := d.storage.WriteZeroes(off, n, unmap); err != nil {
+	var err error
+	if ws, ok := d.storage.(blockdev.WithdrawableStorage); ok && r.withdraw != nil {
+		err = ws.WriteZeroesOrWithdraw(off, n, unmap, r.withdraw)
+	} else {
+		err = d.storage.WriteZeroes(off, n, unmap)
+	}
+	if errors.Is(err, blockdev.ErrWithdrawn) {
+		return statusWithdrawn, 0
+	}
+	if err != nil {
 		d.logRequestError("write zeroes failed", "sector", sector, "sectors", sectors, "unmap", unmap, "err", err)
 		return errorStatus(err), 0
 	}
