@@ -340,6 +340,11 @@ func (p *Pool) backSpares(hb *hostBacking, n uint64) error {
 		p.backing.clear(b)
 		if err == nil {
 			p.setSpareLocked(b)
+			// The reservations these back may reach the intent log
+			// before the next commit: so must their spares.
+			if p.intent != nil && !p.intentSkip {
+				p.intent.addSpare(b)
+			}
 		}
 	}
 	p.mu.Unlock()

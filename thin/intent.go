@@ -42,11 +42,19 @@ import (
 //
 //	header: magic [8]byte "thinINT1", boot id [40]byte (NUL-padded), generation u64
 //	record: layer u64, vb u64, pblock u64, flags u8, pad [3]byte, crc32c u32 of the 28 bytes before
+//
+// A record of layer 0 (no layer has that id) with vb intentSpare says
+// pblock became a spare (host.go): backSpares host-allocates spares for
+// the reservations a request is about to make, and the spare set is
+// otherwise only in the commit, so a replayed reservation would have none
+// and, on a full host, could not get one. A spare a write consumed needs
+// no record: the map record that takes the block takes it out of the set.
 const (
 	intentPrefix     = "thinblk.intent."
 	intentMagic      = "thinINT1"
 	intentHeaderSize = 8 + 40 + 8
 	intentRecordSize = 32
+	intentSpare      = 1 // vb of a layer-0 record: pblock became a spare
 )
 
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
@@ -104,6 +112,11 @@ func (l *intentLog) add(k mapKey, e pebblemeta.Entry) {
 	r[24] = e.Flags
 	binary.LittleEndian.PutUint32(r[28:], crc32.Checksum(r[:28], crc32c))
 	l.buf = append(l.buf, r[:]...)
+}
+
+// addSpare queues the record of a new spare block.
+func (l *intentLog) addSpare(b uint64) {
+	l.add(mapKey{0, intentSpare}, pebblemeta.Entry{PBlock: b})
 }
 
 // write hands the queued records to the OS (one system call, no sync).
@@ -271,6 +284,18 @@ func (p *Pool) replayIntent(fs vfs.FS, boot string) error {
 // bookkeeping the original request did: the new entry's block taken, the
 // old entry's block freed (reusable after the next commit).
 func (p *Pool) applyIntentLocked(r intentRecord) error {
+	if r.k.layer == 0 && r.k.vb == intentSpare {
+		b := r.e.PBlock
+		if b >= p.rec.SizeBlocks {
+			return fmt.Errorf("spare block %d beyond the pool", b)
+		}
+		// Taken since (a file whose cut was committed, replayed again):
+		// the state has it already.
+		if !p.alloc.test(b) && !p.pend.test(b) {
+			p.setSpareLocked(b)
+		}
+		return nil
+	}
 	if r.k.layer == 0 || p.heads[r.k.layer] == nil && p.layers[r.k.layer] == nil {
 		return errors.New("no such layer")
 	}
@@ -300,6 +325,11 @@ func (p *Pool) applyIntentLocked(r intentRecord) error {
 		p.releaseLocked(old.PBlock)
 	}
 	if takes {
+		if p.spare.test(r.e.PBlock) {
+			// A fill from a spare stays a spare on disk until a commit
+			// after its publication: the write consumed it.
+			p.clearSpareLocked(r.e.PBlock)
+		}
 		p.alloc.set(r.e.PBlock)
 		p.dirtyChunks[r.e.PBlock/chunkBlocks] = struct{}{}
 	}

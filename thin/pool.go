@@ -549,8 +549,6 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
 	p.openHeadroom()
-	p.openSpares()
-	p.noteHostSpace()
 	// A process before this one may have left written data in the page
 	// cache, unsynced (a kill): the first FLUSH must sync it even when
 	// this process wrote nothing yet.
@@ -566,6 +564,10 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	if err := p.replayIntent(ifs, boot); err != nil {
 		return fail(err)
 	}
+	// Spares after the replay: its blocks are free in the committed state,
+	// and backing spares would take (and, failing, punch) them.
+	p.openSpares()
+	p.noteHostSpace()
 	go p.background()
 	return p, nil
 }
