@@ -577,6 +577,9 @@ func fullHostCommits(t *testing.T, headroom int64) error {
 			// A restart on the full host: Pebble flushes its log at open.
 			uses := p.headroomUses.Load()
 			p.Close()
+			// Close gave the intent log's file back: Pebble's open must
+			// find no space but its headroom.
+			host.fill()
 			// Without headroom the open never returns: 3 s tell that.
 			wait := time.Minute
 			if headroom < 0 {

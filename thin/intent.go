@@ -77,8 +77,10 @@ type intentLog struct {
 	gen  uint64
 	f    vfs.File
 	buf  []byte // records not yet written
-	// failed is the first write error; the pool then commits synchronously
-	// instead (see Pool.intentWriteLocked).
+	// failed is the first write error (f may then be nil): requests whose
+	// records it could not take commit before they complete, and the
+	// next commit starts a new log (see Pool.intentWriteLocked and
+	// Pool.restartIntentLocked).
 	failed error
 }
 
@@ -98,6 +100,8 @@ func openIntent(fs vfs.FS, dir, boot string, gen uint64) (*intentLog, error) {
 	binary.LittleEndian.PutUint64(hdr[48:], gen)
 	if _, err := f.Write(hdr); err != nil {
 		f.Close()
+		// A file without its header would stop the replay of later ones.
+		_ = fs.Remove(intentPath(fs, dir, gen))
 		return nil, fmt.Errorf("intent log: %w", err)
 	}
 	return &intentLog{fs: fs, dir: dir, boot: boot, gen: gen, f: f}, nil
@@ -150,8 +154,22 @@ func (l *intentLog) rotate() (old *intentLog, err error) {
 
 // retire closes and removes a generation whose cut is durable.
 func (l *intentLog) retire() error {
+	if l.f == nil {
+		return nil // never created (see failedIntent)
+	}
 	l.f.Close()
-	return l.fs.Remove(intentPath(l.fs, l.dir, l.gen))
+	l.f = nil
+	err := l.fs.Remove(intentPath(l.fs, l.dir, l.gen))
+	if errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	return err
+}
+
+// failedIntent stands for generation gen when its file could not be
+// started (a full host): nothing is logged until a commit restarts it.
+func failedIntent(fs vfs.FS, dir, boot string, gen uint64, err error) *intentLog {
+	return &intentLog{fs: fs, dir: dir, boot: boot, gen: gen, failed: err}
 }
 
 // intentFiles lists the generations present in dir, oldest first.
@@ -209,17 +227,49 @@ type intentRecord struct {
 }
 
 // intentWriteLocked writes the queued intent records before the request
-// that made them completes. A log that cannot be written is reported (at
-// most once a minute): the pool goes on as without one, keeping only what
-// its commits made durable.
+// that made them completes. Records the log cannot take (it failed: on a
+// full host, ENOSPC) count in unloggedSeq, and the request commits before
+// it completes (commitUnlogged): an acknowledged write must outlive a
+// kill, and a provisioned one must not fail for want of host space, which
+// the commit has (the metadata's headroom) and the log may not.
 func (p *Pool) intentWriteLocked() {
 	if p.intent == nil || len(p.intent.buf) == 0 {
 		return
 	}
-	if err := p.intent.write(); err != nil && time.Since(p.intentErrLog) > time.Minute {
-		p.intentErrLog = time.Now()
-		p.log.Error("intent log cannot be written: a kill of this process loses the map changes after the last commit", "pool", p.dir, "err", err)
+	if err := p.intent.write(); err != nil {
+		p.unloggedSeq.Add(1)
+		if time.Since(p.intentErrLog) > time.Minute {
+			p.intentErrLog = time.Now()
+			p.log.Error("intent log cannot be written: requests that change the map commit before they complete until it can", "pool", p.dir, "err", err)
+		}
 	}
+}
+
+// commitUnlogged commits when map changes the intent log could not take
+// are not durable yet; requests call it before they complete.
+func (p *Pool) commitUnlogged() error {
+	if p.unloggedSeq.Load() <= p.unloggedDurable.Load() {
+		return nil
+	}
+	return p.commit()
+}
+
+// restartIntentLocked follows a durable commit: a failed log's changes are
+// all in it, so its file goes and a new generation starts (or stays
+// failed, for the next commit to try again).
+func (p *Pool) restartIntentLocked() {
+	l := p.intent
+	if l == nil || l.failed == nil {
+		return
+	}
+	_ = l.retire()
+	n, err := openIntent(l.fs, l.dir, l.boot, l.gen+1)
+	if err != nil {
+		p.intent = failedIntent(l.fs, l.dir, l.boot, l.gen+1, err)
+		return
+	}
+	p.intent = n
+	p.log.Info("intent log written again", "pool", p.dir)
 }
 
 // replayIntent applies the intent logs left by a process that did not
@@ -270,7 +320,10 @@ func (p *Pool) replayIntent(fs vfs.FS, boot string) error {
 		next = gens[len(gens)-1] + 1
 	}
 	if p.intent, err = openIntent(fs, p.dir, boot, next); err != nil {
-		return err
+		// A full host must not keep the pool from opening: requests
+		// commit instead until a commit restarts the log.
+		p.log.Error("intent log cannot be started: requests that change the map commit before they complete until it can", "pool", p.dir, "err", err)
+		p.intent = failedIntent(fs, p.dir, boot, next, err)
 	}
 	for _, g := range gens {
 		if err := fs.Remove(intentPath(fs, p.dir, g)); err != nil {

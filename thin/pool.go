@@ -377,22 +377,25 @@ type Pool struct {
 	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
 	intentSkip   bool       // map changes of a management operation: it commits before returning
 	intentErrLog time.Time  // when an intent log failure was last logged
-	filling      map[mapKey]*fill
-	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
-	outOfSpace   bool          // a request found no space, and none appeared since
-	hostOut      bool          // a request found the host file system full, and it has not had space since
-	hostLow      bool          // the host's free space was below the low-water mark at the last look
-	hostFull     bool          // the host had no space for a block at the last look
-	belowLow     bool
-	failed       error
-	closed       bool
-	closeStarted bool
-	watchers     map[int]func(Event)
-	events       []Event // committed changes not yet delivered to watchers
-	deliverMu    sync.Mutex
-	nextWatch    int
-	lastNoSpace  time.Time
-	spaceWaits   map[string]int // requests waiting for space, by volume (metrics.go)
+	// Batches of map changes the intent log could not take, and how many
+	// of them a durable commit covers (commitUnlogged).
+	unloggedSeq, unloggedDurable atomic.Uint64
+	filling                      map[mapKey]*fill
+	spaceCh                      chan struct{} // closed (and replaced) whenever space is freed
+	outOfSpace                   bool          // a request found no space, and none appeared since
+	hostOut                      bool          // a request found the host file system full, and it has not had space since
+	hostLow                      bool          // the host's free space was below the low-water mark at the last look
+	hostFull                     bool          // the host had no space for a block at the last look
+	belowLow                     bool
+	failed                       error
+	closed                       bool
+	closeStarted                 bool
+	watchers                     map[int]func(Event)
+	events                       []Event // committed changes not yet delivered to watchers
+	deliverMu                    sync.Mutex
+	nextWatch                    int
+	lastNoSpace                  time.Time
+	spaceWaits                   map[string]int // requests waiting for space, by volume (metrics.go)
 
 	// commits times the metadata commits (data sync and Pebble batch).
 	commits latency.Histogram
@@ -965,6 +968,7 @@ func (p *Pool) commitCutLocked() error {
 		return err
 	}
 	seq := p.opSeq.Load()
+	unlogged := p.unloggedSeq.Load()
 	if !p.metaPendingLocked() {
 		// Only data to make durable (overwrites in place, zeroing).
 		p.mu.Unlock()
@@ -974,6 +978,7 @@ func (p *Pool) commitCutLocked() error {
 			}
 		}
 		p.durableSeq = seq
+		p.noteUnloggedDurable(unlogged)
 		return nil
 	}
 	p.trimSparesLocked()
@@ -1074,7 +1079,9 @@ func (p *Pool) commitCutLocked() error {
 			p.log.Warn("intent log of a committed cut not removed", "pool", p.dir, "err", err)
 		}
 	}
+	p.noteUnloggedDurable(unlogged)
 	p.mu.Lock()
+	p.restartIntentLocked()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
 		p.cache.update(k, e)
@@ -1199,6 +1206,17 @@ func (p *Pool) fail(err error) error {
 	p.mu.Unlock()
 	p.log.Error("thin pool commit failed; the pool refuses further I/O", "pool", p.dir, "err", err)
 	return ferr
+}
+
+// noteUnloggedDurable records that a durable commit covers the first n
+// batches the intent log could not take.
+func (p *Pool) noteUnloggedDurable(n uint64) {
+	for {
+		d := p.unloggedDurable.Load()
+		if d >= n || p.unloggedDurable.CompareAndSwap(d, n) {
+			return
+		}
+	}
 }
 
 // noSpace is the ErrNoSpace of a request's planning, with the signal of

@@ -248,6 +248,9 @@ func (v *Volume) WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan str
 			if err != nil {
 				return err
 			}
+			if err := p.commitUnlogged(); err != nil {
+				return fmt.Errorf("write volume %s: %w", v.name, err)
+			}
 			return p.backpressure()
 		case wait != nil:
 			<-wait
@@ -678,6 +681,9 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-cha
 		if started {
 			p.opSeq.Add(1) // failed too (see WriteAt)
 			if err != nil {
+				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+			}
+			if err := p.commitUnlogged(); err != nil {
 				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 			}
 			return p.backpressure()
