@@ -17,6 +17,7 @@ const (
 	kindLayer  = 'l' // "l" layer(8): a layer's parent, frozen flag and counters (snapshots)
 	kindMap    = 'm' // "m" layer(8) vblock(8): one block-map entry
 	kindBitmap = 'b' // "b" chunk(8): one chunk of the allocation bitmap
+	kindSpare  = 's' // "s" chunk(8): one chunk of the spare set (free blocks kept host-allocated)
 )
 
 var (
@@ -189,6 +190,20 @@ func ParseBitmapKey(k []byte) (uint64, error) {
 	return binary.BigEndian.Uint64(k[1:]), nil
 }
 
+// AppendSpareKey appends the key of spare-set chunk idx (same layout as
+// the allocation bitmap's).
+func AppendSpareKey(dst []byte, idx uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(dst, kindSpare), idx)
+}
+
+// ParseSpareKey is the inverse of AppendSpareKey.
+func ParseSpareKey(k []byte) (uint64, error) {
+	if len(k) != 9 || k[0] != kindSpare {
+		return 0, corruptf("spare key %x", k)
+	}
+	return binary.BigEndian.Uint64(k[1:]), nil
+}
+
 // Records are encoded as a version byte followed by uvarint fields, so that
 // later versions can append fields; decoders reject unknown versions and
 // trailing garbage.
@@ -211,7 +226,14 @@ type PoolRecord struct {
 	// zeros in the data file. Optional on decode (absent: SizeBlocks, i.e.
 	// nothing known).
 	ZeroFrom uint64
+	// Flags: PoolPreallocated. Optional on decode (absent: 0), and
+	// encoded only when set, so older readers open pools without them.
+	Flags uint64
 }
+
+// PoolPreallocated marks a pool whose whole data file is allocated on the
+// host (thin's CreateOptions.Preallocate): no block is ever punched.
+const PoolPreallocated = 1
 
 // AppendPoolRecord appends the encoding of r.
 func AppendPoolRecord(dst []byte, r PoolRecord) []byte {
@@ -225,6 +247,9 @@ func AppendPoolRecord(dst []byte, r PoolRecord) []byte {
 	dst = binary.AppendUvarint(dst, r.Allocated)
 	dst = binary.AppendUvarint(dst, r.Reserved)
 	dst = binary.AppendUvarint(dst, r.ZeroFrom)
+	if r.Flags != 0 {
+		dst = binary.AppendUvarint(dst, r.Flags)
+	}
 	return dst
 }
 
@@ -296,6 +321,12 @@ func DecodePoolRecord(v []byte) (PoolRecord, error) {
 	p.ZeroFrom = p.SizeBlocks
 	if r.err == nil && len(r.b) > 0 {
 		p.ZeroFrom = r.uvarint("zero mark", math.MaxUint64)
+	}
+	if r.err == nil && len(r.b) > 0 {
+		p.Flags = r.uvarint("pool flags", math.MaxUint64)
+		if p.Flags == 0 {
+			r.err = corruptf("pool flags: encoded zero")
+		}
 	}
 	if err := r.done("pool record"); err != nil {
 		return PoolRecord{}, err

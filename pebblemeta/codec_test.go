@@ -91,6 +91,19 @@ func TestRecordsRoundTrip(t *testing.T) {
 	if _, err := DecodePoolRecord(AppendPoolRecord(nil, p)[:5]); !errors.Is(err, ErrCorrupt) {
 		t.Fatal("truncated pool record accepted")
 	}
+	// Flags are encoded only when set: a pool without them reads as
+	// before; with them, they round-trip; a zero encoded is corrupt.
+	pf := p
+	pf.Flags = PoolPreallocated
+	if gp, err := DecodePoolRecord(AppendPoolRecord(nil, pf)); err != nil || gp != pf {
+		t.Fatalf("pool record with flags: %+v %v", gp, err)
+	}
+	if len(AppendPoolRecord(nil, pf)) != len(AppendPoolRecord(nil, p))+1 {
+		t.Fatal("flags changed the encoding of a pool without them")
+	}
+	if _, err := DecodePoolRecord(append(AppendPoolRecord(nil, p), 0)); !errors.Is(err, ErrCorrupt) {
+		t.Fatal("zero flags encoded accepted")
+	}
 }
 
 func TestVolumeNames(t *testing.T) {

@@ -37,6 +37,12 @@ type Options struct {
 	CacheSize int64
 	// Logger receives Pebble's log lines (default: discarded).
 	Logger *slog.Logger
+	// Headroom is host space, in bytes, that Open keeps allocated for the
+	// store and gives up to Pebble when the file system is full
+	// (headroom.go); 0: none. OnHeadroomUsed is called when some of it
+	// was given up (on Pebble's writing goroutine: it must be quick).
+	Headroom       int64
+	OnHeadroomUsed func()
 }
 
 // Store is the Pebble-backed metadata of one pool: keys, values and
@@ -45,6 +51,8 @@ type Store struct {
 	View // reads see the latest committed batch
 	db   *pebble.DB
 	fs   vfs.FS
+
+	headroom *headroom
 }
 
 // View reads the store: the live one (Store) or a frozen point in time
@@ -153,6 +161,12 @@ func Open(dir string, o Options) (*Store, error) {
 	if _, err := po.FS.Stat(dir); err != nil {
 		return nil, fmt.Errorf("open metadata store %s: %w", dir, ErrNoStore)
 	}
+	h := newHeadroom(po.FS, dir, o.Headroom, o.OnHeadroomUsed)
+	if h != nil {
+		// Opening replays the log into a new table: the headroom may be
+		// needed already.
+		po.FS = vfs.OnDiskFull(po.FS, h.release)
+	}
 	po.ErrorIfNotExists = true
 	db, err := pebble.Open(dir, po)
 	if errors.Is(err, pebble.ErrDBDoesNotExist) {
@@ -161,7 +175,7 @@ func Open(dir string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open metadata store %s: %w", dir, err)
 	}
-	s := &Store{View: View{r: db}, db: db, fs: po.FS}
+	s := &Store{View: View{r: db}, db: db, fs: po.FS, headroom: h}
 	v, closer, err := db.Get(formatKey)
 	if err != nil {
 		db.Close()
@@ -362,6 +376,18 @@ func (s *View) BitmapChunks(fn func(idx uint64, bits []byte) error) error {
 	})
 }
 
+// SpareChunks calls fn for every stored spare-set chunk in index order.
+// bits is only valid during the call. Older pools have none.
+func (s *View) SpareChunks(fn func(idx uint64, bits []byte) error) error {
+	return s.iterate([]byte{kindSpare}, []byte{kindSpare + 1}, func(k, v []byte) error {
+		idx, err := ParseSpareKey(k)
+		if err != nil {
+			return err
+		}
+		return fn(idx, v)
+	})
+}
+
 // Batch collects changes that commit atomically. Not safe for concurrent
 // use.
 type Batch struct {
@@ -439,6 +465,12 @@ func (b *Batch) DeleteLayerRecord(layer uint64) {
 func (b *Batch) SetBitmapChunk(idx uint64, bits []byte) {
 	var kb [9]byte
 	b.set(AppendBitmapKey(kb[:0], idx), bits)
+}
+
+// SetSpareChunk stores one spare-set chunk.
+func (b *Batch) SetSpareChunk(idx uint64, bits []byte) {
+	var kb [9]byte
+	b.set(AppendSpareKey(kb[:0], idx), bits)
 }
 
 // Len is the encoded size of the batch in bytes.

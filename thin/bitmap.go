@@ -70,38 +70,22 @@ func (b *bitmap) clear(i uint64) {
 
 // findClear returns a clear bit at or after from (wrapping around), or
 // false when every bit is set.
-func (b *bitmap) findClear(from uint64) (uint64, bool) {
-	if b.count >= b.size {
-		return 0, false
-	}
-	if from >= b.size {
-		from = 0
-	}
-	nchunks := (b.size + chunkBlocks - 1) / chunkBlocks
-	start := from / chunkBlocks
-	for n := uint64(0); n <= nchunks; n++ {
-		c := (start + n) % nchunks
-		if uint64(b.chunkCount[c]) == chunkBlocks {
+func (b *bitmap) findClear(from uint64) (uint64, bool) { return b.findClearExcept(from) }
+
+// or sets every bit set in o (of no larger size).
+func (b *bitmap) or(o *bitmap) {
+	for w, x := range o.words {
+		if x == 0 {
 			continue
 		}
-		lo := c * chunkBlocks
-		if n == 0 {
-			lo = from
-		}
-		hi := min((c+1)*chunkBlocks, b.size)
-		for i := lo; i < hi; {
-			w := b.words[i/64] | (uint64(1)<<(i%64) - 1) // ignore bits below i
-			if w != ^uint64(0) {
-				j := i/64*64 + uint64(bits.TrailingZeros64(^w))
-				if j < hi {
-					return j, true
-				}
-				break
-			}
-			i = (i/64 + 1) * 64
+		added := x &^ b.words[w]
+		if added != 0 {
+			n := uint32(bits.OnesCount64(added))
+			b.words[w] |= x
+			b.count += uint64(n)
+			b.chunkCount[w/chunkWords] += n
 		}
 	}
-	return 0, false
 }
 
 // andNot clears every bit set in o.
@@ -128,6 +112,21 @@ func (b *bitmap) appendChunk(dst []byte, idx uint64, exclude ...*bitmap) []byte 
 		for _, e := range exclude {
 			if w < uint64(len(e.words)) {
 				x &^= e.words[w]
+			}
+		}
+		dst = binary.LittleEndian.AppendUint64(dst, x)
+	}
+	return dst
+}
+
+// appendChunkOr appends chunk idx in its persisted form with the bits set
+// in any of also added.
+func (b *bitmap) appendChunkOr(dst []byte, idx uint64, also ...*bitmap) []byte {
+	for w := idx * chunkWords; w < (idx+1)*chunkWords; w++ {
+		x := b.words[w]
+		for _, e := range also {
+			if w < uint64(len(e.words)) {
+				x |= e.words[w]
 			}
 		}
 		dst = binary.LittleEndian.AppendUint64(dst, x)
@@ -219,4 +218,79 @@ func (b *bitmap) String() string {
 		return true
 	})
 	return strings.Join(parts, ",")
+}
+
+// findClearExcept is findClear over the union of b and others (same
+// size): a block clear in all of them. Full chunks of b are skipped.
+func (b *bitmap) findClearExcept(from uint64, others ...*bitmap) (uint64, bool) {
+	if b.count >= b.size {
+		return 0, false
+	}
+	if from >= b.size {
+		from = 0
+	}
+	nchunks := (b.size + chunkBlocks - 1) / chunkBlocks
+	start := from / chunkBlocks
+	for n := uint64(0); n <= nchunks; n++ {
+		c := (start + n) % nchunks
+		if uint64(b.chunkCount[c]) == chunkBlocks {
+			continue
+		}
+		lo := c * chunkBlocks
+		if n == 0 {
+			lo = from
+		}
+		hi := min((c+1)*chunkBlocks, b.size)
+		for i := lo; i < hi; {
+			w := b.words[i/64] | (uint64(1)<<(i%64) - 1)
+			for _, o := range others {
+				w |= o.words[i/64]
+			}
+			if w != ^uint64(0) {
+				j := i/64*64 + uint64(bits.TrailingZeros64(^w))
+				if j < hi {
+					return j, true
+				}
+				break
+			}
+			i = (i/64 + 1) * 64
+		}
+	}
+	return 0, false
+}
+
+// findSet returns a set bit at or after from (wrapping around), or false
+// when none is set.
+func (b *bitmap) findSet(from uint64) (uint64, bool) {
+	if b.count == 0 {
+		return 0, false
+	}
+	if from >= b.size {
+		from = 0
+	}
+	nchunks := (b.size + chunkBlocks - 1) / chunkBlocks
+	start := from / chunkBlocks
+	for n := uint64(0); n <= nchunks; n++ {
+		c := (start + n) % nchunks
+		if b.chunkCount[c] == 0 {
+			continue
+		}
+		lo := c * chunkBlocks
+		if n == 0 {
+			lo = from
+		}
+		hi := min((c+1)*chunkBlocks, b.size)
+		for i := lo; i < hi; {
+			w := b.words[i/64] &^ (uint64(1)<<(i%64) - 1)
+			if w != 0 {
+				j := i/64*64 + uint64(bits.TrailingZeros64(w))
+				if j < hi {
+					return j, true
+				}
+				break
+			}
+			i = (i/64 + 1) * 64
+		}
+	}
+	return 0, false
 }

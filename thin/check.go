@@ -42,6 +42,12 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	// while the walk reads the snapshot.
 	p.flushMu.Lock()
 	err := p.commitLocked()
+	p.mu.Lock()
+	spares := len(p.spareChunks) > 0 // the release phase made spares
+	p.mu.Unlock()
+	if err == nil && spares {
+		err = p.commitLocked()
+	}
 	var snap *pebblemeta.Snapshot
 	if err == nil {
 		snap = p.store.Snapshot()
@@ -291,6 +297,7 @@ func (p *Pool) Check(progress func(done, total uint64)) error {
 	if leaked > 0 {
 		bad("%d blocks are allocated in the bitmap but owned by no map entry (leaked)", leaked)
 	}
+	p.checkHost(st, rec, owned, extra, bad)
 	if len(ce.Problems) > 0 {
 		return ce
 	}

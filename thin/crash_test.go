@@ -82,6 +82,10 @@ func (d *crashData) ZeroRange(off, n int64) error {
 // its old bytes until a Sync, as with any unsynced write.
 func (d *crashData) PunchHole(off, n int64) error { return d.ZeroRange(off, n) }
 
+// Allocate changes nothing: the crash model has no host space to run out
+// of (hostLimitData adds that).
+func (d *crashData) Allocate(off, n int64) error { return nil }
+
 func (d *crashData) Sync() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -147,8 +151,9 @@ func (d *crashData) crash(rng *rand.Rand) *crashData {
 type machine struct {
 	fs    *vfs.MemFS
 	files map[string]*crashData
-	inj   *injector // if set, the pools opened on it see its faults
-	boot  int       // which boot: a power cut starts the next one
+	inj   *injector  // if set, the pools opened on it see its faults
+	host  *hostSpace // nil: the data file's host has no limit
+	boot  int        // which boot: a power cut starts the next one
 }
 
 func newMachine() *machine {
@@ -190,6 +195,9 @@ func (m *machine) plainEnv() *env {
 		case !ok:
 			return nil, fs.ErrNotExist
 		}
+		if m.host != nil {
+			return &hostLimitData{dataFile: f, h: m.host}, nil
+		}
 		return f, nil
 	}}
 }
@@ -200,6 +208,7 @@ func (m *machine) crash(rng *rand.Rand) *machine {
 		fs:    m.fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: 30, RNG: rand.New(rand.NewPCG(rng.Uint64(), rng.Uint64()))}),
 		files: map[string]*crashData{},
 		inj:   m.inj,
+		host:  m.host.crash(rng),
 		boot:  m.boot + 1,
 	}
 	for k, f := range m.files {

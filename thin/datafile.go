@@ -1,10 +1,12 @@
 package thin
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -24,6 +26,12 @@ type dataFile interface {
 	// PunchHole makes [off, off+n) read as zeros and gives its space
 	// back to the host; errors.ErrUnsupported where it cannot.
 	PunchHole(off, n int64) error
+	// Allocate makes the host allocate [off, off+n) without changing
+	// what it reads (fallocate with KEEP_SIZE), so that later writes
+	// there need no new host space; an error wrapping unix.ENOSPC when
+	// the host file system cannot, errors.ErrUnsupported where it has no
+	// such call.
+	Allocate(off, n int64) error
 	// Sync makes every completed write durable (fdatasync).
 	Sync() error
 	Truncate(size int64) error
@@ -34,19 +42,32 @@ type dataFile interface {
 type osDataFile struct {
 	f          *os.File
 	noZeroFast atomic.Bool // fallocate ZERO_RANGE unsupported here
+	device     bool        // a block device (the pool's data file is a symlink to it)
 }
 
 func openOSDataFile(path string, create bool) (dataFile, error) {
 	flag := os.O_RDWR
 	if create {
 		flag |= os.O_CREATE | os.O_EXCL
+		if fi, err := os.Stat(path); err == nil && fi.Mode()&os.ModeDevice != 0 {
+			flag = os.O_RDWR // Create linked it to a block device
+		}
 	}
 	f, err := os.OpenFile(path, flag, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	return &osDataFile{f: f}, nil
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &osDataFile{f: f, device: fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0}, nil
 }
+
+// isDevice reports whether the data is a block device: all of its space
+// is the pool's, so the host cannot run out under it.
+func (d *osDataFile) isDevice() bool { return d.device }
 
 // fd is the file's descriptor, for I/O submitted to the kernel directly
 // (io_uring; see async.go).
@@ -55,7 +76,22 @@ func (d *osDataFile) fd() int { return int(d.f.Fd()) }
 func (d *osDataFile) ReadAt(p []byte, off int64) (int, error)  { return d.f.ReadAt(p, off) }
 func (d *osDataFile) WriteAt(p []byte, off int64) (int, error) { return d.f.WriteAt(p, off) }
 func (d *osDataFile) Close() error                             { return d.f.Close() }
-func (d *osDataFile) Truncate(size int64) error                { return d.f.Truncate(size) }
+
+// Truncate sets a file's size; a block device keeps its size, which must
+// be enough.
+func (d *osDataFile) Truncate(size int64) error {
+	if !d.device {
+		return d.f.Truncate(size)
+	}
+	have, err := d.Size()
+	if err != nil {
+		return err
+	}
+	if have < size {
+		return fmt.Errorf("block device %s has %d bytes, the pool needs %d: %w", d.f.Name(), have, size, ErrInvalid)
+	}
+	return nil
+}
 
 func (d *osDataFile) WriteVAt(bufs [][]byte, off int64) error {
 	err := vio.Vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
@@ -81,6 +117,9 @@ func (d *osDataFile) Sync() error {
 
 // hostBytes is the space the file takes on its file system.
 func (d *osDataFile) hostBytes() (uint64, error) {
+	if d.device {
+		return 0, errors.ErrUnsupported
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(d.f.Fd()), &st); err != nil {
 		return 0, err
@@ -89,6 +128,13 @@ func (d *osDataFile) hostBytes() (uint64, error) {
 }
 
 func (d *osDataFile) Size() (int64, error) {
+	if d.device {
+		var n uint64
+		if _, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&n))); e != 0 {
+			return 0, fmt.Errorf("size of block device %s: %w", d.f.Name(), e)
+		}
+		return int64(n), nil
+	}
 	fi, err := d.f.Stat()
 	if err != nil {
 		return 0, err
@@ -96,6 +142,11 @@ func (d *osDataFile) Size() (int64, error) {
 	return fi.Size(), nil
 }
 
+// PunchHole on a block device is the kernel's zero-out by unmapping
+// (fallocate PUNCH_HOLE on a block device: BLKZEROOUT without fallback),
+// so the blocks read as zeros and the device (a thin LV, a loop device's
+// sparse file) gets the discard; a device that cannot gets
+// errors.ErrUnsupported, and the pool stops punching.
 func (d *osDataFile) PunchHole(off, n int64) error {
 	for {
 		err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
@@ -110,6 +161,89 @@ func (d *osDataFile) PunchHole(off, n int64) error {
 			return fmt.Errorf("punch hole in %s: %w", d.f.Name(), err)
 		}
 	}
+}
+
+func (d *osDataFile) Allocate(off, n int64) error {
+	if d.device {
+		return nil // a device's blocks are its own
+	}
+	for {
+		err := unix.Fallocate(int(d.f.Fd()), unix.FALLOC_FL_KEEP_SIZE, off, n)
+		switch {
+		case err == nil:
+			return nil
+		case err == unix.EINTR:
+			continue
+		case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS):
+			return fmt.Errorf("allocate %d+%d in %s: %w (%w)", off, n, d.f.Name(), errors.ErrUnsupported, err)
+		default:
+			return fmt.Errorf("allocate %d+%d in %s: %w", off, n, d.f.Name(), err)
+		}
+	}
+}
+
+// hostFree is the space left on the data file's file system for this
+// process (statfs: available blocks, or free blocks for root, who may use
+// the reserved ones), and its total size.
+func (d *osDataFile) hostFree() (free, total uint64, err error) {
+	if d.device {
+		return 0, 0, errors.ErrUnsupported
+	}
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(int(d.f.Fd()), &st); err != nil {
+		return 0, 0, err
+	}
+	return statfsFree(&st), st.Blocks * uint64(st.Bsize), nil
+}
+
+// statfsFree is the space a file system has left for this process.
+func statfsFree(st *unix.Statfs_t) uint64 {
+	if os.Geteuid() == 0 {
+		return st.Bfree * uint64(st.Bsize) // root may use the reserved blocks
+	}
+	return st.Bavail * uint64(st.Bsize)
+}
+
+// fsIocFiemap is FS_IOC_FIEMAP (_IOWR('f', 11, struct fiemap)).
+const fsIocFiemap = 0xC020660B
+
+// hostAllocated reports whether every byte of [off, off+n) is allocated
+// on the host (FIEMAP; unwritten extents count), errors.ErrUnsupported
+// where the file system has no FIEMAP (tmpfs).
+func (d *osDataFile) hostAllocated(off, n int64) (bool, error) {
+	const extents = 32
+	const extSize = 56
+	buf := make([]byte, 32+extents*extSize)
+	pos, end := off, off+n
+	for pos < end {
+		clear(buf)
+		binary.NativeEndian.PutUint64(buf[0:], uint64(pos))
+		binary.NativeEndian.PutUint64(buf[8:], uint64(end-pos))
+		binary.NativeEndian.PutUint32(buf[24:], extents)
+		_, _, e := unix.Syscall(unix.SYS_IOCTL, d.f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(&buf[0])))
+		if e != 0 {
+			if e == unix.EOPNOTSUPP || e == unix.ENOTTY {
+				return false, fmt.Errorf("fiemap %s: %w (%w)", d.f.Name(), errors.ErrUnsupported, e)
+			}
+			return false, fmt.Errorf("fiemap %s: %w", d.f.Name(), e)
+		}
+		mapped := binary.NativeEndian.Uint32(buf[20:])
+		if mapped == 0 {
+			return false, nil
+		}
+		for i := range int(mapped) {
+			x := buf[32+i*extSize:]
+			logical, length := int64(binary.NativeEndian.Uint64(x[0:])), int64(binary.NativeEndian.Uint64(x[16:]))
+			if logical > pos {
+				return false, nil // a hole before this extent
+			}
+			pos = max(pos, logical+length)
+			if pos >= end {
+				return true, nil
+			}
+		}
+	}
+	return true, nil
 }
 
 var zeroBlock = make([]byte, 1<<20)

@@ -35,6 +35,7 @@
 //	                     a read-only snapshot's stream id (send.go)
 //	"m" LAYER(8) VB(8)   map entry: flags (mapped, provisioned) + physical block
 //	"b" CHUNK(8)         allocation bitmap, 4096 blocks (512 bytes) per key
+//	"s" CHUNK(8)         spare set (free blocks kept allocated on the host), same layout
 //
 // A map entry is "mapped" (owns physical block PBlock), "provisioned" (a
 // sticky bit set by WRITE_ZEROES without unmap) or both; provisioned and
@@ -195,5 +196,42 @@
 // back. Reserve mode (SetReserveMode) reserves every block of a volume's
 // virtual size it does not own. The pool's reserved space is the heads'
 // reservation entries plus these, and Check recomputes both.
+//
+// # The promise against the host (host.go, issue 12)
+//
+// The data file is sparse, so a block's space on the host is taken when
+// it is first written, from whatever the host file system has left then.
+// Invariants, so that promised space never needs new host space:
+//
+//   - a provisioned mapped block is allocated on the host whole
+//     (fallocate, KEEP_SIZE) before the write-zeroes that provisions it
+//     changes the map, and is never punched while mapped (only released
+//     blocks are punched);
+//   - spare blocks >= reserved blocks: every reservation (provisioned
+//     not written, copy-on-write of a shared provisioned block, reserve
+//     mode) has a spare, a free block allocated on the host and kept out
+//     of unreserved allocation; a write that consumes a reservation takes
+//     a spare. Whatever reserves more (provisioning, a snapshot, reserve
+//     mode on, growing a reserve-mode volume) first allocates the spares
+//     it lacks on the host, or fails with ErrNoSpace and changes nothing.
+//     A discard in reserve mode reserves its block again: the release
+//     phase keeps the released block (allocated whole) as its spare, and
+//     a reserved write waits for that release rather than take new space.
+//
+// Spares are free blocks, so allocated + reserved + free = size is
+// unchanged. Spares beyond the reservations are trimmed by the next
+// commit (released and punched like freed blocks). The spare set is
+// persisted with each commit ("s" CHUNK, with the blocks being filled from
+// it) and allocated on the host again at Open (an allocation not yet
+// synced may be lost in a crash); a host that cannot back it then leaves
+// the pool usable, logged, and Check failing. Check verifies spares >=
+// reservations, that no spare is owned, and with FIEMAP that spares and
+// provisioned mapped blocks are allocated on the host. A write that gets
+// ENOSPC from the host follows the no-space policy like a full pool.
+//
+// Commits need host space too (Pebble's log, flushes, compactions), also
+// those of promised writes: the metadata store keeps headroom on its file
+// system and gives it up to Pebble on ENOSPC; until it is restored, data
+// sharing that file system gets no new host space (no-space policy).
 
 package thin

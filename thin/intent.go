@@ -42,11 +42,19 @@ import (
 //
 //	header: magic [8]byte "thinINT1", boot id [40]byte (NUL-padded), generation u64
 //	record: layer u64, vb u64, pblock u64, flags u8, pad [3]byte, crc32c u32 of the 28 bytes before
+//
+// A record of layer 0 (no layer has that id) with vb intentSpare says
+// pblock became a spare (host.go): backSpares host-allocates spares for
+// the reservations a request is about to make, and the spare set is
+// otherwise only in the commit, so a replayed reservation would have none
+// and, on a full host, could not get one. A spare a write consumed needs
+// no record: the map record that takes the block takes it out of the set.
 const (
 	intentPrefix     = "thinblk.intent."
 	intentMagic      = "thinINT1"
 	intentHeaderSize = 8 + 40 + 8
 	intentRecordSize = 32
+	intentSpare      = 1 // vb of a layer-0 record: pblock became a spare
 )
 
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
@@ -69,8 +77,10 @@ type intentLog struct {
 	gen  uint64
 	f    vfs.File
 	buf  []byte // records not yet written
-	// failed is the first write error; the pool then commits synchronously
-	// instead (see Pool.intentWriteLocked).
+	// failed is the first write error (f may then be nil): requests whose
+	// records it could not take commit before they complete, and the
+	// next commit starts a new log (see Pool.intentWriteLocked and
+	// Pool.restartIntentLocked).
 	failed error
 }
 
@@ -90,6 +100,8 @@ func openIntent(fs vfs.FS, dir, boot string, gen uint64) (*intentLog, error) {
 	binary.LittleEndian.PutUint64(hdr[48:], gen)
 	if _, err := f.Write(hdr); err != nil {
 		f.Close()
+		// A file without its header would stop the replay of later ones.
+		_ = fs.Remove(intentPath(fs, dir, gen))
 		return nil, fmt.Errorf("intent log: %w", err)
 	}
 	return &intentLog{fs: fs, dir: dir, boot: boot, gen: gen, f: f}, nil
@@ -104,6 +116,11 @@ func (l *intentLog) add(k mapKey, e pebblemeta.Entry) {
 	r[24] = e.Flags
 	binary.LittleEndian.PutUint32(r[28:], crc32.Checksum(r[:28], crc32c))
 	l.buf = append(l.buf, r[:]...)
+}
+
+// addSpare queues the record of a new spare block.
+func (l *intentLog) addSpare(b uint64) {
+	l.add(mapKey{0, intentSpare}, pebblemeta.Entry{PBlock: b})
 }
 
 // write hands the queued records to the OS (one system call, no sync).
@@ -137,8 +154,22 @@ func (l *intentLog) rotate() (old *intentLog, err error) {
 
 // retire closes and removes a generation whose cut is durable.
 func (l *intentLog) retire() error {
+	if l.f == nil {
+		return nil // never created (see failedIntent)
+	}
 	l.f.Close()
-	return l.fs.Remove(intentPath(l.fs, l.dir, l.gen))
+	l.f = nil
+	err := l.fs.Remove(intentPath(l.fs, l.dir, l.gen))
+	if errors.Is(err, os.ErrNotExist) {
+		err = nil
+	}
+	return err
+}
+
+// failedIntent stands for generation gen when its file could not be
+// started (a full host): nothing is logged until a commit restarts it.
+func failedIntent(fs vfs.FS, dir, boot string, gen uint64, err error) *intentLog {
+	return &intentLog{fs: fs, dir: dir, boot: boot, gen: gen, failed: err}
 }
 
 // intentFiles lists the generations present in dir, oldest first.
@@ -196,17 +227,49 @@ type intentRecord struct {
 }
 
 // intentWriteLocked writes the queued intent records before the request
-// that made them completes. A log that cannot be written is reported (at
-// most once a minute): the pool goes on as without one, keeping only what
-// its commits made durable.
+// that made them completes. Records the log cannot take (it failed: on a
+// full host, ENOSPC) count in unloggedSeq, and the request commits before
+// it completes (commitUnlogged): an acknowledged write must outlive a
+// kill, and a provisioned one must not fail for want of host space, which
+// the commit has (the metadata's headroom) and the log may not.
 func (p *Pool) intentWriteLocked() {
 	if p.intent == nil || len(p.intent.buf) == 0 {
 		return
 	}
-	if err := p.intent.write(); err != nil && time.Since(p.intentErrLog) > time.Minute {
-		p.intentErrLog = time.Now()
-		p.log.Error("intent log cannot be written: a kill of this process loses the map changes after the last commit", "pool", p.dir, "err", err)
+	if err := p.intent.write(); err != nil {
+		p.unloggedSeq.Add(1)
+		if time.Since(p.intentErrLog) > time.Minute {
+			p.intentErrLog = time.Now()
+			p.log.Error("intent log cannot be written: requests that change the map commit before they complete until it can", "pool", p.dir, "err", err)
+		}
 	}
+}
+
+// commitUnlogged commits when map changes the intent log could not take
+// are not durable yet; requests call it before they complete.
+func (p *Pool) commitUnlogged() error {
+	if p.unloggedSeq.Load() <= p.unloggedDurable.Load() {
+		return nil
+	}
+	return p.commit()
+}
+
+// restartIntentLocked follows a durable commit: a failed log's changes are
+// all in it, so its file goes and a new generation starts (or stays
+// failed, for the next commit to try again).
+func (p *Pool) restartIntentLocked() {
+	l := p.intent
+	if l == nil || l.failed == nil {
+		return
+	}
+	_ = l.retire()
+	n, err := openIntent(l.fs, l.dir, l.boot, l.gen+1)
+	if err != nil {
+		p.intent = failedIntent(l.fs, l.dir, l.boot, l.gen+1, err)
+		return
+	}
+	p.intent = n
+	p.log.Info("intent log written again", "pool", p.dir)
 }
 
 // replayIntent applies the intent logs left by a process that did not
@@ -257,7 +320,10 @@ func (p *Pool) replayIntent(fs vfs.FS, boot string) error {
 		next = gens[len(gens)-1] + 1
 	}
 	if p.intent, err = openIntent(fs, p.dir, boot, next); err != nil {
-		return err
+		// A full host must not keep the pool from opening: requests
+		// commit instead until a commit restarts the log.
+		p.log.Error("intent log cannot be started: requests that change the map commit before they complete until it can", "pool", p.dir, "err", err)
+		p.intent = failedIntent(fs, p.dir, boot, next, err)
 	}
 	for _, g := range gens {
 		if err := fs.Remove(intentPath(fs, p.dir, g)); err != nil {
@@ -271,6 +337,18 @@ func (p *Pool) replayIntent(fs vfs.FS, boot string) error {
 // bookkeeping the original request did: the new entry's block taken, the
 // old entry's block freed (reusable after the next commit).
 func (p *Pool) applyIntentLocked(r intentRecord) error {
+	if r.k.layer == 0 && r.k.vb == intentSpare {
+		b := r.e.PBlock
+		if b >= p.rec.SizeBlocks {
+			return fmt.Errorf("spare block %d beyond the pool", b)
+		}
+		// Taken since (a file whose cut was committed, replayed again):
+		// the state has it already.
+		if !p.alloc.test(b) && !p.pend.test(b) {
+			p.setSpareLocked(b)
+		}
+		return nil
+	}
 	if r.k.layer == 0 || p.heads[r.k.layer] == nil && p.layers[r.k.layer] == nil {
 		return errors.New("no such layer")
 	}
@@ -300,6 +378,11 @@ func (p *Pool) applyIntentLocked(r intentRecord) error {
 		p.releaseLocked(old.PBlock)
 	}
 	if takes {
+		if p.spare.test(r.e.PBlock) {
+			// A fill from a spare stays a spare on disk until a commit
+			// after its publication: the write consumed it.
+			p.clearSpareLocked(r.e.PBlock)
+		}
 		p.alloc.set(r.e.PBlock)
 		p.dirtyChunks[r.e.PBlock/chunkBlocks] = struct{}{}
 	}

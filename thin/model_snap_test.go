@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // The snapshot model test drives volumes, read-only snapshots and clones
@@ -91,11 +93,33 @@ func (md *snapModel) write(v *snapVol, first, n int) {
 		if !errors.Is(err, ErrNoSpace) || md.promised(v, first, n) {
 			md.fatalf("write %s %d+%d (promised %v): %v", v.name, first, n, md.promised(v, first, n), err)
 		}
+		if errors.Is(err, unix.ENOSPC) {
+			md.adoptPartialWrite(v, first, n, tag)
+		}
 		return
 	}
 	for i := range n {
 		s := &v.sectors[first+i]
 		s.cur = tag
+		s.cands = append(s.cands, tag)
+	}
+}
+
+// adoptPartialWrite learns what a write the host refused midway left:
+// each sector holds its old value or the write's.
+func (md *snapModel) adoptPartialWrite(v *snapVol, first, n int, tag uint64) {
+	md.t.Helper()
+	buf := make([]byte, n*mSector)
+	if err := md.vol(v).ReadAt([][]byte{buf}, int64(first)*mSector); err != nil {
+		md.fatalf("read back %s: %v", v.name, err)
+	}
+	for i := range n {
+		s := &v.sectors[first+i]
+		got, err := decodeSector(buf[i*mSector:(i+1)*mSector], 0, uint64(first+i))
+		if err != nil || got != s.cur && got != tag {
+			md.fatalf("after a write the host refused, %s sector %d holds %d (%v): neither %d nor %d", v.name, first+i, got, err, s.cur, tag)
+		}
+		s.cur = got
 		s.cands = append(s.cands, tag)
 	}
 }
@@ -108,6 +132,11 @@ func (md *snapModel) zero(v *snapVol, first, n int, unmap bool) {
 		// copies it first, which may lack space too, unless promised.
 		if !errors.Is(err, ErrNoSpace) || unmap && md.promised(v, first, n) {
 			md.fatalf("zero %s %d+%d unmap=%v: %v", v.name, first, n, unmap, err)
+		}
+		if errors.Is(err, unix.ENOSPC) {
+			// The host refused a copy of a shared block midway (its
+			// reservations were backed first): some copies hold zeros.
+			md.adoptPartialWrite(v, first, n, 0)
 		}
 		return
 	}
@@ -205,6 +234,14 @@ func (md *snapModel) fillAndKeepPromises() {
 	fill, err := md.p.Volume("fill")
 	if err != nil {
 		md.fatalf("%v", err)
+	}
+	if h := md.m.host; h != nil {
+		// The host too is just above what the pool holds now: the
+		// promised writes may need no new host space.
+		base := h.limit
+		h.setLimit(h.used() + md.rng.IntN(3))
+		md.log = append(md.log, fmt.Sprintf("  host limit %d pages (%d used)", h.limit, h.used()))
+		defer h.setLimit(base)
 	}
 	blk := make([]byte, mBlock)
 	for vb := int64(0); ; vb++ {
@@ -317,6 +354,12 @@ var snapCrashPoints bool
 
 func runSnapModel(t *testing.T, seed uint64, steps int) {
 	md := &snapModel{t: t, rng: rand.New(rand.NewPCG(seed, 7)), m: newMachine(), dir: "/pool", nextTag: 1}
+	// The data file's host holds 60 to 119 blocks of the 96-block pool, or
+	// has no limit; the promise rounds set it just above what is used.
+	md.m.host = newHostSpace(0)
+	if md.rng.IntN(3) > 0 {
+		md.m.host.limit = 60 + md.rng.IntN(60)
+	}
 	if snapCrashPoints {
 		md.points = newCrashPoints(md.m, seed)
 	}

@@ -96,6 +96,17 @@ type CreateOptions struct {
 	NoSpace        NoSpacePolicy // default NoSpaceError
 	NoSpaceTimeout time.Duration // for NoSpaceQueue; default 60s
 	LowWater       float64       // warn when free space falls below this fraction of the pool; 0 = off
+	// DataDevice, when set, is a block device (an LVM logical volume, a
+	// partition, a loop device) holding the pool's data instead of a
+	// file: DIR/thinblk.data becomes a symlink to it. It must be at least
+	// Size bytes. Its space is the pool's, so the host cannot run out
+	// under it; freed blocks are discarded on it (zeroed by unmapping)
+	// when it supports that.
+	DataDevice string
+	// Preallocate allocates the whole data file on the host at creation
+	// (and what Grow adds): pool space is then always host space, and
+	// freed blocks are never punched (their host space stays the pool's).
+	Preallocate bool
 }
 
 // OpenOptions configure an opened pool.
@@ -116,6 +127,11 @@ type OpenOptions struct {
 	// MaxPending is how many map changes may wait for a commit before one
 	// is started regardless; default 65536. Bounds memory.
 	MaxPending int
+	// MetaHeadroom is host space, in bytes, kept for the metadata store
+	// and given up to it when its file system is full (host.go); 0: the
+	// default, 1/16 of that file system, from 1 MiB to 64 MiB; negative:
+	// none.
+	MetaHeadroom int64
 
 	env    *env    // tests: crashable file systems
 	tuning *tuning // tests: internal limits (nil: defaultTuning)
@@ -179,6 +195,16 @@ func create(dir string, o CreateOptions, e *env) error {
 	}
 	defer lock.Close()
 	dataPath := fs.PathJoin(dir, dataName)
+	if o.DataDevice != "" {
+		fi, err := os.Stat(o.DataDevice)
+		if err != nil || fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
+			return fmt.Errorf("create pool %s: %w: data device %s is not a block device (%v)", dir, ErrInvalid, o.DataDevice, err)
+		}
+		abs, _ := filepath.Abs(o.DataDevice)
+		if err := os.Symlink(abs, dataPath); err != nil {
+			return fmt.Errorf("create pool %s: %w", dir, err)
+		}
+	}
 	df, err := e.openData(dataPath, true)
 	if err != nil {
 		return fmt.Errorf("create pool %s: data file: %w", dir, err)
@@ -192,6 +218,11 @@ func create(dir string, o CreateOptions, e *env) error {
 	if err := df.Truncate(int64(o.Size)); err != nil {
 		return fail(err)
 	}
+	if o.Preallocate {
+		if err := df.Allocate(0, int64(o.Size)); err != nil {
+			return fail(fmt.Errorf("preallocate the data file: %w", hostError(err, o.Size/uint64(o.BlockSize))))
+		}
+	}
 	if err := df.Sync(); err != nil {
 		return fail(err)
 	}
@@ -202,6 +233,12 @@ func create(dir string, o CreateOptions, e *env) error {
 		NoSpaceTimeout: uint64(o.NoSpaceTimeout),
 		LowWaterPPM:    uint32(math.Round(o.LowWater * 1e6)),
 		NextLayer:      1,
+	}
+	if o.Preallocate {
+		rec.Flags |= pebblemeta.PoolPreallocated
+	}
+	if o.DataDevice != "" {
+		rec.ZeroFrom = rec.SizeBlocks // a device may hold anything: pad every first write
 	}
 	st, err := pebblemeta.Create(fs.PathJoin(dir, metaName), rec, pebblemeta.Options{FS: fs})
 	if err != nil {
@@ -248,6 +285,8 @@ type fill struct {
 	ancLayer    uint64           // the ancestor layer whose entry this fill overrides (0: none)
 	anc         pebblemeta.Entry // that entry
 	fromReserve bool             // the block comes out of a reservation (see reserve.go)
+	spare       bool             // the block was a spare (host.go)
+	fromRecv    bool             // a receive's hold reserved it; its spare backs it (receive.go)
 	zero        bool             // the block was never written: no padding needed
 	flags       uint8            // the provisioned bit the new entry keeps
 }
@@ -311,7 +350,17 @@ type Pool struct {
 	noPunch atomic.Bool // the data file cannot punch holes
 	// trace, when set (SetTrace), gets the blocks every request resolved
 	// to; off, it costs a nil check.
-	trace        atomic.Pointer[TraceFunc]
+	trace atomic.Pointer[TraceFunc]
+	// Host backing of reservations (host.go).
+	spare        *bitmap             // free blocks kept host-allocated for reservations
+	backing      *bitmap             // free blocks being host-allocated to become spares
+	spareWant    uint64              // spares operations in progress are about to reserve
+	spareChunks  map[uint64]struct{} // spare-set chunks to persist
+	spareFills   *bitmap             // in flight blocks taken from spares: persisted as spares until published
+	thick        bool                // the whole data store is host-allocated: no spares needed
+	metaShared   bool                // the metadata's file system holds the data file too
+	headroomUses atomic.Int64        // times the metadata store used some of its headroom
+	noAlloc      atomic.Bool         // the data file cannot allocate ahead
 	vols         map[string]*volState
 	dirtyVols    map[*volState]struct{}
 	deadLayers   []uint64
@@ -328,19 +377,25 @@ type Pool struct {
 	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
 	intentSkip   bool       // map changes of a management operation: it commits before returning
 	intentErrLog time.Time  // when an intent log failure was last logged
-	filling      map[mapKey]*fill
-	spaceCh      chan struct{} // closed (and replaced) whenever space is freed
-	outOfSpace   bool          // a request found no space, and none appeared since
-	belowLow     bool
-	failed       error
-	closed       bool
-	closeStarted bool
-	watchers     map[int]func(Event)
-	events       []Event // committed changes not yet delivered to watchers
-	deliverMu    sync.Mutex
-	nextWatch    int
-	lastNoSpace  time.Time
-	spaceWaits   map[string]int // requests waiting for space, by volume (metrics.go)
+	// Batches of map changes the intent log could not take, and how many
+	// of them a durable commit covers (commitUnlogged).
+	unloggedSeq, unloggedDurable atomic.Uint64
+	filling                      map[mapKey]*fill
+	spaceCh                      chan struct{} // closed (and replaced) whenever space is freed
+	outOfSpace                   bool          // a request found no space, and none appeared since
+	hostOut                      bool          // a request found the host file system full, and it has not had space since
+	hostLow                      bool          // the host's free space was below the low-water mark at the last look
+	hostFull                     bool          // the host had no space for a block at the last look
+	belowLow                     bool
+	failed                       error
+	closed                       bool
+	closeStarted                 bool
+	watchers                     map[int]func(Event)
+	events                       []Event // committed changes not yet delivered to watchers
+	deliverMu                    sync.Mutex
+	nextWatch                    int
+	lastNoSpace                  time.Time
+	spaceWaits                   map[string]int // requests waiting for space, by volume (metrics.go)
 
 	// commits times the metadata commits (data sync and Pebble batch).
 	commits latency.Histogram
@@ -395,7 +450,8 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open pool %s: %w", dir, err)
 	}
-	p.store, err = pebblemeta.Open(fs.PathJoin(dir, metaName), pebblemeta.Options{FS: fs, CacheSize: o.CacheSize, Logger: o.Logger})
+	p.store, err = pebblemeta.Open(fs.PathJoin(dir, metaName), pebblemeta.Options{FS: fs, CacheSize: o.CacheSize, Logger: o.Logger,
+		Headroom: metaHeadroom(fs, fs.PathJoin(dir, metaName), o.MetaHeadroom), OnHeadroomUsed: p.headroomUsed})
 	if err != nil {
 		if errors.Is(err, pebblemeta.ErrNoStore) {
 			err = fmt.Errorf("%w: %v", ErrNotPool, err)
@@ -431,11 +487,33 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		p.log.Warn("data file larger than the pool; the extra space is unused until the pool grows",
 			"pool", dir, "file_bytes", size, "pool_bytes", want)
 	}
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		p.thick = true // a device's space is all the pool's; punching discards on it
+	}
+	if p.rec.Flags&pebblemeta.PoolPreallocated != 0 {
+		// Every block is host space already: no spares, and no punching
+		// (it would give the host what the pool must keep).
+		p.thick = true
+		p.noPunch.Store(true)
+	}
 	p.zeroDurable, p.zeroMark = p.rec.ZeroFrom, p.rec.ZeroFrom
 	p.alloc = newBitmap(p.rec.SizeBlocks)
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
+	p.spareFills = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
+	p.spare = newBitmap(p.rec.SizeBlocks)
+	p.backing = newBitmap(p.rec.SizeBlocks)
+	p.spareChunks = map[uint64]struct{}{}
+	err = p.store.SpareChunks(func(idx uint64, bits []byte) error {
+		if !p.spare.loadChunk(idx, bits) {
+			return fmt.Errorf("%w: spare set chunk %d", pebblemeta.ErrCorrupt, idx)
+		}
+		return nil
+	})
+	if err != nil {
+		return fail(err)
+	}
 	err = p.store.BitmapChunks(func(idx uint64, bits []byte) error {
 		if !p.alloc.loadChunk(idx, bits) {
 			return fmt.Errorf("%w: allocation bitmap chunk %d", pebblemeta.ErrCorrupt, idx)
@@ -473,6 +551,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.closing = make(chan struct{})
 	p.bgDone = make(chan struct{})
 	p.belowLow = p.freeLocked() < p.lowWaterBlocks()
+	p.openHeadroom()
 	// A process before this one may have left written data in the page
 	// cache, unsynced (a kill): the first FLUSH must sync it even when
 	// this process wrote nothing yet.
@@ -488,6 +567,10 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	if err := p.replayIntent(ifs, boot); err != nil {
 		return fail(err)
 	}
+	// Spares after the replay: its blocks are free in the committed state,
+	// and backing spares would take (and, failing, punch) them.
+	p.openSpares()
+	p.noteHostSpace()
 	go p.background()
 	return p, nil
 }
@@ -507,6 +590,7 @@ func (p *Pool) background() {
 		case <-p.closing:
 			return
 		case <-tick:
+			p.noteHostSpace()
 		case <-p.kick:
 		}
 		if !p.metaPending() {
@@ -533,6 +617,7 @@ func (p *Pool) metaPending() bool {
 
 func (p *Pool) metaPendingLocked() bool {
 	return len(p.dirty) > 0 || p.metaDirty || len(p.dirtyVols) > 0 || len(p.dirtyChunks) > 0 || len(p.dirtyLayers) > 0 ||
+		len(p.spareChunks) > 0 || p.spareExcessLocked() ||
 		p.pend.count > 0 // freed blocks a commit has yet to make reusable
 }
 
@@ -642,21 +727,6 @@ func (p *Pool) spaceFreedLocked() {
 func (p *Pool) notifyAsyncLocked(ev Event) {
 	p.events = append(p.events, ev)
 	go p.deliver()
-}
-
-// allocLocked takes a clear block of the bitmap; zero says whether it
-// reads as zeros (never written, or punched since it was freed).
-func (p *Pool) allocLocked() (b uint64, zero, ok bool) {
-	b, ok = p.alloc.findClear(p.cursor)
-	if !ok {
-		return 0, false, false
-	}
-	p.alloc.set(b)
-	p.cursor = b + 1
-	p.dirtyChunks[b/chunkBlocks] = struct{}{}
-	zero = b >= p.zeroMark || p.zeroed.test(b)
-	p.zeroed.clear(b)
-	return b, zero, true
 }
 
 // freeLocked releases a block whose map entry was removed: it becomes
@@ -898,6 +968,7 @@ func (p *Pool) commitCutLocked() error {
 		return err
 	}
 	seq := p.opSeq.Load()
+	unlogged := p.unloggedSeq.Load()
 	if !p.metaPendingLocked() {
 		// Only data to make durable (overwrites in place, zeroing).
 		p.mu.Unlock()
@@ -907,8 +978,10 @@ func (p *Pool) commitCutLocked() error {
 			}
 		}
 		p.durableSeq = seq
+		p.noteUnloggedDurable(unlogged)
 		return nil
 	}
+	p.trimSparesLocked()
 	b := p.store.NewBatch()
 	for k, e := range p.dirty {
 		b.SetEntry(k.layer, k.vb, e)
@@ -945,6 +1018,14 @@ func (p *Pool) commitCutLocked() error {
 		buf = p.alloc.appendChunk(buf[:0], idx, exclude...)
 		b.SetBitmapChunk(idx, buf)
 	}
+	// Blocks being filled from spares stay spares on disk: after a crash
+	// their reservations are back, and so must their spares be. Only
+	// those: a fresh block in flight is not a spare, and its entry may
+	// commit in a later batch that does not rewrite this chunk.
+	for idx := range p.spareChunks {
+		buf = p.spare.appendChunkOr(buf[:0], idx, p.spareFills)
+		b.SetSpareChunk(idx, buf)
+	}
 	b.SetPool(p.rec)
 	cutZero := p.rec.ZeroFrom
 	p.committing = p.dirty
@@ -965,6 +1046,7 @@ func (p *Pool) commitCutLocked() error {
 	p.deadLayerRec = nil
 	p.dirtyLayers = map[uint64]struct{}{}
 	p.dirtyChunks = map[uint64]struct{}{}
+	p.spareChunks = map[uint64]struct{}{}
 	p.metaDirty = false
 	// The changes of this cut are in the batch; the log starts over for
 	// the ones after it, and the old file goes once the batch is durable.
@@ -997,7 +1079,9 @@ func (p *Pool) commitCutLocked() error {
 			p.log.Warn("intent log of a committed cut not removed", "pool", p.dir, "err", err)
 		}
 	}
+	p.noteUnloggedDurable(unlogged)
 	p.mu.Lock()
+	p.restartIntentLocked()
 	p.zeroDurable = max(p.zeroDurable, cutZero)
 	for k, e := range p.committing {
 		p.cache.update(k, e)
@@ -1026,7 +1110,8 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	// punching. Later ones cannot reach it.
 	p.ioGate.Lock()
 	p.ioGate.Unlock()
-	punched := p.punchReleased(released)
+	keep := p.sparesFromReleased(released)
+	punched := p.punchReleased(released, keep)
 	if t := p.trace.Load(); t != nil {
 		(*t)("", fmt.Sprintf("release blocks %s punched %v", released.String(), punched))
 	}
@@ -1036,6 +1121,9 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 		p.zeroed.setRun(r[0], r[1])
 	}
 	p.alloc.andNot(released)
+	for _, b := range keep {
+		p.setSpareLocked(b)
+	}
 	p.pendOld = nil
 	released.reset()
 	released.grow(p.rec.SizeBlocks)
@@ -1060,9 +1148,18 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 // padding and keep their host space until then (a delete of a big
 // fragmented volume would otherwise hold them up for minutes). With 50 ms
 // a trim of 600 MiB of written data was cut short on a loaded machine.
-func (p *Pool) punchReleased(released *bitmap) [][2]uint64 {
+func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 	if p.noPunch.Load() {
 		return nil
+	}
+	if len(keep) > 0 {
+		// Blocks that become spares keep their host space.
+		rest := newBitmap(released.size)
+		rest.or(released)
+		for _, b := range keep {
+			rest.clear(b)
+		}
+		released = rest
 	}
 	var punched [][2]uint64
 	deadline := time.Now().Add(p.tune.punchBudget)
@@ -1111,14 +1208,58 @@ func (p *Pool) fail(err error) error {
 	return ferr
 }
 
-// waitForSpace is called when a request found no space. It returns nil
-// when the request should retry, ErrNoSpace when it should fail, and
-// ErrWithdrawn if withdraw (nil: never) is closed while it waits.
-func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, withdraw <-chan struct{}) error {
+// noteUnloggedDurable records that a durable commit covers the first n
+// batches the intent log could not take.
+func (p *Pool) noteUnloggedDurable(n uint64) {
+	for {
+		d := p.unloggedDurable.Load()
+		if d >= n || p.unloggedDurable.CompareAndSwap(d, n) {
+			return
+		}
+	}
+}
+
+// noSpace is the ErrNoSpace of a request's planning, with the signal of
+// space freed as it was then: space freed since (a release phase that
+// ended after the plan) means plan again, not apply the no-space policy.
+type noSpace struct{ seen chan struct{} }
+
+func (*noSpace) Error() string { return ErrNoSpace.Error() }
+func (*noSpace) Unwrap() error { return ErrNoSpace }
+
+func (p *Pool) noSpaceLocked() error { return &noSpace{seen: p.spaceCh} }
+
+// spaceFreedSince reports whether space was freed after the plan that
+// failed with cause (a *noSpace; false for any other error).
+func spaceFreedSince(cause error) bool {
+	var ns *noSpace
+	if !errors.As(cause, &ns) {
+		return false
+	}
+	select {
+	case <-ns.seen:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitForSpace is called when a request's plan found no space (cause). It
+// returns nil when the request should plan again, ErrNoSpace when it
+// should fail, and ErrWithdrawn if withdraw (nil: never) is closed while
+// it waits.
+func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause error, withdraw <-chan struct{}) error {
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
 		return err
+	}
+	if spaceFreedSince(cause) {
+		// Space was freed after the plan (a release phase ended):
+		// without this a request would fail, or wait for the next
+		// release, although the space it needs is there.
+		p.mu.Unlock()
+		return nil
 	}
 	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
 	policy := NoSpacePolicy(p.rec.NoSpace)
@@ -1228,6 +1369,9 @@ type Event struct {
 	Size   uint64 // new size in bytes (volume or pool)
 	Free   uint64 // free bytes, for space events
 	Reason string // why, for PoolFailed
+	// Host is set on space events about the data file's host file
+	// system rather than the pool (Free is then the host's free bytes).
+	Host bool
 }
 
 // Watch registers fn to be called after each committed volume or pool
@@ -1333,6 +1477,12 @@ func (p *Pool) grow(size uint64) error {
 	if err := p.data.Truncate(int64(size)); err != nil {
 		return fmt.Errorf("grow pool %s: %w", p.dir, err)
 	}
+	if p.thick {
+		off := int64(cur) * p.blockSize
+		if err := p.data.Allocate(off, int64(size)-off); err != nil {
+			return fmt.Errorf("grow pool %s: preallocate: %w", p.dir, hostError(err, n-cur))
+		}
+	}
 	if err := p.data.Sync(); err != nil {
 		// A failed fdatasync may have dropped other writes' dirty pages
 		// (and the next one succeeds regardless): as in a commit, only a
@@ -1340,11 +1490,18 @@ func (p *Pool) grow(size uint64) error {
 		return p.fail(fmt.Errorf("grow pool %s: %w", p.dir, err))
 	}
 	p.mu.Lock()
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		// The device's new part may hold anything: pad first writes there.
+		p.rec.ZeroFrom, p.zeroDurable, p.zeroMark = n, n, n
+	}
 	p.rec.SizeBlocks = n
 	p.alloc.grow(n)
 	p.pend.grow(n)
 	p.inflight.grow(n)
+	p.spareFills.grow(n)
 	p.zeroed.grow(n)
+	p.spare.grow(n)
+	p.backing.grow(n)
 	if p.pendSpare != nil {
 		p.pendSpare.grow(n)
 	}
@@ -1414,6 +1571,9 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
+	var hb hostBacking
+	defer hb.done(p)
+again:
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -1443,6 +1603,12 @@ func (p *Pool) resizeVolume(name string, size uint64) error {
 		free := p.freeLocked()
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s to %d: %w: reserve mode needs %d more blocks reserved, %d are free", name, size, ErrNoSpace, need, free)
+	} else if !p.enoughSparesLocked(&hb, need) {
+		p.mu.Unlock()
+		if err := p.backSpares(&hb, need); err != nil {
+			return fmt.Errorf("resize volume %s to %d: %w", name, size, err)
+		}
+		goto again
 	}
 	v.rec.Size = size
 	p.reaccountLocked(v)
@@ -1685,7 +1851,27 @@ type PoolStatus struct {
 	// DataHostBytes is the space the data file takes on the host file
 	// system: freed blocks are punched out of it, so it follows
 	// allocated_bytes (0 when unknown).
-	DataHostBytes    uint64 `json:"data_host_bytes"`
+	DataHostBytes uint64 `json:"data_host_bytes"`
+	// The data file's host file system (host.go): its free space (0 when
+	// unknown, or for a preallocated pool, which needs none), how much of
+	// the pool's free space it could not back now (over-commitment:
+	// writes to unprovisioned space may fail, by the no-space policy,
+	// when it runs out), and reservations without a host-allocated spare
+	// (only when the host could not back them at open; Check fails then).
+	HostFreeBytes         uint64 `json:"host_free_bytes"`
+	HostUnbackedBytes     uint64 `json:"host_unbacked_bytes"`
+	ReservedUnbackedBytes uint64 `json:"reserved_unbacked_bytes"`
+	HostBelowLowWater     bool   `json:"host_below_low_water"`
+	// The metadata store's headroom on its file system (host.go): held
+	// now and wanted. Less held than wanted: that file system filled up
+	// and the pool gives no new host space to data until it is restored.
+	MetaHeadroomBytes     uint64 `json:"metadata_headroom_bytes"`
+	MetaHeadroomWantBytes uint64 `json:"metadata_headroom_want_bytes"`
+	// Preallocated: the whole data file is allocated on the host (pool
+	// create --preallocate); the host cannot run out under it.
+	Preallocated bool `json:"preallocated"`
+	// DataDevice is the block device holding the data, if any.
+	DataDevice       string `json:"data_device,omitempty"`
 	VolumeCount      int    `json:"volume_count"`
 	PendingMapWrites int    `json:"pending_map_changes"`
 	// Failed is why the pool refuses requests after a failed commit
@@ -1733,6 +1919,7 @@ func (p *Pool) Status() Status {
 	if d, ok := p.data.(interface{ hostBytes() (uint64, error) }); ok {
 		hostBytes, _ = d.hostBytes()
 	}
+	hostFree, _, hostKnown := p.hostFreeBytes()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	bs := uint64(p.blockSize)
@@ -1760,6 +1947,18 @@ func (p *Pool) Status() Status {
 		PendingMapWrites: len(p.dirty),
 		Failed:           errString(p.failed),
 	}}
+	if hostKnown {
+		s.Pool.HostFreeBytes = hostFree
+		s.Pool.HostUnbackedBytes = hostShortfall(p.rec.SizeBlocks*bs, hostBytes, hostFree, free*bs)
+		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
+	}
+	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
+	have, want := p.store.Headroom()
+	s.Pool.MetaHeadroomBytes, s.Pool.MetaHeadroomWantBytes = uint64(have), uint64(want)
+	s.Pool.Preallocated = p.rec.Flags&pebblemeta.PoolPreallocated != 0
+	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
+		s.Pool.DataDevice, _ = filepath.EvalSymlinks(filepath.Join(p.dir, dataName))
+	}
 	s.Volumes = make([]VolumeStatus, 0, len(p.vols))
 	for name, v := range p.vols {
 		vs := VolumeStatus{

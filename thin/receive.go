@@ -161,25 +161,41 @@ func (p *Pool) holdForReceive(volume string, n uint64) error {
 			return err
 		}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	v := p.vols[volume]
-	if v == nil {
-		return fmt.Errorf("volume %s: %w", volume, ErrNoVolume)
-	}
-	if n > v.recvRes {
-		if more, free := n-v.recvRes, p.freeLocked(); more > free {
-			return fmt.Errorf("%w: the stream needs %d blocks (%d bytes), %d are free", ErrNoSpace, n, n*uint64(p.blockSize), free)
+	// The hold is a reservation like any other: it has its spares on the
+	// host (host.go), or the receive fails with "no space" up front.
+	var hb hostBacking
+	defer hb.done(p)
+	for {
+		p.mu.Lock()
+		v := p.vols[volume]
+		if v == nil {
+			p.mu.Unlock()
+			return fmt.Errorf("volume %s: %w", volume, ErrNoVolume)
 		}
+		if n > v.recvRes {
+			more := n - v.recvRes
+			if free := p.freeLocked(); more > free {
+				p.mu.Unlock()
+				return fmt.Errorf("%w: the stream needs %d blocks (%d bytes), %d are free", ErrNoSpace, n, n*uint64(p.blockSize), free)
+			}
+			if !p.enoughSparesLocked(&hb, more) {
+				p.mu.Unlock()
+				if err := p.backFor(&hb, &hostNeed{spares: more}); err != nil {
+					return fmt.Errorf("receive into %s: %w", volume, err)
+				}
+				continue
+			}
+		}
+		v.recvRes = n
+		p.reaccountLocked(v)
+		if n == 0 {
+			p.spaceFreedLocked() // what was held is free again: wake waiting writers
+		} else {
+			p.noteSpaceLocked()
+		}
+		p.mu.Unlock()
+		return nil
 	}
-	v.recvRes = n
-	p.reaccountLocked(v)
-	if n == 0 {
-		p.spaceFreedLocked() // what was held is free again: wake waiting writers
-	} else {
-		p.noteSpaceLocked()
-	}
-	return nil
 }
 
 // receiveBase finds the snapshot an incremental stream applies to: the

@@ -90,6 +90,22 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
+	var hb hostBacking
+	defer hb.done(p)
+	if on {
+		p.mu.Lock()
+		var layer uint64
+		if v := p.vols[name]; v != nil && !v.rec.ReserveMode && v.rec.Kind != pebblemeta.KindSnapshot {
+			layer = v.rec.Layer
+		}
+		p.mu.Unlock()
+		if layer != 0 {
+			if err := p.allocateHead(layer, &hb); err != nil {
+				return fmt.Errorf("reserve mode of %s: %w", name, err)
+			}
+		}
+	}
+again:
 	// No fill in flight: a fill's reservation was counted under the mode
 	// it was planned in.
 	hold := p.holdExclusive()
@@ -108,9 +124,18 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 	default:
 		r := v.rec
 		r.ReserveMode = on
-		if need := p.reserveNeedLocked(v, r); need > p.freeLocked() {
+		need := p.reserveNeedLocked(v, r)
+		if need > p.freeLocked() {
 			err = fmt.Errorf("reserve mode of %s: %w: it needs %d more blocks reserved, %d are free",
 				name, ErrNoSpace, need, p.freeLocked())
+			break
+		}
+		if !p.enoughSparesLocked(&hb, need) {
+			err = &hostNeed{spares: need}
+			break
+		}
+		if h := p.headUnallocatedLocked(v.rec.Layer, &hb); on && h != nil {
+			err = h
 			break
 		}
 		v.rec.ReserveMode = on
@@ -124,6 +149,12 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 		}
 	}
 	hold.release()
+	if h, ok := err.(*hostNeed); ok {
+		if err := p.backFor(&hb, h); err != nil {
+			return fmt.Errorf("reserve mode of %s: %w", name, err)
+		}
+		goto again
+	}
 	if err != nil {
 		return err
 	}

@@ -131,6 +131,9 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 	if err := p.settleReleasesLocked(); err != nil {
 		return err
 	}
+	var hb hostBacking
+	defer hb.done(p)
+again:
 	// No request in flight: no fill can publish into a layer being frozen.
 	hold := p.holdExclusive()
 	defer hold.release()
@@ -152,9 +155,16 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 		seen[s.Name] = true
 	}
 	if err == nil {
-		err = p.snapshotSpaceLocked(specs)
+		err = p.snapshotSpaceLocked(specs, &hb)
 	}
 	if err != nil {
+		if h, ok := err.(*hostNeed); ok {
+			hold.release()
+			if err := p.backFor(&hb, h); err != nil {
+				return fmt.Errorf("create snapshot of %s: %w", specs[0].Origin, err)
+			}
+			goto again
+		}
 		return err
 	}
 	frozenAt := map[string]uint64{}
@@ -204,7 +214,7 @@ func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 // block it then shares (every block, in reserve mode) minus the
 // reservation entries it freezes, and each clone one for every
 // provisioned block it shares.
-func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
+func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec, hb *hostBacking) error {
 	var need uint64
 	frozen := map[string]bool{}
 	for _, s := range specs {
@@ -229,6 +239,9 @@ func (p *Pool) snapshotSpaceLocked(specs []SnapshotSpec) error {
 		}
 		return fmt.Errorf("create snapshot %v: %w: it must reserve %d blocks (%d bytes) for copy-on-write of provisioned shared blocks, %d are free",
 			names, ErrNoSpace, need, need*uint64(p.blockSize), free)
+	}
+	if !p.enoughSparesLocked(hb, need) {
+		return &hostNeed{spares: need}
 	}
 	return nil
 }

@@ -248,11 +248,21 @@ func (v *Volume) WriteAtOrWithdraw(bufs [][]byte, off int64, withdraw <-chan str
 			if err != nil {
 				return err
 			}
+			if err := p.commitUnlogged(); err != nil {
+				return fmt.Errorf("write volume %s: %w", v.name, err)
+			}
 			return p.backpressure()
 		case wait != nil:
 			<-wait
+		case isHostNoSpace(err):
+			// Nothing was published, but pieces written in place may have
+			// landed: counted, as a failed write is.
+			p.opSeq.Add(1)
+			if err := p.waitForHostSpace(&deadline, "write", v.name, err, withdraw); err != nil {
+				return err
+			}
 		case errors.Is(err, ErrNoSpace):
-			if err := p.waitForSpace(&deadline, "write", v.name, withdraw); err != nil {
+			if err := p.waitForSpace(&deadline, "write", v.name, err, withdraw); err != nil {
 				return err
 			}
 		case err == errRaiseZero:
@@ -276,6 +286,11 @@ func (v *Volume) writeGated(bufs [][]byte, off, n int64) (started bool, wait cha
 		return false, wait, err
 	}
 	if err := v.doWrite(plans, bufs, off, n); err != nil {
+		if isHostNoSpace(err) {
+			// The host file system is full: nothing was published, and the
+			// caller retries as the no-space policy says.
+			return false, nil, hostError(err, uint64(len(plans)))
+		}
 		return true, nil, fmt.Errorf("write volume %s at %d: %w", v.name, off, err)
 	}
 	return true, nil, nil
@@ -329,13 +344,17 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			fromRes++
 		case fromRecv < v.st.recvRes:
 			fromRecv++ // a receive reserved it: taken below, once allocated
+			f.fromRecv = true
 		default:
 			need++
 		}
 		plans = append(plans, writePlan{vb: vb, pblock: -1, f: f, cow: cow})
 	}
 	if need > p.freeLocked() {
-		return nil, nil, ErrNoSpace
+		return nil, nil, p.noSpaceLocked()
+	}
+	if need > 0 && p.dataHeadroomShort() {
+		return nil, nil, errHeadroomShort
 	}
 	var err error
 	for i := range plans {
@@ -343,13 +362,13 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		if f == nil {
 			continue
 		}
-		pb, zero, ok := p.allocLocked()
+		pb, zero, spare, ok := p.allocLocked(f.fromReserve || f.fromRecv)
 		if ok && pb >= p.zeroDurable {
 			// Writing here would break the committed promise that blocks
 			// from ZeroFrom on were never written: raise it and let the
 			// caller commit and retry. Only a new pool's first write, or
 			// allocation outrunning the background raise below, gets here.
-			p.alloc.clear(pb)
+			p.unallocLocked(pb, spare)
 			p.rec.ZeroFrom = max(p.rec.ZeroFrom, min(p.rec.SizeBlocks, pb+1+p.tune.zeroStep))
 			p.metaDirty = true
 			ok = false
@@ -360,8 +379,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			// metadata): undo this request's allocations and fail it.
 			for _, q := range plans[:i] {
 				if q.f != nil {
-					p.alloc.clear(q.f.pblock)
+					p.unallocLocked(q.f.pblock, q.f.spare)
 					p.inflight.clear(q.f.pblock)
+					p.spareFills.clear(q.f.pblock)
 					if q.f.fromReserve {
 						p.inflightRes--
 					}
@@ -371,10 +391,15 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 			if err == errRaiseZero {
 				return nil, nil, err
 			}
+			if p.backing.count > 0 || p.spareWant > 0 || p.releasingLocked() {
+				// The free blocks are spares being backed for a
+				// reservation about to be made (host.go).
+				return nil, nil, p.noSpaceLocked()
+			}
 			return nil, nil, fmt.Errorf("write volume %s: %w: no free block although %d are counted free (run check)",
 				v.name, pebblemeta.ErrCorrupt, p.freeLocked())
 		}
-		f.zero = zero
+		f.zero, f.spare = zero, spare
 		if pb+p.tune.zeroStep/2 >= p.zeroDurable && p.rec.ZeroFrom <= p.zeroDurable && p.zeroDurable < p.rec.SizeBlocks {
 			// Halfway to the mark: raise it in a background commit now,
 			// so that allocation never waits for a commit to pass it.
@@ -384,6 +409,9 @@ func (v *Volume) planWrite(off, n int64) ([]writePlan, chan struct{}, error) {
 		}
 		p.zeroMark = max(p.zeroMark, pb+1)
 		p.inflight.set(pb)
+		if spare {
+			p.spareFills.set(pb)
+		}
 		if f.fromReserve {
 			p.inflightRes++
 		}
@@ -504,11 +532,12 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 		}
 		delete(p.filling, mapKey{layer, pl.vb})
 		p.inflight.clear(f.pblock)
+		p.spareFills.clear(f.pblock)
 		if f.fromReserve {
 			p.inflightRes--
 		}
 		if err != nil {
-			p.alloc.clear(f.pblock)
+			p.unallocLocked(f.pblock, f.spare)
 		} else {
 			e := pebblemeta.Entry{Flags: pebblemeta.FlagMapped | f.flags, PBlock: f.pblock}
 			p.setLocked(v.st, pl.vb, f.prev, e, f.ancProv)
@@ -517,6 +546,9 @@ func (v *Volume) publish(plans []writePlan, err error) error {
 			}
 		}
 		p.dirtyChunks[f.pblock/chunkBlocks] = struct{}{}
+		if f.spare {
+			p.spareChunks[f.pblock/chunkBlocks] = struct{}{} // persisted as a spare while in flight
+		}
 		close(f.done)
 	}
 	if len(p.dirty) >= p.opts.MaxPending {
@@ -642,17 +674,33 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-cha
 	}
 	p := v.p
 	var deadline time.Time
+	var hb hostBacking
+	defer hb.done(p)
 	for {
-		started, wait, err := v.zeroGated(off, length, unmap)
+		started, wait, err := v.zeroGated(off, length, unmap, &hb)
 		if started {
 			p.opSeq.Add(1) // failed too (see WriteAt)
 			if err != nil {
+				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+			}
+			if err := p.commitUnlogged(); err != nil {
 				return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
 			}
 			return p.backpressure()
 		}
 		if wait != nil {
 			<-wait
+			continue
+		}
+		if h, ok := err.(*hostNeed); ok {
+			if err := p.backFor(&hb, h); err != nil {
+				if !errors.Is(err, ErrNoSpace) {
+					return fmt.Errorf("%s on volume %s at %d+%d: %w", op, v.name, off, length, err)
+				}
+				if err := p.waitForHostSpace(&deadline, op, v.name, err, withdraw); err != nil {
+					return err
+				}
+			}
 			continue
 		}
 		if cf, ok := err.(*cowFirst); ok {
@@ -664,7 +712,7 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-cha
 			continue
 		}
 		if errors.Is(err, ErrNoSpace) {
-			if err := p.waitForSpace(&deadline, op, v.name, withdraw); err != nil {
+			if err := p.waitForSpace(&deadline, op, v.name, err, withdraw); err != nil {
 				return err
 			}
 			continue
@@ -676,11 +724,11 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-cha
 // zeroGated plans a discard or write-zeroes and zeroes in place under the
 // I/O gate, which it releases on every exit. started is false when the
 // request did not start: wait for wait, or planning returned err.
-func (v *Volume) zeroGated(off, length int64, unmap bool) (started bool, wait chan struct{}, err error) {
+func (v *Volume) zeroGated(off, length int64, unmap bool, hb *hostBacking) (started bool, wait chan struct{}, err error) {
 	p := v.p
 	p.ioGate.RLock()
 	defer p.ioGate.RUnlock()
-	zeros, wait, err := v.planZeroes(off, length, unmap)
+	zeros, wait, err := v.planZeroes(off, length, unmap, hb)
 	if wait != nil || err != nil {
 		return false, wait, err
 	}
@@ -706,7 +754,7 @@ func (c *cowFirst) Error() string { return "shared blocks must be copied first" 
 // with a snapshot (found in an ancestor layer) are never zeroed in place:
 // whole ones get a hole (discard) or a reservation (provision) in the
 // head, partial ones are copied first (cowFirst).
-func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struct{}, error) {
+func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]zeroOp, chan struct{}, error) {
 	p := v.p
 	bs := p.blockSize
 	p.mu.Lock()
@@ -777,7 +825,11 @@ func (v *Volume) planZeroes(off, length int64, unmap bool) ([]zeroOp, chan struc
 	// A receive's reservation covers what it provisions (receive.go).
 	fromRecv := min(need, v.st.recvRes)
 	if need-fromRecv > p.freeLocked() {
-		return nil, nil, ErrNoSpace
+		return nil, nil, p.noSpaceLocked()
+	}
+	// The receive's reservation has its spares already (holdForReceive).
+	if h := p.zeroesHostNeedLocked(unmap, need-fromRecv, existing, hb); h != nil {
+		return nil, nil, h
 	}
 	if len(cow) > 0 {
 		return nil, nil, &cowFirst{cow}

@@ -185,6 +185,11 @@ const (
 	eventLowWater       = "BLOCK_POOL_LOW_WATER"       // {pool, free_bytes, below}
 	// A commit failed: the pool refuses every request until restarted.
 	eventPoolFailed = "BLOCK_POOL_FAILED" // {pool, reason}
+	// The data file's host file system: a write found it full, it had
+	// space again, its free space crossed the pool's low-water mark.
+	eventHostOutOfSpace     = "BLOCK_POOL_HOST_OUT_OF_SPACE"    // {pool, volume, host_free_bytes}
+	eventHostSpaceAvailable = "BLOCK_POOL_HOST_SPACE_AVAILABLE" // {pool, host_free_bytes}
+	eventHostLowWater       = "BLOCK_POOL_HOST_LOW_WATER"       // {pool, host_free_bytes, below}
 )
 
 // failureEvent maps thin's PoolFailed to BLOCK_POOL_FAILED.
@@ -198,6 +203,20 @@ func failureEvent(pool string, ev thin.Event) (name string, data map[string]any,
 // spaceEvent maps thin's space events to QMP events; ok is false for the
 // other (volume and pool change) events.
 func spaceEvent(pool string, ev thin.Event) (name string, data map[string]any, ok bool) {
+	if ev.Host {
+		data = map[string]any{"pool": pool, "host_free_bytes": ev.Free}
+		switch ev.Type {
+		case thin.OutOfSpace:
+			data["volume"] = ev.Volume
+			return eventHostOutOfSpace, data, true
+		case thin.SpaceAvailable:
+			return eventHostSpaceAvailable, data, true
+		case thin.LowWater, thin.AboveLowWater:
+			data["below"] = ev.Type == thin.LowWater
+			return eventHostLowWater, data, true
+		}
+		return "", nil, false
+	}
 	data = map[string]any{"pool": pool, "free_bytes": ev.Free}
 	switch ev.Type {
 	case thin.OutOfSpace:

@@ -79,12 +79,14 @@ func runPool(args []string, stdout, stderr io.Writer) int {
 }
 
 func runPoolCreate(args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue|pause] [--no-space-timeout 60s] [--low-water 10%]", stderr)
+	fs := newFlagSet("pool create", "pool create DIR --size SIZE [--block-size 64K] [--no-space error|queue|pause] [--no-space-timeout 60s] [--low-water 10%] [--preallocate] [--data-device DEV]", stderr)
 	size := fs.String("size", "", "pool size (data space), e.g. 20G; a multiple of the block size")
 	blockSize := fs.String("block-size", "64K", "allocation unit: a power of two from 4K to 16M")
 	noSpace := fs.String("no-space", "error", "when a write finds no free space: error (fail at once), queue (wait for space up to --no-space-timeout) or pause (wait for space however long; serve --qemu-qmp pauses the VM meanwhile)")
 	noSpaceTimeout := fs.Duration("no-space-timeout", 60*time.Second, "how long a queued write waits for space before it fails")
 	lowWater := fs.String("low-water", "10%", "log and flag the pool when free space falls below this share of it")
+	dataDevice := fs.String("data-device", "", "keep the pool's data on this block device (LV, partition, loop device) instead of a file; DIR/thinblk.data links to it")
+	prealloc := fs.Bool("preallocate", false, "allocate the whole data file on the host now (thick): the host can never be full under the pool; freed blocks are not punched")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return exitFor(err)
@@ -112,11 +114,22 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 	if o.LowWater, err = units.ParsePercent(*lowWater); err != nil {
 		return usageError(stderr, "pool create", fmt.Errorf("--low-water %w", err))
 	}
+	o.Preallocate, o.DataDevice = *prealloc, *dataDevice
 	if err := thin.Create(pos[0], o); err != nil {
 		return fail(stderr, "pool create", err)
 	}
 	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], units.HumanBytes(o.Size), units.HumanBytes(uint64(o.BlockSize)))
+	if free, err := thin.HostFree(pos[0]); err == nil && free < o.Size && !o.Preallocate && o.DataDevice == "" {
+		warnHost(stderr, o.Size-free, free)
+	}
 	return 0
+}
+
+// warnHost warns that the pool is over-committed on its host file system.
+func warnHost(w io.Writer, unbacked, hostFree uint64) {
+	fmt.Fprintf(w, "warning: the host file system has %s free: %s of the pool's free space is not backed by it; "+
+		"writes to unprovisioned space follow the no-space policy when it fills (provisioned and reserved space stays backed)\n",
+		units.HumanBytes(hostFree), units.HumanBytes(unbacked))
 }
 
 func runPoolGrow(args []string, stdout, stderr io.Writer) int {
@@ -139,6 +152,9 @@ func runPoolGrow(args []string, stdout, stderr io.Writer) int {
 			return err
 		}
 		fmt.Fprintf(stdout, "pool %s is now %s\n", pos[0], units.HumanBytes(n))
+		if st, err := ops.Status(); err == nil && st.Pool.HostUnbackedBytes > 0 {
+			warnHost(stderr, st.Pool.HostUnbackedBytes, st.Pool.HostFreeBytes)
+		}
 		return nil
 	})
 }
@@ -343,11 +359,32 @@ func printStatus(w io.Writer, st thin.Status) {
 	fmt.Fprintf(w, "pool %s: size %s, allocated %s, reserved %s, free %s (block size %s, no-space %s)\n",
 		p.Dir, units.HumanBytes(p.SizeBytes), units.HumanBytes(p.AllocatedBytes), units.HumanBytes(p.ReservedBytes),
 		units.HumanBytes(p.FreeBytes), units.HumanBytes(uint64(p.BlockSize)), p.NoSpace)
+	if p.Preallocated {
+		fmt.Fprintf(w, "preallocated: the whole data file is allocated on the host\n")
+	}
+	if p.DataDevice != "" {
+		fmt.Fprintf(w, "data on block device %s\n", p.DataDevice)
+	}
 	if p.DataHostBytes > 0 {
 		fmt.Fprintf(w, "data file takes %s on the host, metadata %s\n", units.HumanBytes(p.DataHostBytes), units.HumanBytes(p.MetadataBytes))
 	}
 	if p.BelowLowWater {
 		fmt.Fprintf(w, "WARNING: free space is below the low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
+	}
+	if p.HostFreeBytes > 0 || p.HostUnbackedBytes > 0 {
+		fmt.Fprintf(w, "host file system: free %s; pool free space it could not back: %s\n",
+			units.HumanBytes(p.HostFreeBytes), units.HumanBytes(p.HostUnbackedBytes))
+	}
+	if p.HostBelowLowWater {
+		fmt.Fprintf(w, "WARNING: the host file system's free space is below the pool's low-water mark (%s)\n", units.HumanBytes(p.LowWaterBytes))
+	}
+	if p.MetaHeadroomBytes < p.MetaHeadroomWantBytes {
+		fmt.Fprintf(w, "WARNING: the metadata's host file system filled up: metadata headroom %s of %s; writes that need new host space follow the no-space policy until it is restored\n",
+			units.HumanBytes(p.MetaHeadroomBytes), units.HumanBytes(p.MetaHeadroomWantBytes))
+	}
+	if p.ReservedUnbackedBytes > 0 {
+		fmt.Fprintf(w, "WARNING: %s of reserved space has no host-allocated spare: promised writes may fail if the host fills up\n",
+			units.HumanBytes(p.ReservedUnbackedBytes))
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "VOLUME\tKIND\tSIZE\tMAPPED\tPROVISIONED\tRESERVED\t RESERVED FOR")

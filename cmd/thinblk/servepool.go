@@ -28,6 +28,10 @@ func servePool(ctx context.Context, f serveFlags, trace *blktrace.Log, logger *s
 			trace.Note(vol, text)
 		})
 	}
+	if st := pool.Status().Pool; st.HostUnbackedBytes > 0 {
+		logger.Warn("the pool exceeds what its host file system can back: writes to unprovisioned space follow the no-space policy when it fills (provisioned and reserved space stays backed)",
+			"pool", f.pool, "host_free_bytes", st.HostFreeBytes, "unbacked_bytes", st.HostUnbackedBytes)
+	}
 	sockDir := f.socketDir
 	if sockDir == "" {
 		sockDir = f.pool

@@ -1,0 +1,63 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/thin"
+)
+
+// TestHostOvercommitReported: a pool larger than its host file system (a
+// 16 MiB tmpfs) is warned about by pool create and pool grow, and status
+// shows the host's free space and what of the pool it cannot back, in
+// text and JSON; the QMP event names for host space events.
+func TestHostOvercommitReported(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	mnt := t.TempDir()
+	if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, fmt.Sprintf("size=%d", 16<<20)); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(mnt, unix.MNT_DETACH)
+	dir := filepath.Join(mnt, "pool")
+	_, errOut, code := thinblk(t, "pool", "create", dir, "--size", "8M", "--block-size", "4K")
+	if code != 0 || errOut != "" {
+		t.Fatalf("pool create that fits its host: exit %d, stderr %q", code, errOut)
+	}
+	_, errOut, code = thinblk(t, "pool", "grow", dir, "--size", "64M")
+	if code != 0 || !strings.Contains(errOut, "warning: the host file system has") {
+		t.Fatalf("pool grow beyond its host: exit %d, stderr %q", code, errOut)
+	}
+	st := statusJSON(t, dir)
+	if st.Pool.HostFreeBytes == 0 || st.Pool.HostFreeBytes > 16<<20 || st.Pool.HostUnbackedBytes < 48<<20 {
+		t.Fatalf("status of a 64M pool on a 16M host: %+v", st.Pool)
+	}
+	if out := mustThinblk(t, "status", dir); !strings.Contains(out, "pool free space it could not back") {
+		t.Fatalf("status text without the host line:\n%s", out)
+	}
+	dir2 := filepath.Join(mnt, "pool2")
+	_, errOut, code = thinblk(t, "pool", "create", dir2, "--size", "1G")
+	if code != 0 || !strings.Contains(errOut, "warning: the host file system has") {
+		t.Fatalf("pool create beyond its host: exit %d, stderr %q", code, errOut)
+	}
+	for _, c := range []struct {
+		ev   thin.Event
+		name string
+	}{
+		{thin.Event{Type: thin.OutOfSpace, Host: true, Volume: "v"}, eventHostOutOfSpace},
+		{thin.Event{Type: thin.SpaceAvailable, Host: true}, eventHostSpaceAvailable},
+		{thin.Event{Type: thin.LowWater, Host: true}, eventHostLowWater},
+		{thin.Event{Type: thin.OutOfSpace, Volume: "v"}, eventOutOfSpace},
+	} {
+		name, data, ok := spaceEvent("p", c.ev)
+		if !ok || name != c.name {
+			t.Errorf("event %+v: %s %v", c.ev, name, data)
+		}
+	}
+}

@@ -1,0 +1,844 @@
+package thin
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/pebblemeta"
+)
+
+// The promise against the host (issue 12). The data file is sparse: the
+// space behind a block is whatever the host file system still has when
+// the block is first written. So that space a guest was promised never
+// depends on the host's free space later:
+//
+//   - a provisioned mapped block is host-allocated (Allocate, i.e.
+//     fallocate with KEEP_SIZE, of its whole range) before the
+//     WRITE_ZEROES that provisions it changes the map; it is never
+//     punched while mapped (only released blocks are punched);
+//   - every reservation (a provisioned block not written yet, a
+//     copy-on-write reservation of a shared provisioned block, reserve
+//     mode's) is backed by a spare: a free block the pool has
+//     host-allocated and keeps out of unreserved allocation. A write
+//     that consumes a reservation takes a spare, so it never needs new
+//     host space. Invariant: spare blocks >= reserved blocks
+//     (reservedLocked), checked before anything that reserves more
+//     commits; an operation that would reserve more first host-allocates
+//     the spares it lacks (backSpares) or fails with ErrNoSpace,
+//     changing nothing.
+//
+// Spares are free blocks (clear in alloc), so the pool's accounting is
+// unchanged: free = size - allocated - reserved still holds, the spares
+// are part of the free count that reservations already hold. Spares
+// beyond the reservations (a reservation given back) are punched and
+// returned to the host by the next commit's release phase (they count
+// as releasing meanwhile), unless operations in progress are about to
+// reserve them (spareWant). The spare set is persisted with each commit
+// (bitmap chunks "s"), with blocks being filled from it, and
+// host-allocated again at Open: a crash cannot lose its backing (an
+// allocation not yet synced, a spare handed to a write that did not
+// commit). Where the whole data file is host-allocated (a preallocated
+// pool, a block device: thick) no spares are needed.
+
+// reservedLocked is the number of reserved blocks not yet consumed: what
+// the spares must cover.
+func (p *Pool) reservedLocked() uint64 {
+	return p.rec.Reserved + p.extra - p.inflightRes
+}
+
+// hostBackedLocked reports whether spares are kept (the data file is
+// sparse and can allocate ahead).
+func (p *Pool) hostBackedLocked() bool {
+	return !p.thick && !p.noAlloc.Load()
+}
+
+// unbackedLocked is how many reservations have no spare (only after the
+// host could not back them at Open).
+func (p *Pool) unbackedLocked() uint64 {
+	if !p.hostBackedLocked() {
+		return 0
+	}
+	if r := p.reservedLocked(); r > p.spare.count {
+		return r - p.spare.count
+	}
+	return 0
+}
+
+func (p *Pool) setSpareLocked(b uint64) {
+	p.spare.set(b)
+	p.spareChunks[b/chunkBlocks] = struct{}{}
+}
+
+func (p *Pool) clearSpareLocked(b uint64) {
+	p.spare.clear(b)
+	p.spareChunks[b/chunkBlocks] = struct{}{}
+}
+
+// allocLocked takes a free block: for a write that consumes a
+// reservation (fromReserve) a spare, which needs no new host space;
+// otherwise a block that is neither a spare nor being backed, or a spare
+// beyond what reservations need. zero says whether it reads as zeros
+// (never written, or punched since it was freed); spare whether it was a
+// spare (unallocLocked puts it back).
+func (p *Pool) allocLocked(fromReserve bool) (b uint64, zero, spare, ok bool) {
+	if fromReserve {
+		b, ok = p.spare.findSet(p.cursor)
+		spare = ok
+		if !ok && p.hostBackedLocked() && p.releasingLocked() {
+			// The release under way brings the spare (a discard in
+			// reserve mode): wait for it rather than need host space.
+			return 0, false, false, false
+		}
+	}
+	if !ok {
+		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing)
+	}
+	if !ok && p.spare.count > p.reservedLocked()+p.spareWant {
+		b, ok = p.spare.findSet(p.cursor)
+		spare = ok
+	}
+	if !ok {
+		return 0, false, false, false
+	}
+	if spare {
+		p.clearSpareLocked(b)
+	}
+	p.alloc.set(b)
+	p.cursor = b + 1
+	p.dirtyChunks[b/chunkBlocks] = struct{}{}
+	zero = b >= p.zeroMark || p.zeroed.test(b)
+	p.zeroed.clear(b)
+	return b, zero, spare, true
+}
+
+// releasingLocked reports whether freed blocks wait for a commit or a
+// release phase.
+func (p *Pool) releasingLocked() bool {
+	return p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
+}
+
+// unallocLocked gives back a block allocLocked handed out and that was
+// not published (its write failed, or the request was undone).
+func (p *Pool) unallocLocked(b uint64, spare bool) {
+	p.alloc.clear(b)
+	if spare {
+		p.setSpareLocked(b) // still host-allocated
+	}
+}
+
+// trimSparesLocked sends spares that no reservation needs to the release
+// path (pend): the next release phase punches them, giving their space
+// back to the host, and makes them free again. Part of a cut.
+func (p *Pool) trimSparesLocked() {
+	if !p.spareExcessLocked() {
+		return
+	}
+	keep := p.reservedLocked() + p.spareWant
+	for p.spare.count > keep {
+		b, ok := p.spare.findSet(0)
+		if !ok {
+			return
+		}
+		p.clearSpareLocked(b)
+		p.alloc.set(b)
+		p.pend.set(b)
+	}
+}
+
+// spareExcessLocked reports whether there are spares for trimSparesLocked
+// to give back.
+func (p *Pool) spareExcessLocked() bool {
+	return p.hostBackedLocked() && !p.noPunch.Load() && p.spare.count > p.reservedLocked()+p.spareWant
+}
+
+// sparesFromReleased picks, among blocks being released, spares for
+// reservations that have none: reserve mode reserves again each block a
+// discard releases, and the released block itself is the natural spare
+// once its release is durable. They are host-allocated whole (a block's
+// unwritten parts may be holes) and kept out of punching; releaseBlocks
+// makes them spares. Called by the release phase, without locks.
+func (p *Pool) sparesFromReleased(released *bitmap) []uint64 {
+	p.mu.Lock()
+	if !p.hostBackedLocked() {
+		p.mu.Unlock()
+		return nil
+	}
+	want := p.reservedLocked() + p.spareWant
+	have := p.spare.count + p.backing.count
+	var keep []uint64
+	if have < want {
+		d := want - have
+		released.runs(func(first, n uint64) bool {
+			for b := first; b < first+n && uint64(len(keep)) < d; b++ {
+				keep = append(keep, b)
+			}
+			return uint64(len(keep)) < d
+		})
+	}
+	p.mu.Unlock()
+	if len(keep) == 0 {
+		return nil
+	}
+	// Released blocks were written: what they need on the host is at most
+	// their holes, so the metadata's headroom does not hold this back
+	// (a reserved write would need new host space instead).
+	if err := p.allocateRuns(keep); err != nil {
+		p.log.Warn("released blocks could not be host-allocated as spares for reservations", "pool", p.dir, "err", err)
+		return nil
+	}
+	p.dataDirty.Store(true)
+	return keep
+}
+
+// hostBacking is what one request or operation did to back what it is
+// about to reserve: mapped blocks it host-allocated, and the spares it
+// asked for (p.spareWant) until done.
+type hostBacking struct {
+	allocated map[uint64]struct{}
+	want      uint64
+}
+
+// enoughSparesLocked reports whether the spares cover the pool's
+// reservations, n more, and what other operations in progress asked for.
+func (p *Pool) enoughSparesLocked(hb *hostBacking, n uint64) bool {
+	if !p.hostBackedLocked() {
+		return true
+	}
+	return p.spare.count+hb.want >= p.reservedLocked()+p.spareWant+n
+}
+
+// done gives back the spares hb asked for: its reservations are in place
+// (and the spares count for them) or were abandoned (the next commit
+// trims them).
+func (hb *hostBacking) done(p *Pool) {
+	if hb.want > 0 {
+		p.mu.Lock()
+		p.spareWant -= hb.want
+		p.mu.Unlock()
+		hb.want = 0
+	}
+}
+
+// hostNeed asks the caller of a plan to host-allocate first: the physical
+// blocks of mapped blocks about to be provisioned, and spares for n more
+// reservations. It is returned as an error by planners.
+type hostNeed struct {
+	blocks []uint64
+	spares uint64
+}
+
+func (h *hostNeed) Error() string { return "host space must be allocated first" }
+
+// zeroesHostNeedLocked says what a write-zeroes without unmap on v must
+// host-allocate before it changes the map, or nil: its mapped blocks,
+// whole, and spares for the need new reservations.
+func (p *Pool) zeroesHostNeedLocked(unmap bool, need uint64, existing map[uint64]pebblemeta.Entry, hb *hostBacking) *hostNeed {
+	if !p.hostBackedLocked() {
+		return nil
+	}
+	if unmap {
+		// A discard reserves again in reserve mode, but what it releases
+		// becomes the spare (sparesFromReleased).
+		return nil
+	}
+	h := &hostNeed{}
+	for _, e := range existing {
+		if e.Mapped() && !e.Provisioned() {
+			if _, ok := hb.allocated[e.PBlock]; !ok {
+				h.blocks = append(h.blocks, e.PBlock)
+			}
+		}
+	}
+	if !p.enoughSparesLocked(hb, need) {
+		h.spares = need
+	}
+	if len(h.blocks) == 0 && h.spares == 0 {
+		return nil
+	}
+	return h
+}
+
+// backFor does what a hostNeed asks, without the pool lock or the I/O
+// gate; hb remembers it for the planner's next pass.
+func (p *Pool) backFor(hb *hostBacking, h *hostNeed) error {
+	if len(h.blocks) > 0 {
+		if hb.allocated == nil {
+			hb.allocated = map[uint64]struct{}{}
+		}
+		if err := p.allocateBlocks(h.blocks); err != nil {
+			return err
+		}
+		for _, b := range h.blocks {
+			hb.allocated[b] = struct{}{}
+		}
+		p.dataDirty.Store(true) // the next commit syncs the allocation first
+	}
+	if h.spares > 0 && hb.want < h.spares {
+		hb.done(p)
+		return p.backSpares(hb, h.spares)
+	}
+	// Asked for already (others took them), or reservations made without
+	// spares fall short: top the spares up to what is reserved. Returning
+	// without doing so would have the caller plan, and ask, again forever.
+	return p.backSpares(hb, 0)
+}
+
+// backSpares host-allocates free blocks until the pool's spares cover its
+// reservations plus n more (and what others in progress asked for). On
+// return hb holds n in p.spareWant, so that no commit trims them before
+// the caller reserves (hb.done gives them up). It fails with ErrNoSpace
+// when the pool has too few free blocks or the host cannot allocate them;
+// then no spare was added.
+func (p *Pool) backSpares(hb *hostBacking, n uint64) error {
+	p.mu.Lock()
+	if !p.hostBackedLocked() {
+		p.mu.Unlock()
+		return nil
+	}
+	p.spareWant += n
+	hb.want += n
+	want := p.reservedLocked() + p.spareWant
+	have := p.spare.count + p.backing.count
+	if have >= want {
+		p.mu.Unlock()
+		return nil
+	}
+	d := want - have
+	picked := make([]uint64, 0, d)
+	from := p.cursor
+	for uint64(len(picked)) < d {
+		b, ok := p.alloc.findClearExcept(from, p.spare, p.backing)
+		if !ok {
+			break
+		}
+		p.backing.set(b)
+		picked = append(picked, b)
+		from = b + 1
+	}
+	p.mu.Unlock()
+	err := p.allocateBlocks(picked)
+	if err == nil && uint64(len(picked)) < d {
+		err = fmt.Errorf("%w: %d blocks must be reserved, the pool has %d free to back them", ErrNoSpace, d, len(picked))
+	}
+	if err != nil {
+		// Give back what a failed fallocate may have taken, best effort:
+		// nothing else can touch these blocks while they are backing.
+		slices.Sort(picked)
+		for _, r := range blockRuns(picked) {
+			_ = p.data.PunchHole(int64(r[0])<<p.shift, int64(r[1])<<p.shift)
+		}
+	}
+	p.mu.Lock()
+	for _, b := range picked {
+		p.backing.clear(b)
+		if err == nil {
+			p.setSpareLocked(b)
+			// The reservations these back may reach the intent log
+			// before the next commit: so must their spares.
+			if p.intent != nil && !p.intentSkip {
+				p.intent.addSpare(b)
+			}
+		}
+	}
+	p.mu.Unlock()
+	if err != nil {
+		hb.done(p)
+		return err
+	}
+	p.dataDirty.Store(true) // the commit that records the spares syncs their allocation first
+	return nil
+}
+
+// allocateBlocks host-allocates the given pool blocks, run by run.
+func (p *Pool) allocateBlocks(blocks []uint64) error {
+	if len(blocks) > 0 && !p.restoreHeadroom() {
+		return errHeadroomShort
+	}
+	return p.allocateRuns(blocks)
+}
+
+// allocateRuns host-allocates blocks whatever the metadata's headroom:
+// for blocks that are allocated already but for holes.
+func (p *Pool) allocateRuns(blocks []uint64) error {
+	bs := slices.Clone(blocks)
+	slices.Sort(bs)
+	for _, r := range blockRuns(bs) {
+		if err := p.data.Allocate(int64(r[0])<<p.shift, int64(r[1])<<p.shift); err != nil {
+			if errors.Is(err, errors.ErrUnsupported) {
+				p.noHostAlloc(err)
+				return nil
+			}
+			return hostError(err, r[1])
+		}
+	}
+	return nil
+}
+
+// hostError turns a host ENOSPC into the pool's no-space error.
+func hostError(err error, blocks uint64) error {
+	if errors.Is(err, unix.ENOSPC) {
+		return fmt.Errorf("%w: the host file system cannot allocate %d more blocks for the data file (%w)", ErrNoSpace, blocks, err)
+	}
+	return err
+}
+
+// noHostAlloc records that the data file cannot allocate ahead: the
+// promise then holds only within the pool's own accounting.
+func (p *Pool) noHostAlloc(err error) {
+	if !p.noAlloc.Swap(true) {
+		p.log.Warn("the data file's host file system cannot allocate ahead (fallocate); provisioned and reserved space is not backed on the host",
+			"pool", p.dir, "err", err)
+	}
+}
+
+// blockRuns groups sorted block numbers into runs [first, count].
+func blockRuns(sorted []uint64) [][2]uint64 {
+	var runs [][2]uint64
+	for _, b := range sorted {
+		if n := len(runs); n > 0 && runs[n-1][0]+runs[n-1][1] == b {
+			runs[n-1][1]++
+			continue
+		}
+		runs = append(runs, [2]uint64{b, 1})
+	}
+	return runs
+}
+
+// openSpares rebuilds the spares at Open: the persisted set (less any
+// block the map owns) is host-allocated again (a crash may have lost an
+// allocation that was not synced yet), then more are backed if the
+// reservations need them. A host that cannot back them leaves the pool
+// usable but its promise at risk: logged, and reported by Status and
+// Check.
+func (p *Pool) openSpares() {
+	if !p.hostBackedLocked() {
+		return
+	}
+	p.spare.andNot(p.alloc)
+	var runs [][2]uint64
+	p.spare.runs(func(first, n uint64) bool {
+		runs = append(runs, [2]uint64{first, n})
+		return true
+	})
+	for _, r := range runs {
+		err := p.data.Allocate(int64(r[0])<<p.shift, int64(r[1])<<p.shift)
+		if errors.Is(err, errors.ErrUnsupported) {
+			p.noHostAlloc(err)
+			return
+		}
+		if err != nil {
+			p.log.Error("a spare block for reservations could not be host-allocated again", "pool", p.dir,
+				"block", r[0], "blocks", r[1], "err", err)
+			for b := r[0]; b < r[0]+r[1]; b++ {
+				p.clearSpareLocked(b)
+			}
+		}
+	}
+	var hb hostBacking
+	if err := p.backSpares(&hb, 0); err != nil {
+		p.log.Error("the host cannot back the pool's reservations: writes to provisioned or reserved space may fail when the host file system fills up",
+			"pool", p.dir, "unbacked_bytes", p.unbackedLocked()*uint64(p.blockSize), "err", err)
+	}
+	p.dataDirty.Store(true)
+}
+
+// hostPoll is how often a request waiting for host space looks again.
+var hostPoll = 250 * time.Millisecond
+
+// hostFreeBytes is the free space of the data file's host file system, or
+// ok false when the data file cannot tell (then waiting requests retry at
+// each poll).
+func (p *Pool) hostFreeBytes() (free, total uint64, ok bool) {
+	d, isHost := p.data.(interface {
+		hostFree() (free, total uint64, err error)
+	})
+	if !isHost || p.thick {
+		return 0, 0, false
+	}
+	free, total, err := d.hostFree()
+	return free, total, err == nil
+}
+
+// isHostNoSpace reports whether err is the host file system's ENOSPC.
+func isHostNoSpace(err error) bool { return errors.Is(err, unix.ENOSPC) }
+
+// waitForHostSpace is called when the host file system had no space for
+// a request (cause wraps ErrNoSpace or ENOSPC). As for a full pool, the
+// pool's no-space policy decides: the request fails (NoSpaceError), or
+// waits until the host has space for a block again (polled) or the pool
+// frees space, up to NoSpaceTimeout (NoSpaceQueue) or for ever
+// (NoSpacePause; the OutOfSpace event, with Host set, lets serve pause
+// the VM). nil means retry; ErrWithdrawn if withdraw (nil: never) is
+// closed while it waits.
+func (p *Pool) waitForHostSpace(deadline *time.Time, what, volume string, cause error, withdraw <-chan struct{}) error {
+	if errors.Is(cause, errHeadroomShort) && p.restoreHeadroom() {
+		return nil // the host had space for the headroom again: retry
+	}
+	p.mu.Lock()
+	if err := p.usableLocked(); err != nil {
+		p.mu.Unlock()
+		return err
+	}
+	policy := NoSpacePolicy(p.rec.NoSpace)
+	timeout := time.Duration(p.rec.NoSpaceTimeout)
+	if !p.hostOut {
+		p.hostOut = true
+		p.notifyAsyncLocked(Event{Type: OutOfSpace, Volume: volume, Host: true})
+	}
+	logIt := time.Since(p.lastNoSpace) > time.Second
+	if logIt {
+		p.lastNoSpace = time.Now()
+	}
+	p.mu.Unlock()
+	if !errors.Is(cause, ErrNoSpace) {
+		cause = fmt.Errorf("%w: %w", ErrNoSpace, cause)
+	}
+	if policy == NoSpaceError {
+		if logIt {
+			p.log.Warn("host file system out of space: request failed", "pool", p.dir, "volume", volume, "op", what, "err", cause)
+		}
+		return fmt.Errorf("%s on volume %s: %w", what, volume, cause)
+	}
+	if policy == NoSpaceQueue && deadline.IsZero() {
+		*deadline = time.Now().Add(timeout)
+	}
+	if logIt {
+		p.log.Warn("host file system out of space: request waits for space", "pool", p.dir, "volume", volume, "op", what,
+			"policy", policy.String(), "err", cause)
+	}
+	for {
+		p.mu.Lock()
+		ch := p.spaceCh
+		closed := p.closed
+		p.mu.Unlock()
+		if closed {
+			return ErrClosed
+		}
+		wait := hostPoll
+		if !deadline.IsZero() {
+			left := time.Until(*deadline)
+			if left <= 0 {
+				p.log.Warn("host file system out of space: queued request timed out", "pool", p.dir, "volume", volume, "op", what)
+				return fmt.Errorf("%s on volume %s: %w (waited %v)", what, volume, cause, timeout)
+			}
+			wait = min(wait, left)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ch:
+			t.Stop()
+			return nil
+		case <-withdraw:
+			t.Stop()
+			return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
+		case <-t.C:
+		}
+		if !p.restoreHeadroom() {
+			continue // the metadata's headroom comes back first
+		}
+		if free, _, ok := p.hostFreeBytes(); !ok || free >= uint64(p.blockSize) {
+			p.hostSpaceBack()
+			return nil
+		}
+	}
+}
+
+// hostSpaceBack ends an out-of-space episode of the host.
+func (p *Pool) hostSpaceBack() {
+	p.mu.Lock()
+	if p.hostOut {
+		p.hostOut = false
+		free, _, _ := p.hostFreeBytes()
+		p.notifyAsyncLocked(Event{Type: SpaceAvailable, Free: free, Host: true})
+		p.log.Info("host file system has space again", "pool", p.dir, "host_free_bytes", free)
+	}
+	p.mu.Unlock()
+}
+
+// checkHost verifies the promise against the host in the committed state
+// (Check): the spare set holds no owned block and covers every
+// reservation, and where the data file can tell (FIEMAP), spares and
+// provisioned mapped blocks are allocated on the host.
+func (p *Pool) checkHost(st *pebblemeta.View, rec pebblemeta.PoolRecord, owned *bitmap, extra uint64, bad func(string, ...any)) {
+	p.mu.Lock()
+	backed := p.hostBackedLocked()
+	p.mu.Unlock()
+	if !backed {
+		return
+	}
+	spare := newBitmap(rec.SizeBlocks)
+	err := st.SpareChunks(func(idx uint64, bits []byte) error {
+		if !spare.loadChunk(idx, bits) {
+			bad("spare set chunk %d is malformed or marks blocks beyond the pool", idx)
+		}
+		return nil
+	})
+	if err != nil {
+		bad("spare set: %v", err)
+		return
+	}
+	var ownedSpares int
+	for w := range spare.words {
+		ownedSpares += bits.OnesCount64(spare.words[w] & owned.words[w])
+	}
+	if ownedSpares > 0 {
+		bad("%d spare blocks are owned by map entries", ownedSpares)
+	}
+	if need := rec.Reserved + extra; spare.count < need {
+		bad("%d blocks are reserved but only %d spare blocks are host-allocated for them (the host could not back %d)",
+			need, spare.count, need-spare.count)
+	}
+	hd, ok := p.data.(interface {
+		hostAllocated(off, n int64) (bool, error)
+	})
+	if !ok {
+		return
+	}
+	var unalloc uint64
+	var probe func(first, n uint64) bool
+	probe = func(first, n uint64) bool {
+		ok, err := hd.hostAllocated(int64(first)<<p.shift, int64(n)<<p.shift)
+		if errors.Is(err, errors.ErrUnsupported) {
+			return false
+		}
+		if err != nil {
+			bad("host allocation of blocks %d+%d: %v", first, n, err)
+			return false
+		}
+		if !ok && n == 1 {
+			unalloc++
+		} else if !ok {
+			for b := first; b < first+n; b++ { // which ones
+				probe(b, 1)
+			}
+		}
+		return true
+	}
+	spare.runs(probe)
+	if unalloc > 0 {
+		bad("%d spare blocks are not allocated on the host", unalloc)
+	}
+	unalloc = 0
+	err = st.AllMap(func(layer, vb uint64, e pebblemeta.Entry) error {
+		if e.Mapped() && e.Provisioned() && e.PBlock < rec.SizeBlocks {
+			if !probe(e.PBlock, 1) {
+				return pebblemeta.ErrStop
+			}
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, pebblemeta.ErrStop) {
+		bad("walk provisioned blocks: %v", err)
+	}
+	if unalloc > 0 {
+		bad("%d provisioned mapped blocks are not allocated on the host", unalloc)
+	}
+}
+
+// hostShortfall is how much of the pool's free space the host could not
+// back: the pool may still need size - dataHost bytes of new host space
+// (its free blocks, and the holes of partly written ones), the host has
+// hostFree.
+func hostShortfall(size, dataHost, hostFree, poolFree uint64) uint64 {
+	if dataHost+hostFree >= size {
+		return 0
+	}
+	return min(poolFree, size-dataHost-hostFree)
+}
+
+// noteHostSpace looks at the host's free space (background ticker): it
+// logs, and tells watchers (LowWater/AboveLowWater events with Host set),
+// when it crosses the pool's low-water mark, and logs when the host has
+// no space left for a block.
+func (p *Pool) noteHostSpace() {
+	p.restoreHeadroom()
+	free, _, ok := p.hostFreeBytes()
+	if !ok {
+		return
+	}
+	p.mu.Lock()
+	full := free < uint64(p.blockSize)
+	if full != p.hostFull {
+		p.hostFull = full
+		if full {
+			p.log.Error("the data file's host file system is full: writes to unprovisioned space follow the no-space policy until it has space",
+				"pool", p.dir, "host_free_bytes", free, "no_space", NoSpacePolicy(p.rec.NoSpace).String())
+		} else {
+			p.log.Info("the data file's host file system has space again", "pool", p.dir, "host_free_bytes", free)
+		}
+	}
+	if p.rec.LowWaterPPM != 0 {
+		low := p.lowWaterBlocks() * uint64(p.blockSize)
+		if below := free < low; below != p.hostLow {
+			p.hostLow = below
+			if below {
+				p.log.Warn("host file system free space fell below the pool's low-water mark", "pool", p.dir,
+					"host_free_bytes", free, "low_water_bytes", low)
+				p.notifyAsyncLocked(Event{Type: LowWater, Free: free, Host: true})
+			} else {
+				p.log.Info("host file system free space is above the pool's low-water mark again", "pool", p.dir, "host_free_bytes", free)
+				p.notifyAsyncLocked(Event{Type: AboveLowWater, Free: free, Host: true})
+			}
+		}
+	}
+	p.mu.Unlock()
+}
+
+// HostFree is the free space of the file system holding dir (for this
+// process: root may use the reserved blocks), to size a pool for it.
+func HostFree(dir string) (uint64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	return statfsFree(&st), nil
+}
+
+// allocateHead host-allocates every mapped block of a volume's head
+// before reserve mode goes on: the volume may then overwrite any of them,
+// and a block's bytes its first write did not cover may be holes on the
+// host. The caller holds flushMu, so the committed map is stable; what
+// is pending is taken under the lock, and headUnallocatedLocked catches
+// blocks mapped meanwhile. hb.allocated records what was allocated.
+func (p *Pool) allocateHead(layer uint64, hb *hostBacking) error {
+	if !p.hostBacked() {
+		return nil
+	}
+	var blocks []uint64
+	err := p.store.LayerMap(layer, 0, func(vb uint64, e pebblemeta.Entry) error {
+		if e.Mapped() {
+			blocks = append(blocks, e.PBlock)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	h := p.headUnallocatedLocked(layer, hb)
+	p.mu.Unlock()
+	if h != nil {
+		blocks = append(blocks, h.blocks...)
+	}
+	return p.backFor(hb, &hostNeed{blocks: blocks})
+}
+
+// headUnallocatedLocked asks for the pending mapped blocks of layer that
+// allocateHead has not allocated yet, or returns nil.
+func (p *Pool) headUnallocatedLocked(layer uint64, hb *hostBacking) *hostNeed {
+	if !p.hostBackedLocked() {
+		return nil
+	}
+	var h hostNeed
+	for k, e := range p.dirty {
+		if k.layer == layer && e.Mapped() {
+			if _, ok := hb.allocated[e.PBlock]; !ok {
+				h.blocks = append(h.blocks, e.PBlock)
+			}
+		}
+	}
+	if len(h.blocks) == 0 {
+		return nil
+	}
+	return &h
+}
+
+func (p *Pool) hostBacked() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hostBackedLocked()
+}
+
+// The metadata's headroom (pebblemeta/headroom.go). Every commit needs
+// host space for the metadata store (Pebble's log, flushes and
+// compactions), also one that only maps a provisioned block written: on a
+// full host it would fail, and a failed commit fails the pool, promised
+// writes included. So the store keeps headroom allocated on its file
+// system and gives it up to Pebble on ENOSPC. Where the data file shares
+// that file system, the pool then gives no new host space to data (first
+// writes to unprovisioned blocks, new spares) until the headroom is back:
+// those follow the no-space policy as on a full host, so that what the
+// pool freed for its metadata is not eaten by its own data. Promised
+// writes need no new host space and go on.
+
+// Headroom by default: 1/16 of the metadata's file system, within these.
+const (
+	minMetaHeadroom = 1 << 20
+	maxMetaHeadroom = 64 << 20
+)
+
+// metaHeadroom is the headroom to keep for the store in metaDir: none on
+// a file system other than the real one (tests' in-memory ones).
+func metaHeadroom(fs vfs.FS, metaDir string, opt int64) int64 {
+	if opt < 0 || fs != vfs.Default {
+		return 0
+	}
+	if opt > 0 {
+		return opt
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(metaDir, &st); err != nil {
+		return minMetaHeadroom
+	}
+	return DefaultMetaHeadroom(st.Blocks * uint64(st.Bsize))
+}
+
+// DefaultMetaHeadroom is the metadata headroom a pool keeps on a file
+// system of fsBytes.
+func DefaultMetaHeadroom(fsBytes uint64) int64 {
+	return int64(min(maxMetaHeadroom, max(minMetaHeadroom, fsBytes/16)))
+}
+
+// openHeadroom allocates the headroom at Open and notes whether the data
+// file shares its file system.
+func (p *Pool) openHeadroom() {
+	var ms, ds unix.Stat_t
+	if unix.Stat(filepath.Join(p.dir, metaName), &ms) == nil && unix.Stat(filepath.Join(p.dir, dataName), &ds) == nil {
+		p.metaShared = ms.Dev == ds.Dev && !p.thick
+	}
+	if err := p.store.RestoreHeadroom(); err != nil {
+		p.log.Error("the metadata store has not all its headroom on the host: writes that need new host space follow the no-space policy until it has",
+			"pool", p.dir, "err", err)
+	}
+}
+
+// headroomUsed is called (on Pebble's writing goroutine) when the
+// metadata store used some of its headroom.
+func (p *Pool) headroomUsed() {
+	// Also during Open, before p.store is set: only log.
+	p.headroomUses.Add(1)
+	p.log.Error("the metadata's host file system is full: the metadata store used some of its headroom; writes that need new host space follow the no-space policy until it is restored",
+		"pool", p.dir)
+}
+
+// dataHeadroomShort reports whether new host space for data must wait for
+// the metadata's headroom to be restored.
+func (p *Pool) dataHeadroomShort() bool {
+	return p.metaShared && p.store.HeadroomShort()
+}
+
+// restoreHeadroom tries to restore the headroom; it reports whether data
+// may take new host space (there was nothing to restore, or it is back).
+func (p *Pool) restoreHeadroom() bool {
+	if !p.store.HeadroomShort() {
+		return true
+	}
+	if err := p.store.RestoreHeadroom(); err != nil {
+		return !p.metaShared
+	}
+	have, _ := p.store.Headroom()
+	p.log.Info("the metadata store's headroom is restored on the host", "pool", p.dir, "headroom_bytes", have)
+	return true
+}
+
+// errHeadroomShort refuses new host space to data while the metadata's
+// headroom is short: like the host's ENOSPC, it follows the no-space
+// policy.
+var errHeadroomShort = fmt.Errorf("%w: the host file system filled up and the metadata store's headroom is not restored yet (%w)", ErrNoSpace, unix.ENOSPC)
