@@ -21,35 +21,17 @@ import (
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-// syncBuffer is a log buffer the test reads while serve writes it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // serveProc is one `thinblk serve` process, optionally armed to kill
 // itself at a crash point.
 type serveProc struct {
 	cmd    *exec.Cmd
-	logs   *syncBuffer
+	logs   *lockedBuffer
 	exited chan struct{}
 }
 
 func startServeEnv(t *testing.T, bin string, env []string, args ...string) *serveProc {
 	t.Helper()
-	p := &serveProc{logs: &syncBuffer{}, exited: make(chan struct{})}
+	p := &serveProc{logs: &lockedBuffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin, append([]string{"serve"}, args...)...)
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.logs
