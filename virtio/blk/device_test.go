@@ -521,6 +521,25 @@ func (s slowStorage) ReadAt(bufs [][]byte, off int64) error {
 	return s.fileStorage.ReadAt(bufs, off)
 }
 
+// newHeldDevice is a device whose reads wait for s.gate and a driver with
+// eventfds on a 16-entry ring; both are closed when the test ends.
+func newHeldDevice(t *testing.T) (slowStorage, *blk.Device, *virtiotest.Driver) {
+	t.Helper()
+	s := slowStorage{newFileStorage(t, diskSize), make(chan struct{})}
+	dev, err := blk.New(s, blk.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	mem := virtiotest.NewMemory(memBase, memSize)
+	d := virtiotest.NewDriver(mem, 16, allFeat)
+	if err := d.WithEventfds(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return s, dev, d
+}
+
 func TestStopWaitsForInFlight(t *testing.T) {
 	fs := newFileStorage(t, diskSize)
 	s := slowStorage{fs, make(chan struct{})}
@@ -749,19 +768,7 @@ func TestDrainFlushes(t *testing.T) {
 // A new call fd reaches a queue with requests held in the storage at
 // once, and their completions interrupt through it.
 func TestSetQueueCallWithRequestsHeld(t *testing.T) {
-	fs := newFileStorage(t, diskSize)
-	s := slowStorage{fs, make(chan struct{})}
-	dev, err := blk.New(s, blk.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	mem := virtiotest.NewMemory(memBase, memSize)
-	d := virtiotest.NewDriver(mem, 16, allFeat)
-	if err := d.WithEventfds(); err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	s, dev, d := newHeldDevice(t)
 	if err := dev.SetQueueCall(0, nil); !errors.Is(err, blk.ErrNotStarted) {
 		t.Fatalf("SetQueueCall on a queue not started: %v", err)
 	}

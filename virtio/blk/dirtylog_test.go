@@ -33,19 +33,7 @@ func (l *recordingLog) LogUsed(off, size uint64) {
 // log one last time: a stop must return only after the requests in flight
 // completed and their buffers and used elements were logged.
 func TestStopLogsInFlightFirst(t *testing.T) {
-	fs := newFileStorage(t, diskSize)
-	s := slowStorage{fs, make(chan struct{})}
-	dev, err := blk.New(s, blk.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	mem := virtiotest.NewMemory(memBase, memSize)
-	d := virtiotest.NewDriver(mem, 16, allFeat)
-	if err := d.WithEventfds(); err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	s, dev, d := newHeldDevice(t)
 	log := &recordingLog{writes: map[uint64]uint64{}}
 	setup := d.Setup(0)
 	setup.DirtyLog = log
