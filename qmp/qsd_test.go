@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,10 +39,11 @@ func startQSD(t *testing.T) string {
 	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		// The socket file appears at bind, before listen: wait until a
-		// connection is accepted (a stat alone raced with listen).
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
+		// The socket file appears at bind, before listen, so wait for the
+		// listening socket itself. Not by connecting: qsd's monitor serves one
+		// client, and until it has seen a probe hang up it drops the next
+		// connection (the test's Dial then read EOF for the greeting).
+		if listening(path) {
 			return path
 		}
 		select {
@@ -213,4 +213,20 @@ func jsonSame(a, b any) bool {
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
 	return string(ja) == string(jb)
+}
+
+// listening reports whether a unix socket bound at path is listening, from
+// /proc/net/unix (flag __SO_ACCEPTCON), without connecting to it.
+func listening(path string) bool {
+	b, err := os.ReadFile("/proc/net/unix")
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 8 && f[len(f)-1] == path && f[3] == "00010000" {
+			return true
+		}
+	}
+	return false
 }
