@@ -203,30 +203,21 @@ func failureEvent(pool string, ev thin.Event) (name string, data map[string]any,
 // spaceEvent maps thin's space events to QMP events; ok is false for the
 // other (volume and pool change) events.
 func spaceEvent(pool string, ev thin.Event) (name string, data map[string]any, ok bool) {
+	// The host's events are the pool's with their own names and free-space key.
+	outOfSpace, available, lowWater, freeKey := eventOutOfSpace, eventSpaceAvailable, eventLowWater, "free_bytes"
 	if ev.Host {
-		data = map[string]any{"pool": pool, "host_free_bytes": ev.Free}
-		switch ev.Type {
-		case thin.OutOfSpace:
-			data["volume"] = ev.Volume
-			return eventHostOutOfSpace, data, true
-		case thin.SpaceAvailable:
-			return eventHostSpaceAvailable, data, true
-		case thin.LowWater, thin.AboveLowWater:
-			data["below"] = ev.Type == thin.LowWater
-			return eventHostLowWater, data, true
-		}
-		return "", nil, false
+		outOfSpace, available, lowWater, freeKey = eventHostOutOfSpace, eventHostSpaceAvailable, eventHostLowWater, "host_free_bytes"
 	}
-	data = map[string]any{"pool": pool, "free_bytes": ev.Free}
+	data = map[string]any{"pool": pool, freeKey: ev.Free}
 	switch ev.Type {
 	case thin.OutOfSpace:
 		data["volume"] = ev.Volume
-		return eventOutOfSpace, data, true
+		return outOfSpace, data, true
 	case thin.SpaceAvailable:
-		return eventSpaceAvailable, data, true
+		return available, data, true
 	case thin.LowWater, thin.AboveLowWater:
 		data["below"] = ev.Type == thin.LowWater
-		return eventLowWater, data, true
+		return lowWater, data, true
 	}
 	return "", nil, false
 }
