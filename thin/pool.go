@@ -271,25 +271,6 @@ func syncDir(fs vfs.FS, dir string) error {
 	return nil
 }
 
-type mapKey struct{ layer, vb uint64 }
-
-// fill marks a block whose first write is in flight: it has a physical
-// block but its map entry is published only once the data is written, and
-// every other request touching it waits.
-type fill struct {
-	done        chan struct{}
-	pblock      uint64
-	prev        pebblemeta.Entry
-	ancProv     bool             // prev is empty and an ancestor's provisioned entry decided the block
-	ancLayer    uint64           // the ancestor layer whose entry this fill overrides (0: none)
-	anc         pebblemeta.Entry // that entry
-	fromReserve bool             // the block comes out of a reservation (see reserve.go)
-	spare       bool             // the block was a spare (host.go)
-	fromRecv    bool             // a receive's hold reserved it; its spare backs it (receive.go)
-	zero        bool             // the block was never written: no padding needed
-	flags       uint8            // the provisioned bit the new entry keeps
-}
-
 // Pool is an open thin pool. It is safe for concurrent use.
 type Pool struct {
 	dir       string
@@ -343,18 +324,15 @@ type Pool struct {
 	// to; off, it costs a nil check.
 	trace atomic.Pointer[TraceFunc]
 	// Host backing of reservations (host.go).
-	spare        *bitmap                     // free blocks kept host-allocated for reservations
-	backing      *bitmap                     // free blocks being host-allocated to become spares
-	spareWant    uint64                      // spares operations in progress are about to reserve
-	spareChunks  map[uint64]struct{}         // spare-set chunks to persist
-	spareFills   *bitmap                     // in flight blocks taken from spares: persisted as spares until published
-	thick        bool                        // the whole data store is host-allocated: no spares needed
-	metaShared   bool                        // the metadata's file system holds the data file too
-	headroomUses atomic.Int64                // times the metadata store used some of its headroom
-	noAlloc      atomic.Bool                 // the data file cannot allocate ahead
-	dirty        map[mapKey]pebblemeta.Entry // changes since the last cut; Flags==0 deletes
-	committing   map[mapKey]pebblemeta.Entry // the cut being committed
-	cache        *mapCache                   // committed entries by region; bounded
+	spare        *bitmap             // free blocks kept host-allocated for reservations
+	backing      *bitmap             // free blocks being host-allocated to become spares
+	spareWant    uint64              // spares operations in progress are about to reserve
+	spareChunks  map[uint64]struct{} // spare-set chunks to persist
+	spareFills   *bitmap             // in flight blocks taken from spares: persisted as spares until published
+	thick        bool                // the whole data store is host-allocated: no spares needed
+	metaShared   bool                // the metadata's file system holds the data file too
+	headroomUses atomic.Int64        // times the metadata store used some of its headroom
+	noAlloc      atomic.Bool         // the data file cannot allocate ahead
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
 	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
@@ -363,7 +341,6 @@ type Pool struct {
 	// Batches of map changes the intent log could not take, and how many
 	// of them a durable commit covers (commitUnlogged).
 	unloggedSeq, unloggedDurable atomic.Uint64
-	filling                      map[mapKey]*fill
 	spaceCh                      chan struct{} // closed (and replaced) whenever space is freed
 	outOfSpace                   bool          // a request found no space, and none appeared since
 	hostOut                      bool          // a request found the host file system full, and it has not had space since
@@ -376,6 +353,7 @@ type Pool struct {
 	lastNoSpace                  time.Time
 	spaceWaits                   map[string]int // requests waiting for space, by volume (metrics.go)
 
+	blockMap   // the map: pending changes over the committed map (blockmap.go)
 	catalogue  // volumes and layers (catalogue.go)
 	eventQueue // events for watchers (events.go)
 
@@ -708,177 +686,6 @@ func (p *Pool) spaceFreedLocked() {
 func (p *Pool) releaseLocked(b uint64) {
 	p.pend.set(b)
 	p.dirtyChunks[b/chunkBlocks] = struct{}{}
-}
-
-// lookupLocked returns the current entry of k: pending changes first,
-// then the committed map.
-func (p *Pool) lookupLocked(k mapKey) (pebblemeta.Entry, error) {
-	if e, ok := p.dirty[k]; ok {
-		return e, nil
-	}
-	if e, ok := p.committing[k]; ok {
-		return e, nil
-	}
-	rk, i := regionOf(k)
-	r := p.cache.get(rk)
-	if r == nil {
-		var err error
-		if r, err = p.loadRegionLocked(rk); err != nil {
-			return pebblemeta.Entry{}, err
-		}
-	}
-	e := r.get(i)
-	if err := p.validLocked(k, e); err != nil {
-		return pebblemeta.Entry{}, err
-	}
-	return e, nil
-}
-
-// loadRegionLocked reads a region's committed entries from the store and
-// caches them.
-func (p *Pool) loadRegionLocked(rk regionKey) (*mapRegion, error) {
-	r := &mapRegion{}
-	first := rk.region << regionShift
-	err := p.store.MapRange(rk.layer, first, first+regionBlocks, func(vb uint64, e pebblemeta.Entry) error {
-		if e.Flags != 0 {
-			r.present |= 1 << (vb - first)
-			r.entries = append(r.entries, e)
-		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	p.cache.add(rk, r)
-	return r, nil
-}
-
-// validLocked rejects a stored entry that points outside the pool, so
-// that corrupt metadata fails requests instead of crashing the process.
-func (p *Pool) validLocked(k mapKey, e pebblemeta.Entry) error {
-	if e.Mapped() && e.PBlock >= p.rec.SizeBlocks {
-		return fmt.Errorf("%w: map entry %d/%d points at block %d beyond the pool (run check)",
-			pebblemeta.ErrCorrupt, k.layer, k.vb, e.PBlock)
-	}
-	return nil
-}
-
-// rangeLocked calls fn for every existing entry of layer in [first, last],
-// in no particular order.
-func (p *Pool) rangeLocked(layer, first, last uint64, fn func(vb uint64, e pebblemeta.Entry)) error {
-	if last-first < p.tune.rangeLookupMax {
-		for vb := first; ; vb++ {
-			e, err := p.lookupLocked(mapKey{layer, vb})
-			if err != nil {
-				return err
-			}
-			if e.Flags != 0 {
-				fn(vb, e)
-			}
-			if vb == last {
-				return nil
-			}
-		}
-	}
-	found := map[uint64]pebblemeta.Entry{}
-	err := p.store.LayerMap(layer, first, func(vb uint64, e pebblemeta.Entry) error {
-		if vb > last {
-			return pebblemeta.ErrStop
-		}
-		found[vb] = e
-		return p.validLocked(mapKey{layer, vb}, e)
-	})
-	if err != nil {
-		return err
-	}
-	// Overlay pending changes: probe each block of the range, or scan the
-	// pending maps, whichever is less work.
-	for _, m := range []map[mapKey]pebblemeta.Entry{p.committing, p.dirty} {
-		if last-first < uint64(len(m)) {
-			for vb := first; ; vb++ {
-				if e, ok := m[mapKey{layer, vb}]; ok {
-					found[vb] = e
-				}
-				if vb == last {
-					break
-				}
-			}
-			continue
-		}
-		for k, e := range m {
-			if k.layer == layer && k.vb >= first && k.vb <= last {
-				found[k.vb] = e
-			}
-		}
-	}
-	for vb, e := range found {
-		if e.Flags != 0 {
-			fn(vb, e)
-		}
-	}
-	return nil
-}
-
-// setLocked records a map change in v's head layer and adjusts every
-// counter it affects. ancProv is whether the entry an ancestor layer has
-// for vb (what decides vb while the head has none) is provisioned.
-func (p *Pool) setLocked(v *volState, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
-	p.setEntryLocked(v.rec.Layer, vb, old, e, ancProv)
-}
-
-// setEntryLocked records a map change in layer; the layer's counters are
-// its volume's (an unfrozen head) or its layer record's (frozen). Only
-// reservation entries in heads count in the pool's reserved blocks: a
-// frozen layer's reservation is never written through, and every
-// writable sharer of it has a reservation of its own (see reserve.go).
-func (p *Pool) setEntryLocked(layer, vb uint64, old, e pebblemeta.Entry, ancProv bool) {
-	p.dirty[mapKey{layer, vb}] = e
-	if p.intent != nil && !p.intentSkip {
-		p.intent.add(mapKey{layer, vb}, e)
-	}
-	var scratch pebblemeta.LayerRecord
-	mc, prc, rc := &scratch.Mapped, &scratch.Provisioned, &scratch.Reserved
-	poolRes := &p.rec.Reserved
-	head := p.heads[layer]
-	if head != nil {
-		mc, prc, rc = &head.rec.Mapped, &head.rec.Provisioned, &head.rec.Reserved
-		p.dirtyVols[head] = struct{}{}
-	} else if l := p.layers[layer]; l != nil {
-		mc, prc, rc = &l.rec.Mapped, &l.rec.Provisioned, &l.rec.Reserved
-		p.dirtyLayers[layer] = struct{}{}
-		if l.rec.Frozen {
-			poolRes = nil
-		}
-	}
-	d := func(had, has bool, vc, pc *uint64) {
-		switch {
-		case had && !has:
-			*vc--
-			if pc != nil {
-				*pc--
-			}
-		case !had && has:
-			*vc++
-			if pc != nil {
-				*pc++
-			}
-		}
-	}
-	d(old.Mapped(), e.Mapped(), mc, &p.rec.Allocated)
-	d(old.Provisioned(), e.Provisioned(), prc, nil)
-	d(old.Reserved(), e.Reserved(), rc, poolRes)
-	if head != nil {
-		// What decides vb for the volume, before and after.
-		was, is := old.Provisioned(), e.Provisioned()
-		if old.Flags == 0 {
-			was = ancProv
-		}
-		if e.Flags == 0 {
-			is = ancProv
-		}
-		d(was, is, &head.rec.ChainProv, nil)
-		p.reaccountLocked(head)
-	}
 }
 
 // Flush makes every operation completed before it durable (data first,
