@@ -81,58 +81,6 @@ func (p *Pool) clearSpareLocked(b uint64) {
 	p.spareChunks[b/chunkBlocks] = struct{}{}
 }
 
-// allocLocked takes a free block: for a write that consumes a
-// reservation (fromReserve) a spare, which needs no new host space;
-// otherwise a block that is neither a spare nor being backed, or a spare
-// beyond what reservations need. zero says whether it reads as zeros
-// (never written, or punched since it was freed); spare whether it was a
-// spare (unallocLocked puts it back).
-func (p *Pool) allocLocked(fromReserve bool) (b uint64, zero, spare, ok bool) {
-	if fromReserve {
-		b, ok = p.spare.findSet(p.cursor)
-		spare = ok
-		if !ok && p.hostBackedLocked() && p.releasingLocked() {
-			// The release under way brings the spare (a discard in
-			// reserve mode): wait for it rather than need host space.
-			return 0, false, false, false
-		}
-	}
-	if !ok {
-		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing)
-	}
-	if !ok && p.spare.count > p.reservedLocked()+p.spareWant {
-		b, ok = p.spare.findSet(p.cursor)
-		spare = ok
-	}
-	if !ok {
-		return 0, false, false, false
-	}
-	if spare {
-		p.clearSpareLocked(b)
-	}
-	p.alloc.set(b)
-	p.cursor = b + 1
-	p.dirtyChunks[b/chunkBlocks] = struct{}{}
-	zero = b >= p.zeroMark || p.zeroed.test(b)
-	p.zeroed.clear(b)
-	return b, zero, spare, true
-}
-
-// releasingLocked reports whether freed blocks wait for a commit or a
-// release phase.
-func (p *Pool) releasingLocked() bool {
-	return p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
-}
-
-// unallocLocked gives back a block allocLocked handed out and that was
-// not published (its write failed, or the request was undone).
-func (p *Pool) unallocLocked(b uint64, spare bool) {
-	p.alloc.clear(b)
-	if spare {
-		p.setSpareLocked(b) // still host-allocated
-	}
-}
-
 // trimSparesLocked sends spares that no reservation needs to the release
 // path (pend): the next release phase punches them, giving their space
 // back to the host, and makes them free again. Part of a cut.

@@ -298,28 +298,12 @@ type Pool struct {
 	durableSeq uint64        // opSeq covered by the last commit (flushMu)
 	dataDirty  atomic.Bool   // data written since the last fdatasync
 
-	mu          sync.Mutex
-	rec         pebblemeta.PoolRecord // config and counters, as they will be committed
-	alloc       *bitmap               // blocks with an owner, in flight, or freed but not yet reusable
-	pend        *bitmap               // freed since the last cut
-	pendOld     *bitmap               // freed in the cut being committed
-	pendSpare   *bitmap               // cleared bitmap for the next swap
-	inflight    *bitmap               // allocated, data being written, not yet in the map
-	inflightRes uint64                // in-flight blocks that consume a reservation
-	extra       uint64                // sum of the volumes' extra reservations
-	cursor      uint64                // next-fit allocation cursor
-	// Blocks at or above zeroDurable (the committed rec.ZeroFrom) were
-	// never written; blocks at or above zeroMark were not written since
-	// either, so a partial first write there needs no zero padding. A
-	// new pool has ZeroFrom 0: its sparse data file reads as zeros.
-	zeroDurable uint64
-	zeroMark    uint64
-	// zeroed holds freed blocks whose data was punched out of the data
-	// file before they became reusable, so they read as zeros like
-	// never-written ones. Memory only: after a restart freed blocks are
-	// padded again. See punchReleased.
-	zeroed  *bitmap
-	noPunch atomic.Bool // the data file cannot punch holes
+	mu        sync.Mutex
+	rec       pebblemeta.PoolRecord // config and counters, as they will be committed
+	pend      *bitmap               // freed since the last cut
+	pendOld   *bitmap               // freed in the cut being committed
+	pendSpare *bitmap               // cleared bitmap for the next swap
+	noPunch   atomic.Bool           // the data file cannot punch holes
 	// trace, when set (SetTrace), gets the blocks every request resolved
 	// to; off, it costs a nil check.
 	trace atomic.Pointer[TraceFunc]
@@ -341,18 +325,14 @@ type Pool struct {
 	// Batches of map changes the intent log could not take, and how many
 	// of them a durable commit covers (commitUnlogged).
 	unloggedSeq, unloggedDurable atomic.Uint64
-	spaceCh                      chan struct{} // closed (and replaced) whenever space is freed
-	outOfSpace                   bool          // a request found no space, and none appeared since
-	hostOut                      bool          // a request found the host file system full, and it has not had space since
-	hostLow                      bool          // the host's free space was below the low-water mark at the last look
-	hostFull                     bool          // the host had no space for a block at the last look
-	belowLow                     bool
+	hostOut                      bool // a request found the host file system full, and it has not had space since
+	hostLow                      bool // the host's free space was below the low-water mark at the last look
+	hostFull                     bool // the host had no space for a block at the last look
 	failed                       error
 	closed                       bool
 	closeStarted                 bool
-	lastNoSpace                  time.Time
-	spaceWaits                   map[string]int // requests waiting for space, by volume (metrics.go)
 
+	allocation // physical blocks and free space (alloc.go)
 	blockMap   // the map: pending changes over the committed map (blockmap.go)
 	catalogue  // volumes and layers (catalogue.go)
 	eventQueue // events for watchers (events.go)
@@ -634,51 +614,6 @@ func (p *Pool) usableLocked() error {
 		return ErrClosed
 	}
 	return p.failed
-}
-
-// freeLocked is the number of blocks neither allocated (or on their way
-// to being free) nor reserved.
-func (p *Pool) freeLocked() uint64 {
-	used := p.alloc.count + p.rec.Reserved + p.extra - p.inflightRes
-	if used >= p.rec.SizeBlocks {
-		return 0
-	}
-	return p.rec.SizeBlocks - used
-}
-
-func (p *Pool) lowWaterBlocks() uint64 {
-	return uint64(float64(p.rec.SizeBlocks) * float64(p.rec.LowWaterPPM) / 1e6)
-}
-
-// noteSpaceLocked logs low-water crossings (once per crossing).
-func (p *Pool) noteSpaceLocked() {
-	if p.rec.LowWaterPPM == 0 {
-		return
-	}
-	below := p.freeLocked() < p.lowWaterBlocks()
-	if below != p.belowLow {
-		p.belowLow = below
-		free := p.freeLocked() * uint64(p.blockSize)
-		if below {
-			p.log.Warn("thin pool free space fell below the low-water mark", "pool", p.dir,
-				"free_bytes", free, "low_water_bytes", p.lowWaterBlocks()*uint64(p.blockSize))
-			p.notifyAsyncLocked(Event{Type: LowWater, Free: free})
-		} else {
-			p.notifyAsyncLocked(Event{Type: AboveLowWater, Free: free})
-			p.log.Info("thin pool free space is above the low-water mark again", "pool", p.dir,
-				"free_bytes", p.freeLocked()*uint64(p.blockSize))
-		}
-	}
-}
-
-func (p *Pool) spaceFreedLocked() {
-	close(p.spaceCh)
-	p.spaceCh = make(chan struct{})
-	p.noteSpaceLocked()
-	if p.outOfSpace && p.freeLocked() > 0 {
-		p.outOfSpace = false
-		p.notifyAsyncLocked(Event{Type: SpaceAvailable, Free: p.freeLocked() * uint64(p.blockSize)})
-	}
 }
 
 // freeLocked releases a block whose map entry was removed: it becomes
@@ -1000,181 +935,11 @@ func (p *Pool) noteUnloggedDurable(n uint64) {
 	}
 }
 
-// noSpace is the ErrNoSpace of a request's planning, with the signal of
-// space freed as it was then: space freed since (a release phase that
-// ended after the plan) means plan again, not apply the no-space policy.
-type noSpace struct{ seen chan struct{} }
-
-func (*noSpace) Error() string { return ErrNoSpace.Error() }
-func (*noSpace) Unwrap() error { return ErrNoSpace }
-
-func (p *Pool) noSpaceLocked() error { return &noSpace{seen: p.spaceCh} }
-
-// spaceFreedSince reports whether space was freed after the plan that
-// failed with cause (a *noSpace; false for any other error).
-func spaceFreedSince(cause error) bool {
-	var ns *noSpace
-	if !errors.As(cause, &ns) {
-		return false
-	}
-	select {
-	case <-ns.seen:
-		return true
-	default:
-		return false
-	}
-}
-
-// waitForSpace is called when a request's plan found no space (cause). It
-// returns nil when the request should plan again, ErrNoSpace when it
-// should fail, and ErrWithdrawn if withdraw (nil: never) is closed while
-// it waits.
-func (p *Pool) waitForSpace(deadline *time.Time, what, volume string, cause error, withdraw <-chan struct{}) error {
-	p.mu.Lock()
-	if err := p.usableLocked(); err != nil {
-		p.mu.Unlock()
-		return err
-	}
-	if spaceFreedSince(cause) {
-		// Space was freed after the plan (a release phase ended):
-		// without this a request would fail, or wait for the next
-		// release, although the space it needs is there.
-		p.mu.Unlock()
-		return nil
-	}
-	releasing := p.pend.count > 0 || (p.pendOld != nil && p.pendOld.count > 0)
-	policy := NoSpacePolicy(p.rec.NoSpace)
-	timeout := time.Duration(p.rec.NoSpaceTimeout)
-	ch := p.spaceCh
-	if !releasing && !p.outOfSpace {
-		p.outOfSpace = true
-		p.notifyAsyncLocked(Event{Type: OutOfSpace, Volume: volume})
-	}
-	logIt := time.Since(p.lastNoSpace) > time.Second
-	if logIt {
-		p.lastNoSpace = time.Now()
-	}
-	p.mu.Unlock()
-	if releasing {
-		// Space is only waiting for its release to become durable.
-		return p.commit()
-	}
-	if policy == NoSpaceError {
-		if logIt {
-			p.log.Warn("thin pool out of space: request failed", "pool", p.dir, "volume", volume, "op", what)
-		}
-		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrNoSpace)
-	}
-	if policy == NoSpacePause {
-		if logIt {
-			p.log.Warn("thin pool out of space: request waits for space (pause policy)", "pool", p.dir, "volume", volume, "op", what)
-		}
-		defer p.waitingForSpace(volume)()
-		select {
-		case <-ch:
-			return nil
-		case <-withdraw:
-			return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
-		}
-	}
-	if deadline.IsZero() {
-		*deadline = time.Now().Add(timeout)
-		if logIt {
-			p.log.Warn("thin pool out of space: request queued", "pool", p.dir, "volume", volume, "op", what, "timeout", timeout)
-		}
-	}
-	t := time.NewTimer(time.Until(*deadline))
-	defer t.Stop()
-	defer p.waitingForSpace(volume)()
-	select {
-	case <-ch:
-		return nil
-	case <-withdraw:
-		return fmt.Errorf("%s on volume %s: %w", what, volume, ErrWithdrawn)
-	case <-t.C:
-		p.log.Warn("thin pool out of space: queued request timed out", "pool", p.dir, "volume", volume, "op", what)
-		return fmt.Errorf("%s on volume %s: %w (waited %v)", what, volume, ErrNoSpace, timeout)
-	}
-}
-
 // BlockSize is the pool's allocation unit in bytes.
 func (p *Pool) BlockSize() uint32 { return uint32(p.blockSize) }
 
 // Dir is the pool directory.
 func (p *Pool) Dir() string { return p.dir }
-
-// Grow enlarges the pool to size bytes (a multiple of the block size),
-// online: queued writers waiting for space proceed.
-func (p *Pool) Grow(size uint64) error {
-	err := p.grow(size)
-	p.deliver()
-	return err
-}
-
-func (p *Pool) grow(size uint64) error {
-	p.flushMu.Lock()
-	defer p.flushMu.Unlock()
-	p.awaitReleaseLocked() // it resizes the bitmaps the release phase works on
-	p.mu.Lock()
-	cur := p.rec.SizeBlocks
-	err := p.usableLocked()
-	p.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	if size%uint64(p.blockSize) != 0 || size/uint64(p.blockSize) < cur || size > math.MaxInt64/2 {
-		return fmt.Errorf("grow pool %s to %d: %w: size must be a multiple of %d and at least %d",
-			p.dir, size, ErrInvalid, p.blockSize, cur*uint64(p.blockSize))
-	}
-	n := size / uint64(p.blockSize)
-	if n == cur {
-		return nil
-	}
-	// The file grows first and durably: a crash before the commit leaves a
-	// longer file, which Open accepts.
-	if err := p.data.Truncate(int64(size)); err != nil {
-		return fmt.Errorf("grow pool %s: %w", p.dir, err)
-	}
-	if p.thick {
-		off := int64(cur) * p.blockSize
-		if err := p.data.Allocate(off, int64(size)-off); err != nil {
-			return fmt.Errorf("grow pool %s: preallocate: %w", p.dir, hostError(err, n-cur))
-		}
-	}
-	if err := p.data.Sync(); err != nil {
-		// A failed fdatasync may have dropped other writes' dirty pages
-		// (and the next one succeeds regardless): as in a commit, only a
-		// restart from the last commit is sound.
-		return p.fail(fmt.Errorf("grow pool %s: %w", p.dir, err))
-	}
-	p.mu.Lock()
-	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
-		// The device's new part may hold anything: pad first writes there.
-		p.rec.ZeroFrom, p.zeroDurable, p.zeroMark = n, n, n
-	}
-	p.rec.SizeBlocks = n
-	p.alloc.grow(n)
-	p.pend.grow(n)
-	p.inflight.grow(n)
-	p.spareFills.grow(n)
-	p.zeroed.grow(n)
-	p.spare.grow(n)
-	p.backing.grow(n)
-	if p.pendSpare != nil {
-		p.pendSpare.grow(n)
-	}
-	p.metaDirty = true
-	p.mu.Unlock()
-	if err := p.commitLocked(); err != nil {
-		return err
-	}
-	p.mu.Lock()
-	p.spaceFreedLocked()
-	p.mu.Unlock()
-	p.log.Info("thin pool grown", "pool", p.dir, "size_bytes", size)
-	p.notify(Event{Type: PoolGrown, Size: size})
-	return nil
-}
 
 // IsPool reports whether dir looks like a pool directory (for tools that
 // must not create one by accident).
