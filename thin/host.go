@@ -6,6 +6,7 @@ import (
 	"math/bits"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -46,6 +47,27 @@ import (
 // allocation not yet synced, a spare handed to a write that did not
 // commit). Where the whole data file is host-allocated (a preallocated
 // pool, a block device: thick) no spares are needed.
+
+// hostState is the pool's side of the promise against the host: the
+// spares and what the data file and its file system can do. Guarded by
+// the pool's mu, but for the atomics; thick and metaShared are set at
+// Open.
+type hostState struct {
+	spare       *bitmap             // free blocks kept host-allocated for reservations
+	backing     *bitmap             // free blocks being host-allocated to become spares
+	spareWant   uint64              // spares operations in progress are about to reserve
+	spareChunks map[uint64]struct{} // spare-set chunks to persist
+	spareFills  *bitmap             // in flight blocks taken from spares: persisted as spares until published
+	thick       bool                // the whole data store is host-allocated: no spares needed
+	metaShared  bool                // the metadata's file system holds the data file too
+	hostOut     bool                // a request found the host file system full, and it has not had space since
+	hostLow     bool                // the host's free space was below the low-water mark at the last look
+	hostFull    bool                // the host had no space for a block at the last look
+
+	headroomUses atomic.Int64 // times the metadata store used some of its headroom
+	noAlloc      atomic.Bool  // the data file cannot allocate ahead
+	noPunch      atomic.Bool  // the data file cannot punch holes
+}
 
 // reservedLocked is the number of reserved blocks not yet consumed: what
 // the spares must cover.

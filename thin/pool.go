@@ -303,20 +303,9 @@ type Pool struct {
 	pend      *bitmap               // freed since the last cut
 	pendOld   *bitmap               // freed in the cut being committed
 	pendSpare *bitmap               // cleared bitmap for the next swap
-	noPunch   atomic.Bool           // the data file cannot punch holes
 	// trace, when set (SetTrace), gets the blocks every request resolved
 	// to; off, it costs a nil check.
-	trace atomic.Pointer[TraceFunc]
-	// Host backing of reservations (host.go).
-	spare        *bitmap             // free blocks kept host-allocated for reservations
-	backing      *bitmap             // free blocks being host-allocated to become spares
-	spareWant    uint64              // spares operations in progress are about to reserve
-	spareChunks  map[uint64]struct{} // spare-set chunks to persist
-	spareFills   *bitmap             // in flight blocks taken from spares: persisted as spares until published
-	thick        bool                // the whole data store is host-allocated: no spares needed
-	metaShared   bool                // the metadata's file system holds the data file too
-	headroomUses atomic.Int64        // times the metadata store used some of its headroom
-	noAlloc      atomic.Bool         // the data file cannot allocate ahead
+	trace        atomic.Pointer[TraceFunc]
 	dirtyChunks  map[uint64]struct{}
 	metaDirty    bool
 	intent       *intentLog // map changes since the last cut, for a killed process (intent.go)
@@ -325,14 +314,12 @@ type Pool struct {
 	// Batches of map changes the intent log could not take, and how many
 	// of them a durable commit covers (commitUnlogged).
 	unloggedSeq, unloggedDurable atomic.Uint64
-	hostOut                      bool // a request found the host file system full, and it has not had space since
-	hostLow                      bool // the host's free space was below the low-water mark at the last look
-	hostFull                     bool // the host had no space for a block at the last look
 	failed                       error
 	closed                       bool
 	closeStarted                 bool
 
 	allocation // physical blocks and free space (alloc.go)
+	hostState  // the data file's host space: spares backing reservations (host.go)
 	blockMap   // the map: pending changes over the committed map (blockmap.go)
 	catalogue  // volumes and layers (catalogue.go)
 	eventQueue // events for watchers (events.go)
