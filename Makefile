@@ -21,7 +21,7 @@ DESTDIR   ?=
 BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps modules images test lint bench demo xfstests install clean soak-restart soak-restart-qsd
+.PHONY: all build deps modules images test lint bench demo xfstests install clean soak-restart soak-restart-qsd faults-long
 
 all: build
 
@@ -57,6 +57,14 @@ soak-restart: deps images
 # The same soak against qemu-storage-daemon (no in-flight tracking), for comparison.
 soak-restart-qsd: deps images
 	THINBLK_SOAK_QSD_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestQSDKilledSoak' -v ./guesttests
+
+# The fault-injecting model tests of the thin pool, long: FAULT_SEEDS seeds from FAULT_SEED of
+# FAULT_STEPS steps (empty: each test's default) for each of the three (scripts/faults-long.sh).
+FAULT_SEEDS ?= 500
+FAULT_SEED  ?= 1
+FAULT_STEPS ?=
+faults-long: modules
+	FAULT_SEEDS=$(FAULT_SEEDS) FAULT_SEED=$(FAULT_SEED) FAULT_STEPS=$(FAULT_STEPS) GO=$(GO) bash scripts/faults-long.sh
 
 bench: deps build
 	mkdir -p $(BUILD)/bench
