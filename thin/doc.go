@@ -233,5 +233,26 @@
 // those of promised writes: the metadata store keeps headroom on its file
 // system and gives it up to Pebble on ENOSPC; until it is restored, data
 // sharing that file system gets no new host space (no-space policy).
-
+//
+// # Where the code is
+//
+// The Pool's state is grouped by concern, one struct per concern in the
+// file that works on it, all under the pool's one mutex (pool.go):
+//
+//	pool.go       create, open, close; the Pool and its groups
+//	commit.go     commits (Flush, the background committer) and release phases
+//	blockmap.go   map lookups and changes (pending over committed, fills)
+//	mapcache.go   the bounded cache of committed map entries
+//	alloc.go      block allocation, free space, waiting for space, Grow
+//	host.go       the promise against the host: spares, host space, headroom
+//	reserve.go    reservations across snapshots, reserve mode
+//	catalogue.go  volumes: create, resize, delete, look up
+//	snapshot.go   snapshots, clones and their layers
+//	send.go       snapshot streams out; receive.go, in
+//	events.go     events for watchers
+//	status.go     Status; metrics.go, Metrics
+//	volume.go     a volume's synchronous I/O; async.go its io_uring path
+//	gate.go       the I/O gate held exclusively
+//	intent.go     the intent log (map changes since the last commit)
+//	datafile.go   the data file; check.go, Check
 package thin
