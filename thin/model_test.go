@@ -210,15 +210,19 @@ func (md *model) write(v *modelVol, first, n int) {
 	for i := range n {
 		fillSector(buf[i*mSector:(i+1)*mSector], tag, v.idx, uint64(first+i))
 	}
+	// Split the buffer to exercise scatter-gather.
+	cut := md.rng.IntN(len(buf)/mSector+1) * mSector
+	// Taking the volume may restart a pool a background commit failed
+	// (the model then adopts the restarted pool's blocks): count what the
+	// write needs after that.
+	h := md.io(v)
 	var need uint64
 	for b := first / mPerBlk; b <= (first+n-1)/mPerBlk; b++ {
 		if !v.blocks[b].mapped && !v.blocks[b].prov {
 			need++
 		}
 	}
-	// Split the buffer to exercise scatter-gather.
-	cut := md.rng.IntN(len(buf)/mSector+1) * mSector
-	err := md.io(v).WriteAt([][]byte{buf[:cut], buf[cut:]}, int64(first)*mSector)
+	err := h.WriteAt([][]byte{buf[:cut], buf[cut:]}, int64(first)*mSector)
 	if need > md.free() {
 		if !errors.Is(err, ErrNoSpace) && !md.faulted(err, nil, 0, 0, 0) {
 			md.fatalf("write needing %d blocks with %d free: %v, want ErrNoSpace", need, md.free(), err)
@@ -417,6 +421,22 @@ func forModelSeeds(t *testing.T, defSteps int, run func(t *testing.T, seed uint6
 	return steps
 }
 
+// addVolumes creates volumes of mVolBlks blocks, zeros to the model.
+func (md *model) addVolumes(names ...string) {
+	md.t.Helper()
+	for _, name := range names {
+		if err := md.p.CreateVolume(name, mVolBlks*mBlock); err != nil {
+			md.t.Fatal(err)
+		}
+		v := &modelVol{name: name, idx: uint64(len(md.vols)),
+			sectors: make([]modelSector, mVolBlks*mPerBlk), blocks: make([]modelBlock, mVolBlks)}
+		for j := range v.sectors {
+			v.sectors[j].cands = []uint64{0}
+		}
+		md.vols = append(md.vols, v)
+	}
+}
+
 func runModel(t *testing.T, seed uint64, steps int) {
 	md := &model{t: t, rng: rand.New(rand.NewPCG(seed, 99)), m: newMachine(), dir: "/pool", size: 32, nextTag: 1}
 	if err := create(md.dir, CreateOptions{Size: md.size * mBlock, BlockSize: mBlock}, md.m.env()); err != nil {
@@ -433,16 +453,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			md.p.abandon()
 		}
 	}()
-	for i, name := range []string{"a", "b"} {
-		if err := md.p.CreateVolume(name, mVolBlks*mBlock); err != nil {
-			t.Fatal(err)
-		}
-		md.vols = append(md.vols, &modelVol{name: name, idx: uint64(i),
-			sectors: make([]modelSector, mVolBlks*mPerBlk), blocks: make([]modelBlock, mVolBlks)})
-		for j := range md.vols[i].sectors {
-			md.vols[i].sectors[j].cands = []uint64{0}
-		}
-	}
+	md.addVolumes("a", "b")
 	total := mVolBlks * mPerBlk
 	randRange := func() (int, int) {
 		var n int
