@@ -705,7 +705,14 @@ func (v *Volume) zeroes(op string, off, length int64, unmap bool, withdraw <-cha
 		}
 		if cf, ok := err.(*cowFirst); ok {
 			for _, r := range cf.ranges {
-				if err := v.WriteAt([][]byte{make([]byte, r.n)}, r.off); err != nil {
+				// The copy keeps the range's contents (zeroing follows in
+				// place): a later copy that finds no space fails the
+				// request with the volume as it was.
+				buf := make([]byte, r.n)
+				if err := v.ReadAt([][]byte{buf}, r.off); err != nil {
+					return fmt.Errorf("%s on volume %s: copy shared block: %w", op, v.name, err)
+				}
+				if err := v.WriteAt([][]byte{buf}, r.off); err != nil {
 					return fmt.Errorf("%s on volume %s: copy shared block: %w", op, v.name, err)
 				}
 			}
