@@ -32,7 +32,11 @@ for t in TestModelFaults TestModelAsyncFaults TestModelSnapshotsCrashPoints; do
 	fail=$(grep -c -- "--- FAIL: $t/seed=" "$log")
 	echo "$t: seeds $first..$((first + seeds - 1)) x ${steps:-default} steps: $pass passed, $fail failed ($(($(date +%s) - start)) s; log $log)"
 	grep -E 'faults fired|crash clones checked' "$log" | sed 's/^ */  /'
-	grep -o -- "--- FAIL: $t/seed=[0-9]*" "$log" | sed "s|.*seed=\([0-9]*\)|  replay: THIN_MODEL_SEED=\1 ${steps:+THIN_MODEL_STEPS=$steps }go test -count=1 -run '^$t\$' -v ./thin|"
+	for seed in $(grep -o -- "--- FAIL: $t/seed=[0-9]*" "$log" | sed 's/.*seed=//'); do
+		# The seed's first message (go test -v prints it under the seed's RUN line).
+		awk -v run="=== RUN   $t/seed=$seed" '$0 == run { on = 1; next } on && /^(===|---)/ { exit } on && n < 2 { print "  " substr($0, 1, 300); n++ }' "$log"
+		echo "  replay: THIN_MODEL_SEED=$seed ${steps:+THIN_MODEL_STEPS=$steps }go test -count=1 -run '^$t\$' -v ./thin"
+	done
 	if [ "$status" -ne 0 ] || [ "$fail" -ne 0 ] || [ "$pass" -ne "$seeds" ]; then
 		[ "$fail" -eq 0 ] && tail -20 "$log"
 		rc=1
