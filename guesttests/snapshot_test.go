@@ -153,7 +153,7 @@ const (
 // the filesystem frozen (fsfreeze --freeze, what a guest agent's freeze does). Both must
 // equal, block for block, the device as the guest read it during the freeze, and hold every
 // file the writer had made durable by then, with the checksum it recorded. Files are not
-// read during the freeze: that hung until the test's timeout (in CI, and once in four runs
+// read during the freeze: that hung until the test's timeout (in CI, and in one of three runs
 // here) with the device idle (avail index = used index, nothing in thinblk's in-flight
 // region), so the guest was stuck, not the disk; XFS before upstream's inodegc recycling
 // fix can spin in lookups of inodes queued for inactivation while frozen, as inactivation
