@@ -27,6 +27,9 @@ type allocation struct {
 	// never-written ones. Memory only: after a restart freed blocks are
 	// padded again. See punchReleased.
 	zeroed *bitmap
+	// unpunched holds free blocks a release did not punch within its
+	// budget, punching the ones a later pass is punching (punchlater.go).
+	unpunched, punching *bitmap
 
 	spaceCh     chan struct{}  // closed (and replaced) whenever space is freed
 	outOfSpace  bool           // a request found no space, and none appeared since
@@ -52,7 +55,7 @@ func (p *Pool) allocLocked(fromReserve bool) (b uint64, zero, spare, ok bool) {
 		}
 	}
 	if !ok {
-		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing)
+		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing, p.punching)
 	}
 	if !ok && p.spare.count > p.reservedLocked()+p.spareWant {
 		b, ok = p.spare.findSet(p.cursor)
@@ -284,6 +287,8 @@ func (p *Pool) grow(size uint64) error {
 	p.inflight.grow(n)
 	p.spareFills.grow(n)
 	p.zeroed.grow(n)
+	p.unpunched.grow(n)
+	p.punching.grow(n)
 	p.spare.grow(n)
 	p.backing.grow(n)
 	if p.pendSpare != nil {

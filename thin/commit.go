@@ -56,6 +56,9 @@ func (p *Pool) background() {
 			return
 		case <-tick:
 			p.noteHostSpace()
+			// A quarter of the budget per tick: each punch holds the
+			// data file's inode lock, which guest writes wait for.
+			p.punchLater(p.tune.punchBudget / 4)
 		case <-p.kick:
 		}
 		if !p.metaPending() {
@@ -313,6 +316,7 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	for _, r := range punched {
 		p.zeroed.setRun(r[0], r[1])
 	}
+	p.leaveUnpunchedLocked(released, punched, keep)
 	p.alloc.andNot(released)
 	for _, b := range keep {
 		p.setSpareLocked(b)
@@ -337,9 +341,10 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 // A punch costs about 0.1 ms here (more for a piece of dense data: its
 // page cache goes too). A FLUSH does not wait for punching, but the next
 // commit that frees blocks does, and so do management operations, so the
-// punching stops after punchBudget: blocks past it are reused with zero
-// padding and keep their host space until then (a delete of a big
-// fragmented volume would otherwise hold them up for minutes). With 50 ms
+// punching stops after punchBudget: blocks past it become reusable
+// unpunched, and background passes punch the ones still free later, a
+// budget at a time (punchlater.go; a delete of a big fragmented volume
+// would otherwise hold commits up for minutes). With 50 ms
 // a trim of 600 MiB of written data was cut short on a loaded machine.
 func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 	if p.noPunch.Load() {

@@ -284,7 +284,7 @@ func (p *Pool) backSpares(hb *hostBacking, n uint64) error {
 	picked := make([]uint64, 0, d)
 	from := p.cursor
 	for uint64(len(picked)) < d {
-		b, ok := p.alloc.findClearExcept(from, p.spare, p.backing)
+		b, ok := p.alloc.findClearExcept(from, p.spare, p.backing, p.punching)
 		if !ok {
 			break
 		}

@@ -415,6 +415,8 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.spareFills = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
+	p.unpunched = newBitmap(p.rec.SizeBlocks)
+	p.punching = newBitmap(p.rec.SizeBlocks)
 	p.spare = newBitmap(p.rec.SizeBlocks)
 	p.backing = newBitmap(p.rec.SizeBlocks)
 	p.spareChunks = map[uint64]struct{}{}
