@@ -241,6 +241,7 @@
 //
 //	pool.go       create, open, close; the Pool and its groups
 //	commit.go     commits (Flush, the background committer) and release phases
+//	punchlater.go punching freed blocks a release left unpunched
 //	blockmap.go   map lookups and changes (pending over committed, fills)
 //	mapcache.go   the bounded cache of committed map entries
 //	alloc.go      block allocation, free space, waiting for space, Grow
