@@ -640,3 +640,51 @@ func fullHostCommits(t *testing.T, headroom int64) error {
 	checkAccounting(t, p)
 	return nil
 }
+
+// TestHostUnbackedCountsMissingHeadroom: where the metadata shares the
+// data's host file system, the pieces of the metadata's headroom that are
+// missing are taken back before data gets new host space, so the
+// over-commitment status reports counts them: it is the same before and
+// after the headroom is restored (on a 32 MiB tmpfs whose metadata lost
+// half its 2 MiB headroom while the host was full, then got 4 MiB back).
+func TestHostUnbackedCountsMissingHeadroom(t *testing.T) {
+	mnt := mountSmallFS(t, 32<<20)
+	dir := filepath.Join(mnt, "pool")
+	if err := Create(dir, CreateOptions{BlockSize: 4 * kib, Size: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := Open(dir, quietOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	host := &hostFiller{t: t, path: filepath.Join(mnt, "other-tenant")}
+	host.fill()
+	// Half the headroom goes to the other tenant while the pool is down.
+	for _, i := range []int{2, 3} {
+		if err := os.Remove(filepath.Join(dir, metaName, fmt.Sprintf("thinblk-headroom.%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	host.fill()
+	if p, err = openWithin(dir, quietOpts(), time.Minute, host); err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	host.free(4 << 20)
+	short := p.Status().Pool
+	if short.MetaHeadroomBytes >= short.MetaHeadroomWantBytes || short.HostFreeBytes < 3<<20 {
+		t.Fatalf("headroom %d of %d with %d bytes free on the host: the test needs it short with space to restore it",
+			short.MetaHeadroomBytes, short.MetaHeadroomWantBytes, short.HostFreeBytes)
+	}
+	p.noteHostSpace() // restores the headroom (serve's ticker)
+	restored := p.Status().Pool
+	if restored.MetaHeadroomBytes != restored.MetaHeadroomWantBytes {
+		t.Fatalf("headroom %d of %d after the host had space again", restored.MetaHeadroomBytes, restored.MetaHeadroomWantBytes)
+	}
+	t.Logf("host free %d -> %d bytes, unbacked %d -> %d bytes", short.HostFreeBytes, restored.HostFreeBytes, short.HostUnbackedBytes, restored.HostUnbackedBytes)
+	if short.HostUnbackedBytes != restored.HostUnbackedBytes || short.HostUnbackedBytes < 12<<20 {
+		t.Fatalf("over-commitment with the headroom short: %d bytes, restored: %d bytes; want the same (about 13 MiB)",
+			short.HostUnbackedBytes, restored.HostUnbackedBytes)
+	}
+}

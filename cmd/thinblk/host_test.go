@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/thin"
 )
 
@@ -59,5 +60,53 @@ func TestHostOvercommitReported(t *testing.T) {
 		if !ok || name != c.name {
 			t.Errorf("event %+v: %s %v", c.ev, name, data)
 		}
+	}
+}
+
+// TestPoolCreateWarnsWithHeadroom: pool create's over-commitment warning
+// counts what the pool keeps on its host file system besides the data
+// file, the metadata's headroom (1/16 of the file system) first: it says
+// what status says afterwards. A 248 MiB pool on a 256 MiB tmpfs (16 MiB
+// headroom) is over-committed; a 14 MiB pool on a 16 MiB tmpfs (1 MiB
+// headroom) is not.
+func TestPoolCreateWarnsWithHeadroom(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting a small tmpfs needs root")
+	}
+	for _, c := range []struct {
+		fs, pool string
+		fsBytes  int64
+		warn     bool
+	}{{"256M", "248M", 256 << 20, true}, {"16M", "14M", 16 << 20, false}} {
+		t.Run(c.pool+"-on-"+c.fs, func(t *testing.T) {
+			mnt := t.TempDir()
+			if err := unix.Mount("tmpfs", mnt, "tmpfs", 0, fmt.Sprintf("size=%d", c.fsBytes)); err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Unmount(mnt, unix.MNT_DETACH)
+			dir := filepath.Join(mnt, "pool")
+			_, errOut, code := thinblk(t, "pool", "create", dir, "--size", c.pool)
+			if code != 0 {
+				t.Fatalf("pool create: exit %d, stderr %q", code, errOut)
+			}
+			st := statusJSON(t, dir).Pool
+			if want := uint64(thin.DefaultMetaHeadroom(uint64(c.fsBytes))); st.MetaHeadroomBytes != want {
+				t.Fatalf("metadata headroom %d, want %d", st.MetaHeadroomBytes, want)
+			}
+			if (st.HostUnbackedBytes > 0) != c.warn {
+				t.Fatalf("status: host free %d, unbacked %d; want over-committed %v", st.HostFreeBytes, st.HostUnbackedBytes, c.warn)
+			}
+			if !c.warn {
+				if errOut != "" {
+					t.Fatalf("pool create of a pool its host backs (headroom included) warned: %q", errOut)
+				}
+				return
+			}
+			want := fmt.Sprintf("warning: the host file system has %s free: %s of the pool's free space is not backed by it",
+				units.HumanBytes(st.HostFreeBytes), units.HumanBytes(st.HostUnbackedBytes))
+			if !strings.Contains(errOut, want) {
+				t.Fatalf("pool create warned %q, want what status says: %q", errOut, want)
+			}
+		})
 	}
 }

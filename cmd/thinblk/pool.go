@@ -119,13 +119,25 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 		return fail(stderr, "pool create", err)
 	}
 	fmt.Fprintf(stdout, "created pool %s: %s, block size %s\n", pos[0], units.HumanBytes(o.Size), units.HumanBytes(uint64(o.BlockSize)))
-	if free, err := thin.HostFree(pos[0]); err == nil && free < o.Size && !o.Preallocate && o.DataDevice == "" {
-		warnHost(stderr, o.Size-free, free)
+	// The pool opened once holds on its host what it keeps there besides
+	// the data file (the metadata's headroom): its status says what the
+	// host can back, as it will at every open.
+	p, err := thin.Open(pos[0], thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
+	if err != nil {
+		return fail(stderr, "pool create", err)
+	}
+	if st := p.Status().Pool; st.HostUnbackedBytes > 0 {
+		warnHost(stderr, st.HostUnbackedBytes, st.HostFreeBytes)
+	}
+	if err := p.Close(); err != nil {
+		return fail(stderr, "pool create", err)
 	}
 	return 0
 }
 
-// warnHost warns that the pool is over-committed on its host file system.
+// warnHost warns that the pool is over-committed on its host file system
+// (hostFree is what is left besides what the pool holds there: its
+// metadata's headroom too).
 func warnHost(w io.Writer, unbacked, hostFree uint64) {
 	fmt.Fprintf(w, "warning: the host file system has %s free: %s of the pool's free space is not backed by it; "+
 		"writes to unprovisioned space follow the no-space policy when it fills (provisioned and reserved space stays backed)\n",
