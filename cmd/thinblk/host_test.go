@@ -66,7 +66,7 @@ func TestHostOvercommitReported(t *testing.T) {
 // TestPoolCreateWarnsWithHeadroom: pool create's over-commitment warning
 // counts what the pool keeps on its host file system besides the data
 // file, the metadata's headroom (1/16 of the file system) first: it says
-// what status says afterwards. A 248 MiB pool on a 256 MiB tmpfs (16 MiB
+// what status says afterwards, and serve warns likewise. A 248 MiB pool on a 256 MiB tmpfs (16 MiB
 // headroom) is over-committed; a 14 MiB pool on a 16 MiB tmpfs (1 MiB
 // headroom) is not.
 func TestPoolCreateWarnsWithHeadroom(t *testing.T) {
@@ -95,6 +95,14 @@ func TestPoolCreateWarnsWithHeadroom(t *testing.T) {
 			}
 			if (st.HostUnbackedBytes > 0) != c.warn {
 				t.Fatalf("status: host free %d, unbacked %d; want over-committed %v", st.HostFreeBytes, st.HostUnbackedBytes, c.warn)
+			}
+			mustThinblk(t, "volume", "create", dir, "disk0", "--size", "1G")
+			sockDir := filepath.Join(t.TempDir(), "run")
+			cmd, logs := startServe(t, buildThinblk(t), dir, "--socket-dir", sockDir)
+			waitForSocket(t, filepath.Join(sockDir, "disk0.sock"))
+			stopServe(t, cmd, logs)
+			if warned := strings.Contains(logs.String(), "the pool exceeds what its host file system can back"); warned != c.warn {
+				t.Errorf("serve warned of over-commitment: %v, want %v\n%s", warned, c.warn, logs)
 			}
 			if !c.warn {
 				if errOut != "" {
