@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/testenv"
 	"github.com/thinblk/thinblk/internal/units"
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
@@ -153,7 +154,7 @@ func fillFS(t *testing.T, path string) {
 // stops the VM; once the other tenant's file goes, the write completes
 // without a restart, serve reports the space and resumes the VM.
 func TestServePausePolicyOnFullHost(t *testing.T) {
-	needQEMU(t)
+	testenv.NeedQEMU(t)
 	if os.Geteuid() != 0 {
 		t.Skip("mounting a small tmpfs needs root")
 	}
