@@ -187,6 +187,8 @@ func TestServePausePolicyOnFullHost(t *testing.T) {
 	}
 	filler := filepath.Join(mnt, "other-tenant")
 	fillFS(t, filler)
+	// On a failure, before the disk closes: its waiting write must end.
+	defer os.Remove(filler)
 
 	block := bytes.Repeat([]byte{'p'}, 64<<10)
 	for off := int64(0); off < 1<<20; off += int64(len(block)) {
