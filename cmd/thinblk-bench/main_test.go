@@ -67,7 +67,7 @@ func TestRunAllTargets(t *testing.T) {
 	}
 	stderr := runJSON(t, []string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
 		"--cases", "randread-4k-qd32-q1", "--cache", "buffered", "--targets", targets,
-		"--svg", filepath.Join(dir, "bench.svg")}, &doc)
+		"--alt", "base=" + bin, "--svg", filepath.Join(dir, "bench.svg")}, &doc)
 	got := map[string]bool{}
 	for _, r := range doc.Results {
 		if r.Error != "" || r.IOPS <= 0 || r.Case != "randread-4k-qd32-q1" {
@@ -80,7 +80,7 @@ func TestRunAllTargets(t *testing.T) {
 		}
 		got[r.Target] = true
 	}
-	if !got["thinblk"] || !got["fio"] || !got["null"] || strings.Contains(targets, "qsd") && !got["qsd"] {
+	if !got["thinblk"] || !got["base"] || !got["fio"] || !got["null"] || strings.Contains(targets, "qsd") && !got["qsd"] {
 		t.Fatalf("targets measured: %v\n%s", got, stderr)
 	}
 	// The chart holds every measured target's series (its legend entry)
@@ -96,6 +96,30 @@ func TestRunAllTargets(t *testing.T) {
 	}
 	if !strings.Contains(string(svg), "randread-4k-qd32-q1") {
 		t.Errorf("chart lacks the case")
+	}
+}
+
+// TestAltFlag: --alt takes NAME=PATH, repeatedly, and refuses a name that
+// is already a target's or given twice.
+func TestAltFlag(t *testing.T) {
+	var alts []altBuild
+	f := altFlag{&alts}
+	for _, v := range []string{"base=/x/thinblk", "locked=/y/thinblk"} {
+		if err := f.Set(v); err != nil {
+			t.Fatalf("Set(%q): %v", v, err)
+		}
+	}
+	if len(alts) != 2 || alts[0] != (altBuild{"base", "/x/thinblk"}) || alts[1].name != "locked" {
+		t.Fatalf("alts %+v", alts)
+	}
+	for _, v := range []string{"base=/z", "qsd=/z", "thinblk=/z", "noequals", "=/z", "a=", "a,b=/z"} {
+		if err := f.Set(v); err == nil {
+			t.Errorf("Set(%q): no error", v)
+		}
+	}
+	c := config{alts: alts}
+	if got := strings.Join(c.deviceOrder(), ","); got != "thinblk,base,locked,qsd,null,fio" {
+		t.Errorf("device order %s", got)
 	}
 }
 
