@@ -370,9 +370,13 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 					r, err = bench.RunFio(ctx, img, bc, bench.FioOptions{Bin: c.fio, Direct: direct, Duration: c.duration})
 				} else {
 					cpu0, cerr0 := srv.CPUTime()
+					cs0, cserr0 := srv.ContextSwitches()
 					r, err = runDriverRetry(ctx, srv.Socket, bc, c.duration)
 					if cpu1, cerr1 := srv.CPUTime(); err == nil && cerr0 == nil && cerr1 == nil && r.Ops > 0 {
 						r.ServerCPUUs = float64((cpu1 - cpu0).Microseconds()) / float64(r.Ops)
+					}
+					if cs1, cserr1 := srv.ContextSwitches(); err == nil && cserr0 == nil && cserr1 == nil && r.Ops > 0 {
+						r.ServerSwitches = float64(cs1-cs0) / float64(r.Ops)
 					}
 				}
 				if err != nil {
@@ -431,7 +435,7 @@ func record(log io.Writer, target string, bc bench.Case, r bench.Result, err err
 	} else {
 		cpu := ""
 		if r.ServerCPUUs > 0 {
-			cpu = fmt.Sprintf("  CPU/op: server %5.1f us, driver %5.1f us", r.ServerCPUUs, r.DriverCPUUs)
+			cpu = fmt.Sprintf("  CPU/op: server %5.1f us, driver %5.1f us; switches/op %.2f", r.ServerCPUUs, r.DriverCPUUs, r.ServerSwitches)
 		}
 		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us%s\n",
 			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, cpu)
@@ -449,7 +453,7 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	}
 	fmt.Fprintf(w, "\nmedian of %d run(s) per cell; cache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
 		c.repeat, c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
-	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds;\ndrv/op: the front-end driver's (this process's) CPU time per request; null: serve --null, no I/O\n\n")
+	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds;\ndrv/op: the front-end driver's (this process's) CPU time per request; csw/op: the back-end's context switches\n(all threads) per request; null: serve --null, no I/O\n\n")
 	var shown []string
 	for _, t := range c.deviceOrder() {
 		if c.targets[t] {
@@ -461,7 +465,7 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	for _, t := range shown {
 		fmt.Fprintf(tw, "%s IOPS\tmean\tp99\t", t)
 		if t != "fio" {
-			fmt.Fprint(tw, "cpu/op\tdrv/op\t")
+			fmt.Fprint(tw, "cpu/op\tdrv/op\tcsw/op\t")
 		}
 	}
 	ratios := [][2]string{{"thinblk", "qsd"}, {"thinblk", "fio"}, {"thinblk", "null"}}
@@ -474,6 +478,12 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 		}
 	}
 	fmt.Fprintln(tw)
+	ratio := func(v float64) string {
+		if v <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", v)
+	}
 	us := func(v float64) string {
 		if v <= 0 {
 			return "-"
@@ -494,7 +504,7 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 				fmt.Fprintf(tw, "%.0f\t%.1f\t%.1f\t", r.IOPS, r.MeanUs, r.P99Us)
 			}
 			if t != "fio" {
-				fmt.Fprintf(tw, "%s\t%s\t", us(r.ServerCPUUs), us(r.DriverCPUUs))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t", us(r.ServerCPUUs), us(r.DriverCPUUs), ratio(r.ServerSwitches))
 			}
 		}
 		for _, rt := range ratios {

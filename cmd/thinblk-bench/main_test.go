@@ -63,6 +63,7 @@ func TestRunAllTargets(t *testing.T) {
 			Error        string
 			ServerCPU    float64 `json:"server_cpu_us_per_op"`
 			DriverCPU    float64 `json:"driver_cpu_us_per_op"`
+			Switches     float64 `json:"server_switches_per_op"`
 		}
 	}
 	stderr := runJSON(t, []string{"--thinblk", bin, "--dir", dir, "--size", "16M", "--duration", "300ms",
@@ -77,6 +78,10 @@ func TestRunAllTargets(t *testing.T) {
 		// report the driver's cost like the other back-ends.
 		if r.Target == "null" && (r.ServerCPU <= 0 && r.DriverCPU <= 0) {
 			t.Errorf("null result without CPU figures: %+v", r)
+		}
+		// A back-end that sleeps between kicks switches out at times.
+		if r.Target == "thinblk" && r.Switches <= 0 {
+			t.Errorf("thinblk result without context switches: %+v", r)
 		}
 		got[r.Target] = true
 	}
