@@ -7,10 +7,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // The helpers the command's tests share: running the CLI in-process, building the binary,
@@ -33,63 +34,15 @@ func mustThinblk(t *testing.T, args ...string) string {
 	return out
 }
 
-var built struct {
-	once sync.Once
-	dir  string
-	bin  string
-	err  error
-}
+// buildThinblk is this command built once per test binary (see testenv.Thinblk).
+func buildThinblk(t *testing.T) string { return testenv.Thinblk(t) }
 
-// buildThinblk builds this command once per test binary (each link costs seconds on a
-// loaded machine); TestMain removes it.
-func buildThinblk(t *testing.T) string {
-	t.Helper()
-	built.once.Do(func() {
-		if built.dir, built.err = os.MkdirTemp("", "thinblk-test-bin"); built.err != nil {
-			return
-		}
-		built.bin = filepath.Join(built.dir, "thinblk")
-		if out, err := exec.Command("go", "build", "-o", built.bin, ".").CombinedOutput(); err != nil {
-			built.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if built.err != nil {
-		t.Fatal(built.err)
-	}
-	return built.bin
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if built.dir != "" {
-		os.RemoveAll(built.dir)
-	}
-	os.Exit(code)
-}
-
-// lockedBuffer collects a child's stderr: exec copies into it from its own goroutine while
-// the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // startServe runs `thinblk serve` (killed at the end of the test if still running).
-func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *lockedBuffer) {
+func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *testenv.Buffer) {
 	t.Helper()
-	logs := new(lockedBuffer)
+	logs := new(testenv.Buffer)
 	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
 	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {
@@ -137,7 +90,7 @@ func stopServe(t *testing.T, cmd *exec.Cmd, logs fmt.Stringer) {
 // served is a running `thinblk serve` of one volume or image.
 type served struct {
 	cmd  *exec.Cmd
-	logs *lockedBuffer
+	logs *testenv.Buffer
 	sock string // the volume's or image's socket, listening
 	dir  string // the pool (serveNewPool)
 	img  string // the image (serveNewImage)
