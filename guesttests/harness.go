@@ -190,6 +190,15 @@ type PoolStatus struct {
 		AllocatedBytes int64 `json:"allocated_bytes"`
 		ReservedBytes  int64 `json:"reserved_bytes"`
 		FreeBytes      int64 `json:"free_bytes"`
+		ReleasingBytes int64 `json:"releasing_bytes"`
+		// PendingMapChanges are map changes not committed yet.
+		PendingMapChanges int64 `json:"pending_map_changes"`
+		// The host's side (README "The promise holds against the host").
+		DataHostBytes     int64  `json:"data_host_bytes"`
+		HostFreeBytes     int64  `json:"host_free_bytes"`
+		HostUnbackedBytes int64  `json:"host_unbacked_bytes"`
+		Preallocated      bool   `json:"preallocated"`
+		DataDevice        string `json:"data_device"`
 	} `json:"pool"`
 	Volumes []VolumeStatus `json:"volumes"`
 }

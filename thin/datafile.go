@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"unsafe"
 
@@ -193,7 +196,11 @@ func (d *osDataFile) hostFree() (free, total uint64, err error) {
 	if err := unix.Fstatfs(int(d.f.Fd()), &st); err != nil {
 		return 0, 0, err
 	}
-	return statfsFree(&st), st.Blocks * uint64(st.Bsize), nil
+	free = statfsFree(&st)
+	if os.Geteuid() == 0 {
+		free -= min(free, ext4Reserved(int(d.f.Fd()), &st))
+	}
+	return free, st.Blocks * uint64(st.Bsize), nil
 }
 
 // statfsFree is the space a file system has left for this process.
@@ -202,6 +209,37 @@ func statfsFree(st *unix.Statfs_t) uint64 {
 		return st.Bfree * uint64(st.Bsize) // root may use the reserved blocks
 	}
 	return st.Bavail * uint64(st.Bsize)
+}
+
+// ext4Reserved is the space ext4 keeps back from every file, root's
+// included: its reserved clusters (2% of the file system, at most 4096
+// clusters: 16 MiB of 4 KiB blocks), which statfs counts in the free
+// blocks. Without it a full ext4 looks to root like one with space, and a
+// request waiting for host space would wake, fail and wait again for
+// ever, flapping the out-of-space events. 0 on other file systems or when
+// sysfs does not say (bigalloc, whose clusters are larger than blocks, is
+// under-counted).
+func ext4Reserved(fd int, st *unix.Statfs_t) uint64 {
+	if st.Type != unix.EXT4_SUPER_MAGIC {
+		return 0
+	}
+	var fst unix.Stat_t
+	if unix.Fstat(fd, &fst) != nil {
+		return 0
+	}
+	dev, err := os.Readlink(fmt.Sprintf("/sys/dev/block/%d:%d", unix.Major(fst.Dev), unix.Minor(fst.Dev)))
+	if err != nil {
+		return 0
+	}
+	b, err := os.ReadFile("/sys/fs/ext4/" + filepath.Base(dev) + "/reserved_clusters")
+	if err != nil {
+		return 0
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return n * uint64(st.Bsize)
 }
 
 // fsIocFiemap is FS_IOC_FIEMAP (_IOWR('f', 11, struct fiemap)).

@@ -661,16 +661,6 @@ func (p *Pool) noteHostSpace() {
 	p.mu.Unlock()
 }
 
-// HostFree is the free space of the file system holding dir (for this
-// process: root may use the reserved blocks), to size a pool for it.
-func HostFree(dir string) (uint64, error) {
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		return 0, err
-	}
-	return statfsFree(&st), nil
-}
-
 // allocateHead host-allocates every mapped block of a volume's head
 // before reserve mode goes on: the volume may then overwrite any of them,
 // and a block's bytes its first write did not cover may be holes on the

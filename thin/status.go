@@ -127,13 +127,19 @@ func (p *Pool) Status() Status {
 		PendingMapWrites: len(p.dirty),
 		Failed:           errString(p.failed),
 	}}
+	have, want := p.store.Headroom()
 	if hostKnown {
 		s.Pool.HostFreeBytes = hostFree
-		s.Pool.HostUnbackedBytes = hostShortfall(p.rec.SizeBlocks*bs, hostBytes, hostFree, free*bs)
+		backable := hostFree
+		if p.metaShared {
+			// The headroom's missing pieces come back before data gets
+			// new host space (restoreHeadroom).
+			backable -= min(backable, uint64(want-have))
+		}
+		s.Pool.HostUnbackedBytes = hostShortfall(p.rec.SizeBlocks*bs, hostBytes, backable, free*bs)
 		s.Pool.HostBelowLowWater = p.rec.LowWaterPPM != 0 && hostFree < p.lowWaterBlocks()*bs
 	}
 	s.Pool.ReservedUnbackedBytes = p.unbackedLocked() * bs
-	have, want := p.store.Headroom()
 	s.Pool.MetaHeadroomBytes, s.Pool.MetaHeadroomWantBytes = uint64(have), uint64(want)
 	s.Pool.Preallocated = p.rec.Flags&pebblemeta.PoolPreallocated != 0
 	if d, ok := p.data.(interface{ isDevice() bool }); ok && d.isDevice() {
