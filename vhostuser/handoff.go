@@ -141,6 +141,17 @@ func (ho *HandOff) Commit() {
 	if ho.done {
 		return
 	}
+	st := ho.Detach()
+	closeServerState(st)
+}
+
+// Detach ends the Server here as Commit does, but gives the caller the
+// state (its descriptors still open), to Resume in this process: after a
+// hand-over that failed once this process had let go of its storage.
+func (ho *HandOff) Detach() handover.Server {
+	if ho.done {
+		return handover.Server{}
+	}
 	ho.done = true
 	s := ho.s
 	s.mu.Lock()
@@ -150,9 +161,11 @@ func (ho *HandOff) Commit() {
 		cs.verdict <- true
 	}
 	s.handing.verdict <- true
-	ho.closeState()
-	s.log.Info("handed over to another process")
+	st := ho.State
+	ho.State = handover.Server{}
+	s.log.Info("handed over")
 	s.Close()
+	return st
 }
 
 // Abort serves on: rings start again, reads and accepts resume.

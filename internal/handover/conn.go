@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,6 +21,9 @@ type Conn struct {
 func NewConn(uc *net.UnixConn) *Conn {
 	return &Conn{uc: uc, oob: make([]byte, unix.CmsgSpace(MaxFiles*4))}
 }
+
+// SetDeadline bounds the next reads and writes (zero: none).
+func (c *Conn) SetDeadline(t time.Time) error { return c.uc.SetDeadline(t) }
 
 // Close closes the socket.
 func (c *Conn) Close() error { return c.uc.Close() }
