@@ -182,6 +182,9 @@ func (ho *HandOff) Abort() {
 	h := s.handing
 	s.handing = nil
 	s.mu.Unlock()
+	// The accept loop may not have parked yet: it must not find the
+	// hand-over's deadline once the hand-over is gone.
+	s.ln.SetDeadline(time.Time{})
 	h.verdict <- false
 	ho.closeState()
 	s.log.Info("hand-over aborted; serving on")

@@ -16,7 +16,7 @@ import (
 )
 
 // A pool's serve hands its vhost-user sessions to a new serve process
-// (`serve DIR --handover-from DIR/handover.sock`) without QEMU seeing a
+// (`serve DIR --handover-from DIR/thinblk.handover`) without QEMU seeing a
 // disconnect. The old process pauses every session between messages and
 // stops its rings (requests waiting for space stay recorded in QEMU's
 // in-flight area), closes its control socket and metrics, commits and
@@ -27,8 +27,9 @@ import (
 // opens the pool again and serves on from the same state.
 
 // handoverSocketName is the socket, in the pool directory, a new serve
-// process connects to with --handover-from.
-const handoverSocketName = "handover.sock"
+// process connects to with --handover-from. Not NAME.sock: the volumes'
+// sockets may be in the pool directory too.
+const handoverSocketName = "thinblk.handover"
 
 // handOverPause bounds the pause of every session (rings stopping: the
 // requests in flight finish first).

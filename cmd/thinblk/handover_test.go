@@ -15,7 +15,7 @@ import (
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
-// TestServeHandOver: `thinblk serve POOL --handover-from POOL/handover.sock`
+// TestServeHandOver: `thinblk serve POOL --handover-from POOL/thinblk.handover`
 // takes the running serve's connections while the Go front-end keeps
 // issuing I/O, and the old process exits: the front-end never reconnects
 // (the driver has no automatic reconnection: a dropped connection would
@@ -140,6 +140,22 @@ func TestServeHandOver(t *testing.T) {
 			time.Sleep(time.Millisecond)
 		}
 	}
+	waitRounds(20)
+	// A new process that cannot open the pool (here: it is given another
+	// directory) aborts; the old one opens the pool again and serves on
+	// from the state it had sent, without a reconnect.
+	bad := startServeEnv(t, bin, nil, filepath.Join(dir, "nopool"), "--socket-dir", dir, "--queues", "2",
+		"--handover-from", filepath.Join(pool, handoverSocketName))
+	select {
+	case <-bad.exited:
+	case <-time.After(time.Minute):
+		t.Fatalf("the failing new serve did not exit\n%s", bad.logs)
+	}
+	if bad.cmd.ProcessState.Success() {
+		t.Fatalf("serve of a missing pool with --handover-from succeeded\n%s", bad.logs)
+	}
+	waitLog(t, p, "hand-over failed; serving on")
+	waitForSocket(t, filepath.Join(pool, handoverSocketName))
 	waitRounds(20)
 	took := regexp.MustCompile(`handed over to the new serve process.* paused_ms=(\d+) pool_released_ms=(\d+) taken_ms=(\d+)`)
 	for round := range 2 {

@@ -115,11 +115,9 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 	}
 	requests, stopHandOver, err := listenHandOver(filepath.Join(f.pool, handoverSocketName), logger)
 	if err != nil {
-		stopMetrics()
-		stopControl()
-		ex.close()
-		pool.Close()
-		return nil, err
+		// Serving matters more than a later upgrade without a reconnect.
+		logger.Warn("no hand-over to a new serve process: restarts reconnect", "err", err)
+		stopHandOver = func() {}
 	}
 	// Every volume's socket and the control socket listen now.
 	f.ready(fmt.Sprintf("serving %d volumes of %s", len(pool.Volumes()), f.pool))
