@@ -254,23 +254,30 @@ func (l *ioLoad) waitRounds(t *testing.T, n int) {
 // reconnects, every request completes exactly once (the driver fails on a
 // completion of a request not in flight) with the right data, control
 // messages on the same connection are answered by the new server, and new
-// connections reach it through the handed-over listener.
+// connections reach it through the handed-over listener. Without the
+// in-flight area (NoInflight) the rings resume from the bases handed over.
 func TestHandOffKeepsConnection(t *testing.T) {
+	for _, noInflight := range []bool{false, true} {
+		t.Run(fmt.Sprintf("noinflight=%v", noInflight), func(t *testing.T) { testHandOff(t, noInflight) })
+	}
+}
+
+func testHandOff(t *testing.T, noInflight bool) {
 	img := newImage(t, 64<<20)
 	sock := filepath.Join(t.TempDir(), "disk.sock")
 	const queues = 2
 	a := &handOffProc{}
 	a.disk, a.dev = openHandOffDevice(t, img, queues, "old")
 	var err error
-	if a.srv, err = vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: handOffLogger("old"), Name: "disk"}, a.dev); err != nil {
+	if a.srv, err = vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: handOffLogger("old"), Name: "disk", NoInflight: noInflight}, a.dev); err != nil {
 		t.Fatal(err)
 	}
 	a.serve()
 	b := a
 	t.Cleanup(func() { b.close(t) }) // after the drivers' (cleanups run last first)
 	d := dial(t, sock, Options{NumQueues: queues})
-	if d.ProtocolFeatures()&(1<<vhostuser.ProtoInflightShmfd) == 0 {
-		t.Fatal("no in-flight area negotiated")
+	if inflight := d.ProtocolFeatures()&(1<<vhostuser.ProtoInflightShmfd) != 0; inflight == noInflight {
+		t.Fatalf("in-flight area negotiated: %v", inflight)
 	}
 	load := startIOLoad(d)
 	load.waitRounds(t, 3)
@@ -307,7 +314,7 @@ func TestHandOffKeepsConnection(t *testing.T) {
 		}
 		next := &handOffProc{}
 		next.disk, next.dev = openHandOffDevice(t, img, queues, fmt.Sprintf("new%d", round))
-		if next.srv, err = vhostuser.Resume(vhostuser.ServerOptions{SocketPath: sock, Logger: handOffLogger("new"), Name: "disk"}, next.dev, st.Servers[0]); err != nil {
+		if next.srv, err = vhostuser.Resume(vhostuser.ServerOptions{SocketPath: sock, Logger: handOffLogger("new"), Name: "disk", NoInflight: noInflight}, next.dev, st.Servers[0]); err != nil {
 			t.Fatalf("resume: %v", err)
 		}
 		stalls = append(stalls, time.Since(began))
