@@ -151,10 +151,15 @@ const (
 // recovery runs) and must then hold every file that was fsynced before the snapshot, with
 // xfs_repair clean. A read-only snapshot and a writable clone are taken while the guest has
 // the filesystem frozen (fsfreeze --freeze, what a guest agent's freeze does). Both must
-// equal, block for block, the device as the guest read it during the freeze, and file for
-// file the checksums the guest recorded then. A frozen XFS has written all metadata in
-// place but still leaves a log record to replay (the log is covered, not unmounted) and its
-// lazy superblock counters stale; a read-only device cannot replay it. So the clone, block
+// equal, block for block, the device as the guest read it during the freeze, and hold every
+// file the writer had made durable by then, with the checksum it recorded. Files are not
+// read during the freeze: that hung until the test's timeout (in CI, and in one of three runs
+// here) with the device idle (avail index = used index, nothing in thinblk's in-flight
+// region), so the guest was stuck, not the disk; XFS before upstream's inodegc recycling
+// fix can spin in lookups of inodes queued for inactivation while frozen, as inactivation
+// waits for the thaw. A frozen XFS has written all metadata in place but still leaves a log
+// record to replay (the log is covered, not unmounted) and its lazy superblock counters
+// stale; a read-only device cannot replay it. So the clone, block
 // for block the same filesystem, is mounted (replaying the log) and must then pass
 // xfs_repair -n with nothing ignored; the read-only snapshot is mounted with norecovery to
 // compare files, and its xfs_repair -n may report nothing but what the unreplayed log
@@ -210,11 +215,11 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 	// Frozen: writers block in the kernel; the device does not change until the thaw.
 	g.sh(t, 2*time.Minute, "fsfreeze --freeze /mnt/d")
 	frozenDev := g.devSum(t, dev)
-	g.sh(t, 3*time.Minute, "cd /mnt/d && find . -type f | sort | xargs sha256sum > /tmp/frozen.sums")
+	g.sh(t, 20*time.Second, "cp /tmp/done /tmp/frozen.sums")
 	snapCmd(t, "data", "snap")
 	snapCmd(t, "data", "clone", "--writable")
 	g.sh(t, 2*time.Minute, "fsfreeze --unfreeze /mnt/d")
-	t.Logf("writers at the freeze: %s; %s files checksummed", progress(t), strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/frozen.sums")))
+	t.Logf("writers at the freeze: %s; %s files durable", progress(t), strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/frozen.sums")))
 	if n := strings.TrimSpace(g.sh(t, 20*time.Second, "wc -l < /tmp/done.before")); n == "0" {
 		t.Fatal("no file was durable before the live snapshot: the writer did not run")
 	}
@@ -255,14 +260,14 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 		g2.repairUnreplayed(t, snapDev)
 		// norecovery: the log cannot be replayed on a read-only device, and need not be for
 		// reading: the freeze wrote all metadata in place.
-		g2.sh(t, 2*time.Minute, "mkdir -p /mnt/s && mount -o ro,norecovery,nouuid "+snapDev+" /mnt/s && cd /mnt/s && sha256sum -c /tmp/frozen.sums >/dev/null")
+		g2.sh(t, 2*time.Minute, "mkdir -p /mnt/s && mount -o ro,norecovery,nouuid "+snapDev+" /mnt/s && cd /mnt/s/w && sha256sum -c /tmp/frozen.sums >/dev/null")
 		g2.shFails(t, time.Minute, "dd if=/dev/zero of="+snapDev+" bs=4k count=1 oflag=direct conv=notrunc")
 	})
 
 	t.Run("frozen-clone", func(t *testing.T) {
 		// The first mount replays the log; then the filesystem the snapshot also holds
 		// (block for block, checked on the host) passes xfs_repair -n with nothing ignored.
-		g2.sh(t, 3*time.Minute, "mkdir -p /mnt/c && mount -o nouuid "+cloneDev+" /mnt/c && cd /mnt/c && sha256sum -c /tmp/frozen.sums >/dev/null && cd / && umount /mnt/c")
+		g2.sh(t, 3*time.Minute, "mkdir -p /mnt/c && mount -o nouuid "+cloneDev+" /mnt/c && cd /mnt/c/w && sha256sum -c /tmp/frozen.sums >/dev/null && cd / && umount /mnt/c")
 		g2.repairClean(t, cloneDev)
 		g2.sh(t, 5*time.Minute, `set -e
 			mount -o nouuid `+cloneDev+` /mnt/c && cd /mnt/c
@@ -301,7 +306,7 @@ func TestGuestSnapshotUnderWrites(t *testing.T) {
 		g.sh(t, 3*time.Minute, `set -e
 			echo 3 > /proc/sys/vm/drop_caches
 			test ! -e /mnt/d/clone-only
-			cd /mnt/d && grep ' ./w/f0$' /tmp/frozen.sums | sha256sum -c >/dev/null
+			cd /mnt/d/w && grep ' f0$' /tmp/frozen.sums | sha256sum -c >/dev/null
 			cd / && umount /mnt/d`)
 		g.repairClean(t, dev)
 	})

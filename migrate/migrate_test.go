@@ -11,11 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/testenv"
 	"github.com/thinblk/thinblk/qmp"
 	"github.com/thinblk/thinblk/thin"
 )
@@ -26,72 +26,7 @@ import (
 // enough for QEMU to migrate them, stop and restart the rings. The guest
 // test (guesttests/migrate_pools_test.go) migrates a VM that writes.
 
-var thinblkBin struct {
-	sync.Once
-	path string
-	err  error
-}
-
-func buildThinblk(t *testing.T) string {
-	t.Helper()
-	thinblkBin.Do(func() {
-		out, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			thinblkBin.err = err
-			return
-		}
-		dir, err := os.MkdirTemp("", "migrate-bin-")
-		if err != nil {
-			thinblkBin.err = err
-			return
-		}
-		thinblkBin.path = filepath.Join(dir, "thinblk")
-		cmd := exec.Command("go", "build", "-o", thinblkBin.path, "./cmd/thinblk")
-		cmd.Dir = filepath.Dir(strings.TrimSpace(string(out)))
-		if out, err := cmd.CombinedOutput(); err != nil {
-			thinblkBin.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if thinblkBin.err != nil {
-		t.Fatal(thinblkBin.err)
-	}
-	return thinblkBin.path
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if thinblkBin.path != "" {
-		os.RemoveAll(filepath.Dir(thinblkBin.path))
-	}
-	os.Exit(code)
-}
-
-func needQEMU(t *testing.T) {
-	t.Helper()
-	if os.Getenv("THINBLK_SKIP_VM") == "1" {
-		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Fatalf("qemu-system-x86_64 not found (install qemu-system-x86, or set THINBLK_SKIP_VM=1): %v", err)
-	}
-}
-
-// shortDir: unix socket paths are limited to 108 bytes.
-func shortDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "mig-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("kept %s", dir)
-			return
-		}
-		os.RemoveAll(dir)
-	})
-	return dir
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 func startProc(t *testing.T, log *bytes.Buffer, name string, args ...string) *exec.Cmd {
 	t.Helper()
@@ -114,7 +49,7 @@ type testPool struct {
 // takes it.
 func newPool(t *testing.T, dir, size string, fill func(p *thin.Pool)) *testPool {
 	t.Helper()
-	bin := buildThinblk(t)
+	bin := testenv.Thinblk(t)
 	p := &testPool{dir: filepath.Join(dir, "pool"), socks: filepath.Join(dir, "s"), log: &bytes.Buffer{}}
 	p.qmp = filepath.Join(p.dir, "qmp.sock")
 	if out, err := exec.Command(bin, "pool", "create", p.dir, "--size", size).CombinedOutput(); err != nil {
@@ -321,8 +256,8 @@ type env struct {
 }
 
 func newEnv(t *testing.T, dstSize string) *env {
-	needQEMU(t)
-	e := &env{dir: shortDir(t)}
+	testenv.NeedQEMU(t)
+	e := &env{dir: testenv.ShortDir(t, "mig-")}
 	e.src = newPool(t, filepath.Join(e.dir, "a"), "256M", func(p *thin.Pool) {
 		pattern(t, p, "a", 1)
 		pattern(t, p, "b", 2)

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/thin"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // qemuMigrate migrates src to uri through its monitor and returns QEMU's downtime.
@@ -49,11 +51,11 @@ func qemuMigrate(t *testing.T, src *testVM, uri string) time.Duration {
 // back-ends add to the switch-over (stopping and starting the rings), not a guest's I/O.
 // Every migration must complete and the destination run.
 func TestSameHostDowntimeAgainstQSD(t *testing.T) {
-	needQEMU(t)
+	testenv.NeedQEMU(t)
 	if _, err := exec.LookPath("qemu-storage-daemon"); err != nil {
 		t.Fatalf("qemu-storage-daemon not found (install qemu-system-x86): %v", err)
 	}
-	dir := shortDir(t)
+	dir := testenv.ShortDir(t, "mig-")
 	pool := newPool(t, filepath.Join(dir, "tb"), "128M", func(p *thin.Pool) { mustOK(t, p.CreateVolume("v", volSize)) })
 	tbSock := filepath.Join(pool.socks, "v.sock")
 	waitDial(t, tbSock)

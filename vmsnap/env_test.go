@@ -10,12 +10,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/testenv"
 	"github.com/thinblk/thinblk/qmp"
 )
 
@@ -24,74 +23,7 @@ import (
 // volumes. The VM runs only its firmware: enough for stop and cont to stop
 // and restart the vhost-user rings.
 
-var thinblkBin struct {
-	sync.Once
-	path string
-	err  error
-}
-
-func buildThinblk(t *testing.T) string {
-	t.Helper()
-	thinblkBin.Do(func() {
-		out, err := exec.Command("go", "env", "GOMOD").Output()
-		if err != nil {
-			thinblkBin.err = err
-			return
-		}
-		root := filepath.Dir(strings.TrimSpace(string(out)))
-		dir, err := os.MkdirTemp("", "vmsnap-bin-")
-		if err != nil {
-			thinblkBin.err = err
-			return
-		}
-		thinblkBin.path = filepath.Join(dir, "thinblk")
-		cmd := exec.Command("go", "build", "-o", thinblkBin.path, "./cmd/thinblk")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			thinblkBin.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if thinblkBin.err != nil {
-		t.Fatal(thinblkBin.err)
-	}
-	return thinblkBin.path
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if thinblkBin.path != "" {
-		os.RemoveAll(filepath.Dir(thinblkBin.path))
-	}
-	os.Exit(code)
-}
-
-func needQEMU(t *testing.T) {
-	t.Helper()
-	if os.Getenv("THINBLK_SKIP_VM") == "1" {
-		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Fatalf("qemu-system-x86_64 not found (install qemu-system-x86, or set THINBLK_SKIP_VM=1): %v", err)
-	}
-}
-
-// shortDir is a directory with a short path: unix socket paths are
-// limited to 108 bytes.
-func shortDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "vmsnap-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("kept %s", dir)
-			return
-		}
-		os.RemoveAll(dir)
-	})
-	return dir
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 type testPool struct {
 	dir, socks, qmp string
@@ -102,7 +34,7 @@ type testPool struct {
 // startPool creates a pool with the volumes and runs `thinblk serve` on it.
 func startPool(t *testing.T, dir string, volumes ...string) *testPool {
 	t.Helper()
-	bin := buildThinblk(t)
+	bin := testenv.Thinblk(t)
 	p := &testPool{dir: filepath.Join(dir, "pool"), socks: filepath.Join(dir, "s"), bin: bin, log: &bytes.Buffer{}}
 	p.qmp = filepath.Join(p.dir, "qmp.sock")
 	run := func(args ...string) {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // hostAgent runs the host's own qemu-ga on a unix socket: the real agent
@@ -37,7 +39,7 @@ func hostAgent(t *testing.T, dir string) string {
 }
 
 func TestGuestAgentProtocol(t *testing.T) {
-	dir := shortDir(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	sock := hostAgent(t, dir)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -86,8 +88,8 @@ func TestGuestAgentProtocol(t *testing.T) {
 // --freeze against a real agent that refuses to freeze: Take fails with
 // the agent's reason, the VM never stopped, nothing created.
 func TestTakeFreezeRefused(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	sock := hostAgent(t, dir)
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{}, "vm1")

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/qmp"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 func TestSnapshotNames(t *testing.T) {
@@ -40,8 +42,8 @@ func TestSnapshotNames(t *testing.T) {
 // A running VM with two disks: paused, drained, both snapshotted at once,
 // resumed; QEMU reports STOP then RESUME and runs again.
 func TestTakeRunningVM(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "root", "data")
 	vm := startVM(t, dir, p, vmOpts{}, "root", "data")
 	if st := vm.status(t); st.Status != "running" {
@@ -94,8 +96,8 @@ func TestTakeRunningVM(t *testing.T) {
 
 // A VM that was paused before stays paused: no stop, no cont.
 func TestTakePausedVM(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{prelaunch: true}, "vm1")
 	res, err := Take(context.Background(), Options{QEMU: vm.qmp, Thinblk: p.qmp, Volumes: []string{"vm1"}, Name: "snap", Timeout: time.Minute})
@@ -119,8 +121,8 @@ func TestTakePausedVM(t *testing.T) {
 // A volume that does not exist fails the group after the VM was stopped:
 // the VM is resumed and no snapshot of the other volume is left.
 func TestTakeMissingVolume(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{}, "vm1")
 	_, err := Take(context.Background(), Options{QEMU: vm.qmp, Thinblk: p.qmp, Volumes: []string{"vm1", "nosuch"}, Name: "x", Timeout: time.Minute})
@@ -137,8 +139,8 @@ func TestTakeMissingVolume(t *testing.T) {
 // --freeze with no agent in the guest: a clear error within the timeout,
 // the VM never stopped, nothing created.
 func TestTakeFreezeWithoutAgent(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{qga: true}, "vm1")
 	start := time.Now()
@@ -168,8 +170,8 @@ func TestTakeFreezeWithoutAgent(t *testing.T) {
 // QEMU serves one client per QMP socket: while another holds it, Take
 // gives up at its timeout with an error that says so.
 func TestTakeQEMUMonitorBusy(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{}, "vm1")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -210,8 +212,8 @@ func TestTakeQEMUMonitorBusy(t *testing.T) {
 // Cancelling (what Ctrl-C does in the CLI) ends a wait at once, with the
 // VM as it was.
 func TestTakeCancelled(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{qga: true}, "vm1")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -232,8 +234,8 @@ func TestTakeCancelled(t *testing.T) {
 
 // Stop stops a running VM and leaves a paused one alone; Cont resumes.
 func TestStopCont(t *testing.T) {
-	needQEMU(t)
-	dir := shortDir(t)
+	testenv.NeedQEMU(t)
+	dir := testenv.ShortDir(t, "vmsnap-")
 	p := startPool(t, dir, "vm1")
 	vm := startVM(t, dir, p, vmOpts{}, "vm1")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -3,25 +3,12 @@ package main
 import (
 	"bytes"
 	"encoding/json"
-	"os/exec"
-	"path/filepath"
-	"runtime"
 	"testing"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
-// buildThinblk builds the thinblk command into dir for the targets that serve through it.
-func buildThinblk(t *testing.T, dir string) string {
-	t.Helper()
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		goBin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	bin := filepath.Join(dir, "thinblk")
-	if out, err := exec.Command(goBin, "build", "-o", bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput(); err != nil {
-		t.Fatalf("build thinblk: %v\n%s", err, out)
-	}
-	return bin
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // runOK runs the benchmark with args and returns its stdout and stderr, failing the test if
 // the run fails.

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/thinblk/thinblk/bench"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 func TestParseSize(t *testing.T) {
@@ -55,7 +57,7 @@ func TestRunAllTargets(t *testing.T) {
 		t.Fatalf("fio not installed: %v", err)
 	}
 	dir := t.TempDir()
-	bin := buildThinblk(t, dir)
+	bin := testenv.Thinblk(t)
 	var doc struct {
 		Results []struct {
 			Target, Case string
@@ -103,7 +105,7 @@ func TestRunAllTargets(t *testing.T) {
 // every row was measured on both sides and the metadata cost was read.
 func TestThinTarget(t *testing.T) {
 	dir := t.TempDir()
-	bin := buildThinblk(t, dir)
+	bin := testenv.Thinblk(t)
 	var doc struct {
 		Thin struct {
 			Rows []struct {

@@ -3,6 +3,8 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // TestStreamTarget runs the stream target end to end at a tiny size:
@@ -10,7 +12,7 @@ import (
 // printed (the timings themselves are not asserted: the machine is shared).
 func TestStreamTarget(t *testing.T) {
 	dir := t.TempDir()
-	bin := buildThinblk(t, dir)
+	bin := testenv.Thinblk(t)
 	args := []string{"--thinblk", bin, "--dir", dir, "--targets", "stream", "--stream-size", "8M", "--stream-repeat", "2"}
 	var doc struct {
 		Stream struct {

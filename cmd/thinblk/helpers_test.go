@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // The helpers the command's tests share: running the CLI in-process, building the binary,
@@ -33,39 +35,10 @@ func mustThinblk(t *testing.T, args ...string) string {
 	return out
 }
 
-var built struct {
-	once sync.Once
-	dir  string
-	bin  string
-	err  error
-}
+// buildThinblk is this command built once per test binary (see testenv.Thinblk).
+func buildThinblk(t *testing.T) string { return testenv.Thinblk(t) }
 
-// buildThinblk builds this command once per test binary (each link costs seconds on a
-// loaded machine); TestMain removes it.
-func buildThinblk(t *testing.T) string {
-	t.Helper()
-	built.once.Do(func() {
-		if built.dir, built.err = os.MkdirTemp("", "thinblk-test-bin"); built.err != nil {
-			return
-		}
-		built.bin = filepath.Join(built.dir, "thinblk")
-		if out, err := exec.Command("go", "build", "-o", built.bin, ".").CombinedOutput(); err != nil {
-			built.err = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if built.err != nil {
-		t.Fatal(built.err)
-	}
-	return built.bin
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if built.dir != "" {
-		os.RemoveAll(built.dir)
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // lockedBuffer collects a child's stderr: exec copies into it from its own goroutine while
 // the test reads it.

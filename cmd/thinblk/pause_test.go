@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -14,6 +13,8 @@ import (
 
 	"github.com/thinblk/thinblk/qmp"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // vmsEvents collects QMP events from a client and waits for named ones.
@@ -99,17 +100,6 @@ func vmsDial(t *testing.T, path string) *qmp.Client {
 	}
 }
 
-// needQEMU fails a test that needs QEMU where it is missing, unless VM tests are opted out.
-func needQEMU(t *testing.T) {
-	t.Helper()
-	if os.Getenv("THINBLK_SKIP_VM") == "1" {
-		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
-	}
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Fatalf("qemu-system-x86_64 not found (set THINBLK_SKIP_VM=1 to opt out): %v", err)
-	}
-}
-
 // startQEMU runs a firmware-only VM (TCG) with a QMP monitor on each of qmpSocks and, unless
 // disk is "", the vhost-user-blk disk on that socket; it returns once the last monitor's
 // socket exists and kills the VM when the test ends.
@@ -139,7 +129,7 @@ func startQEMU(t *testing.T, disk string, qmpSocks ...string) {
 // makes room it reports the space, resumes the VM (RESUME) and the
 // waiting write completes. A VM paused by someone else is left paused.
 func TestServePausePolicyStopsQEMU(t *testing.T) {
-	needQEMU(t)
+	testenv.NeedQEMU(t)
 	bin := buildThinblk(t)
 	tmp := t.TempDir()
 	dir := filepath.Join(tmp, "pool")

@@ -6,13 +6,15 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // vm-snapshot as a user runs it: against a real `thinblk serve` and a real
 // QEMU (TCG, firmware only) whose disk is the pool's volume. The
 // orchestration's failure paths are tested in package vmsnap.
 func TestVMSnapshotCLI(t *testing.T) {
-	needQEMU(t)
+	testenv.NeedQEMU(t)
 	bin := buildThinblk(t)
 	tmp := t.TempDir()
 	dir := filepath.Join(tmp, "pool")

@@ -1,0 +1,89 @@
+// Package testenv holds what the tests of several packages share: the thinblk command built
+// from this checkout, the QEMU prerequisite of VM tests, and short directories for unix
+// sockets. Only tests import it.
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+)
+
+var thinblk struct {
+	once sync.Once
+	dir  string
+	bin  string
+	err  error
+}
+
+// Thinblk builds ./cmd/thinblk of this checkout once per test binary (a link costs seconds
+// on a loaded machine) and returns its path. Main removes it.
+func Thinblk(t testing.TB) string {
+	t.Helper()
+	thinblk.once.Do(func() {
+		if thinblk.dir, thinblk.err = os.MkdirTemp("", "thinblk-test-bin-"); thinblk.err != nil {
+			return
+		}
+		thinblk.bin = filepath.Join(thinblk.dir, "thinblk")
+		out, err := exec.Command(goTool(), "build", "-o", thinblk.bin, "github.com/thinblk/thinblk/cmd/thinblk").CombinedOutput()
+		if err != nil {
+			thinblk.err = fmt.Errorf("go build thinblk: %v\n%s", err, out)
+		}
+	})
+	if thinblk.err != nil {
+		t.Fatal(thinblk.err)
+	}
+	return thinblk.bin
+}
+
+// goTool is the go command: from PATH, else the one that built this test.
+func goTool() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	return filepath.Join(runtime.GOROOT(), "bin", "go")
+}
+
+// Main runs the tests and then removes what Thinblk built; a package that uses Thinblk
+// calls it from its TestMain.
+func Main(m *testing.M) {
+	code := m.Run()
+	if thinblk.dir != "" {
+		os.RemoveAll(thinblk.dir)
+	}
+	os.Exit(code)
+}
+
+// NeedQEMU fails a test that needs QEMU where it is missing, unless VM tests are opted out
+// with THINBLK_SKIP_VM=1.
+func NeedQEMU(t testing.TB) {
+	t.Helper()
+	if os.Getenv("THINBLK_SKIP_VM") == "1" {
+		t.Skip("THINBLK_SKIP_VM=1: VM tests opted out")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Fatalf("qemu-system-x86_64 not found (install qemu-system-x86, or set THINBLK_SKIP_VM=1): %v", err)
+	}
+}
+
+// ShortDir is a new directory with a short path (unix socket paths are limited to 108
+// bytes), removed when the test ends unless it failed.
+func ShortDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("kept %s", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	})
+	return dir
+}
