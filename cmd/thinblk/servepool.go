@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/thinblk/thinblk/internal/handover"
 	"github.com/thinblk/thinblk/thin"
@@ -53,7 +54,9 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 			from = nil
 		}
 	}
+	began := time.Now()
 	pool, err := thin.Open(f.pool, thin.OpenOptions{Logger: logger})
+	opened := time.Since(began)
 	if err != nil {
 		answer(err)
 		handed.Close()
@@ -92,6 +95,9 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 		return nil, err
 	}
 	// The sessions run here now: the previous process may go.
+	if handed != nil {
+		logger.Info("took over the sessions", "pool_open_ms", opened.Milliseconds(), "rings_started_ms", time.Since(began).Milliseconds())
+	}
 	answer(nil)
 	qmpPath := filepath.Join(f.pool, defaultControlSoc)
 	if f.qmp != "" {
