@@ -316,8 +316,12 @@ func TestGuestServeKilled(t *testing.T) {
 					} else {
 						t.Errorf("hand-over %d: the old serve did not log the hand-over:\n%s", i, old.LogTail(20))
 					}
-					if newLog, _ := os.ReadFile(b.Opts.LogPath); strings.Contains(string(newLog), "front-end connected") {
+					newLog, _ := os.ReadFile(b.Opts.LogPath)
+					if strings.Contains(string(newLog), "front-end connected") {
 						t.Errorf("hand-over %d: QEMU connected anew", i)
+					}
+					if m := regexp.MustCompile(`pool_open_ms=(\d+) rings_started_ms=(\d+)`).FindStringSubmatch(string(newLog)); m != nil {
+						t.Logf("hand-over %d: the new serve opened the pool in %s ms and started the rings at %s ms", i, m[1], m[2])
 					}
 					if after, _ := os.ReadFile(vm.QEMULogPath); len(after) != len(qemuLog) {
 						t.Errorf("hand-over %d: QEMU logged:\n%s", i, after[min(len(qemuLog), len(after)):])
