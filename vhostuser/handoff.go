@@ -446,6 +446,15 @@ func Resume(opts ServerOptions, dev Device, st handover.Server) (*Server, error)
 	return s, nil
 }
 
+// LeaveSocketFile makes Close leave the socket file in place: a Server
+// from Resume that gives its state back (the process that handed it over
+// serves on) must not remove the socket that process listens on.
+func (s *Server) LeaveSocketFile() {
+	s.mu.Lock()
+	s.handedOff = true
+	s.mu.Unlock()
+}
+
 // resume rebuilds one session from its requests and serves it.
 func (s *Server) resume(uc *net.UnixConn, replay []handover.Request) {
 	log := s.log.With(peerAttrs(uc)...)

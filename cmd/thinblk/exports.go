@@ -54,6 +54,9 @@ type export struct {
 	dev    *blk.Device
 	srv    *vhostuser.Server
 	served chan struct{} // closed when Serve returns
+	// resumed: the server took its listener and sessions from the
+	// previous serve process.
+	resumed bool
 }
 
 // startExports exports every volume of the pool; handed is what a previous
@@ -93,6 +96,7 @@ func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, hand
 	go e.follow()
 	for _, name := range pool.Volumes() {
 		if err := e.start(name); err != nil {
+			e.giveBack()
 			e.close()
 			return nil, err
 		}
@@ -171,7 +175,8 @@ func (e *exports) start(name string) error {
 		NoInflight: e.opts.noInflight,
 	}
 	var srv *vhostuser.Server
-	if sv, ok := e.resumed[srvOpts.SocketPath]; ok {
+	sv, resumed := e.resumed[srvOpts.SocketPath]
+	if resumed {
 		delete(e.resumed, srvOpts.SocketPath)
 		srv, err = vhostuser.Resume(srvOpts, dev, sv)
 	} else {
@@ -180,7 +185,7 @@ func (e *exports) start(name string) error {
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	x := &export{dev: dev, srv: srv, served: make(chan struct{})}
+	x := &export{dev: dev, srv: srv, served: make(chan struct{}), resumed: resumed}
 	e.byName[name] = x
 	go func() {
 		defer close(x.served)
@@ -232,6 +237,19 @@ func (e *exports) close() error {
 		}
 	}
 	return firstErr
+}
+
+// giveBack makes the exports that took a previous serve process's sockets
+// leave the socket files when closed: that process serves on from what it
+// handed over.
+func (e *exports) giveBack() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, x := range e.byName {
+		if x.resumed {
+			x.srv.LeaveSocketFile()
+		}
+	}
 }
 
 // handOff pauses every export for a hand-over (vhostuser.Server.HandOff),

@@ -39,13 +39,51 @@ const handOverPause = 30 * time.Second
 // take the sessions.
 const handOverAnswer = 2 * time.Minute
 
+// handOverRequest is a new serve process asking for the sessions.
+type handOverRequest struct {
+	conn *handover.Conn
+	// pidfd refers to the asking process (-1: unknown), so that a process
+	// that took the state and then hangs can be killed, never a process
+	// that reused its pid.
+	pidfd int
+}
+
+func (r handOverRequest) close() {
+	r.conn.Close()
+	if r.pidfd >= 0 {
+		unix.Close(r.pidfd)
+	}
+}
+
+// killPeer ends the asking process and waits until it is gone: after it
+// received the state without answering, it may be running the rings; the
+// old process must not run them too.
+func (r handOverRequest) killPeer(log *slog.Logger) {
+	if r.pidfd < 0 {
+		log.Error("the new serve process cannot be told apart from others: not killed; if it runs, stop it")
+		return
+	}
+	if err := unix.PidfdSendSignal(r.pidfd, unix.SIGKILL, nil, 0); err != nil && !errors.Is(err, unix.ESRCH) {
+		log.Error("could not kill the new serve process", "err", err)
+		return
+	}
+	// A pidfd becomes readable when its process has exited.
+	pfd := []unix.PollFd{{Fd: int32(r.pidfd), Events: unix.POLLIN}}
+	for {
+		if _, err := unix.Poll(pfd, -1); err != unix.EINTR {
+			break
+		}
+	}
+	log.Warn("killed the new serve process: it took the sessions without answering")
+}
+
 // listenHandOver listens for a new serve process asking for the sessions.
-func listenHandOver(path string, log *slog.Logger) (<-chan *handover.Conn, func(), error) {
+func listenHandOver(path string, log *slog.Logger) (<-chan handOverRequest, func(), error) {
 	ln, fi, err := unixsock.Listen(path, 0o600)
 	if err != nil {
 		return nil, nil, fmt.Errorf("hand-over socket: %w", err)
 	}
-	requests := make(chan *handover.Conn)
+	requests := make(chan handOverRequest)
 	done := make(chan struct{})
 	exited := make(chan struct{})
 	go func() {
@@ -59,10 +97,11 @@ func listenHandOver(path string, log *slog.Logger) (<-chan *handover.Conn, func(
 				return
 			}
 			log.Info("a new serve process asks for the sessions", peerAttrs(uc)...)
+			req := handOverRequest{conn: handover.NewConn(uc), pidfd: peerPidfd(uc)}
 			select {
-			case requests <- handover.NewConn(uc):
+			case requests <- req:
 			case <-done:
-				uc.Close()
+				req.close()
 				return
 			}
 		}
@@ -79,6 +118,24 @@ func listenHandOver(path string, log *slog.Logger) (<-chan *handover.Conn, func(
 		unixsock.Remove(path, fi)
 	}
 	return requests, stop, nil
+}
+
+// peerPidfd opens a pidfd of the process at the other end of uc (-1 if
+// it cannot).
+func peerPidfd(uc *net.UnixConn) int {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return -1
+	}
+	pidfd := -1
+	rc.Control(func(fd uintptr) {
+		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			if p, err := unix.PidfdOpen(int(cred.Pid), 0); err == nil {
+				pidfd = p
+			}
+		}
+	})
+	return pidfd
 }
 
 func peerAttrs(uc *net.UnixConn) []any {
@@ -100,8 +157,9 @@ func peerAttrs(uc *net.UnixConn) []any {
 // nil) once the new process took everything (exit), and the state back
 // with the reason if the new process failed after this one closed the
 // pool (open it again and resume from the state).
-func handOver(ctx context.Context, to *handover.Conn, pool *thin.Pool, ex *exports, log *slog.Logger, stopServices func()) (*handover.State, error) {
-	defer to.Close()
+func handOver(ctx context.Context, req handOverRequest, pool *thin.Pool, ex *exports, log *slog.Logger, stopServices func()) (*handover.State, error) {
+	defer req.close()
+	to := req.conn
 	began := time.Now()
 	pctx, cancel := context.WithTimeout(ctx, handOverPause)
 	hos, err := ex.handOff(pctx)
@@ -128,6 +186,10 @@ func handOver(ctx context.Context, to *handover.Conn, pool *thin.Pool, ex *expor
 		err = to.ReadAnswer()
 	}
 	if err != nil {
+		if !errors.Is(err, handover.ErrAborted) {
+			// The new process may hold the sessions and run the rings.
+			req.killPeer(log)
+		}
 		back := &handover.State{}
 		for _, ho := range hos {
 			back.Servers = append(back.Servers, ho.Detach())

@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"fmt"
+	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -11,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/handover"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
@@ -219,4 +223,82 @@ func TestServeHandOver(t *testing.T) {
 	if out := mustThinblk(t, "check", pool, "--quiet"); !strings.Contains(out, "clean") {
 		t.Errorf("check: %q", out)
 	}
+}
+
+// TestServeHandOverKillsSilentTaker: a process that takes the state and
+// hangs up without answering may be running the rings with it, so the old
+// serve kills it (by pidfd) before serving on from the same state; the
+// front-end's connection survives.
+func TestServeHandOverKillsSilentTaker(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := t.TempDir()
+	pool := filepath.Join(dir, "pool")
+	mustThinblk(t, "pool", "create", pool, "--size", "16M")
+	mustThinblk(t, "volume", "create", pool, "disk0", "--size", "4M")
+	sock := filepath.Join(dir, "disk0.sock")
+	p := startServeEnv(t, bin, nil, pool, "--socket-dir", dir, "--queues", "2")
+	waitForSocket(t, sock)
+	waitForSocket(t, filepath.Join(pool, handoverSocketName))
+	disk := dialDisk(t, sock)
+	defer disk.Close()
+	want := bytes.Repeat([]byte("taker"), 4096/5+1)[:4096]
+	if _, err := disk.WriteAt(want, 0); err != nil {
+		t.Fatal(err)
+	}
+	taker := exec.Command(os.Args[0], "-test.run=^TestHandOverSilentTakerProcess$")
+	taker.Env = append(os.Environ(), "THINBLK_SILENT_TAKER="+filepath.Join(pool, handoverSocketName))
+	var out lockedBuffer
+	taker.Stdout, taker.Stderr = &out, &out
+	if err := taker.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- taker.Wait() }()
+	select {
+	case <-waited:
+	case <-time.After(time.Minute):
+		taker.Process.Kill()
+		t.Fatalf("the silent taker was not killed\n%s\nserve:\n%s", &out, p.logs)
+	}
+	if ws, ok := taker.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("the silent taker ended with %v, not SIGKILL\n%s", taker.ProcessState, &out)
+	}
+	if !strings.Contains(out.String(), "took the state") {
+		t.Fatalf("the silent taker did not get the state:\n%s", &out)
+	}
+	waitLog(t, p, "hand-over failed; serving on")
+	got := make([]byte, 4096)
+	if _, err := disk.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read after the failed hand-over: %v", err)
+	}
+	if _, err := disk.WriteAt(bytes.Repeat([]byte{9}, 4096), 8192); err != nil {
+		t.Fatal(err)
+	}
+	disk.Close()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	<-p.exited
+	if !p.cmd.ProcessState.Success() {
+		t.Fatalf("serve: %v\n%s", p.cmd.ProcessState, p.logs)
+	}
+}
+
+// TestHandOverSilentTakerProcess is the process TestServeHandOverKillsSilentTaker
+// starts: it reads a serve's state, hangs up without answering and waits.
+func TestHandOverSilentTakerProcess(t *testing.T) {
+	path := os.Getenv("THINBLK_SILENT_TAKER")
+	if path == "" {
+		t.Skip("a helper process of TestServeHandOverKillsSilentTaker")
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := handover.ReadState(handover.NewConn(c.(*net.UnixConn)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("took the state:", len(st.Servers), "sockets")
+	c.Close()
+	time.Sleep(10 * time.Minute)
+	t.Fatal("not killed")
 }

@@ -94,29 +94,28 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 		answer(err)
 		return nil, err
 	}
-	// The sessions run here now: the previous process may go.
-	if handed != nil {
-		logger.Info("took over the sessions", "pool_open_ms", opened.Milliseconds(), "rings_started_ms", time.Since(began).Milliseconds())
-	}
-	answer(nil)
 	qmpPath := filepath.Join(f.pool, defaultControlSoc)
 	if f.qmp != "" {
 		qmpPath, _ = parseQMPAddr(f.qmp)
 	}
-	_, stopControl, err := startControl(ctx, pool, ex, qmpPath, mode, f)
-	if err != nil {
+	fail := func(err error) (*handover.State, error) {
+		if from != nil {
+			ex.giveBack()
+		}
 		ex.close()
 		pool.Close()
+		answer(err)
 		return nil, err
+	}
+	_, stopControl, err := startControl(ctx, pool, ex, qmpPath, mode, f)
+	if err != nil {
+		return fail(err)
 	}
 	stopMetrics := func() {}
 	if f.metrics != "" {
-		stopMetrics, err = startMetrics(f.metrics, mode, ex.stats, logger)
-		if err != nil {
+		if stopMetrics, err = startMetrics(f.metrics, mode, ex.stats, logger); err != nil {
 			stopControl()
-			ex.close()
-			pool.Close()
-			return nil, err
+			return fail(err)
 		}
 	}
 	requests, stopHandOver, err := listenHandOver(filepath.Join(f.pool, handoverSocketName), logger)
@@ -125,6 +124,11 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 		logger.Warn("no hand-over to a new serve process: restarts reconnect", "err", err)
 		stopHandOver = func() {}
 	}
+	// The sessions run here now: the previous process may go.
+	if handed != nil {
+		logger.Info("took over the sessions", "pool_open_ms", opened.Milliseconds(), "rings_started_ms", time.Since(began).Milliseconds())
+	}
+	answer(nil)
 	// Every volume's socket and the control socket listen now.
 	f.ready(fmt.Sprintf("serving %d volumes of %s", len(pool.Volumes()), f.pool))
 	logger.Info("serving pool", "pool", f.pool, "socket_dir", sockDir, "qmp", qmpPath, "volumes", len(pool.Volumes()))
