@@ -9,6 +9,8 @@ import (
 	"time"
 
 	goqmp "github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // These tests drive the server with go-qemu's QMP client, which libvirt-
@@ -92,7 +94,7 @@ func TestGoQemuEvents(t *testing.T) {
 		}
 		streams = append(streams, ch)
 	}
-	waitFor(t, "both clients in command mode", func() bool {
+	testenv.WaitFor(t, "both clients in command mode", func() bool {
 		ts.mu.Lock()
 		defer ts.mu.Unlock()
 		n := 0

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 func TestGreeting(t *testing.T) {
@@ -331,7 +333,7 @@ func TestSlowClientDropped(t *testing.T) {
 		t.Errorf("%d events took %v: Emit must not wait for slow clients", batches*batch, d)
 	}
 	slow.expectClosed()
-	waitFor(t, "slow client removed", func() bool { return ts.clientCount() == 1 })
+	testenv.WaitFor(t, "slow client removed", func() bool { return ts.clientCount() == 1 })
 	if !strings.Contains(ts.logs.String(), "queue overflowed") {
 		t.Error("drop not logged")
 	}
@@ -351,7 +353,7 @@ func TestStalledReaderDropped(t *testing.T) {
 			}
 		}
 	}()
-	waitFor(t, "stalled client dropped", func() bool { return ts.clientCount() == 1 })
+	testenv.WaitFor(t, "stalled client dropped", func() bool { return ts.clientCount() == 1 })
 	if !strings.Contains(ts.logs.String(), "stopped reading") {
 		t.Error("drop not logged")
 	}
@@ -438,7 +440,7 @@ func TestMaxClients(t *testing.T) {
 	extra.expectError(ClassGenericError, "too many QMP clients")
 	extra.expectClosed()
 	a.nc.Close()
-	waitFor(t, "slot freed", func() bool { return ts.clientCount() == 1 })
+	testenv.WaitFor(t, "slot freed", func() bool { return ts.clientCount() == 1 })
 	negotiated(t, ts.path)
 }
 
@@ -645,7 +647,7 @@ func TestQueueBytesBound(t *testing.T) {
 		}
 	}()
 	var c *conn
-	waitFor(t, "the queue to fill", func() bool {
+	testenv.WaitFor(t, "the queue to fill", func() bool {
 		ts.mu.Lock()
 		defer ts.mu.Unlock()
 		for cc := range ts.clients {

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // TestConcurrentUse runs clients that connect, call, take events and go
@@ -102,5 +104,5 @@ func TestConcurrentUse(t *testing.T) {
 	if err := <-served; err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+	testenv.WaitFor(t, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }

@@ -174,6 +174,12 @@ func (b *bitmap) setRun(first, n uint64) {
 	}
 }
 
+func (b *bitmap) clearRun(first, n uint64) {
+	for i := first; i < first+n; i++ {
+		b.clear(i)
+	}
+}
+
 // runs calls fn for every run of consecutive set bits, in order, until fn
 // returns false.
 func (b *bitmap) runs(fn func(first, n uint64) bool) {

@@ -98,7 +98,7 @@ func (p *Pool) allocLocked(fromReserve bool) (b uint64, zero, spare, ok bool) {
 		}
 	}
 	if !ok {
-		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing)
+		b, ok = p.alloc.findClearExcept(p.cursor, p.spare, p.backing, p.punching)
 	}
 	if !ok && p.spare.count > p.reservedLocked()+p.spareWant {
 		b, ok = p.spare.findSet(p.cursor)
@@ -314,7 +314,7 @@ func (p *Pool) backSpares(hb *hostBacking, n uint64) error {
 	picked := make([]uint64, 0, d)
 	from := p.cursor
 	for uint64(len(picked)) < d {
-		b, ok := p.alloc.findClearExcept(from, p.spare, p.backing)
+		b, ok := p.alloc.findClearExcept(from, p.spare, p.backing, p.punching)
 		if !ok {
 			break
 		}

@@ -348,6 +348,9 @@ type Pool struct {
 	// padded again. See punchReleased.
 	zeroed  *bitmap
 	noPunch atomic.Bool // the data file cannot punch holes
+	// unpunched holds free blocks a release did not punch within its
+	// budget, punching the ones a later pass is punching (punchlater.go).
+	unpunched, punching *bitmap
 	// trace, when set (SetTrace), gets the blocks every request resolved
 	// to; off, it costs a nil check.
 	trace atomic.Pointer[TraceFunc]
@@ -502,6 +505,8 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.spareFills = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
+	p.unpunched = newBitmap(p.rec.SizeBlocks)
+	p.punching = newBitmap(p.rec.SizeBlocks)
 	p.spare = newBitmap(p.rec.SizeBlocks)
 	p.backing = newBitmap(p.rec.SizeBlocks)
 	p.spareChunks = map[uint64]struct{}{}
@@ -591,6 +596,9 @@ func (p *Pool) background() {
 			return
 		case <-tick:
 			p.noteHostSpace()
+			// A quarter of the budget per tick: each punch holds the
+			// data file's inode lock, which guest writes wait for.
+			p.punchLater(p.tune.punchBudget / 4)
 		case <-p.kick:
 		}
 		if !p.metaPending() {
@@ -1120,6 +1128,7 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	for _, r := range punched {
 		p.zeroed.setRun(r[0], r[1])
 	}
+	p.leaveUnpunchedLocked(released, punched, keep)
 	p.alloc.andNot(released)
 	for _, b := range keep {
 		p.setSpareLocked(b)
@@ -1144,9 +1153,10 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 // A punch costs about 0.1 ms here (more for a piece of dense data: its
 // page cache goes too). A FLUSH does not wait for punching, but the next
 // commit that frees blocks does, and so do management operations, so the
-// punching stops after punchBudget: blocks past it are reused with zero
-// padding and keep their host space until then (a delete of a big
-// fragmented volume would otherwise hold them up for minutes). With 50 ms
+// punching stops after punchBudget: blocks past it become reusable
+// unpunched, and background passes punch the ones still free later, a
+// budget at a time (punchlater.go; a delete of a big fragmented volume
+// would otherwise hold commits up for minutes). With 50 ms
 // a trim of 600 MiB of written data was cut short on a loaded machine.
 func (p *Pool) punchReleased(released *bitmap, keep []uint64) [][2]uint64 {
 	if p.noPunch.Load() {
@@ -1500,6 +1510,8 @@ func (p *Pool) grow(size uint64) error {
 	p.inflight.grow(n)
 	p.spareFills.grow(n)
 	p.zeroed.grow(n)
+	p.unpunched.grow(n)
+	p.punching.grow(n)
 	p.spare.grow(n)
 	p.backing.grow(n)
 	if p.pendSpare != nil {

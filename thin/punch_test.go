@@ -162,6 +162,12 @@ func (d *blockingData) ReadAt(p []byte, off int64) (int, error) {
 // wrapped by wrap once the pool opens it.
 func openWrapped(t *testing.T, bs int64, wrap func(dataFile) dataFile) *Pool {
 	t.Helper()
+	return openWrappedTuned(t, bs, 8, nil, wrap)
+}
+
+// openWrappedTuned is openWrapped for a pool of the given size in blocks and tuning.
+func openWrappedTuned(t *testing.T, bs int64, blocks int64, tune *tuning, wrap func(dataFile) dataFile) *Pool {
+	t.Helper()
 	e := newMachine().env()
 	openData := e.openData
 	e.openData = func(path string, create bool) (dataFile, error) {
@@ -171,10 +177,12 @@ func openWrapped(t *testing.T, bs int64, wrap func(dataFile) dataFile) *Pool {
 		}
 		return d, err
 	}
-	if err := create("/pool", CreateOptions{Size: uint64(8 * bs), BlockSize: uint32(bs)}, e); err != nil {
+	if err := create("/pool", CreateOptions{Size: uint64(blocks * bs), BlockSize: uint32(bs)}, e); err != nil {
 		t.Fatal(err)
 	}
-	p, err := open("/pool", quietOpts(), e)
+	o := quietOpts()
+	o.tuning = tune
+	p, err := open("/pool", o, e)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,6 +283,114 @@ func TestPunchBudget(t *testing.T) {
 		if !bytes.Equal(read(t, b, i*64*kib, 64*kib), want) {
 			t.Fatalf("reused unpunched block %d shows more than its one write", i)
 		}
+	}
+	checkAccounting(t, p)
+}
+
+// TestPunchCarriesOver: blocks a release could not punch within its budget are punched by a
+// later pass, except those reused meanwhile; the host gets their space back, and they read
+// as zeros when reused.
+func TestPunchCarriesOver(t *testing.T) {
+	tune := defaultTuning()
+	tune.punchBudget = -time.Second // releases punch nothing; the test runs the later pass
+	const blocks, bs = 32, 64 * kib
+	p, dir := newTunedPool(t, blocks, CreateOptions{BlockSize: bs}, &tune)
+	a := mustVolume(t, p, "a", blocks*bs)
+	write(t, a, 0, pattern(blocks*bs, 1))
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	full := dataBytes(t, dir)
+	for i := int64(0); i < blocks; i += 2 { // scattered runs
+		if err := a.Discard(i*bs, bs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	settle(p)
+	if got := dataBytes(t, dir); got != full {
+		t.Fatalf("the release punched with no budget: data file %d bytes, was %d", got, full)
+	}
+	// Four freed blocks are reused before the later pass: it must leave them alone.
+	b := mustVolume(t, p, "b", 4*bs)
+	write(t, b, 0, pattern(4*bs, 2))
+	if n := p.punchLater(time.Minute); n != blocks/2-4 {
+		t.Fatalf("the later pass punched %d blocks, want the %d still free", n, blocks/2-4)
+	}
+	// The file system may add a block of its own (ext4's extent tree grows with the holes).
+	if got, want := dataBytes(t, dir), full-(blocks/2-4)*bs; got < want || got > want+bs/2 {
+		t.Fatalf("data file holds %d bytes on the host after the later pass, want %d", got, want)
+	}
+	if n := p.punchLater(time.Minute); n != 0 {
+		t.Fatalf("a second pass punched %d blocks again", n)
+	}
+	if !bytes.Equal(read(t, b, 0, 4*bs), pattern(4*bs, 2)) {
+		t.Fatal("a block reused before the later pass lost its data")
+	}
+	for i := int64(0); i < blocks; i++ {
+		want := make([]byte, bs)
+		if i%2 == 1 {
+			want = pattern(blocks*bs, 1)[i*bs : (i+1)*bs]
+		}
+		if !bytes.Equal(read(t, a, i*bs, bs), want) {
+			t.Fatalf("block %d of a reads wrong after the later pass", i)
+		}
+	}
+	// A punched block reused by a partial write reads zeros around it.
+	c := mustVolume(t, p, "c", 4*bs)
+	write(t, c, 512, pattern(512, 3))
+	want := make([]byte, bs)
+	copy(want[512:], pattern(512, 3))
+	if !bytes.Equal(read(t, c, 0, bs), want) {
+		t.Fatal("a partial write to a block punched later shows more than its write")
+	}
+	checkAccounting(t, p)
+}
+
+// TestPunchLaterSkipsBlocksInUse: while a later pass punches a run, allocation hands out
+// other blocks, never one being punched.
+func TestPunchLaterSkipsBlocksInUse(t *testing.T) {
+	tune := defaultTuning()
+	tune.punchBudget = -time.Second
+	tune.punchChunk = 2
+	const blocks, bs = 16, 64 * kib
+	var pb *punchBlocking
+	p := openWrappedTuned(t, bs, blocks, &tune, func(d dataFile) dataFile {
+		pb = &punchBlocking{dataFile: d, reached: make(chan struct{}), release: make(chan struct{})}
+		return pb
+	})
+	defer p.Close()
+	release := sync.OnceFunc(func() { close(pb.release) })
+	defer release()
+	v := mustVolume(t, p, "v", blocks*bs)
+	write(t, v, 0, pattern(blocks*bs, 1)) // the whole pool
+	if err := v.Discard(0, blocks/2*bs); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	settle(p)
+	punched := make(chan uint64, 1)
+	go func() { punched <- p.punchLater(time.Minute) }()
+	<-pb.reached // one run of 2 blocks is being punched
+	// The 6 other free blocks are all the pool can hand out now.
+	write(t, v, 0, pattern(6*bs, 2))
+	release()
+	if n := <-punched; n != 2 {
+		t.Fatalf("the later pass punched %d blocks, want the 2 it held (the rest were reused)", n)
+	}
+	if !bytes.Equal(read(t, v, 0, 6*bs), pattern(6*bs, 2)) {
+		t.Fatal("data written while a later pass punched reads back different: a punch hit a reused block")
+	}
+	// The punched run is free again, and reads as zeros around a partial write.
+	write(t, v, 6*bs+512, pattern(512, 3))
+	want := make([]byte, bs)
+	copy(want[512:], pattern(512, 3))
+	if !bytes.Equal(read(t, v, 6*bs, bs), want) {
+		t.Fatal("a partial write to a block punched later shows more than its write")
 	}
 	checkAccounting(t, p)
 }

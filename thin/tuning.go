@@ -31,8 +31,9 @@ type tuning struct {
 	// overwrites after large writes cheaper and reads dearer than on a raw
 	// image; thinblk leaves that trade to the kernel, as a raw image does.
 	writeRunMax int64
-	// punchBudget bounds the time one commit spends punching freed
-	// blocks, punchChunk the blocks one punch call takes.
+	// punchBudget bounds the time one commit's release, or one later
+	// pass, spends punching freed blocks; punchChunk the blocks one punch
+	// call takes.
 	punchBudget time.Duration
 	punchChunk  uint64
 }

@@ -74,7 +74,7 @@ func TestDirtyLogOnRunningRings(t *testing.T) {
 	odd := a
 	odd.LogGuest = 0x20000
 	c.mustSend(ReqSetVringAddr, odd.Encode())
-	ts.log.waitLog(t, "is not the used ring's guest address")
+	ts.log.WaitContains(t, "is not the used ring's guest address")
 	q.DirtyLog.LogUsed(0, 2)
 	if bits[0x20/8]&(1<<(0x20%8)) == 0 {
 		t.Error("used ring write not logged at log_guest_addr")
@@ -135,7 +135,7 @@ func TestSetLogBaseValidation(t *testing.T) {
 			setupMem(t, c)
 			c.write(ReqSetLogBase, 0, tc.lb.Encode(), tc.file(t))
 			c.expectClosed()
-			ts.log.waitLog(t, tc.want)
+			ts.log.WaitContains(t, tc.want)
 			c2 := dial(t, ts.path)
 			c2.getU64(ReqGetFeatures)
 		})
@@ -155,5 +155,5 @@ func TestMemoryBeyondDirtyLog(t *testing.T) {
 	c.mustSend(ReqSetFeatures, EncodeU64(c.getU64(ReqGetFeatures)))
 	ram := newGuestRAM(t, 2*ramSize)
 	c.mustSend(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: 2 * ramSize, UserAddr: userBase}}), ram.file)
-	ts.log.waitLog(t, "memory table reaches beyond the dirty log")
+	ts.log.WaitContains(t, "memory table reaches beyond the dirty log")
 }

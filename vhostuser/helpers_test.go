@@ -1,7 +1,6 @@
 package vhostuser
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/thinblk/thinblk/virtio"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // fakeDevice records what the server asks of it. Its queues touch every
@@ -186,42 +187,11 @@ func (d *fakeDevice) notifier() func() error {
 	return d.notify
 }
 
-// testLogger writes the server's log lines to a buffer the test can
-// search, and to t.Log on failure.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// waitLog waits until the log contains s.
-func (l *logBuffer) waitLog(t *testing.T, s string) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !bytes.Contains([]byte(l.String()), []byte(s)) {
-		if time.Now().After(deadline) {
-			t.Fatalf("log never said %q; log:\n%s", s, l.String())
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 type testServer struct {
 	srv  *Server
 	dev  *fakeDevice
 	path string
-	log  *logBuffer
+	log  *testenv.Buffer
 	done chan error
 }
 
@@ -232,7 +202,7 @@ func startServer(t testing.TB, dev *fakeDevice) *testServer {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	ts := &testServer{dev: dev, path: filepath.Join(dir, "blk.sock"), log: &logBuffer{}, done: make(chan error, 1)}
+	ts := &testServer{dev: dev, path: filepath.Join(dir, "blk.sock"), log: &testenv.Buffer{}, done: make(chan error, 1)}
 	ts.srv, err = Listen(ServerOptions{
 		SocketPath: ts.path,
 		Logger:     slog.New(slog.NewTextHandler(ts.log, &slog.HandlerOptions{Level: slog.LevelDebug})),
@@ -424,17 +394,6 @@ func (c *client) setupRing(t *testing.T, i int, size uint32) {
 	c.mustSend(ReqSetVringAddr, ringAddr(i, userBase).Encode())
 	c.mustSend(ReqSetVringKick, EncodeU64(uint64(i)), eventFd(t))
 	c.mustSend(ReqSetVringCall, EncodeU64(uint64(i)), eventFd(t))
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 }
 
 // guestRange reads guest memory through running queue idx's Memory, under

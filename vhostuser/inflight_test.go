@@ -115,7 +115,7 @@ func TestInflightSetValidation(t *testing.T) {
 	if _, ok := dev.runningQueue(0); ok {
 		t.Fatal("ring of 64 started with an in-flight area for 128")
 	}
-	ts.log.waitLog(t, "in-flight region for 128 descriptors, ring has 64")
+	ts.log.WaitContains(t, "in-flight region for 128 descriptors, ring has 64")
 	// GET_INFLIGHT_FD with a bad request closes the connection (it has a
 	// reply of its own, which cannot carry an error).
 	c.write(ReqGetInflightFd, 0, Inflight{NumQueues: 9, QueueSize: 128}.Encode())

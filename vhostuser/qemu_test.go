@@ -7,6 +7,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // TestQEMUHandshake lets a real QEMU (7.2 on these machines) connect to the
@@ -63,8 +65,8 @@ func TestQEMUHandshake(t *testing.T) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	ts.log.waitLog(t, "protocol features negotiated")
-	ts.log.waitLog(t, "features negotiated")
+	ts.log.WaitContains(t, "protocol features negotiated")
+	ts.log.WaitContains(t, "features negotiated")
 
 	// QEMU acknowledges the notification (REPLY_ACK was negotiated).
 	done := make(chan error, 1)
@@ -80,8 +82,8 @@ func TestQEMUHandshake(t *testing.T) {
 
 	// QEMU going away is a disconnect: the notifier is withdrawn.
 	cmd.Process.Kill()
-	waitFor(t, "disconnect after qemu exit", func() bool { return dev.notifier() == nil })
-	ts.log.waitLog(t, "front-end disconnected")
+	testenv.WaitFor(t, "disconnect after qemu exit", func() bool { return dev.notifier() == nil })
+	ts.log.WaitContains(t, "front-end disconnected")
 	if os.Getenv("THINBLK_TEST_LOG") == "1" {
 		t.Logf("server log:\n%s", ts.log.String())
 	}

@@ -15,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/thinblk/thinblk/virtio"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 func TestNegotiation(t *testing.T) {
@@ -57,7 +59,7 @@ func TestNegotiation(t *testing.T) {
 	if err := c.send(ReqSetStatus, EncodeU64(0x100)); err == nil {
 		t.Error("SET_STATUS with a status wider than a byte succeeded")
 	}
-	ts.log.waitLog(t, "features negotiated")
+	ts.log.WaitContains(t, "features negotiated")
 }
 
 func TestConfigSpace(t *testing.T) {
@@ -174,8 +176,8 @@ func TestRingStartsWhenEnabled(t *testing.T) {
 	if q, ok := dev.runningQueue(0); !ok || q.Kick != nil {
 		t.Fatalf("polled ring: running %v kick %v", ok, q.Kick)
 	}
-	ts.log.waitLog(t, "ring started")
-	ts.log.waitLog(t, "ring stopped")
+	ts.log.WaitContains(t, "ring started")
+	ts.log.WaitContains(t, "ring stopped")
 }
 
 func TestRingsEnabledWithoutProtocolFeatures(t *testing.T) {
@@ -494,8 +496,8 @@ func TestMalformedMessages(t *testing.T) {
 	if dev.numRunning() != 1 {
 		t.Fatal("ring not running after malformed messages")
 	}
-	ts.log.waitLog(t, "protocol error; closing connection")
-	ts.log.waitLog(t, "request failed")
+	ts.log.WaitContains(t, "protocol error; closing connection")
+	ts.log.WaitContains(t, "request failed")
 }
 
 func TestOversizedFrames(t *testing.T) {
@@ -565,20 +567,20 @@ func TestTwoFrontEnds(t *testing.T) {
 	// The destination connects and reads the config while the source runs.
 	dst := dial(t, ts.path)
 	dst.negotiate(dev, true)
-	ts.log.waitLog(t, "while another is served")
+	ts.log.WaitContains(t, "while another is served")
 	dst.write(ReqGetConfig, 0, ConfigSpace{Data: make([]byte, 8)}.Encode())
 	if m := dst.read(ReqGetConfig); len(m.Payload) != 12+8 {
 		t.Fatalf("destination's GET_CONFIG answered %d bytes", len(m.Payload))
 	}
 	third := dial(t, ts.path)
 	third.expectClosed()
-	ts.log.waitLog(t, "refused a third front-end connection")
+	ts.log.WaitContains(t, "refused a third front-end connection")
 
 	// Its rings may not start while the source's run.
 	dstRAM := setupMem(t, dst)
 	dst.setupRing(t, 0, 128)
 	dst.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
-	ts.log.waitLog(t, "another front-end runs this device's rings")
+	ts.log.WaitContains(t, "another front-end runs this device's rings")
 	// Which memory a running ring uses shows in a byte of its used ring.
 	srcRAM.mem[ringOff(0)+0x8000+100] = 0xaa
 	dstRAM.mem[ringOff(0)+0x8000+100] = 0xbb
@@ -605,7 +607,7 @@ func TestTwoFrontEnds(t *testing.T) {
 	// the destination's running.
 	src.mustSend(ReqSetVringKick, EncodeU64(0), eventFd(t))
 	src.conn.Close()
-	ts.log.waitLog(t, "front-end disconnected")
+	ts.log.WaitContains(t, "front-end disconnected")
 	if m := usedMark(); m != 0xbb {
 		t.Fatalf("destination ring stopped when the source went away (mark %#x)", m)
 	}
@@ -641,9 +643,9 @@ func TestReconnect(t *testing.T) {
 		}
 		c.conn.Close()
 		// Disconnect stops the rings and withdraws the notifier.
-		waitFor(t, "rings stopped after disconnect", func() bool { return dev.numRunning() == 0 && dev.notifier() == nil })
+		testenv.WaitFor(t, "rings stopped after disconnect", func() bool { return dev.numRunning() == 0 && dev.notifier() == nil })
 	}
-	ts.log.waitLog(t, "front-end disconnected")
+	ts.log.WaitContains(t, "front-end disconnected")
 }
 
 // A front-end that reconnects at once (QEMU after a back-end restart, or
@@ -670,7 +672,7 @@ func TestReconnectWhileOldSessionStops(t *testing.T) {
 	dev.stopGate = gate
 	dev.mu.Unlock()
 	old.conn.Close()
-	ts.log.waitLog(t, "front-end disconnected")
+	ts.log.WaitContains(t, "front-end disconnected")
 
 	next := dial(t, ts.path)
 	next.negotiate(dev, true)
@@ -685,7 +687,7 @@ func TestReconnectWhileOldSessionStops(t *testing.T) {
 		next.setupRing(t, i, 128)
 		next.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
 	}
-	waitFor(t, "the new connection's rings running", func() bool {
+	testenv.WaitFor(t, "the new connection's rings running", func() bool {
 		for i := range 2 {
 			q, ok := dev.runningQueue(i)
 			if !ok || q.Used[100] != 0xcc {
@@ -748,7 +750,7 @@ func TestConfigChangeNotifier(t *testing.T) {
 	}
 	// After the front-end is gone the notifier fails instead of hanging.
 	c.conn.Close()
-	waitFor(t, "notifier withdrawn", func() bool { return dev.notifier() == nil })
+	testenv.WaitFor(t, "notifier withdrawn", func() bool { return dev.notifier() == nil })
 	if err := notify(); err == nil {
 		t.Fatal("notify succeeded after disconnect")
 	}
@@ -982,7 +984,7 @@ func TestDisconnectReleasesEverything(t *testing.T) {
 	// wait for it.
 	next := waitServed(t, ts.path)
 	defer next.Close()
-	ts.log.waitLog(t, "front-end disconnected")
+	ts.log.WaitContains(t, "front-end disconnected")
 	// Left: the test's 2 mappings and 6 eventfds + 2 memfds, and both
 	// ends of the new connection.
 	deadline := time.Now().Add(5 * time.Second)
@@ -1066,7 +1068,7 @@ func TestStopFailureClosesWithoutUnmapping(t *testing.T) {
 			if tc.name != "disconnect" {
 				c.expectClosed()
 			}
-			ts.log.waitLog(t, "a ring did not stop")
+			ts.log.WaitContains(t, "a ring did not stop")
 			// The running queue still reads its ring: memory must be mapped
 			// (the test's own mapping plus the server's).
 			if got := guestMappings(t) - maps0; got < 2 {
@@ -1134,7 +1136,7 @@ func TestProtocolFeatureRequired(t *testing.T) {
 					t.Fatalf("%v accepted without its protocol feature", tc.req)
 				}
 			}
-			ts.log.waitLog(t, "was not negotiated")
+			ts.log.WaitContains(t, "was not negotiated")
 		})
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/internal/handover"
+	"github.com/thinblk/thinblk/internal/testenv"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
@@ -62,7 +63,7 @@ func TestServeHandOver(t *testing.T) {
 	if err := q.Submit(w); err != nil {
 		t.Fatal(err)
 	}
-	waitLog(t, p, "request waits for space")
+	p.logs.WaitContains(t, "request waits for space")
 
 	// Queue 1 rewrites the mapped blocks and reads them back, without a
 	// pause, across the hand-overs.
@@ -158,7 +159,7 @@ func TestServeHandOver(t *testing.T) {
 	if bad.cmd.ProcessState.Success() {
 		t.Fatalf("serve of a missing pool with --handover-from succeeded\n%s", bad.logs)
 	}
-	waitLog(t, p, "hand-over failed; serving on")
+	p.logs.WaitContains(t, "hand-over failed; serving on")
 	waitForSocket(t, filepath.Join(pool, handoverSocketName))
 	waitRounds(20)
 	took := regexp.MustCompile(`handed over to the new serve process.* paused_ms=(\d+) pool_released_ms=(\d+) taken_ms=(\d+)`)
@@ -247,7 +248,7 @@ func TestServeHandOverKillsSilentTaker(t *testing.T) {
 	}
 	taker := exec.Command(os.Args[0], "-test.run=^TestHandOverSilentTakerProcess$")
 	taker.Env = append(os.Environ(), "THINBLK_SILENT_TAKER="+filepath.Join(pool, handoverSocketName))
-	var out lockedBuffer
+	var out testenv.Buffer
 	taker.Stdout, taker.Stderr = &out, &out
 	if err := taker.Start(); err != nil {
 		t.Fatal(err)
@@ -266,7 +267,7 @@ func TestServeHandOverKillsSilentTaker(t *testing.T) {
 	if !strings.Contains(out.String(), "took the state") {
 		t.Fatalf("the silent taker did not get the state:\n%s", &out)
 	}
-	waitLog(t, p, "hand-over failed; serving on")
+	p.logs.WaitContains(t, "hand-over failed; serving on")
 	got := make([]byte, 4096)
 	if _, err := disk.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read after the failed hand-over: %v", err)

@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,29 +39,10 @@ func buildThinblk(t *testing.T) string { return testenv.Thinblk(t) }
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-// lockedBuffer collects a child's stderr: exec copies into it from its own goroutine while
-// the test reads it.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // startServe runs `thinblk serve` (killed at the end of the test if still running).
-func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *lockedBuffer) {
+func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *testenv.Buffer) {
 	t.Helper()
-	logs := new(lockedBuffer)
+	logs := new(testenv.Buffer)
 	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
 	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {
@@ -110,7 +90,7 @@ func stopServe(t *testing.T, cmd *exec.Cmd, logs fmt.Stringer) {
 // served is a running `thinblk serve` of one volume or image.
 type served struct {
 	cmd  *exec.Cmd
-	logs *lockedBuffer
+	logs *testenv.Buffer
 	sock string // the volume's or image's socket, listening
 	dir  string // the pool (serveNewPool)
 	img  string // the image (serveNewImage)

@@ -26,12 +26,14 @@ import (
 	"github.com/thinblk/thinblk/qmp"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio/blk"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // metricsServe is a `thinblk serve ... --metrics ADDR` process.
 type metricsServe struct {
 	cmd    *exec.Cmd
-	logs   *lockedBuffer
+	logs   *testenv.Buffer
 	client *http.Client
 	base   string // URL without the path
 }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/vhostuser/frontend"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // notifySocket listens where a service manager would ($NOTIFY_SOCKET) and returns its path
@@ -52,9 +54,9 @@ func notifySocket(t *testing.T) (string, func(cmd *exec.Cmd, exited <-chan struc
 }
 
 // startNotifyingServe runs serve with NOTIFY_SOCKET set; exited closes when it ends.
-func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exec.Cmd, <-chan struct{}, *lockedBuffer) {
+func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exec.Cmd, <-chan struct{}, *testenv.Buffer) {
 	t.Helper()
-	logs := new(lockedBuffer)
+	logs := new(testenv.Buffer)
 	cmd := exec.Command(bin, append([]string{"serve"}, args...)...)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
 	cmd.Stderr = logs
@@ -71,7 +73,7 @@ func startNotifyingServe(t *testing.T, bin, notify string, args ...string) (*exe
 }
 
 // expectStopping sends SIGTERM and wants STOPPING=1, then a clean exit.
-func expectStopping(t *testing.T, cmd *exec.Cmd, exited <-chan struct{}, next func(*exec.Cmd, <-chan struct{}) string, logs *lockedBuffer) {
+func expectStopping(t *testing.T, cmd *exec.Cmd, exited <-chan struct{}, next func(*exec.Cmd, <-chan struct{}) string, logs *testenv.Buffer) {
 	t.Helper()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

@@ -19,19 +19,21 @@ import (
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/blk"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // serveProc is one `thinblk serve` process, optionally armed to kill
 // itself at a crash point.
 type serveProc struct {
 	cmd    *exec.Cmd
-	logs   *lockedBuffer
+	logs   *testenv.Buffer
 	exited chan struct{}
 }
 
 func startServeEnv(t *testing.T, bin string, env []string, args ...string) *serveProc {
 	t.Helper()
-	p := &serveProc{logs: &lockedBuffer{}, exited: make(chan struct{})}
+	p := &serveProc{logs: &testenv.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin, append([]string{"serve"}, args...)...)
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stderr = p.logs
@@ -393,7 +395,7 @@ func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
 			if err := q.Submit(w); err != nil {
 				t.Fatal(err)
 			}
-			waitLog(t, p, "request waits for space")
+			p.logs.WaitContains(t, "request waits for space")
 			if err := q.Submit(reads...); err != nil {
 				t.Fatal(err)
 			}
@@ -427,7 +429,7 @@ func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
 				if want := q.AvailIdx(); last != want {
 					t.Errorf("GET_VRING_BASE = %d, want %d (the withdrawn write counts as taken)", last, want)
 				}
-				waitLog(t, p, "request withdrawn")
+				p.logs.WaitContains(t, "request withdrawn")
 				mustThinblk(t, "pool", "grow", pool, "--size", "2M")
 			case "sigterm":
 				p.cmd.Process.Signal(syscall.SIGTERM)
@@ -472,17 +474,5 @@ func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
 				t.Errorf("check: %q", out)
 			}
 		})
-	}
-}
-
-// waitLog waits until serve's log says s.
-func waitLog(t *testing.T, p *serveProc, s string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !strings.Contains(p.logs.String(), s) {
-		if time.Now().After(deadline) {
-			t.Fatalf("serve's log never said %q:\n%s", s, p.logs)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }

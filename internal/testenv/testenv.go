@@ -4,13 +4,16 @@
 package testenv
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 var thinblk struct {
@@ -86,4 +89,54 @@ func ShortDir(t testing.TB, prefix string) string {
 		os.RemoveAll(dir)
 	})
 	return dir
+}
+
+// Buffer collects output written from one goroutine (a child's stderr, a logger) while the
+// test reads it from another.
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// WaitContains waits until the buffer holds s, failing the test after waitTimeout.
+func (b *Buffer) WaitContains(t testing.TB, s string) {
+	t.Helper()
+	if !poll(func() bool { return strings.Contains(b.String(), s) }) {
+		t.Fatalf("the output never said %q in %v; it holds:\n%s", s, waitTimeout, b.String())
+	}
+}
+
+// waitTimeout bounds a wait for something that happens in milliseconds on an idle machine;
+// seconds pass on a loaded one.
+const waitTimeout = 20 * time.Second
+
+// WaitFor polls cond until it holds, failing the test after waitTimeout.
+func WaitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	if !poll(cond) {
+		t.Fatalf("timed out after %v waiting for %s", waitTimeout, what)
+	}
+}
+
+func poll(cond func() bool) bool {
+	deadline := time.Now().Add(waitTimeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return true
 }

@@ -1,15 +1,15 @@
 package blk_test
 
 import (
-	"bytes"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/thinblk/thinblk/virtio/blk"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
+
+	"github.com/thinblk/thinblk/internal/testenv"
 )
 
 // A front-end that truncates the guest memory file under a running device
@@ -20,7 +20,7 @@ func TestGuestMemoryTruncated(t *testing.T) {
 		t.Run(when, func(t *testing.T) {
 			fs := newFileStorage(t, diskSize)
 			s := slowStorage{fs, make(chan struct{})}
-			var logs syncBuffer
+			var logs testenv.Buffer
 			dev, err := blk.New(s, blk.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 			if err != nil {
 				t.Fatal(err)
@@ -81,28 +81,11 @@ func TestGuestMemoryTruncated(t *testing.T) {
 	}
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // The same with asynchronous storage: the completion goroutine hits the
 // fault when it writes the status; the request is abandoned, not lost.
 func TestGuestMemoryTruncatedAsync(t *testing.T) {
 	s := &heldAsync{fileStorage: newFileStorage(t, diskSize), release: make(chan struct{})}
-	var logs syncBuffer
+	var logs testenv.Buffer
 	dev, err := blk.New(s, blk.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)
