@@ -85,7 +85,11 @@ type Result struct {
 	// DriverCPUUs is this process's CPU time per request: the front-end
 	// driver's cost (and the back-end's too when it runs in-process).
 	DriverCPUUs float64 `json:"driver_cpu_us_per_op,omitempty"`
-	Err         string  `json:"error,omitempty"`
+	// ServerSwitches is the back-end's context switches per request
+	// (voluntary and not, all threads): how often its threads sleep and
+	// wake per request, which load changes less than time does.
+	ServerSwitches float64 `json:"server_switches_per_op,omitempty"`
+	Err            string  `json:"error,omitempty"`
 }
 
 // DriverOptions tune RunDriver.

@@ -66,6 +66,35 @@ func (s *Server) CPUTime() (time.Duration, error) {
 	return time.Duration(ut+st) * 10 * time.Millisecond, nil
 }
 
+// ContextSwitches is how many times the back-end's threads have been
+// switched out so far (voluntarily or not), summed over the threads that
+// still exist, from /proc.
+func (s *Server) ContextSwitches() (int64, error) {
+	dir := fmt.Sprintf("/proc/%d/task", s.cmd.Process.Pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, t := range tasks {
+		b, err := os.ReadFile(filepath.Join(dir, t.Name(), "status"))
+		if err != nil {
+			continue // the thread exited
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if ok && (k == "voluntary_ctxt_switches" || k == "nonvoluntary_ctxt_switches") {
+				c, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				if err != nil {
+					return 0, fmt.Errorf("parse %s/%s/status: %w", dir, t.Name(), err)
+				}
+				n += c
+			}
+		}
+	}
+	return n, nil
+}
+
 // Output is what the back-end printed.
 func (s *Server) Output() string { return s.out.String() }
 

@@ -43,6 +43,35 @@ type config struct {
 	// thinblkArgs are extra flags for the thinblk target's serve (after the
 	// bench's own, so they win: "--queues 256", "--metrics 127.0.0.1:0").
 	thinblkArgs []string
+	// alts are other thinblk builds served like the thinblk target and
+	// measured in the same run, case by case beside it (--alt).
+	alts []altBuild
+}
+
+// altBuild is one --alt NAME=PATH: a target NAME that runs `PATH serve
+// --raw` on the same image.
+type altBuild struct{ name, bin string }
+
+// altFlag collects repeated --alt flags.
+type altFlag struct{ alts *[]altBuild }
+
+func (f altFlag) String() string { return "" }
+
+func (f altFlag) Set(v string) error {
+	name, bin, ok := strings.Cut(v, "=")
+	if !ok || name == "" || bin == "" {
+		return fmt.Errorf("want NAME=PATH, got %q", v)
+	}
+	if slices.Contains(standardTargets, name) || strings.ContainsAny(name, ",/ ") {
+		return fmt.Errorf("NAME %q: a target's name, or not a plain word", name)
+	}
+	for _, a := range *f.alts {
+		if a.name == name {
+			return fmt.Errorf("NAME %q given twice", name)
+		}
+	}
+	*f.alts = append(*f.alts, altBuild{name, bin})
+	return nil
 }
 
 func main() {
@@ -74,6 +103,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.BoolVar(&c.jsonOut, "json", false, "print results as JSON instead of a table")
 	fs.StringVar(&c.svg, "svg", "", "also draw the thinblk, qsd, null and fio results (IOPS and p99 latency per case) as an SVG chart in `FILE`")
 	fs.IntVar(&c.repeat, "repeat", 1, "run each case this many times per target and keep the median (by IOPS)")
+	fs.Var(altFlag{&c.alts}, "alt", "`NAME=PATH`: also serve the image with the thinblk binary PATH as target NAME, measured beside the thinblk target case by case (e.g. main's build, to compare a change in one run; repeatable)")
 	var thinblkArgs string
 	fs.StringVar(&thinblkArgs, "thinblk-args", "", "extra flags for the thinblk target's serve, space-separated (they override the bench's own, e.g. \"--queues 256\")")
 	if err := fs.Parse(args); err != nil {
@@ -98,12 +128,13 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	c.targets = map[string]bool{}
 	for _, t := range strings.Split(targets, ",") {
-		switch t {
-		case "thinblk", "qsd", "null", "fio", "thin", "snapshot", "stream":
-			c.targets[t] = true
-		default:
+		if !slices.Contains(standardTargets, t) {
 			return fmt.Errorf("--targets: unknown target %q", t)
 		}
+		c.targets[t] = true
+	}
+	for _, a := range c.alts {
+		c.targets[a.name] = true
 	}
 	if c.repeat < 1 {
 		return fmt.Errorf("--repeat %d: want at least 1", c.repeat)
@@ -169,13 +200,25 @@ func run(args []string, stdout, stderr io.Writer) error {
 	return err
 }
 
+// standardTargets are the targets --targets names.
+var standardTargets = []string{"thinblk", "qsd", "null", "fio", "thin", "snapshot", "stream"}
+
 // deviceTargets are the targets measured case by case, in the order they
-// alternate and appear in the table.
+// alternate and appear in the table (the --alt builds after thinblk).
 var deviceTargets = []string{"thinblk", "qsd", "null", "fio"}
+
+// deviceOrder is deviceTargets with c's --alt builds after thinblk.
+func (c config) deviceOrder() []string {
+	order := []string{"thinblk"}
+	for _, a := range c.alts {
+		order = append(order, a.name)
+	}
+	return append(order, deviceTargets[1:]...)
+}
 
 // deviceTargets reports whether any of them was selected.
 func (c config) deviceTargets() bool {
-	for _, t := range deviceTargets {
+	for _, t := range c.deviceOrder() {
 		if c.targets[t] {
 			return true
 		}
@@ -273,8 +316,12 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 	// that each case runs on every target back to back: on a shared
 	// machine the load then drifts less between the columns of a row.
 	servers := map[string]*bench.Server{}
-	for _, target := range []string{"thinblk", "qsd", "null"} {
-		if !c.targets[target] {
+	alts := map[string]string{}
+	for _, a := range c.alts {
+		alts[a.name] = a.bin
+	}
+	for _, target := range c.deviceOrder() {
+		if !c.targets[target] || target == "fio" {
 			continue
 		}
 		sock := filepath.Join(c.dir, target+".sock")
@@ -283,15 +330,17 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 		switch target {
 		case "thinblk":
 			srv, err = bench.StartThinblk(c.thinblk, img, sock, queues, direct, c.thinblkArgs...)
-		case "null":
-			srv, err = bench.StartNull(c.thinblk, sock, c.size, queues, c.thinblkArgs...)
-		default:
+		case "qsd":
 			bin, lerr := exec.LookPath(c.qsd)
 			if lerr != nil {
 				err = lerr
 			} else {
 				srv, err = bench.StartQSD(bin, img, sock, queues, bench.QSDOptions{Direct: direct, AIO: c.qsdAIO})
 			}
+		case "null":
+			srv, err = bench.StartNull(c.thinblk, sock, c.size, queues, c.thinblkArgs...)
+		default:
+			srv, err = bench.StartThinblk(alts[target], img, sock, queues, direct, c.thinblkArgs...)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", target, err))
@@ -307,7 +356,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 		runs := map[string][]bench.Result{}
 		failed := map[string]error{}
 		for rep := 0; rep < c.repeat; rep++ {
-			for _, target := range deviceTargets {
+			for _, target := range c.deviceOrder() {
 				if ctx.Err() != nil {
 					return results, thin, errors.Join(append(errs, ctx.Err())...)
 				}
@@ -321,9 +370,13 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 					r, err = bench.RunFio(ctx, img, bc, bench.FioOptions{Bin: c.fio, Direct: direct, Duration: c.duration})
 				} else {
 					cpu0, cerr0 := srv.CPUTime()
+					cs0, cserr0 := srv.ContextSwitches()
 					r, err = runDriverRetry(ctx, srv.Socket, bc, c.duration)
 					if cpu1, cerr1 := srv.CPUTime(); err == nil && cerr0 == nil && cerr1 == nil && r.Ops > 0 {
 						r.ServerCPUUs = float64((cpu1 - cpu0).Microseconds()) / float64(r.Ops)
+					}
+					if cs1, cserr1 := srv.ContextSwitches(); err == nil && cserr0 == nil && cserr1 == nil && r.Ops > 0 {
+						r.ServerSwitches = float64(cs1-cs0) / float64(r.Ops)
 					}
 				}
 				if err != nil {
@@ -333,7 +386,7 @@ func measure(ctx context.Context, c config, log io.Writer) ([]bench.Result, thin
 				runs[target] = append(runs[target], r)
 			}
 		}
-		for _, target := range deviceTargets {
+		for _, target := range c.deviceOrder() {
 			if len(runs[target]) > 0 || failed[target] != nil {
 				results = append(results, record(log, target, bc, median(runs[target]), failed[target]))
 			}
@@ -382,7 +435,7 @@ func record(log io.Writer, target string, bc bench.Case, r bench.Result, err err
 	} else {
 		cpu := ""
 		if r.ServerCPUUs > 0 {
-			cpu = fmt.Sprintf("  CPU/op: server %5.1f us, driver %5.1f us", r.ServerCPUUs, r.DriverCPUUs)
+			cpu = fmt.Sprintf("  CPU/op: server %5.1f us, driver %5.1f us; switches/op %.2f", r.ServerCPUUs, r.DriverCPUUs, r.ServerSwitches)
 		}
 		fmt.Fprintf(log, "%-8s %-22s %9.0f IOPS %8.1f MB/s  mean %7.1f us  p99 %7.1f us%s\n",
 			target, bc.Name(), r.IOPS, r.MBps, r.MeanUs, r.P99Us, cpu)
@@ -400,9 +453,9 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	}
 	fmt.Fprintf(w, "\nmedian of %d run(s) per cell; cache=%s (thinblk --direct=%v, qemu-storage-daemon cache.direct=%v aio=%s, fio direct=%v ioengine=io_uring); %s per case; file %d MiB\n",
 		c.repeat, c.cache, c.cache == "direct", c.cache == "direct", c.qsdAIO, c.cache == "direct", c.duration, c.size>>20)
-	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds;\ndrv/op: the front-end driver's (this process's) CPU time per request; null: serve --null, no I/O\n\n")
+	fmt.Fprintf(w, "qd is per queue; latency in microseconds (driver: submit to completion; fio: lat mean, clat p99);\ncpu/op: back-end process CPU time (user+sys, all threads) per request in microseconds;\ndrv/op: the front-end driver's (this process's) CPU time per request; csw/op: the back-end's context switches\n(all threads) per request; null: serve --null, no I/O\n\n")
 	var shown []string
-	for _, t := range deviceTargets {
+	for _, t := range c.deviceOrder() {
 		if c.targets[t] {
 			shown = append(shown, t)
 		}
@@ -412,16 +465,25 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 	for _, t := range shown {
 		fmt.Fprintf(tw, "%s IOPS\tmean\tp99\t", t)
 		if t != "fio" {
-			fmt.Fprint(tw, "cpu/op\tdrv/op\t")
+			fmt.Fprint(tw, "cpu/op\tdrv/op\tcsw/op\t")
 		}
 	}
 	ratios := [][2]string{{"thinblk", "qsd"}, {"thinblk", "fio"}, {"thinblk", "null"}}
+	for _, a := range c.alts {
+		ratios = append(ratios, [2]string{"thinblk", a.name}, [2]string{a.name, "qsd"}, [2]string{a.name, "fio"})
+	}
 	for _, rt := range ratios {
 		if c.targets[rt[0]] && c.targets[rt[1]] {
 			fmt.Fprintf(tw, "%s/%s\t", rt[0], rt[1])
 		}
 	}
 	fmt.Fprintln(tw)
+	ratio := func(v float64) string {
+		if v <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.2f", v)
+	}
 	us := func(v float64) string {
 		if v <= 0 {
 			return "-"
@@ -442,7 +504,7 @@ func printTable(w io.Writer, c config, results []bench.Result) {
 				fmt.Fprintf(tw, "%.0f\t%.1f\t%.1f\t", r.IOPS, r.MeanUs, r.P99Us)
 			}
 			if t != "fio" {
-				fmt.Fprintf(tw, "%s\t%s\t", us(r.ServerCPUUs), us(r.DriverCPUUs))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t", us(r.ServerCPUUs), us(r.DriverCPUUs), ratio(r.ServerSwitches))
 			}
 		}
 		for _, rt := range ratios {
