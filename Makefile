@@ -21,7 +21,7 @@ DESTDIR   ?=
 BINDIR    ?= $(PREFIX)/bin
 UNITDIR   ?= $(PREFIX)/lib/systemd/system
 
-.PHONY: all build deps modules images test lint bench demo xfstests install clean soak-restart soak-restart-qsd faults-long
+.PHONY: all build deps modules images test lint bench demo xfstests install clean soak-restart soak-restart-qsd soak-upgrade faults-long
 
 all: build
 
@@ -57,6 +57,12 @@ soak-restart: deps images
 # The same soak against qemu-storage-daemon (no in-flight tracking), for comparison.
 soak-restart-qsd: deps images
 	THINBLK_SOAK_QSD_KILLS=$(KILLS) $(GO) test -count=1 -timeout 90m -run 'TestGuestQSDKilledSoak' -v ./guesttests
+
+# Upgrades under a guest's verified fio: UPGRADES plain restarts of serve (QEMU reconnects), then
+# UPGRADES hand-overs (--handover-from, no reconnect); each prints the guest-visible stalls.
+UPGRADES ?= 20
+soak-upgrade: deps images
+	THINBLK_SOAK_UPGRADES=$(UPGRADES) $(GO) test -count=1 -timeout 90m -run 'TestGuestServeKilled/(upgrade|handover)' -v ./guesttests
 
 # The fault-injecting model tests of the thin pool, long: FAULT_SEEDS seeds from FAULT_SEED of
 # FAULT_STEPS steps (empty: each test's default) for each of the three (scripts/faults-long.sh).

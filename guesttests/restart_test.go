@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -191,6 +193,229 @@ func TestGuestServeKilled(t *testing.T) {
 			kills, kills, guestErrors, runs, resubmitted, longest.Round(time.Millisecond))
 		t.Logf("fio survived %d kills of serve", kills)
 	})
+
+	// upgrade: SIGTERM, then the new binary; QEMU reconnects. handover: the new binary with
+	// --handover-from takes the running serve's connections; QEMU must not notice (its log
+	// gains no line: a disconnect logs "Failed to set msg fds", "ring restore failed", ...).
+	for _, mode := range []string{"upgrade", "handover"} {
+		t.Run(mode, func(t *testing.T) {
+			s := specs[0]
+			dev, err := vm.DiskDevice(ctx, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A plain upgrade: SIGTERM (serve commits, withdraws requests into the in-flight
+			// area and exits), then the new binary on the same pool and socket; QEMU reconnects
+			// (reconnect=1). The binary alternates between two copies, as a replaced one would.
+			bins := []string{e.thinblk, filepath.Join(dir, "thinblk-new-"+mode)}
+			data, err := os.ReadFile(e.thinblk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(bins[1], data, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			upgrades := 3
+			if n, err := strconv.Atoi(os.Getenv("THINBLK_SOAK_UPGRADES")); err == nil && n > 0 {
+				upgrades = n
+			}
+			// The stall the guest sees: fio logs every request's completion time (--write_lat_log
+			// with per-request entries, in Unix milliseconds); after each bounded run the guest
+			// lists the gaps of 50 ms or more between consecutive completions (start and end).
+			// Each upgrade's stall is the longest gap that overlaps its window (SIGTERM until the
+			// new process served the rings, moved to the guest's clock); the longest gap outside
+			// every window is the guest's own noise (a TCG guest on a loaded host).
+			// fio's default clock source is the TSC, which it calibrates at start: under TCG the
+			// calibration is off and so are its log's times; clock_gettime is the guest's clock.
+			fio := "fio --name=v --filename=" + dev + " --size=16M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio " +
+				"--direct=1 --verify=crc32c --verify_fatal=1 --clocksource=clock_gettime --log_avg_msec=0 --log_unix_epoch=1 --write_lat_log=/tmp/up.$i"
+			script := "i=0\nwhile [ ! -e /tmp/up.stop ]; do\n  i=$((i+1))\n  " + fio + " --output=/tmp/up.out.$i || { echo $i > /tmp/up.rc; exit; }\n" +
+				"  sort -t, -k1,1n /tmp/up.${i}_lat.1.log | awk -F, '{t=$1+0; if (NR==1) f=t; if (NR>1 && t-p>=50) printf \"gap %.0f %.0f\\n\", p, t; p=t} END {printf \"run %.0f %.0f\\n\", f, p}' >> /tmp/up.gaps\n" +
+				"  rm -f /tmp/up.${i}_*\ndone\necho $i > /tmp/up.runs\necho 0 > /tmp/up.rc\n"
+			stat := "cat /sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/stat"
+			writes := func() int {
+				f := strings.Fields(g.sh(t, 20*time.Second, stat))
+				if len(f) < 5 {
+					t.Fatalf("disk stat %q", f)
+				}
+				n, _ := strconv.Atoi(f[4])
+				return n
+			}
+			before := writes()
+			g.sh(t, 20*time.Second, "rm -f /tmp/up.*; cat > /tmp/up.sh <<'EOF'\n"+script+"EOF\nsetsid sh /tmp/up.sh </dev/null >/tmp/up.log 2>&1 &")
+			// fio's start takes a while in a TCG guest: upgrades begin once it writes.
+			for deadline := time.Now().Add(2 * time.Minute); writes() == before; {
+				if time.Now().After(deadline) {
+					t.Fatalf("fio wrote nothing in 2 minutes:\n%s", g.sh(t, 20*time.Second, "cat /tmp/up.log; true"))
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			// The guest's clock against the host's: busybox date has no sub-second format, its
+			// adjtimex prints the kernel's time in microseconds.
+			guestClock := func() (offset, uncertainty time.Duration) {
+				t0 := time.Now()
+				out := g.sh(t, 20*time.Second, "adjtimex | awk '/tv_sec/{s=$2} /tv_usec/{u=$2} END{printf \"%.0f\\n\", s*1000+int(u/1000)}'")
+				t1 := time.Now()
+				ms, err := strconv.ParseInt(strings.TrimSpace(out), 10, 64)
+				if err != nil {
+					t.Fatalf("guest clock: %q: %v", out, err)
+				}
+				mid := t0.Add(t1.Sub(t0) / 2)
+				return time.UnixMilli(ms).Sub(mid), t1.Sub(t0)/2 + time.Millisecond
+			}
+			rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 17))
+			// Guest Unix ms: from..to widened by the clock's uncertainty (where to look for
+			// the stall), coreFrom..coreTo not (the upgrade itself).
+			type window struct{ from, to, coreFrom, coreTo int64 }
+			var windows []window
+			var hostStalls []time.Duration
+			var backendStalls []int // hand-over: ms from the pause until the new process took the sessions
+			for i := 1; i <= upgrades; i++ {
+				time.Sleep(time.Duration(1000+rng.IntN(2000)) * time.Millisecond)
+				if out := g.sh(t, 20*time.Second, "cat /tmp/up.rc 2>/dev/null || true"); strings.TrimSpace(out) != "" {
+					t.Fatalf("fio failed (run %s) after %d upgrades:\n%s", strings.TrimSpace(out), i-1, g.sh(t, 20*time.Second, "cat /tmp/up.log /tmp/up.out.*"))
+				}
+				offset, unc := guestClock()
+				qemuLog, _ := os.ReadFile(vm.QEMULogPath)
+				began := time.Now()
+				old := backends[s.name]
+				args := extra
+				if mode == "upgrade" {
+					if err := old.Stop(time.Minute); err != nil {
+						t.Fatalf("upgrade %d: %v\n%s", i, err, old.LogTail(20))
+					}
+				} else {
+					args = append(slices.Clone(extra), "--handover-from", filepath.Join(pools[s.name], "thinblk.handover"))
+				}
+				b, err := StartBackend(ctx, BackendOptions{
+					Kind: ThinPool, Image: pools[s.name], Socket: filepath.Join(socks, s.name, s.vol+".sock"), Queues: s.queues,
+					LogPath: filepath.Join(dir, fmt.Sprintf("%s-%s-%d.log", s.name, mode, i)), ThinblkBin: bins[i%2], ExtraArgs: args,
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				backends[s.name] = b
+				if mode == "upgrade" {
+					waitBackendLog(t, b, "ring started")
+				} else {
+					waitBackendLog(t, b, "front-end session resumed from a hand-over")
+				}
+				served := time.Now()
+				if mode == "handover" {
+					select {
+					case <-old.exited:
+					case <-time.After(time.Minute):
+						t.Fatalf("hand-over %d: the old serve did not exit\n%s", i, old.LogTail(20))
+					}
+					if old.err != nil {
+						t.Fatalf("hand-over %d: the old serve: %v\n%s", i, old.err, old.LogTail(20))
+					}
+					data, _ := os.ReadFile(old.Opts.LogPath)
+					if m := regexp.MustCompile(`paused_ms=(\d+) pool_released_ms=(\d+) taken_ms=(\d+)`).FindStringSubmatch(string(data)); m != nil {
+						taken, _ := strconv.Atoi(m[3])
+						backendStalls = append(backendStalls, taken)
+						t.Logf("hand-over %d: the old serve paused its sessions in %s ms, released the pool at %s ms, the new one took them at %s ms", i, m[1], m[2], m[3])
+					} else {
+						t.Errorf("hand-over %d: the old serve did not log the hand-over:\n%s", i, old.LogTail(20))
+					}
+					newLog, _ := os.ReadFile(b.Opts.LogPath)
+					if strings.Contains(string(newLog), "front-end connected") {
+						t.Errorf("hand-over %d: QEMU connected anew", i)
+					}
+					if m := regexp.MustCompile(`pool_open_ms=(\d+) rings_started_ms=(\d+)`).FindStringSubmatch(string(newLog)); m != nil {
+						t.Logf("hand-over %d: the new serve opened the pool in %s ms and started the rings at %s ms", i, m[1], m[2])
+					}
+					if after, _ := os.ReadFile(vm.QEMULogPath); len(after) != len(qemuLog) {
+						t.Errorf("hand-over %d: QEMU logged:\n%s", i, after[min(len(qemuLog), len(after)):])
+					}
+				}
+				hostStalls = append(hostStalls, served.Sub(began))
+				windows = append(windows, window{began.Add(offset - unc).UnixMilli(), served.Add(offset + unc).UnixMilli(),
+					began.Add(offset).UnixMilli(), served.Add(offset).UnixMilli()})
+				t.Logf("upgrade %d: SIGTERM to rings served by %s after %v (guest clock offset %v ± %v; window in guest time %s to %s)", i, filepath.Base(bins[i%2]),
+					hostStalls[i-1].Round(time.Millisecond), offset.Round(time.Millisecond), unc.Round(time.Millisecond),
+					time.UnixMilli(windows[i-1].from).Format("15:04:05.000"), time.UnixMilli(windows[i-1].to).Format("15:04:05.000"))
+			}
+			g.sh(t, 20*time.Second, "touch /tmp/up.stop")
+			var rc string
+			deadline := time.Now().Add(10 * time.Minute)
+			for rc == "" && time.Now().Before(deadline) {
+				rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/up.rc 2>/dev/null || true"))
+				time.Sleep(time.Second)
+			}
+			if rc != "0" {
+				t.Fatalf("fio (rc %q) after %d upgrades:\n%s", rc, upgrades, g.sh(t, 20*time.Second, "cat /tmp/up.log /tmp/up.out.* 2>/dev/null; true"))
+			}
+			// Per upgrade, ms; -1: fio was between two runs (no I/O to see a stall in).
+			stalls := make([]int64, upgrades)
+			var noise int64
+			type span struct{ from, to int64 }
+			var gaps, runSpans []span
+			lines := strings.Split(strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/up.gaps")), "\n")
+			for _, line := range lines {
+				var kind string
+				var sp span
+				if _, err := fmt.Sscanf(line, "%s %d %d", &kind, &sp.from, &sp.to); err != nil {
+					t.Fatalf("gap line %q: %v", line, err)
+				}
+				if kind == "run" {
+					runSpans = append(runSpans, sp)
+				} else {
+					gaps = append(gaps, sp)
+				}
+			}
+			for _, gp := range gaps {
+				if gp.to-gp.from >= 300 {
+					t.Logf("guest: no completion for %d ms from %s", gp.to-gp.from, time.UnixMilli(gp.from).Format("15:04:05.000"))
+				}
+				inWindow := false
+				for w, win := range windows {
+					if gp.from <= win.to && gp.to >= win.from {
+						inWindow = true
+						stalls[w] = max(stalls[w], gp.to-gp.from)
+					}
+				}
+				if !inWindow {
+					noise = max(noise, gp.to-gp.from)
+				}
+			}
+			var seen []int64
+			for w, win := range windows {
+				covered := false
+				for _, r := range runSpans {
+					covered = covered || r.from <= win.coreFrom && r.to >= win.coreTo
+				}
+				switch {
+				case !covered && stalls[w] == 0:
+					t.Logf("upgrade %d: fio was between runs (no I/O in its window)", w+1)
+					stalls[w] = -1
+				default:
+					seen = append(seen, stalls[w])
+				}
+			}
+			if len(seen) == 0 {
+				// Every upgrade fell between two fio passes: nothing to measure, the checks
+				// below still hold.
+				t.Logf("no upgrade happened while fio did I/O")
+				seen = []int64{-1}
+			}
+			// A plain upgrade disconnects QEMU for most of a second (it reconnects once a
+			// second): fio must see that, or the measurement is broken. One window may miss its
+			// gap when the guest clock's offset moved more than its measured uncertainty.
+			if mode == "upgrade" && slices.Max(seen) >= 0 && slices.Max(seen) < 500 {
+				t.Errorf("no upgrade stalled the guest for 500 ms or more (%v ms): the measurement is broken", stalls)
+			}
+			sorted := slices.Clone(seen)
+			slices.Sort(sorted)
+			slices.Sort(hostStalls)
+			runs := strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/up.runs"))
+			guestErrors := guestClean(t)
+			t.Logf("%s: %d upgrades, guest errors %d, fio runs verified %s; guest-visible stall per upgrade (ms) %v: median %d, longest %d; "+
+				"longest gap outside the upgrades %d ms; host: start of the upgrade to rings served again median %v, longest %v; back-end pause (hand-over) %v ms",
+				strings.ToUpper(mode), upgrades, guestErrors, runs, stalls, sorted[len(sorted)/2], sorted[len(sorted)-1], noise,
+				hostStalls[len(hostStalls)/2].Round(time.Millisecond), hostStalls[len(hostStalls)-1].Round(time.Millisecond), backendStalls)
+		})
+	}
 
 	t.Run("waiting-for-space", func(t *testing.T) {
 		s := specs[1]

@@ -137,6 +137,13 @@ func (l *dirtyLog) replace(mapping, bits []byte) {
 	}
 }
 
+// mapped reports whether a log is mapped.
+func (l *dirtyLog) mapped() bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.mapping != nil
+}
+
 // migrating reports whether LOG_ALL is negotiated (a live migration is
 // under way). Session goroutine only.
 func (l *dirtyLog) migrating() bool { return l.logAll }

@@ -81,6 +81,10 @@ func validateInflight(in Inflight, numQueues, maxSize int, set bool) error {
 
 // inflightArea is a mapped in-flight area.
 type inflightArea struct {
+	// desc and file describe the area as SET_INFLIGHT_FD would (file is
+	// this process's own descriptor), for a hand-over to the next process.
+	desc      Inflight
+	file      *os.File
 	mapping   []byte
 	queueSize uint16
 	queues    []*inflightRing
@@ -99,6 +103,10 @@ func (a *inflightArea) unmap() {
 	if a != nil && a.mapping != nil {
 		unix.Munmap(a.mapping)
 		a.mapping, a.queues = nil, nil
+	}
+	if a != nil && a.file != nil {
+		a.file.Close()
+		a.file = nil
 	}
 }
 
@@ -129,6 +137,12 @@ func createInflightArea(numQueues int, queueSize uint16) (*inflightArea, *os.Fil
 	for _, q := range a.queues {
 		q.init()
 	}
+	a.desc = Inflight{MmapSize: size, NumQueues: uint16(numQueues), QueueSize: queueSize}
+	if a.file, err = dupFile(f); err != nil {
+		a.unmap()
+		f.Close()
+		return nil, nil, fmt.Errorf("dup the area: %w", err)
+	}
 	return a, f, nil
 }
 
@@ -155,11 +169,18 @@ func mapInflightArea(in Inflight, f *os.File) (*inflightArea, error) {
 	if uint64(st.Size) < in.MmapOffset+in.MmapSize {
 		return nil, fmt.Errorf("area [%#x,+%#x) exceeds the file's %d bytes", in.MmapOffset, in.MmapSize, st.Size)
 	}
+	dup, err := dupFile(f)
+	if err != nil {
+		return nil, fmt.Errorf("dup the area: %w", err)
+	}
 	m, err := unix.Mmap(int(f.Fd()), int64(in.MmapOffset), int(in.MmapSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
+		dup.Close()
 		return nil, fmt.Errorf("map the area: %w", err)
 	}
-	return newInflightArea(m, int(in.NumQueues), in.QueueSize), nil
+	a := newInflightArea(m, int(in.NumQueues), in.QueueSize)
+	a.desc, a.file = in, dup
+	return a, nil
 }
 
 // inflightRing is one ring's queue region. It implements

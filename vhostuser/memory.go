@@ -23,6 +23,9 @@ type mappedRegion struct {
 	MemoryRegion
 	mapping []byte // the whole mmap, page aligned, for munmap
 	data    []byte // the region itself: len(data) == Size
+	// file is a duplicate of the region's descriptor, kept so that a
+	// hand-over can pass the region to the next process.
+	file *os.File
 }
 
 // guestMemory is an immutable snapshot of the memory table. Queues get a
@@ -194,11 +197,16 @@ func mapRegion(r MemoryRegion, f *os.File) (*mappedRegion, error) {
 	page := uint64(os.Getpagesize())
 	delta := r.MmapOffset % page
 	length := r.Size + delta
+	dup, err := dupFile(f)
+	if err != nil {
+		return nil, fmt.Errorf("memory region fd: %w", err)
+	}
 	m, err := unix.Mmap(fd, int64(r.MmapOffset-delta), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
+		dup.Close()
 		return nil, fmt.Errorf("mmap memory region [%#x,+%#x): %w", r.GuestPhysAddr, r.Size, err)
 	}
-	return &mappedRegion{MemoryRegion: r, mapping: m, data: m[delta : delta+r.Size : delta+r.Size]}, nil
+	return &mappedRegion{MemoryRegion: r, mapping: m, data: m[delta : delta+r.Size : delta+r.Size], file: dup}, nil
 }
 
 func (r *mappedRegion) unmap() {
@@ -206,6 +214,28 @@ func (r *mappedRegion) unmap() {
 		unix.Munmap(r.mapping)
 		r.mapping, r.data = nil, nil
 	}
+	if r.file != nil {
+		r.file.Close()
+		r.file = nil
+	}
+}
+
+// dupFile duplicates f's descriptor (close-on-exec), leaving f's blocking
+// mode alone: the file description is shared with the front-end.
+func dupFile(f *os.File) (*os.File, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	nfd := -1
+	var derr error
+	if err := rc.Control(func(fd uintptr) { nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, err
+	}
+	if derr != nil {
+		return nil, fmt.Errorf("dup: %w", derr)
+	}
+	return os.NewFile(uintptr(nfd), f.Name()), nil
 }
 
 // unmapAll unmaps every region of the snapshot.

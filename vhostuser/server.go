@@ -49,10 +49,14 @@ type Server struct {
 	share *deviceShare
 
 	mu      sync.Mutex
-	active  map[*net.UnixConn]bool // the front-end connections being served
+	active  map[*net.UnixConn]*connState // the front-end connections being served
 	closed  bool
 	serving bool
 	done    chan struct{} // closed by Close
+	// handing is the hand-over in progress; handedOff: one committed, so
+	// the socket file belongs to the other process now.
+	handing   *handOff
+	handedOff bool
 
 	conns     sync.WaitGroup
 	accepted  atomic.Uint64 // front-end connections served so far
@@ -63,6 +67,21 @@ type Server struct {
 // Listen creates the socket. A socket file left behind by a dead process
 // is removed; a socket something still listens on is not.
 func Listen(opts ServerOptions, dev Device) (*Server, error) {
+	s, err := newServer(opts, dev)
+	if err != nil {
+		return nil, err
+	}
+	ln, fi, err := unixsock.Listen(s.opts.SocketPath, s.opts.SocketMode)
+	if err != nil {
+		return nil, fmt.Errorf("vhost-user: %w", err)
+	}
+	s.ln, s.sock = ln, fi
+	s.log.Info("listening", "mode", fmt.Sprintf("%#o", s.opts.SocketMode.Perm()))
+	return s, nil
+}
+
+// newServer checks the options and makes a Server without a listener.
+func newServer(opts ServerOptions, dev Device) (*Server, error) {
 	if opts.SocketPath == "" {
 		return nil, errors.New("vhost-user: no socket path")
 	}
@@ -80,13 +99,8 @@ func Listen(opts ServerOptions, dev Device) (*Server, error) {
 	if opts.Name != "" {
 		log = log.With("device", opts.Name)
 	}
-	ln, fi, err := unixsock.Listen(opts.SocketPath, opts.SocketMode)
-	if err != nil {
-		return nil, fmt.Errorf("vhost-user: %w", err)
-	}
-	log.Info("listening", "mode", fmt.Sprintf("%#o", opts.SocketMode.Perm()))
-	return &Server{opts: opts, dev: dev, log: log, ln: ln, sock: fi, done: make(chan struct{}),
-		share: newDeviceShare(dev), active: map[*net.UnixConn]bool{}}, nil
+	return &Server{opts: opts, dev: dev, log: log, done: make(chan struct{}),
+		share: newDeviceShare(dev), active: map[*net.UnixConn]*connState{}}, nil
 }
 
 // Serve accepts front-end connections until ctx is done or Close is
@@ -106,6 +120,12 @@ func (s *Server) Serve(ctx context.Context) error {
 	for {
 		uc, err := s.ln.AcceptUnix()
 		if err != nil {
+			if handing, end := s.acceptParked(); handing {
+				if end {
+					return nil
+				}
+				continue
+			}
 			select {
 			case <-s.done:
 				s.Close() // waits for a Close in progress to finish
@@ -134,12 +154,13 @@ func (s *Server) Serve(ctx context.Context) error {
 			uc.Close()
 			continue
 		}
-		s.active[uc] = true
+		cs := &connState{conn: NewConn(uc), paused: make(chan pausedSession, 1), verdict: make(chan bool, 1)}
+		s.active[uc] = cs
 		s.accepted.Add(1)
 		second := len(s.active) == 2
 		s.conns.Add(1)
 		s.mu.Unlock()
-		go s.serveConn(uc, second)
+		go s.serveConn(cs, second)
 	}
 }
 
@@ -181,21 +202,33 @@ func peerHungUp(uc *net.UnixConn) bool {
 
 // serveConn runs the protocol on one connection, then releases everything
 // the connection held so that the next front-end starts from scratch.
-func (s *Server) serveConn(uc *net.UnixConn, second bool) {
-	defer s.conns.Done()
+func (s *Server) serveConn(cs *connState, second bool) {
+	uc := cs.conn.uc
 	log := s.log.With(peerAttrs(uc)...)
 	if second {
 		log.Info("front-end connected while another is served (a live migration's other end)")
 	} else {
 		log.Info("front-end connected")
 	}
-	conn := NewConn(uc)
+	s.runSession(cs, s.newConnSession(log, cs.conn, uc), log)
+}
+
+// newConnSession makes the session of a front-end connection.
+func (s *Server) newConnSession(log *slog.Logger, conn *Conn, uc *net.UnixConn) *session {
 	sess := newSession(log, s.dev, conn)
 	sess.share = s.share
 	sess.peerGone = func() bool { return peerHungUp(uc) }
 	if s.opts.NoInflight {
 		sess.offeredProto &^= 1 << ProtoInflightShmfd
 	}
+	return sess
+}
+
+// runSession reads and dispatches the connection's messages until it
+// ends or is handed over.
+func (s *Server) runSession(cs *connState, sess *session, log *slog.Logger) {
+	defer s.conns.Done()
+	conn, uc := cs.conn, cs.conn.uc
 	defer func() {
 		if p := recover(); p != nil {
 			// A bug must not take down every other disk of the process.
@@ -210,7 +243,25 @@ func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 		conn.Close()
 	}()
 	for {
-		m, err := conn.Read()
+		// Wait for a message without reading it, so that a hand-over can
+		// stop the session between messages (its read deadline ends the
+		// wait).
+		werr := waitReadable(uc)
+		cs.mu.Lock()
+		if cs.pausing {
+			cs.mu.Unlock()
+			if s.pauseForHandOff(cs, sess) {
+				log.Info("session handed over to another process")
+				return
+			}
+			continue
+		}
+		var m Message
+		err := werr
+		if err == nil {
+			m, err = conn.Read()
+		}
+		cs.mu.Unlock()
 		if err != nil {
 			switch {
 			case isClosed(err):
@@ -235,6 +286,20 @@ func (s *Server) serveConn(uc *net.UnixConn, second bool) {
 	}
 }
 
+// waitReadable waits until uc has something to read (or its peer hung
+// up) without reading; a read deadline ends the wait with an error.
+func waitReadable(uc *net.UnixConn) error {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Read(func(fd uintptr) bool {
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}}
+		n, err := unix.Poll(pfd, 0)
+		return err == nil && n > 0 || err != nil && err != unix.EINTR
+	})
+}
+
 // Close stops accepting, disconnects the front-end (stopping its rings and
 // unmapping its memory) and removes the socket file.
 func (s *Server) Close() error {
@@ -246,6 +311,7 @@ func (s *Server) Close() error {
 		for uc := range s.active {
 			active = append(active, uc)
 		}
+		handedOff := s.handedOff
 		s.mu.Unlock()
 		if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 			s.closeErr = fmt.Errorf("vhost-user: close listener: %w", err)
@@ -254,9 +320,12 @@ func (s *Server) Close() error {
 			uc.Close()
 		}
 		s.conns.Wait()
-		// Remove the socket only if it is still the one we created.
-		if err := unixsock.Remove(s.opts.SocketPath, s.sock); err != nil && s.closeErr == nil {
-			s.closeErr = fmt.Errorf("vhost-user: %w", err)
+		// Remove the socket only if it is still the one we created (and
+		// not handed over: the other process serves it now).
+		if s.sock != nil && !handedOff {
+			if err := unixsock.Remove(s.opts.SocketPath, s.sock); err != nil && s.closeErr == nil {
+				s.closeErr = fmt.Errorf("vhost-user: %w", err)
+			}
 		}
 		s.log.Info("closed")
 	})

@@ -97,6 +97,9 @@ type session struct {
 	// of being refused (see deviceShare.acquireRings).
 	closing  atomic.Bool
 	peerGone func() bool
+	// replaying: the session is being rebuilt from a hand-over's requests,
+	// so any failure of one is returned instead of acknowledged.
+	replaying bool
 }
 
 // ending reports whether the session's front-end is gone or going, so
@@ -219,7 +222,7 @@ func (s *session) dispatch(m *Message) error {
 		replyFiles = []*os.File{f}
 	}
 	var fe fatalError
-	if errors.As(err, &fe) {
+	if errors.As(err, &fe) || err != nil && s.replaying {
 		return err
 	}
 	if hd.hasReply {

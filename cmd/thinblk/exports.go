@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
+	"github.com/thinblk/thinblk/internal/handover"
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -43,20 +44,46 @@ type exports struct {
 	events chan thin.Event
 	done   chan struct{}
 	stopW  func()
+	// resumed are listeners and sessions handed over by the previous
+	// serve process, by socket path, until their volume's export takes
+	// them.
+	resumed map[string]handover.Server
 }
 
 type export struct {
 	dev    *blk.Device
 	srv    *vhostuser.Server
 	served chan struct{} // closed when Serve returns
+	// resumed: the server took its listener and sessions from the
+	// previous serve process.
+	resumed bool
 }
 
-func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log *slog.Logger) (*exports, error) {
+// startExports exports every volume of the pool; handed is what a previous
+// serve process handed over (nil: nothing), taken over here.
+func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, handed *handover.State, log *slog.Logger) (*exports, error) {
 	e := &exports{
 		pool: pool, opts: opts, log: log, ctx: ctx,
-		byName: map[string]*export{},
-		events: make(chan thin.Event, 64),
-		done:   make(chan struct{}),
+		byName:  map[string]*export{},
+		events:  make(chan thin.Event, 64),
+		done:    make(chan struct{}),
+		resumed: map[string]handover.Server{},
+	}
+	if handed != nil {
+		for _, sv := range handed.Servers {
+			e.resumed[sv.Name] = sv
+		}
+		defer func() {
+			// Sessions of volumes this pool no longer has end here.
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			for name, sv := range e.resumed {
+				e.log.Warn("handed-over socket has no volume here; its sessions end", "socket", name, "sessions", len(sv.Sessions))
+				st := handover.State{Servers: []handover.Server{sv}}
+				st.Close()
+			}
+			e.resumed = nil
+		}()
 	}
 	// Watch before listing, so no volume created in between is missed;
 	// start is idempotent.
@@ -69,6 +96,7 @@ func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, log 
 	go e.follow()
 	for _, name := range pool.Volumes() {
 		if err := e.start(name); err != nil {
+			e.giveBack()
 			e.close()
 			return nil, err
 		}
@@ -139,17 +167,25 @@ func (e *exports) start(name string) error {
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{
+	srvOpts := vhostuser.ServerOptions{
 		SocketPath: e.socketPath(name),
 		SocketMode: e.opts.socketMode,
 		Logger:     log,
 		Name:       name,
 		NoInflight: e.opts.noInflight,
-	}, dev)
+	}
+	var srv *vhostuser.Server
+	sv, resumed := e.resumed[srvOpts.SocketPath]
+	if resumed {
+		delete(e.resumed, srvOpts.SocketPath)
+		srv, err = vhostuser.Resume(srvOpts, dev, sv)
+	} else {
+		srv, err = vhostuser.Listen(srvOpts, dev)
+	}
 	if err != nil {
 		return fmt.Errorf("volume %s: %w", name, err)
 	}
-	x := &export{dev: dev, srv: srv, served: make(chan struct{})}
+	x := &export{dev: dev, srv: srv, served: make(chan struct{}), resumed: resumed}
 	e.byName[name] = x
 	go func() {
 		defer close(x.served)
@@ -201,6 +237,48 @@ func (e *exports) close() error {
 		}
 	}
 	return firstErr
+}
+
+// giveBack makes the exports that took a previous serve process's sockets
+// leave the socket files when closed: that process serves on from what it
+// handed over.
+func (e *exports) giveBack() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, x := range e.byName {
+		if x.resumed {
+			x.srv.LeaveSocketFile()
+		}
+	}
+}
+
+// handOff pauses every export for a hand-over (vhostuser.Server.HandOff),
+// stops following the pool and closes the devices, so that the pool can be
+// closed. On error nothing changed and every export serves on.
+func (e *exports) handOff(ctx context.Context) ([]*vhostuser.HandOff, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var hos []*vhostuser.HandOff
+	for name, x := range e.byName {
+		ho, err := x.srv.HandOff(ctx)
+		if err != nil {
+			for _, h := range hos {
+				h.Abort()
+			}
+			return nil, fmt.Errorf("volume %s: %w", name, err)
+		}
+		hos = append(hos, ho)
+	}
+	e.closed = true
+	e.stopW()
+	close(e.done)
+	for name, x := range e.byName {
+		// The rings are stopped: this only flushes.
+		if err := x.dev.Close(); err != nil {
+			e.log.Warn("device close before a hand-over", "volume", name, "err", err)
+		}
+	}
+	return hos, nil
 }
 
 // inFlight sums requests in flight over the named volumes (all if none).

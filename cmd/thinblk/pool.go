@@ -45,22 +45,34 @@ func quietLogger(stderr io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
+// lockedWait is how long a management command waits for a pool that
+// another process holds while no control socket answers: a serve starting
+// (it holds the pool before its control socket listens) or handing over,
+// or another command.
+const lockedWait = 10 * time.Second
+
 // openPoolOps reaches the pool in dir: through a running serve's control
 // socket when there is one, otherwise by opening it here.
 func openPoolOps(dir string, stderr io.Writer) (poolOps, error) {
-	if ops, err := dialControl(dir); err == nil {
-		return ops, nil
-	} else if !errors.Is(err, errNoControl) {
-		return nil, err
-	}
-	p, err := thin.Open(dir, thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
-	if err != nil {
-		if errors.Is(err, thin.ErrLocked) {
-			return nil, fmt.Errorf("%w; no running 'thinblk serve' answers on its control socket", err)
+	deadline := time.Now().Add(lockedWait)
+	for {
+		if ops, err := dialControl(dir); err == nil {
+			return ops, nil
+		} else if !errors.Is(err, errNoControl) {
+			return nil, err
 		}
-		return nil, err
+		p, err := thin.Open(dir, thin.OpenOptions{Logger: quietLogger(stderr), FlushInterval: -1})
+		if err == nil {
+			return directOps{p}, nil
+		}
+		if !errors.Is(err, thin.ErrLocked) {
+			return nil, err
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("%w; no running 'thinblk serve' answered on its control socket within %v", err, lockedWait)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	return directOps{p}, nil
 }
 
 func runPool(args []string, stdout, stderr io.Writer) int {

@@ -282,3 +282,43 @@ func TestServePoolSnapshots(t *testing.T) {
 		t.Errorf("after deleting snapshot and clone: %+v", st)
 	}
 }
+
+// TestCommandWaitsForBusyPool: a management command that finds the pool held by another
+// opener and no control socket answering (a serve still starting: it holds the pool before
+// its control socket listens; another command) waits for it instead of failing at once, and
+// fails with a clear error only after lockedWait.
+func TestCommandWaitsForBusyPool(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "64M")
+	mustThinblk(t, "volume", "create", dir, "a", "--size", "16M")
+	p, err := thin.Open(dir, thin.OpenOptions{FlushInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		out, errOut string
+		code        int
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, errOut, code := thinblk(t, "volume", "list", dir)
+		done <- result{out, errOut, code}
+	}()
+	select {
+	case r := <-done:
+		p.Close()
+		t.Fatalf("volume list returned while the pool was held (exit %d): %s", r.code, r.errOut)
+	case <-time.After(time.Second):
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		if r.code != 0 || !strings.Contains(r.out, "a\t") {
+			t.Fatalf("volume list after the pool was let go: exit %d, %q, %q", r.code, r.out, r.errOut)
+		}
+	case <-time.After(lockedWait + 5*time.Second):
+		t.Fatal("volume list still waits after the pool was let go")
+	}
+}

@@ -48,12 +48,15 @@ type serveFlags struct {
 	direct     bool
 	noUring    bool
 	noInflight bool
-	pollUs     int
-	queues     int
-	queueSize  int
-	serial     string
-	logLevel   string
-	metrics    string // --metrics: Prometheus exporter address (metrics.go)
+	// handoverFrom: take the sessions of the serve process listening on
+	// this hand-over socket (handover.go).
+	handoverFrom string
+	pollUs       int
+	queues       int
+	queueSize    int
+	serial       string
+	logLevel     string
+	metrics      string // --metrics: Prometheus exporter address (metrics.go)
 	// ready and stopping tell a service manager (sd_notify) that every socket listens, and
 	// that shutdown began; no-ops unless $NOTIFY_SOCKET is set.
 	ready    func(status string)
@@ -120,6 +123,7 @@ func parseServeFlags(args []string, stderr io.Writer) (f serveFlags, code int, o
 	fs.BoolVar(&f.direct, "direct", false, "open the image with O_DIRECT (bypass the host page cache)")
 	fs.BoolVar(&f.noUring, "no-uring", false, "use synchronous pread/pwrite from a worker per request instead of io_uring (io_uring is used when the kernel allows it)")
 	fs.BoolVar(&f.noInflight, "no-inflight", false, "do not offer in-flight tracking (INFLIGHT_SHMFD): requests in flight when serve dies are then lost to the guest (for comparison)")
+	fs.StringVar(&f.handoverFrom, "handover-from", "", "with a pool: take over the running serve's VM connections through its hand-over socket `PATH` (DIR/thinblk.handover): an upgrade without a disconnect (see README, \"Restarts and upgrades\")")
 	fs.IntVar(&f.pollUs, "poll-us", 0, "after a queue's last request, keep looking at its ring for this many `MICROSECONDS` before sleeping: saves the guest's kick and the back-end's wake-up when requests follow closely, at the cost of a CPU spinning meanwhile (0: never poll)")
 	fs.IntVar(&f.queues, "queues", defaultQueues, fmt.Sprintf("number of virtqueues offered (1-%d); the front-end uses as many as it asks for (QEMU: num-queues, one per vCPU by default)", vhostuser.MaxRings))
 	fs.IntVar(&f.queueSize, "queue-size", 256, "largest virtqueue size accepted (power of two, 2-1024)")
@@ -169,6 +173,8 @@ func (f *serveFlags) validate() error {
 		return errors.New("--qmp is for a pool")
 	case f.raw != "" && len(f.qemuQMP) > 0:
 		return errors.New("--qemu-qmp goes with a pool, not --raw")
+	case f.raw != "" && f.handoverFrom != "":
+		return errors.New("--handover-from is for a pool")
 	case f.raw != "" && f.socketDir != "":
 		return errors.New("--socket-dir is for a pool; use --socket with --raw")
 	case f.pool != "" && (f.readOnly || f.serial != ""):
