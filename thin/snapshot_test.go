@@ -646,13 +646,13 @@ func TestDeleteSnapshotMergesSmallHead(t *testing.T) {
 // reads either zeros in the range or exactly as before. (Seed 1155 of a
 // long TestModelSnapshotsCrashPoints run: the copies were made by writing
 // zeros, and when the second found no space the request failed with the
-// first half zeroed. The second finds no space with blocks free because
-// the request's own spares for its reservations are kept from its copies.)
+// first half zeroed.) The pool has blocks for both copies, the host room
+// for one only: the second copy finds no space.
 func TestWriteZeroesOverSharedBlocksAllOrNothing(t *testing.T) {
 	const bs = 4 * kib
 	for _, unmap := range []bool{false, true} {
 		t.Run(fmt.Sprintf("unmap=%v", unmap), func(t *testing.T) {
-			p, _ := newPool(t, 8, CreateOptions{})
+			p, host := newHostLimitedPool(t, 8)
 			v := mustVolume(t, p, "a", 8*bs)
 			data := pattern(2*bs, 7)
 			if err := v.WriteAt([][]byte{data}, 0); err != nil {
@@ -668,8 +668,12 @@ func TestWriteZeroesOverSharedBlocksAllOrNothing(t *testing.T) {
 			if free := p.Status().Pool.FreeBytes; free != 3*bs {
 				t.Fatalf("free %d bytes, want 3 blocks", free)
 			}
+			host.setLimit(host.used() + bs/hostPage)
 			err := v.WriteZeroes(bs/2, bs, unmap)
 			t.Logf("write-zeroes: %v", err)
+			if err == nil {
+				t.Fatal("write-zeroes copied two shared blocks with host room for one")
+			}
 			want := slices.Clone(data)
 			switch {
 			case err == nil:
@@ -683,6 +687,58 @@ func TestWriteZeroesOverSharedBlocksAllOrNothing(t *testing.T) {
 			}
 			if i := firstDiff(got, want); i >= 0 {
 				t.Fatalf("write-zeroes over two shared half blocks returned %v, and the volume differs from that at byte %d", err, i)
+			}
+			if err := p.Check(nil); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// A write-zeroes over shared blocks fits when the pool has exactly the
+// blocks it needs: copies of the partly covered shared blocks plus a
+// reservation for the whole one. The copies are unreserved writes: the
+// spares the request backs for its reservations must not be held against
+// them too (it failed with ErrNoSpace with free blocks to spare).
+func TestWriteZeroesOverSharedBlocksExactFit(t *testing.T) {
+	const bs = 4 * kib
+	for _, unmap := range []bool{false, true} {
+		t.Run(fmt.Sprintf("unmap=%v", unmap), func(t *testing.T) {
+			p, _ := newPool(t, 8, CreateOptions{})
+			v := mustVolume(t, p, "a", 8*bs)
+			data := pattern(3*bs, 7)
+			if err := v.WriteAt([][]byte{data}, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.CreateSnapshot("a", "s", false); err != nil {
+				t.Fatal(err)
+			}
+			// Two copies, and without unmap one reservation: 3 blocks.
+			need, filled := 3, 2
+			if unmap {
+				need, filled = 2, 3
+			}
+			fill := mustVolume(t, p, "fill", 8*bs)
+			if err := fill.WriteAt([][]byte{pattern(filled*bs, 9)}, 0); err != nil {
+				t.Fatal(err)
+			}
+			if free := p.Status().Pool.FreeBytes; free != uint64(need*bs) {
+				t.Fatalf("free %d bytes, want %d blocks", free, need)
+			}
+			if err := v.WriteZeroes(bs/2, 2*bs, unmap); err != nil {
+				t.Fatalf("write-zeroes needing %d blocks with %d free: %v", need, need, err)
+			}
+			want := slices.Clone(data)
+			clear(want[bs/2 : bs/2+2*bs])
+			got := make([]byte, len(data))
+			if err := v.ReadAt([][]byte{got}, 0); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(got, want); i >= 0 {
+				t.Fatalf("volume differs from the write-zeroes at byte %d", i)
+			}
+			if free := p.Status().Pool.FreeBytes; free != 0 {
+				t.Fatalf("free %d bytes after the write-zeroes, want 0", free)
 			}
 			if err := p.Check(nil); err != nil {
 				t.Fatal(err)

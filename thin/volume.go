@@ -805,12 +805,13 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 	// shared block). The space for all of it is checked before anything
 	// changes, so a request that fails for lack of space changes nothing.
 	var cow []zeroOp
-	var need uint64
+	var need, copies uint64
 	for vb, e := range anc {
 		if a, b, whole := covered(vb); e.Mapped() && !whole {
 			cow = append(cow, zeroOp{a, b - a})
 			if !e.Provisioned() && !v.st.rec.ReserveMode {
 				need++
+				copies++
 			}
 		}
 	}
@@ -835,7 +836,12 @@ func (v *Volume) planZeroes(off, length int64, unmap bool, hb *hostBacking) ([]z
 		return nil, nil, p.noSpaceLocked()
 	}
 	// The receive's reservation has its spares already (holdForReceive).
-	if h := p.zeroesHostNeedLocked(unmap, need-fromRecv, existing, hb); h != nil {
+	// The copies are unreserved writes, made before anything is reserved:
+	// spares held for them too would keep them from the free blocks the
+	// check above counted (a request fitting exactly failed).
+	res := need - copies
+	res -= min(res, v.st.recvRes)
+	if h := p.zeroesHostNeedLocked(unmap, res, existing, hb); h != nil {
 		return nil, nil, h
 	}
 	if len(cow) > 0 {
