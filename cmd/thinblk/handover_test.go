@@ -208,16 +208,7 @@ func TestServeHandOver(t *testing.T) {
 	if loadErr != nil {
 		t.Fatal(loadErr)
 	}
-	got := make([]byte, block)
-	if _, err := disk.ReadAt(got, 20*block); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0xee}, block)) {
-		t.Fatalf("the waiting write's data is not on the volume (%v)", err)
-	}
-	if err := disk.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	disk.Close()
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	<-p.exited
+	stopAfterWaitingWrite(t, disk, p, 20*block, block)
 	if !p.cmd.ProcessState.Success() {
 		t.Fatalf("serve: %v\n%s", p.cmd.ProcessState, p.logs)
 	}

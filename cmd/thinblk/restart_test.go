@@ -460,19 +460,26 @@ func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
 			if _, err := q.Wait(done[:0], time.Second); err == nil {
 				t.Fatal("a request completed twice")
 			}
-			buf := make([]byte, block)
-			if _, err := disk.ReadAt(buf, 20*block); err != nil || !bytes.Equal(buf, bytes.Repeat([]byte{0xee}, block)) {
-				t.Fatalf("the waiting write's data is not on the volume (%v)", err)
-			}
-			if err := disk.Flush(); err != nil {
-				t.Fatal(err)
-			}
-			disk.Close()
-			p.cmd.Process.Signal(syscall.SIGTERM)
-			<-p.exited
+			stopAfterWaitingWrite(t, disk, p, 20*block, block)
 			if out := mustThinblk(t, "check", pool, "--quiet"); !strings.Contains(out, "clean") {
 				t.Errorf("check: %q", out)
 			}
 		})
 	}
+}
+
+// stopAfterWaitingWrite checks that the write that waited for space (0xee bytes at off) is on
+// the volume, flushes and closes the disk, and stops serve with SIGTERM.
+func stopAfterWaitingWrite(t *testing.T, disk *frontend.Disk, p *serveProc, off int64, n int) {
+	t.Helper()
+	buf := make([]byte, n)
+	if _, err := disk.ReadAt(buf, off); err != nil || !bytes.Equal(buf, bytes.Repeat([]byte{0xee}, n)) {
+		t.Fatalf("the waiting write's data is not on the volume (%v)", err)
+	}
+	if err := disk.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	disk.Close()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	<-p.exited
 }
