@@ -21,6 +21,9 @@ import (
 // mode and returns it with the socket file's identity, for Remove. The
 // listener does not unlink the file on Close: call Remove.
 func Listen(path string, mode os.FileMode) (*net.UnixListener, os.FileInfo, error) {
+	if err := CheckPath(path); err != nil {
+		return nil, nil, err
+	}
 	if err := removeStale(path); err != nil {
 		return nil, nil, err
 	}
@@ -34,6 +37,30 @@ func Listen(path string, mode os.FileMode) (*net.UnixListener, os.FileInfo, erro
 		return nil, nil, fmt.Errorf("stat socket %s: %w", path, err)
 	}
 	return ln, fi, nil
+}
+
+// MaxPathLen is the longest path a unix socket can bind to: sun_path
+// holds 108 bytes with the terminating NUL.
+const MaxPathLen = len(unix.RawSockaddrUnix{}.Path) - 1
+
+// CheckPath says, in words a user can act on, why path cannot become a
+// listening socket before bind's bare EINVAL or ENOENT would: too long
+// for a unix socket, or its directory missing.
+func CheckPath(path string) error {
+	if len(path) > MaxPathLen {
+		return fmt.Errorf("socket path %s is %d bytes: a unix socket path can have at most %d", path, len(path), MaxPathLen)
+	}
+	dir := filepath.Dir(path)
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("socket %s: directory %s does not exist", path, dir)
+	case err != nil:
+		return fmt.Errorf("socket %s: %w", path, err)
+	case !fi.IsDir():
+		return fmt.Errorf("socket %s: %s is not a directory", path, dir)
+	}
+	return nil
 }
 
 // Remove deletes the socket file at path if it is still the one that fi

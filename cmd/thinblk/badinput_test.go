@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Careless and hostile input to the commands, as a new user types it: each
+// must end in a clear error naming what is wrong and a non-zero exit, never
+// a panic, a hang or a changed pool.
+
+// runBinary runs the built thinblk with args and returns its output and exit
+// status; it fails the test if the command does not end within a minute.
+func runBinary(t *testing.T, args ...string) (stdout, stderr string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, buildThinblk(t), args...)
+	var out, errOut strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	if ctx.Err() != nil {
+		t.Fatalf("thinblk %s did not end within a minute\n%s", strings.Join(args, " "), errOut.String())
+	}
+	var exit *exec.ExitError
+	if err != nil && !errors.As(err, &exit) {
+		t.Fatal(err)
+	}
+	return out.String(), errOut.String(), cmd.ProcessState.ExitCode()
+}
+
+// wantError wants a non-zero exit whose error, the last line on stderr
+// (serve logs before it), holds every one of words, and no Go panic.
+func wantError(t *testing.T, stderr string, code int, words ...string) {
+	t.Helper()
+	if code == 0 {
+		t.Errorf("exit 0, want an error; stderr %q", stderr)
+	}
+	if strings.Contains(stderr, "goroutine ") || strings.Contains(stderr, "panic:") {
+		t.Fatalf("panic:\n%s", stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	last := lines[len(lines)-1]
+	for _, w := range words {
+		if !strings.Contains(last, w) {
+			t.Errorf("error %q does not say %q", last, w)
+		}
+	}
+}
+
+func TestServeSocketPathErrors(t *testing.T) {
+	dir := t.TempDir()
+	img := newImage(t, dir, 1<<20)
+	long := filepath.Join(dir, strings.Repeat("d", 120), "disk.sock")
+	if err := os.MkdirAll(filepath.Dir(long), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := runBinary(t, "serve", "--raw", img, "--socket", long)
+	wantError(t, errOut, code, long, "at most 107")
+
+	missing := filepath.Join(dir, "nodir", "disk.sock")
+	_, errOut, code = runBinary(t, "serve", "--raw", img, "--socket", missing)
+	wantError(t, errOut, code, filepath.Join(dir, "nodir")+" does not exist")
+	if _, err := os.Stat(filepath.Dir(missing)); !os.IsNotExist(err) {
+		t.Errorf("serve made the socket's directory: %v", err)
+	}
+
+	pool := filepath.Join(dir, "pool")
+	mustThinblk(t, "pool", "create", pool, "--size", "1M")
+	mustThinblk(t, "volume", "create", pool, "vm1", "--size", "1M")
+	_, errOut, code = runBinary(t, "serve", pool, "--qmp", "unix:"+long)
+	wantError(t, errOut, code, "control socket", "at most 107")
+	_, errOut, code = runBinary(t, "serve", pool, "--socket-dir", filepath.Dir(long))
+	wantError(t, errOut, code, "vm1", "at most 107")
+}
