@@ -3,7 +3,6 @@ package thin
 import (
 	"errors"
 	"fmt"
-	"math"
 	"time"
 )
 
@@ -251,7 +250,10 @@ func (p *Pool) grow(size uint64) error {
 	if err != nil {
 		return err
 	}
-	if size%uint64(p.blockSize) != 0 || size/uint64(p.blockSize) < cur || size > math.MaxInt64/2 {
+	if size > maxSize {
+		return fmt.Errorf("grow pool %s to %d: %w: larger than the largest size, %d (4 EiB)", p.dir, size, ErrInvalid, uint64(maxSize))
+	}
+	if size%uint64(p.blockSize) != 0 || size/uint64(p.blockSize) < cur {
 		return fmt.Errorf("grow pool %s to %d: %w: size must be a multiple of %d and at least %d",
 			p.dir, size, ErrInvalid, p.blockSize, cur*uint64(p.blockSize))
 	}

@@ -2,7 +2,6 @@ package thin
 
 import (
 	"fmt"
-	"math"
 	"sort"
 
 	"github.com/thinblk/thinblk/pebblemeta"
@@ -41,7 +40,10 @@ func (p *Pool) createVolume(name string, size uint64) error {
 	if err := pebblemeta.ValidVolumeName(name); err != nil {
 		return fmt.Errorf("create volume: %w: %v", ErrInvalid, err)
 	}
-	if size == 0 || size%512 != 0 || size > math.MaxInt64/2 {
+	if size > maxSize {
+		return fmt.Errorf("create volume %s: %w: size %d is larger than the largest, %d (4 EiB)", name, ErrInvalid, size, uint64(maxSize))
+	}
+	if size == 0 || size%512 != 0 {
 		return fmt.Errorf("create volume %s: %w: size %d is not a positive multiple of 512", name, ErrInvalid, size)
 	}
 	p.flushMu.Lock()
@@ -99,7 +101,11 @@ again:
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s: %w", name, ErrReadOnly)
 	}
-	if size%512 != 0 || size < v.rec.Size || size > math.MaxInt64/2 {
+	if size > maxSize {
+		p.mu.Unlock()
+		return fmt.Errorf("resize volume %s to %d: %w: larger than the largest size, %d (4 EiB)", name, size, ErrInvalid, uint64(maxSize))
+	}
+	if size%512 != 0 || size < v.rec.Size {
 		cur := v.rec.Size
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s to %d: %w: must be a multiple of 512 and at least %d (volumes only grow)", name, size, ErrInvalid, cur)

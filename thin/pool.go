@@ -24,6 +24,10 @@ const (
 	lockName = "thinblk.lock"
 )
 
+// maxSize bounds a pool's and a volume's size (4 EiB): every byte offset
+// stays a positive int64 with room to add a request's length.
+const maxSize = math.MaxInt64 / 2
+
 // Errors callers can test for with errors.Is.
 var (
 	ErrNoSpace = errors.New("no space left in the thin pool")
@@ -169,8 +173,8 @@ func create(dir string, o CreateOptions, e *env) error {
 		return fmt.Errorf("create pool %s: %w: block size %d is not a power of two between 4 KiB and 16 MiB", dir, ErrInvalid, o.BlockSize)
 	case o.Size == 0 || o.Size%uint64(o.BlockSize) != 0:
 		return fmt.Errorf("create pool %s: %w: size %d is not a positive multiple of the block size %d", dir, ErrInvalid, o.Size, o.BlockSize)
-	case o.Size > math.MaxInt64/2:
-		return fmt.Errorf("create pool %s: %w: size %d too large", dir, ErrInvalid, o.Size)
+	case o.Size > maxSize:
+		return fmt.Errorf("create pool %s: %w: size %d is larger than the largest, %d (4 EiB)", dir, ErrInvalid, o.Size, uint64(maxSize))
 	case o.NoSpace > NoSpacePause:
 		return fmt.Errorf("create pool %s: %w: no-space policy %d", dir, ErrInvalid, o.NoSpace)
 	case o.NoSpaceTimeout < 0:

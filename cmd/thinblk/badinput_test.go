@@ -79,3 +79,26 @@ func TestServeSocketPathErrors(t *testing.T) {
 	_, errOut, code = runBinary(t, "serve", pool, "--socket-dir", filepath.Dir(long))
 	wantError(t, errOut, code, "vm1", "at most 107")
 }
+
+func TestSizeAndPathErrorsSayWhatIsWrong(t *testing.T) {
+	tmp := t.TempDir()
+	dir := filepath.Join(tmp, "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+	mustThinblk(t, "volume", "create", dir, "vm1", "--size", "1M")
+	for _, c := range []struct {
+		args  []string
+		words []string
+	}{
+		// 16383P is a multiple of 512, only too large.
+		{[]string{"volume", "create", dir, "big", "--size", "16383P"}, []string{"big", "larger than the largest"}},
+		{[]string{"volume", "resize", dir, "vm1", "--size", "16383P"}, []string{"vm1", "larger than the largest"}},
+		{[]string{"pool", "grow", dir, "--size", "16383P"}, []string{"larger than the largest"}},
+		{[]string{"pool", "create", filepath.Join(tmp, "p2"), "--size", "16383P"}, []string{"larger than the largest"}},
+	} {
+		_, errOut, code := runBinary(t, c.args...)
+		wantError(t, errOut, code, c.words...)
+	}
+	if out := mustThinblk(t, "volume", "list", dir); out != "vm1\t1048576\n" {
+		t.Errorf("volume list after the refused commands: %q", out)
+	}
+}
