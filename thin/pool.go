@@ -341,8 +341,12 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 		o.MapCacheEntries = 1 << 18
 	}
 	fs := e.fs
-	if fi, err := fs.Stat(dir); err != nil || !fi.IsDir() {
+	if fi, err := fs.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("open pool %s: %w (no such directory)", dir, ErrNotPool)
+	} else if err != nil {
+		return nil, fmt.Errorf("open pool %s: %w", dir, err)
+	} else if !fi.IsDir() {
+		return nil, fmt.Errorf("open pool %s: %w (not a directory)", dir, ErrNotPool)
 	}
 	for _, n := range []string{metaName, dataName} {
 		if _, err := fs.Stat(fs.PathJoin(dir, n)); err != nil {

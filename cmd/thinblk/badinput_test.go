@@ -98,6 +98,12 @@ func TestSizeAndPathErrorsSayWhatIsWrong(t *testing.T) {
 		_, errOut, code := runBinary(t, c.args...)
 		wantError(t, errOut, code, c.words...)
 	}
+	file := filepath.Join(tmp, "afile")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := runBinary(t, "status", file)
+	wantError(t, errOut, code, file, "not a directory")
 	if out := mustThinblk(t, "volume", "list", dir); out != "vm1\t1048576\n" {
 		t.Errorf("volume list after the refused commands: %q", out)
 	}
