@@ -188,34 +188,47 @@ func create(dir string, o CreateOptions, e *env) error {
 			return fmt.Errorf("create pool %s: %w", dir, ErrPoolExists)
 		}
 	}
+	_, statErr := fs.Stat(dir)
+	madeDir := errors.Is(statErr, os.ErrNotExist)
 	if err := fs.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("create pool %s: %w", dir, err)
 	}
-	lock, err := fs.Lock(fs.PathJoin(dir, lockName))
+	lockPath := fs.PathJoin(dir, lockName)
+	lock, err := fs.Lock(lockPath)
 	if err != nil {
 		return fmt.Errorf("create pool %s: %w (%v)", dir, ErrLocked, err)
 	}
 	defer lock.Close()
 	dataPath := fs.PathJoin(dir, dataName)
+	// A create that fails leaves nothing behind: not its files, and not the
+	// directory if it made it, so that the same command can simply be run
+	// again with other arguments.
+	undo := func(err error) error {
+		fs.Remove(dataPath)
+		fs.RemoveAll(fs.PathJoin(dir, metaName))
+		fs.Remove(lockPath)
+		if madeDir {
+			fs.Remove(dir)
+		}
+		return fmt.Errorf("create pool %s: %w", dir, err)
+	}
 	if o.DataDevice != "" {
 		fi, err := os.Stat(o.DataDevice)
 		if err != nil || fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
-			return fmt.Errorf("create pool %s: %w: data device %s is not a block device (%v)", dir, ErrInvalid, o.DataDevice, err)
+			return undo(fmt.Errorf("%w: data device %s is not a block device (%v)", ErrInvalid, o.DataDevice, err))
 		}
 		abs, _ := filepath.Abs(o.DataDevice)
 		if err := os.Symlink(abs, dataPath); err != nil {
-			return fmt.Errorf("create pool %s: %w", dir, err)
+			return undo(err)
 		}
 	}
 	df, err := e.openData(dataPath, true)
 	if err != nil {
-		return fmt.Errorf("create pool %s: data file: %w", dir, err)
+		return undo(fmt.Errorf("data file: %w", err))
 	}
 	fail := func(err error) error {
 		df.Close()
-		fs.Remove(dataPath)
-		fs.RemoveAll(fs.PathJoin(dir, metaName))
-		return fmt.Errorf("create pool %s: %w", dir, err)
+		return undo(err)
 	}
 	if err := df.Truncate(int64(o.Size)); err != nil {
 		return fail(err)

@@ -80,6 +80,28 @@ func TestServeSocketPathErrors(t *testing.T) {
 	wantError(t, errOut, code, "vm1", "at most 107")
 }
 
+func TestPoolCreateFailureLeavesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	// Refused after the directory and the lock were made: a data device that is none.
+	_, errOut, code := runBinary(t, "pool", "create", dir, "--size", "1M", "--data-device", "/nonexistent-device")
+	wantError(t, errOut, code, "/nonexistent-device", "not a block device")
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		entries, _ := os.ReadDir(dir)
+		t.Errorf("a failed pool create left %s behind (%v, %d entries)", dir, err, len(entries))
+	}
+	// A directory that was there stays, as empty as it was.
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code = runBinary(t, "pool", "create", dir, "--size", "1M", "--data-device", "/nonexistent-device")
+	wantError(t, errOut, code, "not a block device")
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Errorf("a failed pool create in an existing directory left %v (%v)", entries, err)
+	}
+	// And the same command with good arguments works.
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+}
+
 func TestSizeAndPathErrorsSayWhatIsWrong(t *testing.T) {
 	tmp := t.TempDir()
 	dir := filepath.Join(tmp, "pool")
