@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"unicode/utf8"
 )
 
 // Key layout. Every key starts with a one-byte kind so that each kind is one
@@ -154,7 +155,12 @@ func ValidVolumeName(name string) error {
 			if c == '/' {
 				return fmt.Errorf("volume name %q contains '/'", name)
 			}
-			return fmt.Errorf("volume name %q contains %q (allowed: letters, digits, - _ . + @ :)", name, c)
+			// Name the character, not its first byte ('é', not 'Ã').
+			bad := name[i : i+1]
+			if r, n := utf8.DecodeRuneInString(name[i:]); r != utf8.RuneError {
+				bad = name[i : i+n]
+			}
+			return fmt.Errorf("volume name %q contains %q (allowed: ASCII letters, digits, - _ . + @ :)", name, bad)
 		}
 	}
 	return nil

@@ -130,3 +130,26 @@ func TestSizeAndPathErrorsSayWhatIsWrong(t *testing.T) {
 		t.Errorf("volume list after the refused commands: %q", out)
 	}
 }
+
+func TestVolumeNameErrorsNameTheCharacter(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+	for name, words := range map[string][]string{
+		"disk-é":       {`"disk-é"`, `"é"`},
+		"a b":          {`" "`},
+		"vm/1":         {`'/'`},
+		"..":           {"reserved"},
+		"x\xffy":       {`"\xff"`},
+		"":             {"empty"},
+		"日本":           {`"日"`},
+		"tab\there":    {`"\t"`},
+		"semi;colon":   {`";"`},
+		"quote'single": {`"'"`},
+	} {
+		_, errOut, code := runBinary(t, "volume", "create", dir, name, "--size", "1M")
+		wantError(t, errOut, code, words...)
+	}
+	if out := mustThinblk(t, "volume", "list", dir); out != "" {
+		t.Errorf("volumes after refused names: %q", out)
+	}
+}
