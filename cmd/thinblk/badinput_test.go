@@ -153,3 +153,49 @@ func TestVolumeNameErrorsNameTheCharacter(t *testing.T) {
 		t.Errorf("volumes after refused names: %q", out)
 	}
 }
+
+// A volume whose socket would be serve's own control socket (a volume
+// called "qmp" in the pool directory), or whose socket path is too long for
+// a unix socket, cannot be served: serve says so at start, and a running
+// serve refuses to create one.
+func TestVolumeSocketCannotBeServed(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+	mustThinblk(t, "volume", "create", dir, "vm1", "--size", "1M")
+	mustThinblk(t, "volume", "create", dir, "qmp", "--size", "1M")
+	_, errOut, code := runBinary(t, "serve", dir)
+	wantError(t, errOut, code, "volume qmp", filepath.Join(dir, "qmp.sock"), "control socket")
+	// Elsewhere the control socket and the volume's do not meet.
+	cmd, logs := startServe(t, bin, dir, "--socket-dir", filepath.Join(t.TempDir(), "run"))
+	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
+	stopServe(t, cmd, logs)
+	mustThinblk(t, "volume", "delete", dir, "qmp")
+
+	cmd, logs = startServe(t, bin, dir)
+	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
+	waitForSocket(t, filepath.Join(dir, "vm1.sock"))
+	long := strings.Repeat("n", 120)
+	for _, c := range []struct {
+		args  []string
+		words []string
+	}{
+		{[]string{"volume", "create", dir, "qmp", "--size", "1M"}, []string{"volume qmp", "control socket"}},
+		{[]string{"snapshot", "create", dir, "vm1", "qmp"}, []string{"volume qmp", "control socket"}},
+		{[]string{"volume", "create", dir, long, "--size", "1M"}, []string{long, "at most 107"}},
+		{[]string{"snapshot", "create", dir, "vm1", "ok", "vm1", long}, []string{long, "at most 107"}},
+	} {
+		_, errOut, code := runBinary(t, c.args...)
+		wantError(t, errOut, code, c.words...)
+	}
+	if out := mustThinblk(t, "volume", "list", dir); out != "vm1\t1048576\n" {
+		t.Errorf("volumes after the refused creates: %q", out)
+	}
+	// The control socket still answers, and serve still serves.
+	mustThinblk(t, "volume", "create", dir, "vm2", "--size", "1M")
+	waitForSocket(t, filepath.Join(dir, "vm2.sock"))
+	stopServe(t, cmd, logs)
+	if strings.Contains(logs.String(), "cannot export") {
+		t.Errorf("serve made a volume it could not export:\n%s", logs)
+	}
+}
