@@ -93,6 +93,9 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
+		if err := ex.socketProblem(a.Name); err != nil {
+			return nil, err
+		}
 		return nil, pool.CreateVolume(a.Name, a.Size)
 	})
 	s.Register("volume-resize", func(ctx context.Context, args json.RawMessage) (any, error) {
@@ -114,6 +117,9 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
+		if err := ex.socketProblem(a.Name); err != nil {
+			return nil, err
+		}
 		if err := pool.CreateSnapshot(a.Volume, a.Name, a.Writable); err != nil {
 			return nil, err
 		}
@@ -125,6 +131,11 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		var a snapshotGroupArgs
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
+		}
+		for _, sn := range a.Snapshots {
+			if err := ex.socketProblem(sn.Name); err != nil {
+				return nil, err
+			}
 		}
 		if err := pool.CreateSnapshots(a.specs()); err != nil {
 			return nil, err
@@ -158,7 +169,7 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		}
 		return map[string]int{"requests": ex.inFlight(a.Names...)}, nil
 	})
-	registerStreamCommands(s, pool)
+	registerStreamCommands(s, pool, ex)
 	dir := pool.Status().Pool.Dir
 	return pool.Watch(func(ev thin.Event) {
 		if name, data, ok := spaceEvent(dir, ev); ok {

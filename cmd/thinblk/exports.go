@@ -11,6 +11,8 @@ import (
 
 	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/internal/handover"
+	"github.com/thinblk/thinblk/internal/unixsock"
+	"github.com/thinblk/thinblk/pebblemeta"
 	"github.com/thinblk/thinblk/thin"
 	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
@@ -27,6 +29,9 @@ type exportOptions struct {
 	poll       time.Duration
 	trace      *blktrace.Log
 	noInflight bool // INFLIGHT_SHMFD not offered
+	// ownSockets are serve's other unix sockets (control, metrics), by
+	// path, with what they are: no volume's socket may take one's path.
+	ownSockets map[string]string
 }
 
 // exports serves every volume of a pool on its own socket and follows the
@@ -95,7 +100,11 @@ func startExports(ctx context.Context, pool *thin.Pool, opts exportOptions, hand
 	})
 	go e.follow()
 	for _, name := range pool.Volumes() {
-		if err := e.start(name); err != nil {
+		err := e.socketProblem(name)
+		if err == nil {
+			err = e.start(name)
+		}
+		if err != nil {
 			e.giveBack()
 			e.close()
 			return nil, err
@@ -136,6 +145,28 @@ func (e *exports) follow() {
 
 func (e *exports) socketPath(name string) string {
 	return filepath.Join(e.opts.socketDir, name+".sock")
+}
+
+// socketProblem says why name's socket cannot be served: its path is one
+// of serve's own sockets (a volume called "qmp" beside the default control
+// socket) or too long for a unix socket. Management commands ask it before
+// they create a volume, so that a volume that could not be served is
+// refused rather than made; a name the pool refuses anyway passes here.
+func (e *exports) socketProblem(name string) error {
+	if pebblemeta.ValidVolumeName(name) != nil {
+		return nil
+	}
+	path := e.socketPath(name)
+	abs, _ := filepath.Abs(path)
+	for own, what := range e.opts.ownSockets {
+		if ownAbs, _ := filepath.Abs(own); ownAbs == abs {
+			return fmt.Errorf("volume %s: its socket %s is serve's %s: serve the pool with another --socket-dir, or give the volume another name", name, path, what)
+		}
+	}
+	if len(path) > unixsock.MaxPathLen {
+		return fmt.Errorf("volume %s: its socket path %s is %d bytes, a unix socket path can have at most %d: use a shorter name or --socket-dir", name, path, len(path), unixsock.MaxPathLen)
+	}
+	return nil
 }
 
 func (e *exports) start(name string) error {

@@ -85,18 +85,22 @@ func servePoolOnce(ctx context.Context, f serveFlags, trace *blktrace.Log, logge
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}
 	mode, _ := parseMode(f.socketMode)
+	qmpPath := filepath.Join(f.pool, defaultControlSoc)
+	if f.qmp != "" {
+		qmpPath, _ = parseQMPAddr(f.qmp)
+	}
+	own := map[string]string{qmpPath: "control socket (--qmp)"}
+	if network, addr, _ := parseMetricsAddr(f.metrics); f.metrics != "" && network == "unix" {
+		own[addr] = "metrics socket (--metrics)"
+	}
 	ex, err := startExports(ctx, pool, exportOptions{
 		socketDir: sockDir, socketMode: mode, queues: f.queues, queueSize: f.queueSize,
-		noUring: f.noUring, poll: f.poll(), trace: trace, noInflight: f.noInflight,
+		noUring: f.noUring, poll: f.poll(), trace: trace, noInflight: f.noInflight, ownSockets: own,
 	}, handed, logger)
 	if err != nil {
 		pool.Close()
 		answer(err)
 		return nil, err
-	}
-	qmpPath := filepath.Join(f.pool, defaultControlSoc)
-	if f.qmp != "" {
-		qmpPath, _ = parseQMPAddr(f.qmp)
 	}
 	fail := func(err error) (*handover.State, error) {
 		if from != nil {

@@ -131,11 +131,14 @@ func (r remoteOps) Receive(rd io.Reader, volume string, force bool) (streamResul
 // registerStreamCommands puts stream-send and stream-receive on serve's
 // control socket: serve connects to the caller's socket and writes or
 // reads the stream there.
-func registerStreamCommands(s *qmp.Server, pool *thin.Pool) {
+func registerStreamCommands(s *qmp.Server, pool *thin.Pool, ex *exports) {
 	s.Register("stream-send", streamHandler(func(c net.Conn, a streamSendArgs) (stream.Header, error) {
 		return pool.Send(c, a.Snapshot, thin.SendOptions{Base: a.From})
 	}))
 	s.Register("stream-receive", streamHandler(func(c net.Conn, a streamReceiveArgs) (stream.Header, error) {
+		if err := ex.socketProblem(a.Volume); err != nil {
+			return stream.Header{}, err
+		}
 		return pool.Receive(c, a.Volume, thin.ReceiveOptions{Force: a.Force})
 	}))
 }
