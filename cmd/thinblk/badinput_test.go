@@ -199,3 +199,26 @@ func TestVolumeSocketCannotBeServed(t *testing.T) {
 		t.Errorf("serve made a volume it could not export:\n%s", logs)
 	}
 }
+
+func TestArgumentCountErrors(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"volume", "delete", dir}, "thinblk volume delete: missing arguments (1 given, 2 wanted)"},
+		{[]string{"volume", "delete", dir, "a", "b"}, `thinblk volume delete: unexpected argument "b"`},
+		{[]string{"status", dir, "extra"}, `thinblk status: unexpected argument "extra"`},
+		{[]string{"check"}, "thinblk check: missing arguments (0 given, 1 wanted)"},
+		{[]string{"snapshot", "list"}, "thinblk snapshot list: missing arguments (0 given, 1 wanted)"},
+	} {
+		_, errOut, code := runBinary(t, c.args...)
+		if first, _, _ := strings.Cut(errOut, "\n"); code != 2 || first != c.want {
+			t.Errorf("thinblk %s: exit %d, first line %q, want exit 2 and %q", strings.Join(c.args, " "), code, first, c.want)
+		}
+		if !strings.Contains(errOut, "usage: thinblk ") {
+			t.Errorf("thinblk %s: no usage after the error:\n%s", strings.Join(c.args, " "), errOut)
+		}
+	}
+}

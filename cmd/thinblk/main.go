@@ -119,10 +119,21 @@ func parseExactly(fs *flag.FlagSet, args []string, n int) (pos []string, code in
 		return nil, exitFor(err), false
 	}
 	if len(pos) != n {
-		fs.Usage()
+		wrongArgCount(fs, pos, n)
 		return nil, 2, false
 	}
 	return pos, 0, true
+}
+
+// wrongArgCount says on fs's output what is wrong with the positional
+// arguments pos when the command wants n, then prints the usage.
+func wrongArgCount(fs *flag.FlagSet, pos []string, n int) {
+	if len(pos) > n {
+		fmt.Fprintf(fs.Output(), "thinblk %s: unexpected argument %q\n", fs.Name(), pos[n])
+	} else {
+		fmt.Fprintf(fs.Output(), "thinblk %s: missing arguments (%d given, %d wanted)\n", fs.Name(), len(pos), n)
+	}
+	fs.Usage()
 }
 
 // newFlagSet makes a FlagSet that reports errors instead of exiting.
