@@ -110,7 +110,10 @@ type versionInfo struct {
 	Package string `json:"package"`
 }
 
-var versionNumbers = regexp.MustCompile(`^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?`)
+// versionNumbers reads 1.2.3 out of a release version (v1.2.3, 1.2.3-4-gabc1234,
+// 1.2-dirty); a bare commit hash such as 5d60142 (git describe without tags)
+// is no version, so it does not announce QEMU 5.0.0.
+var versionNumbers = regexp.MustCompile(`^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:[-+~].*)?$`)
 
 func parseVersion(v string) versionInfo {
 	var vi versionInfo
