@@ -616,7 +616,8 @@ func (m *migration) undo() error {
 		}
 		for _, v := range m.o.Volumes {
 			if names[v] {
-				if err := m.dst.Execute(ctx, "volume-delete", map[string]any{"name": v}, nil); err != nil {
+				// force: the destination QEMU this migration started may not have gone yet.
+				if err := m.dst.Execute(ctx, "volume-delete", map[string]any{"name": v, "force": true}, nil); err != nil {
 					errs = append(errs, fmt.Errorf("destination thinblk: delete %s: %w", v, err))
 				}
 			}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/thinblk/thinblk/vhostuser/frontend"
 )
 
 // Careless and hostile input to the commands, as a new user types it: each
@@ -230,5 +233,60 @@ func TestHelpOfCommandsWithoutFlags(t *testing.T) {
 		if code != 0 || !strings.HasPrefix(help, "usage: thinblk "+strings.Join(args, " ")) || strings.Contains(help, "flags:") {
 			t.Errorf("thinblk %s --help: exit %d, %q; want the usage line without an empty flags heading", strings.Join(args, " "), code, help)
 		}
+	}
+}
+
+// Deleting a volume or snapshot a VM is connected to is refused (the pool
+// unchanged, the VM's I/O going on) unless forced, as qemu-storage-daemon
+// refuses block-export-del of an export in use.
+func TestDeleteVolumeInUse(t *testing.T) {
+	bin := buildThinblk(t)
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "4M")
+	mustThinblk(t, "volume", "create", dir, "vm1", "--size", "1M")
+	cmd, logs := startServe(t, bin, dir)
+	waitForSocket(t, filepath.Join(dir, "qmp.sock"))
+	waitForSocket(t, filepath.Join(dir, "vm1.sock"))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	disk, err := frontend.Dial(ctx, filepath.Join(dir, "vm1.sock"), frontend.Options{})
+	if err != nil {
+		t.Fatalf("dial: %v\n%s", err, logs)
+	}
+	defer disk.Close()
+	data := bytes.Repeat([]byte("thinblk!"), 8<<10)
+	if _, err := disk.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	mustThinblk(t, "snapshot", "create", dir, "vm1", "snap1")
+	waitForSocket(t, filepath.Join(dir, "snap1.sock"))
+	snap, err := frontend.Dial(ctx, filepath.Join(dir, "snap1.sock"), frontend.Options{})
+	if err != nil {
+		t.Fatalf("dial snapshot: %v\n%s", err, logs)
+	}
+
+	_, errOut, code := runBinary(t, "volume", "delete", dir, "vm1")
+	wantError(t, errOut, code, "volume vm1 is in use", filepath.Join(dir, "vm1.sock"), "force")
+	_, errOut, code = runBinary(t, "snapshot", "delete", dir, "snap1")
+	wantError(t, errOut, code, "volume snap1 is in use", "force")
+	if out := mustThinblk(t, "volume", "list", dir); out != "snap1\t1048576\nvm1\t1048576\n" {
+		t.Errorf("volumes after the refused deletes: %q", out)
+	}
+	got := make([]byte, len(data))
+	if _, err := disk.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the VM's disk after a refused delete: %v, data equal %v", err, bytes.Equal(got, data))
+	}
+	// Forced, the snapshot goes while its front-end is connected.
+	mustThinblk(t, "snapshot", "delete", dir, "snap1", "--force")
+	snap.Close()
+	// Once the VM has gone the delete needs no force.
+	disk.Close()
+	mustThinblk(t, "volume", "delete", dir, "vm1")
+	if out := mustThinblk(t, "volume", "list", dir); out != "" {
+		t.Errorf("volumes after the deletes: %q", out)
+	}
+	stopServe(t, cmd, logs)
+	if out := mustThinblk(t, "check", dir, "--quiet"); !strings.Contains(out, "clean") {
+		t.Errorf("check: %q", out)
 	}
 }

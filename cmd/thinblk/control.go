@@ -46,6 +46,9 @@ const eventSnapshotCreated = "SNAPSHOT_CREATED"
 type (
 	volumeArgs struct {
 		Name string `json:"name"`
+		// Force deletes a volume a front-end is connected to (volume-delete,
+		// snapshot-delete); without it that is refused.
+		Force bool `json:"force,omitempty"`
 	}
 	volumeSizeArgs struct {
 		Name string `json:"name"`
@@ -110,6 +113,9 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 		if err := qmp.DecodeArgs(args, &a); err != nil {
 			return nil, err
 		}
+		if err := ex.inUse(a.Name, a.Force); err != nil {
+			return nil, err
+		}
 		return nil, pool.DeleteVolume(a.Name)
 	})
 	s.Register("snapshot-create", func(ctx context.Context, args json.RawMessage) (any, error) {
@@ -149,6 +155,9 @@ func registerPoolCommands(s *qmp.Server, pool *thin.Pool, ex *exports) (stop fun
 			return nil, err
 		}
 		if err := notAVolume(pool.Status(), a.Name); err != nil {
+			return nil, err
+		}
+		if err := ex.inUse(a.Name, a.Force); err != nil {
 			return nil, err
 		}
 		return nil, pool.DeleteVolume(a.Name)
@@ -277,7 +286,9 @@ func (r remoteOps) Grow(size uint64) error { return r.do("pool-grow", sizeArgs{s
 func (r remoteOps) CreateVolume(n string, size uint64) error {
 	return r.do("volume-create", volumeSizeArgs{n, size}, nil)
 }
-func (r remoteOps) DeleteVolume(n string) error { return r.do("volume-delete", volumeArgs{n}, nil) }
+func (r remoteOps) DeleteVolume(n string, force bool) error {
+	return r.do("volume-delete", volumeArgs{Name: n, Force: force}, nil)
+}
 func (r remoteOps) ResizeVolume(n string, size uint64) error {
 	return r.do("volume-resize", volumeSizeArgs{n, size}, nil)
 }

@@ -228,6 +228,28 @@ func (e *exports) start(name string) error {
 	return nil
 }
 
+// inUse refuses to let name be deleted while a front-end is connected to
+// its socket, unless force. A front-end that is going (a VM shutting down,
+// a tool that just closed) gets a moment to disconnect first.
+func (e *exports) inUse(name string, force bool) error {
+	if force {
+		return nil
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		e.mu.Lock()
+		x := e.byName[name]
+		e.mu.Unlock()
+		if x == nil || !x.srv.Connected() {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("volume %s is in use: a front-end (a VM) is connected to %s; stop or detach it first, or delete with force", name, e.socketPath(name))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // stop closes one export: the socket goes, in-flight requests finish.
 func (e *exports) stop(name string) error {
 	e.mu.Lock()

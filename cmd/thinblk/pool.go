@@ -19,7 +19,8 @@ import (
 type poolOps interface {
 	Grow(size uint64) error
 	CreateVolume(name string, size uint64) error
-	DeleteVolume(name string) error
+	// DeleteVolume refuses a volume a front-end is connected to unless force.
+	DeleteVolume(name string, force bool) error
 	ResizeVolume(name string, size uint64) error
 	CreateSnapshots(specs []thin.SnapshotSpec) error
 	Status() (thin.Status, error)
@@ -31,7 +32,7 @@ type directOps struct{ p *thin.Pool }
 
 func (d directOps) Grow(size uint64) error                   { return d.p.Grow(size) }
 func (d directOps) CreateVolume(n string, size uint64) error { return d.p.CreateVolume(n, size) }
-func (d directOps) DeleteVolume(n string) error              { return d.p.DeleteVolume(n) }
+func (d directOps) DeleteVolume(n string, _ bool) error      { return d.p.DeleteVolume(n) }
 func (d directOps) ResizeVolume(n string, size uint64) error { return d.p.ResizeVolume(n, size) }
 func (d directOps) Status() (thin.Status, error)             { return d.p.Status(), nil }
 func (d directOps) CreateSnapshots(specs []thin.SnapshotSpec) error {
@@ -253,13 +254,14 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 			return err
 		})
 	case "delete":
-		fs := newFlagSet("volume delete", "volume delete DIR NAME", stderr)
+		fs := newFlagSet("volume delete", "volume delete DIR NAME [--force]", stderr)
+		force := fs.Bool("force", false, forceDeleteHelp)
 		pos, code, ok := parseExactly(fs, args, 2)
 		if !ok {
 			return code
 		}
 		return withPool(pos[0], stderr, "volume delete", func(ops poolOps) error {
-			return ops.DeleteVolume(pos[1])
+			return ops.DeleteVolume(pos[1], *force)
 		})
 	case "list":
 		fs := newFlagSet("volume list", "volume list DIR", stderr)
@@ -315,7 +317,8 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 			return nil
 		})
 	case "delete":
-		fs := newFlagSet("snapshot delete", "snapshot delete DIR SNAP", stderr)
+		fs := newFlagSet("snapshot delete", "snapshot delete DIR SNAP [--force]", stderr)
+		force := fs.Bool("force", false, forceDeleteHelp)
 		pos, code, ok := parseExactly(fs, args, 2)
 		if !ok {
 			return code
@@ -328,7 +331,7 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 			if err := notAVolume(st, pos[1]); err != nil {
 				return fmt.Errorf("%w (use volume delete)", err)
 			}
-			return ops.DeleteVolume(pos[1])
+			return ops.DeleteVolume(pos[1], *force)
 		})
 	case "list":
 		fs := newFlagSet("snapshot list", "snapshot list DIR", stderr)
@@ -352,6 +355,8 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stderr, "thinblk snapshot: unknown subcommand %q (want create, delete or list)\n", sub)
 	return 2
 }
+
+const forceDeleteHelp = "delete it even while a front-end (a VM) is connected to its socket: the VM loses its disk (default: refuse, as qemu-storage-daemon's block-export-del does)"
 
 // notAVolume refuses a snapshot operation on a plain volume, so that
 // `snapshot delete` cannot delete one by a slip of the name.
