@@ -290,3 +290,12 @@ func TestDeleteVolumeInUse(t *testing.T) {
 		t.Errorf("check: %q", out)
 	}
 }
+
+func TestPoolCreateBlockSizeZero(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	_, errOut, code := runBinary(t, "pool", "create", dir, "--size", "1M", "--block-size", "0")
+	wantError(t, errOut, code, `--block-size "0"`)
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("a refused pool create made %s (%v)", dir, err)
+	}
+}

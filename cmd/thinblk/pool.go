@@ -113,7 +113,7 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 		return usageError(stderr, "pool create", err)
 	}
 	bs, err := units.ParseSize(*blockSize)
-	if err != nil || bs > 1<<30 {
+	if err != nil || bs == 0 || bs > 1<<30 { // 0 would mean thin's default, not what was asked
 		return usageError(stderr, "pool create", fmt.Errorf("--block-size %q: want a power of two from 4K to 16M", *blockSize))
 	}
 	o.BlockSize = uint32(bs)
