@@ -214,8 +214,11 @@ func create(dir string, o CreateOptions, e *env) error {
 	}
 	if o.DataDevice != "" {
 		fi, err := os.Stat(o.DataDevice)
-		if err != nil || fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
-			return undo(fmt.Errorf("%w: data device %s is not a block device (%v)", ErrInvalid, o.DataDevice, err))
+		if err != nil {
+			return undo(fmt.Errorf("%w: data device: %v", ErrInvalid, err))
+		}
+		if fi.Mode()&os.ModeDevice == 0 || fi.Mode()&os.ModeCharDevice != 0 {
+			return undo(fmt.Errorf("%w: data device %s is not a block device", ErrInvalid, o.DataDevice))
 		}
 		abs, _ := filepath.Abs(o.DataDevice)
 		if err := os.Symlink(abs, dataPath); err != nil {

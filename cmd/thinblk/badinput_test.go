@@ -87,7 +87,7 @@ func TestPoolCreateFailureLeavesNothing(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "pool")
 	// Refused after the directory and the lock were made: a data device that is none.
 	_, errOut, code := runBinary(t, "pool", "create", dir, "--size", "1M", "--data-device", "/nonexistent-device")
-	wantError(t, errOut, code, "/nonexistent-device", "not a block device")
+	wantError(t, errOut, code, "data device", "/nonexistent-device", "no such file")
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		entries, _ := os.ReadDir(dir)
 		t.Errorf("a failed pool create left %s behind (%v, %d entries)", dir, err, len(entries))
@@ -96,8 +96,11 @@ func TestPoolCreateFailureLeavesNothing(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	_, errOut, code = runBinary(t, "pool", "create", dir, "--size", "1M", "--data-device", "/nonexistent-device")
-	wantError(t, errOut, code, "not a block device")
+	_, errOut, code = runBinary(t, "pool", "create", dir, "--size", "1M", "--data-device", "/dev/null")
+	wantError(t, errOut, code, "data device /dev/null is not a block device")
+	if strings.Contains(errOut, "<nil>") {
+		t.Errorf("error with a <nil> in it: %q", errOut)
+	}
 	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
 		t.Errorf("a failed pool create in an existing directory left %v (%v)", entries, err)
 	}
