@@ -147,8 +147,10 @@ again:
 		switch {
 		case pebblemeta.ValidVolumeName(s.Name) != nil:
 			err = fmt.Errorf("create snapshot %q: %w: %v", s.Name, ErrInvalid, pebblemeta.ValidVolumeName(s.Name))
-		case p.vols[s.Name] != nil || seen[s.Name]:
+		case p.vols[s.Name] != nil:
 			err = fmt.Errorf("create snapshot %s: %w", s.Name, ErrVolumeExists)
+		case seen[s.Name]:
+			err = fmt.Errorf("create snapshot %s: %w: the name is given twice", s.Name, ErrInvalid)
 		case p.vols[s.Origin] == nil:
 			err = fmt.Errorf("create snapshot %s of %s: %w", s.Name, s.Origin, ErrNoVolume)
 		}

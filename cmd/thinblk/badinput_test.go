@@ -302,3 +302,15 @@ func TestPoolCreateBlockSizeZero(t *testing.T) {
 		t.Errorf("a refused pool create made %s (%v)", dir, err)
 	}
 }
+
+func TestSnapshotGroupNameTwice(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1M")
+	mustThinblk(t, "volume", "create", dir, "vm1", "--size", "1M")
+	mustThinblk(t, "volume", "create", dir, "vm2", "--size", "1M")
+	_, errOut, code := runBinary(t, "snapshot", "create", dir, "vm1", "s", "vm2", "s")
+	wantError(t, errOut, code, "create snapshot s", "given twice")
+	if out := mustThinblk(t, "snapshot", "list", dir); out != "" {
+		t.Errorf("snapshots after a refused group: %q", out)
+	}
+}
