@@ -41,6 +41,13 @@ func runMigrate(args []string, stdout, stderr io.Writer) int {
 	}
 	o := migrate.Options{Volumes: volumes, URI: *uri, StreamHost: *streamHost, MaxRounds: *maxRounds, Timeout: *timeout,
 		Logf: func(f string, a ...any) { fmt.Fprintf(stderr, f+"\n", a...) }}
+	// The library takes 0 for its defaults; a user who typed 0 or -1 meant something else.
+	if *maxRounds < 1 {
+		return usageError(stderr, cmd, fmt.Errorf("--max-rounds %d: must be at least 1", *maxRounds))
+	}
+	if *timeout <= 0 {
+		return usageError(stderr, cmd, fmt.Errorf("--timeout %v: must be positive", *timeout))
+	}
 	if o.MaxDelta, err = units.ParseSize(*maxDelta); err != nil {
 		return usageError(stderr, cmd, fmt.Errorf("--max-delta: %w", err))
 	}

@@ -24,6 +24,9 @@ func TestMigrateCLIErrors(t *testing.T) {
 		{full[:len(full)-4], 2, "usage"}, // no --start-destination
 		{append(append([]string{}, full...), "--max-delta", "lots"), 2, "--max-delta"},
 		{append(append([]string{}, full...), "--to-qemu", "tcp:host:1"), 2, "--to-qemu"},
+		{append(append([]string{}, full...), "--max-rounds", "0"), 2, "--max-rounds 0: must be at least 1"},
+		{append(append([]string{}, full...), "--max-rounds", "-1"), 2, "--max-rounds -1"},
+		{append(append([]string{}, full...), "--timeout", "0"), 2, "--timeout 0s: must be positive"},
 		{full, 1, "source thinblk"},
 	} {
 		var out, errOut bytes.Buffer
