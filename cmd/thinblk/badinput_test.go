@@ -314,3 +314,18 @@ func TestSnapshotGroupNameTwice(t *testing.T) {
 		t.Errorf("snapshots after a refused group: %q", out)
 	}
 }
+
+// Sizes read as qemu-img reads them: K to E suffixes, fractions; not exponents or hex.
+func TestSizeSuffixesAsQemuImg(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pool")
+	mustThinblk(t, "pool", "create", dir, "--size", "1.5M")
+	mustThinblk(t, "volume", "create", dir, "big", "--size", "1E")
+	mustThinblk(t, "volume", "create", dir, "mid", "--size", "0.5G")
+	for _, size := range []string{"1e9", "0x100000", "+1M", "1.5Q"} {
+		_, errOut, code := runBinary(t, "volume", "create", dir, "v", "--size", size)
+		wantError(t, errOut, code, `size "`+size+`"`, "K, M, G, T, P or E suffix")
+	}
+	if out := mustThinblk(t, "volume", "list", dir); out != "big\t1152921504606846976\nmid\t536870912\n" {
+		t.Errorf("volumes: %q", out)
+	}
+}

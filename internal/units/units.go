@@ -5,12 +5,14 @@ package units
 import (
 	"fmt"
 	"math"
+	"regexp"
 	"strconv"
 	"strings"
 )
 
 // ParseSize parses a byte count with an optional binary suffix: 512, 64K,
-// 20G, 1.5T (K=1024). "KiB"/"KB"/"k" spellings are accepted.
+// 20G, 1.5T, 1E (K=1024), the suffixes qemu-img takes. "KiB"/"KB"/"k"
+// spellings are accepted; exponents (1e9), hex and signs are not.
 func ParseSize(s string) (uint64, error) {
 	t := strings.TrimSpace(s)
 	u := strings.ToUpper(t)
@@ -28,13 +30,15 @@ func ParseSize(s string) (uint64, error) {
 			mult = 1 << 40
 		case 'P':
 			mult = 1 << 50
+		case 'E':
+			mult = 1 << 60
 		}
 		if mult != 1 {
 			u = u[:n-1]
 		}
 	}
-	if u == "" {
-		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T or P suffix", s)
+	if !decimal.MatchString(u) {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T, P or E suffix", s)
 	}
 	if n, err := strconv.ParseUint(u, 10, 64); err == nil {
 		if n > math.MaxUint64/mult {
@@ -44,7 +48,7 @@ func ParseSize(s string) (uint64, error) {
 	}
 	f, err := strconv.ParseFloat(u, 64)
 	if err != nil || f < 0 || math.IsNaN(f) || math.IsInf(f, 0) {
-		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T or P suffix", s)
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G, T, P or E suffix", s)
 	}
 	v := f * float64(mult)
 	if v >= math.MaxUint64/2 {
@@ -56,6 +60,10 @@ func ParseSize(s string) (uint64, error) {
 	}
 	return uint64(v), nil
 }
+
+// decimal is the number part of a size: digits with an optional fraction,
+// as qemu-img reads it (strconv alone would take 1e9, 0x1p4, Inf).
+var decimal = regexp.MustCompile(`^[0-9]+(\.[0-9]+)?$`)
 
 // ParsePercent parses "10%" or "0.1" into a fraction in [0, 1).
 func ParsePercent(s string) (float64, error) {
