@@ -230,7 +230,7 @@ func TestArgumentCountErrors(t *testing.T) {
 }
 
 func TestHelpOfCommandsWithoutFlags(t *testing.T) {
-	for _, args := range [][]string{{"volume", "delete"}, {"volume", "list"}, {"snapshot", "delete"}, {"snapshot", "list"}, {"volume", "reserve"}} {
+	for _, args := range [][]string{{"volume", "list"}, {"snapshot", "list"}, {"volume", "reserve"}} {
 		out, errOut, code := runBinary(t, append(args, "--help")...)
 		help := out + errOut
 		if code != 0 || !strings.HasPrefix(help, "usage: thinblk "+strings.Join(args, " ")) || strings.Contains(help, "flags:") {
