@@ -139,6 +139,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if c.repeat < 1 {
 		return fmt.Errorf("--repeat %d: want at least 1", c.repeat)
 	}
+	// fio takes its runtime in whole milliseconds, and 0 or less runs it for ever.
+	if c.duration < time.Millisecond {
+		return fmt.Errorf("--duration %v: want at least 1ms", c.duration)
+	}
 	if c.cache != "direct" && c.cache != "buffered" {
 		return fmt.Errorf("--cache %q: want direct or buffered", c.cache)
 	}

@@ -211,3 +211,19 @@ func TestPrintTableNull(t *testing.T) {
 		t.Errorf("columns missing: %v\n%s", want, out.String())
 	}
 }
+
+// TestDurationFlag: a duration fio cannot run for (0, negative, under its
+// millisecond unit) is refused before anything starts; fio ran for ever.
+func TestDurationFlag(t *testing.T) {
+	for _, d := range []string{"0", "-1s", "500us"} {
+		dir := t.TempDir()
+		var out, errOut strings.Builder
+		err := run([]string{"--dir", dir, "--targets", "fio", "--duration", d}, &out, &errOut)
+		if err == nil || !strings.Contains(err.Error(), "--duration") {
+			t.Errorf("--duration %s: %v, want an error naming --duration", d, err)
+		}
+		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+			t.Errorf("--duration %s: the refused run made %d files", d, len(entries))
+		}
+	}
+}
