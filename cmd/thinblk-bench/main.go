@@ -109,6 +109,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	// Everything is a flag: a stray word is a mistyped one, not something to ignore.
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (every setting is a flag: see --help)", fs.Arg(0))
+	}
 	c.thinblkArgs = strings.Fields(thinblkArgs)
 	var err error
 	if c.size, err = parseSize(size); err != nil {

@@ -227,3 +227,17 @@ func TestDurationFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestStrayArgument: a word that is not a flag stops Go's flag parsing, so
+// the flags after it were ignored; it is refused instead.
+func TestStrayArgument(t *testing.T) {
+	dir := t.TempDir()
+	var out, errOut strings.Builder
+	err := run([]string{"--dir", dir, "--targets", "null", "thinblk", "--repeat", "3"}, &out, &errOut)
+	if err == nil || !strings.Contains(err.Error(), `unexpected argument "thinblk"`) {
+		t.Errorf("a stray argument: %v", err)
+	}
+	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+		t.Errorf("the refused run made %d files", len(entries))
+	}
+}
