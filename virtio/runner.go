@@ -41,6 +41,29 @@ type RunnerConfig struct {
 	// request within that time skips its kick, and the runner its
 	// wake-up. It spins a CPU meanwhile (see PollRing).
 	Poll time.Duration
+	// Waiter, if set, is where the runner sleeps for kicks instead of
+	// poll(2): an I/O engine that waits for the kick and wake eventfds
+	// together with its own completions (an io_uring polling them), so
+	// that one sleeping thread serves both. The runner's goroutine is
+	// locked to its OS thread while it runs (such an engine may have one
+	// issuing thread), and calls Settle before it ends.
+	Waiter Waiter
+}
+
+// Waiter is an I/O engine the runner can sleep in (RunnerConfig.Waiter).
+// Its methods run on the runner's goroutine; completions it collects
+// reach the device on that goroutine too.
+type Waiter interface {
+	// Wait blocks until one of fds is readable or failed, setting
+	// revents to each fd's poll events (0: not ready), and completes
+	// the engine's requests that finish meanwhile.
+	Wait(fds []int32, revents []int16) error
+	// Poll completes the engine's requests that have finished, without
+	// blocking.
+	Poll()
+	// Settle waits until every request the engine started has
+	// completed, completing them.
+	Settle()
 }
 
 // PollInterval is how often a queue without a kick eventfd looks at its
@@ -58,6 +81,7 @@ type Runner struct {
 	log     *slog.Logger
 	kick    *os.File // kept alive while its descriptor is in use
 	poll    time.Duration
+	waiter  Waiter
 	// call is where interrupts go; SetCall swaps it while the ring runs.
 	call      atomic.Pointer[callTarget]
 	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
@@ -66,6 +90,8 @@ type Runner struct {
 	scratch Chain
 	pollFds []unix.PollFd
 	readBuf [8]byte
+	waitFds []int32 // pollFds' descriptors and events, for waiter
+	waitEvs []int16
 
 	// Completion side, guarded by mu.
 	mu       sync.Mutex
@@ -136,6 +162,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
 		poll:    cfg.Poll,
+		waiter:  cfg.Waiter,
 		chains:  make([]Chain, q.size),
 		busy:    make([]bool, q.size),
 		done:    make(chan struct{}),
@@ -235,6 +262,14 @@ func (r *Runner) Start() {
 
 func (r *Runner) run() {
 	defer close(r.done)
+	if r.waiter != nil {
+		// The waiter may accept submissions and waits from one thread
+		// only. Settle runs last (deferred first): after the fault
+		// handler's afterDrain, which may start requests.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer r.waiter.Settle()
+	}
 	// Guest memory is a shared mapping that a hostile front-end could
 	// truncate under us; touching it then faults. Make that a panic we
 	// turn into a broken queue instead of a crashed process.
@@ -304,7 +339,11 @@ func (r *Runner) pollRing() bool {
 			if r.stopping.Load() || time.Now().After(deadline) {
 				return false
 			}
-			// Let the completion goroutine run if it waits for this P.
+			// Complete what finished; let the completion goroutine run
+			// if it waits for this P.
+			if r.waiter != nil {
+				r.waiter.Poll()
+			}
 			runtime.Gosched()
 		}
 	}
@@ -407,6 +446,27 @@ func (r *Runner) wait() {
 	if len(r.pollFds) == 1 {
 		timeout = PollInterval
 	}
+	if r.waiter != nil && timeout < 0 {
+		r.waitFds, r.waitEvs = r.waitFds[:0], r.waitEvs[:0]
+		for _, p := range r.pollFds {
+			r.waitFds = append(r.waitFds, p.Fd)
+			r.waitEvs = append(r.waitEvs, 0)
+		}
+		if err := r.waiter.Wait(r.waitFds, r.waitEvs); err != nil {
+			// The engine starts nothing more after a failed wait; what
+			// it has in flight completes before the runner sleeps
+			// without it.
+			r.log.Error("wait in the I/O engine, polling the kick eventfd instead", "err", err)
+			r.waiter.Settle()
+			r.waiter = nil
+			return
+		}
+		for i := range r.pollFds {
+			r.pollFds[i].Revents = r.waitEvs[i]
+		}
+		r.afterWait()
+		return
+	}
 	for {
 		_, err := unix.Poll(r.pollFds, timeout)
 		if err == nil {
@@ -418,6 +478,12 @@ func (r *Runner) wait() {
 			return
 		}
 	}
+	r.afterWait()
+}
+
+// afterWait resets the eventfds that woke the runner and drops a kick
+// eventfd that failed.
+func (r *Runner) afterWait() {
 	for i := range r.pollFds {
 		ev := r.pollFds[i].Revents
 		if ev&unix.POLLIN != 0 {
