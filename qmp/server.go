@@ -15,8 +15,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
@@ -358,24 +356,12 @@ func (s *Server) removeConn(c *conn) {
 	s.mu.Unlock()
 }
 
-// peerAttrs names the process at the other end of a unix socket for logs.
+// peerAttrs names the process at the other end of a connection for logs.
 func peerAttrs(nc net.Conn) []any {
-	uc, ok := nc.(*net.UnixConn)
-	if !ok {
-		return []any{"peer", nc.RemoteAddr().String()}
+	if uc, ok := nc.(*net.UnixConn); ok {
+		return unixsock.PeerAttrs(uc)
 	}
-	rc, err := uc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var cred *unix.Ucred
-	rc.Control(func(fd uintptr) {
-		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if cred == nil {
-		return nil
-	}
-	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
+	return []any{"peer", nc.RemoteAddr().String()}
 }
 
 // Close stops accepting, cancels running handlers' context, disconnects

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/thinblk/thinblk/internal/handover"
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // A hand-over moves a Server's listening socket and front-end connections
@@ -457,7 +458,7 @@ func (s *Server) LeaveSocketFile() {
 
 // resume rebuilds one session from its requests and serves it.
 func (s *Server) resume(uc *net.UnixConn, replay []handover.Request) {
-	log := s.log.With(peerAttrs(uc)...)
+	log := s.log.With(unixsock.PeerAttrs(uc)...)
 	conn := NewConn(uc)
 	sess := s.newConnSession(log, conn, uc)
 	sess.out = refuseWriter{}
