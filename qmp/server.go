@@ -123,33 +123,25 @@ func parseVersion(v string) versionInfo {
 	return vi
 }
 
+// orDefault gives an option that was left zero (or set negative) its
+// default.
+func orDefault[T int | time.Duration](opt *T, def T) {
+	if *opt <= 0 {
+		*opt = def
+	}
+}
+
 // NewServer returns a server with the built-in commands qmp_capabilities,
 // query-commands and query-version.
 func NewServer(opts Options) *Server {
-	if opts.MaxMessageSize <= 0 {
-		opts.MaxMessageSize = DefaultMaxMessageSize
-	}
-	if opts.MaxDepth <= 0 {
-		opts.MaxDepth = DefaultMaxDepth
-	}
-	if opts.QueueLength <= 0 {
-		opts.QueueLength = DefaultQueueLength
-	}
-	if opts.QueueBytes <= 0 {
-		opts.QueueBytes = DefaultQueueBytes
-	}
-	if opts.MaxClients <= 0 {
-		opts.MaxClients = DefaultMaxClients
-	}
-	if opts.HandshakeTimeout <= 0 {
-		opts.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	if opts.MessageTimeout <= 0 {
-		opts.MessageTimeout = DefaultMessageTimeout
-	}
-	if opts.WriteTimeout <= 0 {
-		opts.WriteTimeout = DefaultWriteTimeout
-	}
+	orDefault(&opts.MaxMessageSize, DefaultMaxMessageSize)
+	orDefault(&opts.MaxDepth, DefaultMaxDepth)
+	orDefault(&opts.QueueLength, DefaultQueueLength)
+	orDefault(&opts.QueueBytes, DefaultQueueBytes)
+	orDefault(&opts.MaxClients, DefaultMaxClients)
+	orDefault(&opts.HandshakeTimeout, DefaultHandshakeTimeout)
+	orDefault(&opts.MessageTimeout, DefaultMessageTimeout)
+	orDefault(&opts.WriteTimeout, DefaultWriteTimeout)
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
