@@ -156,3 +156,26 @@ func TestPrepareFile(t *testing.T) {
 		t.Fatalf("file not filled")
 	}
 }
+
+// TestWriteSpan: PrepareFile and Fill write every byte of the span, the
+// last short write included, and nothing past it.
+func TestWriteSpan(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "span"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const span = 1<<20 + 5
+	if err := writeSpan(f, span); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(f.Name())
+	if err != nil || len(b) != span {
+		t.Fatalf("%d bytes written, want %d (%v)", len(b), span, err)
+	}
+	for i, c := range b {
+		if want := byte(i%(1<<20)*31 + 7); c != want {
+			t.Fatalf("byte %d = %d, want %d", i, c, want)
+		}
+	}
+}
