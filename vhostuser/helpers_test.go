@@ -396,6 +396,24 @@ func (c *client) setupRing(t *testing.T, i int, size uint32) {
 	c.mustSend(ReqSetVringCall, EncodeU64(uint64(i)), eventFd(t))
 }
 
+// startRing sets ring i up as QEMU does and enables it.
+func (c *client) startRing(t *testing.T, i int, size uint32) {
+	t.Helper()
+	c.setupRing(t, i, size)
+	c.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+}
+
+// negotiated starts a server for a new fake device and connects a
+// front-end that has negotiated its features, protocol features included.
+func negotiated(t *testing.T) (*fakeDevice, *testServer, *client) {
+	t.Helper()
+	dev := newFakeDevice()
+	ts := startServer(t, dev)
+	c := dial(t, ts.path)
+	c.negotiate(dev, true)
+	return dev, ts, c
+}
+
 // guestRange reads guest memory through running queue idx's Memory, under
 // the device lock: the server unmaps only after StopQueue, which takes the
 // same lock, so the read is ordered before any unmap.
