@@ -79,7 +79,7 @@ type Handler func(ctx context.Context, args json.RawMessage) (any, error)
 type Server struct {
 	opts    Options
 	log     *slog.Logger
-	version versionInfo
+	version Version
 
 	ctx    context.Context // handlers' context, cancelled by Close
 	cancel context.CancelFunc
@@ -99,7 +99,8 @@ type Server struct {
 	closeDone chan struct{} // closed when Close has finished
 }
 
-type versionInfo struct {
+// Version is the version in a QMP greeting and the query-version result.
+type Version struct {
 	QEMU struct {
 		Major int `json:"major"`
 		Minor int `json:"minor"`
@@ -110,8 +111,8 @@ type versionInfo struct {
 
 var versionNumbers = regexp.MustCompile(`^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?`)
 
-func parseVersion(v string) versionInfo {
-	var vi versionInfo
+func parseVersion(v string) Version {
+	var vi Version
 	if m := versionNumbers.FindStringSubmatch(v); m != nil {
 		num := func(s string) int { n, _ := strconv.Atoi(s); return n }
 		vi.QEMU.Major, vi.QEMU.Minor, vi.QEMU.Micro = num(m[1]), num(m[2]), num(m[3])
