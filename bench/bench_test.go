@@ -2,16 +2,14 @@ package bench
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/servetest"
 	"github.com/thinblk/thinblk/rawdisk"
-	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -68,26 +66,8 @@ func serveInProcess(t *testing.T, img string, queues int) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	dev, err := blk.New(disk, blk.Options{NumQueues: queues, Logger: logger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: logger}, dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-		dev.Close()
-		disk.Close()
-	})
-	return sock
+	t.Cleanup(func() { disk.Close() })
+	return servetest.Serve(t, disk, blk.Options{NumQueues: queues})
 }
 
 func qsdBin(t *testing.T) string {
