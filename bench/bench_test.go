@@ -67,7 +67,8 @@ func serveInProcess(t *testing.T, img string, queues int) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { disk.Close() })
-	return servetest.Serve(t, disk, blk.Options{NumQueues: queues})
+	sock, _ := servetest.Serve(t, disk, blk.Options{NumQueues: queues})
+	return sock
 }
 
 func qsdBin(t *testing.T) string {

@@ -27,7 +27,7 @@ func TestServedThroughVirtio(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := servetest.Serve(t, disk, blk.Options{NumQueues: 1})
+	sock, _ := servetest.Serve(t, disk, blk.Options{NumQueues: 1})
 	d, err := frontend.Dial(context.Background(), sock, frontend.Options{NumQueues: 1, QueueSize: 64, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)

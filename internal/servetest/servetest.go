@@ -17,10 +17,10 @@ import (
 )
 
 // Serve serves storage as a virtio-blk device made with opts (its logs
-// discarded when opts has no Logger) on a new socket, whose path it
-// returns. When t ends the server stops and the device closes; storage
-// stays the caller's to close.
-func Serve(t testing.TB, storage blockdev.Storage, opts blk.Options) string {
+// discarded when opts has no Logger) on a new socket, and returns the
+// socket's path and the device. When t ends the server stops and the
+// device closes; storage stays the caller's to close.
+func Serve(t testing.TB, storage blockdev.Storage, opts blk.Options) (string, *blk.Device) {
 	t.Helper()
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -30,7 +30,7 @@ func Serve(t testing.TB, storage blockdev.Storage, opts blk.Options) string {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(t.TempDir(), "blk.sock")
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: opts.Logger}, dev)
+	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: opts.Logger, Name: "test"}, dev)
 	if err != nil {
 		dev.Close()
 		t.Fatal(err)
@@ -46,5 +46,5 @@ func Serve(t testing.TB, storage blockdev.Storage, opts blk.Options) string {
 		srv.Close()
 		dev.Close()
 	})
-	return sock
+	return sock, dev
 }
