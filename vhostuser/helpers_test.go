@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 
 	"github.com/thinblk/thinblk/internal/testenv"
@@ -138,7 +139,7 @@ func (d *fakeDevice) StopQueue(idx int) (uint16, error) {
 	return q.LastAvail + d.progress, nil
 }
 
-func (d *fakeDevice) SetQueueCall(idx int, call *os.File) error {
+func (d *fakeDevice) SetQueueCall(idx int, call *eventfd.FD) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	q, ok := d.running[idx]

@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 
 	"github.com/thinblk/thinblk/internal/testenv"
@@ -159,7 +161,7 @@ func TestRingStartsWhenEnabled(t *testing.T) {
 	call := eventFd(t)
 	nEvents := len(dev.eventLog())
 	c.mustSend(ReqSetVringCall, EncodeU64(0), call)
-	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !sameFile(q.Call, call) {
+	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !signalsTo(t, q.Call, call) {
 		t.Fatal("ring not running with the new call fd")
 	}
 	if ev := dev.eventLog()[nEvents:]; !slices.Equal(ev, []string{"call 0"}) {
@@ -988,11 +990,27 @@ func waitServed(t *testing.T, path string) *Conn {
 	}
 }
 
-// sameFile reports whether a and b are the same open file.
-func sameFile(a, b *os.File) bool {
-	sa, err1 := a.Stat()
-	sb, err2 := b.Stat()
-	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+// signalsTo reports whether a signal on e reaches f: the same eventfd
+// (eventfds share one inode, so a stat cannot tell).
+func signalsTo(t *testing.T, e *eventfd.FD, f *os.File) bool {
+	t.Helper()
+	if err := e.Signal(); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	var rerr error
+	if err := rc.Control(func(fd uintptr) {
+		var b [8]byte
+		_, rerr = unix.Read(int(fd), b[:])
+		n = binary.LittleEndian.Uint64(b[:])
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return rerr == nil && n == 1
 }
 
 // A ring the device fails to stop may still be using guest memory: the

@@ -10,10 +10,11 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/eventfd"
 )
 
 // RunnerConfig configures a Runner.
@@ -79,12 +80,11 @@ type Runner struct {
 	after   func()
 	journal InflightLog
 	log     *slog.Logger
-	kick    *os.File // kept alive while its descriptor is in use
+	kick    *eventfd.FD // its owner closes it only after the runner stopped
 	poll    time.Duration
 	waiter  Waiter
 	// call is where interrupts go; SetCall swaps it while the ring runs.
-	call      atomic.Pointer[callTarget]
-	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
+	call atomic.Pointer[eventfd.FD]
 
 	// Consumer side (runner goroutine only).
 	scratch Chain
@@ -182,18 +182,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	r.scratch.addrs = addrs[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
 	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
 	if r.kick != nil {
-		fd, err := rawFd(r.kick)
-		if err != nil {
-			unix.Close(wake)
-			return nil, fmt.Errorf("queue %d: kick eventfd: %w", cfg.Setup.Index, err)
-		}
-		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
-	}
-	r.writeCall = func(fd uintptr) bool {
-		if _, err := unix.Write(int(fd), one[:]); err != nil && err != unix.EAGAIN {
-			r.log.Warn("signal call eventfd", "err", err)
-		}
-		return true
+		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(r.kick.Fd()), Events: unix.POLLIN})
 	}
 	if err := r.SetCall(cfg.Setup.Call); err != nil {
 		unix.Close(wake)
@@ -202,52 +191,18 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	return r, nil
 }
 
-// callTarget is a call eventfd and the raw access used to write it.
-type callTarget struct {
-	f  *os.File
-	rc syscall.RawConn
-}
-
 // SetCall makes the runner interrupt the driver through f (nil: drop
-// interrupts) from now on; it may be called while the runner serves.
-// Writes go through f's RawConn, which holds a reference on the
-// descriptor for the duration of the write: the caller may close the old
-// file as soon as SetCall returns without a signal under way writing to
-// a closed (or reused) descriptor number. One interrupt is sent to the
-// new fd, in case a completion signalled the old one after the driver
-// stopped listening to it.
-func (r *Runner) SetCall(f *os.File) error {
-	if f == nil {
-		r.call.Store(nil)
-		return nil
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("call eventfd: %w", err)
-	}
-	old := r.call.Swap(&callTarget{f: f, rc: rc})
-	if old != nil {
+// interrupts) from now on; it may be called while the runner serves. The
+// caller may close the old FD as soon as SetCall returns: a signal under
+// way holds it open until it is done (eventfd.FD's Close waits). One
+// interrupt is sent to the new fd, in case a completion signalled the old
+// one after the driver stopped listening to it.
+func (r *Runner) SetCall(f *eventfd.FD) error {
+	old := r.call.Swap(f)
+	if old != nil && f != nil {
 		r.signal()
 	}
 	return nil
-}
-
-// rawFd returns f's descriptor without os.File.Fd's possible side effect
-// of switching it to blocking mode (it does so for files Go itself made
-// non-blocking). The eventfds' file descriptions are shared with the
-// front-end: QEMU clears its notifiers with reads that must not block, and
-// would hang if the mode changed under it. We only read after poll and
-// never rely on either mode.
-func rawFd(f *os.File) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
-		return -1, err
-	}
-	return fd, nil
 }
 
 // Queue returns the ring the runner serves. Its consumer side belongs to
@@ -497,7 +452,6 @@ func (r *Runner) afterWait() {
 			break
 		}
 	}
-	runtime.KeepAlive(r.kick)
 }
 
 // Kick wakes the runner to look at the ring (for transports that forward
@@ -656,9 +610,11 @@ func (r *Runner) signal() {
 	if t == nil {
 		return
 	}
-	// An error means the transport closed the file after swapping it
-	// out; the new fd has had its interrupt.
-	_ = t.rc.Write(r.writeCall)
+	// An error means the transport closed the fd after swapping it out;
+	// the new fd has had its interrupt.
+	if err := t.Signal(); err != nil && !errors.Is(err, os.ErrClosed) {
+		r.log.Warn("signal call eventfd", "err", err)
+	}
 }
 
 // InFlight is the number of chains popped and not yet completed.
