@@ -218,6 +218,10 @@ func TestArgumentCountErrors(t *testing.T) {
 		{[]string{"status", dir, "extra"}, `thinblk status: unexpected argument "extra"`},
 		{[]string{"check"}, "thinblk check: missing arguments (0 given, 1 wanted)"},
 		{[]string{"snapshot", "list"}, "thinblk snapshot list: missing arguments (0 given, 1 wanted)"},
+		{[]string{"volume", "create", dir, "--size", "1M"}, "thinblk volume create: missing arguments (1 given, 2 wanted)"},
+		{[]string{"volume", "create", dir, "v"}, "thinblk volume create: --size is required"},
+		{[]string{"pool", "create", dir + "2"}, "thinblk pool create: --size is required"},
+		{[]string{"pool", "grow", dir, "x", "--size", "2M"}, `thinblk pool grow: unexpected argument "x"`},
 	} {
 		_, errOut, code := runBinary(t, c.args...)
 		if first, _, _ := strings.Cut(errOut, "\n"); code != 2 || first != c.want {

@@ -209,7 +209,12 @@ func parseSized(fs *flag.FlagSet, args []string, n int, size *string, stderr io.
 	if err != nil {
 		return nil, 0, exitFor(err), false
 	}
-	if len(pos) != n || *size == "" {
+	if len(pos) != n {
+		wrongArgCount(fs, pos, n)
+		return nil, 0, 2, false
+	}
+	if *size == "" {
+		fmt.Fprintf(stderr, "thinblk %s: --size is required\n", fs.Name())
 		fs.Usage()
 		return nil, 0, 2, false
 	}
