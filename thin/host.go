@@ -42,11 +42,13 @@ import (
 // returned to the host by the next commit's release phase (they count
 // as releasing meanwhile), unless operations in progress are about to
 // reserve them (spareWant). The spare set is persisted with each commit
-// (bitmap chunks "s"), with blocks being filled from it, and
-// host-allocated again at Open: a crash cannot lose its backing (an
-// allocation not yet synced, a spare handed to a write that did not
-// commit). Where the whole data file is host-allocated (a preallocated
-// pool, a block device: thick) no spares are needed.
+// (bitmap chunks "s"), with blocks being filled from it and released
+// blocks kept as spares (sparesAtCut), and host-allocated again at
+// Open: a crash cannot lose its backing (an allocation not yet synced, a
+// spare handed to a write that did not commit), and every committed
+// state has spares for all its reservations. Where the whole data file
+// is host-allocated (a preallocated pool, a block device: thick) no
+// spares are needed.
 
 // hostState is the pool's side of the promise against the host: the
 // spares and what the data file and its file system can do. Guarded by
@@ -58,6 +60,7 @@ type hostState struct {
 	spareWant   uint64              // spares operations in progress are about to reserve
 	spareChunks map[uint64]struct{} // spare-set chunks to persist
 	spareFills  *bitmap             // in flight blocks taken from spares: persisted as spares until published
+	spareKept   *bitmap             // released blocks persisted as spares (sparesAtCut) until their release phase makes them spares
 	thick       bool                // the whole data store is host-allocated: no spares needed
 	metaShared  bool                // the metadata's file system holds the data file too
 	hostOut     bool                // a request found the host file system full, and it has not had space since
@@ -128,40 +131,102 @@ func (p *Pool) spareExcessLocked() bool {
 	return p.hostBackedLocked() && !p.noPunch.Load() && p.spare.count > p.reservedLocked()+p.spareWant
 }
 
-// sparesFromReleased picks, among blocks being released, spares for
-// reservations that have none: reserve mode reserves again each block a
-// discard releases, and the released block itself is the natural spare
-// once its release is durable. They are host-allocated whole (a block's
-// unwritten parts may be holes) and kept out of punching; releaseBlocks
-// makes them spares. Called by the release phase, without locks.
-func (p *Pool) sparesFromReleased(released *bitmap) []uint64 {
+// sparesAtCut keeps, among the blocks a commit is about to release,
+// spares for reservations that have none: reserve mode reserves again
+// each block a discard releases, and the released block itself is the
+// natural spare. They are host-allocated whole (a block's unwritten parts
+// may be holes) before the commit's data sync, and its batch records them
+// as spares (spareKept) with the release itself, so that no committed
+// state has more reservations than spares: after a crash between that
+// commit and the next, a pool reopened on a full host could not back the
+// reservations with other free blocks (they need new host space), and
+// the released blocks would be free, unknown as spares. The release
+// phase makes them spares in memory (sparesFromReleased). Called by the
+// committer (flushMu held) before the cut, without mu.
+func (p *Pool) sparesAtCut() {
 	p.mu.Lock()
-	if !p.hostBackedLocked() {
+	if !p.hostBackedLocked() || p.pend.count == 0 {
 		p.mu.Unlock()
-		return nil
+		return
 	}
 	want := p.reservedLocked() + p.spareWant
-	have := p.spare.count + p.backing.count
+	have := p.spare.count + p.backing.count + p.spareKept.count
 	var keep []uint64
 	if have < want {
 		d := want - have
-		released.runs(func(first, n uint64) bool {
+		// Blocks freed since the last cut: their map entries go in this
+		// commit (or went in the last one), so the committed state has
+		// them free, and nothing hands them out before their release.
+		p.pend.runs(func(first, n uint64) bool {
 			for b := first; b < first+n && uint64(len(keep)) < d; b++ {
-				keep = append(keep, b)
+				if !p.spareKept.test(b) {
+					keep = append(keep, b)
+				}
 			}
 			return uint64(len(keep)) < d
 		})
 	}
 	p.mu.Unlock()
 	if len(keep) == 0 {
-		return nil
+		return
 	}
 	// Released blocks were written: what they need on the host is at most
-	// their holes, so the metadata's headroom does not hold this back
-	// (a reserved write would need new host space instead).
+	// their holes, so the metadata's headroom does not hold this back.
 	if err := p.allocateRuns(keep); err != nil {
 		p.log.Warn("released blocks could not be host-allocated as spares for reservations", "pool", p.dir, "err", err)
+		return
+	}
+	p.dataDirty.Store(true) // the commit syncs the allocation before recording it
+	p.mu.Lock()
+	for _, b := range keep {
+		// Only a cut takes blocks out of pend, and the caller's is next.
+		p.spareKept.set(b)
+		p.spareChunks[b/chunkBlocks] = struct{}{}
+	}
+	p.mu.Unlock()
+}
+
+// sparesFromReleased picks, among blocks being released, the spares: the
+// ones their commit kept as spares (sparesAtCut), and more if the
+// reservations made since need them, host-allocated whole and kept out
+// of punching; releaseBlocks makes them spares. Called by the release
+// phase, without locks.
+func (p *Pool) sparesFromReleased(released *bitmap) []uint64 {
+	p.mu.Lock()
+	var keep []uint64
+	p.spareKept.runs(func(first, n uint64) bool {
+		for b := first; b < first+n; b++ {
+			if released.test(b) {
+				keep = append(keep, b)
+			}
+		}
+		return true
+	})
+	if !p.hostBackedLocked() {
+		p.mu.Unlock()
 		return nil
+	}
+	kept := len(keep)
+	want := p.reservedLocked() + p.spareWant
+	have := p.spare.count + p.backing.count + p.spareKept.count
+	if have < want {
+		d := want - have
+		released.runs(func(first, n uint64) bool {
+			for b := first; b < first+n && uint64(len(keep)-kept) < d; b++ {
+				if !p.spareKept.test(b) {
+					keep = append(keep, b)
+				}
+			}
+			return uint64(len(keep)-kept) < d
+		})
+	}
+	p.mu.Unlock()
+	if len(keep) == kept {
+		return keep
+	}
+	if err := p.allocateRuns(keep[kept:]); err != nil {
+		p.log.Warn("released blocks could not be host-allocated as spares for reservations", "pool", p.dir, "err", err)
+		return keep[:kept]
 	}
 	p.dataDirty.Store(true)
 	return keep

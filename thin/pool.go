@@ -414,6 +414,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.spareFills = newBitmap(p.rec.SizeBlocks)
+	p.spareKept = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
 	p.unpunched = newBitmap(p.rec.SizeBlocks)
 	p.punching = newBitmap(p.rec.SizeBlocks)
