@@ -247,7 +247,8 @@
 //	blockmap.go   map lookups and changes (pending over committed, fills)
 //	mapcache.go   the bounded cache of committed map entries
 //	alloc.go      block allocation, free space, waiting for space, Grow
-//	host.go       the promise against the host: spares, host space, headroom
+//	host.go       the promise against the host: spares backing reservations
+//	hostspace.go  the host's free space: watched, waited for; the metadata's headroom
 //	reserve.go    reservations across snapshots, reserve mode
 //	catalogue.go  volumes: create, resize, delete, look up
 //	snapshot.go   snapshots, clones and their layers
