@@ -2,16 +2,14 @@ package bench
 
 import (
 	"context"
-	"io"
-	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/servetest"
 	"github.com/thinblk/thinblk/rawdisk"
-	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -68,25 +66,8 @@ func serveInProcess(t *testing.T, img string, queues int) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	dev, err := blk.New(disk, blk.Options{NumQueues: queues, Logger: logger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: logger}, dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-served
-		dev.Close()
-		disk.Close()
-	})
+	t.Cleanup(func() { disk.Close() })
+	sock, _ := servetest.Serve(t, disk, blk.Options{NumQueues: queues})
 	return sock
 }
 
@@ -154,5 +135,28 @@ func TestPrepareFile(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	if b[0] != 7 || b[len(b)-1] == 0 && b[len(b)-2] == 0 {
 		t.Fatalf("file not filled")
+	}
+}
+
+// TestWriteSpan: PrepareFile and Fill write every byte of the span, the
+// last short write included, and nothing past it.
+func TestWriteSpan(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "span"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const span = 1<<20 + 5
+	if err := writeSpan(f, span); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(f.Name())
+	if err != nil || len(b) != span {
+		t.Fatalf("%d bytes written, want %d (%v)", len(b), span, err)
+	}
+	for i, c := range b {
+		if want := byte(i%(1<<20)*31 + 7); c != want {
+			t.Fatalf("byte %d = %d, want %d", i, c, want)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -285,18 +286,27 @@ func PrepareFile(path string, size int64) error {
 		return err
 	}
 	defer f.Close()
+	if err := writeSpan(f, size); err != nil {
+		return fmt.Errorf("fill %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	return nil
+}
+
+// writeSpan writes every byte of [0, span) of w with 1 MiB writes of a
+// fixed pattern.
+func writeSpan(w io.WriterAt, span int64) error {
 	buf := make([]byte, 1<<20)
 	for i := range buf {
 		buf[i] = byte(i*31 + 7)
 	}
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		n := min(int64(len(buf)), size-off)
-		if _, err := f.WriteAt(buf[:n], off); err != nil {
-			return fmt.Errorf("fill %s: %w", path, err)
+	for off := int64(0); off < span; off += int64(len(buf)) {
+		n := min(int64(len(buf)), span-off)
+		if _, err := w.WriteAt(buf[:n], off); err != nil {
+			return fmt.Errorf("write at %d: %w", off, err)
 		}
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", path, err)
 	}
 	return nil
 }

@@ -121,15 +121,8 @@ func Fill(ctx context.Context, sock string, span int64) error {
 		return err
 	}
 	defer d.Close()
-	buf := make([]byte, 1<<20)
-	for i := range buf {
-		buf[i] = byte(i*13 + 1)
-	}
-	for off := int64(0); off < span; off += int64(len(buf)) {
-		n := min(int64(len(buf)), span-off)
-		if _, err := d.WriteAt(buf[:n], off); err != nil {
-			return fmt.Errorf("fill at %d: %w", off, err)
-		}
+	if err := writeSpan(d, span); err != nil {
+		return fmt.Errorf("fill: %w", err)
 	}
 	return d.Flush()
 }

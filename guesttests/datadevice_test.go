@@ -3,7 +3,6 @@ package guesttests
 import (
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -28,21 +27,10 @@ import (
 // for either; `thinblk check` is clean for both.
 func TestGuestDataDeviceAndPreallocate(t *testing.T) {
 	e := setup(t)
-	if e.thinblk == "" {
-		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("loop devices need root")
-	}
+	needRootPool(t, e, "a loop device")
 	ctx := context.Background()
 	dir := workDir(t)
-	backing := filepath.Join(dir, "loop.img")
-	if err := os.WriteFile(backing, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(backing, 128*mib); err != nil {
-		t.Fatal(err)
-	}
+	backing := sparseFile(t, filepath.Join(dir, "loop.img"), 128*mib)
 	loop := attachLoop(t, backing) // detached after the pool servers stop (cleanups run last first)
 	devPool, devSocks, devB := startPool(t, e, filepath.Join(dir, "dev"), []string{"--size", "64M", "--data-device", loop}, [2]string{"dv", "256M"})
 	thickPool, thickSocks, thickB := startPool(t, e, filepath.Join(dir, "thick"), []string{"--size", "64M", "--preallocate"}, [2]string{"tv", "256M"})

@@ -3,7 +3,6 @@ package guesttests
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -34,13 +33,7 @@ func TestGuestQEMUDefaultQueues(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	img := filepath.Join(dir, "raw.img")
-	if err := os.WriteFile(img, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 64<<20); err != nil {
-		t.Fatal(err)
-	}
+	img := sparseFile(t, filepath.Join(dir, "raw.img"), 64<<20)
 	var disks []DiskSpec
 	for _, o := range []BackendOptions{
 		{Kind: ThinPool, Image: pool, Socket: filepath.Join(pool, "vol.sock")},

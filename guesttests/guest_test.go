@@ -101,6 +101,30 @@ func workDir(t *testing.T) string {
 	return dir
 }
 
+// needRootPool skips t unless the back-end is thinblk's (the test's pool
+// is thinblk's own) and the test runs as root (which rootFor needs).
+func needRootPool(t *testing.T, e *env, rootFor string) {
+	t.Helper()
+	if e.thinblk == "" {
+		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip(rootFor + " needs root")
+	}
+}
+
+// sparseFile creates a file of size bytes, all a hole, at path.
+func sparseFile(t *testing.T, path string, size int64) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func (e *env) startBackend(t *testing.T, kind BackendKind, dir, name string, size int64, readOnly bool, queues int) (*Backend, string) {
 	t.Helper()
 	img := filepath.Join(dir, name+".img")

@@ -22,21 +22,10 @@ import (
 // error policy) instead. `thinblk check` is clean afterwards.
 func TestGuestProvisionOnFullHost(t *testing.T) {
 	e := setup(t)
-	if e.thinblk == "" {
-		t.Skip("THINBLK_BACKEND has no thinblk: the pool is thinblk's own")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("loop-mounting an ext4 image needs root")
-	}
+	needRootPool(t, e, "loop-mounting an ext4 image")
 	ctx := context.Background()
 	dir := workDir(t)
-	img := filepath.Join(dir, "host.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 256*mib); err != nil {
-		t.Fatal(err)
-	}
+	img := sparseFile(t, filepath.Join(dir, "host.img"), 256*mib)
 	mnt := filepath.Join(dir, "host")
 	for _, c := range [][]string{{"mkfs.ext4", "-q", "-F", img}, {"mkdir", "-p", mnt}, {"mount", "-o", "loop", img, mnt}} {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {

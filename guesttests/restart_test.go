@@ -98,12 +98,11 @@ func TestGuestServeKilled(t *testing.T) {
 	// did.
 	guestClean := func(t *testing.T) int {
 		t.Helper()
-		out := strings.TrimSpace(g.sh(t, 20*time.Second, "dmesg | grep -E 'is not a head|I/O error|blocked for more than' || true"))
-		if out == "" {
-			return 0
+		n, out := guestIOTrouble(t, g)
+		if n > 0 {
+			t.Errorf("guest kernel log:\n%s", out)
 		}
-		t.Errorf("guest kernel log:\n%s", out)
-		return len(strings.Split(out, "\n"))
+		return n
 	}
 
 	t.Run("fio", func(t *testing.T) {
@@ -114,12 +113,7 @@ func TestGuestServeKilled(t *testing.T) {
 		}
 		// No blocks allocated beforehand: fio's first writes allocate them, and a kill must
 		// not lose the completed ones (the pool's intent log keeps their mappings).
-		// Bounded fio runs (each writes 32 MiB at random, then reads it all back and checks
-		// it) one after another until told to stop; the first failure ends the loop.
-		fio := "fio --name=v --filename=" + dev + " --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio " +
-			"--direct=1 --verify=crc32c --verify_fatal=1"
-		g.sh(t, 20*time.Second, "rm -f /tmp/fio.*; setsid sh -c 'i=0; while [ ! -e /tmp/fio.stop ]; do i=$((i+1)); "+
-			fio+" --output=/tmp/fio.out.$i || { echo $i > /tmp/fio.rc; exit; }; done; echo $i > /tmp/fio.runs; echo 0 > /tmp/fio.rc' </dev/null >/tmp/fio.log 2>&1 &")
+		startFioLoop(t, g, dev)
 		rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 13))
 		kills := 5
 		if n, err := strconv.Atoi(os.Getenv("THINBLK_SOAK_KILLS")); err == nil && n > 0 {
@@ -160,23 +154,9 @@ func TestGuestServeKilled(t *testing.T) {
 			longest = max(longest, stall)
 			t.Logf("kill %d of serve under fio (%s): rings served again after %v", i, how, stall.Round(time.Millisecond))
 		}
-		g.sh(t, 20*time.Second, "touch /tmp/fio.stop")
-		// The fio run under way finishes (a long one under a loaded TCG host takes minutes):
-		// wait while the disk completes requests; a request that never completes shows as
-		// no progress with requests in flight.
-		var rc string
-		stat := "cat /sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/stat"
-		lastStat, progressed := "", time.Now()
-		deadline := time.Now().Add(20 * time.Minute)
-		for rc == "" && time.Now().Before(deadline) {
-			rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"))
-			if st := strings.Join(strings.Fields(g.sh(t, 20*time.Second, stat)), " "); st != lastStat {
-				lastStat, progressed = st, time.Now()
-			} else if time.Since(progressed) > 90*time.Second {
-				t.Errorf("no I/O completed for 90 s after the last kill (disk stat %s: field 9 is requests in flight)", st)
-				break
-			}
-			time.Sleep(2 * time.Second)
+		rc, stalled := stopFioLoop(t, g, dev)
+		if stalled != "" {
+			t.Error(stalled)
 		}
 		out := g.sh(t, 20*time.Second, "cat /tmp/fio.log /tmp/fio.runs /tmp/fio.out.* 2>/dev/null; ps; true")
 		if rc != "0" || strings.Contains(out, "verify") && strings.Contains(out, "bad") {
@@ -483,6 +463,52 @@ func waitBackendLog(t *testing.T, b *Backend, s string) {
 	}
 }
 
+// startFioLoop starts bounded fio runs on dev in the guest (each writes
+// 32 MiB at random, then reads it all back and checks it), one after
+// another until stopFioLoop; the first failure ends the loop.
+func startFioLoop(t *testing.T, g guest, dev string) {
+	t.Helper()
+	fio := "fio --name=v --filename=" + dev + " --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio " +
+		"--direct=1 --verify=crc32c --verify_fatal=1"
+	g.sh(t, 20*time.Second, "rm -f /tmp/fio.*; setsid sh -c 'i=0; while [ ! -e /tmp/fio.stop ]; do i=$((i+1)); "+
+		fio+" --output=/tmp/fio.out.$i || { echo $i > /tmp/fio.rc; exit; }; done; echo $i > /tmp/fio.runs; echo 0 > /tmp/fio.rc' </dev/null >/tmp/fio.log 2>&1 &")
+}
+
+// stopFioLoop ends startFioLoop's loop and returns its result: "0", or
+// the number of the run that failed. The run under way finishes first (a
+// long one under a loaded TCG host takes minutes): it waits while the
+// disk completes requests; a request that never completes shows as no
+// progress with requests in flight, which stalled then describes.
+func stopFioLoop(t *testing.T, g guest, dev string) (rc, stalled string) {
+	t.Helper()
+	g.sh(t, 20*time.Second, "touch /tmp/fio.stop")
+	stat := "cat /sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/stat"
+	lastStat, progressed := "", time.Now()
+	deadline := time.Now().Add(20 * time.Minute)
+	for rc == "" && time.Now().Before(deadline) {
+		rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"))
+		if st := strings.Join(strings.Fields(g.sh(t, 20*time.Second, stat)), " "); st != lastStat {
+			lastStat, progressed = st, time.Now()
+		} else if time.Since(progressed) > 90*time.Second {
+			return rc, fmt.Sprintf("no I/O completed for 90 s after the last kill (disk stat %s: field 9 is requests in flight)", st)
+		}
+		time.Sleep(2 * time.Second)
+	}
+	return rc, ""
+}
+
+// guestIOTrouble returns the guest kernel's lines about I/O trouble (a
+// request the driver did not expect, an I/O error, a hung task) and how
+// many there are.
+func guestIOTrouble(t *testing.T, g guest) (int, string) {
+	t.Helper()
+	out := strings.TrimSpace(g.sh(t, 20*time.Second, "dmesg | grep -E 'is not a head|I/O error|blocked for more than' || true"))
+	if out == "" {
+		return 0, ""
+	}
+	return len(strings.Split(out, "\n")), out
+}
+
 // TestGuestQSDKilledSoak is the kill soak of TestGuestServeKilled/fio against
 // qemu-storage-daemon, for comparison (it has no in-flight tracking): the same guest fio loop on
 // a raw image on two queues, qemu-storage-daemon SIGKILLed from outside every 2-5 s and
@@ -497,13 +523,7 @@ func TestGuestQSDKilledSoak(t *testing.T) {
 	e := setup(t)
 	ctx := context.Background()
 	dir := workDir(t)
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 128<<20); err != nil {
-		t.Fatal(err)
-	}
+	img := sparseFile(t, filepath.Join(dir, "disk.img"), 128<<20)
 	sock := filepath.Join(dir, "disk.sock")
 	start := func(n int) *Backend {
 		b, err := StartBackend(ctx, BackendOptions{Kind: QSD, Image: img, Socket: sock, Queues: 2,
@@ -526,18 +546,14 @@ func TestGuestQSDKilledSoak(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fio := "fio --name=v --filename=" + dev + " --size=32M --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio " +
-		"--direct=1 --verify=crc32c --verify_fatal=1"
-	g.sh(t, 20*time.Second, "rm -f /tmp/fio.*; setsid sh -c 'i=0; while [ ! -e /tmp/fio.stop ]; do i=$((i+1)); "+
-		fio+" --output=/tmp/fio.out.$i || { echo $i > /tmp/fio.rc; exit; }; done; echo $i > /tmp/fio.runs; echo 0 > /tmp/fio.rc' </dev/null >/tmp/fio.log 2>&1 &")
+	startFioLoop(t, g, dev)
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 14))
 	errLines := func() int {
-		out := strings.TrimSpace(g.sh(t, 20*time.Second, "dmesg | grep -E 'is not a head|I/O error|blocked for more than' || true"))
-		if out == "" {
-			return 0
+		n, out := guestIOTrouble(t, g)
+		if n > 0 {
+			t.Logf("guest kernel log:\n%s", out)
 		}
-		t.Logf("guest kernel log:\n%s", out)
-		return len(strings.Split(out, "\n"))
+		return n
 	}
 	survived := 0
 	var longest time.Duration
@@ -554,21 +570,9 @@ func TestGuestQSDKilledSoak(t *testing.T) {
 		longest = max(longest, time.Since(killed))
 		survived = i
 	}
-	g.sh(t, 20*time.Second, "touch /tmp/fio.stop")
-	// As in TestGuestServeKilled: wait while the disk completes requests.
-	rc := ""
-	stat := "cat /sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/stat"
-	lastStat, progressed := "", time.Now()
-	deadline := time.Now().Add(20 * time.Minute)
-	for rc == "" && time.Now().Before(deadline) {
-		rc = strings.TrimSpace(g.sh(t, 20*time.Second, "cat /tmp/fio.rc 2>/dev/null || true"))
-		if st := strings.Join(strings.Fields(g.sh(t, 20*time.Second, stat)), " "); st != lastStat {
-			lastStat, progressed = st, time.Now()
-		} else if time.Since(progressed) > 90*time.Second {
-			t.Logf("no I/O completed for 90 s after the last kill (disk stat %s: field 9 is requests in flight)", st)
-			break
-		}
-		time.Sleep(2 * time.Second)
+	rc, stalled := stopFioLoop(t, g, dev)
+	if stalled != "" {
+		t.Log(stalled)
 	}
 	guestErrors := errLines()
 	if rc != "0" {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,7 +66,7 @@ func newPool(t *testing.T, dir, size string, fill func(p *thin.Pool)) *testPool 
 	}
 	p.cmd = startProc(t, p.log, bin, "serve", p.dir, "--socket-dir", p.socks)
 	t.Cleanup(func() { p.stop(t) })
-	waitDial(t, p.qmp)
+	testenv.WaitDial(t, p.qmp)
 	return p
 }
 
@@ -110,20 +109,6 @@ func (p *testPool) names(t *testing.T) []string {
 		out = append(out, n)
 	}
 	return out
-}
-
-func waitDial(t *testing.T, path string) {
-	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		c, err := net.Dial("unix", path)
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s does not accept connections: %v", path, err)
-		}
-	}
 }
 
 func waitSocketFile(path string, d time.Duration) error {

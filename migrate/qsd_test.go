@@ -58,7 +58,7 @@ func TestSameHostDowntimeAgainstQSD(t *testing.T) {
 	dir := testenv.ShortDir(t, "mig-")
 	pool := newPool(t, filepath.Join(dir, "tb"), "128M", func(p *thin.Pool) { mustOK(t, p.CreateVolume("v", volSize)) })
 	tbSock := filepath.Join(pool.socks, "v.sock")
-	waitDial(t, tbSock)
+	testenv.WaitDial(t, tbSock)
 	img := filepath.Join(dir, "img.raw")
 	mustOK(t, os.WriteFile(img, nil, 0o644))
 	mustOK(t, os.Truncate(img, volSize))

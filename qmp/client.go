@@ -30,14 +30,7 @@ func (e Event) Time() time.Time {
 // Greeting is the server's greeting.
 type Greeting struct {
 	QMP struct {
-		Version struct {
-			QEMU struct {
-				Major int `json:"major"`
-				Minor int `json:"minor"`
-				Micro int `json:"micro"`
-			} `json:"qemu"`
-			Package string `json:"package"`
-		} `json:"version"`
+		Version      Version  `json:"version"`
 		Capabilities []string `json:"capabilities"`
 	} `json:"QMP"`
 }

@@ -15,8 +15,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
@@ -81,7 +79,7 @@ type Handler func(ctx context.Context, args json.RawMessage) (any, error)
 type Server struct {
 	opts    Options
 	log     *slog.Logger
-	version versionInfo
+	version Version
 
 	ctx    context.Context // handlers' context, cancelled by Close
 	cancel context.CancelFunc
@@ -101,7 +99,8 @@ type Server struct {
 	closeDone chan struct{} // closed when Close has finished
 }
 
-type versionInfo struct {
+// Version is the version in a QMP greeting and the query-version result.
+type Version struct {
 	QEMU struct {
 		Major int `json:"major"`
 		Minor int `json:"minor"`
@@ -112,8 +111,8 @@ type versionInfo struct {
 
 var versionNumbers = regexp.MustCompile(`^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?`)
 
-func parseVersion(v string) versionInfo {
-	var vi versionInfo
+func parseVersion(v string) Version {
+	var vi Version
 	if m := versionNumbers.FindStringSubmatch(v); m != nil {
 		num := func(s string) int { n, _ := strconv.Atoi(s); return n }
 		vi.QEMU.Major, vi.QEMU.Minor, vi.QEMU.Micro = num(m[1]), num(m[2]), num(m[3])
@@ -125,33 +124,25 @@ func parseVersion(v string) versionInfo {
 	return vi
 }
 
+// orDefault gives an option that was left zero (or set negative) its
+// default.
+func orDefault[T int | time.Duration](opt *T, def T) {
+	if *opt <= 0 {
+		*opt = def
+	}
+}
+
 // NewServer returns a server with the built-in commands qmp_capabilities,
 // query-commands and query-version.
 func NewServer(opts Options) *Server {
-	if opts.MaxMessageSize <= 0 {
-		opts.MaxMessageSize = DefaultMaxMessageSize
-	}
-	if opts.MaxDepth <= 0 {
-		opts.MaxDepth = DefaultMaxDepth
-	}
-	if opts.QueueLength <= 0 {
-		opts.QueueLength = DefaultQueueLength
-	}
-	if opts.QueueBytes <= 0 {
-		opts.QueueBytes = DefaultQueueBytes
-	}
-	if opts.MaxClients <= 0 {
-		opts.MaxClients = DefaultMaxClients
-	}
-	if opts.HandshakeTimeout <= 0 {
-		opts.HandshakeTimeout = DefaultHandshakeTimeout
-	}
-	if opts.MessageTimeout <= 0 {
-		opts.MessageTimeout = DefaultMessageTimeout
-	}
-	if opts.WriteTimeout <= 0 {
-		opts.WriteTimeout = DefaultWriteTimeout
-	}
+	orDefault(&opts.MaxMessageSize, DefaultMaxMessageSize)
+	orDefault(&opts.MaxDepth, DefaultMaxDepth)
+	orDefault(&opts.QueueLength, DefaultQueueLength)
+	orDefault(&opts.QueueBytes, DefaultQueueBytes)
+	orDefault(&opts.MaxClients, DefaultMaxClients)
+	orDefault(&opts.HandshakeTimeout, DefaultHandshakeTimeout)
+	orDefault(&opts.MessageTimeout, DefaultMessageTimeout)
+	orDefault(&opts.WriteTimeout, DefaultWriteTimeout)
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -358,24 +349,12 @@ func (s *Server) removeConn(c *conn) {
 	s.mu.Unlock()
 }
 
-// peerAttrs names the process at the other end of a unix socket for logs.
+// peerAttrs names the process at the other end of a connection for logs.
 func peerAttrs(nc net.Conn) []any {
-	uc, ok := nc.(*net.UnixConn)
-	if !ok {
-		return []any{"peer", nc.RemoteAddr().String()}
+	if uc, ok := nc.(*net.UnixConn); ok {
+		return unixsock.PeerAttrs(uc)
 	}
-	rc, err := uc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var cred *unix.Ucred
-	rc.Control(func(fd uintptr) {
-		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if cred == nil {
-		return nil
-	}
-	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
+	return []any{"peer", nc.RemoteAddr().String()}
 }
 
 // Close stops accepting, cancels running handlers' context, disconnects

@@ -71,19 +71,10 @@ func (p *Pool) createVolume(name string, size uint64) error {
 
 // ResizeVolume grows a volume to size bytes online (shrinking is refused).
 func (p *Pool) ResizeVolume(name string, size uint64) error {
-	err := p.resizeVolume(name, size)
-	p.deliver()
-	return err
+	return p.manage(func(hb *hostBacking) error { return p.resizeVolume(name, size, hb) })
 }
 
-func (p *Pool) resizeVolume(name string, size uint64) error {
-	p.flushMu.Lock()
-	defer p.flushMu.Unlock()
-	if err := p.settleReleasesLocked(); err != nil {
-		return err
-	}
-	var hb hostBacking
-	defer hb.done(p)
+func (p *Pool) resizeVolume(name string, size uint64, hb *hostBacking) error {
 again:
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
@@ -114,9 +105,9 @@ again:
 		free := p.freeLocked()
 		p.mu.Unlock()
 		return fmt.Errorf("resize volume %s to %d: %w: reserve mode needs %d more blocks reserved, %d are free", name, size, ErrNoSpace, need, free)
-	} else if !p.enoughSparesLocked(&hb, need) {
+	} else if !p.enoughSparesLocked(hb, need) {
 		p.mu.Unlock()
-		if err := p.backSpares(&hb, need); err != nil {
+		if err := p.backSpares(hb, need); err != nil {
 			return fmt.Errorf("resize volume %s to %d: %w", name, size, err)
 		}
 		goto again

@@ -112,6 +112,20 @@ func checkAccounting(t testing.TB, p *Pool) Status {
 	return p.Status() // after Check's commit: nothing releasing
 }
 
+// proceeds waits for a queued write's result on done, failing the test
+// with stuck when none comes within 5 s, or on an error.
+func proceeds(t *testing.T, done <-chan error, stuck string) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal(stuck)
+	}
+}
+
 func TestCreateOpenReadWrite(t *testing.T) {
 	p, dir := newPool(t, 64, CreateOptions{})
 	v := mustVolume(t, p, "vol", 1<<30) // larger than the pool: thin
@@ -379,14 +393,7 @@ func TestQueueModeWaitsForGrow(t *testing.T) {
 	if err := p.Grow(2 * 4 * kib); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("queued write did not proceed after grow")
-	}
+	proceeds(t, done, "queued write did not proceed after grow")
 	if !bytes.Equal(read(t, v, 4*kib, 4*kib), pattern(4*kib, 2)) {
 		t.Fatal("queued write data wrong")
 	}

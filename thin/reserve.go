@@ -79,19 +79,10 @@ func (p *Pool) reserveNeedLocked(v *volState, r pebblemeta.VolumeRecord) uint64 
 // space; when the pool cannot, it fails with ErrNoSpace and changes
 // nothing. Off gives back what only reserve mode needed.
 func (p *Pool) SetReserveMode(name string, on bool) error {
-	err := p.setReserveMode(name, on)
-	p.deliver()
-	return err
+	return p.manage(func(hb *hostBacking) error { return p.setReserveMode(name, on, hb) })
 }
 
-func (p *Pool) setReserveMode(name string, on bool) error {
-	p.flushMu.Lock()
-	defer p.flushMu.Unlock()
-	if err := p.settleReleasesLocked(); err != nil {
-		return err
-	}
-	var hb hostBacking
-	defer hb.done(p)
+func (p *Pool) setReserveMode(name string, on bool, hb *hostBacking) error {
 	if on {
 		p.mu.Lock()
 		var layer uint64
@@ -100,7 +91,7 @@ func (p *Pool) setReserveMode(name string, on bool) error {
 		}
 		p.mu.Unlock()
 		if layer != 0 {
-			if err := p.allocateHead(layer, &hb); err != nil {
+			if err := p.allocateHead(layer, hb); err != nil {
 				return fmt.Errorf("reserve mode of %s: %w", name, err)
 			}
 		}
@@ -130,11 +121,11 @@ again:
 				name, ErrNoSpace, need, p.freeLocked())
 			break
 		}
-		if !p.enoughSparesLocked(&hb, need) {
+		if !p.enoughSparesLocked(hb, need) {
 			err = &hostNeed{spares: need}
 			break
 		}
-		if h := p.headUnallocatedLocked(v.rec.Layer, &hb); on && h != nil {
+		if h := p.headUnallocatedLocked(v.rec.Layer, hb); on && h != nil {
 			err = h
 			break
 		}
@@ -150,7 +141,7 @@ again:
 	}
 	hold.release()
 	if h, ok := err.(*hostNeed); ok {
-		if err := p.backFor(&hb, h); err != nil {
+		if err := p.backFor(hb, h); err != nil {
 			return fmt.Errorf("reserve mode of %s: %w", name, err)
 		}
 		goto again
@@ -165,6 +156,25 @@ again:
 		p.log.Info("volume reserve mode changed", "pool", p.dir, "volume", name, "reserve_mode", on)
 	}
 	return nil
+}
+
+// manage runs one change to the catalogue or the reservations the way
+// each runs: alone with commits (flushMu), after the releases under way
+// have settled, backing host spares through hb as it needs them (handed
+// back at the end); then it delivers the events that the change noted.
+func (p *Pool) manage(change func(hb *hostBacking) error) error {
+	err := func() error {
+		p.flushMu.Lock()
+		defer p.flushMu.Unlock()
+		if err := p.settleReleasesLocked(); err != nil {
+			return err
+		}
+		var hb hostBacking
+		defer hb.done(p)
+		return change(&hb)
+	}()
+	p.deliver()
+	return err
 }
 
 // settleReleasesLocked commits when discarded blocks wait for their

@@ -117,22 +117,13 @@ func (p *Pool) CreateSnapshot(origin, name string, writable bool) error {
 // CreateSnapshots takes several snapshots at one instant (a consistency
 // group): no write lands between them. All are created or none.
 func (p *Pool) CreateSnapshots(specs []SnapshotSpec) error {
-	err := p.createSnapshots(specs)
-	p.deliver()
-	return err
-}
-
-func (p *Pool) createSnapshots(specs []SnapshotSpec) error {
 	if len(specs) == 0 {
 		return fmt.Errorf("create snapshots: %w: none given", ErrInvalid)
 	}
-	p.flushMu.Lock()
-	defer p.flushMu.Unlock()
-	if err := p.settleReleasesLocked(); err != nil {
-		return err
-	}
-	var hb hostBacking
-	defer hb.done(p)
+	return p.manage(func(hb *hostBacking) error { return p.createSnapshots(specs, hb) })
+}
+
+func (p *Pool) createSnapshots(specs []SnapshotSpec, hb *hostBacking) error {
 again:
 	// No request in flight: no fill can publish into a layer being frozen.
 	hold := p.holdExclusive()
@@ -155,12 +146,12 @@ again:
 		seen[s.Name] = true
 	}
 	if err == nil {
-		err = p.snapshotSpaceLocked(specs, &hb)
+		err = p.snapshotSpaceLocked(specs, hb)
 	}
 	if err != nil {
 		if h, ok := err.(*hostNeed); ok {
 			hold.release()
-			if err := p.backFor(&hb, h); err != nil {
+			if err := p.backFor(hb, h); err != nil {
 				return fmt.Errorf("create snapshot of %s: %w", specs[0].Origin, err)
 			}
 			goto again

@@ -208,14 +208,7 @@ func TestQueueWakesOnDiscardAndDelete(t *testing.T) {
 	if err := b.Discard(0, 4*kib); err != nil { // frees one block
 		t.Fatal(err)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("queued write did not proceed after a discard")
-	}
+	proceeds(t, done, "queued write did not proceed after a discard")
 	if err := p.DeleteVolume("b"); err != nil { // nothing left to free...
 		t.Fatal(err)
 	}
@@ -229,14 +222,7 @@ func TestQueueWakesOnDiscardAndDelete(t *testing.T) {
 	if err := a.Discard(0, 4*kib); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("queued write did not proceed")
-	}
+	proceeds(t, done, "queued write did not proceed")
 	checkAccounting(t, p)
 }
 

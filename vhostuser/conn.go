@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // Conn moves vhost-user messages and their file descriptors over a unix
@@ -40,11 +42,7 @@ type Message struct {
 
 // CloseFiles closes every descriptor the message carried.
 func (m *Message) CloseFiles() {
-	for _, f := range m.Files {
-		if f != nil {
-			f.Close()
-		}
-	}
+	unixsock.CloseFiles(m.Files)
 	m.Files = nil
 }
 
@@ -54,11 +52,12 @@ func (m *Message) CloseFiles() {
 // every descriptor received is closed on error.
 func (c *Conn) Read() (Message, error) {
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.hdr[:], c.oob)
-	files, ferr := parseRights(c.oob[:oobn])
+	files, ferr := unixsock.ParseRights(c.oob[:oobn], "vhost-user-fd")
+	if ferr == nil && len(files) > MaxFds {
+		ferr = fmt.Errorf("%d descriptors in one message (max %d)", len(files), MaxFds)
+	}
 	fail := func(e error) (Message, error) {
-		for _, f := range files {
-			f.Close()
-		}
+		unixsock.CloseFiles(files)
 		return Message{}, e
 	}
 	if err != nil {
@@ -89,33 +88,6 @@ func (c *Conn) Read() (Message, error) {
 	return Message{Header: h, Payload: payload, Files: files}, nil
 }
 
-func parseRights(oob []byte) ([]*os.File, error) {
-	if len(oob) == 0 {
-		return nil, nil
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("parse control message: %w", err)
-	}
-	var files []*os.File
-	var perr error
-	for _, m := range msgs {
-		fds, err := unix.ParseUnixRights(&m)
-		if err != nil {
-			perr = fmt.Errorf("parse rights: %w", err)
-			continue
-		}
-		for _, fd := range fds {
-			unix.CloseOnExec(fd)
-			files = append(files, os.NewFile(uintptr(fd), "vhost-user-fd"))
-		}
-	}
-	if perr == nil && len(files) > MaxFds {
-		perr = fmt.Errorf("%d descriptors in one message (max %d)", len(files), MaxFds)
-	}
-	return files, perr
-}
-
 // Write sends one message with optional descriptors. The descriptors are
 // not closed.
 func (c *Conn) Write(h Header, payload []byte, files ...*os.File) error {
@@ -130,23 +102,8 @@ func (c *Conn) Write(h Header, payload []byte, files ...*os.File) error {
 	c.wbuf = append(c.wbuf[:0], make([]byte, HeaderSize)...)
 	h.encode(c.wbuf)
 	c.wbuf = append(c.wbuf, payload...)
-	var oob []byte
-	if len(files) > 0 {
-		fds := make([]int, len(files))
-		for i, f := range files {
-			fds[i] = int(f.Fd())
-		}
-		oob = unix.UnixRights(fds...)
-	}
-	n, _, err := c.uc.WriteMsgUnix(c.wbuf, oob, nil)
-	if err != nil {
+	if err := unixsock.WriteWithFiles(c.uc, c.wbuf, files); err != nil {
 		return fmt.Errorf("write %v: %w", h.Request, err)
-	}
-	if n < len(c.wbuf) {
-		// The descriptors went with the first bytes; send the rest plainly.
-		if _, err := c.uc.Write(c.wbuf[n:]); err != nil {
-			return fmt.Errorf("write %v: %w", h.Request, err)
-		}
 	}
 	return nil
 }

@@ -1,8 +1,7 @@
 package vhostuser
 
 import (
-	"os"
-
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -33,7 +32,7 @@ type Device interface {
 	// SetQueueCall makes running ring idx interrupt the driver through
 	// call (nil: drop interrupts) from now on, without stopping it. When
 	// it returns the device no longer writes the old call fd.
-	SetQueueCall(idx int, call *os.File) error
+	SetQueueCall(idx int, call *eventfd.FD) error
 	// SetConfigChangeNotifier hands the device a function that tells the
 	// front-end its config space changed (e.g. capacity grew). nil
 	// disables it (the front-end disconnected). The function may be

@@ -1,7 +1,6 @@
 package vhostuser
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -41,21 +40,16 @@ type LogBase struct {
 
 const logBaseSize = 16
 
-func (l LogBase) Encode() []byte {
-	b := make([]byte, logBaseSize)
-	binary.LittleEndian.PutUint64(b[0:], l.MmapSize)
-	binary.LittleEndian.PutUint64(b[8:], l.MmapOffset)
-	return b
-}
+func (l LogBase) Encode() []byte { return encodeFixed(l) }
 
 // DecodeLogBase parses a SET_LOG_BASE payload and checks it on its own:
 // a size that the log's bit count can address, an offset that keeps the
 // bitmap's words aligned for atomic updates.
 func DecodeLogBase(b []byte) (LogBase, error) {
-	if len(b) < logBaseSize {
-		return LogBase{}, ErrShortPayload
+	l, err := decodeFixed[LogBase](b)
+	if err != nil {
+		return l, err
 	}
-	l := LogBase{MmapSize: binary.LittleEndian.Uint64(b[0:]), MmapOffset: binary.LittleEndian.Uint64(b[8:])}
 	switch {
 	case l.MmapSize == 0:
 		return l, errors.New("empty dirty log")

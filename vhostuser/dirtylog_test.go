@@ -20,13 +20,9 @@ func logFile(t *testing.T, size int) (*os.File, []byte) {
 // is stopped or restarted, and the running queue's log marks the bits of
 // the pages it is told about, the used ring at log_guest_addr.
 func TestDirtyLogOnRunningRings(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, ts, c := negotiated(t)
 	setupMem(t, c)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	q, ok := dev.runningQueue(0)
 	if !ok || q.DirtyLog == nil {
 		t.Fatal("ring not running with a dirty log")
@@ -144,10 +140,7 @@ func TestSetLogBaseValidation(t *testing.T) {
 
 // A log too small for a memory table that grows under it is reported.
 func TestMemoryBeyondDirtyLog(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	_, ts, c := negotiated(t)
 	setupMem(t, c)
 	f, _ := logFile(t, 4096)
 	c.write(ReqSetLogBase, 0, LogBase{MmapSize: 32}.Encode(), f)

@@ -256,3 +256,65 @@ func FuzzWire(f *testing.F) {
 		}
 	})
 }
+
+// TestWireLayout holds each fixed-size payload to its layout in the
+// specification (vhost-user.rst, "Message types"): field order, widths and
+// padding, with every field distinct so a swapped or misplaced one shows.
+func TestWireLayout(t *testing.T) {
+	le := binary.LittleEndian
+	u32s := func(b []byte, vs ...uint32) []byte {
+		for _, v := range vs {
+			b = le.AppendUint32(b, v)
+		}
+		return b
+	}
+	u64s := func(b []byte, vs ...uint64) []byte {
+		for _, v := range vs {
+			b = le.AppendUint64(b, v)
+		}
+		return b
+	}
+	region := MemoryRegion{GuestPhysAddr: 0x11, Size: 0x22, UserAddr: 0x33, MmapOffset: 0x44}
+	regionWire := u64s(nil, 0x11, 0x22, 0x33, 0x44)
+	inflightWire := le.AppendUint16(le.AppendUint16(u64s(nil, 0x55, 0x66), 7), 8)
+	inflightWire = append(inflightWire, 0, 0, 0, 0)
+	for _, c := range []struct {
+		name string
+		got  []byte
+		want []byte
+	}{
+		{"VringState", VringState{Index: 1, Num: 2}.Encode(), u32s(nil, 1, 2)},
+		{"VringAddr", VringAddr{Index: 1, Flags: 2, DescUser: 3, UsedUser: 4, AvailUser: 5, LogGuest: 6}.Encode(),
+			u64s(u32s(nil, 1, 2), 3, 4, 5, 6)},
+		{"Inflight", Inflight{MmapSize: 0x55, MmapOffset: 0x66, NumQueues: 7, QueueSize: 8}.Encode(), inflightWire},
+		{"LogBase", LogBase{MmapSize: 0x77, MmapOffset: 0x88}.Encode(), u64s(nil, 0x77, 0x88)},
+		{"SingleRegion", EncodeSingleRegion(region), append(make([]byte, 8), regionWire...)},
+		{"MemTable", EncodeMemTable([]MemoryRegion{region, region}),
+			append(append(u32s(nil, 2, 0), regionWire...), regionWire...)},
+	} {
+		if !bytes.Equal(c.got, c.want) {
+			t.Errorf("%s on the wire:\n got %x\nwant %x", c.name, c.got, c.want)
+		}
+	}
+	if len(inflightWire) != inflightSize || len(regionWire) != memoryRegionSize {
+		t.Fatal("the expected layouts disagree with the sizes the decoders check")
+	}
+	if in, err := DecodeInflight(inflightWire); err != nil || in != (Inflight{MmapSize: 0x55, MmapOffset: 0x66, NumQueues: 7, QueueSize: 8}) {
+		t.Errorf("DecodeInflight = %+v, %v", in, err)
+	}
+	for _, c := range []struct {
+		name   string
+		size   int
+		decode func([]byte) error
+	}{
+		{"VringState", 8, func(b []byte) error { _, err := DecodeVringState(b); return err }},
+		{"VringAddr", vringAddrSize, func(b []byte) error { _, err := DecodeVringAddr(b); return err }},
+		{"Inflight", inflightSize, func(b []byte) error { _, err := DecodeInflight(b); return err }},
+		{"LogBase", logBaseSize, func(b []byte) error { _, err := DecodeLogBase(b); return err }},
+		{"SingleRegion", 8 + memoryRegionSize, func(b []byte) error { _, err := DecodeSingleRegion(b); return err }},
+	} {
+		if err := c.decode(make([]byte, c.size-1)); !errors.Is(err, ErrShortPayload) {
+			t.Errorf("%s of %d bytes (one short): %v, want ErrShortPayload", c.name, c.size-1, err)
+		}
+	}
+}

@@ -9,7 +9,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/internal/handover"
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // A hand-over moves a Server's listening socket and front-end connections
@@ -280,6 +282,14 @@ func (s *session) handOffRequests() (reqs []handover.Request, err error) {
 		reqs = append(reqs, handover.Request{Request: uint32(req), Payload: payload, Files: dups})
 		return nil
 	}
+	addEventfd := func(req Request, payload []byte, e *eventfd.FD) error {
+		f, err := e.File("eventfd")
+		if err != nil {
+			return fmt.Errorf("hand-over: %v: %w", req, err)
+		}
+		reqs = append(reqs, handover.Request{Request: uint32(req), Payload: payload, Files: []*os.File{f}})
+		return nil
+	}
 	if s.protocol != 0 {
 		if err := add(ReqSetProtocolFeatures, EncodeU64(s.protocol)); err != nil {
 			return nil, err
@@ -351,14 +361,14 @@ func (s *session) handOffRequests() (reqs []handover.Request, err error) {
 				return nil, err
 			}
 		}
-		for _, fd := range []struct {
-			req Request
-			f   *os.File
-		}{{ReqSetVringCall, r.call}, {ReqSetVringErr, r.errFd}} {
-			if fd.f != nil {
-				if err := add(fd.req, EncodeU64(uint64(i)), fd.f); err != nil {
-					return nil, err
-				}
+		if r.call != nil {
+			if err := addEventfd(ReqSetVringCall, EncodeU64(uint64(i)), r.call); err != nil {
+				return nil, err
+			}
+		}
+		if r.errFd != nil {
+			if err := add(ReqSetVringErr, EncodeU64(uint64(i)), r.errFd); err != nil {
+				return nil, err
 			}
 		}
 		if perRingEnable && r.enabled {
@@ -370,7 +380,7 @@ func (s *session) handOffRequests() (reqs []handover.Request, err error) {
 		if r.kickSet {
 			var err error
 			if r.kick != nil {
-				err = add(ReqSetVringKick, EncodeU64(uint64(i)), r.kick)
+				err = addEventfd(ReqSetVringKick, EncodeU64(uint64(i)), r.kick)
 			} else {
 				err = add(ReqSetVringKick, EncodeU64(uint64(i)|VringNoFd))
 			}
@@ -457,7 +467,7 @@ func (s *Server) LeaveSocketFile() {
 
 // resume rebuilds one session from its requests and serves it.
 func (s *Server) resume(uc *net.UnixConn, replay []handover.Request) {
-	log := s.log.With(peerAttrs(uc)...)
+	log := s.log.With(unixsock.PeerAttrs(uc)...)
 	conn := NewConn(uc)
 	sess := s.newConnSession(log, conn, uc)
 	sess.out = refuseWriter{}

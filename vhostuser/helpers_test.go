@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 
 	"github.com/thinblk/thinblk/internal/testenv"
@@ -138,7 +139,7 @@ func (d *fakeDevice) StopQueue(idx int) (uint16, error) {
 	return q.LastAvail + d.progress, nil
 }
 
-func (d *fakeDevice) SetQueueCall(idx int, call *os.File) error {
+func (d *fakeDevice) SetQueueCall(idx int, call *eventfd.FD) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	q, ok := d.running[idx]
@@ -394,6 +395,24 @@ func (c *client) setupRing(t *testing.T, i int, size uint32) {
 	c.mustSend(ReqSetVringAddr, ringAddr(i, userBase).Encode())
 	c.mustSend(ReqSetVringKick, EncodeU64(uint64(i)), eventFd(t))
 	c.mustSend(ReqSetVringCall, EncodeU64(uint64(i)), eventFd(t))
+}
+
+// startRing sets ring i up as QEMU does and enables it.
+func (c *client) startRing(t *testing.T, i int, size uint32) {
+	t.Helper()
+	c.setupRing(t, i, size)
+	c.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+}
+
+// negotiated starts a server for a new fake device and connects a
+// front-end that has negotiated its features, protocol features included.
+func negotiated(t *testing.T) (*fakeDevice, *testServer, *client) {
+	t.Helper()
+	dev := newFakeDevice()
+	ts := startServer(t, dev)
+	c := dial(t, ts.path)
+	c.negotiate(dev, true)
+	return dev, ts, c
 }
 
 // guestRange reads guest memory through running queue idx's Memory, under

@@ -36,10 +36,7 @@ func mapFile(t *testing.T, f *os.File, size uint64) []byte {
 // GET_INFLIGHT_FD hands out a sealed memfd laid out as one QueueRegionSplit
 // per queue; SET_INFLIGHT_FD takes it back and the rings start with it.
 func TestInflightGetSet(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	setupMem(t, c)
 	in, f := c.getInflight(2, 128)
 	want := 2 * inflightQueueSize(128)
@@ -61,8 +58,7 @@ func TestInflightGetSet(t *testing.T) {
 		}
 	}
 	c.mustSend(ReqSetInflightFd, in.Encode(), f)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	q, ok := dev.runningQueue(0)
 	if !ok || q.Inflight == nil {
 		t.Fatalf("ring running %v with in-flight log %v", ok, q.Inflight)
@@ -80,10 +76,7 @@ func TestInflightGetSet(t *testing.T) {
 
 // SET_INFLIGHT_FD's payload and descriptor are hostile input.
 func TestInflightSetValidation(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, ts, c := negotiated(t)
 	setupMem(t, c)
 	in, f := c.getInflight(2, 128)
 	unsealed := newGuestRAM(t, int(in.MmapSize)+4096)
@@ -110,8 +103,7 @@ func TestInflightSetValidation(t *testing.T) {
 	}
 	// A ring whose size differs from the area's does not start with it.
 	c.mustSend(ReqSetInflightFd, in.Encode(), f)
-	c.setupRing(t, 0, 64)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 64)
 	if _, ok := dev.runningQueue(0); ok {
 		t.Fatal("ring of 64 started with an in-flight area for 128")
 	}

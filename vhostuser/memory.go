@@ -140,20 +140,20 @@ func (m *guestMemory) len() int {
 // address space.
 func checkRegions(regs []*mappedRegion) error {
 	byUser := append([]*mappedRegion(nil), regs...)
-	sort.Slice(byUser, func(i, j int) bool { return byUser[i].UserAddr < byUser[j].UserAddr })
-	for i := 1; i < len(byUser); i++ {
-		a, b := byUser[i-1], byUser[i]
-		if a.UserAddr+a.Size > b.UserAddr {
-			return fmt.Errorf("regions overlap in user address space: [%#x,+%#x) and [%#x,+%#x)",
-				a.UserAddr, a.Size, b.UserAddr, b.Size)
-		}
+	if err := sortApart(byUser, func(r *mappedRegion) uint64 { return r.UserAddr }, "user address space"); err != nil {
+		return err
 	}
-	sort.Slice(regs, func(i, j int) bool { return regs[i].GuestPhysAddr < regs[j].GuestPhysAddr })
+	return sortApart(regs, func(r *mappedRegion) uint64 { return r.GuestPhysAddr }, "guest memory")
+}
+
+// sortApart sorts regs by where they start in one address space and
+// rejects two that overlap there.
+func sortApart(regs []*mappedRegion, start func(*mappedRegion) uint64, space string) error {
+	sort.Slice(regs, func(i, j int) bool { return start(regs[i]) < start(regs[j]) })
 	for i := 1; i < len(regs); i++ {
 		a, b := regs[i-1], regs[i]
-		if a.GuestPhysAddr+a.Size > b.GuestPhysAddr {
-			return fmt.Errorf("regions overlap in guest memory: [%#x,+%#x) and [%#x,+%#x)",
-				a.GuestPhysAddr, a.Size, b.GuestPhysAddr, b.Size)
+		if start(a)+a.Size > start(b) {
+			return fmt.Errorf("regions overlap in %s: [%#x,+%#x) and [%#x,+%#x)", space, start(a), a.Size, start(b), b.Size)
 		}
 	}
 	return nil

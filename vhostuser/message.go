@@ -213,20 +213,38 @@ type MemoryRegion struct {
 
 const memoryRegionSize = 32
 
-func (r MemoryRegion) encode(b []byte) {
-	binary.LittleEndian.PutUint64(b[0:], r.GuestPhysAddr)
-	binary.LittleEndian.PutUint64(b[8:], r.Size)
-	binary.LittleEndian.PutUint64(b[16:], r.UserAddr)
-	binary.LittleEndian.PutUint64(b[24:], r.MmapOffset)
+// The fixed-size payloads (and the regions in memory tables) are plain
+// little-endian structs: their Go types list the fields in wire order, a
+// blank field where the wire has padding, so that one encoder and one
+// decoder, on encoding/binary, serve them all. TestWireLayout holds each
+// type to its layout in the specification.
+
+// encodeFixed lays v out on the wire.
+func encodeFixed(v any) []byte {
+	b := make([]byte, binary.Size(v))
+	putFixed(b, v)
+	return b
 }
 
-func decodeMemoryRegion(b []byte) MemoryRegion {
-	return MemoryRegion{
-		GuestPhysAddr: binary.LittleEndian.Uint64(b[0:]),
-		Size:          binary.LittleEndian.Uint64(b[8:]),
-		UserAddr:      binary.LittleEndian.Uint64(b[16:]),
-		MmapOffset:    binary.LittleEndian.Uint64(b[24:]),
+// putFixed lays v out at the start of b, which has room for it.
+func putFixed(b []byte, v any) {
+	if _, err := binary.Encode(b, binary.LittleEndian, v); err != nil {
+		// Only this file's fixed-size types come here: a bug, not input.
+		panic(fmt.Sprintf("vhostuser: encode %T: %v", v, err))
 	}
+}
+
+// decodeFixed reads a T from the start of b, refusing a b shorter than T
+// on the wire.
+func decodeFixed[T any](b []byte) (T, error) {
+	var v T
+	if len(b) < binary.Size(v) {
+		return v, ErrShortPayload
+	}
+	if _, err := binary.Decode(b, binary.LittleEndian, &v); err != nil {
+		return v, fmt.Errorf("decode %T: %w", v, err)
+	}
+	return v, nil
 }
 
 // EncodeMemTable builds a SET_MEM_TABLE payload.
@@ -234,7 +252,7 @@ func EncodeMemTable(regions []MemoryRegion) []byte {
 	b := make([]byte, 8+memoryRegionSize*len(regions))
 	binary.LittleEndian.PutUint32(b[0:], uint32(len(regions)))
 	for i, r := range regions {
-		r.encode(b[8+i*memoryRegionSize:])
+		putFixed(b[8+i*memoryRegionSize:], r)
 	}
 	return b
 }
@@ -253,7 +271,10 @@ func DecodeMemTable(b []byte) ([]MemoryRegion, error) {
 	}
 	regions := make([]MemoryRegion, n)
 	for i := range regions {
-		regions[i] = decodeMemoryRegion(b[8+i*memoryRegionSize:])
+		var err error
+		if regions[i], err = decodeFixed[MemoryRegion](b[8+i*memoryRegionSize:]); err != nil {
+			return nil, err
+		}
 	}
 	return regions, nil
 }
@@ -261,16 +282,16 @@ func DecodeMemTable(b []byte) ([]MemoryRegion, error) {
 // EncodeSingleRegion builds an ADD_MEM_REG / REM_MEM_REG payload.
 func EncodeSingleRegion(r MemoryRegion) []byte {
 	b := make([]byte, 8+memoryRegionSize)
-	r.encode(b[8:])
+	putFixed(b[8:], r)
 	return b
 }
 
 // DecodeSingleRegion parses an ADD_MEM_REG / REM_MEM_REG payload.
 func DecodeSingleRegion(b []byte) (MemoryRegion, error) {
-	if len(b) < 8+memoryRegionSize {
+	if len(b) < 8 {
 		return MemoryRegion{}, ErrShortPayload
 	}
-	return decodeMemoryRegion(b[8:]), nil
+	return decodeFixed[MemoryRegion](b[8:])
 }
 
 // VringState is the payload of SET_VRING_NUM, SET_VRING_BASE,
@@ -280,19 +301,9 @@ type VringState struct {
 	Num   uint32
 }
 
-func (s VringState) Encode() []byte {
-	b := make([]byte, 8)
-	binary.LittleEndian.PutUint32(b[0:], s.Index)
-	binary.LittleEndian.PutUint32(b[4:], s.Num)
-	return b
-}
+func (s VringState) Encode() []byte { return encodeFixed(s) }
 
-func DecodeVringState(b []byte) (VringState, error) {
-	if len(b) < 8 {
-		return VringState{}, ErrShortPayload
-	}
-	return VringState{binary.LittleEndian.Uint32(b[0:]), binary.LittleEndian.Uint32(b[4:])}, nil
-}
+func DecodeVringState(b []byte) (VringState, error) { return decodeFixed[VringState](b) }
 
 // VringAddr is the payload of SET_VRING_ADDR. Addresses are the front-end's
 // virtual addresses (user addresses), translated through the memory table.
@@ -307,30 +318,9 @@ type VringAddr struct {
 
 const vringAddrSize = 40
 
-func (a VringAddr) Encode() []byte {
-	b := make([]byte, vringAddrSize)
-	binary.LittleEndian.PutUint32(b[0:], a.Index)
-	binary.LittleEndian.PutUint32(b[4:], a.Flags)
-	binary.LittleEndian.PutUint64(b[8:], a.DescUser)
-	binary.LittleEndian.PutUint64(b[16:], a.UsedUser)
-	binary.LittleEndian.PutUint64(b[24:], a.AvailUser)
-	binary.LittleEndian.PutUint64(b[32:], a.LogGuest)
-	return b
-}
+func (a VringAddr) Encode() []byte { return encodeFixed(a) }
 
-func DecodeVringAddr(b []byte) (VringAddr, error) {
-	if len(b) < vringAddrSize {
-		return VringAddr{}, ErrShortPayload
-	}
-	return VringAddr{
-		Index:     binary.LittleEndian.Uint32(b[0:]),
-		Flags:     binary.LittleEndian.Uint32(b[4:]),
-		DescUser:  binary.LittleEndian.Uint64(b[8:]),
-		UsedUser:  binary.LittleEndian.Uint64(b[16:]),
-		AvailUser: binary.LittleEndian.Uint64(b[24:]),
-		LogGuest:  binary.LittleEndian.Uint64(b[32:]),
-	}, nil
-}
+func DecodeVringAddr(b []byte) (VringAddr, error) { return decodeFixed[VringAddr](b) }
 
 // EncodeU64 and DecodeU64 handle the many messages whose payload is one
 // 64-bit number (features, status, fd-carrying vring messages, acks).
@@ -386,29 +376,13 @@ type Inflight struct {
 	MmapOffset uint64
 	NumQueues  uint16
 	QueueSize  uint16
+	_          [4]byte // padding
 }
 
 // inflightSize is the size of QEMU's VhostUserInflight, with the 4 bytes
 // of padding that align it to 8 (QEMU 7.2 sends 24 bytes).
 const inflightSize = 24
 
-func (f Inflight) Encode() []byte {
-	b := make([]byte, inflightSize)
-	binary.LittleEndian.PutUint64(b[0:], f.MmapSize)
-	binary.LittleEndian.PutUint64(b[8:], f.MmapOffset)
-	binary.LittleEndian.PutUint16(b[16:], f.NumQueues)
-	binary.LittleEndian.PutUint16(b[18:], f.QueueSize)
-	return b
-}
+func (f Inflight) Encode() []byte { return encodeFixed(f) }
 
-func DecodeInflight(b []byte) (Inflight, error) {
-	if len(b) < inflightSize {
-		return Inflight{}, ErrShortPayload
-	}
-	return Inflight{
-		MmapSize:   binary.LittleEndian.Uint64(b[0:]),
-		MmapOffset: binary.LittleEndian.Uint64(b[8:]),
-		NumQueues:  binary.LittleEndian.Uint16(b[16:]),
-		QueueSize:  binary.LittleEndian.Uint16(b[18:]),
-	}, nil
-}
+func DecodeInflight(b []byte) (Inflight, error) { return decodeFixed[Inflight](b) }

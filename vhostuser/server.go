@@ -150,7 +150,7 @@ func (s *Server) Serve(ctx context.Context) error {
 			return nil
 		case len(s.active) >= maxFrontEnds:
 			s.mu.Unlock()
-			s.log.Warn("refused a third front-end connection: two are already being served (a migration's source and destination)", peerAttrs(uc)...)
+			s.log.Warn("refused a third front-end connection: two are already being served (a migration's source and destination)", unixsock.PeerAttrs(uc)...)
 			uc.Close()
 			continue
 		}
@@ -162,22 +162,6 @@ func (s *Server) Serve(ctx context.Context) error {
 		s.mu.Unlock()
 		go s.serveConn(cs, second)
 	}
-}
-
-// peerAttrs describes the process at the other end of uc for log lines.
-func peerAttrs(uc *net.UnixConn) []any {
-	rc, err := uc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var cred *unix.Ucred
-	rc.Control(func(fd uintptr) {
-		cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	})
-	if cred == nil {
-		return nil
-	}
-	return []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
 }
 
 // peerHungUp reports whether the front-end closed its end of uc (or uc is
@@ -204,7 +188,7 @@ func peerHungUp(uc *net.UnixConn) bool {
 // the connection held so that the next front-end starts from scratch.
 func (s *Server) serveConn(cs *connState, second bool) {
 	uc := cs.conn.uc
-	log := s.log.With(peerAttrs(uc)...)
+	log := s.log.With(unixsock.PeerAttrs(uc)...)
 	if second {
 		log.Info("front-end connected while another is served (a live migration's other end)")
 	} else {

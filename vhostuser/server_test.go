@@ -2,6 +2,7 @@ package vhostuser
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 
 	"github.com/thinblk/thinblk/internal/testenv"
@@ -63,10 +65,7 @@ func TestNegotiation(t *testing.T) {
 }
 
 func TestConfigSpace(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 
 	c.write(ReqGetConfig, 0, ConfigSpace{Offset: 8, Data: make([]byte, 16)}.Encode())
 	cs, err := DecodeConfigSpace(c.read(ReqGetConfig).Payload)
@@ -94,10 +93,7 @@ func TestConfigSpace(t *testing.T) {
 }
 
 func TestRingStartsWhenEnabled(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, ts, c := negotiated(t)
 	ram := newGuestRAM(t, ramSize)
 	c.mustSend(ReqSetMemTable, EncodeMemTable([]MemoryRegion{{GuestPhysAddr: 0, Size: ramSize, UserAddr: userBase}}), ram.file)
 
@@ -165,7 +161,7 @@ func TestRingStartsWhenEnabled(t *testing.T) {
 	call := eventFd(t)
 	nEvents := len(dev.eventLog())
 	c.mustSend(ReqSetVringCall, EncodeU64(0), call)
-	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !sameFile(q.Call, call) {
+	if q, ok := dev.runningQueue(0); !ok || q.Call == nil || !signalsTo(t, q.Call, call) {
 		t.Fatal("ring not running with the new call fd")
 	}
 	if ev := dev.eventLog()[nEvents:]; !slices.Equal(ev, []string{"call 0"}) {
@@ -246,10 +242,7 @@ func setupMem(t *testing.T, c *client) *guestRAM {
 }
 
 func TestMemoryTableValidation(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	ram := newGuestRAM(t, ramSize)
 	ram2 := newGuestRAM(t, ramSize)
 	table := func(regs ...MemoryRegion) []byte { return EncodeMemTable(regs) }
@@ -319,15 +312,11 @@ func TestMemoryTableValidation(t *testing.T) {
 }
 
 func TestAddRemoveMemoryRegions(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	ram := newGuestRAM(t, ramSize)
 	low := MemoryRegion{GuestPhysAddr: 0, Size: ramSize, UserAddr: userBase}
 	c.mustSend(ReqAddMemReg, EncodeSingleRegion(low), ram.file)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	if dev.numRunning() != 1 {
 		t.Fatal("ring not running")
 	}
@@ -378,14 +367,10 @@ func TestAddRemoveMemoryRegions(t *testing.T) {
 }
 
 func TestSetMemTableWhileRunning(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	setupMem(t, c)
 	for i := 0; i < 2; i++ {
-		c.setupRing(t, i, 128)
-		c.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+		c.startRing(t, i, 128)
 	}
 	if dev.numRunning() != 2 {
 		t.Fatal("rings not running")
@@ -404,13 +389,9 @@ func TestSetMemTableWhileRunning(t *testing.T) {
 }
 
 func TestResetDevice(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	setupMem(t, c)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	c.mustSend(ReqResetDevice, nil)
 	if dev.numRunning() != 0 {
 		t.Fatal("ring running after RESET_DEVICE")
@@ -422,8 +403,7 @@ func TestResetDevice(t *testing.T) {
 		t.Fatal("ring started without size and addresses after reset")
 	}
 	c.mustSend(ReqSetFeatures, EncodeU64(dev.features|1<<FeatureProtocolFeatures))
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	if dev.numRunning() != 1 {
 		t.Fatal("ring not running after set-up following reset")
 	}
@@ -491,8 +471,7 @@ func TestMalformedMessages(t *testing.T) {
 	}
 	// The session is intact: a ring can still be set up.
 	setupMem(t, c)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	if dev.numRunning() != 1 {
 		t.Fatal("ring not running after malformed messages")
 	}
@@ -558,8 +537,7 @@ func TestTwoFrontEnds(t *testing.T) {
 	src := dial(t, ts.path)
 	src.negotiate(dev, true)
 	srcRAM := setupMem(t, src)
-	src.setupRing(t, 0, 128)
-	src.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	src.startRing(t, 0, 128)
 	if _, ok := dev.runningQueue(0); !ok {
 		t.Fatal("source ring not running")
 	}
@@ -578,8 +556,7 @@ func TestTwoFrontEnds(t *testing.T) {
 
 	// Its rings may not start while the source's run.
 	dstRAM := setupMem(t, dst)
-	dst.setupRing(t, 0, 128)
-	dst.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	dst.startRing(t, 0, 128)
 	ts.log.WaitContains(t, "another front-end runs this device's rings")
 	// Which memory a running ring uses shows in a byte of its used ring.
 	srcRAM.mem[ringOff(0)+0x8000+100] = 0xaa
@@ -661,8 +638,7 @@ func TestReconnectWhileOldSessionStops(t *testing.T) {
 	old.negotiate(dev, true)
 	setupMem(t, old)
 	for i := range 2 {
-		old.setupRing(t, i, 128)
-		old.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+		old.startRing(t, i, 128)
 	}
 	if dev.numRunning() != 2 {
 		t.Fatal("rings not running")
@@ -684,8 +660,7 @@ func TestReconnectWhileOldSessionStops(t *testing.T) {
 	release := time.AfterFunc(300*time.Millisecond, func() { close(gate) })
 	defer release.Stop()
 	for i := range 2 {
-		next.setupRing(t, i, 128)
-		next.mustSend(ReqSetVringEnable, VringState{Index: uint32(i), Num: 1}.Encode())
+		next.startRing(t, i, 128)
 	}
 	testenv.WaitFor(t, "the new connection's rings running", func() bool {
 		for i := range 2 {
@@ -702,10 +677,7 @@ func TestReconnectWhileOldSessionStops(t *testing.T) {
 }
 
 func TestConfigChangeNotifier(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, _, c := negotiated(t)
 	sp, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -816,13 +788,9 @@ func TestStaleAndLiveSockets(t *testing.T) {
 }
 
 func TestCloseStopsEverything(t *testing.T) {
-	dev := newFakeDevice()
-	ts := startServer(t, dev)
-	c := dial(t, ts.path)
-	c.negotiate(dev, true)
+	dev, ts, c := negotiated(t)
 	setupMem(t, c)
-	c.setupRing(t, 0, 128)
-	c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+	c.startRing(t, 0, 128)
 	if err := ts.srv.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -1022,11 +990,27 @@ func waitServed(t *testing.T, path string) *Conn {
 	}
 }
 
-// sameFile reports whether a and b are the same open file.
-func sameFile(a, b *os.File) bool {
-	sa, err1 := a.Stat()
-	sb, err2 := b.Stat()
-	return err1 == nil && err2 == nil && os.SameFile(sa, sb)
+// signalsTo reports whether a signal on e reaches f: the same eventfd
+// (eventfds share one inode, so a stat cannot tell).
+func signalsTo(t *testing.T, e *eventfd.FD, f *os.File) bool {
+	t.Helper()
+	if err := e.Signal(); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	var rerr error
+	if err := rc.Control(func(fd uintptr) {
+		var b [8]byte
+		_, rerr = unix.Read(int(fd), b[:])
+		n = binary.LittleEndian.Uint64(b[:])
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return rerr == nil && n == 1
 }
 
 // A ring the device fails to stop may still be using guest memory: the
@@ -1059,8 +1043,7 @@ func TestStopFailureClosesWithoutUnmapping(t *testing.T) {
 			c := dial(t, ts.path)
 			c.negotiate(dev, true)
 			setupMem(t, c)
-			c.setupRing(t, 0, 128)
-			c.mustSend(ReqSetVringEnable, VringState{Index: 0, Num: 1}.Encode())
+			c.startRing(t, 0, 128)
 			dev.mu.Lock()
 			dev.stopErr = errors.New("requests still in flight")
 			dev.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync/atomic"
 
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -37,9 +38,10 @@ type vring struct {
 	descGPA, availGPA, usedGPA uint64
 	desc, avail, used          []byte
 
-	kick    *os.File
+	// kick and call are held outside Go's poller (package eventfd).
+	kick    *eventfd.FD
 	kickSet bool // SET_VRING_KICK received (kick may be nil: polled ring)
-	call    *os.File
+	call    *eventfd.FD
 	errFd   *os.File
 
 	// inflight is this ring's queue region of the in-flight area
@@ -58,11 +60,12 @@ type vring struct {
 }
 
 func (r *vring) closeFiles() {
-	for _, f := range []**os.File{&r.kick, &r.call, &r.errFd} {
-		if *f != nil {
-			(*f).Close()
-			*f = nil
-		}
+	r.kick.Close()
+	r.call.Close()
+	r.kick, r.call = nil, nil
+	if r.errFd != nil {
+		r.errFd.Close()
+		r.errFd = nil
 	}
 	r.kickSet = false
 }
@@ -528,10 +531,8 @@ func (s *session) getVringBase(m *Message) ([]byte, error) {
 	if err := s.stopRing(idx); err != nil {
 		return nil, err
 	}
-	if r.kick != nil {
-		r.kick.Close()
-		r.kick = nil
-	}
+	r.kick.Close()
+	r.kick = nil
 	r.kickSet = false
 	return VringState{Index: st.Index, Num: uint32(r.base)}.Encode(), nil
 }
@@ -561,27 +562,37 @@ func (s *session) ringFile(m *Message) (*vring, int, *os.File, error) {
 	return r, idx, f, nil
 }
 
-func (s *session) setVringKick(m *Message) ([]byte, error) {
+// ringEventfd is ringFile for a kick or call eventfd, taken out of Go's
+// poller.
+func (s *session) ringEventfd(m *Message) (*vring, int, *eventfd.FD, error) {
 	r, idx, f, err := s.ringFile(m)
+	if err != nil {
+		return nil, 0, nil, err
+	}
+	e, err := eventfd.Adopt(f)
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("%v: %w", m.Header.Request, err)
+	}
+	return r, idx, e, nil
+}
+
+func (s *session) setVringKick(m *Message) ([]byte, error) {
+	r, idx, f, err := s.ringEventfd(m)
 	if err != nil {
 		return nil, err
 	}
 	if err := s.stopRing(idx); err != nil {
-		if f != nil {
-			f.Close()
-		}
+		f.Close()
 		return nil, err
 	}
-	if r.kick != nil {
-		r.kick.Close()
-	}
+	r.kick.Close()
 	r.kick, r.kickSet = f, true
 	s.startRing(idx)
 	return nil, nil
 }
 
 func (s *session) setVringCall(m *Message) ([]byte, error) {
-	r, idx, f, err := s.ringFile(m)
+	r, idx, f, err := s.ringEventfd(m)
 	if err != nil {
 		return nil, err
 	}
@@ -590,17 +601,13 @@ func (s *session) setVringCall(m *Message) ([]byte, error) {
 	// would wait for every request in flight on this goroutine.
 	if r.running {
 		if err := s.dev.SetQueueCall(idx, f); err != nil {
-			if f != nil {
-				f.Close()
-			}
+			f.Close()
 			return nil, fmt.Errorf("ring %d: new call fd: %w", idx, err)
 		}
 	}
 	// The device no longer signals the old fd once SetQueueCall returned
 	// (a signal under way holds its own reference).
-	if r.call != nil {
-		r.call.Close()
-	}
+	r.call.Close()
 	r.call = f
 	return nil, nil
 }

@@ -12,7 +12,7 @@
 // size, and loops are detected.
 package virtio
 
-import "os"
+import "github.com/thinblk/thinblk/internal/eventfd"
 
 // Memory gives access to guest memory by guest-physical address. Guest
 // memory is mapped outside the Go heap, so the returned slices must never be
@@ -46,7 +46,7 @@ type QueueSetup struct {
 	// may be nil: a nil Kick means the queue is polled, a nil Call means
 	// notifications are dropped. The device owns neither: the transport
 	// closes them after StopQueue returns.
-	Kick, Call *os.File
+	Kick, Call *eventfd.FD
 	// Inflight, if not nil, is a log of the requests in flight kept where
 	// it survives the back-end (vhost-user INFLIGHT_SHMFD). The runner
 	// resubmits the heads it names before consuming the available ring,

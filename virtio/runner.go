@@ -10,10 +10,11 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/eventfd"
 )
 
 // RunnerConfig configures a Runner.
@@ -41,6 +42,29 @@ type RunnerConfig struct {
 	// request within that time skips its kick, and the runner its
 	// wake-up. It spins a CPU meanwhile (see PollRing).
 	Poll time.Duration
+	// Waiter, if set, is where the runner sleeps for kicks instead of
+	// poll(2): an I/O engine that waits for the kick and wake eventfds
+	// together with its own completions (an io_uring polling them), so
+	// that one sleeping thread serves both. The runner's goroutine is
+	// locked to its OS thread while it runs (such an engine may have one
+	// issuing thread), and calls Settle before it ends.
+	Waiter Waiter
+}
+
+// Waiter is an I/O engine the runner can sleep in (RunnerConfig.Waiter).
+// Its methods run on the runner's goroutine; completions it collects
+// reach the device on that goroutine too.
+type Waiter interface {
+	// Wait blocks until one of fds is readable or failed, setting
+	// revents to each fd's poll events (0: not ready), and completes
+	// the engine's requests that finish meanwhile.
+	Wait(fds []int32, revents []int16) error
+	// Poll completes the engine's requests that have finished, without
+	// blocking.
+	Poll()
+	// Settle waits until every request the engine started has
+	// completed, completing them.
+	Settle()
 }
 
 // PollInterval is how often a queue without a kick eventfd looks at its
@@ -56,16 +80,18 @@ type Runner struct {
 	after   func()
 	journal InflightLog
 	log     *slog.Logger
-	kick    *os.File // kept alive while its descriptor is in use
+	kick    *eventfd.FD // its owner closes it only after the runner stopped
 	poll    time.Duration
+	waiter  Waiter
 	// call is where interrupts go; SetCall swaps it while the ring runs.
-	call      atomic.Pointer[callTarget]
-	writeCall func(fd uintptr) bool // signals one fd; made once (no allocation per signal)
+	call atomic.Pointer[eventfd.FD]
 
 	// Consumer side (runner goroutine only).
 	scratch Chain
 	pollFds []unix.PollFd
 	readBuf [8]byte
+	waitFds []int32 // pollFds' descriptors and events, for waiter
+	waitEvs []int16
 
 	// Completion side, guarded by mu.
 	mu       sync.Mutex
@@ -136,6 +162,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 		log:     log.With("queue", cfg.Setup.Index),
 		kick:    cfg.Setup.Kick,
 		poll:    cfg.Poll,
+		waiter:  cfg.Waiter,
 		chains:  make([]Chain, q.size),
 		busy:    make([]bool, q.size),
 		done:    make(chan struct{}),
@@ -155,18 +182,7 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	r.scratch.addrs = addrs[n*segsPerSlot : n*segsPerSlot : (n+1)*segsPerSlot]
 	r.pollFds = []unix.PollFd{{Fd: int32(wake), Events: unix.POLLIN}}
 	if r.kick != nil {
-		fd, err := rawFd(r.kick)
-		if err != nil {
-			unix.Close(wake)
-			return nil, fmt.Errorf("queue %d: kick eventfd: %w", cfg.Setup.Index, err)
-		}
-		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
-	}
-	r.writeCall = func(fd uintptr) bool {
-		if _, err := unix.Write(int(fd), one[:]); err != nil && err != unix.EAGAIN {
-			r.log.Warn("signal call eventfd", "err", err)
-		}
-		return true
+		r.pollFds = append(r.pollFds, unix.PollFd{Fd: int32(r.kick.Fd()), Events: unix.POLLIN})
 	}
 	if err := r.SetCall(cfg.Setup.Call); err != nil {
 		unix.Close(wake)
@@ -175,52 +191,18 @@ func NewRunner(cfg RunnerConfig) (*Runner, error) {
 	return r, nil
 }
 
-// callTarget is a call eventfd and the raw access used to write it.
-type callTarget struct {
-	f  *os.File
-	rc syscall.RawConn
-}
-
 // SetCall makes the runner interrupt the driver through f (nil: drop
-// interrupts) from now on; it may be called while the runner serves.
-// Writes go through f's RawConn, which holds a reference on the
-// descriptor for the duration of the write: the caller may close the old
-// file as soon as SetCall returns without a signal under way writing to
-// a closed (or reused) descriptor number. One interrupt is sent to the
-// new fd, in case a completion signalled the old one after the driver
-// stopped listening to it.
-func (r *Runner) SetCall(f *os.File) error {
-	if f == nil {
-		r.call.Store(nil)
-		return nil
-	}
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("call eventfd: %w", err)
-	}
-	old := r.call.Swap(&callTarget{f: f, rc: rc})
-	if old != nil {
+// interrupts) from now on; it may be called while the runner serves. The
+// caller may close the old FD as soon as SetCall returns: a signal under
+// way holds it open until it is done (eventfd.FD's Close waits). One
+// interrupt is sent to the new fd, in case a completion signalled the old
+// one after the driver stopped listening to it.
+func (r *Runner) SetCall(f *eventfd.FD) error {
+	old := r.call.Swap(f)
+	if old != nil && f != nil {
 		r.signal()
 	}
 	return nil
-}
-
-// rawFd returns f's descriptor without os.File.Fd's possible side effect
-// of switching it to blocking mode (it does so for files Go itself made
-// non-blocking). The eventfds' file descriptions are shared with the
-// front-end: QEMU clears its notifiers with reads that must not block, and
-// would hang if the mode changed under it. We only read after poll and
-// never rely on either mode.
-func rawFd(f *os.File) (int, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd := -1
-	if err := rc.Control(func(u uintptr) { fd = int(u) }); err != nil {
-		return -1, err
-	}
-	return fd, nil
 }
 
 // Queue returns the ring the runner serves. Its consumer side belongs to
@@ -235,6 +217,14 @@ func (r *Runner) Start() {
 
 func (r *Runner) run() {
 	defer close(r.done)
+	if r.waiter != nil {
+		// The waiter may accept submissions and waits from one thread
+		// only. Settle runs last (deferred first): after the fault
+		// handler's afterDrain, which may start requests.
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer r.waiter.Settle()
+	}
 	// Guest memory is a shared mapping that a hostile front-end could
 	// truncate under us; touching it then faults. Make that a panic we
 	// turn into a broken queue instead of a crashed process.
@@ -304,7 +294,11 @@ func (r *Runner) pollRing() bool {
 			if r.stopping.Load() || time.Now().After(deadline) {
 				return false
 			}
-			// Let the completion goroutine run if it waits for this P.
+			// Complete what finished; let the completion goroutine run
+			// if it waits for this P.
+			if r.waiter != nil {
+				r.waiter.Poll()
+			}
 			runtime.Gosched()
 		}
 	}
@@ -407,6 +401,27 @@ func (r *Runner) wait() {
 	if len(r.pollFds) == 1 {
 		timeout = PollInterval
 	}
+	if r.waiter != nil && timeout < 0 {
+		r.waitFds, r.waitEvs = r.waitFds[:0], r.waitEvs[:0]
+		for _, p := range r.pollFds {
+			r.waitFds = append(r.waitFds, p.Fd)
+			r.waitEvs = append(r.waitEvs, 0)
+		}
+		if err := r.waiter.Wait(r.waitFds, r.waitEvs); err != nil {
+			// The engine starts nothing more after a failed wait; what
+			// it has in flight completes before the runner sleeps
+			// without it.
+			r.log.Error("wait in the I/O engine, polling the kick eventfd instead", "err", err)
+			r.waiter.Settle()
+			r.waiter = nil
+			return
+		}
+		for i := range r.pollFds {
+			r.pollFds[i].Revents = r.waitEvs[i]
+		}
+		r.afterWait()
+		return
+	}
 	for {
 		_, err := unix.Poll(r.pollFds, timeout)
 		if err == nil {
@@ -418,6 +433,12 @@ func (r *Runner) wait() {
 			return
 		}
 	}
+	r.afterWait()
+}
+
+// afterWait resets the eventfds that woke the runner and drops a kick
+// eventfd that failed.
+func (r *Runner) afterWait() {
 	for i := range r.pollFds {
 		ev := r.pollFds[i].Revents
 		if ev&unix.POLLIN != 0 {
@@ -431,7 +452,6 @@ func (r *Runner) wait() {
 			break
 		}
 	}
-	runtime.KeepAlive(r.kick)
 }
 
 // Kick wakes the runner to look at the ring (for transports that forward
@@ -590,9 +610,11 @@ func (r *Runner) signal() {
 	if t == nil {
 		return
 	}
-	// An error means the transport closed the file after swapping it
-	// out; the new fd has had its interrupt.
-	_ = t.rc.Write(r.writeCall)
+	// An error means the transport closed the fd after swapping it out;
+	// the new fd has had its interrupt.
+	if err := t.Signal(); err != nil && !errors.Is(err, os.ErrClosed) {
+		r.log.Warn("signal call eventfd", "err", err)
+	}
 }
 
 // InFlight is the number of chains popped and not yet completed.

@@ -5,13 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/eventfd"
 
 	"github.com/thinblk/thinblk/virtio"
 	"github.com/thinblk/thinblk/virtio/virtiotest"
@@ -522,12 +523,12 @@ func TestRunnerSetCallWhileRunning(t *testing.T) {
 	h.d.AddChain(h.d.AllocBuf(16, false, nil))
 	h.d.KickNow()
 	c := <-h.chains
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	newCall, err := eventfd.New()
 	if err != nil {
 		t.Fatal(err)
 	}
-	newCall := os.NewFile(uintptr(fd), "call2")
 	defer newCall.Close()
+	fd := newCall.Fd()
 	if err := h.r.SetCall(newCall); err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,9 +66,9 @@ func startPool(t *testing.T, dir string, volumes ...string) *testPool {
 			t.Errorf("thinblk serve did not stop on SIGTERM\n%s", p.log)
 		}
 	})
-	waitDial(t, p.qmp)
+	testenv.WaitDial(t, p.qmp)
 	for _, v := range volumes {
-		waitDial(t, filepath.Join(p.socks, v+".sock"))
+		testenv.WaitDial(t, filepath.Join(p.socks, v+".sock"))
 	}
 	return p
 }
@@ -110,22 +109,6 @@ func (p *testPool) volumes(t *testing.T) map[string]volumeInfo {
 		m[v.Name] = v
 	}
 	return m
-}
-
-func waitDial(t *testing.T, path string) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		c, err := net.Dial("unix", path)
-		if err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s does not accept connections: %v", path, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 type testVM struct {

@@ -34,7 +34,7 @@ func hostAgent(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	waitDial(t, sock)
+	testenv.WaitDial(t, sock)
 	return sock
 }
 

@@ -133,18 +133,10 @@ func (p *Parser) line(l string) {
 		p.finished = true
 		return
 	case strings.HasPrefix(l, "Not run:"):
-		p.flush()
-		for _, t := range strings.Fields(strings.TrimPrefix(l, "Not run:")) {
-			p.summary[t] = NotRun
-		}
-		p.finished = true
+		p.summaryList(strings.TrimPrefix(l, "Not run:"), NotRun)
 		return
 	case strings.HasPrefix(l, "Failures:"):
-		p.flush()
-		for _, t := range strings.Fields(strings.TrimPrefix(l, "Failures:")) {
-			p.summary[t] = Fail
-		}
-		p.finished = true
+		p.summaryList(strings.TrimPrefix(l, "Failures:"), Fail)
 		return
 	case strings.HasPrefix(l, "Failed ") && strings.Contains(l, " tests"), strings.HasPrefix(l, "Passed all "):
 		p.flush()
@@ -157,6 +149,16 @@ func (p *Parser) line(l string) {
 	if p.cur != nil && !p.cur.closed {
 		p.cur.lines = append(p.cur.lines, l)
 	}
+}
+
+// summaryList takes a summary line that lists the tests with an outcome
+// (Not run:, Failures:): it ends the current test and the run.
+func (p *Parser) summaryList(tests string, outcome Outcome) {
+	p.flush()
+	for _, t := range strings.Fields(tests) {
+		p.summary[t] = outcome
+	}
+	p.finished = true
 }
 
 // flush ends the current test at the start of the next one (or at the summary).

@@ -96,7 +96,7 @@ func listenHandOver(path string, log *slog.Logger) (<-chan handOverRequest, func
 				}
 				return
 			}
-			log.Info("a new serve process asks for the sessions", peerAttrs(uc)...)
+			log.Info("a new serve process asks for the sessions", unixsock.PeerAttrs(uc)...)
 			req := handOverRequest{conn: handover.NewConn(uc), pidfd: peerPidfd(uc)}
 			select {
 			case requests <- req:
@@ -123,33 +123,15 @@ func listenHandOver(path string, log *slog.Logger) (<-chan handOverRequest, func
 // peerPidfd opens a pidfd of the process at the other end of uc (-1 if
 // it cannot).
 func peerPidfd(uc *net.UnixConn) int {
-	rc, err := uc.SyscallConn()
+	cred, err := unixsock.PeerCred(uc)
 	if err != nil {
 		return -1
 	}
-	pidfd := -1
-	rc.Control(func(fd uintptr) {
-		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-			if p, err := unix.PidfdOpen(int(cred.Pid), 0); err == nil {
-				pidfd = p
-			}
-		}
-	})
-	return pidfd
-}
-
-func peerAttrs(uc *net.UnixConn) []any {
-	rc, err := uc.SyscallConn()
+	pidfd, err := unix.PidfdOpen(int(cred.Pid), 0)
 	if err != nil {
-		return nil
+		return -1
 	}
-	var attrs []any
-	rc.Control(func(fd uintptr) {
-		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-			attrs = []any{"peer_pid", cred.Pid, "peer_uid", cred.Uid}
-		}
-	})
-	return attrs
+	return pidfd
 }
 
 // handOver hands the pool's sessions to the process at the other end of

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -99,18 +100,11 @@ func runPoolCreate(args []string, stdout, stderr io.Writer) int {
 	lowWater := fs.String("low-water", "10%", "log and flag the pool when free space falls below this share of it")
 	dataDevice := fs.String("data-device", "", "keep the pool's data on this block device (LV, partition, loop device) instead of a file; DIR/thinblk.data links to it")
 	prealloc := fs.Bool("preallocate", false, "allocate the whole data file on the host now (thick): the host can never be full under the pool; freed blocks are not punched")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
+	pos, sizeBytes, code, ok := parseSized(fs, args, 1, size, stderr)
+	if !ok {
+		return code
 	}
-	if len(pos) != 1 || *size == "" {
-		fs.Usage()
-		return 2
-	}
-	var o thin.CreateOptions
-	if o.Size, err = units.ParseSize(*size); err != nil {
-		return usageError(stderr, "pool create", err)
-	}
+	o := thin.CreateOptions{Size: sizeBytes}
 	bs, err := units.ParseSize(*blockSize)
 	if err != nil || bs > 1<<30 {
 		return usageError(stderr, "pool create", fmt.Errorf("--block-size %q: want a power of two from 4K to 16M", *blockSize))
@@ -174,17 +168,9 @@ func warnHost(w io.Writer, unbacked, hostFree uint64) {
 func runPoolGrow(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("pool grow", "pool grow DIR --size SIZE", stderr)
 	size := fs.String("size", "", "new pool size, e.g. 40G (online while serve runs)")
-	pos, err := parseArgs(fs, args)
-	if err != nil {
-		return exitFor(err)
-	}
-	if len(pos) != 1 || *size == "" {
-		fs.Usage()
-		return 2
-	}
-	n, err := units.ParseSize(*size)
-	if err != nil {
-		return usageError(stderr, "pool grow", err)
+	pos, n, code, ok := parseSized(fs, args, 1, size, stderr)
+	if !ok {
+		return code
 	}
 	return withPool(pos[0], stderr, "pool grow", func(ops poolOps) error {
 		if err := ops.Grow(n); err != nil {
@@ -214,6 +200,53 @@ func withPool(dir string, stderr io.Writer, cmd string, fn func(poolOps) error) 
 	return 0
 }
 
+// parseSized parses args for exactly n positional arguments and a --size,
+// which it returns in bytes. When ok is false, usage or the error has
+// been printed and code is the exit status to return.
+func parseSized(fs *flag.FlagSet, args []string, n int, size *string, stderr io.Writer) (pos []string, bytes uint64, code int, ok bool) {
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return nil, 0, exitFor(err), false
+	}
+	if len(pos) != n || *size == "" {
+		fs.Usage()
+		return nil, 0, 2, false
+	}
+	if bytes, err = units.ParseSize(*size); err != nil {
+		return nil, 0, usageError(stderr, fs.Name(), err), false
+	}
+	return pos, bytes, 0, true
+}
+
+// runOnPool parses args for exactly n positional arguments, the pool's
+// directory first, and runs fn on that pool; fs's name is the command's in
+// errors.
+func runOnPool(fs *flag.FlagSet, args []string, n int, stderr io.Writer, fn func(ops poolOps, pos []string) error) int {
+	pos, code, ok := parseExactly(fs, args, n)
+	if !ok {
+		return code
+	}
+	return withPool(pos[0], stderr, fs.Name(), func(ops poolOps) error { return fn(ops, pos) })
+}
+
+// runList is `volume list` and `snapshot list`: a line for each of the
+// pool's volumes that line describes ("" leaves a volume out).
+func runList(cmd string, args []string, stdout, stderr io.Writer, line func(thin.VolumeStatus) string) int {
+	fs := newFlagSet(cmd, cmd+" DIR", stderr)
+	return runOnPool(fs, args, 1, stderr, func(ops poolOps, _ []string) error {
+		st, err := ops.Status()
+		if err != nil {
+			return err
+		}
+		for _, v := range st.Volumes {
+			if l := line(v); l != "" {
+				fmt.Fprintln(stdout, l)
+			}
+		}
+		return nil
+	})
+}
+
 func usageError(stderr io.Writer, cmd string, err error) int {
 	fmt.Fprintf(stderr, "thinblk %s: %v\n", cmd, err)
 	return 2
@@ -229,19 +262,12 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 	case "create", "resize":
 		fs := newFlagSet("volume "+sub, "volume "+sub+" DIR NAME --size SIZE", stderr)
 		size := fs.String("size", "", "virtual size of the volume, e.g. 100G (may exceed the pool)")
-		pos, err := parseArgs(fs, args)
-		if err != nil {
-			return exitFor(err)
-		}
-		if len(pos) != 2 || *size == "" {
-			fs.Usage()
-			return 2
-		}
-		n, err := units.ParseSize(*size)
-		if err != nil {
-			return usageError(stderr, "volume "+sub, err)
+		pos, n, code, ok := parseSized(fs, args, 2, size, stderr)
+		if !ok {
+			return code
 		}
 		return withPool(pos[0], stderr, "volume "+sub, func(ops poolOps) error {
+			var err error
 			if sub == "create" {
 				err = ops.CreateVolume(pos[1], n)
 			} else {
@@ -254,28 +280,12 @@ func runVolume(args []string, stdout, stderr io.Writer) int {
 		})
 	case "delete":
 		fs := newFlagSet("volume delete", "volume delete DIR NAME", stderr)
-		pos, code, ok := parseExactly(fs, args, 2)
-		if !ok {
-			return code
-		}
-		return withPool(pos[0], stderr, "volume delete", func(ops poolOps) error {
+		return runOnPool(fs, args, 2, stderr, func(ops poolOps, pos []string) error {
 			return ops.DeleteVolume(pos[1])
 		})
 	case "list":
-		fs := newFlagSet("volume list", "volume list DIR", stderr)
-		pos, code, ok := parseExactly(fs, args, 1)
-		if !ok {
-			return code
-		}
-		return withPool(pos[0], stderr, "volume list", func(ops poolOps) error {
-			st, err := ops.Status()
-			if err != nil {
-				return err
-			}
-			for _, v := range st.Volumes {
-				fmt.Fprintf(stdout, "%s\t%d\n", v.Name, v.SizeBytes)
-			}
-			return nil
+		return runList("volume list", args, stdout, stderr, func(v thin.VolumeStatus) string {
+			return fmt.Sprintf("%s\t%d", v.Name, v.SizeBytes)
 		})
 	}
 	fmt.Fprintf(stderr, "thinblk volume: unknown subcommand %q (want create, delete, resize or list)\n", sub)
@@ -316,11 +326,7 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 		})
 	case "delete":
 		fs := newFlagSet("snapshot delete", "snapshot delete DIR SNAP", stderr)
-		pos, code, ok := parseExactly(fs, args, 2)
-		if !ok {
-			return code
-		}
-		return withPool(pos[0], stderr, "snapshot delete", func(ops poolOps) error {
+		return runOnPool(fs, args, 2, stderr, func(ops poolOps, pos []string) error {
 			st, err := ops.Status()
 			if err != nil {
 				return err
@@ -331,22 +337,11 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 			return ops.DeleteVolume(pos[1])
 		})
 	case "list":
-		fs := newFlagSet("snapshot list", "snapshot list DIR", stderr)
-		pos, code, ok := parseExactly(fs, args, 1)
-		if !ok {
-			return code
-		}
-		return withPool(pos[0], stderr, "snapshot list", func(ops poolOps) error {
-			st, err := ops.Status()
-			if err != nil {
-				return err
+		return runList("snapshot list", args, stdout, stderr, func(v thin.VolumeStatus) string {
+			if v.Kind == "volume" {
+				return ""
 			}
-			for _, v := range st.Volumes {
-				if v.Kind != "volume" {
-					fmt.Fprintf(stdout, "%s\t%s\t%s\n", v.Name, v.Kind, v.Origin)
-				}
-			}
-			return nil
+			return fmt.Sprintf("%s\t%s\t%s", v.Name, v.Kind, v.Origin)
 		})
 	}
 	fmt.Fprintf(stderr, "thinblk snapshot: unknown subcommand %q (want create, delete or list)\n", sub)
@@ -374,11 +369,7 @@ func snapshotKind(writable bool) string {
 func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("status", "status DIR [--json]", stderr)
 	asJSON := fs.Bool("json", false, "print JSON (numbers in bytes)")
-	pos, code, ok := parseExactly(fs, args, 1)
-	if !ok {
-		return code
-	}
-	return withPool(pos[0], stderr, "status", func(ops poolOps) error {
+	return runOnPool(fs, args, 1, stderr, func(ops poolOps, _ []string) error {
 		st, err := ops.Status()
 		if err != nil {
 			return err

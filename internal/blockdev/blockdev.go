@@ -122,3 +122,25 @@ type AsyncQueue interface {
 	// releases the queue. No other method may run during or after it.
 	Close() error
 }
+
+// InlineQueue is an AsyncQueue that can do without a goroutine of its
+// own: once Inline returns true, done runs on the caller's goroutine,
+// inside Submit, Wait, Poll and Settle, and the caller sleeps in Wait,
+// which watches its eventfds (a virtqueue's kick) and the queue's I/O at
+// once. The caller's goroutine stays locked to its OS thread from its
+// first Submit on, and calls Settle before Close while requests are in
+// flight.
+type InlineQueue interface {
+	AsyncQueue
+	// Inline switches the queue to this mode; false means it stays as
+	// it was (a queue with no kernel ring behind it).
+	Inline() bool
+	// Wait blocks until one of fds is readable or failed (revents: each
+	// one's poll events), completing requests meanwhile. After an error
+	// the queue starts nothing more.
+	Wait(fds []int32, revents []int16) error
+	// Poll completes the requests that have finished, without blocking.
+	Poll()
+	// Settle completes every request in flight, waiting for them.
+	Settle()
+}

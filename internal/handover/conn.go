@@ -5,10 +5,11 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // Conn moves frames and their descriptors over a unix stream socket.
@@ -35,7 +36,7 @@ func (c *Conn) ReadFrame() (Frame, error) {
 	var hdr [HeaderSize]byte
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(hdr[:], c.oob)
 	f := Frame{}
-	files, ferr := parseRights(c.oob[:oobn])
+	files, ferr := unixsock.ParseRights(c.oob[:oobn], "handover-fd")
 	f.Files = files
 	fail := func(e error) (Frame, error) {
 		f.closeFiles()
@@ -47,7 +48,7 @@ func (c *Conn) ReadFrame() (Frame, error) {
 	case n == 0:
 		return fail(io.EOF)
 	case ferr != nil:
-		return fail(ferr)
+		return fail(fmt.Errorf("handover: %w", ferr))
 	case flags&unix.MSG_CTRUNC != 0:
 		return fail(fmt.Errorf("handover: more than %d descriptors in one frame", MaxFiles))
 	}
@@ -71,30 +72,6 @@ func (c *Conn) ReadFrame() (Frame, error) {
 	return f, nil
 }
 
-func parseRights(oob []byte) ([]*os.File, error) {
-	if len(oob) == 0 {
-		return nil, nil
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob)
-	if err != nil {
-		return nil, fmt.Errorf("handover: control message: %w", err)
-	}
-	var files []*os.File
-	var perr error
-	for _, m := range msgs {
-		fds, err := unix.ParseUnixRights(&m)
-		if err != nil {
-			perr = fmt.Errorf("handover: rights: %w", err)
-			continue
-		}
-		for _, fd := range fds {
-			unix.CloseOnExec(fd)
-			files = append(files, os.NewFile(uintptr(fd), "handover-fd"))
-		}
-	}
-	return files, perr
-}
-
 // WriteFrame sends one frame; its descriptors are not closed.
 func (c *Conn) WriteFrame(f Frame) error {
 	if len(f.Payload) > MaxPayload || len(f.Files) > MaxFiles {
@@ -103,22 +80,8 @@ func (c *Conn) WriteFrame(f Frame) error {
 	buf := make([]byte, HeaderSize, HeaderSize+len(f.Payload))
 	Header{Version: Version, Kind: f.Kind, Size: uint32(len(f.Payload)), Files: uint32(len(f.Files))}.encode(buf)
 	buf = append(buf, f.Payload...)
-	var oob []byte
-	if len(f.Files) > 0 {
-		fds := make([]int, len(f.Files))
-		for i, x := range f.Files {
-			fds[i] = int(x.Fd())
-		}
-		oob = unix.UnixRights(fds...)
-	}
-	n, _, err := c.uc.WriteMsgUnix(buf, oob, nil)
-	if err != nil {
+	if err := unixsock.WriteWithFiles(c.uc, buf, f.Files); err != nil {
 		return fmt.Errorf("handover: write %v: %w", f.Kind, err)
-	}
-	if n < len(buf) {
-		if _, err := c.uc.Write(buf[n:]); err != nil {
-			return fmt.Errorf("handover: write %v: %w", f.Kind, err)
-		}
 	}
 	return nil
 }

@@ -22,6 +22,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+
+	"github.com/thinblk/thinblk/internal/unixsock"
 )
 
 // Version is the only version this package reads and writes.
@@ -128,11 +130,7 @@ type Frame struct {
 }
 
 func (f *Frame) closeFiles() {
-	for _, x := range f.Files {
-		if x != nil {
-			x.Close()
-		}
-	}
+	unixsock.CloseFiles(f.Files)
 	f.Files = nil
 }
 

@@ -2,13 +2,10 @@ package nulldisk
 
 import (
 	"context"
-	"io"
-	"log/slog"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/thinblk/thinblk/vhostuser"
+	"github.com/thinblk/thinblk/internal/servetest"
 	"github.com/thinblk/thinblk/vhostuser/frontend"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
@@ -30,25 +27,7 @@ func TestServedThroughVirtio(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
-	dev, err := blk.New(disk, blk.Options{NumQueues: 1, Logger: logger})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sock := filepath.Join(t.TempDir(), "n.sock")
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: logger}, dev)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	defer func() {
-		cancel()
-		<-served
-		srv.Close()
-		dev.Close()
-	}()
+	sock, _ := servetest.Serve(t, disk, blk.Options{NumQueues: 1})
 	d, err := frontend.Dial(context.Background(), sock, frontend.Options{NumQueues: 1, QueueSize: 64, MemSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)

@@ -6,6 +6,7 @@ package testenv
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -127,6 +128,23 @@ func WaitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	if !poll(cond) {
 		t.Fatalf("timed out after %v waiting for %s", waitTimeout, what)
+	}
+}
+
+// WaitDial waits until something accepts connections on the unix socket
+// at path (connecting once it does), failing the test after waitTimeout.
+func WaitDial(t testing.TB, path string) {
+	t.Helper()
+	var err error
+	if !poll(func() bool {
+		var c net.Conn
+		if c, err = net.Dial("unix", path); err != nil {
+			return false
+		}
+		c.Close()
+		return true
+	}) {
+		t.Fatalf("%s does not accept connections after %v: %v", path, waitTimeout, err)
 	}
 }
 

@@ -1,7 +1,8 @@
 // Package unixsock creates the unix sockets thinblk listens on (vhost-user
 // disks, the QMP control socket) the same careful way: a socket file left
 // by a dead process is replaced, one that something listens on is not, and
-// nobody can connect before the socket has its final permissions.
+// nobody can connect before the socket has its final permissions. It also
+// names the process at the other end of an accepted connection.
 package unixsock
 
 import (

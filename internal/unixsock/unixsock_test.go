@@ -4,6 +4,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -63,5 +64,32 @@ func TestListen(t *testing.T) {
 		if strings.HasSuffix(e.Name(), ".tmp") {
 			t.Errorf("leftover %s", e.Name())
 		}
+	}
+}
+
+func TestPeerAttrs(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "p.sock")
+	ln, fi, err := Listen(path, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer Remove(path, fi)
+	defer ln.Close()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sc, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []any{"peer_pid", int32(os.Getpid()), "peer_uid", uint32(os.Getuid())}
+	if got := PeerAttrs(sc); !reflect.DeepEqual(got, want) {
+		t.Errorf("PeerAttrs of our own connection = %v, want %v", got, want)
+	}
+	sc.Close()
+	if got := PeerAttrs(sc); got != nil {
+		t.Errorf("PeerAttrs of a closed connection = %v, want none", got)
 	}
 }

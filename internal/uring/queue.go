@@ -31,6 +31,10 @@ import (
 //     request always fits, with one submission slot kept for Close.
 //   - A Submit the kernel refuses fails what it did not take, and the
 //     queue starts nothing after it (the caller serves synchronously).
+//   - Inline mode (Inline) has no reaper: the submitter collects
+//     completions itself, in Submit, Poll, Settle and Wait, which also
+//     waits for eventfds (the virtqueue's kick) through the ring, so that
+//     one sleeping thread serves both.
 type Queue struct {
 	opts        QueueOptions
 	ring        ringer
@@ -49,10 +53,24 @@ type Queue struct {
 	closing  atomic.Bool
 	exited   chan struct{}
 
-	// Reaper's.
+	// Reaper's (the submitter's in inline mode).
 	results []result
 	batch   []blockdev.Completion
+
+	reaping bool // the reaper goroutine runs
+	// inline: no reaper (Inline). kr is the kernel ring, armed the
+	// eventfds with a poll in it.
+	inline bool
+	kr     *kernelRing
+	armed  [maxWaitFds]int32 // -1: free
+	// reserve is how many submission slots Room keeps back: Close's NOP,
+	// or in inline mode the polls on the waited eventfds.
+	reserve int
 }
+
+// maxWaitFds is how many eventfds Wait watches at most (the kick and the
+// runner's own wake-up).
+const maxWaitFds = 2
 
 // QueueOptions configure a Queue.
 type QueueOptions struct {
@@ -77,6 +95,8 @@ type QueueOptions struct {
 const (
 	nopBit  = 1 << 32
 	stopTag = 1 << 33
+	// pollBit marks a poll on a waited eventfd (the fd below it).
+	pollBit = 1 << 34
 )
 
 // request is one tag's reused state.
@@ -110,7 +130,7 @@ type ringer interface {
 	prep(s *sub, ud uint64) error // s nil: a NOP
 	submit() error
 	unsubmitted(fn func(ud uint64))
-	wait(dst []result) ([]result, error) // at least one
+	wait(dst []result, block bool) ([]result, error) // at least one if block
 	close()
 }
 
@@ -123,13 +143,15 @@ func NewQueue(opts QueueOptions) (*Queue, error) {
 	if opts.Sync == nil {
 		opts.Sync = func(uint8, [][]byte, int64) error { return errNoSync }
 	}
-	q := &Queue{opts: opts, reqs: make([]request, opts.Depth), exited: make(chan struct{})}
+	q := &Queue{opts: opts, reqs: make([]request, opts.Depth), exited: make(chan struct{}), reserve: 1}
+	q.armed = [maxWaitFds]int32{-1, -1}
 	if opts.Fd >= 0 {
 		r, err := New(uint32(entries))
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", err, errors.ErrUnsupported)
 		}
-		q.ring = &kernelRing{r: r, fd: opts.Fd, cqes: make([]CQE, 0, r.CQEntries())}
+		q.kr = &kernelRing{r: r, fd: opts.Fd, cqes: make([]CQE, 0, r.CQEntries())}
+		q.ring = q.kr
 		// Completions never exceed the completion ring, Close's NOP
 		// included.
 		q.maxInflight = int(r.CQEntries()) - 1
@@ -137,16 +159,46 @@ func NewQueue(opts QueueOptions) (*Queue, error) {
 		q.ring = newSyncRing(entries, opts.Sync)
 		q.maxInflight = 2 * entries
 	}
-	q.results = make([]result, 0, q.maxInflight+1)
+	q.results = make([]result, 0, q.maxInflight+maxWaitFds+1)
 	q.batch = make([]blockdev.Completion, 0, opts.Depth)
-	go q.reap()
+	// The reaper starts with the first Submit, unless Inline comes first.
 	return q, nil
+}
+
+// Inline makes the queue do without its reaper goroutine: completions
+// then reach Done on the submitter's goroutine, in Submit, Poll, Settle
+// and Wait, and the submitter must call Settle before Close while
+// requests are in flight. The submitter's goroutine must stay locked to
+// one OS thread (runtime.LockOSThread) from its first Submit or Wait on:
+// the ring runs its completions only when that thread waits in it (and
+// refuses waits from other threads: Close with requests in flight must
+// come from there too). It is false, and nothing changed, for a queue
+// without a kernel ring or once Submit was called.
+func (q *Queue) Inline() bool {
+	if q.inline {
+		return true
+	}
+	if q.kr == nil || q.reaping || q.kr.r.Pending() > 0 {
+		return false
+	}
+	// A ring of one issuer, made now (nothing is prepared in the old one).
+	r, err := NewIssuer(q.kr.r.SQEntries())
+	if err != nil {
+		return false
+	}
+	q.kr.r.Close()
+	q.kr.r, q.kr.cqes = r, make([]CQE, 0, r.CQEntries())
+	q.inline, q.reserve = true, maxWaitFds
+	// The polls' completions share the completion ring.
+	q.maxInflight = int(r.CQEntries()) - maxWaitFds
+	q.results = make([]result, 0, int(r.CQEntries()))
+	return true
 }
 
 // Room reports whether a request of up to sqes submissions and iovs
 // buffers can be started now.
 func (q *Queue) Room(sqes, iovs int) bool {
-	return !q.broken && iovs <= vio.MaxIOV && q.ring.free() >= sqes+1 &&
+	return !q.broken && iovs <= vio.MaxIOV && q.ring.free() >= sqes+q.reserve &&
 		int(q.inflight.Load())+sqes <= q.maxInflight
 }
 
@@ -239,35 +291,228 @@ func (q *Queue) Complete(tag uint16, err error) {
 }
 
 // Submit hands the requests started since the last Submit to the kernel.
+// In inline mode it also completes what has finished, in the same pass.
 func (q *Queue) Submit() {
 	if q.broken {
 		return
 	}
-	if err := q.ring.submit(); err != nil {
-		// The kernel refused the ring (it cannot for a valid one): fail
-		// what it did not take, start nothing from now on.
-		q.broken = true
-		var failed []blockdev.Completion
-		n := 0
-		q.ring.unsubmitted(func(ud uint64) {
-			if ud == stopTag {
-				return
-			}
-			n++
-			if c, ok := q.complete(result{ud: ud, err: err}); ok {
-				failed = append(failed, c)
-			}
-		})
-		if len(failed) > 0 {
-			q.opts.Done(failed)
-		}
-		q.inflight.Add(-int64(n))
+	if q.inline {
+		q.submitInline()
+		return
 	}
+	if !q.reaping {
+		q.reaping = true
+		go q.reap()
+	}
+	if err := q.ring.submit(); err != nil {
+		q.failUnsubmitted(err)
+	}
+}
+
+// failUnsubmitted fails what the kernel did not take, after it refused
+// the ring (it cannot for a valid one); the queue starts nothing from now
+// on.
+func (q *Queue) failUnsubmitted(err error) {
+	q.broken = true
+	var failed []blockdev.Completion
+	n := 0
+	q.ring.unsubmitted(func(ud uint64) {
+		if ud == stopTag {
+			return
+		}
+		if ud&pollBit != 0 {
+			q.disarm(int32(uint32(ud)))
+			return
+		}
+		n++
+		if c, ok := q.complete(result{ud: ud, err: err}); ok {
+			failed = append(failed, c)
+		}
+	})
+	if len(failed) > 0 {
+		q.opts.Done(failed)
+	}
+	q.inflight.Add(-int64(n))
+}
+
+// submitInline submits what is prepared and completes what has finished,
+// without waiting.
+func (q *Queue) submitInline() {
+	for {
+		if err := q.enter(false); err != nil {
+			q.failUnsubmitted(err)
+			return
+		}
+		q.reapInline(nil, nil)
+		if q.kr.r.Pending() == 0 {
+			return
+		}
+	}
+}
+
+// enter submits and runs completions in the kernel ring, waiting for one
+// if wait. The first call enables the ring for the calling thread.
+func (q *Queue) enter(wait bool) error {
+	if err := q.kr.r.Enable(); err != nil {
+		return err
+	}
+	return q.kr.r.SubmitWait(wait)
+}
+
+// Poll completes what has finished, without blocking (in inline mode; a
+// queue with a reaper does nothing).
+func (q *Queue) Poll() {
+	if !q.inline || q.broken {
+		return
+	}
+	if q.kr.r.Pending() > 0 || q.kr.r.TaskrunPending() {
+		q.submitInline()
+		return
+	}
+	q.reapInline(nil, nil)
+}
+
+// Settle waits in inline mode until every started request has completed,
+// completing them; the polls of Wait stay armed.
+func (q *Queue) Settle() {
+	for q.inline && q.inflight.Load() > 0 {
+		if q.broken {
+			// Entering a refused ring would run entries already
+			// failed: what was submitted still completes.
+			if err := q.kr.r.WaitCQE(); err != nil {
+				time.Sleep(time.Millisecond)
+			}
+		} else if err := q.enter(true); err != nil {
+			q.failUnsubmitted(err)
+			continue
+		}
+		q.reapInline(nil, nil)
+	}
+}
+
+// Wait submits what is prepared and sleeps in the ring until one of fds
+// (eventfds, at most 2) is readable or failed, completing requests as
+// they finish meanwhile. revents receives each fd's poll events (0: not
+// ready); the caller reads a ready eventfd to reset it. Inline mode only.
+// After an error the queue starts no more requests (Room is false): call
+// Settle, then serve synchronously.
+func (q *Queue) Wait(fds []int32, revents []int16) error {
+	err := q.wait(fds, revents)
+	if err != nil {
+		q.broken = true
+	}
+	return err
+}
+
+func (q *Queue) wait(fds []int32, revents []int16) error {
+	if !q.inline {
+		return errors.New("io_uring queue: Wait without Inline")
+	}
+	if len(fds) > maxWaitFds || len(revents) < len(fds) {
+		return fmt.Errorf("io_uring queue: Wait for %d fds (%d events), at most %d", len(fds), len(revents), maxWaitFds)
+	}
+	if q.broken {
+		return errors.New("io_uring queue: ring refused")
+	}
+	clear(revents[:len(fds)])
+	for _, fd := range fds {
+		if q.isArmed(fd) {
+			continue
+		}
+		slot := q.isArmedSlot(-1)
+		if slot < 0 {
+			return fmt.Errorf("io_uring queue: no poll slot for fd %d (armed: %v)", fd, q.armed)
+		}
+		if err := q.kr.r.Prep(OpPollAdd, int(fd), 0, 0, 0, unix.POLLIN, pollBit|uint64(uint32(fd))); err != nil {
+			return err // not with Room's reserve
+		}
+		q.armed[slot] = fd
+	}
+	for {
+		if err := q.enter(true); err != nil {
+			q.failUnsubmitted(err)
+			return err
+		}
+		if q.reapInline(fds, revents) {
+			return nil
+		}
+	}
+}
+
+func (q *Queue) isArmed(fd int32) bool { return q.isArmedSlot(fd) >= 0 }
+
+func (q *Queue) isArmedSlot(fd int32) int {
+	for i, a := range q.armed {
+		if a == fd {
+			return i
+		}
+	}
+	return -1
+}
+
+func (q *Queue) disarm(fd int32) {
+	if i := q.isArmedSlot(fd); i >= 0 {
+		q.armed[i] = -1
+	}
+}
+
+// reapInline completes the requests whose completions are in the ring
+// and records the polls that fired in revents (by fds' order). It
+// reports whether one of fds fired.
+func (q *Queue) reapInline(fds []int32, revents []int16) bool {
+	res, _ := q.kr.wait(q.results[:0], false)
+	q.results = res
+	if len(res) == 0 {
+		return false
+	}
+	fired := false
+	q.inflight.Load() // see reap
+	q.batch = q.batch[:0]
+	n := 0
+	for _, d := range res {
+		if d.ud&pollBit != 0 {
+			fd := int32(uint32(d.ud))
+			q.disarm(fd)
+			ev := int16(unix.POLLERR)
+			if d.err == nil {
+				ev = int16(d.n)
+			}
+			for i, f := range fds {
+				if f == fd {
+					revents[i] |= ev
+					fired = true
+				}
+			}
+			continue
+		}
+		n++
+		if c, ok := q.complete(d); ok {
+			q.batch = append(q.batch, c)
+		}
+	}
+	if len(q.batch) > 0 {
+		q.opts.Done(q.batch)
+	}
+	q.inflight.Add(-int64(n))
+	return fired
 }
 
 // Close waits until every started request has completed, then releases
 // the queue.
 func (q *Queue) Close() error {
+	if q.inline {
+		// Settled by the submitter (a ring of one issuer cannot be
+		// waited in from another thread); the kernel cancels the polls.
+		if q.inflight.Load() > 0 {
+			q.Settle()
+		}
+		q.ring.close()
+		return nil
+	}
+	if !q.reaping {
+		q.reaping = true
+		go q.reap()
+	}
 	q.closing.Store(true)
 	if !q.broken {
 		// Wakes the reaper if it waits with nothing in flight (Room keeps
@@ -291,7 +536,7 @@ func (q *Queue) reap() {
 		if q.closing.Load() && q.inflight.Load() == 0 {
 			return
 		}
-		res, err := q.ring.wait(q.results[:0])
+		res, err := q.ring.wait(q.results[:0], true)
 		if err != nil {
 			time.Sleep(time.Millisecond)
 			continue
@@ -418,9 +663,11 @@ func (k *kernelRing) submit() error                  { return k.r.Submit() }
 func (k *kernelRing) unsubmitted(fn func(ud uint64)) { k.r.Unsubmitted(fn) }
 func (k *kernelRing) close()                         { k.r.Close() }
 
-func (k *kernelRing) wait(dst []result) ([]result, error) {
-	if err := k.r.WaitCQE(); err != nil {
-		return dst, err
+func (k *kernelRing) wait(dst []result, block bool) ([]result, error) {
+	if block {
+		if err := k.r.WaitCQE(); err != nil {
+			return dst, err
+		}
 	}
 	k.cqes = k.r.Reap(k.cqes[:0])
 	for _, c := range k.cqes {
@@ -476,7 +723,7 @@ func (r *syncRing) submit() error {
 func (r *syncRing) unsubmitted(func(uint64)) {}
 func (r *syncRing) close()                   {}
 
-func (r *syncRing) wait(dst []result) ([]result, error) {
+func (r *syncRing) wait(dst []result, _ bool) ([]result, error) {
 	r.mu.Lock()
 	for len(r.queue) == 0 {
 		r.cond.Wait()

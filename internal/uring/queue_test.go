@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -238,5 +239,119 @@ func TestQueueCloseWaits(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("kernel=%v: Close of an idle queue hangs", kernel)
 		}
+	}
+}
+
+// TestQueueInline: an inline queue has no goroutine of its own. Requests
+// complete on the submitter, inside Submit, Wait and Settle; Wait sleeps
+// until one of its eventfds fires, completing requests meanwhile, and
+// reports which fired.
+func TestQueueInline(t *testing.T) {
+	// The ring has one issuing thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if h := newQueueHarness(t, false, 4096); h.q.Inline() {
+		t.Fatal("a queue without a kernel ring went inline")
+	}
+	reaped := newQueueHarness(t, true, 4096)
+	reaped.q.Submit()
+	if reaped.q.Inline() {
+		t.Fatal("a queue whose reaper runs went inline")
+	}
+	h := newQueueHarness(t, true, 1<<20)
+	q := h.q
+	if !q.Inline() {
+		t.Fatal("Inline: false on a kernel ring")
+	}
+	// Completions must come from inside the submitter's calls: a reaper
+	// would deliver them while inCall is false (and race on it).
+	inCall := false
+	var onDone func([]blockdev.Completion)
+	done := q.opts.Done
+	q.opts.Done = func(cs []blockdev.Completion) {
+		if !inCall {
+			t.Error("completion outside Submit, Wait and Settle")
+		}
+		done(cs)
+		if onDone != nil {
+			onDone(cs)
+		}
+	}
+	call := func(f func()) {
+		inCall = true
+		f()
+		inCall = false
+	}
+	buf := make([]byte, 64<<10)
+	for i := range buf {
+		buf[i] = byte(i / 512)
+	}
+	for tag := range uint16(8) {
+		q.Begin(tag)
+		q.Add(OpWritev, int64(tag)*int64(len(buf)), buf)
+		if !q.Start() {
+			t.Fatalf("tag %d not started", tag)
+		}
+	}
+	call(q.Submit)
+	call(q.Settle)
+	if got := h.wait(t, 0, 1, 2, 3, 4, 5, 6, 7); len(got) != 8 {
+		t.Fatalf("completions %v", got)
+	}
+
+	efd := func() int32 {
+		fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		return int32(fd)
+	}
+	kick, wake := efd(), efd()
+	fds, ev := []int32{kick, wake}, make([]int16, 2)
+	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	// A read whose completion (delivered inside Wait) signals wake: Wait
+	// returns then, with wake's events only.
+	into := make([]byte, len(buf))
+	q.Begin(3)
+	q.Add(OpReadv, 3*int64(len(buf)), into)
+	if !q.Start() {
+		t.Fatal("read not started")
+	}
+	onDone = func(cs []blockdev.Completion) {
+		if _, err := unix.Write(int(wake), one); err != nil {
+			t.Error(err)
+		}
+	}
+	var err error
+	call(func() { err = q.Wait(fds, ev) })
+	if err != nil || ev[0] != 0 || ev[1]&unix.POLLIN == 0 {
+		t.Fatalf("Wait: %v, events %v; want wake's POLLIN only", err, ev)
+	}
+	if got := h.wait(t, 3); got[3] != nil || !bytes.Equal(into, buf) {
+		t.Fatalf("read: %v, data equal %v", got[3], bytes.Equal(into, buf))
+	}
+	onDone = nil
+	// Reset wake; the kick comes from another goroutine while Wait
+	// sleeps (its poll is still armed from the first Wait).
+	var cnt [8]byte
+	if _, err := unix.Read(int(wake), cnt[:]); err != nil {
+		t.Fatal(err)
+	}
+	go unix.Write(int(kick), one)
+	call(func() { err = q.Wait(fds, ev) })
+	if err != nil || ev[0]&unix.POLLIN == 0 || ev[1] != 0 {
+		t.Fatalf("Wait: %v, events %v; want the kick's POLLIN only", err, ev)
+	}
+	// More eventfds than it watches: an error, and the queue starts
+	// nothing more.
+	if err := q.Wait([]int32{kick, wake, efd()}, make([]int16, 3)); err == nil {
+		t.Fatal("Wait for 3 eventfds: no error")
+	}
+	if q.Room(1, 1) {
+		t.Fatal("Room after a failed Wait")
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -23,6 +23,22 @@ const (
 
 	enterGetEvents = 1 << 0
 
+	// Setup flags of a ring that one thread both submits to and waits
+	// in: completions run when that thread enters the ring for them,
+	// instead of interrupting it wherever it is (DEFER_TASKRUN, Linux
+	// 6.1; it needs SINGLE_ISSUER). The ring starts disabled, so that
+	// the issuer is the thread that enables it, not the one that made
+	// it; TASKRUN_FLAG marks the ring when completions wait to be run.
+	setupRDisabled    = 1 << 6
+	setupTaskrunFlag  = 1 << 9
+	setupSingleIssuer = 1 << 12
+	setupDeferTaskrun = 1 << 13
+
+	sqNeedWakeup = 1 << 0
+	sqTaskrun    = 1 << 1
+
+	registerEnableRings = 12
+
 	sqeSize = 64
 	cqeSize = 16
 )
@@ -33,6 +49,9 @@ const (
 	OpReadv  = 1
 	OpWritev = 2
 	OpFsync  = 3
+	// OpPollAdd completes once its file is ready for the events given
+	// as Prep's opFlags; Res is the ready events.
+	OpPollAdd = 6
 
 	FsyncDatasync = 1 << 0
 )
@@ -62,6 +81,7 @@ type Ring struct {
 	single         bool   // IORING_FEAT_SINGLE_MMAP
 	sqeMap         []byte
 	sqHead, sqTail *uint32
+	sqFlags        *uint32
 	sqMask         uint32
 	sqEntries      uint32
 	cqEntries      uint32
@@ -73,6 +93,8 @@ type Ring struct {
 
 	// Submission side (one goroutine): tail not yet published.
 	localTail uint32
+	// disabled until Enable (NewIssuer's rings).
+	disabled bool
 }
 
 // CQE is struct io_uring_cqe.
@@ -83,8 +105,24 @@ type CQE struct {
 }
 
 // New sets up a ring with at least entries submission slots.
-func New(entries uint32) (*Ring, error) {
-	var p params
+func New(entries uint32) (*Ring, error) { return newRing(entries, 0) }
+
+// NewIssuer sets up a ring that one thread alone submits to and reaps,
+// the thread that calls Enable first; its completions run only when that
+// thread enters the ring to wait for them (Wait, Submit). On a kernel
+// without such rings (before 6.1) it returns an ordinary ring, on which
+// Enable does nothing.
+func NewIssuer(entries uint32) (*Ring, error) {
+	u, err := newRing(entries, setupRDisabled|setupSingleIssuer|setupDeferTaskrun|setupTaskrunFlag)
+	if err == nil {
+		u.disabled = true
+		return u, nil
+	}
+	return New(entries)
+}
+
+func newRing(entries, flags uint32) (*Ring, error) {
+	p := params{flags: flags}
 	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if errno != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", errno)
@@ -95,6 +133,21 @@ func New(entries uint32) (*Ring, error) {
 		return nil, err
 	}
 	return u, nil
+}
+
+// Enable makes the calling thread a NewIssuer ring's one issuer; the
+// ring takes no submission before. Call it on a goroutine locked to its
+// thread (runtime.LockOSThread) and submit and wait only there.
+func (u *Ring) Enable() error {
+	if !u.disabled {
+		return nil
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(u.fd), registerEnableRings, 0, 0, 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring_register enable rings: %w", errno)
+	}
+	u.disabled = false
+	return nil
 }
 
 // Probe reports whether this process may use io_uring (it is missing
@@ -136,6 +189,7 @@ func (u *Ring) mapRings(p *params) error {
 	sq, cq := unsafe.Pointer(&u.sqMap[0]), unsafe.Pointer(&u.cqMap[0])
 	u.sqHead = (*uint32)(unsafe.Add(sq, p.sqOff.head))
 	u.sqTail = (*uint32)(unsafe.Add(sq, p.sqOff.tail))
+	u.sqFlags = (*uint32)(unsafe.Add(sq, p.sqOff.flags))
 	u.sqMask = *(*uint32)(unsafe.Add(sq, p.sqOff.ringMask))
 	u.sqEntries = p.sqEntries
 	u.cqEntries = p.cqEntries
@@ -231,6 +285,38 @@ func (u *Ring) Unsubmitted(fn func(userData uint64)) {
 		fn(*(*uint64)(unsafe.Pointer(&sqe[32])))
 	}
 }
+
+// SubmitWait publishes the prepared entries and enters the ring once to
+// submit them and, if wait, to sleep until a completion is available
+// (with none visible yet); it also runs the completions of a NewIssuer
+// ring. It returns after one enter: call it again while entries remain
+// unsubmitted.
+func (u *Ring) SubmitWait(wait bool) error {
+	atomic.StoreUint32(u.sqTail, u.localTail)
+	pending := u.localTail - atomic.LoadUint32(u.sqHead)
+	minComplete := uintptr(0)
+	if wait && atomic.LoadUint32(u.cqTail) == *u.cqHead {
+		minComplete = 1
+	}
+	if pending == 0 && minComplete == 0 && atomic.LoadUint32(u.sqFlags)&sqTaskrun == 0 {
+		return nil
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(u.fd), uintptr(pending), minComplete, enterGetEvents, 0, 0)
+	switch errno {
+	case 0, unix.EINTR, unix.EAGAIN, unix.EBUSY:
+		// EAGAIN, EBUSY: out of kernel resources, or completions backed
+		// up; reaping frees them.
+		return nil
+	}
+	return fmt.Errorf("io_uring_enter: %w", errno)
+}
+
+// TaskrunPending reports whether a ring of one issuer has completions
+// waiting to be run (by the next enter).
+func (u *Ring) TaskrunPending() bool { return atomic.LoadUint32(u.sqFlags)&sqTaskrun != 0 }
+
+// Pending counts the prepared entries the kernel has not consumed.
+func (u *Ring) Pending() uint32 { return u.localTail - atomic.LoadUint32(u.sqHead) }
 
 // WaitCQE blocks until at least one completion is available.
 func (u *Ring) WaitCQE() error {

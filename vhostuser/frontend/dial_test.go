@@ -36,6 +36,27 @@ func fakeBackend(t *testing.T, serve func(c *vhostuser.Conn)) string {
 	return sock
 }
 
+// answering is a back-end that offers VERSION_1 and the protocol features
+// proto, answers req with reply and leaves every other request unanswered.
+func answering(proto uint64, req vhostuser.Request, reply []byte) func(c *vhostuser.Conn) {
+	return func(c *vhostuser.Conn) {
+		for {
+			m, err := c.Read()
+			if err != nil {
+				return
+			}
+			switch m.Header.Request {
+			case vhostuser.ReqGetFeatures:
+				c.Reply(m.Header, vhostuser.EncodeU64(1<<32|1<<vhostuser.FeatureProtocolFeatures))
+			case vhostuser.ReqGetProtocolFeatures:
+				c.Reply(m.Header, vhostuser.EncodeU64(proto))
+			case req:
+				c.Reply(m.Header, reply)
+			}
+		}
+	}
+}
+
 func TestDialHostileBackends(t *testing.T) {
 	cases := []struct {
 		name  string
@@ -57,38 +78,10 @@ func TestDialHostileBackends(t *testing.T) {
 			m, _ := c.Read()
 			c.Reply(m.Header, vhostuser.EncodeU64(1<<vhostuser.FeatureProtocolFeatures))
 		}, "VERSION_1"},
-		{"absurd queue count", func(c *vhostuser.Conn) {
-			for {
-				m, err := c.Read()
-				if err != nil {
-					return
-				}
-				switch m.Header.Request {
-				case vhostuser.ReqGetFeatures:
-					c.Reply(m.Header, vhostuser.EncodeU64(1<<32|1<<vhostuser.FeatureProtocolFeatures))
-				case vhostuser.ReqGetProtocolFeatures:
-					c.Reply(m.Header, vhostuser.EncodeU64(1<<vhostuser.ProtoMQ|1<<vhostuser.ProtoConfig))
-				case vhostuser.ReqGetQueueNum:
-					c.Reply(m.Header, vhostuser.EncodeU64(1<<40))
-				}
-			}
-		}, "queues"},
-		{"short config", func(c *vhostuser.Conn) {
-			for {
-				m, err := c.Read()
-				if err != nil {
-					return
-				}
-				switch m.Header.Request {
-				case vhostuser.ReqGetFeatures:
-					c.Reply(m.Header, vhostuser.EncodeU64(1<<32|1<<vhostuser.FeatureProtocolFeatures))
-				case vhostuser.ReqGetProtocolFeatures:
-					c.Reply(m.Header, vhostuser.EncodeU64(1<<vhostuser.ProtoConfig))
-				case vhostuser.ReqGetConfig:
-					c.Reply(m.Header, vhostuser.ConfigSpace{Data: make([]byte, 8)}.Encode())
-				}
-			}
-		}, "bytes of config"},
+		{"absurd queue count", answering(1<<vhostuser.ProtoMQ|1<<vhostuser.ProtoConfig,
+			vhostuser.ReqGetQueueNum, vhostuser.EncodeU64(1<<40)), "queues"},
+		{"short config", answering(1<<vhostuser.ProtoConfig,
+			vhostuser.ReqGetConfig, vhostuser.ConfigSpace{Data: make([]byte, 8)}.Encode()), "bytes of config"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

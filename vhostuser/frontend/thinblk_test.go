@@ -1,17 +1,15 @@
 package frontend
 
 import (
-	"context"
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
+	"github.com/thinblk/thinblk/internal/servetest"
 	"github.com/thinblk/thinblk/rawdisk"
-	"github.com/thinblk/thinblk/vhostuser"
 	"github.com/thinblk/thinblk/virtio/blk"
 )
 
@@ -26,6 +24,7 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 	if err != nil {
 		t.Fatalf("open %s: %v", img, err)
 	}
+	t.Cleanup(func() { disk.Close() })
 	var logOut io.Writer = io.Discard
 	if os.Getenv("THINBLK_TEST_LOG") == "1" {
 		logOut = os.Stderr
@@ -38,18 +37,7 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 		grow.size.Store(disk.Size())
 		storage = grow
 	}
-	dev, err := blk.New(storage, blk.Options{NumQueues: o.queues, QueueSize: o.queueSize, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
-	if err != nil {
-		disk.Close()
-		t.Fatalf("blk.New: %v", err)
-	}
-	sock := filepath.Join(t.TempDir(), "thinblk.sock")
-	srv, err := vhostuser.Listen(vhostuser.ServerOptions{SocketPath: sock, Logger: logger, Name: "test"}, dev)
-	if err != nil {
-		dev.Close()
-		disk.Close()
-		t.Fatalf("vhostuser.Listen: %v", err)
-	}
+	sock, dev := servetest.Serve(t, storage, blk.Options{NumQueues: o.queues, QueueSize: o.queueSize, ReadOnly: o.readOnly, Serial: "thinblk-test", Logger: logger})
 	if o.resize != nil {
 		*o.resize = func(newSize int64) error {
 			if err := os.Truncate(img, newSize); err != nil {
@@ -59,18 +47,6 @@ func startThinblk(t testing.TB, img string, o serveOpts) string {
 			return dev.NotifyResize()
 		}
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		srv.Close()
-		dev.Close()
-		disk.Close()
-	})
 	return sock
 }
 

@@ -7,12 +7,12 @@ import (
 	"fmt"
 	"log/slog"
 	"math/bits"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
+	"github.com/thinblk/thinblk/internal/eventfd"
 	"github.com/thinblk/thinblk/virtio"
 )
 
@@ -307,7 +307,7 @@ func (d *Device) StopQueue(idx int) (uint16, error) {
 }
 
 // SetQueueCall implements vhostuser.Device.
-func (d *Device) SetQueueCall(idx int, call *os.File) error {
+func (d *Device) SetQueueCall(idx int, call *eventfd.FD) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if idx < 0 || idx >= len(d.queues) || d.queues[idx] == nil || d.queues[idx].stopped {

@@ -6,12 +6,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/eventfd"
 
 	"github.com/thinblk/thinblk/internal/blockdev"
 	"github.com/thinblk/thinblk/virtio"
@@ -780,12 +781,12 @@ func TestSetQueueCallWithRequestsHeld(t *testing.T) {
 	for dev.InFlight() != 1 {
 		d.WaitCall(1)
 	}
-	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	call, err := eventfd.New()
 	if err != nil {
 		t.Fatal(err)
 	}
-	call := os.NewFile(uintptr(fd), "call2")
 	defer call.Close()
+	fd := call.Fd()
 	if err := dev.SetQueueCall(0, call); err != nil {
 		t.Fatal(err)
 	}

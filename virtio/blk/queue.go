@@ -88,6 +88,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		q.reqs[i].withdraw = q.withdraw
 	}
 	afterDrain := func() { q.passStart = 0 }
+	var waiter virtio.Waiter
 	if as, ok := d.storage.(blockdev.AsyncStorage); ok && !d.opts.SyncOnly {
 		aq, err := as.OpenQueue(int(s.Size), q.asyncDone)
 		if err != nil {
@@ -98,6 +99,11 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 				q.passStart = 0
 				aq.Submit()
 			}
+			// The runner sleeps in the storage's queue, for kicks and
+			// completions at once, and completes requests itself.
+			if iq, ok := aq.(blockdev.InlineQueue); ok && s.Kick != nil && iq.Inline() {
+				waiter = iq
+			}
 		}
 	}
 	r, err := virtio.NewRunner(virtio.RunnerConfig{
@@ -107,6 +113,7 @@ func (d *Device) newQueue(s virtio.QueueSetup) (*queue, error) {
 		MaxIndirect: d.opts.QueueSize,
 		Logger:      d.log,
 		Poll:        d.opts.Poll,
+		Waiter:      waiter,
 	})
 	if err != nil {
 		if q.async != nil {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/thinblk/thinblk/virtio"
 	"golang.org/x/sys/unix"
+
+	"github.com/thinblk/thinblk/internal/eventfd"
 )
 
 var le = binary.LittleEndian
@@ -73,7 +75,7 @@ type Driver struct {
 	lastUsed  uint16
 	chainLens map[uint16]int // head -> descriptors used (direct chains)
 
-	Kick, Call *os.File // eventfds, when made by WithEventfds
+	Kick, Call *eventfd.FD // eventfds, when made by WithEventfds
 	callFd     int
 	kickFd     int
 	pollFds    []unix.PollFd
@@ -120,18 +122,18 @@ func (d *Driver) Setup(index int) virtio.QueueSetup {
 // WithEventfds creates kick and call eventfds (closed by Close).
 func (d *Driver) WithEventfds() error {
 	// Non-blocking, as QEMU's event notifiers are.
-	k, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	k, err := eventfd.New()
 	if err != nil {
-		return fmt.Errorf("kick eventfd: %w", err)
+		return fmt.Errorf("kick: %w", err)
 	}
-	c, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	c, err := eventfd.New()
 	if err != nil {
-		unix.Close(k)
-		return fmt.Errorf("call eventfd: %w", err)
+		k.Close()
+		return fmt.Errorf("call: %w", err)
 	}
-	d.Kick, d.Call = os.NewFile(uintptr(k), "kick"), os.NewFile(uintptr(c), "call")
-	d.callFd, d.kickFd = c, k
-	d.pollFds = []unix.PollFd{{Fd: int32(c), Events: unix.POLLIN}}
+	d.Kick, d.Call = k, c
+	d.callFd, d.kickFd = c.Fd(), k.Fd()
+	d.pollFds = []unix.PollFd{{Fd: int32(d.callFd), Events: unix.POLLIN}}
 	return nil
 }
 
