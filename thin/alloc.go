@@ -288,6 +288,7 @@ func (p *Pool) grow(size uint64) error {
 	p.pend.grow(n)
 	p.inflight.grow(n)
 	p.spareFills.grow(n)
+	p.spareKept.grow(n)
 	p.zeroed.grow(n)
 	p.unpunched.grow(n)
 	p.punching.grow(n)

@@ -158,6 +158,7 @@ func (p *Pool) commitCutLocked() error {
 			p.awaitReleaseLocked()
 		}
 	}
+	p.sparesAtCut()
 	p.mu.Lock()
 	if err := p.usableLocked(); err != nil {
 		p.mu.Unlock()
@@ -217,9 +218,11 @@ func (p *Pool) commitCutLocked() error {
 	// Blocks being filled from spares stay spares on disk: after a crash
 	// their reservations are back, and so must their spares be. Only
 	// those: a fresh block in flight is not a spare, and its entry may
-	// commit in a later batch that does not rewrite this chunk.
+	// commit in a later batch that does not rewrite this chunk. Released
+	// blocks kept as spares are spares on disk from the commit that
+	// releases them (sparesAtCut).
 	for idx := range p.spareChunks {
-		buf = p.spare.appendChunkOr(buf[:0], idx, p.spareFills)
+		buf = p.spare.appendChunkOr(buf[:0], idx, p.spareFills, p.spareKept)
 		b.SetSpareChunk(idx, buf)
 	}
 	b.SetPool(p.rec)
@@ -320,6 +323,21 @@ func (p *Pool) releaseBlocks(released *bitmap) {
 	p.alloc.andNot(released)
 	for _, b := range keep {
 		p.setSpareLocked(b)
+	}
+	// Kept ones are spares now; any other (the host can no longer
+	// allocate ahead) leaves the persisted set with the next commit.
+	var unkept []uint64
+	p.spareKept.runs(func(first, n uint64) bool {
+		for b := first; b < first+n; b++ {
+			if released.test(b) {
+				unkept = append(unkept, b)
+			}
+		}
+		return true
+	})
+	for _, b := range unkept {
+		p.spareKept.clear(b)
+		p.spareChunks[b/chunkBlocks] = struct{}{}
 	}
 	p.pendOld = nil
 	released.reset()

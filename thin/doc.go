@@ -214,9 +214,11 @@
 //     a spare. Whatever reserves more (provisioning, a snapshot, reserve
 //     mode on, growing a reserve-mode volume) first allocates the spares
 //     it lacks on the host, or fails with ErrNoSpace and changes nothing.
-//     A discard in reserve mode reserves its block again: the release
-//     phase keeps the released block (allocated whole) as its spare, and
-//     a reserved write waits for that release rather than take new space.
+//     A discard in reserve mode reserves its block again: the released
+//     block (allocated whole) is its spare, recorded as one by the commit
+//     that releases it, so no committed state has more reservations than
+//     spares; a reserved write waits for the release phase to make it a
+//     spare rather than take new space.
 //
 // Spares are free blocks, so allocated + reserved + free = size is
 // unchanged. Spares beyond the reservations are trimmed by the next
@@ -245,7 +247,8 @@
 //	blockmap.go   map lookups and changes (pending over committed, fills)
 //	mapcache.go   the bounded cache of committed map entries
 //	alloc.go      block allocation, free space, waiting for space, Grow
-//	host.go       the promise against the host: spares, host space, headroom
+//	host.go       the promise against the host: spares backing reservations
+//	hostspace.go  the host's free space: watched, waited for; the metadata's headroom
 //	reserve.go    reservations across snapshots, reserve mode
 //	catalogue.go  volumes: create, resize, delete, look up
 //	snapshot.go   snapshots, clones and their layers

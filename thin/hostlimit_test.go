@@ -233,3 +233,88 @@ func TestSpareSetLeavesOutFreshFills(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestReserveDiscardCommitsItsSpares: a discard in reserve mode reserves
+// again each block it releases, and the released block becomes the spare
+// for that reservation. The commit that makes the discard durable must
+// record those spares too: a crash after it, before the release phase
+// made them spares in memory (and the next commit recorded them), left a
+// committed state with more reservations than spares. Reopened on a full
+// host, the pool could not back them (fresh free blocks need new host
+// space; the released blocks, host-allocated, were not picked), and Check
+// reported it (TestModelSnapshotsCrashPoints seeds 1039, 2019, 2095).
+func TestReserveDiscardCommitsItsSpares(t *testing.T) {
+	m := newMachine()
+	m.host = newHostSpace(0)
+	const dir = "/pool"
+	if err := create(dir, CreateOptions{Size: 64 * bs4k, BlockSize: bs4k}, m.env()); err != nil {
+		t.Fatal(err)
+	}
+	p, err := open(dir, quietOpts(), m.env())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := mustVolume(t, p, "w", 8*bs4k)
+	v := mustVolume(t, p, "v", 16*bs4k)
+	// w's block comes first in the pool; v's 8 blocks after it.
+	if err := w.WriteAt([][]byte{pattern(bs4k, 1)}, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt([][]byte{pattern(8*bs4k, 2)}, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Free w's block: punched, a hole on the host, the first free block
+	// a reopened pool would pick for a new spare.
+	if err := w.Discard(0, bs4k); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.commit(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetReserveMode("v", true); err != nil { // 8 spares
+		t.Fatal(err)
+	}
+	if err := p.commit(); err != nil {
+		t.Fatal(err)
+	}
+	m.host.setLimit(m.host.used()) // the host is full from now on
+	if err := v.Discard(0, 2*bs4k); err != nil {
+		t.Fatal(err)
+	}
+	// The release phase waits for requests in flight: one held here keeps
+	// the released blocks from becoming spares in memory before the crash.
+	p.ioGate.RLock()
+	if err := p.Flush(); err != nil {
+		p.ioGate.RUnlock()
+		t.Fatal(err)
+	}
+	crashed := m.crash(rand.New(rand.NewPCG(1, 2)))
+	p.ioGate.RUnlock()
+	p.abandon()
+
+	q, err := open(dir, quietOpts(), crashed.env())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.abandon()
+	if err := q.Check(nil); err != nil {
+		t.Fatal(err)
+	}
+	st := q.Status()
+	if st.Pool.ReservedUnbackedBytes != 0 {
+		t.Fatalf("%d bytes of reservations unbacked after the crash", st.Pool.ReservedUnbackedBytes)
+	}
+	if want := uint64(10 * bs4k); st.Pool.ReservedBytes != want {
+		t.Fatalf("reserved %d bytes after the crash, want %d (reserve mode over 6 written blocks of 16)", st.Pool.ReservedBytes, want)
+	}
+	// Every promised block of v can be written on the full host.
+	vq, err := q.Volume("v")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for b := int64(0); b < 16; b++ {
+		if err := vq.WriteAt([][]byte{pattern(bs4k, byte(b))}, b*bs4k); err != nil {
+			t.Fatalf("promised write of block %d on the full host: %v", b, err)
+		}
+	}
+}

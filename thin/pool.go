@@ -130,7 +130,7 @@ type OpenOptions struct {
 	// is started regardless; default 65536. Bounds memory.
 	MaxPending int
 	// MetaHeadroom is host space, in bytes, kept for the metadata store
-	// and given up to it when its file system is full (host.go); 0: the
+	// and given up to it when its file system is full (hostspace.go); 0: the
 	// default, 1/16 of that file system, from 1 MiB to 64 MiB; negative:
 	// none.
 	MetaHeadroom int64
@@ -319,12 +319,13 @@ type Pool struct {
 	mu  sync.Mutex
 	rec pebblemeta.PoolRecord // config and counters, as they will be committed
 
-	commitState // commit and release (commit.go)
-	blockMap    // the map: pending changes over the committed map (blockmap.go)
-	allocation  // physical blocks and free space (alloc.go)
-	hostState   // the data file's host space: spares backing reservations (host.go)
-	catalogue   // volumes and layers (catalogue.go)
-	eventQueue  // events for watchers (events.go)
+	commitState    // commit and release (commit.go)
+	blockMap       // the map: pending changes over the committed map (blockmap.go)
+	allocation     // physical blocks and free space (alloc.go)
+	hostState      // the promise against the host: spares backing reservations (host.go)
+	hostSpaceState // the host's free space, watched and waited for; the metadata's headroom (hostspace.go)
+	catalogue      // volumes and layers (catalogue.go)
+	eventQueue     // events for watchers (events.go)
 
 	// Life cycle, under mu.
 	failed       error // why the pool refuses requests after a failed commit (fail)
@@ -438,6 +439,7 @@ func open(dir string, o OpenOptions, e *env) (*Pool, error) {
 	p.pend = newBitmap(p.rec.SizeBlocks)
 	p.inflight = newBitmap(p.rec.SizeBlocks)
 	p.spareFills = newBitmap(p.rec.SizeBlocks)
+	p.spareKept = newBitmap(p.rec.SizeBlocks)
 	p.zeroed = newBitmap(p.rec.SizeBlocks)
 	p.unpunched = newBitmap(p.rec.SizeBlocks)
 	p.punching = newBitmap(p.rec.SizeBlocks)

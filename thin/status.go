@@ -32,17 +32,18 @@ type PoolStatus struct {
 	// system: freed blocks are punched out of it, so it follows
 	// allocated_bytes (0 when unknown).
 	DataHostBytes uint64 `json:"data_host_bytes"`
-	// The data file's host file system (host.go): its free space (0 when
-	// unknown, or for a preallocated pool, which needs none), how much of
-	// the pool's free space it could not back now (over-commitment:
-	// writes to unprovisioned space may fail, by the no-space policy,
-	// when it runs out), and reservations without a host-allocated spare
-	// (only when the host could not back them at open; Check fails then).
+	// The data file's host file system (hostspace.go): its free space (0
+	// when unknown, or for a preallocated pool, which needs none), how
+	// much of the pool's free space it could not back now
+	// (over-commitment: writes to unprovisioned space may fail, by the
+	// no-space policy, when it runs out), and reservations without a
+	// host-allocated spare (host.go; only when the host could not back
+	// them; Check fails then).
 	HostFreeBytes         uint64 `json:"host_free_bytes"`
 	HostUnbackedBytes     uint64 `json:"host_unbacked_bytes"`
 	ReservedUnbackedBytes uint64 `json:"reserved_unbacked_bytes"`
 	HostBelowLowWater     bool   `json:"host_below_low_water"`
-	// The metadata store's headroom on its file system (host.go): held
+	// The metadata store's headroom on its file system (hostspace.go): held
 	// now and wanted. Less held than wanted: that file system filled up
 	// and the pool gives no new host space to data until it is restored.
 	MetaHeadroomBytes     uint64 `json:"metadata_headroom_bytes"`
