@@ -467,22 +467,34 @@ func (q *Queue) reapInline(fds []int32, revents []int16) bool {
 	}
 	fired := false
 	q.inflight.Load() // see reap
+	for _, d := range res {
+		if d.ud&pollBit == 0 {
+			continue
+		}
+		fd := int32(uint32(d.ud))
+		q.disarm(fd)
+		ev := int16(unix.POLLERR)
+		if d.err == nil {
+			ev = int16(d.n)
+		}
+		for i, f := range fds {
+			if f == fd {
+				revents[i] |= ev
+				fired = true
+			}
+		}
+	}
+	q.deliver(res)
+	return fired
+}
+
+// deliver completes the requests among res (not the polls or the
+// reaper's wake-up) and hands them to Done in one batch.
+func (q *Queue) deliver(res []result) {
 	q.batch = q.batch[:0]
 	n := 0
 	for _, d := range res {
-		if d.ud&pollBit != 0 {
-			fd := int32(uint32(d.ud))
-			q.disarm(fd)
-			ev := int16(unix.POLLERR)
-			if d.err == nil {
-				ev = int16(d.n)
-			}
-			for i, f := range fds {
-				if f == fd {
-					revents[i] |= ev
-					fired = true
-				}
-			}
+		if d.ud == stopTag || d.ud&pollBit != 0 {
 			continue
 		}
 		n++
@@ -494,7 +506,6 @@ func (q *Queue) reapInline(fds []int32, revents []int16) bool {
 		q.opts.Done(q.batch)
 	}
 	q.inflight.Add(-int64(n))
-	return fired
 }
 
 // Close waits until every started request has completed, then releases
@@ -546,21 +557,7 @@ func (q *Queue) reap() {
 		// submitter's Add, shows the race detector the same order.
 		q.inflight.Load()
 		q.results = res
-		q.batch = q.batch[:0]
-		n := 0
-		for _, d := range res {
-			if d.ud == stopTag {
-				continue
-			}
-			n++
-			if c, ok := q.complete(d); ok {
-				q.batch = append(q.batch, c)
-			}
-		}
-		if len(q.batch) > 0 {
-			q.opts.Done(q.batch)
-		}
-		q.inflight.Add(-int64(n))
+		q.deliver(res)
 	}
 }
 
