@@ -88,21 +88,6 @@ func (e *FD) Signal() error {
 	return nil
 }
 
-// Drain reads and clears the counter; it reports whether it was set.
-func (e *FD) Drain() (bool, error) {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	if e.fd < 0 {
-		return false, os.ErrClosed
-	}
-	var b [8]byte
-	_, err := unix.Read(e.fd, b[:])
-	if errors.Is(err, unix.EAGAIN) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
 // File returns a new *os.File on a duplicate of the descriptor, to pass
 // it on (SCM_RIGHTS); the caller closes it.
 func (e *FD) File(name string) (*os.File, error) {
@@ -118,7 +103,7 @@ func (e *FD) File(name string) (*os.File, error) {
 	return os.NewFile(uintptr(dup), name), nil
 }
 
-// Close closes the descriptor once no Signal or Drain is under way.
+// Close closes the descriptor once no Signal or File is under way.
 // Closing twice is harmless.
 func (e *FD) Close() error {
 	if e == nil {
