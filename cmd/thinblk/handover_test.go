@@ -31,13 +31,7 @@ import (
 func TestServeHandOver(t *testing.T) {
 	bin := buildThinblk(t)
 	const block = 64 << 10
-	dir := t.TempDir()
-	pool := filepath.Join(dir, "pool")
-	// 16 blocks of 64 KiB.
-	mustThinblk(t, "pool", "create", pool, "--size", "1M", "--no-space", "pause")
-	mustThinblk(t, "volume", "create", pool, "disk0", "--size", "4M")
-	args := []string{pool, "--socket-dir", dir, "--queues", "2"}
-	sock := filepath.Join(dir, "disk0.sock")
+	dir, pool, sock, args := newPausedPool(t)
 	p := startServeEnv(t, bin, nil, args...)
 	waitForSocket(t, sock)
 	waitForSocket(t, filepath.Join(pool, handoverSocketName))

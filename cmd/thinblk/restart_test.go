@@ -31,6 +31,18 @@ type serveProc struct {
 	exited chan struct{}
 }
 
+// newPausedPool makes what the restart and hand-over tests serve: a pool
+// of 16 blocks of 64 KiB with the pause policy and a 4 MiB volume disk0,
+// in a new directory that also holds the sockets. args are serve's.
+func newPausedPool(t *testing.T) (dir, pool, sock string, args []string) {
+	t.Helper()
+	dir = t.TempDir()
+	pool = filepath.Join(dir, "pool")
+	mustThinblk(t, "pool", "create", pool, "--size", "1M", "--no-space", "pause")
+	mustThinblk(t, "volume", "create", pool, "disk0", "--size", "4M")
+	return dir, pool, filepath.Join(dir, "disk0.sock"), []string{pool, "--socket-dir", dir, "--queues", "2"}
+}
+
 func startServeEnv(t *testing.T, bin string, env []string, args ...string) *serveProc {
 	t.Helper()
 	p := &serveProc{logs: &testenv.Buffer{}, exited: make(chan struct{})}
@@ -356,13 +368,7 @@ func TestWriteWaitingForSpaceSurvivesStopAndRestart(t *testing.T) {
 	const block = 64 << 10
 	for _, how := range []string{"stop", "sigterm", "kill"} {
 		t.Run(how, func(t *testing.T) {
-			dir := t.TempDir()
-			pool := filepath.Join(dir, "pool")
-			// 16 blocks of 64 KiB.
-			mustThinblk(t, "pool", "create", pool, "--size", "1M", "--no-space", "pause")
-			mustThinblk(t, "volume", "create", pool, "disk0", "--size", "4M")
-			args := []string{pool, "--socket-dir", dir, "--queues", "2"}
-			sock := filepath.Join(dir, "disk0.sock")
+			_, pool, sock, args := newPausedPool(t)
 			p := startServeEnv(t, bin, nil, args...)
 			waitForSocket(t, sock)
 			disk := dialDisk(t, sock)
